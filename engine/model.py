@@ -1,0 +1,85 @@
+"""The DeepSeek-V4 model: embedding -> blocks -> hc head -> norm -> head, plus the MTP block.
+
+Weights come by their published names (see engine/weights.py); all per-request state is read and
+written through cache handles (cache/handles.py). Precision modes:
+- "exact": no quantisation simulation (matches transformers' DeepseekV4 in float32);
+- "faithful": KV entries (window and compressed) through FP8 e4m3 / BF16 RoPE, indexer q and keys
+  through Hadamard + FP4 e2m1, as the model was trained. Linears are weight-only dequantised
+  (activations are not FP8-quantised; see the README for the measured gap).
+"""
+
+from __future__ import annotations
+
+import torch
+
+import kernels
+
+from .block import block
+from .config import DSV4Config
+from .rope import RopeTables
+from .weights import build_weights
+
+MODES = ("exact", "faithful")
+
+
+class Model:
+    def __init__(self, cfg: DSV4Config, weights: dict, mode: str = "exact", device="cpu",
+                 dtype: torch.dtype = torch.float32):
+        if mode not in MODES:
+            raise ValueError(f"unknown precision mode {mode!r}: use 'exact' or 'faithful'")
+        self.cfg, self.w, self.mode = cfg, weights, mode
+        self.device, self.dtype = torch.device(device), dtype
+        self.rope = RopeTables(cfg, self.device)
+        self.specs = cfg.schedule()
+
+    @classmethod
+    def from_state_dict(cls, cfg: DSV4Config, tensors: dict, mode: str = "exact", device="cpu",
+                        dtype: torch.dtype = torch.float32) -> "Model":
+        return cls(cfg, build_weights(tensors, device), mode, device, dtype)
+
+    @property
+    def has_mtp(self) -> bool:
+        return "mtp.0.e_proj" in self.w
+
+    def forward(self, token_ids: torch.Tensor, handles, start: int, last_only: bool = False,
+                return_streams: bool = False):
+        """Run S new tokens at positions start..start+S-1 through every layer.
+
+        token_ids: [S] int64; handles: per-layer cache handles of one slot (state before this call).
+        Returns logits [S, vocab] float32 ([1, vocab] with last_only), and the final residual
+        streams [S, hc_mult, d] if return_streams (the MTP block's input).
+        """
+        cfg, w = self.cfg, self.w
+        ids = token_ids.to(self.device)
+        positions = torch.arange(start, start + ids.shape[0], device=self.device)
+        h = w["embed.weight"][ids].to(self.dtype)
+        streams = h.unsqueeze(1).expand(-1, cfg.hc_mult, -1).contiguous()
+        for spec in self.specs:
+            streams = block(streams, w, f"layers.{spec.index}", spec, cfg, handles[spec.index], positions, ids,
+                            self.rope, self.mode)
+        logits = self._head(streams[-1:] if last_only else streams, "")
+        return (logits, streams) if return_streams else logits
+
+    def _head(self, streams: torch.Tensor, p: str) -> torch.Tensor:
+        cfg, w = self.cfg, self.w
+        y = kernels.hc_head(streams, w[p + "hc_head_fn"], w[p + "hc_head_base"], w[p + "hc_head_scale"],
+                            cfg.hc_eps, cfg.rms_norm_eps)
+        y = kernels.rms_norm(y, w[p + "norm.weight"], cfg.rms_norm_eps)
+        return kernels.linear(y, w["head"]).float()
+
+    def mtp_forward(self, streams: torch.Tensor, next_ids: torch.Tensor, handle, start: int) -> torch.Tensor:
+        """Multi-token prediction: logits for the token after ``next_ids``.
+
+        streams: [S, hc_mult, d] final main-model streams at positions start..; next_ids: [S] the
+        tokens at positions start+1..; handle: cache handle for the MTP layer. -> [S, vocab].
+        x = e_proj(enorm(embed(next_ids))) (broadcast over streams) + h_proj(hnorm(streams)),
+        then one block, the MTP's own hc head and norm, and the shared head.
+        """
+        cfg, w, p = self.cfg, self.w, "mtp.0"
+        ids = next_ids.to(self.device)
+        positions = torch.arange(start, start + ids.shape[0], device=self.device)
+        e = kernels.rms_norm(w["embed.weight"][ids].to(self.dtype), w[p + ".enorm.weight"], cfg.rms_norm_eps)
+        hs = kernels.rms_norm(streams, w[p + ".hnorm.weight"], cfg.rms_norm_eps)
+        x = kernels.linear(e, w[p + ".e_proj"]).unsqueeze(1) + kernels.linear(hs, w[p + ".h_proj"])
+        x = block(x, w, p, cfg.mtp_layer(0), cfg, handle, positions, ids, self.rope, self.mode)
+        return self._head(x, p + ".")

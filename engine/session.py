@@ -1,0 +1,78 @@
+"""Single-request generation: prefill (optionally chunked), decode one token at a time, reset.
+
+All per-request state lives in a CacheManager slot; a Session only tracks which slot it owns.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import torch
+
+from cache import CacheManager, CacheSchema
+
+from .model import Model
+
+
+class Session:
+    def __init__(self, model: Model, max_context: int | None = None, cache: CacheManager | None = None):
+        self.model = model
+        cfg = model.cfg
+        if cache is None:
+            max_context = max_context or min(cfg.max_position_embeddings, 8192)
+            cache = CacheManager(CacheSchema.from_config(cfg, model.mode), max_context, device=model.device)
+        self.cache = cache
+        self.slot = cache.admit_request()
+
+    @property
+    def seq_len(self) -> int:
+        """Tokens already in this session's cache."""
+        return self.cache.seq_len(self.slot)
+
+    @property
+    def max_context(self) -> int:
+        return self.cache.max_context
+
+    def forward(self, token_ids, last_only: bool = False) -> torch.Tensor:
+        """Append tokens to the context; returns their logits [S, vocab] ([1, vocab] if last_only)."""
+        ids = torch.as_tensor(token_ids, dtype=torch.long).reshape(-1)
+        if ids.numel() == 0:
+            raise ValueError("no tokens to run")
+        self.cache.prepare(self.slot, ids.numel())
+        with torch.inference_mode():
+            logits = self.model.forward(ids, self.cache.handles(self.slot), self.seq_len, last_only=last_only)
+        self.cache.commit(self.slot, ids.numel())
+        return logits
+
+    def prefill(self, token_ids, chunk: int | None = None, last_only: bool = True) -> torch.Tensor:
+        """Run a prompt in chunks of ``chunk`` tokens (default: all at once); returns the logits of
+        the last token [vocab] (or of all tokens [S, vocab] with last_only=False)."""
+        ids = torch.as_tensor(token_ids, dtype=torch.long).reshape(-1)
+        chunk = chunk or ids.numel()
+        outs = [self.forward(ids[i:i + chunk], last_only=last_only) for i in range(0, ids.numel(), chunk)]
+        return outs[-1][-1] if last_only else torch.cat(outs, 0)
+
+    def step(self, token: int) -> torch.Tensor:
+        """Decode one token; returns next-token logits [vocab]."""
+        return self.forward([token])[-1]
+
+    def generate(self, prompt_ids, sample: Callable[[torch.Tensor], int], max_new_tokens: int,
+                 stop_ids: set[int] | frozenset = frozenset(), chunk: int | None = None) -> Iterator[int]:
+        """Prefill ``prompt_ids`` then yield sampled tokens until a stop id (yielded) or the limit.
+
+        Stops early, without error, when the context is full.
+        """
+        logits = self.prefill(prompt_ids, chunk=chunk)
+        for i in range(max_new_tokens):
+            tok = int(sample(logits))
+            yield tok
+            if tok in stop_ids or i == max_new_tokens - 1 or self.seq_len >= self.max_context:
+                return
+            logits = self.step(tok)
+
+    def reset(self) -> None:
+        """Forget the conversation; the slot stays reserved for the next one."""
+        self.cache.reset_slot(self.slot)
+
+    def close(self) -> None:
+        self.cache.release_request(self.slot)

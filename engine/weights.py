@@ -1,0 +1,52 @@
+"""Published tensor names -> the engine's weight objects, kept in their stored formats.
+
+A linear ``X.weight`` is paired with ``X.scale`` (ue8m0 / e4m3, or float32 ``X.weight_scale_inv``)
+and, for NVFP4, ``X.scale_2`` (float32 per-tensor scale). Its format follows the dtypes:
+float8_e4m3fn weight -> "fp8"; packed FP4 weight (float4_e2m1fn_x2 / int8 / uint8) with ue8m0 scales
+-> "mxfp4", with e4m3 scales -> "nvfp4"; a float weight -> "dense". Nothing is upcast here.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels import QWeight
+
+RAW_2D = ("embed.weight",)  # looked up by row, never multiplied
+
+
+def qweight_from(tensors: dict, base: str) -> QWeight:
+    """Build the QWeight for ``base`` (name without ``.weight``) from a name->tensor mapping."""
+    w = tensors[base + ".weight"]
+    scale = tensors.get(base + ".scale")
+    if scale is None:
+        scale = tensors.get(base + ".weight_scale_inv")
+    if w.dtype == torch.float8_e4m3fn:
+        if scale is None:
+            raise ValueError(f"{base}.weight is FP8 but has no .scale")
+        return QWeight("fp8", w, scale)
+    if w.dtype in (torch.float4_e2m1fn_x2, torch.int8, torch.uint8):
+        if scale is None:
+            raise ValueError(f"{base}.weight is packed FP4 but has no .scale")
+        if scale.dtype == torch.float8_e4m3fn:
+            return QWeight("nvfp4", w, scale, tensors[base + ".scale_2"])
+        return QWeight("mxfp4", w, scale)
+    return QWeight("dense", w)
+
+
+def build_weights(tensors: dict, device="cpu") -> dict:
+    """name -> QWeight (linears, keyed by base name) or tensor (everything else), on ``device``."""
+    out: dict = {}
+    skip = set()
+    for name, t in tensors.items():
+        if name in skip:
+            continue
+        if name.endswith(".weight") and t.dim() == 2 and name not in RAW_2D:
+            base = name[: -len(".weight")]
+            out[base] = qweight_from(tensors, base).to(device)
+            skip.update({base + ".scale", base + ".weight_scale_inv", base + ".scale_2"})
+        elif name.endswith((".scale", ".weight_scale_inv", ".scale_2")) and name.rsplit(".", 1)[0] + ".weight" in tensors:
+            continue
+        else:
+            out[name] = t.to(device)
+    return out

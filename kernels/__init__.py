@@ -1,0 +1,59 @@
+"""Every numeric op the model needs, as plain functions over tensors (no files, no configs).
+
+Each op has a torch reference (the math is the oracle); ``dispatch`` picks a faster registered
+implementation where one exists for the input's device (see kernels/dispatch.py).
+"""
+
+from __future__ import annotations
+
+from . import quant
+from .attention import sparse_mqa_attention as _attention_ref
+from .compress import compress_windows as _compress_ref
+from .dispatch import backends, implementation, register, use_backend
+from .indexer import indexer_scores as _iscores_ref, indexer_topk as _itopk_ref
+from .linear import QWeight, linear_reference as _linear_ref
+from .mhc import hc_head as _hc_head_ref, mhc_post as _mhc_post_ref, mhc_pre as _mhc_pre_ref, sinkhorn
+from .moe import hash_route, router_scores as _rscores_ref, router_topk as _rtopk_ref, swiglu
+from .norm import rms_norm as _rms_ref
+from .rope import apply_rope as _rope_ref, rope_cos_sin, rope_inv_freq
+
+_REFS = {
+    "linear": _linear_ref, "rms_norm": _rms_ref, "apply_rope": _rope_ref, "mhc_pre": _mhc_pre_ref,
+    "mhc_post": _mhc_post_ref, "hc_head": _hc_head_ref, "sparse_mqa_attention": _attention_ref,
+    "compress_windows": _compress_ref, "indexer_scores": _iscores_ref, "indexer_topk": _itopk_ref,
+    "router_scores": _rscores_ref, "router_topk": _rtopk_ref,
+}
+for _name, _fn in _REFS.items():
+    register(_name, "reference", _fn)
+
+
+def _dispatching(name: str):
+    ref = _REFS[name]
+
+    def call(x, *args, **kwargs):
+        return implementation(name, x.device.type)(x, *args, **kwargs)
+
+    call.__name__ = name
+    call.__doc__ = ref.__doc__
+    return call
+
+
+linear = _dispatching("linear")
+rms_norm = _dispatching("rms_norm")
+apply_rope = _dispatching("apply_rope")
+mhc_pre = _dispatching("mhc_pre")
+mhc_post = _dispatching("mhc_post")
+hc_head = _dispatching("hc_head")
+sparse_mqa_attention = _dispatching("sparse_mqa_attention")
+compress_windows = _dispatching("compress_windows")
+indexer_scores = _dispatching("indexer_scores")
+indexer_topk = _dispatching("indexer_topk")
+router_scores = _dispatching("router_scores")
+router_topk = _dispatching("router_topk")
+
+__all__ = [
+    "QWeight", "apply_rope", "backends", "compress_windows", "hash_route", "hc_head", "indexer_scores",
+    "indexer_topk", "linear", "mhc_post", "mhc_pre", "quant", "register", "rms_norm", "rope_cos_sin",
+    "rope_inv_freq", "router_scores", "router_topk", "sinkhorn", "sparse_mqa_attention", "swiglu",
+    "use_backend",
+]

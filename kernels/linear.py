@@ -1,0 +1,64 @@
+"""Linear layers over weights kept in their stored formats (dense, FP8 block, MXFP4, NVFP4).
+
+The reference path dequantises the weight and multiplies in float32 (weight-only; activations
+stay in full precision). GPU kernels may replace ``linear`` through the dispatch table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import quant
+
+FORMATS = ("dense", "fp8", "mxfp4", "nvfp4")
+
+
+@dataclass
+class QWeight:
+    """A weight [out, in] in one stored format.
+
+    dense: data float [out, in].  fp8: data float8_e4m3fn [out, in] + scale [ceil(out/128), ceil(in/128)]
+    (ue8m0 or float32).  mxfp4: data packed [out, in/2] + scale ue8m0 [out, in/32].
+    nvfp4: data packed [out, in/2] + scale float8_e4m3fn [out, in/16] + global_scale float32 [].
+    """
+
+    fmt: str
+    data: torch.Tensor
+    scale: torch.Tensor | None = None
+    global_scale: torch.Tensor | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        out, inn = self.data.shape
+        return (out, inn * 2) if self.fmt in ("mxfp4", "nvfp4") else (out, inn)
+
+    def nbytes(self) -> int:
+        n = self.data.numel() * self.data.element_size()
+        for t in (self.scale, self.global_scale):
+            if t is not None:
+                n += t.numel() * t.element_size()
+        return n
+
+    def dequant(self, dtype=torch.float32) -> torch.Tensor:
+        if self.fmt == "dense":
+            w = self.data
+        elif self.fmt == "fp8":
+            w = quant.dequant_fp8_block(self.data, self.scale)
+        elif self.fmt == "mxfp4":
+            w = quant.dequant_mxfp4(self.data, self.scale)
+        elif self.fmt == "nvfp4":
+            w = quant.dequant_nvfp4(self.data, self.scale, self.global_scale)
+        else:
+            raise ValueError(f"unknown weight format {self.fmt!r}")
+        return w.to(dtype)
+
+    def to(self, device) -> "QWeight":
+        mv = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return QWeight(self.fmt, mv(self.data), mv(self.scale), mv(self.global_scale))
+
+
+def linear_reference(x: torch.Tensor, w: QWeight) -> torch.Tensor:
+    """x: [..., in] -> [..., out], in x's dtype (float32 accumulate on CPU)."""
+    return (x @ w.dequant(x.dtype).t()).to(x.dtype)

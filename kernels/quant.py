@@ -1,0 +1,222 @@
+"""Number formats: FP8 e4m3, FP4 e2m1 (MX and NV flavours), ue8m0 scales, the Hadamard transform.
+
+Reference implementations in plain torch. Conventions:
+- "pow2 scale" = amax / qmax rounded UP to a power of two, stored as the ue8m0 exponent byte
+  e (scale = 2^(e-127)). FP8 e4m3: qmax = 448. FP4 e2m1: qmax = 6.
+- Packed FP4: two e2m1 codes per byte, the LOW nibble holds the even (first) element; bit 3 of a
+  nibble is the sign (torch's float4_e2m1fn_x2 convention, the OCP MX layout).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+FP8_MAX = 448.0
+FP4_MAX = 6.0
+E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+_AMAX_FLOOR = 2.0 ** -100  # all-zero groups get a tiny but representable scale
+
+
+# ----------------------------------------------------------------- ue8m0 scales
+def pow2_scale_exponent(amax: torch.Tensor, qmax: float) -> torch.Tensor:
+    """ue8m0 exponent byte (int32, 0..254) of the smallest power of two >= amax / qmax."""
+    ratio = amax.float().clamp(min=_AMAX_FLOOR) / qmax
+    e = torch.ceil(torch.log2(ratio))
+    # guard against log2 rounding: make sure 2^e really is >= ratio
+    e = torch.where(torch.exp2(e) < ratio, e + 1, e)
+    return (e + 127).clamp(0, 254).to(torch.int32)
+
+
+def ue8m0_to_float(e: torch.Tensor) -> torch.Tensor:
+    """Decode ue8m0: a uint8/int exponent byte, or a float8_e8m0fnu tensor, to float32 2^(e-127)."""
+    if e.dtype == torch.float8_e8m0fnu:
+        e = e.view(torch.uint8)
+    return torch.exp2(e.to(torch.float32) - 127.0)
+
+
+# --------------------------------------------------------------------- FP8 e4m3
+def fp8_quantize(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantise the last axis in groups of ``group`` to FP8 e4m3 with pow2 scales.
+
+    x: [..., n] (n % group == 0) -> (q float8_e4m3fn [..., n], exp uint8 [..., n/group]).
+    """
+    *lead, n = x.shape
+    g = x.float().reshape(*lead, n // group, group)
+    e = pow2_scale_exponent(g.abs().amax(-1), FP8_MAX)
+    q = (g / ue8m0_to_float(e).unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q.reshape(*lead, n), e.to(torch.uint8)
+
+
+def fp8_dequantize(q: torch.Tensor, e: torch.Tensor, group: int) -> torch.Tensor:
+    """Inverse of fp8_quantize: float32 [..., n]."""
+    *lead, n = q.shape
+    g = q.float().reshape(*lead, n // group, group) * ue8m0_to_float(e).unsqueeze(-1)
+    return g.reshape(*lead, n)
+
+
+def kv_quant_dequant(x: torch.Tensor, rope_dim: int, group: int = 64) -> torch.Tensor:
+    """The KV entry format the model was trained with, as a round trip.
+
+    x: [..., head_dim]; the first head_dim - rope_dim channels go through FP8 e4m3 with one pow2
+    scale per ``group`` channels, the last rope_dim (RoPE) channels through BF16. Same dtype out.
+    """
+    nope = x.shape[-1] - rope_dim
+    q, e = fp8_quantize(x[..., :nope], group)
+    a = fp8_dequantize(q, e, group)
+    b = x[..., nope:].to(torch.bfloat16).float()
+    return torch.cat([a, b], -1).to(x.dtype)
+
+
+# --------------------------------------------------------------------- FP4 e2m1
+_E2M1 = torch.tensor(E2M1_VALUES)
+# midpoints between neighbours; at an exact tie, round to the value with an even mantissa bit
+_E2M1_MID = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
+_TIE_UP = torch.tensor([False, True, False, True, False, True, False])  # tie goes to upper code?
+
+
+def e2m1_encode(x: torch.Tensor) -> torch.Tensor:
+    """Round float values (already scaled into [-6, 6]) to 4-bit e2m1 codes (uint8 0..15).
+
+    Round-to-nearest, ties to the even mantissa; bit 3 is the sign.
+    """
+    a = x.float().abs().clamp(max=FP4_MAX)
+    mid = _E2M1_MID.to(a.device)
+    idx = torch.bucketize(a, mid, right=False)  # a <= mid[i] -> i ; a tie lands on the lower code
+    tie = (idx < len(E2M1_VALUES) - 1) & (a == mid[idx.clamp(max=6)])
+    idx = torch.where(tie & _TIE_UP.to(a.device)[idx.clamp(max=6)], idx + 1, idx)
+    sign = (x < 0) & (idx > 0)
+    return (idx + sign.to(idx.dtype) * 8).to(torch.uint8)
+
+
+def e2m1_decode(codes: torch.Tensor) -> torch.Tensor:
+    """4-bit e2m1 codes (uint8 0..15) to float32."""
+    c = codes.to(torch.int64)
+    v = _E2M1.to(codes.device)[c & 7]
+    return torch.where(c & 8 != 0, -v, v)
+
+
+def pack_fp4(codes: torch.Tensor) -> torch.Tensor:
+    """[..., n] codes -> [..., n/2] uint8 bytes, even element in the low nibble."""
+    c = codes.to(torch.uint8)
+    return c[..., 0::2] | (c[..., 1::2] << 4)
+
+
+def unpack_fp4(packed: torch.Tensor) -> torch.Tensor:
+    """[..., n/2] bytes (uint8/int8/float4_e2m1fn_x2) -> [..., n] codes, low nibble first."""
+    b = packed.view(torch.uint8)
+    return torch.stack([b & 15, b >> 4], -1).flatten(-2)
+
+
+def fp4_quantize(x: torch.Tensor, group: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """FP4 e2m1 with one pow2 (ue8m0) scale per ``group`` values along the last axis.
+
+    x: [..., n] -> (codes uint8 [..., n], exp uint8 [..., n/group]).
+    """
+    *lead, n = x.shape
+    g = x.float().reshape(*lead, n // group, group)
+    e = pow2_scale_exponent(g.abs().amax(-1), FP4_MAX)
+    codes = e2m1_encode(g / ue8m0_to_float(e).unsqueeze(-1))
+    return codes.reshape(*lead, n), e.to(torch.uint8)
+
+
+def fp4_dequantize(codes: torch.Tensor, e: torch.Tensor, group: int = 32) -> torch.Tensor:
+    *lead, n = codes.shape
+    g = e2m1_decode(codes).reshape(*lead, n // group, group) * ue8m0_to_float(e).unsqueeze(-1)
+    return g.reshape(*lead, n)
+
+
+def fp4_quant_dequant(x: torch.Tensor, group: int = 32) -> torch.Tensor:
+    codes, e = fp4_quantize(x, group)
+    return fp4_dequantize(codes, e, group).to(x.dtype)
+
+
+# ------------------------------------------------------------------- Hadamard
+@functools.lru_cache(maxsize=8)
+def _hadamard_cpu(n: int) -> torch.Tensor:
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"Hadamard size must be a power of two, got {n}")
+    h = torch.ones(1, 1)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h / math.sqrt(n)
+
+
+def hadamard_matrix(n: int, device=None) -> torch.Tensor:
+    """Normalised Sylvester Hadamard matrix [n, n] (symmetric, orthonormal)."""
+    return _hadamard_cpu(n).to(device)
+
+
+def hadamard_transform(x: torch.Tensor) -> torch.Tensor:
+    """x @ H along the last axis (H symmetric and orthonormal, so dot products are kept)."""
+    h = hadamard_matrix(x.shape[-1], x.device).to(x.dtype)
+    return x @ h
+
+
+def indexer_quant_dequant(x: torch.Tensor, group: int = 32) -> torch.Tensor:
+    """Indexer q / key path of faithful mode: Hadamard rotation, then FP4 e2m1 round trip."""
+    return fp4_quant_dequant(hadamard_transform(x.float()), group).to(x.dtype)
+
+
+# ------------------------------------------------------------- weight formats
+def dequant_fp8_block(w: torch.Tensor, scale: torch.Tensor, block: int = 128) -> torch.Tensor:
+    """FP8 e4m3 weight [out, in] with per-128x128-block scales [ceil(out/128), ceil(in/128)].
+
+    ``scale`` is float8_e8m0fnu (ue8m0) or float32 (older ``weight_scale_inv`` dumps). -> float32.
+    """
+    s = ue8m0_to_float(scale) if scale.dtype in (torch.float8_e8m0fnu, torch.uint8) else scale.float()
+    out, inn = w.shape
+    s = s.repeat_interleave(block, 0)[:out].repeat_interleave(block, 1)[:, :inn]
+    return w.float() * s
+
+
+def quant_fp8_block(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """float weight [out, in] -> (float8_e4m3fn [out, in], ue8m0 float8_e8m0fnu [ceil(out/128), ceil(in/128)])."""
+    out, inn = w.shape
+    po, pi = -out % block, -inn % block
+    wp = torch.nn.functional.pad(w.float(), (0, pi, 0, po))
+    blocks = wp.reshape((out + po) // block, block, (inn + pi) // block, block)
+    e = pow2_scale_exponent(blocks.abs().amax((1, 3)), FP8_MAX)
+    s = ue8m0_to_float(e)
+    q = (blocks / s[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX)
+    q = q.reshape(out + po, inn + pi)[:out, :inn].to(torch.float8_e4m3fn)
+    return q, e.to(torch.uint8).view(torch.float8_e8m0fnu)
+
+
+def dequant_mxfp4(packed: torch.Tensor, scale: torch.Tensor, group: int = 32) -> torch.Tensor:
+    """MXFP4 weight: packed e2m1 [out, in/2] + ue8m0 scales [out, in/32] -> float32 [out, in]."""
+    codes = unpack_fp4(packed)
+    s = ue8m0_to_float(scale)
+    return (e2m1_decode(codes).reshape(*s.shape, group) * s.unsqueeze(-1)).reshape(codes.shape)
+
+
+def quant_mxfp4(w: torch.Tensor, group: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """float [out, in] -> (packed float4_e2m1fn_x2 [out, in/2], float8_e8m0fnu [out, in/32])."""
+    codes, e = fp4_quantize(w, group)
+    return pack_fp4(codes).view(torch.float4_e2m1fn_x2), e.view(torch.float8_e8m0fnu)
+
+
+def quant_nvfp4(w: torch.Tensor, group: int = 16) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """NVFP4: e2m1 values, one float8_e4m3 scale per 16 values, one float32 scale per tensor.
+
+    w: [out, in] -> (packed float4_e2m1fn_x2 [out, in/2], scale float8_e4m3fn [out, in/16],
+    global float32 scalar). The global scale maps the largest block scale onto e4m3's 448.
+    """
+    out, inn = w.shape
+    g = w.float().reshape(out, inn // group, group)
+    block_amax = g.abs().amax(-1)
+    gscale = (block_amax.max().clamp(min=1e-12) / (FP4_MAX * FP8_MAX)).reshape(())
+    bscale = (block_amax / FP4_MAX / gscale).clamp(max=FP8_MAX).to(torch.float8_e4m3fn)
+    eff = bscale.float() * gscale
+    eff = torch.where(eff == 0, torch.ones_like(eff), eff)
+    codes = e2m1_encode(g / eff.unsqueeze(-1)).reshape(out, inn)
+    return pack_fp4(codes).view(torch.float4_e2m1fn_x2), bscale, gscale.float()
+
+
+def dequant_nvfp4(packed: torch.Tensor, scale: torch.Tensor, gscale: torch.Tensor, group: int = 16) -> torch.Tensor:
+    codes = unpack_fp4(packed)
+    out, inn = codes.shape
+    s = scale.float() * gscale.float()
+    return (e2m1_decode(codes).reshape(out, inn // group, group) * s.unsqueeze(-1)).reshape(out, inn)

@@ -1,0 +1,115 @@
+"""Build transformers' DeepseekV4ForCausalLM with the same weights as a published-name state dict."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+
+import torch
+
+
+def hf_config(cfg):
+    from transformers import DeepseekV4Config
+
+    return DeepseekV4Config(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, moe_intermediate_size=cfg.moe_intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+        head_dim=cfg.head_dim, q_lora_rank=cfg.q_lora_rank, num_experts_per_tok=cfg.num_experts_per_tok,
+        n_routed_experts=cfg.n_routed_experts, n_shared_experts=cfg.n_shared_experts,
+        routed_scaling_factor=cfg.routed_scaling_factor, rope_theta=cfg.rope_theta,
+        compress_ratios=list(cfg.compress_ratios), num_hash_layers=cfg.num_hash_layers,
+        qk_rope_head_dim=cfg.qk_rope_head_dim, compress_rope_theta=cfg.compress_rope_theta,
+        rope_parameters=({"rope_type": "yarn", "factor": cfg.yarn_factor,
+                          "original_max_position_embeddings": cfg.yarn_original_max_position,
+                          "beta_fast": cfg.yarn_beta_fast, "beta_slow": cfg.yarn_beta_slow}
+                         if cfg.yarn_factor != 1.0 else None),
+        hc_mult=cfg.hc_mult, hc_sinkhorn_iters=cfg.hc_sinkhorn_iters, hc_eps=cfg.hc_eps,
+        swiglu_limit=cfg.swiglu_limit, sliding_window=cfg.sliding_window, o_groups=cfg.o_groups,
+        o_lora_rank=cfg.o_lora_rank, index_n_heads=cfg.index_n_heads, index_head_dim=cfg.index_head_dim,
+        index_topk=cfg.index_topk, rms_norm_eps=cfg.rms_norm_eps, max_position_embeddings=cfg.max_position_embeddings,
+    )
+
+
+_SIMPLE = [
+    (r"^embed\.weight$", "model.embed_tokens.weight"), (r"^head\.weight$", "lm_head.weight"),
+    (r"^norm\.weight$", "model.norm.weight"), (r"^hc_head_fn$", "model.hc_head.hc_fn"),
+    (r"^hc_head_base$", "model.hc_head.hc_base"), (r"^hc_head_scale$", "model.hc_head.hc_scale"),
+]
+_LAYER = [
+    ("attn_norm.weight", "input_layernorm.weight"), ("ffn_norm.weight", "post_attention_layernorm.weight"),
+    ("hc_attn_fn", "attn_hc.fn"), ("hc_attn_base", "attn_hc.base"), ("hc_attn_scale", "attn_hc.scale"),
+    ("hc_ffn_fn", "ffn_hc.fn"), ("hc_ffn_base", "ffn_hc.base"), ("hc_ffn_scale", "ffn_hc.scale"),
+    ("attn.wq_a.weight", "self_attn.q_a_proj.weight"), ("attn.q_norm.weight", "self_attn.q_a_norm.weight"),
+    ("attn.wq_b.weight", "self_attn.q_b_proj.weight"), ("attn.wkv.weight", "self_attn.kv_proj.weight"),
+    ("attn.kv_norm.weight", "self_attn.kv_norm.weight"), ("attn.wo_a.weight", "self_attn.o_a_proj.weight"),
+    ("attn.wo_b.weight", "self_attn.o_b_proj.weight"), ("attn.attn_sink", "self_attn.sinks"),
+    ("attn.compressor.wkv.weight", "self_attn.compressor.kv_proj.weight"),
+    ("attn.compressor.wgate.weight", "self_attn.compressor.gate_proj.weight"),
+    ("attn.compressor.norm.weight", "self_attn.compressor.kv_norm.weight"),
+    ("attn.compressor.ape", "self_attn.compressor.position_bias"),
+    ("attn.indexer.wq_b.weight", "self_attn.compressor.indexer.q_b_proj.weight"),
+    ("attn.indexer.weights_proj.weight", "self_attn.compressor.indexer.scorer.weights_proj.weight"),
+    ("attn.indexer.compressor.wkv.weight", "self_attn.compressor.indexer.kv_proj.weight"),
+    ("attn.indexer.compressor.wgate.weight", "self_attn.compressor.indexer.gate_proj.weight"),
+    ("attn.indexer.compressor.norm.weight", "self_attn.compressor.indexer.kv_norm.weight"),
+    ("attn.indexer.compressor.ape", "self_attn.compressor.indexer.position_bias"),
+    ("ffn.gate.weight", "mlp.gate.weight"), ("ffn.gate.bias", "mlp.gate.e_score_correction_bias"),
+    ("ffn.gate.tid2eid", "mlp.gate.tid2eid"),
+    ("ffn.shared_experts.w1.weight", "mlp.shared_experts.gate_proj.weight"),
+    ("ffn.shared_experts.w3.weight", "mlp.shared_experts.up_proj.weight"),
+    ("ffn.shared_experts.w2.weight", "mlp.shared_experts.down_proj.weight"),
+]
+
+
+def hf_state_dict(cfg, tensors: dict) -> dict:
+    """Published names -> transformers names (experts stacked into gate_up_proj / down_proj)."""
+    out = {}
+    for name, t in tensors.items():
+        if name.startswith("mtp."):
+            continue
+        for pat, hf in _SIMPLE:
+            if re.match(pat, name):
+                out[hf] = t
+        m = re.match(r"^layers\.(\d+)\.(.*)$", name)
+        if m:
+            i, rest = m.groups()
+            for ours, hf in _LAYER:
+                if rest == ours:
+                    out[f"model.layers.{i}.{hf}"] = t.long() if ours.endswith("tid2eid") else t
+    for i in range(cfg.num_hidden_layers):
+        p = f"layers.{i}.ffn.experts"
+        E = cfg.n_routed_experts
+        out[f"model.layers.{i}.mlp.experts.gate_up_proj"] = torch.stack(
+            [torch.cat([tensors[f"{p}.{e}.w1.weight"], tensors[f"{p}.{e}.w3.weight"]], 0) for e in range(E)])
+        out[f"model.layers.{i}.mlp.experts.down_proj"] = torch.stack(
+            [tensors[f"{p}.{e}.w2.weight"] for e in range(E)])
+    return out
+
+
+def build_hf_model(cfg, tensors: dict):
+    from transformers import DeepseekV4ForCausalLM
+
+    torch.manual_seed(0)
+    model = DeepseekV4ForCausalLM(hf_config(cfg)).float().eval()
+    sd = hf_state_dict(cfg, tensors)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if "inv_freq" not in k]
+    assert not missing and not unexpected, (missing, unexpected)
+    return model
+
+
+@contextlib.contextmanager
+def stable_topk():
+    """Make Tensor.topk / torch.topk break ties by the lower index (this project's rule)."""
+    orig_method, orig_fn = torch.Tensor.topk, torch.topk
+
+    def topk(x, k, dim=-1, largest=True, sorted=True):
+        idx = torch.sort(x, dim=dim, descending=largest, stable=True).indices.narrow(dim, 0, k)
+        return torch.return_types.topk((x.gather(dim, idx), idx))
+
+    torch.Tensor.topk = topk
+    torch.topk = topk
+    try:
+        yield
+    finally:
+        torch.Tensor.topk, torch.topk = orig_method, orig_fn
