@@ -99,3 +99,26 @@ def random_tensors(cfg: DSV4Config, seed: int = 0, mtp: bool = True, dtype=torch
         else:
             out[name] = random_tensor(kind, shape, g, dtype)
     return out
+
+
+def tiny_configs() -> dict[str, DSV4Config]:
+    """Small random-model configs that together cover SWA, CSA (index_topk below the visible
+    entries), HCA, hash and dense routing, hc_mult 4 with 20 Sinkhorn iterations, YaRN and plain RoPE."""
+    common = dict(max_position_embeddings=65536, sliding_window=128, hc_mult=4, hc_sinkhorn_iters=20)
+    return {
+        "swa-csa-hca": DSV4Config(
+            vocab_size=97, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, head_dim=96,
+            qk_rope_head_dim=32, q_lora_rank=32, o_groups=2, o_lora_rank=16, compress_ratios=(0, 4, 128, 4),
+            index_n_heads=2, index_head_dim=64, index_topk=8, n_routed_experts=8, num_experts_per_tok=3,
+            moe_intermediate_size=32, num_hash_layers=2, **common),
+        "hca-csa-swa": DSV4Config(
+            vocab_size=131, hidden_size=48, num_hidden_layers=3, num_attention_heads=6, head_dim=128,
+            qk_rope_head_dim=64, q_lora_rank=24, o_groups=3, o_lora_rank=24, compress_ratios=(128, 4, 0),
+            index_n_heads=3, index_head_dim=64, index_topk=5, n_routed_experts=6, num_experts_per_tok=2,
+            moe_intermediate_size=24, num_hash_layers=1, routed_scaling_factor=2.5, **common),
+        "csa-heavy-plain-rope": DSV4Config(
+            vocab_size=89, hidden_size=32, num_hidden_layers=5, num_attention_heads=2, head_dim=80,
+            qk_rope_head_dim=16, q_lora_rank=16, o_groups=1, o_lora_rank=32, compress_ratios=(4, 4, 128, 0, 128),
+            index_n_heads=4, index_head_dim=32, index_topk=16, n_routed_experts=5, num_experts_per_tok=2,
+            moe_intermediate_size=16, num_hash_layers=0, yarn_factor=1.0, compress_rope_theta=50000.0, **common),
+    }
