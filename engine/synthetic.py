@@ -122,3 +122,9 @@ def tiny_configs() -> dict[str, DSV4Config]:
             index_n_heads=4, index_head_dim=32, index_topk=16, n_routed_experts=5, num_experts_per_tok=2,
             moe_intermediate_size=16, num_hash_layers=0, yarn_factor=1.0, compress_rope_theta=50000.0, **common),
     }
+
+
+def demo_config() -> DSV4Config:
+    """The tiny random model the quick start and CLI tests run on: every layer type, the byte
+    tokenizer's 262-token vocabulary."""
+    return tiny_configs()["swa-csa-hca"].replace(vocab_size=262)
