@@ -1,0 +1,182 @@
+"""``dsv4 bench decode | prefill | perplexity``."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .common import UserError, guard, resolve_device
+
+app = typer.Typer(no_args_is_help=True, help="Measure decode and prefill speed, or perplexity (batch 1).")
+
+MODEL_OPT = typer.Option(None, "--model", "-m", help="Checkpoint folder.")
+PRESET_OPT = typer.Option(None, "--preset", help="flash or pro: real dimensions with --synthetic weights.")
+LAYERS_OPT = typer.Option(None, "--layers", help="Use only the first N layers (figures are projected to all).")
+SYN_OPT = typer.Option(False, "--synthetic", help="Random weights generated in their stored formats on the device.")
+JSON_OPT = typer.Option(None, "--json", help="Write results as JSON to FILE ('-' for stdout).")
+
+
+def _load(model, preset, layers, synthetic, device, precision):
+    import torch
+
+    from engine.config import DSV4Config
+    from engine.model import Model
+
+    if precision not in ("exact", "faithful"):
+        raise UserError(f"--precision {precision!r}: use exact or faithful")
+    if (model is None) == (preset is None):
+        raise UserError("give either --model DIR or --preset flash|pro --synthetic")
+    if preset is not None:
+        if not synthetic:
+            raise UserError("--preset needs --synthetic (no checkpoint is read)")
+        full = DSV4Config.preset(preset)
+        n = layers or full.num_hidden_layers
+        if not 1 <= n <= full.num_hidden_layers:
+            raise UserError(f"--layers must be between 1 and {full.num_hidden_layers}")
+        cfg = full.replace(num_hidden_layers=n, compress_ratios=full.compress_ratios[:n],
+                           num_hash_layers=min(full.num_hash_layers, n))
+        from engine.bench import synthetic_stored
+
+        return Model.from_state_dict(cfg, synthetic_stored(cfg, device), mode=precision, device=device), full, \
+            f"synthetic {preset} ({n} of {full.num_hidden_layers} layers)"
+    from engine.loader import load_model
+
+    if not Path(model).is_dir():
+        raise UserError(f"--model {model}: no such folder")
+    m = load_model(model, mode=precision, device=device, dtype=torch.float32)
+    return m, m.cfg, str(model)
+
+
+def _environment(device: str) -> dict:
+    import torch
+
+    env = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "command": " ".join(["dsv4"] + sys.argv[1:]), "python": platform.python_version(),
+           "torch": torch.__version__, "device": device, "host": platform.node()}
+    if device.startswith("cuda"):
+        env["card"] = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
+    else:
+        env["card"] = platform.processor() or platform.machine()
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        env["dsv4"] = version("dsv4")
+    except PackageNotFoundError:
+        env["dsv4"] = "dev"
+    return env
+
+
+def _emit(result: dict, json_path: Optional[str]):
+    from rich.console import Console
+
+    text = json.dumps(result, indent=1, default=str)
+    if json_path == "-":
+        print(text)
+        return
+    con = Console()
+    for k, v in result.items():
+        if isinstance(v, dict):
+            continue
+        con.print(f"  {k:<32} {v:.4g}" if isinstance(v, float) else f"  {k:<32} {v}")
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(text + "\n")
+        con.print(f"wrote {json_path}")
+
+
+@app.command("decode", help="Time single-token decode steps after a prompt (median, p10/p90), with the "
+                            "weight + KV bytes read per token against the measured memory bandwidth.")
+def decode(model: Optional[Path] = MODEL_OPT, preset: Optional[str] = PRESET_OPT, layers: Optional[int] = LAYERS_OPT,
+           synthetic: bool = SYN_OPT, prompt_len: int = typer.Option(512, "--prompt-len"),
+           steps: int = typer.Option(32, "--steps", help="Timed decode steps."),
+           warmup: int = typer.Option(3, "--warmup"), device: str = typer.Option("auto", "--device"),
+           precision: str = typer.Option("faithful", "--precision"), json_path: Optional[str] = JSON_OPT):
+    guard(_decode)(model, preset, layers, synthetic, prompt_len, steps, warmup, device, precision, json_path)
+
+
+def _decode(model, preset, layers, synthetic, prompt_len, steps, warmup, device, precision, json_path):
+    from engine.bench import bench_decode, measure_bandwidth
+
+    if prompt_len < 1 or steps < 1 or warmup < 0:
+        raise UserError("--prompt-len and --steps must be >= 1, --warmup >= 0")
+    device = resolve_device(device)
+    m, full, name = _load(model, preset, layers, synthetic, device, precision)
+    r = bench_decode(m, prompt_len, steps, warmup)
+    bw = measure_bandwidth(device)
+    bytes_tok = r["weight_bytes_per_token"] + r["kv_bytes_per_token"]
+    r.update({"model": name, "precision": precision, "measured_bandwidth_bytes_per_s": bw,
+              "bandwidth_floor_ms_per_token": bytes_tok / bw * 1000,
+              "achieved_bandwidth_fraction": bytes_tok / r["median_s"] / bw,
+              "floor_ratio": r["median_s"] / (bytes_tok / bw)})
+    n, N = m.cfg.num_hidden_layers, full.num_hidden_layers
+    if n < N:
+        r["projected_full_model_ms_per_token"] = r["ms_per_layer"] * N
+        r["projected_full_model_tokens_per_s"] = 1000 / r["projected_full_model_ms_per_token"]
+        r["projection_note"] = f"PROJECTED: measured per-layer time x {N} layers (head/embedding counted per layer)"
+    r["environment"] = _environment(device)
+    _emit(r, json_path)
+
+
+@app.command("prefill", help="Time the prefill of a prompt (median, p10/p90), with FLOPs against the "
+                             "measured matrix rate.")
+def prefill(model: Optional[Path] = MODEL_OPT, preset: Optional[str] = PRESET_OPT, layers: Optional[int] = LAYERS_OPT,
+            synthetic: bool = SYN_OPT, prompt_len: int = typer.Option(1024, "--prompt-len"),
+            runs: int = typer.Option(5, "--runs"), warmup: int = typer.Option(1, "--warmup"),
+            device: str = typer.Option("auto", "--device"), precision: str = typer.Option("faithful", "--precision"),
+            json_path: Optional[str] = JSON_OPT):
+    guard(_prefill)(model, preset, layers, synthetic, prompt_len, runs, warmup, device, precision, json_path)
+
+
+def _prefill(model, preset, layers, synthetic, prompt_len, runs, warmup, device, precision, json_path):
+    from engine.bench import bench_prefill, measure_matmul_rate
+
+    if prompt_len < 1 or runs < 1 or warmup < 0:
+        raise UserError("--prompt-len and --runs must be >= 1, --warmup >= 0")
+    device = resolve_device(device)
+    m, full, name = _load(model, preset, layers, synthetic, device, precision)
+    r = bench_prefill(m, prompt_len, runs, warmup)
+    rate = measure_matmul_rate(device)
+    r.update({"model": name, "precision": precision, "measured_matmul_flop_per_s": rate,
+              "matmul_rate_fraction": r["flop_per_s"] / rate})
+    n, N = m.cfg.num_hidden_layers, full.num_hidden_layers
+    if n < N:
+        r["projected_full_model_prefill_s"] = r["ms_per_layer"] * N / 1000
+        r["projection_note"] = f"PROJECTED: measured per-layer time x {N} layers"
+    r["environment"] = _environment(device)
+    _emit(r, json_path)
+
+
+@app.command("perplexity", help="Perplexity of a text file: bos prepended, every later token scored, windows "
+                                "of --max-context tokens each starting with bos.")
+def perplexity_cmd(model: Path = typer.Option(..., "--model", "-m", help="Checkpoint folder."),
+                   text: Path = typer.Option(..., "--text", help="UTF-8 text file."),
+                   max_context: int = typer.Option(2048, "--max-context"),
+                   device: str = typer.Option("auto", "--device"),
+                   precision: str = typer.Option("faithful", "--precision"), json_path: Optional[str] = JSON_OPT):
+    guard(_ppl)(model, text, max_context, device, precision, json_path)
+
+
+def _ppl(model, text, max_context, device, precision, json_path):
+    from engine.bench import perplexity
+    from engine.tokenizer import Tokenizer
+
+    if max_context < 2:
+        raise UserError("--max-context must be >= 2")
+    if not Path(text).is_file():
+        raise UserError(f"--text {text}: no such file")
+    device = resolve_device(device)
+    m, _, name = _load(model, None, None, False, device, precision)
+    tok = Tokenizer.from_dir(model)
+    ids = tok.encode(Path(text).read_text(encoding="utf-8"))
+    if not ids:
+        raise UserError(f"--text {text}: no tokens in the file")
+    r = perplexity(m, ids, tok.bos_id, max_context)
+    r.update({"model": name, "precision": precision, "text": str(text), "environment": _environment(device)})
+    _emit(r, json_path)

@@ -1,0 +1,82 @@
+"""Shared CLI plumbing: one-line errors, model resolution, device choice."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import typer
+
+DEMO_NAME = "demo-v1"
+
+
+class UserError(Exception):
+    """A problem the user can fix; printed as one line, exit code 2."""
+
+
+def fail(msg: str, code: int = 2):
+    from rich.console import Console
+
+    Console(stderr=True).print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def resolve_device(device: str | None) -> str:
+    import torch
+
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise UserError(f"--device {device!r}: use cpu, cuda or cuda:N")
+    return device
+
+
+def demo_model_dir() -> Path:
+    """The built-in default model: a tiny random-weight V4 checkpoint in the published layout,
+    written on first use under $DSV4_HOME (default ~/.cache/dsv4)."""
+    from engine.checkpoint import write_published_checkpoint
+    from engine.synthetic import demo_config
+
+    home = Path(os.environ.get("DSV4_HOME", Path.home() / ".cache" / "dsv4"))
+    target = home / DEMO_NAME
+    if (target / "config.json").exists():
+        return target
+    home.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".demo-", dir=home))
+    try:
+        write_published_checkpoint(demo_config(), tmp, seed=0)
+        os.replace(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").exists():
+            raise
+    return target
+
+
+def guard(fn):
+    """Run a command body, turning known errors into one-line messages (exit 2)."""
+    from functools import wraps
+
+    @wraps(fn)
+    def wrapper(*a, **kw):
+        from cache import CacheError
+        from engine.checkpoint import CheckpointError
+        from engine.config import ConfigError
+        from engine.tokenizer import TokenizerError
+
+        try:
+            return fn(*a, **kw)
+        except (UserError, CheckpointError, ConfigError, TokenizerError, CacheError) as e:
+            fail(str(e))
+        except FileNotFoundError as e:
+            fail(f"{e.filename}: no such file or directory")
+        except KeyboardInterrupt:
+            sys.stderr.write("\ninterrupted\n")
+            raise typer.Exit(130)
+
+    return wrapper

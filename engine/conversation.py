@@ -1,0 +1,128 @@
+"""A multi-turn conversation over one cache slot: encode, prefill only what is new, stream, stop.
+
+The slot persists across turns. Before each turn the whole conversation is re-encoded; if the
+tokens already in the cache are a prefix of it, only the remainder is prefilled, otherwise the
+slot is reset (e.g. thinking mode drops earlier reasoning from the history) and all is prefilled.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+from .chat import OutputParser, Piece, encode_chat
+from .session import Session
+from .tokenizer import Tokenizer
+
+
+@dataclass
+class TurnStats:
+    prompt_tokens: int = 0  # tokens of the whole prompt
+    prefilled_tokens: int = 0  # tokens actually run this turn (the new part)
+    generated_tokens: int = 0
+    ttft_s: float = 0.0
+    decode_s: float = 0.0
+    stop_reason: str = ""  # "eos" | "max_tokens" | "context" | "interrupted"
+
+    @property
+    def tokens_per_s(self) -> float:
+        return (self.generated_tokens - 1) / self.decode_s if self.decode_s > 0 and self.generated_tokens > 1 else 0.0
+
+
+@dataclass
+class Turn:
+    prompt_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    stats: TurnStats = field(default_factory=TurnStats)
+    parser: OutputParser | None = None
+
+
+class Conversation:
+    def __init__(self, session: Session, tokenizer: Tokenizer, system: str | None = None, thinking: bool = False,
+                 reasoning_effort: str | None = None):
+        self.session, self.tok = session, tokenizer
+        self.system, self.thinking, self.reasoning_effort = system, thinking, reasoning_effort
+        self.messages: list[dict] = []
+        self.cached_ids: list[int] = []
+
+    def reset(self) -> None:
+        self.messages = []
+        self.cached_ids = []
+        self.session.reset()
+
+    def prompt_ids(self, user_text: str) -> list[int]:
+        msgs = ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
+        msgs = msgs + [{"role": "user", "content": user_text}]
+        text = encode_chat(msgs, thinking=self.thinking, reasoning_effort=self.reasoning_effort)
+        return self.tok.encode(text)
+
+    def send(self, user_text: str, sample: Callable, max_new_tokens: int,
+             should_stop: Callable[[], bool] = lambda: False) -> Iterator[tuple[Turn, list[Piece]]]:
+        """Run one user turn; yields (turn, new text pieces) after every generated token.
+
+        The turn (and the assistant message, partial if interrupted) is always recorded.
+        """
+        ids = self.prompt_ids(user_text)
+        turn = Turn(ids, parser=OutputParser(self.thinking))
+        st = turn.stats
+        st.prompt_tokens = len(ids)
+        if len(ids) >= self.session.max_context:
+            raise ContextFull(f"the prompt ({len(ids)} tokens) does not fit the context of "
+                              f"{self.session.max_context} tokens; use /reset or a larger --max-context")
+        common = 0
+        while common < min(len(ids), len(self.cached_ids)) and ids[common] == self.cached_ids[common]:
+            common += 1
+        if common < len(self.cached_ids) or common == len(ids):
+            self.session.reset()
+            self.cached_ids, common = [], 0
+        self.messages.append({"role": "user", "content": user_text})
+        stream = self.tok.stream()
+        t0 = time.perf_counter()
+        busy = True  # a forward interrupted midway leaves the slot half-written
+        try:
+            st.prefilled_tokens = len(ids) - common
+            logits = self.session.prefill(ids[common:])
+            busy = False
+            self.cached_ids = list(ids)
+            st.ttft_s = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            while True:
+                if should_stop():
+                    st.stop_reason = "interrupted"
+                    break
+                tok = int(sample(logits))
+                turn.token_ids.append(tok)
+                st.generated_tokens += 1
+                text = stream.push(tok) if tok != self.tok.eos_id else stream.flush()
+                yield turn, turn.parser.feed(text)
+                if tok == self.tok.eos_id:
+                    st.stop_reason = "eos"
+                    break
+                if st.generated_tokens >= max_new_tokens:
+                    st.stop_reason = "max_tokens"
+                    break
+                if self.session.seq_len >= self.session.max_context:
+                    st.stop_reason = "context"
+                    break
+                busy = True
+                logits = self.session.step(tok)
+                busy = False
+                self.cached_ids.append(tok)
+            st.decode_s = time.perf_counter() - t1
+        except KeyboardInterrupt:
+            st.stop_reason = "interrupted"
+        finally:
+            if busy:
+                self.session.reset()
+                self.cached_ids = []
+            tail = stream.flush()
+            if tail:
+                turn.parser.feed(tail)
+            self.messages.append({"role": "assistant", "content": turn.parser.answer_text,
+                                  "reasoning": turn.parser.reasoning_text})
+        return turn
+
+
+class ContextFull(RuntimeError):
+    pass
