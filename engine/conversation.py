@@ -13,7 +13,7 @@ from typing import Callable, Iterator
 
 from .chat import OutputParser, Piece, encode_chat
 from .session import Session
-from .tokenizer import Tokenizer
+from .tokenizer import ASSISTANT, END_THINK, USER, Tokenizer
 
 
 @dataclass
@@ -44,14 +44,21 @@ class Conversation:
         self.session, self.tok = session, tokenizer
         self.system, self.thinking, self.reasoning_effort = system, thinking, reasoning_effort
         self.messages: list[dict] = []
-        self.cached_ids: list[int] = []
+        self.cached_ids: list[int] = []  # tokens in the cache slot
+        self.history_ids: list[int] = []  # the conversation so far as exact token ids (chat mode)
 
     def reset(self) -> None:
         self.messages = []
         self.cached_ids = []
+        self.history_ids = []
         self.session.reset()
 
     def prompt_ids(self, user_text: str) -> list[int]:
+        """Token ids of the next prompt. In chat mode earlier turns are kept as the exact tokens that
+        were generated (the encoding renders them unchanged), so the cache stays a prefix; thinking
+        mode drops earlier reasoning, so the text is re-encoded."""
+        if self.history_ids and not self.thinking:
+            return self.history_ids + self.tok.encode(USER + user_text + ASSISTANT + END_THINK)
         msgs = ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
         msgs = msgs + [{"role": "user", "content": user_text}]
         text = encode_chat(msgs, thinking=self.thinking, reasoning_effort=self.reasoning_effort)
@@ -121,6 +128,8 @@ class Conversation:
                 turn.parser.feed(tail)
             self.messages.append({"role": "assistant", "content": turn.parser.answer_text,
                                   "reasoning": turn.parser.reasoning_text})
+            ended = turn.token_ids[-1:] == [self.tok.eos_id]
+            self.history_ids = [] if self.thinking else ids + turn.token_ids + ([] if ended else [self.tok.eos_id])
         return turn
 
 

@@ -1,0 +1,82 @@
+"""Chat encoding, output parsing, streaming detokenisation and sampling filters."""
+
+import torch
+
+from engine.chat import REASONING_EFFORT_MAX, OutputParser, encode_chat
+from engine.sampling import Sampler, SamplingParams, min_p_mask, top_k_mask, top_p_mask
+from engine.tokenizer import Tokenizer, build_byte_tokenizer
+
+B, E, U, A = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"
+
+
+def test_encoding_thinking_mode_matches_spec_example():
+    msgs = [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": "Hello"},
+            {"role": "assistant", "content": "Hi there!", "reasoning": "greet back"},
+            {"role": "user", "content": "What is 2+2?"}]
+    assert encode_chat(msgs, thinking=True) == (
+        f"{B}You are a helpful assistant.{U}Hello{A}</think>Hi there!{E}{U}What is 2+2?{A}<think>")
+
+
+def test_encoding_chat_mode_multi_turn_and_no_system():
+    msgs = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+            {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}, {"role": "user", "content": "e"}]
+    assert encode_chat(msgs, thinking=False) == f"{B}{U}a{A}</think>b{E}{U}c{A}</think>d{E}{U}e{A}</think>"
+
+
+def test_encoding_keeps_reasoning_after_last_user_and_max_effort_prefix():
+    msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "ans", "reasoning": "why"}]
+    assert encode_chat(msgs, thinking=True, add_generation_prompt=False) == f"{B}{U}q{A}<think>why</think>ans{E}"
+    s = encode_chat([{"role": "user", "content": "q"}], thinking=True, reasoning_effort="max")
+    assert s == B + REASONING_EFFORT_MAX + f"{U}q{A}<think>"
+    assert REASONING_EFFORT_MAX not in encode_chat([{"role": "user", "content": "q"}], thinking=False,
+                                                   reasoning_effort="max")
+
+
+def test_output_parser_splits_streamed_reasoning_and_answer():
+    p = OutputParser(thinking=True)
+    pieces = []
+    for chunk in ["I think", " hard</th", "ink>The ans", "wer", E]:
+        pieces += p.feed(chunk)
+    assert p.reasoning_text == "I think hard" and p.answer_text == "The answer"
+    assert [x.kind for x in pieces][0] == "reasoning" and pieces[-1].kind == "answer"
+    q = OutputParser(thinking=False)
+    q.feed("plain answer")
+    assert q.answer_text == "plain answer" and q.reasoning_text == ""
+
+
+def test_streaming_detokenization_never_splits_characters():
+    tok = Tokenizer(build_byte_tokenizer())
+    text = "naïve 世界 🎉👍🏽 ok"
+    ids = tok.encode(text)
+    assert len(ids) > len(text)  # multi-byte characters span several tokens
+    s = tok.stream()
+    out = []
+    for i in ids:
+        piece = s.push(i)
+        assert "\ufffd" not in piece
+        out.append(piece)
+    out.append(s.flush())
+    assert "".join(out) == text
+
+
+def test_sampling_masks():
+    logits = torch.tensor([1.0, 3.0, 2.0, 0.0])
+    assert top_k_mask(logits, 2).tolist() == [False, True, True, False]
+    probs = torch.tensor([0.1, 0.5, 0.3, 0.1])
+    assert top_p_mask(probs, 0.7).tolist() == [False, True, True, False]
+    assert top_p_mask(probs, 0.5).tolist() == [False, True, False, False]
+    assert min_p_mask(probs, 0.5).tolist() == [False, True, True, False]
+
+
+def test_greedy_is_argmax_and_seeded_sampling_reproducible():
+    logits = torch.randn(50, generator=torch.Generator().manual_seed(0))
+    assert Sampler(SamplingParams(temperature=0))(logits) == int(logits.argmax())
+    a = [Sampler(SamplingParams(temperature=1.0, top_p=0.9), seed=3)(logits) for _ in range(1)]
+    s1, s2 = Sampler(SamplingParams(top_k=10), seed=5), Sampler(SamplingParams(top_k=10), seed=5)
+    seq1, seq2 = [s1(logits) for _ in range(20)], [s2(logits) for _ in range(20)]
+    assert seq1 == seq2 and len(set(seq1)) > 1 and a
+    top10 = set(torch.topk(logits, 10).indices.tolist())
+    assert set(seq1) <= top10
+    s3 = Sampler(SamplingParams(min_p=0.5), seed=1)
+    allowed = set(torch.nonzero(torch.softmax(logits, -1) >= 0.5 * torch.softmax(logits, -1).max()).flatten().tolist())
+    assert {s3(logits) for _ in range(30)} <= allowed
