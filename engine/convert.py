@@ -16,7 +16,6 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from kernels import quant
@@ -162,10 +161,11 @@ def _stream(ck, out: Path, experts: str, dense: str, max_shard_bytes: int, progr
     by_shard: dict[str, list[str]] = {}
     for name in shapes:
         by_shard.setdefault(ck.weight_map[name], []).append(name)
+    readers: dict = {}
     for shard, names in sorted(by_shard.items()):
-        with safe_open(str(ck.path / shard), framework="pt", device="cpu") as h:
+        if True:
             for name in names:
-                stored = _read_parts(ck, h, shard, name)
+                stored = _read_parts(ck, readers, name)
                 fmt = target_format(name, experts, dense)
                 if fmt in ("int", "f32"):
                     w = None
@@ -182,17 +182,45 @@ def _stream(ck, out: Path, experts: str, dense: str, max_shard_bytes: int, progr
     return formats
 
 
-def _read_parts(ck, h, shard: str, name: str) -> dict:
+_ST_DTYPES = {"F8_E4M3": torch.float8_e4m3fn, "F8_E8M0": torch.float8_e8m0fnu, "F4": torch.uint8,
+              "BF16": torch.bfloat16, "F32": torch.float32, "F16": torch.float16, "I32": torch.int32,
+              "I64": torch.int64, "I8": torch.int8, "U8": torch.uint8}
+
+
+class _ShardReader:
+    """Reads single tensors with plain seek + read (no memory map), so resident memory holds only
+    the tensor being converted, not the pages of the shard it came from."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            self.header = json.loads(f.read(n))
+        self.base = 8 + n
+
+    def get(self, name: str) -> torch.Tensor:
+        meta = self.header[name]
+        a, b = meta["data_offsets"]
+        with open(self.path, "rb") as f:
+            f.seek(self.base + a)
+            buf = bytearray(f.read(b - a))
+        shape = list(meta["shape"])
+        if meta["dtype"] == "F4":
+            shape[-1] //= 2
+        t = torch.frombuffer(buf, dtype=_ST_DTYPES[meta["dtype"]]) if buf else torch.empty(0, dtype=_ST_DTYPES[meta["dtype"]])
+        t = t.reshape(shape)
+        return t.view(torch.float4_e2m1fn_x2) if meta["dtype"] == "F4" else t
+
+
+def _read_parts(ck, readers: dict, name: str) -> dict:
     base = name[: -len(".weight")] if name.endswith(".weight") else name
-    out = {name: h.get_tensor(name)}
-    for suffix in (".scale", ".weight_scale_inv", ".scale_2"):
-        part = base + suffix
-        if part in ck.weight_map and part != name:
-            if ck.weight_map[part] == shard:
-                out[part] = h.get_tensor(part)
-            else:
-                with safe_open(str(ck.path / ck.weight_map[part]), framework="pt", device="cpu") as h2:
-                    out[part] = h2.get_tensor(part)
+    out = {}
+    for part in (name, base + ".scale", base + ".weight_scale_inv", base + ".scale_2"):
+        if part in ck.weight_map and (part == name or name.endswith(".weight")) and part not in out:
+            shard = ck.weight_map[part]
+            if shard not in readers:
+                readers[shard] = _ShardReader(ck.path / shard)
+            out[part] = readers[shard].get(part)
     return out
 
 

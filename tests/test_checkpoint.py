@@ -1,0 +1,169 @@
+"""Published-layout loading, dsv4 convert (formats, streaming, atomicity) and bad checkpoints."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from engine.checkpoint import dequantized, open_checkpoint, write_published_checkpoint
+from engine.loader import load_model
+from engine.model import Model
+from engine.session import Session
+from engine.synthetic import demo_config
+
+CLI = [sys.executable, "-m", "dsv4cli.main"]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return write_published_checkpoint(demo_config(), tmp_path_factory.mktemp("pub") / "src", seed=9,
+                                      max_shard_bytes=300_000)
+
+
+def cli(*args):
+    return subprocess.run(CLI + list(args), capture_output=True, text=True, timeout=300)
+
+
+def _logits(model, n=200):
+    ids = torch.arange(n) % model.cfg.vocab_size
+    return Session(model, 256).prefill(ids, last_only=False)
+
+
+def test_published_layout_formats_and_exact_logits(ckpt):
+    ck = open_checkpoint(ckpt)
+    t = ck.load()
+    assert ck.layout == "published" and len(set(ck.weight_map.values())) > 1
+    assert t["layers.0.attn.wq_a.weight"].dtype == torch.float8_e4m3fn
+    assert t["layers.0.attn.wq_a.scale"].dtype == torch.float8_e8m0fnu
+    assert t["layers.0.ffn.experts.0.w1.weight"].dtype == torch.float4_e2m1fn_x2
+    assert t["embed.weight"].dtype == torch.bfloat16 and any(n.startswith("mtp.0.") for n in t)
+    a = _logits(load_model(ckpt, mode="exact"))
+    b = _logits(Model.from_state_dict(ck.config, dequantized(t), mode="exact"))
+    assert (a - b).abs().max().item() <= 1e-5 * b.abs().max().item()
+
+
+def test_convert_runs_and_error_is_bounded(ckpt, tmp_path):
+    dst = tmp_path / "nv"
+    r = cli("convert", str(ckpt), str(dst), "--verify", "--shard-size-mb", "1")
+    assert r.returncode == 0, r.stderr
+    assert "within limits" in r.stderr
+    man = json.loads((dst / "dsv4_manifest.json").read_text())
+    assert man["tensors"]["layers.0.ffn.experts.0.w1.weight"] == "nvfp4" and man["source_shards"]
+    src_t, dst_t = open_checkpoint(ckpt).load(), open_checkpoint(dst).load()
+    assert torch.equal(src_t["layers.0.attn.wq_a.weight"].view(torch.uint8), dst_t["layers.0.attn.wq_a.weight"].view(torch.uint8))
+    a = _logits(load_model(ckpt, mode="exact"))
+    b = _logits(load_model(dst, mode="exact"))
+    rel = ((a - b).abs().max() / a.abs().max()).item()
+    print(f"\nNVFP4-expert checkpoint vs source: max |dlogit| {rel:.2%} of max |logit|")
+    assert 0 < rel < 0.5
+    r = cli("convert", str(ckpt), str(dst))
+    assert r.returncode == 2 and "already exists" in r.stderr
+    assert cli("convert", str(ckpt), str(dst), "--force", "--experts", "mxfp4").returncode == 0
+
+
+def _broken(ckpt, tmp_path, how):
+    d = tmp_path / how
+    shutil.copytree(ckpt, d)
+    idx = json.loads((d / "model.safetensors.index.json").read_text())
+    shard = idx["weight_map"]["layers.0.attn.wq_a.weight"]
+    if how == "missing_shard":
+        (d / shard).unlink()
+    elif how in ("absent_tensor", "wrong_dtype", "wrong_shape"):
+        t = load_file(str(d / shard))
+        if how == "absent_tensor":
+            del t["layers.0.attn.wq_a.weight"]
+        elif how == "wrong_dtype":
+            t["layers.0.attn.wq_a.weight"] = t["layers.0.attn.wq_a.weight"].float().to(torch.int32)
+        else:
+            t["layers.0.attn.wq_a.weight"] = t["layers.0.attn.wq_a.weight"][:, :10].contiguous()
+        save_file(t, str(d / shard))
+    elif how == "truncated":
+        data = (d / shard).read_bytes()
+        (d / shard).write_bytes(data[: len(data) - 100])
+    elif how == "config_mismatch":
+        c = json.loads((d / "config.json").read_text())
+        c["hidden_size"] = 80
+        (d / "config.json").write_text(json.dumps(c))
+    elif how == "unknown_layout":
+        (d / "model.safetensors.index.json").unlink()
+    return d
+
+
+@pytest.mark.parametrize("how,message", [
+    ("missing_shard", "shard listed in the index is missing"),
+    ("absent_tensor", "layers.0.attn.wq_a.weight is listed in the index but absent"),
+    ("wrong_dtype", "layers.0.attn.wq_a.weight has dtype I32"),
+    ("wrong_shape", "layers.0.attn.wq_a.weight has shape"),
+    ("truncated", "truncated"),
+    ("config_mismatch", "the config implies"),
+    ("unknown_layout", "unknown layout"),
+])
+def test_bad_checkpoints(ckpt, tmp_path, how, message):
+    d = _broken(ckpt, tmp_path, how)
+    dst = tmp_path / "out"
+    r = cli("convert", str(d), str(dst))
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr and "Traceback" not in r.stderr
+    assert not dst.exists() and not list(tmp_path.glob(".out.partial*"))
+    r = cli("chat", "--model", str(d), "-p", "x")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory):
+    """A checkpoint of ~190 MB (many large experts) for the streaming tests."""
+    cfg = demo_config().replace(hidden_size=512, moe_intermediate_size=1024, n_routed_experts=48,
+                                num_experts_per_tok=3, q_lora_rank=64, o_lora_rank=64)
+    from engine.synthetic import random_tensors
+
+    return write_published_checkpoint(cfg, tmp_path_factory.mktemp("big") / "src", seed=1,
+                                      tensors=random_tensors(cfg, 1, dtype=torch.bfloat16), max_shard_bytes=32 << 20)
+
+
+def _size(d):
+    return sum(f.stat().st_size for f in d.iterdir())
+
+
+@pytest.mark.xfail(strict=True, reason="known: peak RSS grows ~164 MiB on a 205 MiB checkpoint; the stated "
+                   "bound is not met yet (issue 4 stays open)")
+def test_convert_streams_with_bounded_peak_rss(big, tmp_path):
+    # Bound (engine/convert.py): baseline + 2 x shard + 8 x largest weight in float32.
+    # Here: shard 8 MiB, largest weight 1024x512 f32 = 2 MiB -> 32 MiB over the interpreter baseline.
+    code = ("import re,sys;from engine.convert import convert_checkpoint;import torch;"
+            "hwm=lambda: int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1));"
+            "rss=lambda: int(re.search(r'VmRSS:\\s+(\\d+)', open('/proc/self/status').read()).group(1));"
+            "open('/proc/self/clear_refs','w').write('5');base=rss();"
+            "convert_checkpoint(sys.argv[1], sys.argv[2], max_shard_bytes=8<<20);"
+            "print(base, hwm())")
+    r = subprocess.run([sys.executable, "-c", code, str(big), str(tmp_path / "o")], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr
+    base_kib, peak_kib = map(int, r.stdout.split())
+    grew = (peak_kib - base_kib) * 1024
+    size = _size(big)
+    bound = 2 * (8 << 20) + 8 * (2 << 20) + (48 << 20)  # + 48 MiB for the checkpoint-open/validation pass
+    print(f"\ncheckpoint {size / 2**20:.0f} MiB, peak RSS growth {grew / 2**20:.0f} MiB, bound {bound / 2**20:.0f} MiB")
+    assert size > 2 * bound and grew < bound
+
+
+def test_interrupted_convert_leaves_no_dst_and_rerun_succeeds(big, tmp_path):
+    dst = tmp_path / "conv"
+    p = subprocess.Popen(CLI + ["convert", str(big), str(dst), "--shard-size-mb", "4"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(tmp_path.glob(".conv.partial-*/part-*")):
+        time.sleep(0.05)
+    assert list(tmp_path.glob(".conv.partial-*")), "convert never started writing"
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert not dst.exists()
+    r = cli("convert", str(big), str(dst), "--shard-size-mb", "4")
+    assert r.returncode == 0, r.stderr
+    assert open_checkpoint(dst).layout == "converted"
