@@ -162,22 +162,21 @@ def _stream(ck, out: Path, experts: str, dense: str, max_shard_bytes: int, progr
     for name in shapes:
         by_shard.setdefault(ck.weight_map[name], []).append(name)
     readers: dict = {}
-    for shard, names in sorted(by_shard.items()):
-        if True:
-            for name in names:
-                stored = _read_parts(ck, readers, name)
-                fmt = target_format(name, experts, dense)
-                if fmt in ("int", "f32"):
-                    w = None
-                elif name.endswith(".weight") and len(shapes[name][1]) == 2:
-                    w = qweight_from(stored, name[: -len(".weight")]).dequant()
-                else:
-                    w = stored[name].float()
-                writer.add(encode(name, w, stored, fmt))
-                formats[name] = fmt
-                if progress:
-                    progress(sum(t.numel() * t.element_size() for t in stored.values()))
-                del stored, w
+    for _shard, names in sorted(by_shard.items()):  # shard order: sequential reads
+        for name in names:
+            stored = _read_parts(ck, readers, name)
+            fmt = target_format(name, experts, dense)
+            if fmt in ("int", "f32"):
+                w = None
+            elif name.endswith(".weight") and len(shapes[name][1]) == 2:
+                w = qweight_from(stored, name[: -len(".weight")]).dequant()
+            else:
+                w = stored[name].float()
+            writer.add(encode(name, w, stored, fmt))
+            formats[name] = fmt
+            if progress:
+                progress(sum(t.numel() * t.element_size() for t in stored.values()))
+            del stored, w
     writer.finish()
     return formats
 
