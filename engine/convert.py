@@ -16,12 +16,12 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from kernels import quant
 
-from .checkpoint import FORMAT_VERSION, INDEX, MANIFEST, CheckpointError, open_checkpoint
+from .checkpoint import FORMAT_VERSION, MANIFEST, CheckpointError, open_checkpoint
 from .formats import published_format
+from .shards import ShardReader, ShardWriter
 from .synthetic import tensor_shapes
 from .weights import qweight_from
 
@@ -70,43 +70,7 @@ def encode(name: str, w: torch.Tensor | None, stored: dict, fmt: str) -> dict:
         return {name: q, base + ".scale": s}
     if fmt == "bf16":
         return {name: w.to(torch.bfloat16)}
-    if fmt == "int":
-        return {name: src}
-    return {name: src}
-
-
-class _ShardWriter:
-    def __init__(self, out: Path, max_bytes: int):
-        self.out, self.max_bytes = out, max_bytes
-        self.buf, self.size, self.files, self.weight_map = {}, 0, [], {}
-
-    def add(self, tensors: dict) -> None:
-        nb = sum(t.numel() * t.element_size() for t in tensors.values())
-        if self.buf and self.size + nb > self.max_bytes:
-            self.flush()
-        self.buf.update(tensors)
-        self.size += nb
-
-    def flush(self) -> None:
-        if not self.buf:
-            return
-        fname = f"part-{len(self.files) + 1:05d}.safetensors"
-        save_file({k: v.contiguous() for k, v in self.buf.items()}, str(self.out / fname), metadata={"format": "pt"})
-        self.files.append(fname)
-        self.weight_map.update({k: fname for k in self.buf})
-        self.buf, self.size = {}, 0
-
-    def finish(self) -> dict:
-        self.flush()
-        n = len(self.files)
-        final = {}
-        for i, f in enumerate(self.files):
-            new = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            os.replace(self.out / f, self.out / new)
-            final[f] = new
-        self.weight_map = {k: final[v] for k, v in self.weight_map.items()}
-        (self.out / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": self.weight_map}, indent=1))
-        return self.weight_map
+    return {name: src}  # "int" and "f32": as stored
 
 
 def _sha256(f: Path) -> str:
@@ -156,7 +120,7 @@ def convert_checkpoint(src, dst, experts: str = "nvfp4", dense: str = "fp8", for
 
 def _stream(ck, out: Path, experts: str, dense: str, max_shard_bytes: int, progress) -> dict:
     shapes = tensor_shapes(ck.config, mtp=any(n.startswith("mtp.") for n in ck.weight_map))
-    writer = _ShardWriter(out, max_shard_bytes)
+    writer = ShardWriter(out, max_shard_bytes)
     formats = {}
     by_shard: dict[str, list[str]] = {}
     for name in shapes:
@@ -181,45 +145,21 @@ def _stream(ck, out: Path, experts: str, dense: str, max_shard_bytes: int, progr
     return formats
 
 
-_ST_DTYPES = {"F8_E4M3": torch.float8_e4m3fn, "F8_E8M0": torch.float8_e8m0fnu, "F4": torch.uint8,
-              "BF16": torch.bfloat16, "F32": torch.float32, "F16": torch.float16, "I32": torch.int32,
-              "I64": torch.int64, "I8": torch.int8, "U8": torch.uint8}
-
-
-class _ShardReader:
-    """Reads single tensors with plain seek + read (no memory map), so resident memory holds only
-    the tensor being converted, not the pages of the shard it came from."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            self.header = json.loads(f.read(n))
-        self.base = 8 + n
-
-    def get(self, name: str) -> torch.Tensor:
-        meta = self.header[name]
-        a, b = meta["data_offsets"]
-        with open(self.path, "rb") as f:
-            f.seek(self.base + a)
-            buf = bytearray(f.read(b - a))
-        shape = list(meta["shape"])
-        if meta["dtype"] == "F4":
-            shape[-1] //= 2
-        t = torch.frombuffer(buf, dtype=_ST_DTYPES[meta["dtype"]]) if buf else torch.empty(0, dtype=_ST_DTYPES[meta["dtype"]])
-        t = t.reshape(shape)
-        return t.view(torch.float4_e2m1fn_x2) if meta["dtype"] == "F4" else t
+def _parts(weight_map: dict, name: str) -> list[str]:
+    """The stored tensors of one logical tensor: a linear's weight and its scales, else itself."""
+    if not name.endswith(".weight"):
+        return [name]
+    base = name[: -len(".weight")]
+    return [n for n in (name, base + ".scale", base + ".weight_scale_inv", base + ".scale_2") if n in weight_map]
 
 
 def _read_parts(ck, readers: dict, name: str) -> dict:
-    base = name[: -len(".weight")] if name.endswith(".weight") else name
     out = {}
-    for part in (name, base + ".scale", base + ".weight_scale_inv", base + ".scale_2"):
-        if part in ck.weight_map and (part == name or name.endswith(".weight")) and part not in out:
-            shard = ck.weight_map[part]
-            if shard not in readers:
-                readers[shard] = _ShardReader(ck.path / shard)
-            out[part] = readers[shard].get(part)
+    for part in _parts(ck.weight_map, name):
+        shard = ck.weight_map[part]
+        if shard not in readers:
+            readers[shard] = ShardReader(ck.path / shard)
+        out[part] = readers[shard].get(part)
     return out
 
 
@@ -229,22 +169,18 @@ def verify(src, dst, report=None) -> list[tuple[str, str, float, bool]]:
     fmts = b.manifest.get("tensors", {})
     rows = []
     for name, fmt in fmts.items():
-        sa = a.load(names=[n for n in _parts(a, name)])
-        sb = b.load(names=[n for n in _parts(b, name)])
+        sa = a.load(names=_parts(a.weight_map, name))
+        sb = b.load(names=_parts(b.weight_map, name))
         if name.endswith(".weight") and sa[name].dim() == 2:
             base = name[: -len(".weight")]
             wa, wb = qweight_from(sa, base).dequant(), qweight_from(sb, base).dequant()
         else:
-            wa, wb = sa[name].double(), sb[name].double()
-        err = ((wb.double() - wa.double()).norm() / wa.double().norm().clamp(min=1e-30)).item()
+            wa, wb = sa[name], sb[name]
+        wa, wb = wa.double(), wb.double()
+        err = ((wb - wa).norm() / wa.norm().clamp(min=1e-30)).item()
         ok = err <= VERIFY_LIMITS.get(fmt, 0.2)
         rows.append((name, fmt, err, ok))
         if report:
             report(rows[-1])
     return rows
 
-
-def _parts(ck, name: str) -> list[str]:
-    base = name[: -len(".weight")] if name.endswith(".weight") else name
-    return [n for n in (name, base + ".scale", base + ".weight_scale_inv", base + ".scale_2")
-            if n in ck.weight_map and (n == name or name.endswith(".weight"))]
