@@ -11,7 +11,7 @@ from typing import Optional
 
 import typer
 
-from .common import UserError, guard, resolve_device
+from .common import UserError, check_precision, guard, resolve_device
 
 app = typer.Typer(no_args_is_help=True, help="Measure decode and prefill speed, or perplexity (batch 1).")
 
@@ -23,13 +23,14 @@ JSON_OPT = typer.Option(None, "--json", help="Write results as JSON to FILE ('-'
 
 
 def _load(model, preset, layers, synthetic, device, precision):
+    """-> (model, full-size config, display name, resolved device)."""
     import torch
 
     from engine.config import DSV4Config
     from engine.model import Model
 
-    if precision not in ("exact", "faithful"):
-        raise UserError(f"--precision {precision!r}: use exact or faithful")
+    check_precision(precision)
+    device = resolve_device(device)
     if (model is None) == (preset is None):
         raise UserError("give either --model DIR or --preset flash|pro --synthetic")
     if preset is not None:
@@ -44,13 +45,23 @@ def _load(model, preset, layers, synthetic, device, precision):
         from engine.bench import synthetic_stored
 
         return Model.from_state_dict(cfg, synthetic_stored(cfg, device), mode=precision, device=device), full, \
-            f"synthetic {preset} ({n} of {full.num_hidden_layers} layers)"
+            f"synthetic {preset} ({n} of {full.num_hidden_layers} layers)", device
     from engine.loader import load_model
 
     if not Path(model).is_dir():
         raise UserError(f"--model {model}: no such folder")
     m = load_model(model, mode=precision, device=device, dtype=torch.float32)
-    return m, m.cfg, str(model)
+    return m, m.cfg, str(model), device
+
+
+def _report(r: dict, m, full, name: str, precision: str, device: str, json_path, roofline: dict, project) -> None:
+    """Add the model, roofline and (with --layers) the projection labelled as such; print / write."""
+    r.update({"model": name, "precision": precision, **roofline})
+    N = full.num_hidden_layers
+    if m.cfg.num_hidden_layers < N:
+        r.update(project(r["ms_per_layer"] * N))
+    r["environment"] = _environment(device)
+    _emit(r, json_path)
 
 
 def _environment(device: str) -> dict:
@@ -106,22 +117,17 @@ def _decode(model, preset, layers, synthetic, prompt_len, steps, warmup, device,
 
     if prompt_len < 1 or steps < 1 or warmup < 0:
         raise UserError("--prompt-len and --steps must be >= 1, --warmup >= 0")
-    device = resolve_device(device)
-    m, full, name = _load(model, preset, layers, synthetic, device, precision)
+    m, full, name, device = _load(model, preset, layers, synthetic, device, precision)
     r = bench_decode(m, prompt_len, steps, warmup)
     bw = measure_bandwidth(device)
     bytes_tok = r["weight_bytes_per_token"] + r["kv_bytes_per_token"]
-    r.update({"model": name, "precision": precision, "measured_bandwidth_bytes_per_s": bw,
-              "bandwidth_floor_ms_per_token": bytes_tok / bw * 1000,
-              "achieved_bandwidth_fraction": bytes_tok / r["median_s"] / bw,
-              "floor_ratio": r["median_s"] / (bytes_tok / bw)})
-    n, N = m.cfg.num_hidden_layers, full.num_hidden_layers
-    if n < N:
-        r["projected_full_model_ms_per_token"] = r["ms_per_layer"] * N
-        r["projected_full_model_tokens_per_s"] = 1000 / r["projected_full_model_ms_per_token"]
-        r["projection_note"] = f"PROJECTED: measured per-layer time x {N} layers (head/embedding counted per layer)"
-    r["environment"] = _environment(device)
-    _emit(r, json_path)
+    roofline = {"measured_bandwidth_bytes_per_s": bw, "bandwidth_floor_ms_per_token": bytes_tok / bw * 1000,
+                "achieved_bandwidth_fraction": bytes_tok / r["median_s"] / bw,
+                "floor_ratio": r["median_s"] / (bytes_tok / bw)}
+    _report(r, m, full, name, precision, device, json_path, roofline, lambda ms: {
+        "projected_full_model_ms_per_token": ms, "projected_full_model_tokens_per_s": 1000 / ms,
+        "projection_note": f"PROJECTED: measured per-layer time x {full.num_hidden_layers} layers "
+                           "(head/embedding counted per layer)"})
 
 
 @app.command("prefill", help="Time the prefill of a prompt (median, p10/p90), with FLOPs against the "
@@ -139,18 +145,13 @@ def _prefill(model, preset, layers, synthetic, prompt_len, runs, warmup, device,
 
     if prompt_len < 1 or runs < 1 or warmup < 0:
         raise UserError("--prompt-len and --runs must be >= 1, --warmup >= 0")
-    device = resolve_device(device)
-    m, full, name = _load(model, preset, layers, synthetic, device, precision)
+    m, full, name, device = _load(model, preset, layers, synthetic, device, precision)
     r = bench_prefill(m, prompt_len, runs, warmup)
     rate = measure_matmul_rate(device)
-    r.update({"model": name, "precision": precision, "measured_matmul_flop_per_s": rate,
-              "matmul_rate_fraction": r["flop_per_s"] / rate})
-    n, N = m.cfg.num_hidden_layers, full.num_hidden_layers
-    if n < N:
-        r["projected_full_model_prefill_s"] = r["ms_per_layer"] * N / 1000
-        r["projection_note"] = f"PROJECTED: measured per-layer time x {N} layers"
-    r["environment"] = _environment(device)
-    _emit(r, json_path)
+    roofline = {"measured_matmul_flop_per_s": rate, "matmul_rate_fraction": r["flop_per_s"] / rate}
+    _report(r, m, full, name, precision, device, json_path, roofline, lambda ms: {
+        "projected_full_model_prefill_s": ms / 1000,
+        "projection_note": f"PROJECTED: measured per-layer time x {full.num_hidden_layers} layers"})
 
 
 @app.command("perplexity", help="Perplexity of a text file: bos prepended, every later token scored, windows "
@@ -171,8 +172,7 @@ def _ppl(model, text, max_context, device, precision, json_path):
         raise UserError("--max-context must be >= 2")
     if not Path(text).is_file():
         raise UserError(f"--text {text}: no such file")
-    device = resolve_device(device)
-    m, _, name = _load(model, None, None, False, device, precision)
+    m, _, name, device = _load(model, None, None, False, device, precision)
     tok = Tokenizer.from_dir(model)
     ids = tok.encode(Path(text).read_text(encoding="utf-8"))
     if not ids:

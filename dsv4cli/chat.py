@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from .common import UserError, demo_model_dir, guard, resolve_device
+from .common import UserError, check_precision, demo_model_dir, guard, resolve_device
 
 HELP = """Chat with DeepSeek-V4.
 
@@ -45,8 +45,7 @@ def _chat(model, prompt, system, think, reasoning_effort, temperature, top_p, to
           device, precision, max_context, json_out, hide_reasoning, history_file):
     from engine.sampling import SamplingParams
 
-    if precision not in ("exact", "faithful"):
-        raise UserError(f"--precision {precision!r}: use exact or faithful")
+    check_precision(precision)
     if max_tokens < 1:
         raise UserError(f"--max-tokens must be >= 1, got {max_tokens}")
     if max_context < 16:

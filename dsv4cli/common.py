@@ -24,6 +24,11 @@ def fail(msg: str, code: int = 2):
     raise typer.Exit(code)
 
 
+def check_precision(precision: str) -> None:
+    if precision not in ("exact", "faithful"):
+        raise UserError(f"--precision {precision!r}: use exact or faithful")
+
+
 def resolve_device(device: str | None) -> str:
     import torch
 

@@ -71,6 +71,23 @@ class Timer:
         return time.perf_counter() - t
 
 
+def median_time(device, fn, runs: int) -> float:
+    """Median seconds of ``runs`` timed calls after one untimed warm-up call."""
+    timer = Timer(device)
+    fn()
+    sync(device)
+    return statistics.median(timer(fn) for _ in range(runs))
+
+
+def _reset_peak(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+
+
+def _peak_bytes(dev: torch.device) -> int | None:
+    return torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None
+
+
 def summary(times: list[float]) -> dict:
     s = sorted(times)
     q = lambda f: s[min(len(s) - 1, int(round(f * (len(s) - 1))))]  # noqa: E731
@@ -83,11 +100,7 @@ def measure_bandwidth(device, nbytes: int = 1 << 30, runs: int = 10) -> float:
         nbytes = min(nbytes, 256 << 20)
     a = torch.empty(nbytes // 2, dtype=torch.float16, device=device).uniform_()
     b = torch.empty_like(a)
-    timer = Timer(device)
-    b.copy_(a)
-    sync(device)
-    t = statistics.median(timer(lambda: b.copy_(a)) for _ in range(runs))
-    return 2 * nbytes / t
+    return 2 * nbytes / median_time(device, lambda: b.copy_(a), runs)
 
 
 def measure_matmul_rate(device, n: int = 8192, runs: int = 10) -> float:
@@ -97,11 +110,21 @@ def measure_matmul_rate(device, n: int = 8192, runs: int = 10) -> float:
     dt = torch.bfloat16 if cuda else torch.float32
     a = torch.randn(n, n, device=device, dtype=dt)
     b = torch.randn(n, n, device=device, dtype=dt)
-    timer = Timer(device)
-    a @ b
-    sync(device)
-    t = statistics.median(timer(lambda: a @ b) for _ in range(runs))
-    return 2 * n ** 3 / t
+    return 2 * n ** 3 / median_time(device, lambda: a @ b, runs)
+
+
+def _per_token(model: Model, size) -> int:
+    """Sum of size(name, weight) over what one token touches: every main-model weight but the
+    routed experts, plus num_experts_per_tok / n_routed_experts of those."""
+    cfg, dense, experts = model.cfg, 0, 0
+    for name, v in model.w.items():
+        if name.startswith("mtp."):
+            continue
+        if ".ffn.experts." in name:
+            experts += size(name, v)
+        else:
+            dense += size(name, v)
+    return dense + experts * cfg.num_experts_per_tok // cfg.n_routed_experts
 
 
 def weight_bytes_per_token(model: Model) -> int:
@@ -109,18 +132,13 @@ def weight_bytes_per_token(model: Model) -> int:
     plus one embedding row (the head is read whole)."""
     from kernels import QWeight
 
-    cfg, total, experts = model.cfg, 0, 0
-    for name, v in model.w.items():
+    def size(name, v):
         nb = v.nbytes() if isinstance(v, QWeight) else v.numel() * v.element_size()
         if name == "embed.weight":
-            total += nb // cfg.vocab_size
-        elif name.endswith("tid2eid") or name.startswith("mtp."):
-            continue
-        elif ".ffn.experts." in name:
-            experts += nb
-        else:
-            total += nb
-    return total + experts * cfg.num_experts_per_tok // cfg.n_routed_experts
+            return nb // model.cfg.vocab_size
+        return 0 if name.endswith("tid2eid") else nb
+
+    return _per_token(model, size)
 
 
 def kv_bytes_per_token(session: Session) -> int:
@@ -142,16 +160,7 @@ def active_params_per_token(model: Model) -> int:
     """Multiply-accumulate weights touched per token (for prefill FLOPs = 2 x this x tokens)."""
     from kernels import QWeight
 
-    cfg, dense, experts = model.cfg, 0, 0
-    for name, v in model.w.items():
-        if not isinstance(v, QWeight) or name.startswith("mtp."):
-            continue
-        n = v.shape[0] * v.shape[1]
-        if ".ffn.experts." in name:
-            experts += n
-        else:
-            dense += n
-    return dense + experts * cfg.num_experts_per_tok // cfg.n_routed_experts
+    return _per_token(model, lambda name, v: v.shape[0] * v.shape[1] if isinstance(v, QWeight) else 0)
 
 
 def bench_decode(model: Model, prompt_len: int, steps: int, warmup: int = 3) -> dict:
@@ -160,8 +169,7 @@ def bench_decode(model: Model, prompt_len: int, steps: int, warmup: int = 3) -> 
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, model.cfg.vocab_size, (prompt_len,), generator=g)
     timer = Timer(dev)
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
+    _reset_peak(dev)
     ttft = timer(lambda: s.prefill(prompt))
     toks = torch.randint(0, model.cfg.vocab_size, (steps + warmup,), generator=g).tolist()
     for t in toks[:warmup]:
@@ -173,7 +181,7 @@ def bench_decode(model: Model, prompt_len: int, steps: int, warmup: int = 3) -> 
                 "tokens_per_s": 1 / out["median_s"], "ms_per_token": out["median_s"] * 1000,
                 "ms_per_layer": out["median_s"] * 1000 / model.cfg.num_hidden_layers,
                 "weight_bytes_per_token": weight_bytes_per_token(model), "kv_bytes_per_token": kv,
-                "peak_device_bytes": torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None})
+                "peak_device_bytes": _peak_bytes(dev)})
     return out
 
 
@@ -182,8 +190,7 @@ def bench_prefill(model: Model, prompt_len: int, runs: int = 5, warmup: int = 1)
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, model.cfg.vocab_size, (prompt_len,), generator=g)
     timer = Timer(dev)
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
+    _reset_peak(dev)
 
     def once():
         s = Session(model, max_context=prompt_len)
@@ -195,8 +202,7 @@ def bench_prefill(model: Model, prompt_len: int, runs: int = 5, warmup: int = 1)
     flops = 2 * active_params_per_token(model) * prompt_len
     out.update({"prompt_tokens": prompt_len, "tokens_per_s": prompt_len / out["median_s"],
                 "time_to_first_token_s": out["median_s"], "ms_per_layer": out["median_s"] * 1000 / model.cfg.num_hidden_layers,
-                "flops": flops, "flop_per_s": flops / out["median_s"],
-                "peak_device_bytes": torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None})
+                "flops": flops, "flop_per_s": flops / out["median_s"], "peak_device_bytes": _peak_bytes(dev)})
     return out
 
 
