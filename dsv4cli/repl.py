@@ -82,7 +82,7 @@ def _turn(conv, text, sampler, state, console):
     state["last"] = turn.stats
     st = turn.stats
     used, limit = conv.session.seq_len, conv.session.max_context
-    reason = "stopped by you" if st.stop_reason == "interrupted" or turn.stats.stop_reason == "" else st.stop_reason
+    reason = "stopped by you" if st.stop_reason in ("interrupted", "") else st.stop_reason
     console.print(f"[dim]{st.prompt_tokens} prompt tokens ({st.prefilled_tokens} new) · {st.generated_tokens} generated"
                   f" · first token {st.ttft_s * 1000:.0f} ms · {st.tokens_per_s:.1f} tok/s · {reason}"
                   f" · context {used}/{limit}[/]")

@@ -64,11 +64,11 @@ class Conversation:
         text = encode_chat(msgs, thinking=self.thinking, reasoning_effort=self.reasoning_effort)
         return self.tok.encode(text)
 
-    def send(self, user_text: str, sample: Callable, max_new_tokens: int,
-             should_stop: Callable[[], bool] = lambda: False) -> Iterator[tuple[Turn, list[Piece]]]:
+    def send(self, user_text: str, sample: Callable, max_new_tokens: int) -> Iterator[tuple[Turn, list[Piece]]]:
         """Run one user turn; yields (turn, new text pieces) after every generated token.
 
-        The turn (and the assistant message, partial if interrupted) is always recorded.
+        The turn (and the assistant message, partial if interrupted by Ctrl+C or by closing the
+        generator) is always recorded.
         """
         ids = self.prompt_ids(user_text)
         turn = Turn(ids, parser=OutputParser(self.thinking))
@@ -95,9 +95,6 @@ class Conversation:
             st.ttft_s = time.perf_counter() - t0
             t1 = time.perf_counter()
             while True:
-                if should_stop():
-                    st.stop_reason = "interrupted"
-                    break
                 tok = int(sample(logits))
                 turn.token_ids.append(tok)
                 st.generated_tokens += 1
