@@ -50,3 +50,18 @@ def build_weights(tensors: dict, device="cpu") -> dict:
         else:
             out[name] = t.to(device)
     return out
+
+
+def cache_dense(weights: dict, limit_bytes: int) -> int:
+    """Keep a float32 dequantisation next to every quantised linear when all of them together fit
+    in ``limit_bytes``; returns the bytes cached (0 when over the limit: nothing is cached).
+
+    For small models on CPU, where decoding FP8/FP4 on each call dominates a decode step. The values
+    are identical to decoding on the fly, so results do not change."""
+    qs = [v for v in weights.values() if isinstance(v, QWeight) and v.fmt != "dense"]
+    total = sum(4 * v.shape[0] * v.shape[1] for v in qs)
+    if not qs or total > limit_bytes:
+        return 0
+    for v in qs:
+        v.dense = v.dequant(torch.float32)
+    return total

@@ -22,12 +22,15 @@ class QWeight:
     dense: data float [out, in].  fp8: data float8_e4m3fn [out, in] + scale [ceil(out/128), ceil(in/128)]
     (ue8m0 or float32).  mxfp4: data packed [out, in/2] + scale ue8m0 [out, in/32].
     nvfp4: data packed [out, in/2] + scale float8_e4m3fn [out, in/16] + global_scale float32 [].
+    ``dense`` optionally holds the float32 dequantisation, made once (engine/weights.cache_dense) so
+    small models on CPU do not decode FP8/FP4 on every call; it is the same values, not a new format.
     """
 
     fmt: str
     data: torch.Tensor
     scale: torch.Tensor | None = None
     global_scale: torch.Tensor | None = None
+    dense: torch.Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -42,6 +45,8 @@ class QWeight:
         return n
 
     def dequant(self, dtype=torch.float32) -> torch.Tensor:
+        if self.dense is not None:
+            return self.dense.to(dtype)
         if self.fmt == "dense":
             w = self.data
         elif self.fmt == "fp8":

@@ -1,0 +1,1 @@
+"""Training the built-in default model (see train/README.md)."""
