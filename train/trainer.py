@@ -84,7 +84,7 @@ def fake_quant(name: str, t: torch.Tensor) -> torch.Tensor:
     fmt = published_format(name)
     if fmt in ("fp8", "mxfp4", "bf16") and t.dim() == 2:
         with torch.no_grad():
-            q = dequantized(to_published(name, t.detach()))[name].to(t.dtype)
+            q = dequantized(to_published(name, t.detach()))[name].to(t.device, t.dtype)
         return t + (q - t).detach()
     return t
 
