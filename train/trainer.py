@@ -20,10 +20,10 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.checkpoint import dequantized, to_published
 from engine.formats import published_format
 from engine.model import Model
 from engine.weights import build_weights
+from kernels import quant
 
 
 class SequenceHandle:
@@ -79,14 +79,26 @@ def sequence_handles(model: Model, device) -> tuple[list, SequenceHandle]:
     return layers, mtp
 
 
+def stored_roundtrip(name: str, t: torch.Tensor) -> torch.Tensor:
+    """t [out, in] -> the float values its published storage format holds (same result as writing
+    with engine.checkpoint.to_published and decoding, without packing the bits)."""
+    fmt = published_format(name)
+    if fmt == "fp8":
+        return quant.dequant_fp8_block(*quant.quant_fp8_block(t))
+    if fmt == "mxfp4":
+        return quant.fp4_quant_dequant(t, 32)
+    if fmt == "bf16":
+        return t.to(torch.bfloat16).float()
+    return t
+
+
 def fake_quant(name: str, t: torch.Tensor) -> torch.Tensor:
     """t through its published storage format and back, with a straight-through gradient."""
-    fmt = published_format(name)
-    if fmt in ("fp8", "mxfp4", "bf16") and t.dim() == 2:
-        with torch.no_grad():
-            q = dequantized(to_published(name, t.detach()))[name].to(t.device, t.dtype)
-        return t + (q - t).detach()
-    return t
+    if t.dim() != 2 or published_format(name) not in ("fp8", "mxfp4", "bf16"):
+        return t
+    with torch.no_grad():
+        q = stored_roundtrip(name, t.detach().float()).to(t.dtype)
+    return t + (q - t).detach()
 
 
 def weights_for_step(params: dict, fixed: dict, qat: bool, device) -> dict:
