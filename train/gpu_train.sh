@@ -1,11 +1,20 @@
 #!/usr/bin/env bash
-# One device call: train the built-in model, then measure held-out perplexity in exact and faithful
-# mode and on the `dsv4 convert` output (NVFP4 experts / FP8 dense). Results land in $OUT.
+# One device call (fits the 10-minute limit): one training stage of the built-in model, then its
+# held-out perplexity in exact and faithful mode and on the `dsv4 convert` output (NVFP4 experts,
+# FP8 dense). Everything lands in $OUT (the checkpoint as builtin.tar.* parts).
+#   stage 1:  bash train/gpu_train.sh
+#   stage 2:  STAGE2=1 bash train/gpu_train.sh     (continues from engine/builtin + train/results)
 set -euo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
-STEPS=${STEPS:-1100}
+OUT=${OUT:-/tmp/dsv4-train-out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee $OUT/gpu.txt
-python3 -m train.run --out /tmp/builtin --steps "$STEPS" --device cuda 2>&1 | tee $OUT/train.out
+if [ -n "${STAGE2:-}" ]; then
+  rm -rf /tmp/init && cp -r engine/builtin /tmp/init && cp train/results/train_log.json /tmp/init/
+  ARGS="--init /tmp/init --steps ${STEPS:-1200} --lr 1e-3 --seed 1 --qat-from 0.5"
+else
+  ARGS="--steps ${STEPS:-1100}"
+fi
+python3 -m train.run --out /tmp/builtin $ARGS --device cuda 2>&1 | tee $OUT/train.out
 cp /tmp/builtin/train_log.json $OUT/
 tar -C /tmp -cf /tmp/builtin.tar builtin
 split -b 15M /tmp/builtin.tar $OUT/builtin.tar.

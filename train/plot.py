@@ -23,10 +23,17 @@ def plot_log(log_path: Path, png: Path) -> None:
     if log.get("heldout"):
         hs, hv = zip(*log["heldout"])
         ax.plot(hs, hv, "o-", color="#d94801", ms=3, label="held-out")
-    total = log.get("total_steps")
-    qat = float(log.get("args", {}).get("qat_from", "nan"))
-    if total and qat == qat:
-        ax.axvline(qat * total, color="gray", ls="--", lw=0.8, label="QAT (FP8/MXFP4) on")
+    stages = log.get("stages") or [{"steps": log.get("total_steps"), "args": log.get("args", {})}]
+    start = 0
+    for i, st in enumerate(stages):
+        n = int(st.get("steps") or 0)
+        q = float((st.get("args") or {}).get("qat_from", "nan"))
+        if q == q and n:
+            ax.axvspan(start + q * n, start + n, color="gray", alpha=0.12,
+                       label="QAT (FP8 / MXFP4 forward)" if i == 0 else None)
+        if i:
+            ax.axvline(start, color="gray", ls="--", lw=0.8, label="stage start" if i == 1 else None)
+        start += n
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.set_title(f"built-in model: {log.get('parameters', 0) / 1e6:.1f}M params, seq {log.get('seq_len')}, "

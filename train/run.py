@@ -61,7 +61,10 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="seeds initialisation and the order of training sequences")
+    ap.add_argument("--data-seed", type=int, default=0, help="seeds the question phrasings (keep it across stages)")
+    ap.add_argument("--init", type=Path, default=None,
+                    help="continue from this checkpoint (its weights and tokenizer) instead of a random init")
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps (default: from --minutes)")
     ap.add_argument("--minutes", type=float, default=7.0, help="time budget when --steps is not given")
     ap.add_argument("--seq-len", type=int, default=2048)
@@ -78,10 +81,15 @@ def main(argv=None) -> None:
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     t_start = time.time()
-    train_c, held_c = data.conversations(args.seed)
+    train_c, held_c = data.conversations(args.data_seed)
     train_text = [data.render(c) for c in train_c]
     held_text = [data.render(c) for c in held_c]
-    tk = tokenizer.train_bpe(train_text, args.vocab)
+    if args.init:
+        from tokenizers import Tokenizer
+
+        tk = Tokenizer.from_file(str(args.init / "tokenizer.json"))
+    else:
+        tk = tokenizer.train_bpe(train_text, args.vocab)
     enc = lambda texts: [e.ids for e in tk.encode_batch(texts, add_special_tokens=False)]  # noqa: E731
     train_ids, held_ids = enc(train_text), enc(held_text)
     n_train = sum(map(len, train_ids))
@@ -89,7 +97,15 @@ def main(argv=None) -> None:
           f"({time.time() - t_start:.1f} s)", flush=True)
 
     cfg = builtin_config(tk.get_vocab_size())
-    init = random_tensors(cfg, args.seed)
+    if args.init:
+        from engine.checkpoint import dequantized, open_checkpoint
+
+        ck = open_checkpoint(args.init)
+        if ck.config != cfg:
+            raise SystemExit(f"--init {args.init}: its config differs from the built-in model's")
+        init = dequantized(ck.load("cpu"))
+    else:
+        init = random_tensors(cfg, args.seed)
     params = {n: v.to(dev).requires_grad_(True) for n, v in init.items() if v.is_floating_point()}
     fixed = {n: v.to(dev) for n, v in init.items() if not v.is_floating_point()}
     n_params = sum(p.numel() for p in params.values())
@@ -117,6 +133,11 @@ def main(argv=None) -> None:
 
     total = args.steps
     log = {"steps": [], "loss": [], "mtp_loss": [], "indexer_loss": [], "heldout": []}
+    if args.init and (args.init / "train_log.json").exists():  # one curve across stages
+        prev = json.loads((args.init / "train_log.json").read_text())
+        log = {k: prev.get(k, []) for k in log}
+        log["stages"] = prev.get("stages", [{"steps": prev.get("total_steps"), "args": prev.get("args")}])
+    base = len(log["loss"])
     t0 = time.time()
     step = 0
     while True:
@@ -138,13 +159,13 @@ def main(argv=None) -> None:
         torch.nn.utils.clip_grad_norm_([p for p in params.values()], 1.0)
         opt.step()
         cap.balance_bias(cfg.n_routed_experts, 1e-3)
-        log["steps"].append(step)
+        log["steps"].append(base + step)
         log["loss"].append(main_loss.item())
         log["mtp_loss"].append(mtp_loss.item())
         log["indexer_loss"].append(idx_loss.item())
         if step % 50 == 0 or step == planned - 1:
             h = held_loss(qat)
-            log["heldout"].append([step, h])
+            log["heldout"].append([base + step, h])
             print(f"step {step}/{planned} loss {main_loss.item():.3f} mtp {mtp_loss.item():.3f} "
                   f"idx {idx_loss.item():.3f} held-out {h:.3f} lr {lr:.2e} qat {qat} "
                   f"{time.time() - t0:.0f}s", flush=True)
@@ -164,9 +185,10 @@ def main(argv=None) -> None:
     bos = "<｜begin▁of▁sentence｜>"
     (out / "heldout.txt").write_text("".join(held_text)[len(bos):])
     log.update({"config": cfg.to_dict(), "parameters": n_params, "args": {k: str(v) for k, v in vars(args).items()},
-                "train_tokens": n_train, "seq_len": args.seq_len, "total_steps": total, "train_seconds": train_s,
-                "tokens_seen": total * args.seq_len, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+                "train_tokens": n_train, "seq_len": args.seq_len, "total_steps": base + total,
+                "train_seconds": train_s, "tokens_seen": (base + total) * args.seq_len, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
                 "torch": torch.__version__, "python_stdlib_version": __import__("sys").version.split()[0]})
+    log.setdefault("stages", []).append({"steps": total, "args": log["args"], "train_seconds": train_s})
     (out / "train_log.json").write_text(json.dumps(log))
     try:
         from .plot import plot_log
