@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from .common import UserError, check_precision, demo_model_dir, guard, resolve_device
+from .common import UserError, check_precision, builtin_model_dir, guard, resolve_device
 
 HELP = """Chat with DeepSeek-V4.
 
@@ -59,7 +59,7 @@ def _chat(model, prompt, system, think, reasoning_effort, temperature, top_p, to
             raise UserError("no prompt: pass -p \"...\" or pipe text on stdin")
     if model is not None and not Path(model).is_dir():
         raise UserError(f"--model {model}: no such folder")
-    model_dir, builtin = (Path(model), False) if model is not None else (demo_model_dir(), True)
+    model_dir, builtin = (Path(model), False) if model is not None else (builtin_model_dir(), True)
 
     from engine.loader import generation_defaults
 
@@ -74,7 +74,8 @@ def _chat(model, prompt, system, think, reasoning_effort, temperature, top_p, to
         raise UserError(str(e)) from None
     conv, info = load_conversation(model_dir, resolve_device(device), precision, max_context, system, think,
                                    reasoning_effort)
-    banner = f"dsv4 · {info}" + (" · built-in default model (tiny, random weights until a trained one ships)"
+    banner = f"dsv4 · {info}" + (" · built-in default model (25M-parameter DeepSeek-V4 trained on Python "
+                                 "standard-library docs; ask about Python, e.g. What does json.dumps do?)"
                                  if builtin else "")
     if interactive:
         from .repl import run_repl

@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import typer
-
-DEMO_NAME = "demo-v1"
-
 
 class UserError(Exception):
     """A problem the user can fix; printed as one line, exit code 2."""
@@ -41,26 +35,16 @@ def resolve_device(device: str | None) -> str:
     return device
 
 
-def demo_model_dir() -> Path:
-    """The built-in default model: a tiny random-weight V4 checkpoint in the published layout,
-    written on first use under $DSV4_HOME (default ~/.cache/dsv4)."""
-    from engine.checkpoint import write_published_checkpoint
-    from engine.synthetic import demo_config
+def builtin_model_dir() -> Path:
+    """The built-in default model shipped inside the package (engine/builtin): a 25M-parameter
+    DeepSeek-V4 trained on Python standard-library documentation (see train/README.md)."""
+    import engine
 
-    home = Path(os.environ.get("DSV4_HOME", Path.home() / ".cache" / "dsv4"))
-    target = home / DEMO_NAME
-    if (target / "config.json").exists():
-        return target
-    home.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".demo-", dir=home))
-    try:
-        write_published_checkpoint(demo_config(), tmp, seed=0)
-        os.replace(tmp, target)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (target / "config.json").exists():
-            raise
-    return target
+    d = Path(engine.__file__).parent / "builtin"
+    if not (d / "config.json").exists():
+        raise UserError(f"{d}: the built-in model's files are missing from this install (reinstall dsv4, "
+                        "or pass --model DIR)")
+    return d
 
 
 def guard(fn):

@@ -78,6 +78,7 @@ def _signature(name: str, obj) -> str:
         sig = str(inspect.signature(obj))
     except (TypeError, ValueError):
         return ""
+    sig = re.sub(r" at 0x[0-9a-f]+", "", sig)  # reprs with memory addresses would differ per run
     if len(sig) > 90:
         sig = sig[:sig.find(",") if sig.find(",") > 0 else 1] + ", ...)"
     return name + sig

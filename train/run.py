@@ -180,7 +180,7 @@ def main(argv=None) -> None:
     tokenizer.save(tk, out, cfg.max_position_embeddings)
     (out / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "do_sample": True,
-         "temperature": 0.6, "top_p": 0.9}))
+         "temperature": 0.3, "top_p": 0.9}))
     # held-out text for `dsv4 bench perplexity` (which prepends bos itself)
     bos = "<｜begin▁of▁sentence｜>"
     (out / "heldout.txt").write_text("".join(held_text)[len(bos):])

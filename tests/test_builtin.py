@@ -1,0 +1,71 @@
+"""The built-in default model (engine/builtin): its format, that it answers on topic, and that
+faithful mode and the NVFP4/FP8 converted checkpoint stay within 5% of exact-mode perplexity."""
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dsv4cli.common import builtin_model_dir
+from engine.bench import perplexity
+from engine.checkpoint import open_checkpoint
+from engine.convert import convert_checkpoint
+from engine.loader import load_model
+from engine.tokenizer import SPECIALS, Tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+HELDOUT = ROOT / "train" / "results" / "heldout.txt"
+CLI = [sys.executable, "-m", "dsv4cli.main"]
+
+
+def test_builtin_is_a_small_published_layout_v4():
+    d = builtin_model_dir()
+    ck = open_checkpoint(d)  # validates names, dtypes, shapes against config.json
+    cfg = ck.config
+    size = sum(f.stat().st_size for f in d.iterdir())
+    assert size < 50e6
+    assert cfg.compress_ratios[:2] == (0, 0) and set(cfg.compress_ratios[2:]) == {4, 128}
+    assert cfg.sliding_window == 128 and cfg.hc_mult == 4 and cfg.num_hash_layers >= 1
+    assert cfg.num_hash_layers < cfg.num_hidden_layers  # both hash and score routing
+    assert cfg.num_nextn_predict_layers == 1
+    assert (d / "model.safetensors.index.json").exists()
+    tok = Tokenizer.from_dir(d)
+    assert [tok.tk.token_to_id(s) for s in SPECIALS] == list(range(len(SPECIALS)))
+    assert tok.vocab_size == cfg.vocab_size
+    assert len(tok.encode("What does json.dumps do?")) < 12  # a trained BPE, not bytes
+
+
+def test_chat_answers_json_dumps_on_topic():
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    r = subprocess.run(CLI + ["chat", "-p", "What does json.dumps do?", "--temperature", "0", "--max-tokens", "60"],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "built-in default model" in r.stderr  # the banner says which model answers
+    text = r.stdout
+    assert "json.dumps" in text and "JSON" in text, text
+
+
+@pytest.fixture(scope="module")
+def heldout_ids():
+    tok = Tokenizer.from_dir(builtin_model_dir())
+    return tok, tok.encode(HELDOUT.read_text(encoding="utf-8"))[:3000]
+
+
+def _ppl(model_dir, mode, heldout_ids):
+    tok, ids = heldout_ids
+    return perplexity(load_model(model_dir, mode=mode), ids, tok.bos_id, max_context=1024)["perplexity"]
+
+
+def test_faithful_and_converted_perplexity_within_5_percent_of_exact(heldout_ids, tmp_path):
+    d = builtin_model_dir()
+    exact = _ppl(d, "exact", heldout_ids)
+    assert exact < 40, exact  # a trained model: an untrained one scores about the vocabulary size (4096)
+    faithful = _ppl(d, "faithful", heldout_ids)
+    convert_checkpoint(d, tmp_path / "nvfp4")  # experts NVFP4, dense FP8
+    converted = _ppl(tmp_path / "nvfp4", "exact", heldout_ids)
+    for name, v in (("faithful", faithful), ("converted", converted)):
+        assert abs(v / exact - 1) < 0.05, (name, v, exact)
+    assert not math.isclose(converted, exact, rel_tol=1e-6)  # the conversion really changed the weights
