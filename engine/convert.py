@@ -21,6 +21,7 @@ from kernels import quant
 
 from .checkpoint import FORMAT_VERSION, MANIFEST, CheckpointError, open_checkpoint
 from .formats import published_format
+from .memory import limit_heap_retention
 from .shards import ShardReader, ShardWriter
 from .synthetic import tensor_shapes
 from .weights import qweight_from
@@ -89,6 +90,7 @@ def convert_checkpoint(src, dst, experts: str = "nvfp4", dense: str = "fp8", for
     if dense not in DENSE_FORMATS:
         raise CheckpointError(f"--dense {dense!r}: use one of {', '.join(DENSE_FORMATS)}")
     src, dst = Path(src), Path(dst)
+    limit_heap_retention()  # resident memory stays near what is live (engine/memory.py)
     ck = open_checkpoint(src)
     if dst.exists() and not force:
         raise CheckpointError(f"{dst}: already exists (use --force to replace it)")

@@ -143,7 +143,7 @@ def test_repl_two_turns_slash_command_and_ctrl_c(ckpt, tmp_path):
         t.read_until(PROMPT)
         t.mark()
         t.send("tell me more\r")
-        time.sleep(1.5)  # generating (3000 tokens take far longer): interrupt it
+        time.sleep(3.0)  # generating (3000 tokens take far longer): interrupt it
         t.send("\x03")
         t.read_until(r"stopped")
         m2 = t.read_until(r"(\d+) prompt tokens \((\d+) new\) · (\d+) generated .*stopped by you")

@@ -131,8 +131,6 @@ def _size(d):
     return sum(f.stat().st_size for f in d.iterdir())
 
 
-@pytest.mark.xfail(strict=True, reason="known: peak RSS grows ~164 MiB on a 205 MiB checkpoint; the stated "
-                   "bound is not met yet (issue 4 stays open)")
 def test_convert_streams_with_bounded_peak_rss(big, tmp_path):
     # Bound (engine/convert.py): baseline + 2 x shard + 8 x largest weight in float32.
     # Here: shard 8 MiB, largest weight 1024x512 f32 = 2 MiB -> 32 MiB over the interpreter baseline.
