@@ -20,6 +20,45 @@ PRESET_OPT = typer.Option(None, "--preset", help="flash or pro: real dimensions 
 LAYERS_OPT = typer.Option(None, "--layers", help="Use only the first N layers (figures are projected to all).")
 SYN_OPT = typer.Option(False, "--synthetic", help="Random weights generated in their stored formats on the device.")
 JSON_OPT = typer.Option(None, "--json", help="Write results as JSON to FILE ('-' for stdout).")
+COMPARE_OPT = typer.Option(None, "--compare", help="Also run the same work through 'reference' (the torch "
+                           "reference kernels) or 'transformers' (its DeepseekV4ForCausalLM with the same weights, "
+                           "float32, where it fits in memory) and report the speed ratio.")
+
+
+def _compare(against, kind: str, m, ours: dict, prompt_len: int, n: int, warmup: int) -> dict:
+    """Time the same work another way; -> flat compare_* fields (ratio > 1: dsv4 is faster)."""
+    from engine import bench as B
+
+    if against not in ("reference", "transformers"):
+        raise UserError(f"--compare {against!r}: use reference or transformers")
+    if against == "reference":
+        from kernels.dispatch import use_backend
+
+        with use_backend("reference"):
+            other = (B.bench_decode(m, prompt_len, n, warmup) if kind == "decode"
+                     else B.bench_prefill(m, prompt_len, n, warmup))
+        extra = {}
+    else:
+        try:
+            import transformers  # noqa: F401
+            from transformers import DeepseekV4ForCausalLM  # noqa: F401
+        except ImportError:
+            raise UserError("--compare transformers needs transformers >= 5.23 (pip install 'transformers>=5.23')") from None
+        from engine.hf import build_hf_model, float32_bytes, logical_tensors
+
+        need, free = 2 * float32_bytes(m.cfg), B.free_memory_bytes(m.device)
+        if free is not None and need > free:
+            raise UserError(f"--compare transformers: its float32 model (plus the copy it loads from) needs "
+                            f"{need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB is free on {m.device} (try fewer --layers)")
+        hf = build_hf_model(m.cfg, logical_tensors(m), m.device)
+        other = (B.hf_decode(hf, m, prompt_len, n, warmup) if kind == "decode"
+                 else B.hf_prefill(hf, m, prompt_len, n, warmup))
+        extra = {k: other[k] for k in ("max_abs_logit_diff_on_prompt", "max_abs_logit") if k in other}
+        del hf
+    return {"compare_against": against, "compare_median_s": other["median_s"], "compare_p10_s": other["p10_s"],
+            "compare_p90_s": other["p90_s"], "compare_speed_ratio": other["median_s"] / ours["median_s"],
+            "compare_note": f"speed_ratio = {against} median time / dsv4 median time (> 1: dsv4 is faster)",
+            **{f"compare_{k}": v for k, v in extra.items()}}
 
 
 def _load(model, preset, layers, synthetic, device, precision):
@@ -108,17 +147,20 @@ def decode(model: Optional[Path] = MODEL_OPT, preset: Optional[str] = PRESET_OPT
            synthetic: bool = SYN_OPT, prompt_len: int = typer.Option(512, "--prompt-len"),
            steps: int = typer.Option(32, "--steps", help="Timed decode steps."),
            warmup: int = typer.Option(3, "--warmup"), device: str = typer.Option("auto", "--device"),
-           precision: str = typer.Option("faithful", "--precision"), json_path: Optional[str] = JSON_OPT):
-    guard(_decode)(model, preset, layers, synthetic, prompt_len, steps, warmup, device, precision, json_path)
+           precision: str = typer.Option("faithful", "--precision"), json_path: Optional[str] = JSON_OPT,
+           compare: Optional[str] = COMPARE_OPT):
+    guard(_decode)(model, preset, layers, synthetic, prompt_len, steps, warmup, device, precision, json_path, compare)
 
 
-def _decode(model, preset, layers, synthetic, prompt_len, steps, warmup, device, precision, json_path):
+def _decode(model, preset, layers, synthetic, prompt_len, steps, warmup, device, precision, json_path, compare=None):
     from engine.bench import bench_decode, measure_bandwidth
 
     if prompt_len < 1 or steps < 1 or warmup < 0:
         raise UserError("--prompt-len and --steps must be >= 1, --warmup >= 0")
     m, full, name, device = _load(model, preset, layers, synthetic, device, precision)
     r = bench_decode(m, prompt_len, steps, warmup)
+    if compare:
+        r.update(_compare(compare, "decode", m, r, prompt_len, steps, warmup))
     bw = measure_bandwidth(device)
     bytes_tok = r["weight_bytes_per_token"] + r["kv_bytes_per_token"]
     roofline = {"measured_bandwidth_bytes_per_s": bw, "bandwidth_floor_ms_per_token": bytes_tok / bw * 1000,
@@ -136,17 +178,19 @@ def prefill(model: Optional[Path] = MODEL_OPT, preset: Optional[str] = PRESET_OP
             synthetic: bool = SYN_OPT, prompt_len: int = typer.Option(1024, "--prompt-len"),
             runs: int = typer.Option(5, "--runs"), warmup: int = typer.Option(1, "--warmup"),
             device: str = typer.Option("auto", "--device"), precision: str = typer.Option("faithful", "--precision"),
-            json_path: Optional[str] = JSON_OPT):
-    guard(_prefill)(model, preset, layers, synthetic, prompt_len, runs, warmup, device, precision, json_path)
+            json_path: Optional[str] = JSON_OPT, compare: Optional[str] = COMPARE_OPT):
+    guard(_prefill)(model, preset, layers, synthetic, prompt_len, runs, warmup, device, precision, json_path, compare)
 
 
-def _prefill(model, preset, layers, synthetic, prompt_len, runs, warmup, device, precision, json_path):
+def _prefill(model, preset, layers, synthetic, prompt_len, runs, warmup, device, precision, json_path, compare=None):
     from engine.bench import bench_prefill, measure_matmul_rate
 
     if prompt_len < 1 or runs < 1 or warmup < 0:
         raise UserError("--prompt-len and --runs must be >= 1, --warmup >= 0")
     m, full, name, device = _load(model, preset, layers, synthetic, device, precision)
     r = bench_prefill(m, prompt_len, runs, warmup)
+    if compare:
+        r.update(_compare(compare, "prefill", m, r, prompt_len, runs, warmup))
     rate = measure_matmul_rate(device)
     roofline = {"measured_matmul_flop_per_s": rate, "matmul_rate_fraction": r["flop_per_s"] / rate}
     _report(r, m, full, name, precision, device, json_path, roofline, lambda ms: {

@@ -166,12 +166,10 @@ def active_params_per_token(model: Model) -> int:
 def bench_decode(model: Model, prompt_len: int, steps: int, warmup: int = 3) -> dict:
     dev = model.device
     s = Session(model, max_context=prompt_len + steps + warmup + 8)
-    g = torch.Generator().manual_seed(0)
-    prompt = torch.randint(0, model.cfg.vocab_size, (prompt_len,), generator=g)
+    prompt, toks = _bench_tokens(model.cfg.vocab_size, prompt_len, steps + warmup)
     timer = Timer(dev)
     _reset_peak(dev)
     ttft = timer(lambda: s.prefill(prompt))
-    toks = torch.randint(0, model.cfg.vocab_size, (steps + warmup,), generator=g).tolist()
     for t in toks[:warmup]:
         s.step(t)
     kv = kv_bytes_per_token(s)
@@ -187,8 +185,7 @@ def bench_decode(model: Model, prompt_len: int, steps: int, warmup: int = 3) -> 
 
 def bench_prefill(model: Model, prompt_len: int, runs: int = 5, warmup: int = 1) -> dict:
     dev = model.device
-    g = torch.Generator().manual_seed(0)
-    prompt = torch.randint(0, model.cfg.vocab_size, (prompt_len,), generator=g)
+    prompt, _ = _bench_tokens(model.cfg.vocab_size, prompt_len, 0)
     timer = Timer(dev)
     _reset_peak(dev)
 
@@ -224,3 +221,71 @@ def perplexity(model: Model, token_ids: list[int], bos_id: int, max_context: int
     dt = time.perf_counter() - t0
     mean = nll / max(count, 1)
     return {"perplexity": math.exp(mean), "mean_nll": mean, "tokens": count, "tokens_per_s": count / dt}
+
+
+# ------------------------------------------------------------------ comparisons
+def free_memory_bytes(device) -> int | None:
+    """Free memory on ``device`` (CUDA: the driver's count; CPU: MemAvailable), None if unknown."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.cuda.mem_get_info(dev)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _bench_tokens(vocab: int, prompt_len: int, n: int) -> tuple[torch.Tensor, list[int]]:
+    """The same prompt and decode tokens bench_decode uses (seeded)."""
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, vocab, (prompt_len,), generator=g)
+    return prompt, torch.randint(0, vocab, (n,), generator=g).tolist()
+
+
+def hf_decode(hf, model: Model, prompt_len: int, steps: int, warmup: int = 3) -> dict:
+    """transformers' model through the same work as bench_decode: prefill, then timed single-token
+    steps with its own cache. Also the largest |logit| difference from this engine on the prompt
+    (checked in a separate untimed pass with indexer ties broken to the lower index, as here)."""
+    from transformers import DynamicCache
+
+    from .hf import stable_topk
+
+    dev = model.device
+    prompt, toks = _bench_tokens(model.cfg.vocab_size, prompt_len, steps + warmup)
+    timer = Timer(dev)
+    with torch.no_grad():
+        with stable_topk():
+            check = hf(prompt[None].to(dev)).logits[0, -1]
+        cache = DynamicCache(config=hf.config)
+        ttft = timer(lambda: hf(prompt[None].to(dev), cache=cache, use_cache=True))
+        step = lambda t: hf(torch.tensor([[t]], device=dev), cache=cache, use_cache=True)  # noqa: E731
+        for t in toks[:warmup]:
+            step(t)
+        times = [timer(lambda t=t: step(t)) for t in toks[warmup:]]
+    ours = Session(model, max_context=prompt_len + 1).prefill(prompt)
+    r = summary(times)
+    r.update({"time_to_first_token_s": ttft,
+              "max_abs_logit_diff_on_prompt": (check.float() - ours.float()).abs().max().item(),
+              "max_abs_logit": ours.abs().max().item()})
+    return r
+
+
+def hf_prefill(hf, model: Model, prompt_len: int, runs: int = 5, warmup: int = 1) -> dict:
+    from transformers import DynamicCache
+
+    dev = model.device
+    prompt, _ = _bench_tokens(model.cfg.vocab_size, prompt_len, 0)
+    timer = Timer(dev)
+
+    def once():
+        cache = DynamicCache(config=hf.config)
+        return timer(lambda: hf(prompt[None].to(dev), cache=cache, use_cache=True))
+
+    with torch.no_grad():
+        for _ in range(warmup):
+            once()
+        return summary([once() for _ in range(runs)])

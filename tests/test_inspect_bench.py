@@ -93,3 +93,25 @@ def test_perplexity_matches_direct_computation(ckpt, tmp_path):
     assert d["tokens"] == n == len(ids)
     assert math.isclose(d["perplexity"], math.exp(nll / n), rel_tol=1e-4)
     assert perplexity(model, ids, tok.bos_id, 100)["tokens"] == n
+
+
+def test_bench_compare_transformers_runs_the_same_weights(ckpt):
+    pytest.importorskip("transformers")
+    r = cli("bench", "decode", "--model", str(ckpt), "--device", "cpu", "--precision", "exact", "--prompt-len", "140",
+            "--steps", "3", "--warmup", "1", "--compare", "transformers", "--json", "-")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["compare_against"] == "transformers" and d["compare_median_s"] > 0
+    assert math.isclose(d["compare_speed_ratio"], d["compare_median_s"] / d["median_s"], rel_tol=1e-9)
+    # same weights, same prompt: transformers' last-token logits equal ours
+    assert d["compare_max_abs_logit_diff_on_prompt"] <= 1e-4 * d["compare_max_abs_logit"]
+
+
+def test_bench_compare_reference_and_bad_value(ckpt):
+    r = cli("bench", "prefill", "--model", str(ckpt), "--device", "cpu", "--prompt-len", "64", "--runs", "2",
+            "--compare", "reference", "--json", "-")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["compare_against"] == "reference" and d["compare_median_s"] > 0 and d["compare_speed_ratio"] > 0
+    r = cli("bench", "prefill", "--model", str(ckpt), "--device", "cpu", "--compare", "vllm")
+    assert r.returncode == 2 and "use reference or transformers" in r.stderr and "Traceback" not in r.stderr

@@ -6,7 +6,7 @@ import torch
 from engine.model import Model
 from engine.session import Session
 from engine.synthetic import random_tensors, tiny_configs
-from hf_oracle import build_hf_model, stable_topk
+from engine.hf import build_hf_model, stable_topk
 
 pytest.importorskip("transformers")
 CONFIGS = tiny_configs()

@@ -1,4 +1,5 @@
-"""Build transformers' DeepseekV4ForCausalLM with the same weights as a published-name state dict."""
+"""transformers' DeepseekV4ForCausalLM with the same weights as this engine: the test oracle, and the
+``dsv4 bench --compare transformers`` baseline. transformers is optional (imported on use)."""
 
 from __future__ import annotations
 
@@ -86,16 +87,46 @@ def hf_state_dict(cfg, tensors: dict) -> dict:
     return out
 
 
-def build_hf_model(cfg, tensors: dict):
+def build_hf_model(cfg, tensors: dict, device="cpu"):
+    """tensors: published name -> float tensor (logical weights). -> float32 model in eval mode."""
     from transformers import DeepseekV4ForCausalLM
 
     torch.manual_seed(0)
-    model = DeepseekV4ForCausalLM(hf_config(cfg)).float().eval()
-    sd = hf_state_dict(cfg, tensors)
+    with torch.device(device):
+        model = DeepseekV4ForCausalLM(hf_config(cfg)).float().eval()
+    sd = {k: v.to(device) for k, v in hf_state_dict(cfg, tensors).items()}
     missing, unexpected = model.load_state_dict(sd, strict=False)
     missing = [k for k in missing if "inv_freq" not in k]
-    assert not missing and not unexpected, (missing, unexpected)
+    if missing or unexpected:
+        raise RuntimeError(f"transformers' DeepseekV4 does not match these weights: missing {missing[:3]}, "
+                           f"unexpected {unexpected[:3]}")
     return model
+
+
+def logical_tensors(model) -> dict:
+    """The engine's weights (engine.model.Model.w) as published name -> float32 logical tensor."""
+    from kernels import QWeight
+
+    out = {}
+    for name, v in model.w.items():
+        if isinstance(v, QWeight):
+            out[name + ".weight"] = v.dequant(torch.float32)
+        else:
+            out[name] = v
+    return out
+
+
+def float32_bytes(cfg) -> int:
+    """Bytes of the model (without MTP) held in float32, as transformers would hold it."""
+    from .synthetic import tensor_shapes
+
+    n = 0
+    for _kind, shape in tensor_shapes(cfg, mtp=False).values():
+        k = 1
+        for s in shape:
+            k *= s
+        n += k
+    return 4 * n
 
 
 @contextlib.contextmanager
