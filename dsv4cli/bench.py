@@ -204,16 +204,21 @@ def perplexity_cmd(model: Path = typer.Option(..., "--model", "-m", help="Checkp
                    text: Path = typer.Option(..., "--text", help="UTF-8 text file."),
                    max_context: int = typer.Option(2048, "--max-context"),
                    device: str = typer.Option("auto", "--device"),
-                   precision: str = typer.Option("faithful", "--precision"), json_path: Optional[str] = JSON_OPT):
-    guard(_ppl)(model, text, max_context, device, precision, json_path)
+                   precision: str = typer.Option("faithful", "--precision"),
+                   chunk: int = typer.Option(512, "--chunk", help="Tokens per forward (<= 16 runs the GPU "
+                                             "decode kernels; larger chunks the prefill path)."),
+                   json_path: Optional[str] = JSON_OPT):
+    guard(_ppl)(model, text, max_context, device, precision, json_path, chunk)
 
 
-def _ppl(model, text, max_context, device, precision, json_path):
+def _ppl(model, text, max_context, device, precision, json_path, chunk=512):
     from engine.bench import perplexity
     from engine.tokenizer import Tokenizer
 
     if max_context < 2:
         raise UserError("--max-context must be >= 2")
+    if chunk < 1:
+        raise UserError("--chunk must be >= 1")
     if not Path(text).is_file():
         raise UserError(f"--text {text}: no such file")
     m, _, name, device = _load(model, None, None, False, device, precision)
@@ -221,6 +226,56 @@ def _ppl(model, text, max_context, device, precision, json_path):
     ids = tok.encode(Path(text).read_text(encoding="utf-8"))
     if not ids:
         raise UserError(f"--text {text}: no tokens in the file")
-    r = perplexity(m, ids, tok.bos_id, max_context)
+    r = perplexity(m, ids, tok.bos_id, max_context, chunk=chunk)
     r.update({"model": name, "precision": precision, "text": str(text), "environment": _environment(device)})
     _emit(r, json_path)
+
+
+@app.command("kernels", help="Time each linear of one CSA and one HCA layer (and the head) for one decode "
+                             "token on synthetic weights at real dimensions: bytes read, time, achieved "
+                             "bandwidth against the bandwidth measured in the same run.")
+def kernels_cmd(preset: str = typer.Option("flash", "--preset", help="flash or pro."),
+                device: str = typer.Option("auto", "--device"), runs: int = typer.Option(50, "--runs"),
+                compare: bool = typer.Option(False, "--compare-reference", help="Also time the torch reference."),
+                json_path: Optional[str] = JSON_OPT):
+    guard(_kernels)(preset, device, runs, compare, json_path)
+
+
+def _kernels(preset, device, runs, compare, json_path):
+    from rich.console import Console
+    from rich.table import Table
+
+    from engine.bench import bench_linears, measure_bandwidth
+    from kernels.dispatch import use_backend
+
+    if runs < 1:
+        raise UserError("--runs must be >= 1")
+    m, full, name, device = _load(None, preset, 4, True, device, "faithful")
+    bw = measure_bandwidth(device)
+    rows = bench_linears(m, runs=runs)
+    if compare:
+        with use_backend("reference"):
+            for r, ref in zip(rows, bench_linears(m, runs=max(3, runs // 10))):
+                r["reference_median_s"] = ref["median_s"]
+                r["speedup"] = ref["median_s"] / r["median_s"]
+    for r in rows:
+        r["bandwidth_fraction"] = r["bytes_per_s"] / bw
+    result = {"model": name, "measured_bandwidth_bytes_per_s": bw, "kernels": rows,
+              "environment": _environment(device)}
+    if json_path == "-":
+        print(json.dumps(result, indent=1))
+        return
+    t = Table(title=f"decode linears, {name}, measured bandwidth {bw / 1e12:.2f} TB/s")
+    for c in ("weight", "format", "out x in", "MB", "us", "GB/s", "of bw") + (("ref us", "speedup") if compare else ()):
+        t.add_column(c, justify="left" if c in ("weight", "format") else "right")
+    for r in rows:
+        cells = [r["name"], r["format"], f"{r['out']}x{r['in']}", f"{r['bytes'] / 1e6:.1f}",
+                 f"{r['median_s'] * 1e6:.1f}", f"{r['bytes_per_s'] / 1e9:.0f}", f"{r['bandwidth_fraction']:.0%}"]
+        if compare:
+            cells += [f"{r['reference_median_s'] * 1e6:.0f}", f"{r['speedup']:.1f}x"]
+        t.add_row(*cells)
+    Console().print(t)
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(result, indent=1) + "\n")
+        Console().print(f"wrote {json_path}")

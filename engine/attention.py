@@ -56,11 +56,7 @@ def attention(x: torch.Tensor, w: dict, p: str, spec, cfg, handle, positions: to
 
 def _grouped_out(o: torch.Tensor, w: dict, p: str, cfg) -> torch.Tensor:
     """heads -> o_groups groups; wo_a maps each group (H/G*D) -> o_lora_rank with its own rows; wo_b -> d."""
-    S = o.shape[0]
-    G, R = cfg.o_groups, cfg.o_lora_rank
-    og = o.reshape(S, G, -1)
-    wa = w[p + ".wo_a"].dequant(o.dtype).view(G, R, og.shape[-1])
-    y = torch.einsum("sgi,gri->sgr", og, wa).reshape(S, G * R)
+    y = kernels.grouped_linear(o.reshape(o.shape[0], cfg.o_groups, -1), w[p + ".wo_a"])  # [S, G*R]
     return kernels.linear(y, w[p + ".wo_b"])
 
 

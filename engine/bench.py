@@ -289,3 +289,33 @@ def hf_prefill(hf, model: Model, prompt_len: int, runs: int = 5, warmup: int = 1
         for _ in range(warmup):
             once()
         return summary([once() for _ in range(runs)])
+
+
+def bench_linears(model: Model, layers=(2, 3), runs: int = 50) -> list[dict]:
+    """Time each linear of the given layers (and the head) as one decode token sees it (one row of
+    input), through ``kernels`` dispatch. -> rows with bytes read, median seconds and bytes/s."""
+    import kernels
+    from kernels import QWeight
+
+    dev = model.device
+    cfg = model.cfg
+    rows = []
+    names = [n for n, v in model.w.items() if isinstance(v, QWeight)
+             and (n == "head" or any(n.startswith(f"layers.{i}.") for i in layers))]
+    # one routed expert stands for the 6 a token uses (same shapes)
+    names = [n for n in names if ".experts." not in n or ".experts.0." in n]
+    for name in names:
+        w = model.w[name]
+        N, K = w.shape
+        if name.endswith("attn.wo_a"):
+            G = cfg.o_groups
+            x = torch.randn(1, G, K, device=dev)
+            fn = lambda x=x, w=w: kernels.grouped_linear(x, w)  # noqa: E731
+        else:
+            x = torch.randn(1, K, device=dev)
+            fn = lambda x=x, w=w: kernels.linear(x, w)  # noqa: E731
+        t = median_time(dev, fn, runs)
+        nbytes = w.nbytes() + x.numel() * 4 + N * 4
+        rows.append({"name": name, "format": w.fmt, "out": N, "in": K, "bytes": nbytes, "median_s": t,
+                     "bytes_per_s": nbytes / t})
+    return rows

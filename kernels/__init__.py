@@ -11,20 +11,37 @@ from .attention import sparse_mqa_attention as _attention_ref
 from .compress import compress_windows as _compress_ref
 from .dispatch import backends, implementation, register, use_backend
 from .indexer import indexer_scores as _iscores_ref, indexer_topk as _itopk_ref
-from .linear import QWeight, linear_reference as _linear_ref
+from .linear import QWeight, grouped_linear_reference as _glinear_ref, linear_reference as _linear_ref
 from .mhc import hc_head as _hc_head_ref, mhc_post as _mhc_post_ref, mhc_pre as _mhc_pre_ref, sinkhorn
 from .moe import hash_route, router_scores as _rscores_ref, router_topk as _rtopk_ref, swiglu
 from .norm import rms_norm as _rms_ref
 from .rope import apply_rope as _rope_ref, rope_cos_sin, rope_inv_freq
 
 _REFS = {
-    "linear": _linear_ref, "rms_norm": _rms_ref, "apply_rope": _rope_ref, "mhc_pre": _mhc_pre_ref,
+    "linear": _linear_ref, "grouped_linear": _glinear_ref, "rms_norm": _rms_ref, "apply_rope": _rope_ref, "mhc_pre": _mhc_pre_ref,
     "mhc_post": _mhc_post_ref, "hc_head": _hc_head_ref, "sparse_mqa_attention": _attention_ref,
     "compress_windows": _compress_ref, "indexer_scores": _iscores_ref, "indexer_topk": _itopk_ref,
     "router_scores": _rscores_ref, "router_topk": _rtopk_ref,
 }
 for _name, _fn in _REFS.items():
     register(_name, "reference", _fn)
+
+
+def _register_gpu_kernels() -> None:
+    """Triton kernels under the "cuda" backend, when CUDA and Triton are both present."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return
+    try:
+        from . import triton_linear
+    except ImportError:
+        return
+    register("linear", "cuda", triton_linear.linear_triton)
+    register("grouped_linear", "cuda", triton_linear.grouped_linear_triton)
+
+
+_register_gpu_kernels()
 
 
 def _dispatching(name: str):
@@ -39,6 +56,7 @@ def _dispatching(name: str):
 
 
 linear = _dispatching("linear")
+grouped_linear = _dispatching("grouped_linear")
 rms_norm = _dispatching("rms_norm")
 apply_rope = _dispatching("apply_rope")
 mhc_pre = _dispatching("mhc_pre")
@@ -52,7 +70,8 @@ router_scores = _dispatching("router_scores")
 router_topk = _dispatching("router_topk")
 
 __all__ = [
-    "QWeight", "apply_rope", "backends", "compress_windows", "hash_route", "hc_head", "indexer_scores",
+    "QWeight", "apply_rope", "backends", "compress_windows", "grouped_linear", "hash_route", "hc_head",
+    "indexer_scores",
     "indexer_topk", "linear", "mhc_post", "mhc_pre", "quant", "register", "rms_norm", "rope_cos_sin",
     "rope_inv_freq", "router_scores", "router_topk", "sinkhorn", "sparse_mqa_attention", "swiglu",
     "use_backend",

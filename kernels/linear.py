@@ -67,3 +67,11 @@ class QWeight:
 def linear_reference(x: torch.Tensor, w: QWeight) -> torch.Tensor:
     """x: [..., in] -> [..., out], in x's dtype (float32 accumulate on CPU)."""
     return (x @ w.dequant(x.dtype).t()).to(x.dtype)
+
+
+def grouped_linear_reference(og: torch.Tensor, w: QWeight) -> torch.Tensor:
+    """Grouped projection (V4's wo_a): og [S, G, Kg]; w [G*R, Kg], rows g*R..(g+1)*R-1 read group g.
+    -> [S, G*R] in og's dtype."""
+    S, G, Kg = og.shape
+    wa = w.dequant(og.dtype).view(G, -1, Kg)
+    return torch.einsum("sgi,gri->sgr", og, wa).reshape(S, -1)

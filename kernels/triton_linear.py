@@ -1,0 +1,159 @@
+"""Triton GEMV kernels for decode: y[m] = W x[m] for a few rows x, W read once in its stored format.
+
+Formats (kernels/linear.py QWeight): FP8 e4m3 with 128x128 block scales (ue8m0 or float32), MXFP4
+(e2m1 pairs, low nibble first, ue8m0 scale per 32), NVFP4 (e2m1, e4m3 scale per 16, float32 tensor
+scale), and dense BF16/F32. Each program reduces a BLOCK_N x K-slice tile of W (split-K when the
+rows alone would not fill the GPU), accumulating in float32; split-K partials are summed after.
+Decoding happens in registers (FP8 by a bit-cast conversion, e2m1 arithmetically, scales by exp2),
+so the bytes read are the stored bytes. ``grouped`` makes row block g read its own slice of x
+(the V4 grouped output projection wo_a). Used for M <= MAX_ROWS; larger M goes to the reference.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .linear import QWeight, linear_reference
+
+MAX_ROWS = 16
+TARGET_PROGRAMS = 4 * 132  # ~4 per SM on an H100 / H200
+
+
+@triton.jit
+def _e2m1(c):
+    """4-bit e2m1 codes (uint8 0..15) -> float32 values (sign bit 3, exponent bits 1-2, mantissa bit 0)."""
+    e = ((c >> 1) & 3).to(tl.float32)
+    m = (c & 1).to(tl.float32)
+    mag = tl.where(e == 0, m * 0.5, (1.0 + 0.5 * m) * tl.exp2(e - 1.0))
+    return tl.where(((c >> 3) & 1) == 1, -mag, mag)
+
+
+@triton.jit
+def _gemv_fp8_dense(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, stride_xm, SB_K, ROWS_PER_GROUP,
+                    FMT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_PER_SPLIT: tl.constexpr):
+    """FMT 0: fp8 + ue8m0 block scale, 1: fp8 + float32 block scale, 2: dense (any float dtype)."""
+    pid_n, pid_k, m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = rn < N
+    x_row = x_ptr + m * stride_xm + ((pid_n * BLOCK_N) // ROWS_PER_GROUP) * K
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    k_start = pid_k * K_PER_SPLIT
+    for kk in range(0, K_PER_SPLIT, BLOCK_K):
+        rk = k_start + kk + tl.arange(0, BLOCK_K)
+        kmask = rk < K
+        x = tl.load(x_row + rk, mask=kmask, other=0.0).to(tl.float32)
+        wmask = nmask[:, None] & kmask[None, :]
+        w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=wmask, other=0)
+        if FMT == 2:
+            part = tl.sum(w.to(tl.float32) * x[None, :], 1)
+        else:
+            part = tl.sum(w.to(tl.float8e4nv, bitcast=True).to(tl.float32) * x[None, :], 1)
+            s = tl.load(s_ptr + (rn // 128) * SB_K + (k_start + kk) // 128, mask=nmask, other=0)
+            if FMT == 0:
+                s = tl.exp2(s.to(tl.float32) - 127.0)
+            part = part * s
+        acc += part
+    tl.store(out_ptr + (pid_k * M + m) * N + rn, acc, mask=nmask)
+
+
+@triton.jit
+def _gemv_fp4(x_ptr, w_ptr, s_ptr, gs_ptr, out_ptr, M, N, K, stride_xm,
+              G: tl.constexpr, NV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KP: tl.constexpr,
+              KP_PER_SPLIT: tl.constexpr):
+    """Packed e2m1 [N, K/2] with per-G scales [N, K/G]: ue8m0 (NV=0, G=32) or e4m3 x global (NV=1, G=16)."""
+    pid_n, pid_k, m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = rn < N
+    KP = K // 2
+    NG: tl.constexpr = BLOCK_KP * 2 // G
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    kp_start = pid_k * KP_PER_SPLIT
+    for kk in range(0, KP_PER_SPLIT, BLOCK_KP):
+        rp = kp_start + kk + tl.arange(0, BLOCK_KP)
+        pmask = rp < KP
+        b = tl.load(w_ptr + rn[:, None] * KP + rp[None, :], mask=nmask[:, None] & pmask[None, :], other=0)
+        xe = tl.load(x_ptr + m * stride_xm + 2 * rp, mask=pmask, other=0.0).to(tl.float32)
+        xo = tl.load(x_ptr + m * stride_xm + 2 * rp + 1, mask=pmask, other=0.0).to(tl.float32)
+        prod = _e2m1(b & 15) * xe[None, :] + _e2m1(b >> 4) * xo[None, :]  # [BLOCK_N, BLOCK_KP]
+        grp = tl.sum(tl.reshape(prod, [BLOCK_N, NG, G // 2]), 2)  # per scale group
+        rg = (kp_start + kk) * 2 // G + tl.arange(0, NG)
+        s = tl.load(s_ptr + rn[:, None] * (K // G) + rg[None, :], mask=nmask[:, None] & (rg[None, :] < K // G),
+                    other=0)
+        if NV:
+            s = s.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+        else:
+            s = tl.exp2(s.to(tl.float32) - 127.0)
+        acc += tl.sum(grp * s, 1)
+    if NV:
+        acc = acc * tl.load(gs_ptr)
+    tl.store(out_ptr + (pid_k * M + m) * N + rn, acc, mask=nmask)
+
+
+def _block_n(n_rows: int, rows_per_group: int) -> int:
+    b = 32
+    while b > 1 and rows_per_group % b:
+        b //= 2
+    return b
+
+
+def _split(n_prog: int, k_blocks: int) -> tuple[int, int]:
+    """-> (blocks of K per program, number of K splits) so that about TARGET_PROGRAMS run."""
+    want = max(1, min(k_blocks, triton.cdiv(TARGET_PROGRAMS, max(n_prog, 1))))
+    per = triton.cdiv(k_blocks, want)
+    return per, triton.cdiv(k_blocks, per)
+
+
+def gemv(x: torch.Tensor, w: QWeight, rows_per_group: int | None = None) -> torch.Tensor:
+    """x: [M, K_total] (K_total = K x groups when grouped) -> [M, N] float32, M <= MAX_ROWS.
+
+    rows_per_group: rows of W that read the same K-slice of x (grouped projection), None = all."""
+    M = x.shape[0]
+    N, K = w.shape
+    x = x.contiguous()
+    R = rows_per_group or N
+    BN = _block_n(N, R) if rows_per_group else 32
+    n_prog = triton.cdiv(N, BN) * M
+    if w.fmt in ("mxfp4", "nvfp4"):
+        G = 32 if w.fmt == "mxfp4" else 16
+        BKP = 64
+        per, split = _split(n_prog, triton.cdiv(K // 2, BKP))
+        out = torch.empty((split, M, N), device=x.device, dtype=torch.float32)
+        gs = w.global_scale if w.fmt == "nvfp4" else out  # unused pointer for mxfp4
+        _gemv_fp4[(triton.cdiv(N, BN), split, M)](
+            x, w.data.view(torch.uint8), w.scale.view(torch.uint8), gs, out, M, N, K, x.stride(0),
+            G=G, NV=w.fmt == "nvfp4", BLOCK_N=BN, BLOCK_KP=BKP, KP_PER_SPLIT=per * BKP, num_warps=4)
+    else:
+        BK = 128
+        per, split = _split(n_prog, triton.cdiv(K, BK))
+        out = torch.empty((split, M, N), device=x.device, dtype=torch.float32)
+        if w.fmt == "fp8":
+            f32 = w.scale.dtype == torch.float32
+            s = w.scale if f32 else w.scale.view(torch.uint8)
+            fmt, data, sbk = (1 if f32 else 0), w.data.view(torch.uint8), w.scale.shape[1]
+        else:
+            fmt, data, s, sbk = 2, w.data, out, 0
+        _gemv_fp8_dense[(triton.cdiv(N, BN), split, M)](
+            x, data, s, out, M, N, K, x.stride(0), sbk, R,
+            FMT=fmt, BLOCK_N=BN, BLOCK_K=BK, K_PER_SPLIT=per * BK, num_warps=4)
+    return out[0] if split == 1 else out.sum(0)
+
+
+def linear_triton(x: torch.Tensor, w: QWeight) -> torch.Tensor:
+    """kernels.linear for CUDA tensors: the GEMV kernels for up to MAX_ROWS rows, else the reference."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.shape[0] > MAX_ROWS or x2.shape[0] == 0 or w.dense is not None:
+        return linear_reference(x, w)
+    return gemv(x2, w).to(x.dtype).reshape(*lead, w.shape[0])
+
+
+def grouped_linear_triton(og: torch.Tensor, w: QWeight) -> torch.Tensor:
+    """kernels.grouped_linear for CUDA tensors: og [S, G, Kg] -> [S, G*R]."""
+    from .linear import grouped_linear_reference
+
+    S, G, Kg = og.shape
+    if S > MAX_ROWS or S == 0 or w.dense is not None:
+        return grouped_linear_reference(og, w)
+    return gemv(og.reshape(S, G * Kg), w, rows_per_group=w.shape[0] // G).to(og.dtype)
