@@ -34,11 +34,14 @@ def _register_gpu_kernels() -> None:
     if not torch.cuda.is_available():
         return
     try:
-        from . import triton_linear
+        from . import triton_linear, triton_mhc
     except ImportError:
         return
     register("linear", "cuda", triton_linear.linear_triton)
     register("grouped_linear", "cuda", triton_linear.grouped_linear_triton)
+    register("mhc_pre", "cuda", triton_mhc.mhc_pre_triton)
+    register("mhc_post", "cuda", triton_mhc.mhc_post_triton)
+    register("rms_norm", "cuda", triton_mhc.rms_norm_triton)
 
 
 _register_gpu_kernels()

@@ -1,8 +1,9 @@
 """GPU kernels against their torch references (marked gpu; skipped without CUDA).
 
 Error bounds: every kernel decodes the stored format exactly and accumulates in float32, so it
-differs from the reference (dequantise, then a float32 matmul) only in summation order: bound
-1e-5 x max|reference| for float32 outputs. End to end (exact mode, float32), logits of the kernel
+differs from the reference (dequantise, then a float32 matmul; or the op's torch code) only in
+summation order: bound 1e-5 x max|reference| for float32 outputs (GEMVs, grouped projection, mHC
+pre/post incl. 20 Sinkhorn iterations, RMSNorm). End to end (exact mode, float32), logits of the kernel
 path and the reference path agree to 1e-3 x max|logit| over 256 decode steps (argmax >= 95%:
 indexer near-ties can flip a selection)."""
 
@@ -55,6 +56,37 @@ def test_grouped_linear_matches_reference(G, R, Kg, S):
     got, ref = kernels.grouped_linear(og, w), grouped_linear_reference(og, w)
     assert got.shape == ref.shape == (S, G * R)
     assert (got - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
+
+
+@pytest.mark.parametrize("S,n,d", [(1, 4, 4096), (5, 4, 4096), (3, 4, 64), (2, 2, 96)])
+def test_mhc_pre_and_post_match_reference(S, n, d):
+    from kernels.mhc import mhc_post as post_ref, mhc_pre as pre_ref
+
+    g = torch.Generator().manual_seed(S * 100 + d)
+    st = torch.randn(S, n, d, generator=g).cuda()
+    fn = (torch.randn((2 + n) * n, n * d, generator=g) * 0.02).cuda()
+    base = (torch.randn((2 + n) * n, generator=g) * 0.5).cuda()
+    scale = (1 + 0.1 * torch.randn(3, generator=g)).cuda()
+    assert implementation("mhc_pre", "cuda") is not pre_ref
+    got, ref = kernels.mhc_pre(st, fn, base, scale, 20, 1e-6, 1e-6), pre_ref(st, fn, base, scale, 20, 1e-6, 1e-6)
+    for a, b in zip(got, ref):  # x, post, comb (Sinkhorn amplifies rounding a little)
+        assert a.shape == b.shape and (a - b).abs().max().item() <= 1e-5 * b.abs().max().item()
+    out = torch.randn(S, d, generator=g).cuda()
+    a, b = kernels.mhc_post(out, st, ref[1], ref[2]), post_ref(out, st, ref[1], ref[2])
+    assert (a - b).abs().max().item() <= 1e-5 * b.abs().max().item()
+
+
+@pytest.mark.parametrize("shape", [(1, 4096), (7, 1024), (3, 2, 96), (1, 16384)])
+@pytest.mark.parametrize("weighted", [True, False])
+def test_rms_norm_matches_reference(shape, weighted):
+    from kernels.norm import rms_norm as ref_fn
+
+    g = torch.Generator().manual_seed(sum(shape))
+    x = (torch.randn(*shape, generator=g) * 3).cuda()
+    w = torch.randn(shape[-1], generator=g).cuda() if weighted else None
+    assert implementation("rms_norm", "cuda") is not ref_fn
+    a, b = kernels.rms_norm(x, w, 1e-6), ref_fn(x, w, 1e-6)
+    assert (a - b).abs().max().item() <= 1e-5 * b.abs().max().item()
 
 
 def _decode_logits(model, ids, backend):
