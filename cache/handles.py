@@ -78,10 +78,10 @@ class LayerHandle:
     # ------------------------------------------------------ compressed entries
     def _rows(self, first: int, count: int, device) -> torch.Tensor:
         epb = self.layer.entries_per_block
+        if count and (first + count - 1) // epb >= self.mgr.blocks_held(self.slot):  # host-side: no device sync
+            raise RuntimeError("compressed entry written past the slot's allocated blocks (call prepare first)")
         e = torch.arange(first, first + count, device=device)
         blocks = self.mgr.block_table[self.slot].to(device)[e // epb].long()
-        if count and bool((blocks < 0).any()):
-            raise RuntimeError("compressed entry written past the slot's allocated blocks (call prepare first)")
         return blocks * epb + e % epb
 
     def read_entries(self, count: int | None = None) -> torch.Tensor:

@@ -11,12 +11,12 @@ from .compressor import compress_step
 
 
 def attention(x: torch.Tensor, w: dict, p: str, spec, cfg, handle, positions: torch.Tensor, rope,
-              mode: str) -> torch.Tensor:
-    """x: [S, d] normed input; p: weight prefix "layers.i.attn"; positions: [S] absolute. -> [S, d]."""
+              mode: str, start: int) -> torch.Tensor:
+    """x: [S, d] normed input; p: weight prefix "layers.i.attn"; positions: [S] absolute, the first
+    being ``start`` (a host int, so no device sync). -> [S, d]."""
     S = x.shape[0]
     H, D, rd, eps = cfg.num_attention_heads, cfg.head_dim, cfg.qk_rope_head_dim, cfg.rms_norm_eps
     faithful = mode == "faithful"
-    start = int(positions[0])
     cos, sin = rope.cos_sin(positions, spec.yarn)
 
     qr = kernels.rms_norm(kernels.linear(x, w[p + ".wq_a"]), w[p + ".q_norm.weight"], eps)  # [S, q_lora]

@@ -11,13 +11,13 @@ from .moe import moe
 
 
 def block(streams: torch.Tensor, w: dict, p: str, spec, cfg, handle, positions: torch.Tensor,
-          token_ids: torch.Tensor, rope, mode: str) -> torch.Tensor:
-    """streams: [S, n, d]; p: "layers.i" (or "mtp.0"). Returns the new streams [S, n, d]."""
+          token_ids: torch.Tensor, rope, mode: str, start: int) -> torch.Tensor:
+    """streams: [S, n, d]; p: "layers.i" (or "mtp.0"); positions start..start+S-1. -> new streams [S, n, d]."""
     it, he, eps = cfg.hc_sinkhorn_iters, cfg.hc_eps, cfg.rms_norm_eps
     x, post, comb = kernels.mhc_pre(streams, w[p + ".hc_attn_fn"], w[p + ".hc_attn_base"], w[p + ".hc_attn_scale"],
                                     it, he, eps)
     a = attention(kernels.rms_norm(x, w[p + ".attn_norm.weight"], eps), w, p + ".attn", spec, cfg, handle,
-                  positions, rope, mode)
+                  positions, rope, mode, start)
     streams = kernels.mhc_post(a, streams, post, comb)
     x, post, comb = kernels.mhc_pre(streams, w[p + ".hc_ffn_fn"], w[p + ".hc_ffn_base"], w[p + ".hc_ffn_scale"],
                                     it, he, eps)

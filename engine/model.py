@@ -56,7 +56,7 @@ class Model:
         streams = h.unsqueeze(1).expand(-1, cfg.hc_mult, -1).contiguous()
         for spec in self.specs:
             streams = block(streams, w, f"layers.{spec.index}", spec, cfg, handles[spec.index], positions, ids,
-                            self.rope, self.mode)
+                            self.rope, self.mode, start)
         logits = self._head(streams[-1:] if last_only else streams, "")
         return (logits, streams) if return_streams else logits
 
@@ -81,5 +81,5 @@ class Model:
         e = kernels.rms_norm(w["embed.weight"][ids].to(self.dtype), w[p + ".enorm.weight"], cfg.rms_norm_eps)
         hs = kernels.rms_norm(streams, w[p + ".hnorm.weight"], cfg.rms_norm_eps)
         x = kernels.linear(e, w[p + ".e_proj"]).unsqueeze(1) + kernels.linear(hs, w[p + ".h_proj"])
-        x = block(x, w, p, cfg.mtp_layer(0), cfg, handle, positions, ids, self.rope, self.mode)
+        x = block(x, w, p, cfg.mtp_layer(0), cfg, handle, positions, ids, self.rope, self.mode, start)
         return self._head(x, p + ".")

@@ -21,6 +21,12 @@ def moe(x: torch.Tensor, w: dict, p: str, spec, cfg, token_ids: torch.Tensor) ->
         weights, ids = kernels.hash_route(scores, w[p + ".gate.tid2eid"], token_ids, scale)
     else:
         weights, ids = kernels.router_topk(scores, w[p + ".gate.bias"], k, scale)
+    if x.shape[0] == 1:  # decode: one host read of the k expert ids, no gather/scatter
+        order = sorted(enumerate(ids[0].tolist()), key=lambda t: t[1])  # ascending expert id, as below
+        out = torch.zeros_like(x)
+        for slot, e in order:
+            out = out + (expert(x, w, f"{p}.experts.{e}", cfg.swiglu_limit).float() * weights[:, slot, None]).to(x.dtype)
+        return out + expert(x, w, p + ".shared_experts", cfg.swiglu_limit)
     out = torch.zeros_like(x)
     for e in torch.unique(ids).tolist():
         rows, slot = torch.where(ids == e)

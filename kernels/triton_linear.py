@@ -144,7 +144,7 @@ def linear_triton(x: torch.Tensor, w: QWeight) -> torch.Tensor:
     """kernels.linear for CUDA tensors: the GEMV kernels for up to MAX_ROWS rows, else the reference."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    if x2.shape[0] > MAX_ROWS or x2.shape[0] == 0 or w.dense is not None:
+    if x2.shape[0] > MAX_ROWS or x2.shape[0] == 0 or w.dense is not None or x.requires_grad or w.data.requires_grad:
         return linear_reference(x, w)
     return gemv(x2, w).to(x.dtype).reshape(*lead, w.shape[0])
 
@@ -154,6 +154,6 @@ def grouped_linear_triton(og: torch.Tensor, w: QWeight) -> torch.Tensor:
     from .linear import grouped_linear_reference
 
     S, G, Kg = og.shape
-    if S > MAX_ROWS or S == 0 or w.dense is not None:
+    if S > MAX_ROWS or S == 0 or w.dense is not None or og.requires_grad or w.data.requires_grad:
         return grouped_linear_reference(og, w)
     return gemv(og.reshape(S, G * Kg), w, rows_per_group=w.shape[0] // G).to(og.dtype)

@@ -88,12 +88,12 @@ def _post(out_ptr, s_ptr, post_ptr, comb_ptr, y_ptr, D, N: tl.constexpr, BLOCK_D
 
 def _supported(streams: torch.Tensor) -> bool:
     S, n, _ = streams.shape
-    return 0 < S <= MAX_ROWS and n & (n - 1) == 0 and n >= 2
+    return 0 < S <= MAX_ROWS and n & (n - 1) == 0 and n >= 2 and not streams.requires_grad
 
 
 def mhc_pre_triton(streams, fn, base, scale, iters: int, hc_eps: float, norm_eps: float):
     """Same contract as kernels.mhc.mhc_pre; the fused path for up to MAX_ROWS rows."""
-    if not _supported(streams):
+    if not _supported(streams) or fn.requires_grad:
         return mhc_pre_reference(streams, fn, base, scale, iters, hc_eps, norm_eps)
     S, n, d = streams.shape
     streams = streams.contiguous()
@@ -115,7 +115,7 @@ def mhc_pre_triton(streams, fn, base, scale, iters: int, hc_eps: float, norm_eps
 
 def mhc_post_triton(out, streams, post, comb):
     """Same contract as kernels.mhc.mhc_post (out [S, d], streams [S, n, d]) -> [S, n, d]."""
-    if not _supported(streams):
+    if not _supported(streams) or out.requires_grad:
         return mhc_post_reference(out, streams, post, comb)
     S, n, d = streams.shape
     y = torch.empty_like(streams, memory_format=torch.contiguous_format)
@@ -141,7 +141,7 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor | None, eps: float) ->
     from .norm import rms_norm as rms_norm_reference
 
     N = x.shape[-1]
-    if x.numel() == 0 or N > 16384:
+    if x.numel() == 0 or N > 16384 or x.requires_grad or (weight is not None and weight.requires_grad):
         return rms_norm_reference(x, weight, eps)
     x2 = x.reshape(-1, N).contiguous()
     y = torch.empty_like(x2)

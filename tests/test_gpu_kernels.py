@@ -3,7 +3,7 @@
 Error bounds: every kernel decodes the stored format exactly and accumulates in float32, so it
 differs from the reference (dequantise, then a float32 matmul; or the op's torch code) only in
 summation order: bound 1e-5 x max|reference| for float32 outputs (GEMVs, grouped projection, mHC
-pre/post incl. 20 Sinkhorn iterations, RMSNorm). End to end (exact mode, float32), logits of the kernel
+pre/post incl. 20 Sinkhorn iterations, RMSNorm, RoPE, SwiGLU). End to end (exact mode, float32), logits of the kernel
 path and the reference path agree to 1e-3 x max|logit| over 256 decode steps (argmax >= 95%:
 indexer near-ties can flip a selection)."""
 
@@ -87,6 +87,28 @@ def test_rms_norm_matches_reference(shape, weighted):
     assert implementation("rms_norm", "cuda") is not ref_fn
     a, b = kernels.rms_norm(x, w, 1e-6), ref_fn(x, w, 1e-6)
     assert (a - b).abs().max().item() <= 1e-5 * b.abs().max().item()
+
+
+@pytest.mark.parametrize("shape,rd", [((1, 64, 512), 64), ((3, 4, 96), 32), ((2, 512), 64), ((5, 2, 80), 16)])
+@pytest.mark.parametrize("inverse", [False, True])
+def test_apply_rope_matches_reference(shape, rd, inverse):
+    from kernels.rope import apply_rope as ref_fn
+
+    g = torch.Generator().manual_seed(sum(shape) + rd)
+    x = torch.randn(*shape, generator=g).cuda()
+    ang = torch.randn(shape[0], rd // 2, generator=g).cuda() * 3
+    assert implementation("apply_rope", "cuda") is not ref_fn
+    a, b = kernels.apply_rope(x, ang.cos(), ang.sin(), inverse), ref_fn(x, ang.cos(), ang.sin(), inverse)
+    assert (a - b).abs().max().item() <= 1e-5 * b.abs().max().item()
+
+
+def test_swiglu_matches_reference():
+    from kernels.moe import swiglu as ref_fn
+
+    g = torch.Generator().manual_seed(11)
+    a, b = (torch.randn(3, 2048, generator=g) * 8).cuda(), (torch.randn(3, 2048, generator=g) * 8).cuda()
+    assert implementation("swiglu", "cuda") is not ref_fn
+    assert (kernels.swiglu(a, b, 10.0) - ref_fn(a, b, 10.0)).abs().max().item() <= 1e-5 * ref_fn(a, b, 10.0).abs().max().item()
 
 
 def _decode_logits(model, ids, backend):

@@ -33,7 +33,7 @@ def test_mtp_forward_matches_hand_computation(tiny_cfg, tiny_tensors):
     slot2 = mgr2.admit_request()
     mgr2.prepare(slot2, 19)
     x = block(x, model.w, "mtp.0", cfg.mtp_layer(0), cfg, mgr2.handles(slot2)[cfg.num_hidden_layers],
-              torch.arange(19), ids[1:], model.rope, "exact")
+              torch.arange(19), ids[1:], model.rope, "exact", 0)
     flat = x.reshape(19, -1)
     flat = flat * torch.rsqrt(flat.pow(2).mean(-1, keepdim=True) + cfg.rms_norm_eps)
     pre = torch.sigmoid(flat @ t["mtp.0.hc_head_fn"].T * t["mtp.0.hc_head_scale"] + t["mtp.0.hc_head_base"]) + cfg.hc_eps
