@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from .common import UserError, check_precision, builtin_model_dir, guard, resolve_device
+from .common import UserError, builtin_model_dir, check_precision, guard, resolve_device
 
 HELP = """Chat with DeepSeek-V4.
 

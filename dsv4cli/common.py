@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+
 class UserError(Exception):
     """A problem the user can fix; printed as one line, exit code 2."""
 

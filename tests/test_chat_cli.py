@@ -28,7 +28,7 @@ def ckpt(tmp_path_factory):
 
 
 def run(args, **kw):
-    env = dict(os.environ, DSV4_HOME=str(kw.pop("home", "/tmp/dsv4-test-home")))
+    env = dict(os.environ)
     return subprocess.run(CLI + args, capture_output=True, text=True, env=env, timeout=300, **kw)
 
 
@@ -125,7 +125,7 @@ class Pty:
 
 
 def test_repl_two_turns_slash_command_and_ctrl_c(ckpt, tmp_path):
-    env = dict(os.environ, DSV4_HOME=str(tmp_path), TERM="xterm", COLUMNS="200", LINES="50", PROMPT_TOOLKIT_NO_CPR="1")
+    env = dict(os.environ, TERM="xterm", COLUMNS="200", LINES="50", PROMPT_TOOLKIT_NO_CPR="1")
     t = Pty(["chat", "--model", str(ckpt), "--temperature", "0", "--max-tokens", "6", "--device", "cpu",
              "--history-file", str(tmp_path / "hist")], env)
     try:
