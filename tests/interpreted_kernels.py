@@ -1,0 +1,99 @@
+"""Checks of the Triton kernels on the CPU through Triton's interpreter (TRITON_INTERPRET=1 must be set
+before triton is imported, so tests/test_kernels_interpreted.py runs this file as a subprocess).
+
+Same bounds as the GPU tests (tests/test_gpu_kernels.py): 1e-5 x max|reference| per kernel; the
+kernel path registered for the CPU must match the reference path over decode steps."""
+
+import os
+import sys
+
+import torch
+
+assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+
+from kernels import dispatch, quant, register  # noqa: E402
+from kernels.linear import QWeight, grouped_linear_reference, linear_reference  # noqa: E402
+from kernels.mhc import mhc_post, mhc_pre  # noqa: E402
+from kernels.moe import swiglu  # noqa: E402
+from kernels.norm import rms_norm  # noqa: E402
+from kernels.rope import apply_rope  # noqa: E402
+from kernels import triton_elementwise as te, triton_linear as tlin, triton_mhc as tm  # noqa: E402
+
+g = torch.Generator().manual_seed(0)
+BOUND = 1e-5
+
+
+def close(name, got, ref):
+    err = (got - ref).abs().max().item() / max(ref.abs().max().item(), 1e-30)
+    assert got.shape == ref.shape and err <= BOUND, f"{name}: relative error {err:.2e} (shape {tuple(got.shape)})"
+    print(f"ok {name} {err:.1e}")
+
+
+def gemv_checks():
+    for N, K, M in [(262, 64, 1), (300, 384, 3), (96, 256, 2)]:
+        w = torch.randn(N, K, generator=g) / K ** 0.5
+        x = torch.randn(M, K, generator=g)
+        q, s = quant.quant_fp8_block(w)
+        ws = {"fp8": QWeight("fp8", q, s), "fp8-f32": QWeight("fp8", q, quant.ue8m0_to_float(s.view(torch.uint8))),
+              "bf16": QWeight("dense", w.bfloat16()), "f32": QWeight("dense", w),
+              "mxfp4": QWeight("mxfp4", *quant.quant_mxfp4(w)), "nvfp4": QWeight("nvfp4", *quant.quant_nvfp4(w))}
+        for fmt, W in ws.items():
+            close(f"gemv {fmt} {N}x{K} M={M}", tlin.gemv(x, W), linear_reference(x, W))
+    for G, R, Kg, S in [(2, 16, 192, 3), (3, 24, 256, 1)]:
+        W = QWeight("fp8", *quant.quant_fp8_block(torch.randn(G * R, Kg, generator=g)))
+        og = torch.randn(S, G, Kg, generator=g)
+        close(f"grouped {G}x{R}x{Kg}", tlin.grouped_linear_triton(og, W), grouped_linear_reference(og, W))
+
+
+def elementwise_checks():
+    for S, n, d in [(1, 4, 512), (3, 4, 48), (2, 2, 96)]:
+        st = torch.randn(S, n, d, generator=g)
+        fn = torch.randn((2 + n) * n, n * d, generator=g) * 0.02
+        base, scale = torch.randn((2 + n) * n, generator=g) * 0.5, 1 + 0.1 * torch.randn(3, generator=g)
+        ref = mhc_pre(st, fn, base, scale, 20, 1e-6, 1e-6)
+        for part, a, b in zip(("x", "post", "comb"), tm.mhc_pre_triton(st, fn, base, scale, 20, 1e-6, 1e-6), ref):
+            close(f"mhc_pre {part} {S}x{n}x{d}", a, b)
+        out = torch.randn(S, d, generator=g)
+        close(f"mhc_post {S}x{n}x{d}", tm.mhc_post_triton(out, st, ref[1], ref[2]), mhc_post(out, st, ref[1], ref[2]))
+    for shape in [(3, 100), (2, 2, 96)]:
+        x, w = torch.randn(*shape, generator=g) * 3, torch.randn(shape[-1], generator=g)
+        close(f"rms_norm {shape}", tm.rms_norm_triton(x, w, 1e-6), rms_norm(x, w, 1e-6))
+        close(f"rms_norm {shape} no weight", tm.rms_norm_triton(x, None, 1e-6), rms_norm(x, None, 1e-6))
+    for shape, rd in [((3, 4, 96), 32), ((2, 64), 16)]:
+        x, ang = torch.randn(*shape, generator=g), torch.randn(shape[0], rd // 2, generator=g)
+        for inv in (False, True):
+            close(f"rope {shape} inverse={inv}", te.apply_rope_triton(x, ang.cos(), ang.sin(), inv),
+                  apply_rope(x, ang.cos(), ang.sin(), inv))
+    a, b = torch.randn(3, 300, generator=g) * 8, torch.randn(3, 300, generator=g) * 8
+    close("swiglu", te.swiglu_triton(a, b, 10.0), swiglu(a, b, 10.0))
+
+
+def engine_check():
+    """The whole kernel path (registered for the CPU here) against the reference path, exact mode."""
+    from engine.model import Model
+    from engine.session import Session
+    from engine.synthetic import random_tensors, tiny_configs
+
+    dispatch._DEVICE_OF_BACKEND["cuda"] = "cpu"
+    for op, fn in [("linear", tlin.linear_triton), ("grouped_linear", tlin.grouped_linear_triton),
+                   ("mhc_pre", tm.mhc_pre_triton), ("mhc_post", tm.mhc_post_triton), ("rms_norm", tm.rms_norm_triton),
+                   ("apply_rope", te.apply_rope_triton), ("swiglu", te.swiglu_triton)]:
+        register(op, "cuda", fn)
+    cfg = tiny_configs()["swa-csa-hca"]
+    model = Model.from_state_dict(cfg, random_tensors(cfg, 1), mode="exact")
+    ids = torch.randint(0, cfg.vocab_size, (72,), generator=torch.Generator().manual_seed(4))
+
+    def run(backend):
+        with dispatch.use_backend(backend):
+            s = Session(model, 128)
+            return torch.stack([s.prefill(ids[:60])] + [s.step(int(t)) for t in ids[60:]])
+
+    ref, fast = run("reference"), run("auto")
+    err = (fast - ref).abs().max().item() / ref.abs().max().item()
+    assert err <= 1e-4, f"kernel path vs reference path over 12 decode steps: {err:.2e}"
+    print(f"ok engine kernel path {err:.1e}")
+
+
+if __name__ == "__main__":
+    for name in sys.argv[1:] or ("gemv", "elementwise", "engine"):
+        globals()[f"{name}_checks" if name != "engine" else "engine_check"]()
