@@ -25,12 +25,35 @@ COMPARE_OPT = typer.Option(None, "--compare", help="Also run the same work throu
                            "float32, where it fits in memory) and report the speed ratio.")
 
 
+def _check_compare_name(against) -> None:
+    if against not in (None, "reference", "transformers"):
+        raise UserError(f"--compare {against!r}: use reference or transformers")
+
+
+def _check_compare(against, m) -> None:
+    """Refuse a --compare that cannot run, before any timing starts."""
+    if against is None:
+        return
+    _check_compare_name(against)
+    if against == "transformers":
+        try:
+            from transformers import DeepseekV4ForCausalLM  # noqa: F401
+        except ImportError:
+            raise UserError("--compare transformers needs transformers >= 5.23 (pip install 'transformers>=5.23')") from None
+        from engine import bench as B
+        from engine.hf import float32_bytes
+
+        need, free = 2 * float32_bytes(m.cfg), B.free_memory_bytes(m.device)
+        if free is not None and need > free:
+            raise UserError(f"--compare transformers: its float32 model (plus the copy it loads from) needs "
+                            f"{need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB is free on {m.device} (try fewer --layers)")
+
+
 def _compare(against, kind: str, m, ours: dict, prompt_len: int, n: int, warmup: int) -> dict:
     """Time the same work another way; -> flat compare_* fields (ratio > 1: dsv4 is faster)."""
     from engine import bench as B
 
-    if against not in ("reference", "transformers"):
-        raise UserError(f"--compare {against!r}: use reference or transformers")
+    _check_compare(against, m)
     if against == "reference":
         from kernels.dispatch import use_backend
 
@@ -39,17 +62,8 @@ def _compare(against, kind: str, m, ours: dict, prompt_len: int, n: int, warmup:
                      else B.bench_prefill(m, prompt_len, n, warmup))
         extra = {}
     else:
-        try:
-            import transformers  # noqa: F401
-            from transformers import DeepseekV4ForCausalLM  # noqa: F401
-        except ImportError:
-            raise UserError("--compare transformers needs transformers >= 5.23 (pip install 'transformers>=5.23')") from None
-        from engine.hf import build_hf_model, float32_bytes, logical_tensors
+        from engine.hf import build_hf_model, logical_tensors
 
-        need, free = 2 * float32_bytes(m.cfg), B.free_memory_bytes(m.device)
-        if free is not None and need > free:
-            raise UserError(f"--compare transformers: its float32 model (plus the copy it loads from) needs "
-                            f"{need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB is free on {m.device} (try fewer --layers)")
         hf = build_hf_model(m.cfg, logical_tensors(m), m.device)
         other = (B.hf_decode(hf, m, prompt_len, n, warmup) if kind == "decode"
                  else B.hf_prefill(hf, m, prompt_len, n, warmup))
@@ -157,7 +171,9 @@ def _decode(model, preset, layers, synthetic, prompt_len, steps, warmup, device,
 
     if prompt_len < 1 or steps < 1 or warmup < 0:
         raise UserError("--prompt-len and --steps must be >= 1, --warmup >= 0")
+    _check_compare_name(compare)
     m, full, name, device = _load(model, preset, layers, synthetic, device, precision)
+    _check_compare(compare, m)
     r = bench_decode(m, prompt_len, steps, warmup)
     if compare:
         r.update(_compare(compare, "decode", m, r, prompt_len, steps, warmup))
@@ -187,7 +203,9 @@ def _prefill(model, preset, layers, synthetic, prompt_len, runs, warmup, device,
 
     if prompt_len < 1 or runs < 1 or warmup < 0:
         raise UserError("--prompt-len and --runs must be >= 1, --warmup >= 0")
+    _check_compare_name(compare)
     m, full, name, device = _load(model, preset, layers, synthetic, device, precision)
+    _check_compare(compare, m)
     r = bench_prefill(m, prompt_len, runs, warmup)
     if compare:
         r.update(_compare(compare, "prefill", m, r, prompt_len, runs, warmup))
