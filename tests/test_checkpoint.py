@@ -1,7 +1,6 @@
 """Published-layout loading, dsv4 convert (formats, streaming, atomicity) and bad checkpoints."""
 
 import json
-import os
 import shutil
 import signal
 import subprocess
