@@ -49,22 +49,37 @@ def _check_compare(against, m) -> None:
                             f"{need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB is free on {m.device} (try fewer --layers)")
 
 
-def _compare(against, kind: str, m, ours: dict, prompt_len: int, n: int, warmup: int) -> dict:
-    """Time the same work another way; -> flat compare_* fields (ratio > 1: dsv4 is faster)."""
+def _timed(kind: str, model, preset, layers, synthetic, device, precision, compare, prompt_len, n, warmup):
+    """Load the model, check --compare, time ``kind`` ("decode" | "prefill") and the comparison.
+    -> (result, model, full-size config, display name, resolved device)."""
     from engine import bench as B
 
-    _check_compare(against, m)
+    _check_compare_name(compare)
+    m, full, name, device = _load(model, preset, layers, synthetic, device, precision)
+    _check_compare(compare, m)
+    run = B.bench_decode if kind == "decode" else B.bench_prefill
+    r = run(m, prompt_len, n, warmup)
+    if compare:
+        r.update(_compare(compare, kind, run, m, r, prompt_len, n, warmup))
+    return r, m, full, name, device
+
+
+def _compare(against, kind: str, run, m, ours: dict, prompt_len: int, n: int, warmup: int) -> dict:
+    """Time the same work another way (``run`` is ours, for the reference backend); -> flat
+    compare_* fields (ratio > 1: dsv4 is faster). ``against`` was checked by _check_compare."""
+    from engine import bench as B
+
     if against == "reference":
         from kernels.dispatch import use_backend
 
         with use_backend("reference"):
-            other = (B.bench_decode(m, prompt_len, n, warmup) if kind == "decode"
-                     else B.bench_prefill(m, prompt_len, n, warmup))
+            other = run(m, prompt_len, n, warmup)
         extra = {}
     else:
-        from engine.hf import build_hf_model, logical_tensors
+        from engine.hf import build_hf_model
+        from engine.weights import logical_tensors
 
-        hf = build_hf_model(m.cfg, logical_tensors(m), m.device)
+        hf = build_hf_model(m.cfg, logical_tensors(m.w), m.device)
         other = (B.hf_decode(hf, m, prompt_len, n, warmup) if kind == "decode"
                  else B.hf_prefill(hf, m, prompt_len, n, warmup))
         extra = {k: other[k] for k in ("max_abs_logit_diff_on_prompt", "max_abs_logit") if k in other}
@@ -167,16 +182,12 @@ def decode(model: Optional[Path] = MODEL_OPT, preset: Optional[str] = PRESET_OPT
 
 
 def _decode(model, preset, layers, synthetic, prompt_len, steps, warmup, device, precision, json_path, compare=None):
-    from engine.bench import bench_decode, measure_bandwidth
+    from engine.bench import measure_bandwidth
 
     if prompt_len < 1 or steps < 1 or warmup < 0:
         raise UserError("--prompt-len and --steps must be >= 1, --warmup >= 0")
-    _check_compare_name(compare)
-    m, full, name, device = _load(model, preset, layers, synthetic, device, precision)
-    _check_compare(compare, m)
-    r = bench_decode(m, prompt_len, steps, warmup)
-    if compare:
-        r.update(_compare(compare, "decode", m, r, prompt_len, steps, warmup))
+    r, m, full, name, device = _timed("decode", model, preset, layers, synthetic, device, precision, compare,
+                                      prompt_len, steps, warmup)
     bw = measure_bandwidth(device)
     bytes_tok = r["weight_bytes_per_token"] + r["kv_bytes_per_token"]
     roofline = {"measured_bandwidth_bytes_per_s": bw, "bandwidth_floor_ms_per_token": bytes_tok / bw * 1000,
@@ -199,16 +210,12 @@ def prefill(model: Optional[Path] = MODEL_OPT, preset: Optional[str] = PRESET_OP
 
 
 def _prefill(model, preset, layers, synthetic, prompt_len, runs, warmup, device, precision, json_path, compare=None):
-    from engine.bench import bench_prefill, measure_matmul_rate
+    from engine.bench import measure_matmul_rate
 
     if prompt_len < 1 or runs < 1 or warmup < 0:
         raise UserError("--prompt-len and --runs must be >= 1, --warmup >= 0")
-    _check_compare_name(compare)
-    m, full, name, device = _load(model, preset, layers, synthetic, device, precision)
-    _check_compare(compare, m)
-    r = bench_prefill(m, prompt_len, runs, warmup)
-    if compare:
-        r.update(_compare(compare, "prefill", m, r, prompt_len, runs, warmup))
+    r, m, full, name, device = _timed("prefill", model, preset, layers, synthetic, device, precision, compare,
+                                      prompt_len, runs, warmup)
     rate = measure_matmul_rate(device)
     roofline = {"measured_matmul_flop_per_s": rate, "matmul_rate_fraction": r["flop_per_s"] / rate}
     _report(r, m, full, name, precision, device, json_path, roofline, lambda ms: {

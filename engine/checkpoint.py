@@ -171,13 +171,6 @@ def write_published_checkpoint(cfg: DSV4Config, out: str | os.PathLike, seed: in
 
 def dequantized(tensors: dict) -> dict:
     """Stored tensors -> float32 logical weights (for tests and --verify)."""
-    from .weights import build_weights
-    from kernels import QWeight
+    from .weights import build_weights, logical_tensors
 
-    out = {}
-    for n, v in build_weights(tensors).items():
-        if isinstance(v, QWeight):
-            out[n + ".weight"] = v.dequant()
-        else:
-            out[n] = v
-    return out
+    return logical_tensors(build_weights(tensors))

@@ -103,19 +103,6 @@ def build_hf_model(cfg, tensors: dict, device="cpu"):
     return model
 
 
-def logical_tensors(model) -> dict:
-    """The engine's weights (engine.model.Model.w) as published name -> float32 logical tensor."""
-    from kernels import QWeight
-
-    out = {}
-    for name, v in model.w.items():
-        if isinstance(v, QWeight):
-            out[name + ".weight"] = v.dequant(torch.float32)
-        else:
-            out[name] = v
-    return out
-
-
 def float32_bytes(cfg) -> int:
     """Bytes of the model (without MTP) held in float32, as transformers would hold it."""
     from .synthetic import tensor_shapes

@@ -52,6 +52,17 @@ def build_weights(tensors: dict, device="cpu") -> dict:
     return out
 
 
+def logical_tensors(weights: dict) -> dict:
+    """The engine's weight dict -> published name -> logical tensor (linears dequantised to float32)."""
+    out = {}
+    for name, v in weights.items():
+        if isinstance(v, QWeight):
+            out[name + ".weight"] = v.dequant(torch.float32)
+        else:
+            out[name] = v
+    return out
+
+
 def cache_dense(weights: dict, limit_bytes: int) -> int:
     """Keep a float32 dequantisation next to every quantised linear when all of them together fit
     in ``limit_bytes``; returns the bytes cached (0 when over the limit: nothing is cached).

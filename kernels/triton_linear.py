@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .linear import QWeight, linear_reference
+from .linear import QWeight, grouped_linear_reference, linear_reference
 
 MAX_ROWS = 16
 TARGET_PROGRAMS = 4 * 132  # ~4 per SM on an H100 / H200
@@ -151,8 +151,6 @@ def linear_triton(x: torch.Tensor, w: QWeight) -> torch.Tensor:
 
 def grouped_linear_triton(og: torch.Tensor, w: QWeight) -> torch.Tensor:
     """kernels.grouped_linear for CUDA tensors: og [S, G, Kg] -> [S, G*R]."""
-    from .linear import grouped_linear_reference
-
     S, G, Kg = og.shape
     if S > MAX_ROWS or S == 0 or w.dense is not None or og.requires_grad or w.data.requires_grad:
         return grouped_linear_reference(og, w)

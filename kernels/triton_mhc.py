@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from .mhc import mhc_post as mhc_post_reference, mhc_pre as mhc_pre_reference
+from .norm import rms_norm as rms_norm_reference
 
 MAX_ROWS = 16
 BLOCK_K = 512
@@ -138,8 +139,6 @@ def _rms_norm(x_ptr, w_ptr, y_ptr, N, eps, HAS_W: tl.constexpr, BLOCK: tl.conste
 
 def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     """Same contract as kernels.norm.rms_norm: one program per row (rows up to 16384 wide)."""
-    from .norm import rms_norm as rms_norm_reference
-
     N = x.shape[-1]
     if x.numel() == 0 or N > 16384 or x.requires_grad or (weight is not None and weight.requires_grad):
         return rms_norm_reference(x, weight, eps)

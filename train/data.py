@@ -226,7 +226,8 @@ def render(msgs: list[dict]) -> str:
     return encode_chat(msgs, thinking=True, add_generation_prompt=False)
 
 
-def describe(train, held) -> str:
+def describe(train_text: list[str], held_text: list[str]) -> str:
+    """One line each for the number of rendered conversations and their characters."""
     return textwrap.dedent(f"""\
-        conversations: train {len(train)}, held-out {len(held)}
-        characters: train {sum(len(render(c)) for c in train):,}, held-out {sum(len(render(c)) for c in held):,}""")
+        conversations: train {len(train_text)}, held-out {len(held_text)}
+        characters: train {sum(map(len, train_text)):,}, held-out {sum(map(len, held_text)):,}""")

@@ -100,7 +100,7 @@ def _main(argv=None) -> None:
     enc = lambda texts: [e.ids for e in tk.encode_batch(texts, add_special_tokens=False)]  # noqa: E731
     train_ids, held_ids = enc(train_text), enc(held_text)
     n_train = sum(map(len, train_ids))
-    print(f"{data.describe(train_c, held_c)}\ntokens: train {n_train:,}, held-out {sum(map(len, held_ids)):,} "
+    print(f"{data.describe(train_text, held_text)}\ntokens: train {n_train:,}, held-out {sum(map(len, held_ids)):,} "
           f"({time.time() - t_start:.1f} s)", flush=True)
 
     cfg = builtin_config(tk.get_vocab_size())
