@@ -23,6 +23,11 @@ class LayerHandle:
         self._state = {k: v[slot] for k, v in st.items() if isinstance(v, torch.Tensor)}  # views, no copies
         self._ring_base = slot * layer.window
 
+    def state_tensors(self) -> list[torch.Tensor]:
+        """This slot's compressor state (tails, series a) as views, for callers that must save and
+        restore it around a trial step (engine/decode.py's warm-up before graph capture)."""
+        return list(self._state.values())
+
     # ----------------------------------------------------------------- basics
     @property
     def seq_len(self) -> int:
@@ -37,11 +42,20 @@ class LayerHandle:
     # ----------------------------------------------------------------- window
     def read_window(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Ring contents before this call: (entries [W, D] float32, positions [W] int64, -1 = empty)."""
-        W, n = self.layer.window, self.seq_len
-        idx = torch.arange(W, device=self._window.tensors[next(iter(self._window.tensors))].device)
+        return self.read_ring(), self.ring_positions(self.seq_len)
+
+    def read_ring(self) -> torch.Tensor:
+        """The whole ring as float32 [W, D] (slot j holds the latest position p with p % W == j)."""
+        return self._window.read(slice(self._ring_base, self._ring_base + self.layer.window))
+
+    def ring_positions(self, n) -> torch.Tensor:
+        """Positions [W] int64 held by the ring slots when ``n`` tokens are cached (-1 = empty).
+
+        n: a host int, or a device tensor [1] (the captured decode step's position)."""
+        W = self.layer.window
+        idx = torch.arange(W, device=self.mgr.device)
         pos = (n - 1) - torch.remainder(n - 1 - idx, W)
-        pos = torch.where(pos >= 0, pos, torch.full_like(pos, -1))
-        return self._window.read(slice(self._ring_base, self._ring_base + W)), pos
+        return torch.where(pos >= 0, pos, torch.full_like(pos, -1))
 
     def write_window(self, x: torch.Tensor, start: int) -> None:
         """Store the last min(S, W) of x [S, D] (positions start..start+S-1) into the ring."""
@@ -50,6 +64,10 @@ class LayerHandle:
         keep = min(S, W)
         pos = torch.arange(start + S - keep, start + S, device=x.device)
         self._window.write(self._ring_base + torch.remainder(pos, W), x[S - keep:])
+
+    def write_ring_at(self, x: torch.Tensor, pos: torch.Tensor) -> None:
+        """Store x [1, D] for the token at device position pos [1] into its ring slot."""
+        self._window.write(self._ring_base + torch.remainder(pos, self.layer.window), x)
 
     # ------------------------------------------------------------ compressor
     def tail(self, name: str = "main") -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,6 +92,26 @@ class LayerHandle:
         p = "" if name == "main" else "i"
         self._state[p + "prev_c"].copy_(c)
         self._state[p + "prev_z"].copy_(z)
+
+    def full_tail(self, name: str = "main") -> tuple[torch.Tensor, torch.Tensor]:
+        """All ratio-1 tail rows (C, Z) [ratio-1, width] float32 views, pending or stale."""
+        p = "" if name == "main" else "i"
+        return self._state[p + "tail_c"], self._state[p + "tail_z"]
+
+    def write_tail_at(self, k: torch.Tensor, c: torch.Tensor, z: torch.Tensor, name: str = "main") -> None:
+        """Store one token's (c, z) [1, width] as tail row k (device [1], k = position % ratio).
+
+        k = ratio-1 closes the window; the tail is then empty, so the row written (clamped to the
+        last one) is never read."""
+        p = "" if name == "main" else "i"
+        row = k.clamp(max=self.layer.ratio - 2)
+        self._state[p + "tail_c"].index_copy_(0, row, c)
+        self._state[p + "tail_z"].index_copy_(0, row, z)
+
+    def prev_state(self, name: str = "main") -> tuple[torch.Tensor, torch.Tensor]:
+        """CSA series-a buffers (C, Z) [ratio, D] as stored (meaningful once a window has closed)."""
+        p = "" if name == "main" else "i"
+        return self._state[p + "prev_c"], self._state[p + "prev_z"]
 
     # ------------------------------------------------------ compressed entries
     def _rows(self, first: int, count: int, device) -> torch.Tensor:
@@ -101,3 +139,28 @@ class LayerHandle:
     def append_index_keys(self, first: int, x: torch.Tensor) -> None:
         if x.shape[0]:
             self._ipool.write(self._rows(first, x.shape[0], self.mgr.device), x)
+
+    # ------------------------------------ fixed-size access (captured decode step)
+    def _rows_at(self, e: torch.Tensor) -> torch.Tensor:
+        """Pool rows of entry indices e (device int64); entries of unallocated blocks map to row 0."""
+        epb = self.layer.entries_per_block
+        blocks = self.mgr.block_table[self.slot].long()[e // epb].clamp(min=0)
+        return blocks * epb + e % epb
+
+    def entry_capacity(self) -> int:
+        return self.mgr.entry_capacity(self.layer.ratio)
+
+    def read_all_entries(self) -> torch.Tensor:
+        """Every addressable entry of the slot, float32 [capacity, D]; rows past the emitted ones
+        are stale or empty and must be masked by the caller."""
+        return self._pool.read(self._rows_at(torch.arange(self.entry_capacity(), device=self.mgr.device)))
+
+    def read_all_index_keys(self) -> torch.Tensor:
+        return self._ipool.read(self._rows_at(torch.arange(self.entry_capacity(), device=self.mgr.device)))
+
+    def write_entry_at(self, e: torch.Tensor, x: torch.Tensor) -> None:
+        """Store entry index e (device [1]) from x [1, D]; its block must be allocated (prepare)."""
+        self._pool.write(self._rows_at(e), x)
+
+    def write_index_key_at(self, e: torch.Tensor, x: torch.Tensor) -> None:
+        self._ipool.write(self._rows_at(e), x)

@@ -104,7 +104,9 @@ class CacheManager:
     def prepare(self, slot: int, n_new: int) -> None:
         """Make room for ``n_new`` more tokens: check the limit, allocate blocks entries will land in.
 
-        Block b gets its first entry when the context reaches 128*b + min_ratio tokens.
+        Block b is allocated as soon as the context reaches a token of it (128*b + 1 tokens): the
+        captured decode step (engine/decode.py) writes the entry of the window a token is filling
+        at every step, before the window closes.
         """
         self._check(slot)
         total = self._seq[slot] + n_new
@@ -112,10 +114,9 @@ class CacheManager:
             raise CacheError(
                 f"context limit reached: {total} tokens > {self._limit[slot]} reserved for this request"
             )
-        r = self.schema.min_ratio
-        if not r:
+        if not self.schema.min_ratio:
             return
-        need = 0 if total < r else (total - r) // BLOCK_TOKENS + 1
+        need = -(-total // BLOCK_TOKENS)
         while len(self._blocks[slot]) < need:
             b = self.allocator.acquire()
             self.block_table[slot, len(self._blocks[slot])] = b
@@ -123,6 +124,10 @@ class CacheManager:
 
     def commit(self, slot: int, n_new: int) -> None:
         self._seq[slot] += n_new
+
+    def entry_capacity(self, ratio: int) -> int:
+        """Compressed entries of one ratio-``ratio`` layer that one slot's block table can address."""
+        return self.blocks_per_slot * (BLOCK_TOKENS // ratio)
 
     def blocks_held(self, slot: int) -> int:
         return len(self._blocks[slot])

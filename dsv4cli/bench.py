@@ -21,20 +21,24 @@ LAYERS_OPT = typer.Option(None, "--layers", help="Use only the first N layers (f
 SYN_OPT = typer.Option(False, "--synthetic", help="Random weights generated in their stored formats on the device.")
 JSON_OPT = typer.Option(None, "--json", help="Write results as JSON to FILE ('-' for stdout).")
 COMPARE_OPT = typer.Option(None, "--compare", help="Also run the same work through 'reference' (the torch "
-                           "reference kernels) or 'transformers' (its DeepseekV4ForCausalLM with the same weights, "
-                           "float32, where it fits in memory) and report the speed ratio.")
+                           "reference kernels), 'transformers' (its DeepseekV4ForCausalLM with the same weights, "
+                           "float32, where it fits in memory) or, for decode on a GPU, 'eager' (the same kernels "
+                           "without the CUDA graph) and report the speed ratio.")
 
 
-def _check_compare_name(against) -> None:
-    if against not in (None, "reference", "transformers"):
-        raise UserError(f"--compare {against!r}: use reference or transformers")
+def _check_compare_name(against, kind: str = "decode") -> None:
+    if against not in (None, "reference", "transformers", "eager"):
+        raise UserError(f"--compare {against!r}: use reference, transformers or eager")
+    if against == "eager" and kind != "decode":
+        raise UserError("--compare eager applies to decode (prefill never uses the CUDA graph)")
 
 
 def _check_compare(against, m) -> None:
     """Refuse a --compare that cannot run, before any timing starts."""
     if against is None:
         return
-    _check_compare_name(against)
+    if against == "eager" and m.device.type != "cuda":
+        raise UserError("--compare eager needs a CUDA device (decode on the CPU never uses a CUDA graph)")
     if against == "transformers":
         try:
             from transformers import DeepseekV4ForCausalLM  # noqa: F401
@@ -49,16 +53,18 @@ def _check_compare(against, m) -> None:
                             f"{need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB is free on {m.device} (try fewer --layers)")
 
 
-def _timed(kind: str, model, preset, layers, synthetic, device, precision, compare, prompt_len, n, warmup):
+def _timed(kind: str, model, preset, layers, synthetic, device, precision, compare, prompt_len, n, warmup,
+           **options):
     """Load the model, check --compare, time ``kind`` ("decode" | "prefill") and the comparison.
-    -> (result, model, full-size config, display name, resolved device)."""
+    options: extra arguments of our run (decode: cuda_graph). -> (result, model, full-size config,
+    display name, resolved device)."""
     from engine import bench as B
 
-    _check_compare_name(compare)
+    _check_compare_name(compare, kind)
     m, full, name, device = _load(model, preset, layers, synthetic, device, precision)
     _check_compare(compare, m)
     run = B.bench_decode if kind == "decode" else B.bench_prefill
-    r = run(m, prompt_len, n, warmup)
+    r = run(m, prompt_len, n, warmup, **options)
     if compare:
         r.update(_compare(compare, kind, run, m, r, prompt_len, n, warmup))
     return r, m, full, name, device
@@ -75,6 +81,8 @@ def _compare(against, kind: str, run, m, ours: dict, prompt_len: int, n: int, wa
         with use_backend("reference"):
             other = run(m, prompt_len, n, warmup)
         extra = {}
+    elif against == "eager":
+        other, extra = B.bench_decode(m, prompt_len, n, warmup, cuda_graph=False), {}
     else:
         from engine.hf import build_hf_model
         from engine.weights import logical_tensors
@@ -177,17 +185,24 @@ def decode(model: Optional[Path] = MODEL_OPT, preset: Optional[str] = PRESET_OPT
            steps: int = typer.Option(32, "--steps", help="Timed decode steps."),
            warmup: int = typer.Option(3, "--warmup"), device: str = typer.Option("auto", "--device"),
            precision: str = typer.Option("faithful", "--precision"), json_path: Optional[str] = JSON_OPT,
-           compare: Optional[str] = COMPARE_OPT):
-    guard(_decode)(model, preset, layers, synthetic, prompt_len, steps, warmup, device, precision, json_path, compare)
+           compare: Optional[str] = COMPARE_OPT,
+           cuda_graph: bool = typer.Option(True, "--cuda-graph/--no-cuda-graph", help="On a GPU, replay each decode "
+                                           "step from one captured CUDA graph (the default) or launch its kernels "
+                                           "one by one.")):
+    guard(_decode)(model, preset, layers, synthetic, prompt_len, steps, warmup, device, precision, json_path, compare,
+                   cuda_graph)
 
 
-def _decode(model, preset, layers, synthetic, prompt_len, steps, warmup, device, precision, json_path, compare=None):
+def _decode(model, preset, layers, synthetic, prompt_len, steps, warmup, device, precision, json_path, compare=None,
+            cuda_graph=True):
     from engine.bench import measure_bandwidth
 
     if prompt_len < 1 or steps < 1 or warmup < 0:
         raise UserError("--prompt-len and --steps must be >= 1, --warmup >= 0")
+    if compare == "eager" and not cuda_graph:
+        raise UserError("--compare eager with --no-cuda-graph would time the same path twice")
     r, m, full, name, device = _timed("decode", model, preset, layers, synthetic, device, precision, compare,
-                                      prompt_len, steps, warmup)
+                                      prompt_len, steps, warmup, cuda_graph=None if cuda_graph else False)
     bw = measure_bandwidth(device)
     bytes_tok = r["weight_bytes_per_token"] + r["kv_bytes_per_token"]
     roofline = {"measured_bandwidth_bytes_per_s": bw, "bandwidth_floor_ms_per_token": bytes_tok / bw * 1000,

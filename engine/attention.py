@@ -1,4 +1,10 @@
-"""One attention layer (SWA, CSA or HCA) over the slot's cache, for a chunk of S new tokens."""
+"""One attention layer (SWA, CSA or HCA) over the slot's cache.
+
+``attention`` runs a chunk of S new tokens at host-known positions; ``decode_attention`` runs one
+token whose position is a device tensor, reading fixed-size views of the cache (the whole window
+ring, the slot's whole entry capacity) under masks, so that it can be captured in a CUDA graph.
+Both compute the same values.
+"""
 
 from __future__ import annotations
 
@@ -7,25 +13,43 @@ import torch
 import kernels
 from kernels import quant
 
-from .compressor import compress_step
+from .compressor import compress_decode, compress_step
+
+
+def _project(x, w, p, cfg, cos, sin, faithful):
+    """-> qr [S, q_lora] (the indexer's input), q [S, H, D] and this chunk's KV entries kv [S, D]."""
+    S = x.shape[0]
+    H, D, rd, eps = cfg.num_attention_heads, cfg.head_dim, cfg.qk_rope_head_dim, cfg.rms_norm_eps
+    qr = kernels.rms_norm(kernels.linear(x, w[p + ".wq_a"]), w[p + ".q_norm.weight"], eps)
+    q = kernels.linear(qr, w[p + ".wq_b"]).view(S, H, D)
+    q = kernels.apply_rope(kernels.rms_norm(q, None, eps), cos, sin)
+    kv = kernels.rms_norm(kernels.linear(x, w[p + ".wkv"]), w[p + ".kv_norm.weight"], eps)
+    kv = kernels.apply_rope(kv, cos, sin)
+    if faithful:
+        kv = quant.kv_quant_dequant(kv, rd)
+    return qr, q, kv
+
+
+def _attend(q, keys, visible, w, p, cfg, cos, sin) -> torch.Tensor:
+    """Sink attention of q [S, H, D] over keys [T, D] where visible [S, T]; inverse RoPE; wo_a, wo_b."""
+    bias = torch.zeros(visible.shape, dtype=torch.float32, device=q.device).masked_fill(~visible, float("-inf"))
+    o = kernels.sparse_mqa_attention(q, keys, bias, w[p + ".attn_sink"], cfg.head_dim ** -0.5)  # [S, H, D]
+    o = kernels.apply_rope(o, cos, sin, inverse=True)
+    y = kernels.grouped_linear(o.reshape(o.shape[0], cfg.o_groups, -1), w[p + ".wo_a"])  # [S, G*R]
+    return kernels.linear(y, w[p + ".wo_b"])
+
+
+def _entry_quantiser(faithful: bool, rd: int):
+    return (lambda e: quant.kv_quant_dequant(e, rd)) if faithful else (lambda e: e)
 
 
 def attention(x: torch.Tensor, w: dict, p: str, spec, cfg, handle, positions: torch.Tensor, rope,
               mode: str, start: int) -> torch.Tensor:
     """x: [S, d] normed input; p: weight prefix "layers.i.attn"; positions: [S] absolute, the first
     being ``start`` (a host int, so no device sync). -> [S, d]."""
-    S = x.shape[0]
-    H, D, rd, eps = cfg.num_attention_heads, cfg.head_dim, cfg.qk_rope_head_dim, cfg.rms_norm_eps
     faithful = mode == "faithful"
     cos, sin = rope.cos_sin(positions, spec.yarn)
-
-    qr = kernels.rms_norm(kernels.linear(x, w[p + ".wq_a"]), w[p + ".q_norm.weight"], eps)  # [S, q_lora]
-    q = kernels.linear(qr, w[p + ".wq_b"]).view(S, H, D)
-    q = kernels.apply_rope(kernels.rms_norm(q, None, eps), cos, sin)
-    kv = kernels.rms_norm(kernels.linear(x, w[p + ".wkv"]), w[p + ".kv_norm.weight"], eps)  # [S, D]
-    kv = kernels.apply_rope(kv, cos, sin)
-    if faithful:
-        kv = quant.kv_quant_dequant(kv, rd)
+    qr, q, kv = _project(x, w, p, cfg, cos, sin, faithful)
 
     # sliding window: ring (before this chunk) + this chunk; key k visible to t iff t-W < k <= t
     ring, ring_pos = handle.read_window()
@@ -37,40 +61,64 @@ def attention(x: torch.Tensor, w: dict, p: str, spec, cfg, handle, positions: to
 
     if spec.ratio:
         m = spec.ratio
-        kvq = (lambda e: quant.kv_quant_dequant(e, rd)) if faithful else (lambda e: e)
-        n = compress_step(x, w, p + ".compressor", handle, start, m, spec.attn == "csa", rope, eps, kvq,
-                          append=handle.append_entries)
+        n = compress_step(x, w, p + ".compressor", handle, start, m, spec.attn == "csa", rope, cfg.rms_norm_eps,
+                          _entry_quantiser(faithful, cfg.qk_rope_head_dim), append=handle.append_entries)
         entries = handle.read_entries(n).to(kv.dtype)  # [n, D]
         ent_vis = (torch.arange(n, device=x.device)[None, :] + 1) * m <= t + 1  # [S, n]
         if spec.attn == "csa":
-            ent_vis = ent_vis & _indexer_select(x, qr, w, p + ".indexer", cfg, handle, positions, start, rope,
-                                                faithful, ent_vis)
+            iq = _index_quantiser(faithful)
+            compress_step(x, w, p + ".indexer.compressor", handle, start, m, True, rope, cfg.rms_norm_eps, iq,
+                          name="idx", append=handle.append_index_keys)
+            ent_vis = ent_vis & _indexer_select(x, qr, w, p + ".indexer", cfg, handle.read_index_keys(n), cos_sin=
+                                                rope.cos_sin(positions, yarn=True), iq=iq, visible=ent_vis)
         keys = torch.cat([keys, entries], 0)
         visible = torch.cat([visible, ent_vis], 1)
-
-    bias = torch.zeros(visible.shape, dtype=torch.float32, device=x.device).masked_fill(~visible, float("-inf"))
-    o = kernels.sparse_mqa_attention(q, keys, bias, w[p + ".attn_sink"], D ** -0.5)  # [S, H, D]
-    o = kernels.apply_rope(o, cos, sin, inverse=True)
-    return _grouped_out(o, w, p, cfg)
+    return _attend(q, keys, visible, w, p, cfg, cos, sin)
 
 
-def _grouped_out(o: torch.Tensor, w: dict, p: str, cfg) -> torch.Tensor:
-    """heads -> o_groups groups; wo_a maps each group (H/G*D) -> o_lora_rank with its own rows; wo_b -> d."""
-    y = kernels.grouped_linear(o.reshape(o.shape[0], cfg.o_groups, -1), w[p + ".wo_a"])  # [S, G*R]
-    return kernels.linear(y, w[p + ".wo_b"])
+def decode_attention(x: torch.Tensor, w: dict, p: str, spec, cfg, handle, positions: torch.Tensor, rope,
+                     mode: str, start=None) -> torch.Tensor:
+    """One token, x: [1, d], at the device position positions [1] (``start`` is unused). -> [1, d]."""
+    faithful = mode == "faithful"
+    pos = positions
+    cos, sin = rope.cos_sin(pos, spec.yarn)
+    qr, q, kv = _project(x, w, p, cfg, cos, sin, faithful)
+
+    ring_pos = handle.ring_positions(pos)  # [W] positions before this token
+    keys = torch.cat([handle.read_ring().to(kv.dtype), kv], 0)
+    kpos = torch.cat([ring_pos, pos], 0)
+    visible = ((kpos >= 0) & (kpos > pos - cfg.sliding_window))[None, :]  # [1, W+1]
+    handle.write_ring_at(kv, pos)
+
+    if spec.ratio:
+        m = spec.ratio
+        compress_decode(x, w, p + ".compressor", handle, pos, m, spec.attn == "csa", rope, cfg.rms_norm_eps,
+                        _entry_quantiser(faithful, cfg.qk_rope_head_dim), store=handle.write_entry_at)
+        entries = handle.read_all_entries().to(kv.dtype)  # [capacity, D]
+        ent_vis = ((torch.arange(entries.shape[0], device=x.device) + 1) * m <= pos + 1)[None, :]
+        if spec.attn == "csa":
+            iq = _index_quantiser(faithful)
+            compress_decode(x, w, p + ".indexer.compressor", handle, pos, m, True, rope, cfg.rms_norm_eps, iq,
+                            name="idx", store=handle.write_index_key_at)
+            ent_vis = ent_vis & _indexer_select(x, qr, w, p + ".indexer", cfg, handle.read_all_index_keys(),
+                                                cos_sin=rope.cos_sin(pos, yarn=True), iq=iq, visible=ent_vis)
+        keys = torch.cat([keys, entries], 0)
+        visible = torch.cat([visible, ent_vis], 1)
+    return _attend(q, keys, visible, w, p, cfg, cos, sin)
 
 
-def _indexer_select(x, qr, w, p, cfg, handle, positions, start, rope, faithful, ent_vis) -> torch.Tensor:
-    """Lightning Indexer: bool [S, n] of the top-index_topk visible compressed entries per query."""
+def _index_quantiser(faithful: bool):
+    return quant.indexer_quant_dequant if faithful else (lambda e: e)
+
+
+def _indexer_select(x, qr, w, p, cfg, keys, cos_sin, iq, visible) -> torch.Tensor:
+    """Lightning Indexer: bool [S, T] of the top-index_topk visible entries per query.
+
+    keys: [T, Di] the stored indexer keys; visible: [S, T] the entries each query may see."""
     S = x.shape[0]
-    Hi, Di, eps = cfg.index_n_heads, cfg.index_head_dim, cfg.rms_norm_eps
-    iq = (lambda e: quant.indexer_quant_dequant(e)) if faithful else (lambda e: e)
-    n = compress_step(x, w, p + ".compressor", handle, start, handle.layer.ratio, True, rope, eps, iq, name="idx",
-                      append=handle.append_index_keys)
-    keys = handle.read_index_keys(n)  # [n, Di]
-    cos, sin = rope.cos_sin(positions, yarn=True)
-    q = kernels.apply_rope(kernels.linear(qr, w[p + ".wq_b"]).view(S, Hi, Di), cos, sin)
+    Hi, Di = cfg.index_n_heads, cfg.index_head_dim
+    q = kernels.apply_rope(kernels.linear(qr, w[p + ".wq_b"]).view(S, Hi, Di), *cos_sin)
     q = iq(q)
     weights = kernels.linear(x, w[p + ".weights_proj"]).float() * (Di ** -0.5 * Hi ** -0.5)
     scores = kernels.indexer_scores(q, keys, weights)
-    return kernels.indexer_topk(scores, ent_vis, cfg.index_topk)
+    return kernels.indexer_topk(scores, visible, cfg.index_topk)

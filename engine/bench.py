@@ -163,9 +163,10 @@ def active_params_per_token(model: Model) -> int:
     return _per_token(model, lambda name, v: v.shape[0] * v.shape[1] if isinstance(v, QWeight) else 0)
 
 
-def bench_decode(model: Model, prompt_len: int, steps: int, warmup: int = 3) -> dict:
+def bench_decode(model: Model, prompt_len: int, steps: int, warmup: int = 3, cuda_graph: bool | None = None) -> dict:
+    """Decode ``steps`` tokens after a ``prompt_len`` prompt; cuda_graph as Session's (None: the default)."""
     dev = model.device
-    s = Session(model, max_context=prompt_len + steps + warmup + 8)
+    s = Session(model, max_context=prompt_len + steps + warmup + 8, cuda_graph=cuda_graph)
     prompt, toks = _bench_tokens(model.cfg.vocab_size, prompt_len, steps + warmup)
     timer = Timer(dev)
     _reset_peak(dev)
@@ -179,7 +180,7 @@ def bench_decode(model: Model, prompt_len: int, steps: int, warmup: int = 3) -> 
                 "tokens_per_s": 1 / out["median_s"], "ms_per_token": out["median_s"] * 1000,
                 "ms_per_layer": out["median_s"] * 1000 / model.cfg.num_hidden_layers,
                 "weight_bytes_per_token": weight_bytes_per_token(model), "kv_bytes_per_token": kv,
-                "peak_device_bytes": _peak_bytes(dev)})
+                "peak_device_bytes": _peak_bytes(dev), "cuda_graph": s.runner is not None})
     return out
 
 

@@ -3,7 +3,8 @@
 Per token: C = wkv(x), Z = wgate(x) in float32. Pending tokens of the unfinished window live in the
 cache tail (raw Z, ape not yet added); every window that completes emits one entry:
 softmax-pooled, RMSNorm'd, RoPE'd at the window's first position, quantised (faithful mode) and
-appended to the cache.
+appended to the cache. ``compress_step`` feeds a chunk at a host-known start; ``compress_decode``
+feeds one token at a device position with fixed shapes (for CUDA-graph capture).
 """
 
 from __future__ import annotations
@@ -11,6 +12,13 @@ from __future__ import annotations
 import torch
 
 import kernels
+
+
+def _finish(entries, w, prefix, eps, rope, epos, quantise):
+    """Pooled entries [n, D] -> normed, RoPE'd at window starts epos [n], quantised."""
+    entries = kernels.rms_norm(entries, w[prefix + ".norm.weight"], eps)
+    cos, sin = rope.cos_sin(epos, yarn=True)
+    return quantise(kernels.apply_rope(entries, cos, sin))
 
 
 def compress_step(x: torch.Tensor, w: dict, prefix: str, handle, start: int, ratio: int, overlap: bool,
@@ -36,13 +44,36 @@ def compress_step(x: torch.Tensor, w: dict, prefix: str, handle, start: int, rat
         pos = torch.arange(first_pos, first_pos + used, device=x.device)
         zz = Z[:used] + ape[pos % ratio]
         entries, last_a = kernels.compress_windows(C[:used], zz, ratio, overlap, handle.prev_a(name) if overlap else None)
-        entries = kernels.rms_norm(entries, w[prefix + ".norm.weight"], eps)
         w0 = first_pos // ratio
-        epos = (w0 + torch.arange(n, device=x.device)) * ratio
-        cos, sin = rope.cos_sin(epos, yarn=True)
-        entries = quantise(kernels.apply_rope(entries, cos, sin))
-        append(w0, entries)
+        append(w0, _finish(entries, w, prefix, eps, rope, (w0 + torch.arange(n, device=x.device)) * ratio, quantise))
         if overlap:
             handle.set_prev_a(last_a[0], last_a[1], name)
     handle.set_tail(C[used:], Z[used:], name)
     return (start + S) // ratio
+
+
+def compress_decode(x: torch.Tensor, w: dict, prefix: str, handle, pos: torch.Tensor, ratio: int, overlap: bool,
+                    rope, eps: float, quantise, name: str = "main", store=None) -> None:
+    """Feed one token (x: [1, d]) at device position pos [1], with shapes that do not depend on it.
+
+    The window the token belongs to is pooled as if it closed now, from the whole tail and this
+    token, and stored as entry pos // ratio by store(e [1], entry [1, D]): a partial entry is
+    invisible (attention sees entry e only once (e+1)*ratio <= pos+1) and is overwritten when the
+    window really closes. The series a (CSA) is replaced only when it does close.
+    """
+    c = kernels.linear(x.float(), w[prefix + ".wkv"])
+    z = kernels.linear(x.float(), w[prefix + ".wgate"])
+    tail_c, tail_z = handle.full_tail(name)
+    C = torch.cat([tail_c, c], 0)  # [ratio, width]: row j = position j of the window
+    Z = torch.cat([tail_z, z], 0) + w[prefix + ".ape"].float()
+    closing = pos % ratio == ratio - 1
+    prev = None
+    if overlap:
+        pc, pz = handle.prev_state(name)
+        prev = (pc, torch.where(pos >= ratio, pz, float("-inf")))  # no series a before the first window
+    entries, last_a = kernels.compress_windows(C, Z, ratio, overlap, prev)
+    e = pos // ratio
+    store(e, _finish(entries, w, prefix, eps, rope, e * ratio, quantise))
+    if overlap:
+        handle.set_prev_a(torch.where(closing, last_a[0], pc), torch.where(closing, last_a[1], pz), name)
+    handle.write_tail_at(pos % ratio, c, z, name)

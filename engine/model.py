@@ -14,8 +14,10 @@ import torch
 
 import kernels
 
+from .attention import decode_attention
 from .block import block
 from .config import DSV4Config
+from .moe import layer_experts
 from .rope import RopeTables
 from .weights import build_weights
 
@@ -27,10 +29,22 @@ class Model:
                  dtype: torch.dtype = torch.float32):
         if mode not in MODES:
             raise ValueError(f"unknown precision mode {mode!r}: use 'exact' or 'faithful'")
-        self.cfg, self.w, self.mode = cfg, weights, mode
+        self.cfg, self.mode = cfg, mode
         self.device, self.dtype = torch.device(device), dtype
         self.rope = RopeTables(cfg, self.device)
         self.specs = cfg.schedule()
+        self.w = weights
+
+    @property
+    def w(self) -> dict:
+        """Published name -> QWeight / tensor (engine/weights.py)."""
+        return self._w
+
+    @w.setter
+    def w(self, weights: dict) -> None:
+        self._w = weights
+        prefixes = [f"layers.{s.index}.ffn" for s in self.specs] + (["mtp.0.ffn"] if "mtp.0.e_proj" in weights else [])
+        self.experts = {p: layer_experts(weights, p, self.cfg.n_routed_experts) for p in prefixes}
 
     @classmethod
     def from_state_dict(cls, cfg: DSV4Config, tensors: dict, mode: str = "exact", device="cpu",
@@ -55,10 +69,24 @@ class Model:
         h = w["embed.weight"][ids].to(self.dtype)
         streams = h.unsqueeze(1).expand(-1, cfg.hc_mult, -1).contiguous()
         for spec in self.specs:
-            streams = block(streams, w, f"layers.{spec.index}", spec, cfg, handles[spec.index], positions, ids,
-                            self.rope, self.mode, start)
+            p = f"layers.{spec.index}"
+            streams = block(streams, w, p, spec, cfg, handles[spec.index], positions, ids, self.rope, self.mode,
+                            start, self.experts[p + ".ffn"])
         logits = self._head(streams[-1:] if last_only else streams, "")
         return (logits, streams) if return_streams else logits
+
+    def decode_forward(self, token: torch.Tensor, pos: torch.Tensor, handles) -> torch.Tensor:
+        """One decode token with static shapes: token [1] int64 and pos [1] int64 on the model's
+        device (pos = tokens already cached). The same values as ``forward``, but no shape or
+        branch depends on the position, so it can be captured in a CUDA graph (engine/decode.py).
+        -> logits [1, vocab] float32."""
+        cfg, w = self.cfg, self.w
+        streams = w["embed.weight"][token].to(self.dtype).unsqueeze(1).expand(-1, cfg.hc_mult, -1).contiguous()
+        for spec in self.specs:
+            p = f"layers.{spec.index}"
+            streams = block(streams, w, p, spec, cfg, handles[spec.index], pos, token, self.rope, self.mode,
+                            None, self.experts[p + ".ffn"], attend=decode_attention)
+        return self._head(streams, "")
 
     def _head(self, streams: torch.Tensor, p: str) -> torch.Tensor:
         cfg, w = self.cfg, self.w
@@ -81,5 +109,6 @@ class Model:
         e = kernels.rms_norm(w["embed.weight"][ids].to(self.dtype), w[p + ".enorm.weight"], cfg.rms_norm_eps)
         hs = kernels.rms_norm(streams, w[p + ".hnorm.weight"], cfg.rms_norm_eps)
         x = kernels.linear(e, w[p + ".e_proj"]).unsqueeze(1) + kernels.linear(hs, w[p + ".h_proj"])
-        x = block(x, w, p, cfg.mtp_layer(0), cfg, handle, positions, ids, self.rope, self.mode, start)
+        x = block(x, w, p, cfg.mtp_layer(0), cfg, handle, positions, ids, self.rope, self.mode, start,
+                  self.experts[p + ".ffn"])
         return self._head(x, p + ".")

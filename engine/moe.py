@@ -5,31 +5,26 @@ from __future__ import annotations
 import torch
 
 import kernels
+from kernels import ExpertSet
 
 
-def expert(x: torch.Tensor, w: dict, p: str, limit: float) -> torch.Tensor:
-    """w2(swiglu(w1 x, w3 x)) with the clamp.  x: [n, d] -> [n, d]."""
-    h = kernels.swiglu(kernels.linear(x, w[p + ".w1"]), kernels.linear(x, w[p + ".w3"]), limit)
-    return kernels.linear(h, w[p + ".w2"])
+def layer_experts(w: dict, p: str, n_experts: int) -> tuple[ExpertSet, ExpertSet]:
+    """(routed, shared) ExpertSets of the MoE at prefix p ("layers.i.ffn"), referencing w's weights."""
+    routed = ExpertSet(*([w[f"{p}.experts.{e}.{n}"] for e in range(n_experts)] for n in ("w1", "w3", "w2")))
+    shared = ExpertSet(*([w[f"{p}.shared_experts.{n}"]] for n in ("w1", "w3", "w2")))
+    return routed, shared
 
 
-def moe(x: torch.Tensor, w: dict, p: str, spec, cfg, token_ids: torch.Tensor) -> torch.Tensor:
-    """x: [S, d] normed; p: "layers.i.ffn"; token_ids: [S] (hash routing). -> [S, d]."""
+def moe(x: torch.Tensor, w: dict, p: str, spec, cfg, token_ids: torch.Tensor, experts=None) -> torch.Tensor:
+    """x: [S, d] normed; p: "layers.i.ffn"; token_ids: [S] (hash routing); experts: layer_experts(...)
+    (built here if None). -> [S, d]. The expert ids stay on the device (no host read)."""
+    routed, shared = experts or layer_experts(w, p, cfg.n_routed_experts)
     scores = kernels.router_scores(x, w[p + ".gate"].dequant())
     k, scale = cfg.num_experts_per_tok, cfg.routed_scaling_factor
     if spec.router.value == "hash":
         weights, ids = kernels.hash_route(scores, w[p + ".gate.tid2eid"], token_ids, scale)
     else:
         weights, ids = kernels.router_topk(scores, w[p + ".gate.bias"], k, scale)
-    if x.shape[0] == 1:  # decode: one host read of the k expert ids, no gather/scatter
-        order = sorted(enumerate(ids[0].tolist()), key=lambda t: t[1])  # ascending expert id, as below
-        out = torch.zeros_like(x)
-        for slot, e in order:
-            out = out + (expert(x, w, f"{p}.experts.{e}", cfg.swiglu_limit).float() * weights[:, slot, None]).to(x.dtype)
-        return out + expert(x, w, p + ".shared_experts", cfg.swiglu_limit)
-    out = torch.zeros_like(x)
-    for e in torch.unique(ids).tolist():
-        rows, slot = torch.where(ids == e)
-        y = expert(x[rows], w, f"{p}.experts.{e}", cfg.swiglu_limit)
-        out.index_add_(0, rows, (y.float() * weights[rows, slot, None]).to(x.dtype))
-    return out + expert(x, w, p + ".shared_experts", cfg.swiglu_limit)
+    out = kernels.routed_experts(x, ids, weights, routed, cfg.swiglu_limit)
+    one = torch.ones((x.shape[0], 1), device=x.device)
+    return out + kernels.routed_experts(x, torch.zeros_like(one, dtype=torch.long), one, shared, cfg.swiglu_limit)

@@ -10,12 +10,18 @@ from typing import Callable, Iterator
 import torch
 
 from cache import CacheManager, CacheSchema
+from kernels import dispatch
 
+from .decode import DecodeRunner
 from .model import Model
 
 
 class Session:
-    def __init__(self, model: Model, max_context: int | None = None, cache: CacheManager | None = None):
+    """cuda_graph: decode steps through a captured CUDA graph (engine/decode.py). Default: on for a
+    CUDA model unless the kernels are forced to the torch references (DSV4_KERNELS=reference)."""
+
+    def __init__(self, model: Model, max_context: int | None = None, cache: CacheManager | None = None,
+                 cuda_graph: bool | None = None):
         self.model = model
         cfg = model.cfg
         if cache is None:
@@ -23,6 +29,9 @@ class Session:
             cache = CacheManager(CacheSchema.from_config(cfg, model.mode), max_context, device=model.device)
         self.cache = cache
         self.slot = cache.admit_request()
+        if cuda_graph is None:
+            cuda_graph = model.device.type == "cuda" and dispatch.mode() != "reference"
+        self.runner = DecodeRunner(model, cache.handles(self.slot), graph=True) if cuda_graph else None
 
     @property
     def seq_len(self) -> int:
@@ -54,7 +63,12 @@ class Session:
 
     def step(self, token: int) -> torch.Tensor:
         """Decode one token; returns next-token logits [vocab]."""
-        return self.forward([token])[-1]
+        if self.runner is None:
+            return self.forward([token])[-1]
+        self.cache.prepare(self.slot, 1)
+        logits = self.runner.step(int(token), self.seq_len)
+        self.cache.commit(self.slot, 1)
+        return logits
 
     def generate(self, prompt_ids, sample: Callable[[torch.Tensor], int], max_new_tokens: int,
                  stop_ids: set[int] | frozenset = frozenset(), chunk: int | None = None) -> Iterator[int]:

@@ -13,7 +13,8 @@ from .dispatch import backends, implementation, register, use_backend
 from .indexer import indexer_scores as _iscores_ref, indexer_topk as _itopk_ref
 from .linear import QWeight, grouped_linear_reference as _glinear_ref, linear_reference as _linear_ref
 from .mhc import hc_head as _hc_head_ref, mhc_post as _mhc_post_ref, mhc_pre as _mhc_pre_ref, sinkhorn
-from .moe import hash_route, router_scores as _rscores_ref, router_topk as _rtopk_ref, swiglu as _swiglu_ref
+from .moe import ExpertSet, hash_route, routed_experts as _experts_ref, router_scores as _rscores_ref, \
+    router_topk as _rtopk_ref, swiglu as _swiglu_ref
 from .norm import rms_norm as _rms_ref
 from .rope import apply_rope as _rope_ref, rope_cos_sin, rope_inv_freq
 
@@ -21,7 +22,7 @@ _REFS = {
     "linear": _linear_ref, "grouped_linear": _glinear_ref, "rms_norm": _rms_ref, "apply_rope": _rope_ref, "mhc_pre": _mhc_pre_ref,
     "mhc_post": _mhc_post_ref, "hc_head": _hc_head_ref, "sparse_mqa_attention": _attention_ref,
     "compress_windows": _compress_ref, "indexer_scores": _iscores_ref, "indexer_topk": _itopk_ref,
-    "router_scores": _rscores_ref, "router_topk": _rtopk_ref, "swiglu": _swiglu_ref,
+    "router_scores": _rscores_ref, "router_topk": _rtopk_ref, "swiglu": _swiglu_ref, "routed_experts": _experts_ref,
 }
 for _name, _fn in _REFS.items():
     register(_name, "reference", _fn)
@@ -34,7 +35,7 @@ def _register_gpu_kernels() -> None:
     if not torch.cuda.is_available():
         return
     try:
-        from . import triton_elementwise, triton_linear, triton_mhc
+        from . import triton_elementwise, triton_linear, triton_mhc, triton_moe
     except ImportError:
         return
     register("apply_rope", "cuda", triton_elementwise.apply_rope_triton)
@@ -44,6 +45,7 @@ def _register_gpu_kernels() -> None:
     register("mhc_pre", "cuda", triton_mhc.mhc_pre_triton)
     register("mhc_post", "cuda", triton_mhc.mhc_post_triton)
     register("rms_norm", "cuda", triton_mhc.rms_norm_triton)
+    register("routed_experts", "cuda", triton_moe.routed_experts_triton)
 
 
 _register_gpu_kernels()
@@ -74,9 +76,10 @@ indexer_topk = _dispatching("indexer_topk")
 router_scores = _dispatching("router_scores")
 router_topk = _dispatching("router_topk")
 swiglu = _dispatching("swiglu")
+routed_experts = _dispatching("routed_experts")
 
 __all__ = [
-    "QWeight", "apply_rope", "backends", "compress_windows", "grouped_linear", "hash_route", "hc_head",
+    "ExpertSet", "QWeight", "routed_experts", "apply_rope", "backends", "compress_windows", "grouped_linear", "hash_route", "hc_head",
     "indexer_scores",
     "indexer_topk", "linear", "mhc_post", "mhc_pre", "quant", "register", "rms_norm", "rope_cos_sin",
     "rope_inv_freq", "router_scores", "router_topk", "sinkhorn", "sparse_mqa_attention", "swiglu",

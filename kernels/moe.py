@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
+
+from .linear import QWeight, linear_reference
 
 
 def router_scores(x: torch.Tensor, gate_weight: torch.Tensor) -> torch.Tensor:
@@ -34,3 +38,35 @@ def _normalise(scores: torch.Tensor, ids: torch.Tensor, scale: float) -> torch.T
 def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
     """silu(clamp(gate, max=limit)) * clamp(up, -limit, limit)."""
     return F.silu(gate.clamp(max=limit)) * up.clamp(-limit, limit)
+
+
+@dataclass
+class ExpertSet:
+    """The routed experts of one MoE layer, by expert id: w1 (gate), w3 (up) [inter, d] and
+    w2 (down) [d, inter] QWeights, all in one format. Holds references, never copies; kernels may
+    keep derived lookup tables (device pointer arrays) in ``tables``."""
+
+    w1: list[QWeight]
+    w3: list[QWeight]
+    w2: list[QWeight]
+    tables: dict = field(default_factory=dict, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.w1)
+
+
+def routed_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, experts: ExpertSet,
+                   limit: float) -> torch.Tensor:
+    """sum_j weights[s, j] * w2[e] swiglu(w1[e] x_s, w3[e] x_s), e = ids[s, j], clamp ``limit``.
+
+    x: [S, d]; ids: [S, k] int; weights: [S, k] float32. -> [S, d] in x's dtype. Experts are
+    visited in ascending id order and each one's weighted output is added in x's dtype.
+    """
+    out = torch.zeros_like(x)
+    for e in torch.unique(ids).tolist():
+        rows, slot = torch.where(ids == e)
+        xe = x[rows]
+        h = swiglu(linear_reference(xe, experts.w1[e]), linear_reference(xe, experts.w3[e]), limit)
+        y = linear_reference(h, experts.w2[e])
+        out.index_add_(0, rows, (y.float() * weights[rows, slot, None]).to(x.dtype))
+    return out

@@ -77,16 +77,23 @@ _E2M1_MID = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
 _TIE_UP = torch.tensor([False, True, False, True, False, True, False])  # tie goes to upper code?
 
 
+@functools.lru_cache(maxsize=32)
+def _on_device(name: str, device: torch.device) -> torch.Tensor:
+    """A module constant copied once per device (no host-to-device copy per call, which a CUDA
+    graph capture would refuse)."""
+    return {"values": _E2M1, "mid": _E2M1_MID, "tie_up": _TIE_UP}[name].to(device)
+
+
 def e2m1_encode(x: torch.Tensor) -> torch.Tensor:
     """Round float values (already scaled into [-6, 6]) to 4-bit e2m1 codes (uint8 0..15).
 
     Round-to-nearest, ties to the even mantissa; bit 3 is the sign.
     """
     a = x.float().abs().clamp(max=FP4_MAX)
-    mid = _E2M1_MID.to(a.device)
+    mid = _on_device("mid", a.device)
     idx = torch.bucketize(a, mid, right=False)  # a <= mid[i] -> i ; a tie lands on the lower code
     tie = (idx < len(E2M1_VALUES) - 1) & (a == mid[idx.clamp(max=6)])
-    idx = torch.where(tie & _TIE_UP.to(a.device)[idx.clamp(max=6)], idx + 1, idx)
+    idx = torch.where(tie & _on_device("tie_up", a.device)[idx.clamp(max=6)], idx + 1, idx)
     sign = (x < 0) & (idx > 0)
     return (idx + sign.to(idx.dtype) * 8).to(torch.uint8)
 
@@ -94,7 +101,7 @@ def e2m1_encode(x: torch.Tensor) -> torch.Tensor:
 def e2m1_decode(codes: torch.Tensor) -> torch.Tensor:
     """4-bit e2m1 codes (uint8 0..15) to float32."""
     c = codes.to(torch.int64)
-    v = _E2M1.to(codes.device)[c & 7]
+    v = _on_device("values", codes.device)[c & 7]
     return torch.where(c & 8 != 0, -v, v)
 
 
@@ -144,8 +151,9 @@ def _hadamard_cpu(n: int) -> torch.Tensor:
     return h / math.sqrt(n)
 
 
+@functools.lru_cache(maxsize=16)
 def hadamard_matrix(n: int, device=None) -> torch.Tensor:
-    """Normalised Sylvester Hadamard matrix [n, n] (symmetric, orthonormal)."""
+    """Normalised Sylvester Hadamard matrix [n, n] (symmetric, orthonormal), made once per device."""
     return _hadamard_cpu(n).to(device)
 
 

@@ -17,7 +17,9 @@ from kernels.mhc import mhc_post, mhc_pre  # noqa: E402
 from kernels.moe import swiglu  # noqa: E402
 from kernels.norm import rms_norm  # noqa: E402
 from kernels.rope import apply_rope  # noqa: E402
-from kernels import triton_elementwise as te, triton_linear as tlin, triton_mhc as tm  # noqa: E402
+from kernels import triton_elementwise as te, triton_linear as tlin, triton_mhc as tm, triton_moe as tmoe  # noqa: E402
+from kernels.moe import routed_experts  # noqa: E402
+from kernel_cases import FORMATS, expert_set  # noqa: E402
 
 g = torch.Generator().manual_seed(0)
 BOUND = 1e-5
@@ -43,6 +45,17 @@ def gemv_checks():
         W = QWeight("fp8", *quant.quant_fp8_block(torch.randn(G * R, Kg, generator=g)))
         og = torch.randn(S, G, Kg, generator=g)
         close(f"grouped {G}x{R}x{Kg}", tlin.grouped_linear_triton(og, W), grouped_linear_reference(og, W))
+
+
+def experts_checks():
+    for fmt in FORMATS:
+        for E, inter, d, k in [(6, 96, 256, 3), (5, 64, 160, 2)]:
+            es = expert_set(fmt, E, inter, d, g)
+            x = torch.randn(1, d, generator=g) * 4
+            ids = torch.randperm(E, generator=g)[:k].view(1, k)
+            wts = torch.rand(1, k, generator=g)
+            close(f"routed experts {fmt} E={E} {inter}x{d} k={k}", tmoe.routed_experts_triton(x, ids, wts, es, 7.0),
+                  routed_experts(x, ids, wts, es, 7.0))
 
 
 def elementwise_checks():
@@ -77,7 +90,8 @@ def engine_check():
     dispatch._DEVICE_OF_BACKEND["cuda"] = "cpu"
     for op, fn in [("linear", tlin.linear_triton), ("grouped_linear", tlin.grouped_linear_triton),
                    ("mhc_pre", tm.mhc_pre_triton), ("mhc_post", tm.mhc_post_triton), ("rms_norm", tm.rms_norm_triton),
-                   ("apply_rope", te.apply_rope_triton), ("swiglu", te.swiglu_triton)]:
+                   ("apply_rope", te.apply_rope_triton), ("swiglu", te.swiglu_triton),
+                   ("routed_experts", tmoe.routed_experts_triton)]:
         register(op, "cuda", fn)
     cfg = tiny_configs()["swa-csa-hca"]
     model = Model.from_state_dict(cfg, random_tensors(cfg, 1), mode="exact")

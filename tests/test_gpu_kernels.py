@@ -13,23 +13,10 @@ import torch
 import kernels
 from kernels import quant
 from kernels.dispatch import implementation, use_backend
-from kernels.linear import QWeight, grouped_linear_reference, linear_reference
+from kernels.linear import grouped_linear_reference, linear_reference
+from kernel_cases import FORMATS, expert_set, weight
 
 pytestmark = pytest.mark.gpu
-
-
-def _weight(fmt: str, N: int, K: int, g: torch.Generator) -> QWeight:
-    w = torch.randn(N, K, generator=g) / K ** 0.5
-    if fmt == "fp8":
-        return QWeight("fp8", *quant.quant_fp8_block(w))
-    if fmt == "fp8-f32":
-        q, s = quant.quant_fp8_block(w)
-        return QWeight("fp8", q, quant.ue8m0_to_float(s.view(torch.uint8)).float())
-    if fmt == "mxfp4":
-        return QWeight("mxfp4", *quant.quant_mxfp4(w))
-    if fmt == "nvfp4":
-        return QWeight("nvfp4", *quant.quant_nvfp4(w))
-    return QWeight("dense", w.to(torch.bfloat16 if fmt == "bf16" else torch.float32))
 
 
 @pytest.mark.parametrize("fmt", ["fp8", "fp8-f32", "mxfp4", "nvfp4", "bf16", "f32"])
@@ -39,7 +26,7 @@ def test_gemv_matches_reference(fmt, N, K, M):
     g = torch.Generator().manual_seed(N * 7 + K + M)
     if fmt in ("mxfp4", "nvfp4") and K % 32:
         pytest.skip("FP4 formats need K divisible by 32")
-    w = _weight(fmt, N, K, g).to("cuda")
+    w = weight(fmt, N, K, g).to("cuda")
     x = torch.randn(M, K, generator=g).cuda()
     fn = implementation("linear", "cuda")
     assert fn is not linear_reference
@@ -51,7 +38,7 @@ def test_gemv_matches_reference(fmt, N, K, M):
 @pytest.mark.parametrize("G,R,Kg,S", [(8, 1024, 4096, 1), (2, 16, 192, 3), (3, 24, 256, 2)])
 def test_grouped_linear_matches_reference(G, R, Kg, S):
     g = torch.Generator().manual_seed(G + R + Kg)
-    w = _weight("fp8", G * R, Kg, g).to("cuda")
+    w = weight("fp8", G * R, Kg, g).to("cuda")
     og = torch.randn(S, G, Kg, generator=g).cuda()
     got, ref = kernels.grouped_linear(og, w), grouped_linear_reference(og, w)
     assert got.shape == ref.shape == (S, G * R)
@@ -109,6 +96,50 @@ def test_swiglu_matches_reference():
     a, b = (torch.randn(3, 2048, generator=g) * 8).cuda(), (torch.randn(3, 2048, generator=g) * 8).cuda()
     assert implementation("swiglu", "cuda") is not ref_fn
     assert (kernels.swiglu(a, b, 10.0) - ref_fn(a, b, 10.0)).abs().max().item() <= 1e-5 * ref_fn(a, b, 10.0).abs().max().item()
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("E,inter,d,k", [(16, 2048, 4096, 6), (5, 96, 256, 2)])
+def test_routed_experts_match_reference(fmt, E, inter, d, k):
+    from kernels.moe import routed_experts as ref_fn
+
+    g = torch.Generator().manual_seed(E + inter + k)
+    es = expert_set(fmt, E, inter, d, g, "cuda")
+    x = (torch.randn(1, d, generator=g) * 4).cuda()
+    ids = torch.randperm(E, generator=g)[:k].view(1, k).cuda()
+    wts = torch.rand(1, k, generator=g).cuda()
+    assert implementation("routed_experts", "cuda") is not ref_fn
+    a, b = kernels.routed_experts(x, ids, wts, es, 7.0), ref_fn(x, ids, wts, es, 7.0)
+    assert a.shape == b.shape == (1, d)
+    assert (a - b).abs().max().item() <= 1e-5 * b.abs().max().item()
+
+
+def _graph_vs_eager(model, vocab, steps):
+    """Logits of the captured-graph decode and of the same static step launched eagerly."""
+    from engine.decode import DecodeRunner
+    from engine.session import Session
+
+    ids = torch.randint(0, vocab, (40 + steps,), generator=torch.Generator().manual_seed(6)).tolist()
+    outs = []
+    for graph in (True, False):
+        s = Session(model, 64 + steps, cuda_graph=False)
+        s.prefill(ids[:40])
+        r = DecodeRunner(model, s.cache.handles(s.slot), graph=graph)
+        steps_out = []
+        for t in ids[40:]:
+            s.cache.prepare(s.slot, 1)
+            steps_out.append(r.step(t, s.seq_len))
+            s.cache.commit(s.slot, 1)
+        outs.append(torch.stack(steps_out).cpu())
+    return outs
+
+
+def test_cuda_graph_replay_equals_eager_static_step(tiny_cfg, tiny_tensors):
+    from engine.model import Model
+
+    model = Model.from_state_dict(tiny_cfg, tiny_tensors, mode="faithful", device="cuda")
+    g, e = _graph_vs_eager(model, tiny_cfg.vocab_size, 200)
+    assert (g - e).abs().max().item() <= 1e-6 * e.abs().max().item()
 
 
 def _decode_logits(model, ids, backend):

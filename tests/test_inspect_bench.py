@@ -114,4 +114,8 @@ def test_bench_compare_reference_and_bad_value(ckpt):
     d = json.loads(r.stdout)
     assert d["compare_against"] == "reference" and d["compare_median_s"] > 0 and d["compare_speed_ratio"] > 0
     r = cli("bench", "prefill", "--model", str(ckpt), "--device", "cpu", "--compare", "vllm")
-    assert r.returncode == 2 and "use reference or transformers" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "use reference, transformers or eager" in r.stderr and "Traceback" not in r.stderr
+    r = cli("bench", "prefill", "--model", str(ckpt), "--device", "cpu", "--compare", "eager")
+    assert r.returncode == 2 and "applies to decode" in r.stderr
+    r = cli("bench", "decode", "--model", str(ckpt), "--device", "cpu", "--compare", "eager")
+    assert r.returncode == 2 and "needs a CUDA device" in r.stderr and "Traceback" not in r.stderr
