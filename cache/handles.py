@@ -42,20 +42,11 @@ class LayerHandle:
     # ----------------------------------------------------------------- window
     def read_window(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Ring contents before this call: (entries [W, D] float32, positions [W] int64, -1 = empty)."""
-        return self.read_ring(), self.ring_positions(self.seq_len)
-
-    def read_ring(self) -> torch.Tensor:
-        """The whole ring as float32 [W, D] (slot j holds the latest position p with p % W == j)."""
-        return self._window.read(slice(self._ring_base, self._ring_base + self.layer.window))
-
-    def ring_positions(self, n) -> torch.Tensor:
-        """Positions [W] int64 held by the ring slots when ``n`` tokens are cached (-1 = empty).
-
-        n: a host int, or a device tensor [1] (the captured decode step's position)."""
-        W = self.layer.window
+        W, n = self.layer.window, self.seq_len
         idx = torch.arange(W, device=self.mgr.device)
         pos = (n - 1) - torch.remainder(n - 1 - idx, W)
-        return torch.where(pos >= 0, pos, torch.full_like(pos, -1))
+        pos = torch.where(pos >= 0, pos, torch.full_like(pos, -1))
+        return self._window.read(slice(self._ring_base, self._ring_base + W)), pos
 
     def write_window(self, x: torch.Tensor, start: int) -> None:
         """Store the last min(S, W) of x [S, D] (positions start..start+S-1) into the ring."""
@@ -65,9 +56,10 @@ class LayerHandle:
         pos = torch.arange(start + S - keep, start + S, device=x.device)
         self._window.write(self._ring_base + torch.remainder(pos, W), x[S - keep:])
 
-    def write_ring_at(self, x: torch.Tensor, pos: torch.Tensor) -> None:
-        """Store x [1, D] for the token at device position pos [1] into its ring slot."""
-        self._window.write(self._ring_base + torch.remainder(pos, self.layer.window), x)
+    def ring_store(self) -> dict:
+        """This slot's W ring rows as store tensors (kernels/entries.py): views, row j = slot j."""
+        W = self.layer.window
+        return {k: v[self._ring_base:self._ring_base + W] for k, v in self._window.tensors.items()}
 
     # ------------------------------------------------------------ compressor
     def tail(self, name: str = "main") -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,8 +133,9 @@ class LayerHandle:
             self._ipool.write(self._rows(first, x.shape[0], self.mgr.device), x)
 
     # ------------------------------------ fixed-size access (captured decode step)
-    def _rows_at(self, e: torch.Tensor) -> torch.Tensor:
-        """Pool rows of entry indices e (device int64); entries of unallocated blocks map to row 0."""
+    def rows_at(self, e: torch.Tensor) -> torch.Tensor:
+        """Pool rows [k] of entry indices e [k] (device int64), looked up in the block table on the
+        device; entries of unallocated blocks map to row 0 (callers mask them)."""
         epb = self.layer.entries_per_block
         blocks = self.mgr.block_table[self.slot].long()[e // epb].clamp(min=0)
         return blocks * epb + e % epb
@@ -150,17 +143,17 @@ class LayerHandle:
     def entry_capacity(self) -> int:
         return self.mgr.entry_capacity(self.layer.ratio)
 
-    def read_all_entries(self) -> torch.Tensor:
-        """Every addressable entry of the slot, float32 [capacity, D]; rows past the emitted ones
-        are stale or empty and must be masked by the caller."""
-        return self._pool.read(self._rows_at(torch.arange(self.entry_capacity(), device=self.mgr.device)))
+    def all_entry_rows(self) -> torch.Tensor:
+        """Pool rows of entries 0..capacity-1 (rows of unallocated blocks point at row 0)."""
+        return self.rows_at(torch.arange(self.entry_capacity(), device=self.mgr.device))
+
+    def entry_store(self) -> dict:
+        """The compressed-entry pool's store tensors (all slots; address rows with rows_at)."""
+        return self._pool.tensors
+
+    def index_store(self) -> dict:
+        return self._ipool.tensors
 
     def read_all_index_keys(self) -> torch.Tensor:
-        return self._ipool.read(self._rows_at(torch.arange(self.entry_capacity(), device=self.mgr.device)))
+        return self._ipool.read(self.all_entry_rows())
 
-    def write_entry_at(self, e: torch.Tensor, x: torch.Tensor) -> None:
-        """Store entry index e (device [1]) from x [1, D]; its block must be allocated (prepare)."""
-        self._pool.write(self._rows_at(e), x)
-
-    def write_index_key_at(self, e: torch.Tensor, x: torch.Tensor) -> None:
-        self._ipool.write(self._rows_at(e), x)

@@ -5,14 +5,15 @@ A store holds ``rows`` vectors of ``fmt.dim`` channels:
          (ue8m0 exponents, one per 64 FP8 channels);
 - "fp4": codes uint8 [rows, Di/2] (two e2m1 per byte, low nibble first), scale uint8 [rows, Di/32];
 - "f32": float32 [rows, D].
-Writes quantise; reads dequantise to float32. The write of an already-quantised value is exact.
+Writes quantise; reads dequantise to float32 (kernels/entries.py). The write of an already-quantised
+value is exact.
 """
 
 from __future__ import annotations
 
 import torch
 
-from kernels import quant
+from kernels import entries
 
 from .schema import FP4_GROUP, FP8_GROUP, EntryFormat
 
@@ -40,29 +41,11 @@ class EntryStore:
 
     def write(self, rows: torch.Tensor | slice, x: torch.Tensor) -> None:
         """Store x [k, dim] at ``rows`` (index tensor [k] or slice)."""
-        t, kind = self.tensors, self.fmt.kind
-        if kind == "kv":
-            nope = self.fmt.dim - self.fmt.rope_dim
-            q, e = quant.fp8_quantize(x[:, :nope], FP8_GROUP)
-            t["fp8"][rows] = q
-            t["scales"][rows] = e
-            t["bf16"][rows] = x[:, nope:].to(torch.bfloat16)
-        elif kind == "fp4":
-            codes, e = quant.fp4_quantize(x, FP4_GROUP)
-            t["fp4"][rows] = quant.pack_fp4(codes)
-            t["scales"][rows] = e
-        else:
-            t["f32"][rows] = x.float()
+        entries.write_entries(self.tensors, rows, x)
 
     def read(self, rows: torch.Tensor | slice) -> torch.Tensor:
         """Entries at ``rows`` as float32 [k, dim]."""
-        t, kind = self.tensors, self.fmt.kind
-        if kind == "kv":
-            a = quant.fp8_dequantize(t["fp8"][rows], t["scales"][rows], FP8_GROUP)
-            return torch.cat([a, t["bf16"][rows].float()], -1)
-        if kind == "fp4":
-            return quant.fp4_dequantize(quant.unpack_fp4(t["fp4"][rows]), t["scales"][rows], FP4_GROUP)
-        return t["f32"][rows].clone()
+        return entries.read_entries(self.tensors, rows)
 
     def zero_rows(self, rows: torch.Tensor | slice) -> None:
         for v in self.tensors.values():

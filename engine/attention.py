@@ -1,9 +1,9 @@
 """One attention layer (SWA, CSA or HCA) over the slot's cache.
 
 ``attention`` runs a chunk of S new tokens at host-known positions; ``decode_attention`` runs one
-token whose position is a device tensor, reading fixed-size views of the cache (the whole window
-ring, the slot's whole entry capacity) under masks, so that it can be captured in a CUDA graph.
-Both compute the same values.
+token whose position is a device tensor, over fixed-size views of the cache (the whole window ring,
+the slot's whole entry capacity) under masks, so that it can be captured in a CUDA graph. Both
+compute the same values.
 """
 
 from __future__ import annotations
@@ -34,6 +34,11 @@ def _attend(q, keys, visible, w, p, cfg, cos, sin) -> torch.Tensor:
     """Sink attention of q [S, H, D] over keys [T, D] where visible [S, T]; inverse RoPE; wo_a, wo_b."""
     bias = torch.zeros(visible.shape, dtype=torch.float32, device=q.device).masked_fill(~visible, float("-inf"))
     o = kernels.sparse_mqa_attention(q, keys, bias, w[p + ".attn_sink"], cfg.head_dim ** -0.5)  # [S, H, D]
+    return _out(o, w, p, cfg, cos, sin)
+
+
+def _out(o, w, p, cfg, cos, sin) -> torch.Tensor:
+    """Attention output o [S, H, D] -> inverse RoPE -> wo_a (grouped) -> wo_b -> [S, d]."""
     o = kernels.apply_rope(o, cos, sin, inverse=True)
     y = kernels.grouped_linear(o.reshape(o.shape[0], cfg.o_groups, -1), w[p + ".wo_a"])  # [S, G*R]
     return kernels.linear(y, w[p + ".wo_b"])
@@ -78,33 +83,35 @@ def attention(x: torch.Tensor, w: dict, p: str, spec, cfg, handle, positions: to
 
 def decode_attention(x: torch.Tensor, w: dict, p: str, spec, cfg, handle, positions: torch.Tensor, rope,
                      mode: str, start=None) -> torch.Tensor:
-    """One token, x: [1, d], at the device position positions [1] (``start`` is unused). -> [1, d]."""
+    """One token, x: [1, d], at the device position positions [1] (``start`` is unused). -> [1, d].
+
+    Entries are quantised once, by the store (kernels.store_entry), and attention reads the cache
+    in its storage formats (kernels.decode_attention)."""
     faithful = mode == "faithful"
     pos = positions
     cos, sin = rope.cos_sin(pos, spec.yarn)
-    qr, q, kv = _project(x, w, p, cfg, cos, sin, faithful)
+    qr, q, kv = _project(x, w, p, cfg, cos, sin, faithful=False)  # kv is quantised by its store
+    ring = handle.ring_store()
+    kernels.store_entry(kv, ring, torch.remainder(pos, cfg.sliding_window))
 
-    ring_pos = handle.ring_positions(pos)  # [W] positions before this token
-    keys = torch.cat([handle.read_ring().to(kv.dtype), kv], 0)
-    kpos = torch.cat([ring_pos, pos], 0)
-    visible = ((kpos >= 0) & (kpos > pos - cfg.sliding_window))[None, :]  # [1, W+1]
-    handle.write_ring_at(kv, pos)
-
+    store, rows, ok = None, None, None
     if spec.ratio:
-        m = spec.ratio
-        compress_decode(x, w, p + ".compressor", handle, pos, m, spec.attn == "csa", rope, cfg.rms_norm_eps,
-                        _entry_quantiser(faithful, cfg.qk_rope_head_dim), store=handle.write_entry_at)
-        entries = handle.read_all_entries().to(kv.dtype)  # [capacity, D]
-        ent_vis = ((torch.arange(entries.shape[0], device=x.device) + 1) * m <= pos + 1)[None, :]
+        m, eps = spec.ratio, cfg.rms_norm_eps
+        store = handle.entry_store()
+        compress_decode(x, w, p + ".compressor", handle, pos, m, spec.attn == "csa", rope, eps, lambda e: e,
+                        store=lambda e, v: kernels.store_entry(v, store, handle.rows_at(e)))
+        rows = handle.all_entry_rows()
+        ok = (torch.arange(rows.shape[0], device=x.device) + 1) * m <= pos + 1  # closed windows
         if spec.attn == "csa":
-            iq = _index_quantiser(faithful)
-            compress_decode(x, w, p + ".indexer.compressor", handle, pos, m, True, rope, cfg.rms_norm_eps, iq,
-                            name="idx", store=handle.write_index_key_at)
-            ent_vis = ent_vis & _indexer_select(x, qr, w, p + ".indexer", cfg, handle.read_all_index_keys(),
-                                                cos_sin=rope.cos_sin(pos, yarn=True), iq=iq, visible=ent_vis)
-        keys = torch.cat([keys, entries], 0)
-        visible = torch.cat([visible, ent_vis], 1)
-    return _attend(q, keys, visible, w, p, cfg, cos, sin)
+            istore = handle.index_store()
+            compress_decode(x, w, p + ".indexer.compressor", handle, pos, m, True, rope, eps,
+                            quant.hadamard_transform if faithful else (lambda e: e), name="idx",
+                            store=lambda e, v: kernels.store_entry(v, istore, handle.rows_at(e)))
+            ok = _indexer_select(x, qr, w, p + ".indexer", cfg, handle.read_all_index_keys(),
+                                 cos_sin=rope.cos_sin(pos, yarn=True), iq=_index_quantiser(faithful),
+                                 visible=ok[None])[0]
+    o = kernels.decode_attention(q[0], ring, pos, store, rows, ok, w[p + ".attn_sink"], cfg.head_dim ** -0.5)
+    return _out(o[None], w, p, cfg, cos, sin)
 
 
 def _index_quantiser(faithful: bool):

@@ -4,7 +4,8 @@ Formats (kernels/linear.py QWeight): FP8 e4m3 with 128x128 block scales (ue8m0 o
 (e2m1 pairs, low nibble first, ue8m0 scale per 32), NVFP4 (e2m1, e4m3 scale per 16, float32 tensor
 scale), and dense BF16/F32. Each program reduces a BLOCK_N x K-slice tile of W (split-K when the
 rows alone would not fill the GPU), accumulating in float32; split-K partials are summed after.
-Decoding happens in registers (FP8 by a bit-cast conversion, e2m1 arithmetically, scales by exp2),
+Decoding happens in registers (FP8 by a bit-cast conversion, e2m1 by placing its bits in an fp16,
+scales by exp2),
 so the bytes read are the stored bytes. ``grouped`` makes row block g read its own slice of x
 (the V4 grouped output projection wo_a). Used for M <= MAX_ROWS; larger M goes to the reference.
 """
@@ -22,12 +23,16 @@ TARGET_PROGRAMS = 4 * 132  # ~4 per SM on an H100 / H200
 
 
 @triton.jit
-def _e2m1(c):
-    """4-bit e2m1 codes (uint8 0..15) -> float32 values (sign bit 3, exponent bits 1-2, mantissa bit 0)."""
-    e = ((c >> 1) & 3).to(tl.float32)
-    m = (c & 1).to(tl.float32)
-    mag = tl.where(e == 0, m * 0.5, (1.0 + 0.5 * m) * tl.exp2(e - 1.0))
-    return tl.where(((c >> 3) & 1) == 1, -mag, mag)
+def _e2m1_pairs(b):
+    """Packed e2m1 bytes (uint8, low nibble first) -> (low, high) values x 2^-14 as float32.
+
+    A nibble's three magnitude bits placed at bits 9-11 of an fp16 (the exponent's two low bits and
+    the top mantissa bit) read as 2^-14 times the e2m1 value, subnormal 0.5 included; the sign bit
+    goes to bit 15. Two integer ops and a convert per value; callers fold 2^14 into the scales."""
+    h = b.to(tl.uint16)
+    lo = ((h & 7) << 9) | ((h & 8) << 12)
+    hi = ((h & 0x70) << 5) | ((h & 0x80) << 8)
+    return lo.to(tl.float16, bitcast=True).to(tl.float32), hi.to(tl.float16, bitcast=True).to(tl.float32)
 
 
 @triton.jit
@@ -76,7 +81,8 @@ def _gemv_fp4(x_ptr, w_ptr, s_ptr, gs_ptr, out_ptr, M, N, K, stride_xm,
         b = tl.load(w_ptr + rn[:, None] * KP + rp[None, :], mask=nmask[:, None] & pmask[None, :], other=0)
         xe = tl.load(x_ptr + m * stride_xm + 2 * rp, mask=pmask, other=0.0).to(tl.float32)
         xo = tl.load(x_ptr + m * stride_xm + 2 * rp + 1, mask=pmask, other=0.0).to(tl.float32)
-        prod = _e2m1(b & 15) * xe[None, :] + _e2m1(b >> 4) * xo[None, :]  # [BLOCK_N, BLOCK_KP]
+        lo, hi = _e2m1_pairs(b)
+        prod = lo * xe[None, :] + hi * xo[None, :]  # [BLOCK_N, BLOCK_KP], x 2^-14
         grp = tl.sum(tl.reshape(prod, [BLOCK_N, NG, G // 2]), 2)  # per scale group
         rg = (kp_start + kk) * 2 // G + tl.arange(0, NG)
         s = tl.load(s_ptr + rn[:, None] * (K // G) + rg[None, :], mask=nmask[:, None] & (rg[None, :] < K // G),
@@ -86,6 +92,7 @@ def _gemv_fp4(x_ptr, w_ptr, s_ptr, gs_ptr, out_ptr, M, N, K, stride_xm,
         else:
             s = tl.exp2(s.to(tl.float32) - 127.0)
         acc += tl.sum(grp * s, 1)
+    acc = acc * 16384.0
     if NV:
         acc = acc * tl.load(gs_ptr)
     tl.store(out_ptr + (pid_k * M + m) * N + rn, acc, mask=nmask)

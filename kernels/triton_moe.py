@@ -17,11 +17,10 @@ import triton
 import triton.language as tl
 
 from .moe import ExpertSet, routed_experts as routed_experts_reference
-from .triton_linear import _e2m1
+from .triton_linear import _e2m1_pairs
 
 # FMT codes: 0 fp8 + ue8m0 block scale, 1 fp8 + float32 block scale, 2 dense f32, 3 dense bf16,
 # 4 mxfp4, 5 nvfp4
-_BLOCK_N = 16
 
 
 @triton.jit
@@ -57,7 +56,8 @@ def _row_dots(x_ptr, w, s, gs, rn, nmask, K: tl.constexpr, FMT: tl.constexpr, BL
             b = tl.load(w + rn[:, None] * KP + rp[None, :], mask=nmask[:, None] & pm[None, :], other=0)
             xe = tl.load(x_ptr + 2 * rp, mask=pm, other=0.0).to(tl.float32)
             xo = tl.load(x_ptr + 2 * rp + 1, mask=pm, other=0.0).to(tl.float32)
-            prod = _e2m1(b & 15) * xe[None, :] + _e2m1(b >> 4) * xo[None, :]
+            lo, hi = _e2m1_pairs(b)
+            prod = lo * xe[None, :] + hi * xo[None, :]  # x 2^-14
             grp = tl.sum(tl.reshape(prod, [BLOCK_N, NG, G // 2]), 2)
             rg = k0 * 2 // G + tl.arange(0, NG)
             sc = tl.load(s + rn[:, None] * (K // G) + rg[None, :], mask=nmask[:, None] & (rg[None, :] < K // G),
@@ -67,6 +67,7 @@ def _row_dots(x_ptr, w, s, gs, rn, nmask, K: tl.constexpr, FMT: tl.constexpr, BL
             else:
                 sc = tl.exp2(sc.to(tl.float32) - 127.0)
             acc += tl.sum(grp * sc, 1)
+        acc = acc * 16384.0
         if FMT == 5:
             acc = acc * gs
     else:
@@ -157,12 +158,13 @@ def routed_experts_triton(x: torch.Tensor, ids: torch.Tensor, weights: torch.Ten
     xs = x.reshape(-1).contiguous()
     ids1 = ids.reshape(-1).contiguous()
     h = torch.empty((k, I), device=x.device, dtype=torch.float32)
-    bk = 128
-    _experts_up[(triton.cdiv(I, _BLOCK_N), k)](
+    bk = 256 if fmt >= 4 else 128  # 128 bytes of each weight row per step
+    bn_up, bn_down = (16, 16) if k >= 4 else (4, 8)  # a few hundred programs either way
+    _experts_up[(triton.cdiv(I, bn_up), k)](
         xs, ids1, t["w1"][0], t["w1"][1], t["w3"][0], t["w3"][1], t["w1"][2], t["w3"][2], h, I, d, float(limit),
-        FMT=fmt, BLOCK_N=_BLOCK_N, BLOCK_K=bk, num_warps=4)
+        FMT=fmt, BLOCK_N=bn_up, BLOCK_K=bk, num_warps=4)
     part = torch.empty((k, d), device=x.device, dtype=torch.float32)
-    _experts_down[(triton.cdiv(d, _BLOCK_N), k)](
+    _experts_down[(triton.cdiv(d, bn_down), k)](
         h, ids1, weights.reshape(-1).float().contiguous(), t["w2"][0], t["w2"][1], t["w2"][2], part, d, I,
-        FMT=fmt, BLOCK_N=_BLOCK_N, BLOCK_K=bk, num_warps=4)
+        FMT=fmt, BLOCK_N=bn_down, BLOCK_K=bk, num_warps=4)
     return part.sum(0, keepdim=True).to(x.dtype)

@@ -2,8 +2,10 @@
 
 Error bounds: every kernel decodes the stored format exactly and accumulates in float32, so it
 differs from the reference (dequantise, then a float32 matmul; or the op's torch code) only in
-summation order: bound 1e-5 x max|reference| for float32 outputs (GEMVs, grouped projection, mHC
-pre/post incl. 20 Sinkhorn iterations, RMSNorm, RoPE, SwiGLU). End to end (exact mode, float32), logits of the kernel
+summation order: bound 1e-5 x max|reference| for float32 outputs (GEMVs, grouped projection, routed
+experts, mHC pre/post incl. 20 Sinkhorn iterations, RMSNorm, RoPE, SwiGLU, decode attention over
+FP8/BF16 or float32 entries). Quantising stores (FP8 KV entries, FP4 indexer keys) must write the
+reference's bytes exactly. The captured CUDA graph replays the eager static step's kernels: 1e-6. End to end (exact mode, float32), logits of the kernel
 path and the reference path agree to 1e-3 x max|logit| over 256 decode steps (argmax >= 95%:
 indexer near-ties can flip a selection)."""
 
@@ -11,7 +13,6 @@ import pytest
 import torch
 
 import kernels
-from kernels import quant
 from kernels.dispatch import implementation, use_backend
 from kernels.linear import grouped_linear_reference, linear_reference
 from kernel_cases import FORMATS, expert_set, weight
@@ -111,6 +112,61 @@ def test_routed_experts_match_reference(fmt, E, inter, d, k):
     assert implementation("routed_experts", "cuda") is not ref_fn
     a, b = kernels.routed_experts(x, ids, wts, es, 7.0), ref_fn(x, ids, wts, es, 7.0)
     assert a.shape == b.shape == (1, d)
+    assert (a - b).abs().max().item() <= 1e-5 * b.abs().max().item()
+
+
+def _store(kind: str, rows: int, D: int, r: int) -> dict:
+    dev = "cuda"
+    if kind == "kv":
+        return {"fp8": torch.zeros(rows, D - r, dtype=torch.float8_e4m3fn, device=dev),
+                "bf16": torch.zeros(rows, r, dtype=torch.bfloat16, device=dev),
+                "scales": torch.zeros(rows, (D - r) // 64, dtype=torch.uint8, device=dev)}
+    if kind == "fp4":
+        return {"fp4": torch.zeros(rows, D // 2, dtype=torch.uint8, device=dev),
+                "scales": torch.zeros(rows, D // 32, dtype=torch.uint8, device=dev)}
+    return {"f32": torch.zeros(rows, D, device=dev)}
+
+
+def _bytes(t):
+    return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
+
+
+@pytest.mark.parametrize("kind,D,r", [("kv", 512, 64), ("kv", 128, 64), ("fp4", 128, 0), ("f32", 512, 64)])
+def test_store_entry_writes_the_reference_bytes(kind, D, r):
+    """Quantisation must match bit for bit (a different FP8/FP4 rounding would change the model)."""
+    from kernels.entries import store_entry as ref_fn
+
+    g = torch.Generator().manual_seed(D + len(kind))
+    assert implementation("store_entry", "cuda") is not ref_fn
+    for scale in (1e-3, 1.0, 300.0):
+        x = (torch.randn(1, D, generator=g) * scale).cuda()
+        a, b = _store(kind, 9, D, r), _store(kind, 9, D, r)
+        row = torch.tensor([7], device="cuda")
+        ref_fn(x, a, row)
+        kernels.store_entry(x, b, row)
+        for k in a:
+            assert torch.equal(_bytes(a[k]), _bytes(b[k])), (k, scale)
+
+
+@pytest.mark.parametrize("kind,H,D,W,T,pos", [("kv", 64, 512, 128, 512, 5000), ("kv", 64, 512, 128, 9, 1100),
+                                              ("kv", 64, 512, 128, 0, 60), ("f32", 4, 96, 128, 70, 300)])
+def test_decode_attention_matches_reference(kind, H, D, W, T, pos):
+    from kernels.attention import decode_attention as ref_fn
+    from kernels.entries import write_entries
+
+    g = torch.Generator().manual_seed(H + T + pos)
+    r = 64 if D == 512 else 32
+    ring, pool = _store(kind, W, D, r), _store(kind, 600, D, r)
+    write_entries(ring, slice(None), torch.randn(W, D, generator=g).cuda())
+    write_entries(pool, slice(None), torch.randn(600, D, generator=g).cuda())
+    q = torch.randn(H, D, generator=g).cuda()
+    rows = torch.randperm(600, generator=g)[:T].cuda()
+    ok = (torch.rand(T, generator=g) < 0.8).cuda()
+    sink = torch.randn(H, generator=g).cuda()
+    p = torch.tensor([pos], device="cuda")
+    ent = (pool, rows, ok) if T else (None, None, None)
+    assert implementation("decode_attention", "cuda") is not ref_fn
+    a, b = kernels.decode_attention(q, ring, p, *ent, sink, D ** -0.5), ref_fn(q, ring, p, *ent, sink, D ** -0.5)
     assert (a - b).abs().max().item() <= 1e-5 * b.abs().max().item()
 
 

@@ -1,0 +1,240 @@
+"""Triton kernels for the attention of one decode token over the cache in its storage formats.
+
+store_entry: quantise one entry and write its row in one launch (FP8 e4m3 + ue8m0 scale per 64
+  channels + BF16 RoPE channels; FP4 e2m1 + ue8m0 per 32, packed; or float32). Scales are built from
+  the bits of amax / qmax (the smallest power of two >= it), so rounding matches kernels/quant.py.
+decode_attention: flash-decoding over the window ring and the compressed entries. Grid (head blocks,
+  key splits); each program dequantises its keys on the fly, scores them against a block of heads,
+  and keeps a running max / sum / weighted value; a second launch merges the splits with the sink.
+Contracts as kernels/entries.py and kernels/attention.py.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .attention import decode_attention as decode_attention_reference
+from .entries import store_entry as store_entry_reference, store_kind
+
+KIND = {"kv": 0, "fp4": 1, "f32": 2}
+
+
+@triton.jit
+def _pow2_exponent(amax, QMAX: tl.constexpr):
+    """ue8m0 byte (int32) of the smallest power of two >= max(amax, 2^-100) / QMAX, exactly."""
+    r = tl.maximum(amax, 7.888609052210118e-31) / QMAX
+    bits = r.to(tl.int32, bitcast=True)
+    e = ((bits >> 23) & 255) + ((bits & 0x7FFFFF) != 0).to(tl.int32)
+    return tl.minimum(tl.maximum(e, 0), 254)
+
+
+@triton.jit
+def _pow2(e):
+    """2^(e - 127) as float32 for an int32 exponent byte e in 1..254."""
+    return (e << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _round_e4m3(v):
+    """v (|v| <= 448) rounded to the nearest FP8 e4m3 value, ties to even, in float32 arithmetic
+    (so the cast that follows is exact whatever rounding the conversion itself would do)."""
+    ex = ((v.to(tl.int32, bitcast=True) >> 23) & 255) - 127
+    ex = tl.maximum(ex, -6)  # below 2^-6 the grid is the subnormal one, step 2^-9
+    step = ((ex - 3 + 127) << 23).to(tl.float32, bitcast=True)
+    y = v / step
+    return ((y + 12582912.0) - 12582912.0) * step  # 1.5 * 2^23: float32 addition rounds to even
+
+
+@triton.jit
+def _bf16_bits(v):
+    """float32 -> bfloat16 bits (int16), round to nearest even."""
+    b = v.to(tl.uint32, bitcast=True)
+    return ((b + 0x7FFF + ((b >> 16) & 1)) >> 16).to(tl.uint16).to(tl.int16, bitcast=True)
+
+
+@triton.jit
+def _e2m1_code(v):
+    """Round v (already scaled into [-6, 6]) to an e2m1 code: nearest, ties to the even mantissa."""
+    a = tl.minimum(tl.abs(v), 6.0)
+    i = ((a > 0.25).to(tl.int32) + (a > 0.75).to(tl.int32) + (a > 1.25).to(tl.int32) + (a > 1.75).to(tl.int32)
+         + (a > 2.5).to(tl.int32) + (a > 3.5).to(tl.int32) + (a > 5.0).to(tl.int32))
+    i += ((a == 0.75) | (a == 1.75) | (a == 3.5)).to(tl.int32)
+    return i + 8 * ((v < 0) & (i > 0)).to(tl.int32)
+
+
+@triton.jit
+def _store_entry(x_ptr, row_ptr, a_ptr, b_ptr, s_ptr, D: tl.constexpr, NOPE: tl.constexpr,
+                 KIND: tl.constexpr, BLOCK: tl.constexpr, NGP: tl.constexpr):
+    """NGP: the number of scale groups rounded up to a power of two."""
+    row = tl.load(row_ptr).to(tl.int64)
+    if KIND == 0:  # kv: a = fp8 [., NOPE] (as uint8), b = bf16 [., D-NOPE], s = scales [., NOPE/64]
+        NG: tl.constexpr = NOPE // 64
+        gi = tl.arange(0, NGP)
+        g = gi[:, None] * 64 + tl.arange(0, 64)[None, :]
+        gm = (gi < NG)[:, None]
+        v = tl.load(x_ptr + g, mask=gm, other=0.0).to(tl.float32)
+        e = _pow2_exponent(tl.max(tl.abs(v), 1), 448.0)
+        q = _round_e4m3(tl.minimum(tl.maximum(v * _pow2(254 - e)[:, None], -448.0), 448.0))
+        tl.store(a_ptr + row * NOPE + g, q.to(tl.float8e4nv).to(tl.uint8, bitcast=True), mask=gm)
+        tl.store(s_ptr + row * NG + gi, e.to(tl.uint8), mask=gi < NG)
+        r = tl.arange(0, BLOCK)
+        rm = r < D - NOPE
+        tl.store(b_ptr + row * (D - NOPE) + r, _bf16_bits(tl.load(x_ptr + NOPE + r, mask=rm, other=0.0).to(tl.float32)),
+                 mask=rm)
+    elif KIND == 1:  # fp4: a = packed codes [., D/2], s = scales [., D/32]
+        NG: tl.constexpr = D // 32
+        gi = tl.arange(0, NGP)
+        p = gi[:, None] * 16 + tl.arange(0, 16)[None, :]  # pair index
+        gm = (gi < NG)[:, None]
+        ve = tl.load(x_ptr + 2 * p, mask=gm, other=0.0).to(tl.float32)
+        vo = tl.load(x_ptr + 2 * p + 1, mask=gm, other=0.0).to(tl.float32)
+        e = _pow2_exponent(tl.maximum(tl.max(tl.abs(ve), 1), tl.max(tl.abs(vo), 1)), 6.0)
+        inv = _pow2(254 - e)[:, None]
+        code = _e2m1_code(ve * inv) | (_e2m1_code(vo * inv) << 4)
+        tl.store(a_ptr + row * (D // 2) + p, code.to(tl.uint8), mask=gm)
+        tl.store(s_ptr + row * NG + gi, e.to(tl.uint8), mask=gi < NG)
+    else:
+        r = tl.arange(0, BLOCK)
+        rm = r < D
+        tl.store(a_ptr + row * D + r, tl.load(x_ptr + r, mask=rm, other=0.0).to(tl.float32), mask=rm)
+
+
+def store_entry_triton(x: torch.Tensor, store: dict, row: torch.Tensor) -> None:
+    """kernels.store_entry for CUDA tensors: one launch."""
+    kind = store_kind(store)
+    D = x.shape[-1]
+    if x.requires_grad or (kind == "kv" and store["fp8"].shape[1] % 64) or (kind == "fp4" and D % 32):
+        return store_entry_reference(x, store, row)
+    xs = x.reshape(-1).contiguous()
+    if kind == "kv":
+        nope = store["fp8"].shape[1]
+        a, b, s = store["fp8"].view(torch.uint8), store["bf16"].view(torch.int16), store["scales"]
+    elif kind == "fp4":
+        nope, a, b, s = D, store["fp4"], store["fp4"], store["scales"]
+    else:
+        nope, a, b, s = D, store["f32"], store["f32"], store["f32"]
+    groups = nope // 64 if kind == "kv" else D // 32
+    _store_entry[(1,)](xs, row.reshape(-1), a, b, s, D=D, NOPE=nope, KIND=KIND[kind],
+                       BLOCK=triton.next_power_of_2(max(D - nope, D if kind == "f32" else 1, 16)),
+                       NGP=triton.next_power_of_2(max(groups, 1)))
+
+
+@triton.jit
+def _load_keys(a_ptr, b_ptr, s_ptr, rows, tmask, d, D: tl.constexpr, NOPE: tl.constexpr, KIND: tl.constexpr):
+    """Keys [BLOCK_T, BLOCK_D] float32 of store rows ``rows`` (KIND 0: fp8 + scales + bf16, 2: f32)."""
+    dm = d < D
+    if KIND == 0:
+        nope = d < NOPE
+        f8 = tl.load(a_ptr + rows[:, None] * NOPE + d[None, :], mask=tmask[:, None] & nope[None, :], other=0)
+        sc = tl.load(s_ptr + rows[:, None] * (NOPE // 64) + d[None, :] // 64, mask=tmask[:, None] & nope[None, :],
+                     other=127)
+        k8 = f8.to(tl.float8e4nv, bitcast=True).to(tl.float32) * _pow2(sc.to(tl.int32))
+        rm = (d >= NOPE) & dm
+        kb = tl.load(b_ptr + rows[:, None] * (D - NOPE) + (d[None, :] - NOPE), mask=tmask[:, None] & rm[None, :],
+                     other=0.0).to(tl.float32)
+        return tl.where(nope[None, :], k8, kb)
+    else:
+        return tl.load(a_ptr + rows[:, None] * D + d[None, :], mask=tmask[:, None] & dm[None, :], other=0.0)
+
+
+@triton.jit
+def _attend_split(q_ptr, pos_ptr, ra_ptr, rb_ptr, rs_ptr, ea_ptr, eb_ptr, es_ptr, rows_ptr, ok_ptr,
+                  m_ptr, l_ptr, acc_ptr, H, T, scale,
+                  W: tl.constexpr, D: tl.constexpr, NOPE: tl.constexpr, KIND: tl.constexpr,
+                  KEYS_PER_SPLIT: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr,
+                  BLOCK_D: tl.constexpr):
+    """Keys 0..W-1 are ring slots, W..W+T-1 the entries rows[0..T-1] (seen where ok)."""
+    hb, sp = tl.program_id(0), tl.program_id(1)
+    h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+    hm = h < H
+    d = tl.arange(0, BLOCK_D)
+    q = tl.load(q_ptr + h[:, None] * D + d[None, :], mask=hm[:, None] & (d[None, :] < D), other=0.0) * scale
+    pos = tl.load(pos_ptr)
+    m = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+    for t0 in range(0, KEYS_PER_SPLIT, BLOCK_T):
+        t = sp * KEYS_PER_SPLIT + t0 + tl.arange(0, BLOCK_T)
+        in_ring = t < W
+        held = pos - ((pos - t) % W + W) % W  # position in ring slot t
+        ring_ok = in_ring & (held >= 0)
+        te = t - W
+        ent = (te >= 0) & (te < T)
+        ent_ok = ent & (tl.load(ok_ptr + te, mask=ent, other=0) != 0)
+        rows = tl.load(rows_ptr + te, mask=ent, other=0)
+        kr = _load_keys(ra_ptr, rb_ptr, rs_ptr, t, ring_ok, d, D, NOPE, KIND)
+        ke = _load_keys(ea_ptr, eb_ptr, es_ptr, rows, ent_ok, d, D, NOPE, KIND)
+        k = tl.where(in_ring[:, None], kr, ke)
+        valid = ring_ok | ent_ok
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")  # [BLOCK_H, BLOCK_T]
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - m_use)
+        p = tl.exp(s - m_use[:, None])
+        l = l * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p, k, input_precision="ieee")
+        m = m_new
+    o = (sp * H + h)
+    tl.store(m_ptr + o, m, mask=hm)
+    tl.store(l_ptr + o, l, mask=hm)
+    tl.store(acc_ptr + o[:, None] * BLOCK_D + d[None, :], acc, mask=hm[:, None])
+
+
+@triton.jit
+def _merge(m_ptr, l_ptr, acc_ptr, sink_ptr, out_ptr, H, NSPLIT, D: tl.constexpr, BLOCK_D: tl.constexpr,
+           BLOCK_S: tl.constexpr):
+    """out[h] = sum_s e^(m_s - M) acc_s / (sum_s e^(m_s - M) l_s + e^(sink - M)), M = max(m_s, sink)."""
+    h = tl.program_id(0)
+    s = tl.arange(0, BLOCK_S)
+    sm = s < NSPLIT
+    ms = tl.load(m_ptr + s * H + h, mask=sm, other=float("-inf"))
+    ls = tl.load(l_ptr + s * H + h, mask=sm, other=0.0)
+    sink = tl.load(sink_ptr + h).to(tl.float32)
+    M = tl.maximum(tl.max(ms, 0), sink)
+    wgt = tl.where(sm, tl.exp(ms - M), 0.0)
+    den = tl.sum(wgt * ls, 0) + tl.exp(sink - M)
+    d = tl.arange(0, BLOCK_D)
+    acc = tl.load(acc_ptr + (s[:, None] * H + h) * BLOCK_D + d[None, :], mask=sm[:, None], other=0.0)
+    o = tl.sum(acc * wgt[:, None], 0) / den
+    tl.store(out_ptr + h * D + d, o, mask=d < D)
+
+
+def _parts(store: dict, kind: str):
+    if kind == "kv":
+        return store["fp8"].view(torch.uint8), store["bf16"], store["scales"], store["fp8"].shape[1]
+    return store["f32"], store["f32"], store["f32"], store["f32"].shape[1]
+
+
+def decode_attention_triton(q: torch.Tensor, ring: dict, pos: torch.Tensor, entries: dict | None, rows, ok,
+                            sink: torch.Tensor, scale: float) -> torch.Tensor:
+    """kernels.decode_attention for CUDA tensors: two launches, nothing read to the host."""
+    kind = store_kind(ring)
+    H, D = q.shape
+    if q.requires_grad or kind == "fp4" or (entries is not None and store_kind(entries) != kind):
+        return decode_attention_reference(q, ring, pos, entries, rows, ok, sink, scale)
+    ra, rb, rs, nope = _parts(ring, kind)
+    W = ra.shape[0]
+    if entries is None:
+        ea, eb, es, T = ra, rb, rs, 0
+        rows = ok = pos
+    else:
+        ea, eb, es, _ = _parts(entries, kind)
+        T = rows.shape[0]
+    BLOCK_T, BLOCK_H = 16, 16
+    keys_per_split = 64
+    nsplit = triton.cdiv(W + T, keys_per_split)
+    BLOCK_D = triton.next_power_of_2(D)
+    m = torch.empty((nsplit, H), device=q.device, dtype=torch.float32)
+    l = torch.empty_like(m)
+    acc = torch.empty((nsplit, H, BLOCK_D), device=q.device, dtype=torch.float32)
+    _attend_split[(triton.cdiv(H, BLOCK_H), nsplit)](
+        q.float().contiguous(), pos, ra, rb, rs, ea, eb, es, rows, ok.to(torch.uint8) if entries is not None else ok,
+        m, l, acc, H, T, float(scale), W=W, D=D, NOPE=nope, KIND=KIND[kind], KEYS_PER_SPLIT=keys_per_split,
+        BLOCK_H=BLOCK_H, BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D, num_warps=4)
+    out = torch.empty((H, D), device=q.device, dtype=torch.float32)
+    _merge[(H,)](m, l, acc, sink, out, H, nsplit, D=D, BLOCK_D=BLOCK_D,
+                 BLOCK_S=triton.next_power_of_2(nsplit))
+    return out
