@@ -86,19 +86,10 @@ class LayerHandle:
         self._state[p + "prev_z"].copy_(z)
 
     def full_tail(self, name: str = "main") -> tuple[torch.Tensor, torch.Tensor]:
-        """All ratio-1 tail rows (C, Z) [ratio-1, width] float32 views, pending or stale."""
+        """All ratio-1 tail rows (C, Z) [ratio-1, width] float32 views, pending or stale (the
+        captured decode step reads and writes them in place, kernels.compress_decode)."""
         p = "" if name == "main" else "i"
         return self._state[p + "tail_c"], self._state[p + "tail_z"]
-
-    def write_tail_at(self, k: torch.Tensor, c: torch.Tensor, z: torch.Tensor, name: str = "main") -> None:
-        """Store one token's (c, z) [1, width] as tail row k (device [1], k = position % ratio).
-
-        k = ratio-1 closes the window; the tail is then empty, so the row written (clamped to the
-        last one) is never read."""
-        p = "" if name == "main" else "i"
-        row = k.clamp(max=self.layer.ratio - 2)
-        self._state[p + "tail_c"].index_copy_(0, row, c)
-        self._state[p + "tail_z"].index_copy_(0, row, z)
 
     def prev_state(self, name: str = "main") -> tuple[torch.Tensor, torch.Tensor]:
         """CSA series-a buffers (C, Z) [ratio, D] as stored (meaningful once a window has closed)."""

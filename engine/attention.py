@@ -83,13 +83,14 @@ def attention(x: torch.Tensor, w: dict, p: str, spec, cfg, handle, positions: to
 
 def decode_attention(x: torch.Tensor, w: dict, p: str, spec, cfg, handle, positions: torch.Tensor, rope,
                      mode: str, start=None) -> torch.Tensor:
-    """One token, x: [1, d], at the device position positions [1] (``start`` is unused). -> [1, d].
+    """One token, x: [1, d], at the device position positions [1] (``start`` is unused; rope is the
+    step's engine.rope.StepRope). -> [1, d].
 
     Entries are quantised once, by the store (kernels.store_entry), and attention reads the cache
     in its storage formats (kernels.decode_attention)."""
     faithful = mode == "faithful"
     pos = positions
-    cos, sin = rope.cos_sin(pos, spec.yarn)
+    cos, sin = rope.at_pos(spec.yarn)
     qr, q, kv = _project(x, w, p, cfg, cos, sin, faithful=False)  # kv is quantised by its store
     ring = handle.ring_store()
     kernels.store_entry(kv, ring, torch.remainder(pos, cfg.sliding_window))
@@ -108,7 +109,7 @@ def decode_attention(x: torch.Tensor, w: dict, p: str, spec, cfg, handle, positi
                             quant.hadamard_transform if faithful else (lambda e: e), name="idx",
                             store=lambda e, v: kernels.store_entry(v, istore, handle.rows_at(e)))
             ok = _indexer_select(x, qr, w, p + ".indexer", cfg, handle.read_all_index_keys(),
-                                 cos_sin=rope.cos_sin(pos, yarn=True), iq=_index_quantiser(faithful),
+                                 cos_sin=rope.at_pos(True), iq=_index_quantiser(faithful),
                                  visible=ok[None])[0]
     o = kernels.decode_attention(q[0], ring, pos, store, rows, ok, w[p + ".attn_sink"], cfg.head_dim ** -0.5)
     return _out(o[None], w, p, cfg, cos, sin)

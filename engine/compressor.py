@@ -57,23 +57,15 @@ def compress_decode(x: torch.Tensor, w: dict, prefix: str, handle, pos: torch.Te
     """Feed one token (x: [1, d]) at device position pos [1], with shapes that do not depend on it.
 
     The window the token belongs to is pooled as if it closed now, from the whole tail and this
-    token, and stored as entry pos // ratio by store(e [1], entry [1, D]): a partial entry is
-    invisible (attention sees entry e only once (e+1)*ratio <= pos+1) and is overwritten when the
-    window really closes. The series a (CSA) is replaced only when it does close.
+    token (kernels.compress_decode), and stored as entry pos // ratio by store(e [1], entry [1, D]):
+    a partial entry is invisible (attention sees entry e only once (e+1)*ratio <= pos+1) and is
+    overwritten when the window really closes. rope: the step's engine.rope.StepRope.
     """
     c = kernels.linear(x.float(), w[prefix + ".wkv"])
     z = kernels.linear(x.float(), w[prefix + ".wgate"])
     tail_c, tail_z = handle.full_tail(name)
-    C = torch.cat([tail_c, c], 0)  # [ratio, width]: row j = position j of the window
-    Z = torch.cat([tail_z, z], 0) + w[prefix + ".ape"].float()
-    closing = pos % ratio == ratio - 1
-    prev = None
-    if overlap:
-        pc, pz = handle.prev_state(name)
-        prev = (pc, torch.where(pos >= ratio, pz, float("-inf")))  # no series a before the first window
-    entries, last_a = kernels.compress_windows(C, Z, ratio, overlap, prev)
-    e = pos // ratio
-    store(e, _finish(entries, w, prefix, eps, rope, e * ratio, quantise))
-    if overlap:
-        handle.set_prev_a(torch.where(closing, last_a[0], pc), torch.where(closing, last_a[1], pz), name)
-    handle.write_tail_at(pos % ratio, c, z, name)
+    prev_c, prev_z = handle.prev_state(name) if overlap else (None, None)
+    cos, sin = rope.at_window(ratio)
+    entry = kernels.compress_decode(c, z, tail_c, tail_z, w[prefix + ".ape"], prev_c, prev_z,
+                                    w[prefix + ".norm.weight"], cos, sin, pos, eps)
+    store(pos // ratio, quantise(entry))

@@ -18,7 +18,7 @@ from .attention import decode_attention
 from .block import block
 from .config import DSV4Config
 from .moe import layer_experts
-from .rope import RopeTables
+from .rope import RopeTables, StepRope
 from .weights import build_weights
 
 MODES = ("exact", "faithful")
@@ -81,10 +81,11 @@ class Model:
         branch depends on the position, so it can be captured in a CUDA graph (engine/decode.py).
         -> logits [1, vocab] float32."""
         cfg, w = self.cfg, self.w
+        rope = StepRope(self.rope, pos)
         streams = w["embed.weight"][token].to(self.dtype).unsqueeze(1).expand(-1, cfg.hc_mult, -1).contiguous()
         for spec in self.specs:
             p = f"layers.{spec.index}"
-            streams = block(streams, w, p, spec, cfg, handles[spec.index], pos, token, self.rope, self.mode,
+            streams = block(streams, w, p, spec, cfg, handles[spec.index], pos, token, rope, self.mode,
                             None, self.experts[p + ".ffn"], attend=decode_attention)
         return self._head(streams, "")
 

@@ -18,3 +18,24 @@ class RopeTables:
     def cos_sin(self, positions: torch.Tensor, yarn: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [S] -> (cos, sin) [S, rd/2] float32 for the layer's RoPE kind."""
         return kernels.rope_cos_sin(positions, self.compress if yarn else self.main)
+
+
+class StepRope:
+    """The cos/sin one decode step needs, made once per step and shared by all layers: at the
+    token's position pos [1] (device) for each RoPE kind, and at the first position of the window
+    the token falls in, per compression ratio."""
+
+    def __init__(self, tables: RopeTables, pos: torch.Tensor):
+        self.tables, self.pos = tables, pos
+        self._cache: dict = {}
+
+    def at_pos(self, yarn: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        if ("pos", yarn) not in self._cache:
+            self._cache["pos", yarn] = self.tables.cos_sin(self.pos, yarn)
+        return self._cache["pos", yarn]
+
+    def at_window(self, ratio: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """YaRN cos/sin [1, rd/2] at (pos // ratio) * ratio (compressed entries)."""
+        if ("window", ratio) not in self._cache:
+            self._cache["window", ratio] = self.tables.cos_sin(self.pos // ratio * ratio, True)
+        return self._cache["window", ratio]

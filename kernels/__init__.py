@@ -9,7 +9,7 @@ from __future__ import annotations
 from . import quant
 from .attention import decode_attention as _dattention_ref, sparse_mqa_attention as _attention_ref
 from .entries import store_entry as _store_entry_ref
-from .compress import compress_windows as _compress_ref
+from .compress import compress_decode as _cdecode_ref, compress_windows as _compress_ref
 from .dispatch import backends, implementation, register, use_backend
 from .indexer import indexer_scores as _iscores_ref, indexer_topk as _itopk_ref
 from .linear import QWeight, grouped_linear_reference as _glinear_ref, linear_reference as _linear_ref
@@ -24,7 +24,7 @@ _REFS = {
     "mhc_post": _mhc_post_ref, "hc_head": _hc_head_ref, "sparse_mqa_attention": _attention_ref,
     "compress_windows": _compress_ref, "indexer_scores": _iscores_ref, "indexer_topk": _itopk_ref,
     "router_scores": _rscores_ref, "router_topk": _rtopk_ref, "swiglu": _swiglu_ref, "routed_experts": _experts_ref,
-    "decode_attention": _dattention_ref, "store_entry": _store_entry_ref,
+    "decode_attention": _dattention_ref, "store_entry": _store_entry_ref, "compress_decode": _cdecode_ref,
 }
 for _name, _fn in _REFS.items():
     register(_name, "reference", _fn)
@@ -37,7 +37,7 @@ def _register_gpu_kernels() -> None:
     if not torch.cuda.is_available():
         return
     try:
-        from . import triton_attention, triton_elementwise, triton_linear, triton_mhc, triton_moe
+        from . import triton_attention, triton_compress, triton_elementwise, triton_linear, triton_mhc, triton_moe
     except ImportError:
         return
     register("apply_rope", "cuda", triton_elementwise.apply_rope_triton)
@@ -50,6 +50,7 @@ def _register_gpu_kernels() -> None:
     register("routed_experts", "cuda", triton_moe.routed_experts_triton)
     register("store_entry", "cuda", triton_attention.store_entry_triton)
     register("decode_attention", "cuda", triton_attention.decode_attention_triton)
+    register("compress_decode", "cuda", triton_compress.compress_decode_triton)
 
 
 _register_gpu_kernels()
@@ -83,9 +84,10 @@ swiglu = _dispatching("swiglu")
 routed_experts = _dispatching("routed_experts")
 decode_attention = _dispatching("decode_attention")
 store_entry = _dispatching("store_entry")
+compress_decode = _dispatching("compress_decode")
 
 __all__ = [
-    "ExpertSet", "QWeight", "decode_attention", "routed_experts", "store_entry", "apply_rope", "backends", "compress_windows", "grouped_linear", "hash_route", "hc_head",
+    "ExpertSet", "QWeight", "compress_decode", "decode_attention", "routed_experts", "store_entry", "apply_rope", "backends", "compress_windows", "grouped_linear", "hash_route", "hc_head",
     "indexer_scores",
     "indexer_topk", "linear", "mhc_post", "mhc_pre", "quant", "register", "rms_norm", "rope_cos_sin",
     "rope_inv_freq", "router_scores", "router_topk", "sinkhorn", "sparse_mqa_attention", "swiglu",

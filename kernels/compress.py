@@ -34,3 +34,40 @@ def compress_windows(c: torch.Tensor, z: torch.Tensor, ratio: int, overlap: bool
     slots_z = torch.cat([torch.cat([pz, za[:-1]], 0), zb], 1)
     entries = (torch.softmax(slots_z, 1) * slots_c).sum(1)
     return entries, (ca[-1], za[-1])
+
+
+def compress_decode(c: torch.Tensor, z: torch.Tensor, tail_c: torch.Tensor, tail_z: torch.Tensor, ape: torch.Tensor,
+                    prev_c: torch.Tensor | None, prev_z: torch.Tensor | None, norm_w: torch.Tensor,
+                    cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor, eps: float) -> torch.Tensor:
+    """One token's compressor step with shapes that do not depend on its position pos [1].
+
+    c, z: [1, W] this token's values and raw gate logits (W = D, or 2D when overlapping);
+    tail_c, tail_z: [ratio-1, W] pending rows (row j = window position j; rows at or past
+    pos % ratio are stale); ape: [ratio, W]; prev_c, prev_z: [ratio, D] the last closed window's
+    series a (z with ape), or None (HCA); norm_w: [D]; cos, sin: [1, rd/2] at the window's first
+    position. The window is pooled as if it closed now -> entry [1, D] (normed, RoPE'd).
+    Updates the state in place: tail row min(pos % ratio, ratio-2) <- (c, z); when the window
+    closes (pos % ratio == ratio-1) and overlapping, prev <- this window's series a.
+    """
+    from .norm import rms_norm
+    from .rope import apply_rope
+
+    ratio = ape.shape[0]
+    C = torch.cat([tail_c, c], 0).float()
+    Z = torch.cat([tail_z, z], 0).float() + ape.float()
+    overlap = prev_c is not None
+    prev = None
+    if overlap:
+        prev = (prev_c, torch.where(pos >= ratio, prev_z, float("-inf")))  # no series a before the first window
+    entry, last_a = compress_windows(C, Z, ratio, overlap, prev)
+    entry = apply_rope(rms_norm(entry, norm_w, eps), cos, sin)
+    k = pos % ratio
+    if overlap:
+        closing = k == ratio - 1
+        new_c, new_z = torch.where(closing, last_a[0], prev_c), torch.where(closing, last_a[1], prev_z)
+        prev_c.copy_(new_c)
+        prev_z.copy_(new_z)
+    row = k.clamp(max=ratio - 2)
+    tail_c.index_copy_(0, row, c.float())
+    tail_z.index_copy_(0, row, z.float())
+    return entry

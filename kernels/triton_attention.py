@@ -4,8 +4,9 @@ store_entry: quantise one entry and write its row in one launch (FP8 e4m3 + ue8m
   channels + BF16 RoPE channels; FP4 e2m1 + ue8m0 per 32, packed; or float32). Scales are built from
   the bits of amax / qmax (the smallest power of two >= it), so rounding matches kernels/quant.py.
 decode_attention: flash-decoding over the window ring and the compressed entries. Grid (head blocks,
-  key splits); each program dequantises its keys on the fly, scores them against a block of heads,
-  and keeps a running max / sum / weighted value; a second launch merges the splits with the sink.
+  key splits); each program dequantises its keys on the fly, scores them against a block of heads
+  with tensor-core dots (3xTF32, about float32 accuracy), and keeps a running max / sum / weighted
+  value; a second launch merges the splits with the sink.
 Contracts as kernels/entries.py and kernels/attention.py.
 """
 
@@ -19,6 +20,7 @@ from .attention import decode_attention as decode_attention_reference
 from .entries import store_entry as store_entry_reference, store_kind
 
 KIND = {"kv": 0, "fp4": 1, "f32": 2}
+PRECISION = "tf32x3"  # tensor-core dots at about float32 accuracy (three TF32 products)
 
 
 @triton.jit
@@ -122,21 +124,25 @@ def store_entry_triton(x: torch.Tensor, store: dict, row: torch.Tensor) -> None:
 
 
 @triton.jit
-def _load_keys(a_ptr, b_ptr, s_ptr, rows, tmask, d, D: tl.constexpr, NOPE: tl.constexpr, KIND: tl.constexpr):
-    """Keys [BLOCK_T, BLOCK_D] float32 of store rows ``rows`` (KIND 0: fp8 + scales + bf16, 2: f32)."""
+def _load_keys(a_ptr, b_ptr, s_ptr, ea_ptr, eb_ptr, es_ptr, in_ring, rows, tmask, d,
+               D: tl.constexpr, NOPE: tl.constexpr, KIND: tl.constexpr):
+    """Keys [BLOCK_T, BLOCK_D] float32: row rows[i] of the ring store (a, b, s) where in_ring, else of
+    the entry store (ea, eb, es). KIND 0: fp8 + ue8m0 scales + bf16 RoPE channels; 2: float32."""
     dm = d < D
+    r = rows[:, None].to(tl.int64)
+    ring = in_ring[:, None]
     if KIND == 0:
         nope = d < NOPE
-        f8 = tl.load(a_ptr + rows[:, None] * NOPE + d[None, :], mask=tmask[:, None] & nope[None, :], other=0)
-        sc = tl.load(s_ptr + rows[:, None] * (NOPE // 64) + d[None, :] // 64, mask=tmask[:, None] & nope[None, :],
-                     other=127)
+        m8 = tmask[:, None] & nope[None, :]
+        f8 = tl.load(tl.where(ring, a_ptr, ea_ptr) + r * NOPE + d[None, :], mask=m8, other=0)
+        sc = tl.load(tl.where(ring, s_ptr, es_ptr) + r * (NOPE // 64) + d[None, :] // 64, mask=m8, other=127)
         k8 = f8.to(tl.float8e4nv, bitcast=True).to(tl.float32) * _pow2(sc.to(tl.int32))
-        rm = (d >= NOPE) & dm
-        kb = tl.load(b_ptr + rows[:, None] * (D - NOPE) + (d[None, :] - NOPE), mask=tmask[:, None] & rm[None, :],
+        rm = tmask[:, None] & ((d >= NOPE) & dm)[None, :]
+        kb = tl.load(tl.where(ring, b_ptr, eb_ptr) + r * (D - NOPE) + (d[None, :] - NOPE), mask=rm,
                      other=0.0).to(tl.float32)
         return tl.where(nope[None, :], k8, kb)
     else:
-        return tl.load(a_ptr + rows[:, None] * D + d[None, :], mask=tmask[:, None] & dm[None, :], other=0.0)
+        return tl.load(tl.where(ring, a_ptr, ea_ptr) + r * D + d[None, :], mask=tmask[:, None] & dm[None, :], other=0.0)
 
 
 @triton.jit
@@ -144,7 +150,7 @@ def _attend_split(q_ptr, pos_ptr, ra_ptr, rb_ptr, rs_ptr, ea_ptr, eb_ptr, es_ptr
                   m_ptr, l_ptr, acc_ptr, H, T, scale,
                   W: tl.constexpr, D: tl.constexpr, NOPE: tl.constexpr, KIND: tl.constexpr,
                   KEYS_PER_SPLIT: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr,
-                  BLOCK_D: tl.constexpr):
+                  BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     """Keys 0..W-1 are ring slots, W..W+T-1 the entries rows[0..T-1] (seen where ok)."""
     hb, sp = tl.program_id(0), tl.program_id(1)
     h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -163,19 +169,17 @@ def _attend_split(q_ptr, pos_ptr, ra_ptr, rb_ptr, rs_ptr, ea_ptr, eb_ptr, es_ptr
         te = t - W
         ent = (te >= 0) & (te < T)
         ent_ok = ent & (tl.load(ok_ptr + te, mask=ent, other=0) != 0)
-        rows = tl.load(rows_ptr + te, mask=ent, other=0)
-        kr = _load_keys(ra_ptr, rb_ptr, rs_ptr, t, ring_ok, d, D, NOPE, KIND)
-        ke = _load_keys(ea_ptr, eb_ptr, es_ptr, rows, ent_ok, d, D, NOPE, KIND)
-        k = tl.where(in_ring[:, None], kr, ke)
+        rows = tl.where(in_ring, t, tl.load(rows_ptr + te, mask=ent, other=0))
         valid = ring_ok | ent_ok
-        s = tl.dot(q, tl.trans(k), input_precision="ieee")  # [BLOCK_H, BLOCK_T]
+        k = _load_keys(ra_ptr, rb_ptr, rs_ptr, ea_ptr, eb_ptr, es_ptr, in_ring, rows, valid, d, D, NOPE, KIND)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [BLOCK_H, BLOCK_T]
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp(m - m_use)
         p = tl.exp(s - m_use[:, None])
         l = l * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p, k, input_precision="ieee")
+        acc = acc * alpha[:, None] + tl.dot(p, k, input_precision=PRECISION)
         m = m_new
     o = (sp * H + h)
     tl.store(m_ptr + o, m, mask=hm)
@@ -224,7 +228,7 @@ def decode_attention_triton(q: torch.Tensor, ring: dict, pos: torch.Tensor, entr
         ea, eb, es, _ = _parts(entries, kind)
         T = rows.shape[0]
     BLOCK_T, BLOCK_H = 16, 16
-    keys_per_split = 64
+    keys_per_split = 32
     nsplit = triton.cdiv(W + T, keys_per_split)
     BLOCK_D = triton.next_power_of_2(D)
     m = torch.empty((nsplit, H), device=q.device, dtype=torch.float32)
@@ -233,7 +237,7 @@ def decode_attention_triton(q: torch.Tensor, ring: dict, pos: torch.Tensor, entr
     _attend_split[(triton.cdiv(H, BLOCK_H), nsplit)](
         q.float().contiguous(), pos, ra, rb, rs, ea, eb, es, rows, ok.to(torch.uint8) if entries is not None else ok,
         m, l, acc, H, T, float(scale), W=W, D=D, NOPE=nope, KIND=KIND[kind], KEYS_PER_SPLIT=keys_per_split,
-        BLOCK_H=BLOCK_H, BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D, num_warps=4)
+        BLOCK_H=BLOCK_H, BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D, PRECISION=PRECISION, num_warps=8)
     out = torch.empty((H, D), device=q.device, dtype=torch.float32)
     _merge[(H,)](m, l, acc, sink, out, H, nsplit, D=D, BLOCK_D=BLOCK_D,
                  BLOCK_S=triton.next_power_of_2(nsplit))

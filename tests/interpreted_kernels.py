@@ -18,7 +18,8 @@ from kernels.moe import swiglu  # noqa: E402
 from kernels.norm import rms_norm  # noqa: E402
 from kernels.rope import apply_rope  # noqa: E402
 from kernels import triton_elementwise as te, triton_linear as tlin, triton_mhc as tm, triton_moe as tmoe  # noqa: E402
-from kernels import triton_attention as tatt  # noqa: E402
+from kernels import triton_attention as tatt, triton_compress as tcomp  # noqa: E402
+from kernels.compress import compress_decode  # noqa: E402
 from kernels.attention import decode_attention  # noqa: E402
 from kernels.entries import store_entry  # noqa: E402
 from kernels.moe import routed_experts  # noqa: E402
@@ -104,6 +105,27 @@ def attention_checks():
               tatt.decode_attention_triton(q, ring, p, *ent, sink, D ** -0.5), decode_attention(q, ring, p, *ent, sink, D ** -0.5))
 
 
+def compress_checks():
+    """One token's compressor step: the entry and the state it leaves (tail, series a)."""
+    for ratio, D, overlap, rd in [(4, 512, True, 64), (128, 96, False, 32), (4, 64, True, 16), (8, 80, False, 16)]:
+        W = 2 * D if overlap else D
+        for pos in (0, 2, ratio - 1, 3 * ratio - 1, 5 * ratio + 1):
+            state = [torch.randn(ratio - 1, W, generator=g), torch.randn(ratio - 1, W, generator=g)]
+            if overlap:
+                state += [torch.randn(ratio, D, generator=g), torch.randn(ratio, D, generator=g)]
+            c, z = torch.randn(1, W, generator=g), torch.randn(1, W, generator=g)
+            ape, nw = torch.randn(ratio, W, generator=g) * 0.1, torch.randn(D, generator=g)
+            ang = torch.randn(1, rd // 2, generator=g)
+            ref_state, got_state = [t.clone() for t in state], [t.clone() for t in state]
+            args = lambda st: (c, z, st[0], st[1], ape, st[2] if overlap else None, st[3] if overlap else None,  # noqa: E731
+                               nw, ang.cos(), ang.sin(), torch.tensor([pos]), 1e-6)
+            ref = compress_decode(*args(ref_state))
+            got = tcomp.compress_decode_triton(*args(got_state))
+            close(f"compress_decode ratio={ratio} D={D} overlap={overlap} pos={pos}", got, ref)
+            for a, b in zip(got_state, ref_state):
+                assert torch.equal(a, b), f"compress_decode state differs (ratio={ratio}, pos={pos})"
+
+
 def elementwise_checks():
     for S, n, d in [(1, 4, 512), (3, 4, 48), (2, 2, 96)]:
         st = torch.randn(S, n, d, generator=g)
@@ -138,7 +160,8 @@ def engine_check():
                    ("mhc_pre", tm.mhc_pre_triton), ("mhc_post", tm.mhc_post_triton), ("rms_norm", tm.rms_norm_triton),
                    ("apply_rope", te.apply_rope_triton), ("swiglu", te.swiglu_triton),
                    ("routed_experts", tmoe.routed_experts_triton), ("store_entry", tatt.store_entry_triton),
-                   ("decode_attention", tatt.decode_attention_triton)]:
+                   ("decode_attention", tatt.decode_attention_triton),
+                   ("compress_decode", tcomp.compress_decode_triton)]:
         register(op, "cuda", fn)
     from engine.decode import DecodeRunner
 
