@@ -108,9 +108,10 @@ def decode_attention(x: torch.Tensor, w: dict, p: str, spec, cfg, handle, positi
             compress_decode(x, w, p + ".indexer.compressor", handle, pos, m, True, rope, eps,
                             quant.hadamard_transform if faithful else (lambda e: e), name="idx",
                             store=lambda e, v: kernels.store_entry(v, istore, handle.rows_at(e)))
-            ok = _indexer_select(x, qr, w, p + ".indexer", cfg, handle.read_all_index_keys(),
-                                 cos_sin=rope.at_pos(True), iq=_index_quantiser(faithful),
-                                 visible=ok[None])[0]
+            if handle.entry_capacity() > cfg.index_topk:  # else every closed window is among the top-k
+                ok = _indexer_select(x, qr, w, p + ".indexer", cfg, handle.read_all_index_keys(),
+                                     cos_sin=rope.at_pos(True), iq=_index_quantiser(faithful),
+                                     visible=ok[None])[0]
     o = kernels.decode_attention(q[0], ring, pos, store, rows, ok, w[p + ".attn_sink"], cfg.head_dim ** -0.5)
     return _out(o[None], w, p, cfg, cos, sin)
 

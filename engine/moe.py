@@ -19,7 +19,8 @@ def moe(x: torch.Tensor, w: dict, p: str, spec, cfg, token_ids: torch.Tensor, ex
     """x: [S, d] normed; p: "layers.i.ffn"; token_ids: [S] (hash routing); experts: layer_experts(...)
     (built here if None). -> [S, d]. The expert ids stay on the device (no host read)."""
     routed, shared = experts or layer_experts(w, p, cfg.n_routed_experts)
-    scores = kernels.router_scores(x, w[p + ".gate"].dequant())
+    gate = w[p + ".gate"]
+    scores = kernels.router_scores(x, gate.data if gate.fmt == "dense" and gate.dense is None else gate.dequant())
     k, scale = cfg.num_experts_per_tok, cfg.routed_scaling_factor
     if spec.router.value == "hash":
         weights, ids = kernels.hash_route(scores, w[p + ".gate.tid2eid"], token_ids, scale)

@@ -14,7 +14,7 @@ from .dispatch import backends, implementation, register, use_backend
 from .indexer import indexer_scores as _iscores_ref, indexer_topk as _itopk_ref
 from .linear import QWeight, grouped_linear_reference as _glinear_ref, linear_reference as _linear_ref
 from .mhc import hc_head as _hc_head_ref, mhc_post as _mhc_post_ref, mhc_pre as _mhc_pre_ref, sinkhorn
-from .moe import ExpertSet, hash_route, routed_experts as _experts_ref, router_scores as _rscores_ref, \
+from .moe import ExpertSet, hash_route as _hash_ref, routed_experts as _experts_ref, router_scores as _rscores_ref, \
     router_topk as _rtopk_ref, swiglu as _swiglu_ref
 from .norm import rms_norm as _rms_ref
 from .rope import apply_rope as _rope_ref, rope_cos_sin, rope_inv_freq
@@ -25,6 +25,7 @@ _REFS = {
     "compress_windows": _compress_ref, "indexer_scores": _iscores_ref, "indexer_topk": _itopk_ref,
     "router_scores": _rscores_ref, "router_topk": _rtopk_ref, "swiglu": _swiglu_ref, "routed_experts": _experts_ref,
     "decode_attention": _dattention_ref, "store_entry": _store_entry_ref, "compress_decode": _cdecode_ref,
+    "hash_route": _hash_ref,
 }
 for _name, _fn in _REFS.items():
     register(_name, "reference", _fn)
@@ -37,7 +38,8 @@ def _register_gpu_kernels() -> None:
     if not torch.cuda.is_available():
         return
     try:
-        from . import triton_attention, triton_compress, triton_elementwise, triton_linear, triton_mhc, triton_moe
+        from . import (triton_attention, triton_compress, triton_elementwise, triton_linear, triton_mhc, triton_moe,
+                       triton_router)
     except ImportError:
         return
     register("apply_rope", "cuda", triton_elementwise.apply_rope_triton)
@@ -51,6 +53,9 @@ def _register_gpu_kernels() -> None:
     register("store_entry", "cuda", triton_attention.store_entry_triton)
     register("decode_attention", "cuda", triton_attention.decode_attention_triton)
     register("compress_decode", "cuda", triton_compress.compress_decode_triton)
+    register("router_scores", "cuda", triton_router.router_scores_triton)
+    register("router_topk", "cuda", triton_router.router_topk_triton)
+    register("hash_route", "cuda", triton_router.hash_route_triton)
 
 
 _register_gpu_kernels()
@@ -85,6 +90,7 @@ routed_experts = _dispatching("routed_experts")
 decode_attention = _dispatching("decode_attention")
 store_entry = _dispatching("store_entry")
 compress_decode = _dispatching("compress_decode")
+hash_route = _dispatching("hash_route")
 
 __all__ = [
     "ExpertSet", "QWeight", "compress_decode", "decode_attention", "routed_experts", "store_entry", "apply_rope", "backends", "compress_windows", "grouped_linear", "hash_route", "hc_head",

@@ -20,6 +20,8 @@ from kernels.rope import apply_rope  # noqa: E402
 from kernels import triton_elementwise as te, triton_linear as tlin, triton_mhc as tm, triton_moe as tmoe  # noqa: E402
 from kernels import triton_attention as tatt, triton_compress as tcomp  # noqa: E402
 from kernels.compress import compress_decode  # noqa: E402
+from kernels import triton_router as trt  # noqa: E402
+from kernels.moe import hash_route, router_scores, router_topk  # noqa: E402
 from kernels.attention import decode_attention  # noqa: E402
 from kernels.entries import store_entry  # noqa: E402
 from kernels.moe import routed_experts  # noqa: E402
@@ -49,6 +51,21 @@ def gemv_checks():
         W = QWeight("fp8", *quant.quant_fp8_block(torch.randn(G * R, Kg, generator=g)))
         og = torch.randn(S, G, Kg, generator=g)
         close(f"grouped {G}x{R}x{Kg}", tlin.grouped_linear_triton(og, W), grouped_linear_reference(og, W))
+
+
+def router_checks():
+    for E, d, k in [(256, 4096, 6), (8, 64, 3), (6, 48, 2)]:
+        x = torch.randn(1, d, generator=g)
+        gate = (torch.randn(E, d, generator=g) / d ** 0.5).bfloat16()
+        s_ref = router_scores(x, gate)
+        close(f"router_scores E={E} d={d}", trt.router_scores_triton(x, gate), s_ref)
+        bias = torch.randn(E, generator=g) * 0.1
+        bias[1] = bias[0] + s_ref[0, 0] - s_ref[0, 1]  # a tie between experts 0 and 1: 0 must win
+        tid, tok = torch.randint(0, E, (50, k), generator=g, dtype=torch.int32), torch.tensor([17])
+        for what, got, ref in [("topk", trt.router_topk_triton(s_ref, bias, k, 2.5), router_topk(s_ref, bias, k, 2.5)),
+                               ("hash", trt.hash_route_triton(s_ref, tid, tok, 1.5), hash_route(s_ref, tid, tok, 1.5))]:
+            assert torch.equal(got[1], ref[1]), f"router {what} E={E}: ids {got[1].tolist()} vs {ref[1].tolist()}"
+            close(f"router {what} weights E={E} k={k}", got[0], ref[0])
 
 
 def experts_checks():
@@ -161,7 +178,8 @@ def engine_check():
                    ("apply_rope", te.apply_rope_triton), ("swiglu", te.swiglu_triton),
                    ("routed_experts", tmoe.routed_experts_triton), ("store_entry", tatt.store_entry_triton),
                    ("decode_attention", tatt.decode_attention_triton),
-                   ("compress_decode", tcomp.compress_decode_triton)]:
+                   ("compress_decode", tcomp.compress_decode_triton), ("router_scores", trt.router_scores_triton),
+                   ("router_topk", trt.router_topk_triton), ("hash_route", trt.hash_route_triton)]:
         register(op, "cuda", fn)
     from engine.decode import DecodeRunner
 
