@@ -14,7 +14,10 @@ timeout 150 $DSV4 bench decode --preset flash --layers 4 --synthetic --prompt-le
   --json $OUT/decode_flash_4layers.json 2>&1 | tail -34
 [ -z "${SKIP_REFERENCE:-}" ] && timeout 150 $DSV4 bench decode --preset flash --layers 4 --synthetic --prompt-len 1024 \
   --steps 32 --compare reference --json $OUT/decode_flash_4layers_vs_reference.json 2>&1 | grep -E "ms_per|compare_|floor"
-timeout 120 python3 bench/profile_decode.py --layers 4 --out $OUT/profile_decode.txt 2>&1 | head -75
+timeout 120 $DSV4 bench decode --preset flash --layers 4 --synthetic --prompt-len 8192 --steps 32 \
+  --json $OUT/decode_flash_4layers_8k.json 2>&1 | grep -E "ms_per|floor|fraction"
+timeout 120 python3 bench/profile_decode.py --layers 4 --out $OUT/profile_decode.txt 2>&1 | head -40
+[ -n "${PROFILE_LONG:-}" ] && timeout 120 python3 bench/profile_decode.py --layers 4 --prompt-len 8192 --out $OUT/profile_decode_8k.txt 2>&1 | head -40
 [ -z "${SKIP_KERNEL_BENCH:-}" ] && timeout 90 $DSV4 bench kernels --preset flash --compare-reference --json $OUT/kernels_flash.json 2>&1 | tail -45
 if [ -z "${SKIP_PPL:-}" ]; then
   head -c 50000 train/results/heldout.txt > /tmp/held50k.txt

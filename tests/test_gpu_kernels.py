@@ -170,6 +170,49 @@ def test_decode_attention_matches_reference(kind, H, D, W, T, pos):
     assert (a - b).abs().max().item() <= 1e-5 * b.abs().max().item()
 
 
+@pytest.mark.parametrize("ratio,D,overlap", [(4, 512, True), (128, 512, False), (4, 128, True)])
+def test_compress_decode_matches_reference(ratio, D, overlap):
+    from kernels.compress import compress_decode as ref_fn
+
+    g = torch.Generator().manual_seed(ratio + D)
+    W = 2 * D if overlap else D
+    assert implementation("compress_decode", "cuda") is not ref_fn
+    for pos in (1, ratio - 1, 7 * ratio - 1, 9 * ratio + 2):
+        st = [torch.randn(ratio - 1, W, generator=g), torch.randn(ratio - 1, W, generator=g)]
+        st += [torch.randn(ratio, D, generator=g), torch.randn(ratio, D, generator=g)] if overlap else [None, None]
+        st = [t.cuda() if t is not None else None for t in st]
+        c, z, ape = (torch.randn(r, W, generator=g).cuda() for r in (1, 1, ratio))
+        nw, ang = torch.randn(D, generator=g).cuda(), torch.randn(1, 32, generator=g).cuda()
+        a_st, b_st = [t.clone() if t is not None else None for t in st], [t.clone() if t is not None else None for t in st]
+        p = torch.tensor([pos], device="cuda")
+        a = kernels.compress_decode(c, z, a_st[0], a_st[1], ape, a_st[2], a_st[3], nw, ang.cos(), ang.sin(), p, 1e-6)
+        b = ref_fn(c, z, b_st[0], b_st[1], ape, b_st[2], b_st[3], nw, ang.cos(), ang.sin(), p, 1e-6)
+        assert (a - b).abs().max().item() <= 1e-5 * b.abs().max().item()
+        for x, y in zip(a_st, b_st):
+            assert x is None or torch.equal(x, y)
+
+
+@pytest.mark.parametrize("E,d,k", [(256, 4096, 6), (8, 64, 3)])
+def test_router_kernels_match_reference(E, d, k):
+    from kernels.moe import hash_route, router_scores, router_topk
+
+    g = torch.Generator().manual_seed(E + d)
+    x = torch.randn(1, d, generator=g).cuda()
+    gate = (torch.randn(E, d, generator=g) / d ** 0.5).bfloat16().cuda()
+    a, b = kernels.router_scores(x, gate), router_scores(x, gate)
+    assert implementation("router_scores", "cuda") is not router_scores
+    assert (a - b).abs().max().item() <= 1e-5 * b.abs().max().item()
+    bias = (torch.randn(E, generator=g) * 0.1).cuda()
+    wa, ia = kernels.router_topk(b, bias, k, 2.5)
+    wb, ib = router_topk(b, bias, k, 2.5)
+    assert torch.equal(ia, ib) and (wa - wb).abs().max().item() <= 1e-5 * wb.abs().max().item()
+    tid = torch.randint(0, E, (99, k), generator=g, dtype=torch.int32).cuda()
+    tok = torch.tensor([42], device="cuda")
+    wa, ia = kernels.hash_route(b, tid, tok, 1.5)
+    wb, ib = hash_route(b, tid, tok, 1.5)
+    assert torch.equal(ia, ib) and (wa - wb).abs().max().item() <= 1e-5 * wb.abs().max().item()
+
+
 def _graph_vs_eager(model, vocab, steps):
     """Logits of the captured-graph decode and of the same static step launched eagerly."""
     from engine.decode import DecodeRunner
