@@ -10,10 +10,10 @@ DSV4="python3 -m dsv4cli.main"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee $OUT/gpu.txt
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" | tee -a $OUT/gpu.txt
 [ -z "${SKIP_TESTS:-}" ] && timeout 300 python3 -m pytest -q -x tests/test_gpu_kernels.py 2>&1 | tail -8 | tee $OUT/gpu_tests.txt
-timeout 150 $DSV4 bench decode --preset flash --layers 4 --synthetic --prompt-len 1024 --steps 32 --compare eager \
+timeout 150 $DSV4 bench decode --preset flash --layers 4 --synthetic --steps 64 --compare eager \
   --json $OUT/decode_flash_4layers.json 2>&1 | tail -34
 [ -z "${SKIP_REFERENCE:-}" ] && timeout 150 $DSV4 bench decode --preset flash --layers 4 --synthetic --prompt-len 1024 \
-  --steps 32 --compare reference --json $OUT/decode_flash_4layers_vs_reference.json 2>&1 | grep -E "ms_per|compare_|floor"
+  --steps 32 --compare reference --json $OUT/decode_flash_4layers_1k_vs_reference.json 2>&1 | grep -E "ms_per|compare_|floor"
 timeout 120 $DSV4 bench decode --preset flash --layers 4 --synthetic --prompt-len 8192 --steps 32 \
   --json $OUT/decode_flash_4layers_8k.json 2>&1 | grep -E "ms_per|floor|fraction"
 timeout 120 python3 bench/profile_decode.py --layers 4 --out $OUT/profile_decode.txt 2>&1 | head -40

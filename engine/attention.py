@@ -12,6 +12,7 @@ import torch
 
 import kernels
 from kernels import quant
+from kernels.indexer import indexer_topk_indices
 
 from .compressor import compress_decode, compress_step
 
@@ -109,9 +110,10 @@ def decode_attention(x: torch.Tensor, w: dict, p: str, spec, cfg, handle, positi
                             quant.hadamard_transform if faithful else (lambda e: e), name="idx",
                             store=lambda e, v: kernels.store_entry(v, istore, handle.rows_at(e)))
             if handle.entry_capacity() > cfg.index_topk:  # else every closed window is among the top-k
-                ok = _indexer_select(x, qr, w, p + ".indexer", cfg, handle.read_all_index_keys(),
-                                     cos_sin=rope.at_pos(True), iq=_index_quantiser(faithful),
-                                     visible=ok[None])[0]
+                scores = _indexer_scores(x, qr, w, p + ".indexer", cfg, handle.read_all_index_keys(),
+                                         rope.at_pos(True), _index_quantiser(faithful))[0]
+                idx, ok = indexer_topk_indices(scores, ok, cfg.index_topk)
+                rows = rows[idx]  # attention reads only the selected entries
     o = kernels.decode_attention(q[0], ring, pos, store, rows, ok, w[p + ".attn_sink"], cfg.head_dim ** -0.5)
     return _out(o[None], w, p, cfg, cos, sin)
 
@@ -120,14 +122,18 @@ def _index_quantiser(faithful: bool):
     return quant.indexer_quant_dequant if faithful else (lambda e: e)
 
 
-def _indexer_select(x, qr, w, p, cfg, keys, cos_sin, iq, visible) -> torch.Tensor:
-    """Lightning Indexer: bool [S, T] of the top-index_topk visible entries per query.
-
-    keys: [T, Di] the stored indexer keys; visible: [S, T] the entries each query may see."""
+def _indexer_scores(x, qr, w, p, cfg, keys, cos_sin, iq) -> torch.Tensor:
+    """Lightning Indexer scores [S, T] of each query against the stored keys [T, Di]."""
     S = x.shape[0]
     Hi, Di = cfg.index_n_heads, cfg.index_head_dim
     q = kernels.apply_rope(kernels.linear(qr, w[p + ".wq_b"]).view(S, Hi, Di), *cos_sin)
     q = iq(q)
     weights = kernels.linear(x, w[p + ".weights_proj"]).float() * (Di ** -0.5 * Hi ** -0.5)
-    scores = kernels.indexer_scores(q, keys, weights)
-    return kernels.indexer_topk(scores, visible, cfg.index_topk)
+    return kernels.indexer_scores(q, keys, weights)
+
+
+def _indexer_select(x, qr, w, p, cfg, keys, cos_sin, iq, visible) -> torch.Tensor:
+    """Lightning Indexer: bool [S, T] of the top-index_topk visible entries per query.
+
+    keys: [T, Di] the stored indexer keys; visible: [S, T] the entries each query may see."""
+    return kernels.indexer_topk(_indexer_scores(x, qr, w, p, cfg, keys, cos_sin, iq), visible, cfg.index_topk)

@@ -28,3 +28,11 @@ def indexer_topk(scores: torch.Tensor, visible: torch.Tensor, k: int) -> torch.T
     sel = torch.zeros_like(visible)
     sel.scatter_(1, order, True)
     return sel & visible
+
+
+def indexer_topk_indices(scores: torch.Tensor, visible: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One query's top-k as indices: scores, visible: [T] -> (idx [k] int64 in selection order,
+    ok [k] bool: False where fewer than k entries are visible). Same choice as indexer_topk."""
+    masked = scores.float().masked_fill(~visible, float("-inf"))
+    idx = torch.sort(masked, descending=True, stable=True).indices[:k]
+    return idx, visible[idx]

@@ -188,22 +188,27 @@ def _attend_split(q_ptr, pos_ptr, ra_ptr, rb_ptr, rs_ptr, ea_ptr, eb_ptr, es_ptr
 
 
 @triton.jit
-def _merge(m_ptr, l_ptr, acc_ptr, sink_ptr, out_ptr, H, NSPLIT, D: tl.constexpr, BLOCK_D: tl.constexpr,
+def _merge(m_ptr, l_ptr, acc_ptr, sink_ptr, out_ptr, H, NSPLIT: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
            BLOCK_S: tl.constexpr):
-    """out[h] = sum_s e^(m_s - M) acc_s / (sum_s e^(m_s - M) l_s + e^(sink - M)), M = max(m_s, sink)."""
+    """out[h] = sum_s e^(m_s - M) acc_s / (sum_s e^(m_s - M) l_s + e^(sink - M)), M = max(m_s, sink);
+    the splits are visited BLOCK_S at a time."""
     h = tl.program_id(0)
-    s = tl.arange(0, BLOCK_S)
-    sm = s < NSPLIT
-    ms = tl.load(m_ptr + s * H + h, mask=sm, other=float("-inf"))
-    ls = tl.load(l_ptr + s * H + h, mask=sm, other=0.0)
     sink = tl.load(sink_ptr + h).to(tl.float32)
-    M = tl.maximum(tl.max(ms, 0), sink)
-    wgt = tl.where(sm, tl.exp(ms - M), 0.0)
-    den = tl.sum(wgt * ls, 0) + tl.exp(sink - M)
+    M = sink
+    for s0 in range(0, NSPLIT, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        M = tl.maximum(M, tl.max(tl.load(m_ptr + s * H + h, mask=s < NSPLIT, other=float("-inf")), 0))
     d = tl.arange(0, BLOCK_D)
-    acc = tl.load(acc_ptr + (s[:, None] * H + h) * BLOCK_D + d[None, :], mask=sm[:, None], other=0.0)
-    o = tl.sum(acc * wgt[:, None], 0) / den
-    tl.store(out_ptr + h * D + d, o, mask=d < D)
+    den = tl.exp(sink - M)
+    o = tl.zeros([BLOCK_D], tl.float32)
+    for s0 in range(0, NSPLIT, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        sm = s < NSPLIT
+        wgt = tl.where(sm, tl.exp(tl.load(m_ptr + s * H + h, mask=sm, other=float("-inf")) - M), 0.0)
+        den += tl.sum(wgt * tl.load(l_ptr + s * H + h, mask=sm, other=0.0), 0)
+        acc = tl.load(acc_ptr + (s[:, None] * H + h) * BLOCK_D + d[None, :], mask=sm[:, None], other=0.0)
+        o += tl.sum(acc * wgt[:, None], 0)
+    tl.store(out_ptr + h * D + d, o / den, mask=d < D)
 
 
 def _parts(store: dict, kind: str):
@@ -228,7 +233,7 @@ def decode_attention_triton(q: torch.Tensor, ring: dict, pos: torch.Tensor, entr
         ea, eb, es, _ = _parts(entries, kind)
         T = rows.shape[0]
     BLOCK_T, BLOCK_H = 16, 16
-    keys_per_split = 32
+    keys_per_split = 16  # one key block per program: enough programs to fill the GPU
     nsplit = triton.cdiv(W + T, keys_per_split)
     BLOCK_D = triton.next_power_of_2(D)
     m = torch.empty((nsplit, H), device=q.device, dtype=torch.float32)
@@ -237,8 +242,7 @@ def decode_attention_triton(q: torch.Tensor, ring: dict, pos: torch.Tensor, entr
     _attend_split[(triton.cdiv(H, BLOCK_H), nsplit)](
         q.float().contiguous(), pos, ra, rb, rs, ea, eb, es, rows, ok.to(torch.uint8) if entries is not None else ok,
         m, l, acc, H, T, float(scale), W=W, D=D, NOPE=nope, KIND=KIND[kind], KEYS_PER_SPLIT=keys_per_split,
-        BLOCK_H=BLOCK_H, BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D, PRECISION=PRECISION, num_warps=8)
+        BLOCK_H=BLOCK_H, BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D, PRECISION=PRECISION, num_warps=4)
     out = torch.empty((H, D), device=q.device, dtype=torch.float32)
-    _merge[(H,)](m, l, acc, sink, out, H, nsplit, D=D, BLOCK_D=BLOCK_D,
-                 BLOCK_S=triton.next_power_of_2(nsplit))
+    _merge[(H,)](m, l, acc, sink, out, H, NSPLIT=nsplit, D=D, BLOCK_D=BLOCK_D, BLOCK_S=8)
     return out

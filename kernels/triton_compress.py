@@ -1,9 +1,9 @@
-"""Triton kernel for one token's compressor step (kernels/compress.compress_decode) in one launch.
+"""Triton kernels for one token's compressor step (kernels/compress.compress_decode).
 
-One program holds the whole entry: an online softmax over the window's slots per channel (HCA:
-ratio slots; CSA: the previous window's series a, then this window's series b), RMSNorm, RoPE on
-the last rd channels (channel pairs handled as the two columns of a [D/2, 2] tile), and the state
-updates (tail row, series a on a close). ~60 small launches of the reference become one.
+Two launches instead of ~60 small ones: (1) per block of channels, an online softmax over the
+window's slots (HCA: ratio slots; CSA: the previous window's series a, then this window's series
+b) and that block's share of the state updates (tail row, series a on a close); (2) RMSNorm and
+RoPE on the last rd channels (channel pairs handled as the two columns of a [D/2, 2] tile).
 """
 
 from __future__ import annotations
@@ -16,18 +16,16 @@ from .compress import compress_decode as compress_decode_reference
 
 
 @triton.jit
-def _compress_decode(c_ptr, z_ptr, tc_ptr, tz_ptr, ape_ptr, pc_ptr, pz_ptr, w_ptr, cos_ptr, sin_ptr, pos_ptr,
-                     out_ptr, eps, D: tl.constexpr, WIDTH: tl.constexpr, RATIO: tl.constexpr,
-                     OVERLAP: tl.constexpr, RD: tl.constexpr, BLOCK_H: tl.constexpr):
-    """Channels are laid out as [BLOCK_H, 2]: pair i holds channels 2i and 2i+1."""
-    i = tl.arange(0, BLOCK_H)
-    d = i[:, None] * 2 + tl.arange(0, 2)[None, :]  # [BLOCK_H, 2]
+def _pool(c_ptr, z_ptr, tc_ptr, tz_ptr, ape_ptr, pc_ptr, pz_ptr, pos_ptr, out_ptr,
+          D: tl.constexpr, WIDTH: tl.constexpr, RATIO: tl.constexpr, OVERLAP: tl.constexpr, BLOCK: tl.constexpr):
+    """Pooled entry channels [BLOCK] of program 0..D/BLOCK-1, and this program's share of the state."""
+    d = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     dm = d < D
     pos = tl.load(pos_ptr)
     k = pos % RATIO
-    m = tl.full([BLOCK_H, 2], float("-inf"), tl.float32)
-    l = tl.zeros([BLOCK_H, 2], tl.float32)
-    acc = tl.zeros([BLOCK_H, 2], tl.float32)
+    m = tl.full([BLOCK], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK], tl.float32)
+    acc = tl.zeros([BLOCK], tl.float32)
     if OVERLAP:  # series a of the previous window (its z already has ape); absent before the first
         has_prev = pos >= RATIO
         for j in range(0, RATIO):
@@ -54,20 +52,8 @@ def _compress_decode(c_ptr, z_ptr, tc_ptr, tz_ptr, ape_ptr, pc_ptr, pz_ptr, w_pt
         l = l * a + p
         acc = acc * a + p * cj
         m = m_new
-    e = tl.where(dm, acc / l, 0.0)
-    e = e * tl.rsqrt(tl.sum(tl.sum(e * e, 1), 0) / D + eps) * tl.load(w_ptr + d, mask=dm, other=0.0)
-    # RoPE on channels >= D - RD: pair i (channels 2i, 2i+1) with i >= (D - RD) / 2 rotates by angle i'
-    ev = tl.sum(tl.where(d % 2 == 0, e, 0.0), 1)
-    od = tl.sum(tl.where(d % 2 == 1, e, 0.0), 1)
-    r = i - (D - RD) // 2
-    rot = (r >= 0) & (i < D // 2)
-    cs = tl.load(cos_ptr + r, mask=rot, other=1.0)
-    sn = tl.load(sin_ptr + r, mask=rot, other=0.0)
-    ev2 = ev * cs - od * sn
-    od2 = ev * sn + od * cs
-    e = tl.where(d % 2 == 0, ev2[:, None], od2[:, None])
-    tl.store(out_ptr + d, e, mask=dm)
-    # state: series a on a close (overlap), then this token's row of the tail
+    tl.store(out_ptr + d, acc / l, mask=dm)
+    # state: series a on a close (overlap), then this token's row of the tail (this program's channels)
     if OVERLAP:
         if k == RATIO - 1:
             for j in range(0, RATIO):
@@ -83,8 +69,28 @@ def _compress_decode(c_ptr, z_ptr, tc_ptr, tz_ptr, ape_ptr, pc_ptr, pz_ptr, w_pt
         tl.store(tz_ptr + row * WIDTH + h * D + d, tl.load(z_ptr + h * D + d, mask=dm, other=0.0), mask=dm)
 
 
+@triton.jit
+def _finish(e_ptr, w_ptr, cos_ptr, sin_ptr, eps, D: tl.constexpr, RD: tl.constexpr, BLOCK_H: tl.constexpr):
+    """RMSNorm, then RoPE on the last RD channels, of the pooled entry in place. Channels are laid
+    out as [BLOCK_H, 2]: pair i holds channels 2i and 2i+1."""
+    i = tl.arange(0, BLOCK_H)
+    d = i[:, None] * 2 + tl.arange(0, 2)[None, :]
+    dm = d < D
+    e = tl.load(e_ptr + d, mask=dm, other=0.0)
+    e = e * tl.rsqrt(tl.sum(tl.sum(e * e, 1), 0) / D + eps) * tl.load(w_ptr + d, mask=dm, other=0.0)
+    ev = tl.sum(tl.where(d % 2 == 0, e, 0.0), 1)
+    od = tl.sum(tl.where(d % 2 == 1, e, 0.0), 1)
+    r = i - (D - RD) // 2  # pair index within the RoPE channels
+    rot = (r >= 0) & (i < D // 2)
+    cs = tl.load(cos_ptr + r, mask=rot, other=1.0)
+    sn = tl.load(sin_ptr + r, mask=rot, other=0.0)
+    e = tl.where(d % 2 == 0, (ev * cs - od * sn)[:, None], (ev * sn + od * cs)[:, None])
+    tl.store(e_ptr + d, e, mask=dm)
+
+
 def compress_decode_triton(c, z, tail_c, tail_z, ape, prev_c, prev_z, norm_w, cos, sin, pos, eps):
-    """kernels.compress_decode for CUDA tensors: one launch."""
+    """kernels.compress_decode for CUDA tensors: two launches (pool + state per channel block,
+    then norm + RoPE)."""
     ratio, width = ape.shape
     D = norm_w.shape[0]
     f32 = all(t is None or t.dtype == torch.float32 for t in (c, z, tail_c, tail_z, prev_c, prev_z))
@@ -92,9 +98,10 @@ def compress_decode_triton(c, z, tail_c, tail_z, ape, prev_c, prev_z, norm_w, co
         return compress_decode_reference(c, z, tail_c, tail_z, ape, prev_c, prev_z, norm_w, cos, sin, pos, eps)
     out = torch.empty((1, D), device=c.device, dtype=torch.float32)
     overlap = prev_c is not None
-    _compress_decode[(1,)](
+    block = min(64, triton.next_power_of_2(D))
+    _pool[(triton.cdiv(D, block),)](
         c.contiguous(), z.contiguous(), tail_c, tail_z, ape.float().contiguous(), prev_c if overlap else tail_c,
-        prev_z if overlap else tail_z, norm_w.float().contiguous(), cos.contiguous(), sin.contiguous(), pos, out,
-        float(eps), D=D, WIDTH=width, RATIO=ratio, OVERLAP=overlap, RD=2 * cos.shape[-1],
-        BLOCK_H=triton.next_power_of_2(D // 2), num_warps=4)
+        prev_z if overlap else tail_z, pos, out, D=D, WIDTH=width, RATIO=ratio, OVERLAP=overlap, BLOCK=block)
+    _finish[(1,)](out, norm_w.float().contiguous(), cos.contiguous(), sin.contiguous(), float(eps), D=D,
+                  RD=2 * cos.shape[-1], BLOCK_H=triton.next_power_of_2(D // 2))
     return out
