@@ -19,6 +19,16 @@ import triton.language as tl
 from .moe import ExpertSet, routed_experts as routed_experts_reference
 from .triton_linear import _e2m1_pairs
 
+# Tile shapes by weight format and by how many experts one call reads (6 routed, or the 1 shared):
+# rows per program for the up (w1 + w3) and down (w2) kernels, FP4 values per row per step, warps.
+# bench/tune_experts.py times the alternatives on a GPU.
+CONFIG = {
+    "fp4": {"many": {"up_rows": 16, "down_rows": 16, "fp4_block_k": 256, "warps": 4},
+            "one": {"up_rows": 4, "down_rows": 8, "fp4_block_k": 256, "warps": 4}},
+    "other": {"many": {"up_rows": 16, "down_rows": 16, "fp4_block_k": 256, "warps": 4},
+              "one": {"up_rows": 4, "down_rows": 8, "fp4_block_k": 256, "warps": 4}},
+}
+
 # FMT codes: 0 fp8 + ue8m0 block scale, 1 fp8 + float32 block scale, 2 dense f32, 3 dense bf16,
 # 4 mxfp4, 5 nvfp4
 
@@ -42,32 +52,26 @@ def _weight_ptrs(tab_ptr, stab_ptr, e, FMT: tl.constexpr):
 
 
 @triton.jit
-def _row_dots(x_ptr, w, s, gs, rn, nmask, K: tl.constexpr, FMT: tl.constexpr, BLOCK_N: tl.constexpr,
-              NG: tl.constexpr):
-    """sum_k W[rn, k] * x[k] over all K for one expert weight W [N, K] -> [BLOCK_N] float32.
-
-    Each step reads a [BLOCK_N, NG, GS] tile: NG scale groups of GS stored bytes per row (FP4: 16
-    bytes = 32 values for MXFP4, 8 bytes for NVFP4; FP8: one 128-channel block; dense: 128), so
-    every group's partial dot is a reduction along the last axis, then scaled."""
-    n3 = rn[:, None, None]
-    m3 = nmask[:, None, None]
-    gi = tl.arange(0, NG)[None, :, None]
+def _row_dots(x_ptr, w, s, gs, rn, nmask, K: tl.constexpr, FMT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """sum_k W[rn, k] * x[k] over all K for one expert weight W [N, K] -> [BLOCK_N] float32."""
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     if FMT >= 4:
         G: tl.constexpr = 32 if FMT == 4 else 16
-        GS: tl.constexpr = G // 2
+        BKP: tl.constexpr = BLOCK_K // 2
+        NG: tl.constexpr = BLOCK_K // G
         KP: tl.constexpr = K // 2
-        j = tl.arange(0, GS)[None, None, :]
-        for k0 in range(0, KP, NG * GS):
-            p = k0 + gi * GS + j  # [1, NG, GS] byte index
-            pm = p < KP
-            b = tl.load(w + n3 * KP + p, mask=m3 & pm, other=0)
-            xe = tl.load(x_ptr + 2 * p, mask=pm, other=0.0).to(tl.float32)
-            xo = tl.load(x_ptr + 2 * p + 1, mask=pm, other=0.0).to(tl.float32)
+        for k0 in range(0, KP, BKP):
+            rp = k0 + tl.arange(0, BKP)
+            pm = rp < KP
+            b = tl.load(w + rn[:, None] * KP + rp[None, :], mask=nmask[:, None] & pm[None, :], other=0)
+            xe = tl.load(x_ptr + 2 * rp, mask=pm, other=0.0).to(tl.float32)
+            xo = tl.load(x_ptr + 2 * rp + 1, mask=pm, other=0.0).to(tl.float32)
             lo, hi = _e2m1_pairs(b)
-            grp = tl.sum(lo * xe + hi * xo, 2)  # [BLOCK_N, NG], x 2^-14
-            g2 = k0 // GS + tl.arange(0, NG)[None, :]
-            sc = tl.load(s + rn[:, None] * (K // G) + g2, mask=nmask[:, None] & (g2 < K // G), other=0)
+            prod = lo * xe[None, :] + hi * xo[None, :]  # x 2^-14
+            grp = tl.sum(tl.reshape(prod, [BLOCK_N, NG, G // 2]), 2)
+            rg = k0 * 2 // G + tl.arange(0, NG)
+            sc = tl.load(s + rn[:, None] * (K // G) + rg[None, :], mask=nmask[:, None] & (rg[None, :] < K // G),
+                         other=0)
             if FMT == 5:
                 sc = sc.to(tl.float8e4nv, bitcast=True).to(tl.float32)
             else:
@@ -78,35 +82,33 @@ def _row_dots(x_ptr, w, s, gs, rn, nmask, K: tl.constexpr, FMT: tl.constexpr, BL
             acc = acc * gs
     else:
         SBK: tl.constexpr = (K + 127) // 128
-        j = tl.arange(0, 128)[None, None, :]
-        for k0 in range(0, K, NG * 128):
-            kk = k0 + gi * 128 + j  # [1, NG, 128]
-            km = kk < K
-            xv = tl.load(x_ptr + kk, mask=km, other=0.0).to(tl.float32)
-            wv = tl.load(w + n3 * K + kk, mask=m3 & km, other=0)
+        for k0 in range(0, K, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            km = rk < K
+            xv = tl.load(x_ptr + rk, mask=km, other=0.0).to(tl.float32)
+            wv = tl.load(w + rn[:, None] * K + rk[None, :], mask=nmask[:, None] & km[None, :], other=0)
             if FMT >= 2:
-                acc += tl.sum(tl.sum(wv.to(tl.float32) * xv, 2), 1)
+                acc += tl.sum(wv.to(tl.float32) * xv[None, :], 1)
             else:
-                grp = tl.sum(wv.to(tl.float8e4nv, bitcast=True).to(tl.float32) * xv, 2)  # [BLOCK_N, NG]
-                b2 = k0 // 128 + tl.arange(0, NG)[None, :]
-                sc = tl.load(s + (rn[:, None] // 128) * SBK + b2, mask=nmask[:, None] & (b2 < SBK), other=0)
+                part = tl.sum(wv.to(tl.float8e4nv, bitcast=True).to(tl.float32) * xv[None, :], 1)
+                sc = tl.load(s + (rn // 128) * SBK + k0 // 128, mask=nmask, other=0)
                 if FMT == 0:
                     sc = tl.exp2(sc.to(tl.float32) - 127.0)
-                acc += tl.sum(grp * sc, 1)
+                acc += part * sc
     return acc
 
 
 @triton.jit
 def _experts_up(x_ptr, ids_ptr, w1_tab, s1_tab, w3_tab, s3_tab, gs1_ptr, gs3_ptr, h_ptr, I, K: tl.constexpr, limit,
-                FMT: tl.constexpr, BLOCK_N: tl.constexpr, NG: tl.constexpr):
+                FMT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_n, j = tl.program_id(0), tl.program_id(1)
     e = tl.load(ids_ptr + j).to(tl.int64)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = rn < I
     w1, s1 = _weight_ptrs(w1_tab, s1_tab, e, FMT)
     w3, s3 = _weight_ptrs(w3_tab, s3_tab, e, FMT)
-    g = _row_dots(x_ptr, w1, s1, tl.load(gs1_ptr + e), rn, nmask, K, FMT, BLOCK_N, NG)
-    u = _row_dots(x_ptr, w3, s3, tl.load(gs3_ptr + e), rn, nmask, K, FMT, BLOCK_N, NG)
+    g = _row_dots(x_ptr, w1, s1, tl.load(gs1_ptr + e), rn, nmask, K, FMT, BLOCK_N, BLOCK_K)
+    u = _row_dots(x_ptr, w3, s3, tl.load(gs3_ptr + e), rn, nmask, K, FMT, BLOCK_N, BLOCK_K)
     g = tl.minimum(g, limit)
     u = tl.minimum(tl.maximum(u, -limit), limit)
     tl.store(h_ptr + j * I + rn, g * tl.sigmoid(g) * u, mask=nmask)
@@ -114,13 +116,13 @@ def _experts_up(x_ptr, ids_ptr, w1_tab, s1_tab, w3_tab, s3_tab, gs1_ptr, gs3_ptr
 
 @triton.jit
 def _experts_down(h_ptr, ids_ptr, wts_ptr, w2_tab, s2_tab, gs2_ptr, out_ptr, N, I: tl.constexpr,
-                  FMT: tl.constexpr, BLOCK_N: tl.constexpr, NG: tl.constexpr):
+                  FMT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_n, j = tl.program_id(0), tl.program_id(1)
     e = tl.load(ids_ptr + j).to(tl.int64)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = rn < N
     w2, s2 = _weight_ptrs(w2_tab, s2_tab, e, FMT)
-    y = _row_dots(h_ptr + j * I, w2, s2, tl.load(gs2_ptr + e), rn, nmask, I, FMT, BLOCK_N, NG)
+    y = _row_dots(h_ptr + j * I, w2, s2, tl.load(gs2_ptr + e), rn, nmask, I, FMT, BLOCK_N, BLOCK_K)
     tl.store(out_ptr + j * N + rn, y * tl.load(wts_ptr + j), mask=nmask)
 
 
@@ -166,13 +168,13 @@ def routed_experts_triton(x: torch.Tensor, ids: torch.Tensor, weights: torch.Ten
     xs = x.reshape(-1).contiguous()
     ids1 = ids.reshape(-1).contiguous()
     h = torch.empty((k, I), device=x.device, dtype=torch.float32)
-    ng = {4: 16, 5: 32}.get(fmt, 2)  # scale groups per step: 256 bytes of each weight row (dense: 256 values)
-    bn_up, bn_down = (16, 16) if k >= 4 else (4, 8)  # a few hundred programs either way
-    _experts_up[(triton.cdiv(I, bn_up), k)](
+    cfg = CONFIG["fp4" if fmt >= 4 else "other"]["many" if k >= 4 else "one"]
+    bk = cfg["fp4_block_k"] if fmt >= 4 else 128  # an FP8 step stays inside one 128-wide scale block
+    _experts_up[(triton.cdiv(I, cfg["up_rows"]), k)](
         xs, ids1, t["w1"][0], t["w1"][1], t["w3"][0], t["w3"][1], t["w1"][2], t["w3"][2], h, I, d, float(limit),
-        FMT=fmt, BLOCK_N=bn_up, NG=ng, num_warps=4)
+        FMT=fmt, BLOCK_N=cfg["up_rows"], BLOCK_K=bk, num_warps=cfg["warps"])
     part = torch.empty((k, d), device=x.device, dtype=torch.float32)
-    _experts_down[(triton.cdiv(d, bn_down), k)](
+    _experts_down[(triton.cdiv(d, cfg["down_rows"]), k)](
         h, ids1, weights.reshape(-1).float().contiguous(), t["w2"][0], t["w2"][1], t["w2"][2], part, d, I,
-        FMT=fmt, BLOCK_N=bn_down, NG=ng, num_warps=4)
+        FMT=fmt, BLOCK_N=cfg["down_rows"], BLOCK_K=bk, num_warps=cfg["warps"])
     return part.sum(0, keepdim=True).to(x.dtype)

@@ -1,0 +1,111 @@
+"""Time tile-shape alternatives of the decode kernels at V4-Flash dimensions on a GPU.
+
+python3 bench/tune_kernels.py [--out FILE]
+Each alternative is launched 20 times inside a CUDA graph (no host launch cost in the figure);
+prints microseconds per launch and the bytes/s of the weights it reads. The chosen shapes live in
+kernels/triton_moe.CONFIG and kernels/triton_attention / triton_compress.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+
+import torch
+import triton
+
+from kernels import triton_moe as tm
+from kernels.linear import QWeight
+from kernels.moe import ExpertSet
+
+
+def graph_time(fn, n: int = 20) -> float:
+    """Seconds per call of fn, replayed from a CUDA graph of n calls."""
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(n):
+            fn()
+    g.replay()
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(5):
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1000 / n)
+    return sorted(times)[2]
+
+
+def experts(fmt: str, E: int, inter: int, d: int) -> ExpertSet:
+    dev, gen = "cuda", torch.Generator(device="cuda").manual_seed(0)
+
+    def one(N, K):
+        if fmt == "mxfp4":
+            data = torch.randint(0, 256, (N, K // 2), device=dev, dtype=torch.uint8, generator=gen)
+            return QWeight("mxfp4", data, torch.randint(119, 123, (N, K // 32), device=dev, dtype=torch.uint8,
+                                                        generator=gen))
+        data = (torch.randn(N, K, device=dev, generator=gen) * 0.5).to(torch.float8_e4m3fn)
+        return QWeight("fp8", data, torch.randint(118, 124, (N // 128, K // 128), device=dev, dtype=torch.uint8,
+                                                  generator=gen))
+    return ExpertSet([one(inter, d) for _ in range(E)], [one(inter, d) for _ in range(E)],
+                     [one(d, inter) for _ in range(E)])
+
+
+def tune_experts(fmt: str, E: int, k: int, rows, block_ks, warps) -> list[dict]:
+    inter, d = 2048, 4096
+    es = experts(fmt, E, inter, d)
+    x = torch.randn(1, d, device="cuda")
+    ids = torch.randperm(E, device="cuda")[:k]
+    wts = torch.rand(k, device="cuda")
+    tm.routed_experts_triton(x, ids[None], wts[None], es, 10.0)  # builds the tables
+    t = es.tables
+    code = t["fmt"]
+    h = torch.randn(k, inter, device="cuda")
+    part = torch.empty(k, d, device="cuda")
+    one = es.w1[0].nbytes()
+    out = []
+    for kind, r, bk, nw in itertools.product(("up", "down"), rows, block_ks, warps):
+        if code < 4 and bk != 128:
+            continue
+        if kind == "up":
+            fn = lambda r=r, bk=bk, nw=nw: tm._experts_up[(triton.cdiv(inter, r), k)](  # noqa: E731
+                x, ids, t["w1"][0], t["w1"][1], t["w3"][0], t["w3"][1], t["w1"][2], t["w3"][2], h, inter, d, 10.0,
+                FMT=code, BLOCK_N=r, BLOCK_K=bk, num_warps=nw)
+            nbytes = 2 * k * one
+        else:
+            fn = lambda r=r, bk=bk, nw=nw: tm._experts_down[(triton.cdiv(d, r), k)](  # noqa: E731
+                h, ids, wts, t["w2"][0], t["w2"][1], t["w2"][2], part, d, inter,
+                FMT=code, BLOCK_N=r, BLOCK_K=bk, num_warps=nw)
+            nbytes = k * one
+        s = graph_time(fn)
+        out.append({"kernel": f"experts_{kind}", "format": fmt, "experts": k, "rows": r, "block_k": bk, "warps": nw,
+                    "us": s * 1e6, "GB_per_s": nbytes / s / 1e9})
+        print(json.dumps(out[-1]))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    res = tune_experts("mxfp4", 256, 6, (8, 16, 32), (128, 256, 512), (4, 8))
+    res += tune_experts("fp8", 1, 1, (2, 4, 8, 16), (128,), (2, 4, 8))
+    best = {}
+    for r in res:
+        key = (r["kernel"], r["format"])
+        if key not in best or r["us"] < best[key]["us"]:
+            best[key] = r
+    for r in best.values():
+        print("BEST", json.dumps(r))
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump({"all": res, "best": list(best.values()), "card": torch.cuda.get_device_name()}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
