@@ -14,8 +14,8 @@ def block(streams: torch.Tensor, w: dict, p: str, spec, cfg, handle, positions: 
           token_ids: torch.Tensor, rope, mode: str, start, experts=None, attend=attention) -> torch.Tensor:
     """streams: [S, n, d]; p: "layers.i" (or "mtp.0"); positions start..start+S-1. -> new streams [S, n, d].
 
-    experts: the layer's (routed, shared) ExpertSets (engine/moe.expert_sets; built on the fly if
-    None); attend: ``attention``, or ``decode_attention`` for the captured decode step."""
+    experts: the layer's routed ExpertSet (engine/moe.layer_experts; built on the fly if None);
+    attend: ``attention``, or ``decode_attention`` for the captured decode step."""
     it, he, eps = cfg.hc_sinkhorn_iters, cfg.hc_eps, cfg.rms_norm_eps
     x, post, comb = kernels.mhc_pre(streams, w[p + ".hc_attn_fn"], w[p + ".hc_attn_base"], w[p + ".hc_attn_scale"],
                                     it, he, eps)

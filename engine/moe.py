@@ -8,17 +8,21 @@ import kernels
 from kernels import ExpertSet
 
 
-def layer_experts(w: dict, p: str, n_experts: int) -> tuple[ExpertSet, ExpertSet]:
-    """(routed, shared) ExpertSets of the MoE at prefix p ("layers.i.ffn"), referencing w's weights."""
-    routed = ExpertSet(*([w[f"{p}.experts.{e}.{n}"] for e in range(n_experts)] for n in ("w1", "w3", "w2")))
-    shared = ExpertSet(*([w[f"{p}.shared_experts.{n}"]] for n in ("w1", "w3", "w2")))
-    return routed, shared
+def layer_experts(w: dict, p: str, n_experts: int) -> ExpertSet:
+    """The routed experts of the MoE at prefix p ("layers.i.ffn"), referencing w's weights."""
+    return ExpertSet(*([w[f"{p}.experts.{e}.{n}"] for e in range(n_experts)] for n in ("w1", "w3", "w2")))
+
+
+def shared_expert(x: torch.Tensor, w: dict, p: str, limit: float) -> torch.Tensor:
+    """w2(swiglu(w1 x, w3 x)) with the clamp, for the always-on expert at p. x: [S, d] -> [S, d]."""
+    h = kernels.swiglu(kernels.linear(x, w[p + ".w1"]), kernels.linear(x, w[p + ".w3"]), limit)
+    return kernels.linear(h, w[p + ".w2"])
 
 
 def moe(x: torch.Tensor, w: dict, p: str, spec, cfg, token_ids: torch.Tensor, experts=None) -> torch.Tensor:
     """x: [S, d] normed; p: "layers.i.ffn"; token_ids: [S] (hash routing); experts: layer_experts(...)
     (built here if None). -> [S, d]. The expert ids stay on the device (no host read)."""
-    routed, shared = experts or layer_experts(w, p, cfg.n_routed_experts)
+    routed = experts or layer_experts(w, p, cfg.n_routed_experts)
     gate = w[p + ".gate"]
     scores = kernels.router_scores(x, gate.data if gate.fmt == "dense" and gate.dense is None else gate.dequant())
     k, scale = cfg.num_experts_per_tok, cfg.routed_scaling_factor
@@ -27,5 +31,4 @@ def moe(x: torch.Tensor, w: dict, p: str, spec, cfg, token_ids: torch.Tensor, ex
     else:
         weights, ids = kernels.router_topk(scores, w[p + ".gate.bias"], k, scale)
     out = kernels.routed_experts(x, ids, weights, routed, cfg.swiglu_limit)
-    one = torch.ones((x.shape[0], 1), device=x.device)
-    return out + kernels.routed_experts(x, torch.zeros_like(one, dtype=torch.long), one, shared, cfg.swiglu_limit)
+    return out + shared_expert(x, w, p + ".shared_experts", cfg.swiglu_limit)
