@@ -56,7 +56,7 @@ def experts(fmt: str, E: int, inter: int, d: int) -> ExpertSet:
                      [one(d, inter) for _ in range(E)])
 
 
-def tune_experts(fmt: str, E: int, k: int, rows, block_ks, warps, per_byte=(False,)) -> list[dict]:
+def tune_experts(fmt: str, E: int, k: int, rows, block_ks, warps) -> list[dict]:
     inter, d = 2048, 4096
     es = experts(fmt, E, inter, d)
     x = torch.randn(1, d, device="cuda")
@@ -69,22 +69,22 @@ def tune_experts(fmt: str, E: int, k: int, rows, block_ks, warps, per_byte=(Fals
     part = torch.empty(k, d, device="cuda")
     one = es.w1[0].nbytes()
     out = []
-    for kind, r, bk, nw, pbs in itertools.product(("up", "down"), rows, block_ks, warps, per_byte):
+    for kind, r, bk, nw in itertools.product(("up", "down"), rows, block_ks, warps):
         if code < 4 and bk != 128:
             continue
         if kind == "up":
             fn = lambda r=r, bk=bk, nw=nw: tm._experts_up[(triton.cdiv(inter, r), k)](  # noqa: E731
                 x, ids, t["w1"][0], t["w1"][1], t["w3"][0], t["w3"][1], t["w1"][2], t["w3"][2], h, inter, d, 10.0,
-                FMT=code, BLOCK_N=r, BLOCK_K=bk, PER_BYTE_SCALE=pbs, num_warps=nw)
+                FMT=code, BLOCK_N=r, BLOCK_K=bk, num_warps=nw)
             nbytes = 2 * k * one
         else:
             fn = lambda r=r, bk=bk, nw=nw: tm._experts_down[(triton.cdiv(d, r), k)](  # noqa: E731
                 h, ids, wts, t["w2"][0], t["w2"][1], t["w2"][2], part, d, inter,
-                FMT=code, BLOCK_N=r, BLOCK_K=bk, PER_BYTE_SCALE=pbs, num_warps=nw)
+                FMT=code, BLOCK_N=r, BLOCK_K=bk, num_warps=nw)
             nbytes = k * one
         s = graph_time(fn)
         out.append({"kernel": f"experts_{kind}", "format": fmt, "experts": k, "rows": r, "block_k": bk, "warps": nw,
-                    "per_byte_scale": pbs, "us": s * 1e6, "GB_per_s": nbytes / s / 1e9})
+                    "us": s * 1e6, "GB_per_s": nbytes / s / 1e9})
         print(json.dumps(out[-1]))
     return out
 
@@ -93,7 +93,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
-    res = tune_experts("mxfp4", 256, 6, (8, 16, 32), (256, 512, 1024), (4, 8), (False, True))
+    res = tune_experts("mxfp4", 256, 6, (8, 16, 32), (128, 256, 512, 1024), (4, 8))
     best = {}
     for r in res:
         key = (r["kernel"], r["format"])

@@ -22,11 +22,9 @@ from .triton_linear import _e2m1_pairs
 # Tile shapes by weight format and by how many experts one call reads (6 routed, or the 1 shared):
 # rows per program for the up (w1 + w3) and down (w2) kernels, FP4 values per row per step, warps.
 # bench/tune_experts.py times the alternatives on a GPU.
-CONFIG = {  # bench/results/h200_tune_experts_v1.json
-    "fp4": {"many": {"up_rows": 16, "down_rows": 16, "up_block_k": 512, "down_block_k": 256, "warps": 4,
-                     "per_byte_scale": False},
-            "one": {"up_rows": 4, "down_rows": 8, "up_block_k": 256, "down_block_k": 256, "warps": 4,
-                    "per_byte_scale": False}},
+CONFIG = {  # bench/results/h200_tune_experts_v*.json
+    "fp4": {"many": {"up_rows": 16, "down_rows": 16, "up_block_k": 512, "down_block_k": 256, "warps": 4},
+            "one": {"up_rows": 4, "down_rows": 8, "up_block_k": 256, "down_block_k": 256, "warps": 4}},
     "other": {"many": {"up_rows": 16, "down_rows": 16, "warps": 4},
               "one": {"up_rows": 2, "down_rows": 2, "warps": 2}},
 }
@@ -54,12 +52,8 @@ def _weight_ptrs(tab_ptr, stab_ptr, e, FMT: tl.constexpr):
 
 
 @triton.jit
-def _row_dots(x_ptr, w, s, gs, rn, nmask, K: tl.constexpr, FMT: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_K: tl.constexpr, PER_BYTE_SCALE: tl.constexpr):
-    """sum_k W[rn, k] * x[k] over all K for one expert weight W [N, K] -> [BLOCK_N] float32.
-
-    FP4 scales are applied per scale group after a reshape-sum, or (PER_BYTE_SCALE) to every byte's
-    products before one row sum (each byte loads its group's scale, an L1 hit)."""
+def _row_dots(x_ptr, w, s, gs, rn, nmask, K: tl.constexpr, FMT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """sum_k W[rn, k] * x[k] over all K for one expert weight W [N, K] -> [BLOCK_N] float32."""
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     if FMT >= 4:
         G: tl.constexpr = 32 if FMT == 4 else 16
@@ -74,24 +68,15 @@ def _row_dots(x_ptr, w, s, gs, rn, nmask, K: tl.constexpr, FMT: tl.constexpr, BL
             xo = tl.load(x_ptr + 2 * rp + 1, mask=pm, other=0.0).to(tl.float32)
             lo, hi = _e2m1_pairs(b)
             prod = lo * xe[None, :] + hi * xo[None, :]  # x 2^-14
-            if PER_BYTE_SCALE:
-                sc = tl.load(s + rn[:, None] * (K // G) + (2 * rp[None, :]) // G, mask=nmask[:, None] & pm[None, :],
-                             other=0)
-                if FMT == 5:
-                    sc = sc.to(tl.float8e4nv, bitcast=True).to(tl.float32)
-                else:
-                    sc = (sc.to(tl.int32) << 23).to(tl.float32, bitcast=True)  # 2^(e-127), e >= 1
-                acc += tl.sum(prod * sc, 1)
+            grp = tl.sum(tl.reshape(prod, [BLOCK_N, NG, G // 2]), 2)
+            rg = k0 * 2 // G + tl.arange(0, NG)
+            sc = tl.load(s + rn[:, None] * (K // G) + rg[None, :], mask=nmask[:, None] & (rg[None, :] < K // G),
+                         other=0)
+            if FMT == 5:
+                sc = sc.to(tl.float8e4nv, bitcast=True).to(tl.float32)
             else:
-                grp = tl.sum(tl.reshape(prod, [BLOCK_N, NG, G // 2]), 2)
-                rg = k0 * 2 // G + tl.arange(0, NG)
-                sc = tl.load(s + rn[:, None] * (K // G) + rg[None, :], mask=nmask[:, None] & (rg[None, :] < K // G),
-                             other=0)
-                if FMT == 5:
-                    sc = sc.to(tl.float8e4nv, bitcast=True).to(tl.float32)
-                else:
-                    sc = tl.exp2(sc.to(tl.float32) - 127.0)
-                acc += tl.sum(grp * sc, 1)
+                sc = tl.exp2(sc.to(tl.float32) - 127.0)
+            acc += tl.sum(grp * sc, 1)
         acc = acc * 16384.0
         if FMT == 5:
             acc = acc * gs
@@ -115,15 +100,15 @@ def _row_dots(x_ptr, w, s, gs, rn, nmask, K: tl.constexpr, FMT: tl.constexpr, BL
 
 @triton.jit
 def _experts_up(x_ptr, ids_ptr, w1_tab, s1_tab, w3_tab, s3_tab, gs1_ptr, gs3_ptr, h_ptr, I, K: tl.constexpr, limit,
-                FMT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PER_BYTE_SCALE: tl.constexpr):
+                FMT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_n, j = tl.program_id(0), tl.program_id(1)
     e = tl.load(ids_ptr + j).to(tl.int64)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = rn < I
     w1, s1 = _weight_ptrs(w1_tab, s1_tab, e, FMT)
     w3, s3 = _weight_ptrs(w3_tab, s3_tab, e, FMT)
-    g = _row_dots(x_ptr, w1, s1, tl.load(gs1_ptr + e), rn, nmask, K, FMT, BLOCK_N, BLOCK_K, PER_BYTE_SCALE)
-    u = _row_dots(x_ptr, w3, s3, tl.load(gs3_ptr + e), rn, nmask, K, FMT, BLOCK_N, BLOCK_K, PER_BYTE_SCALE)
+    g = _row_dots(x_ptr, w1, s1, tl.load(gs1_ptr + e), rn, nmask, K, FMT, BLOCK_N, BLOCK_K)
+    u = _row_dots(x_ptr, w3, s3, tl.load(gs3_ptr + e), rn, nmask, K, FMT, BLOCK_N, BLOCK_K)
     g = tl.minimum(g, limit)
     u = tl.minimum(tl.maximum(u, -limit), limit)
     tl.store(h_ptr + j * I + rn, g * tl.sigmoid(g) * u, mask=nmask)
@@ -131,13 +116,13 @@ def _experts_up(x_ptr, ids_ptr, w1_tab, s1_tab, w3_tab, s3_tab, gs1_ptr, gs3_ptr
 
 @triton.jit
 def _experts_down(h_ptr, ids_ptr, wts_ptr, w2_tab, s2_tab, gs2_ptr, out_ptr, N, I: tl.constexpr,
-                  FMT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PER_BYTE_SCALE: tl.constexpr):
+                  FMT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_n, j = tl.program_id(0), tl.program_id(1)
     e = tl.load(ids_ptr + j).to(tl.int64)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = rn < N
     w2, s2 = _weight_ptrs(w2_tab, s2_tab, e, FMT)
-    y = _row_dots(h_ptr + j * I, w2, s2, tl.load(gs2_ptr + e), rn, nmask, I, FMT, BLOCK_N, BLOCK_K, PER_BYTE_SCALE)
+    y = _row_dots(h_ptr + j * I, w2, s2, tl.load(gs2_ptr + e), rn, nmask, I, FMT, BLOCK_N, BLOCK_K)
     tl.store(out_ptr + j * N + rn, y * tl.load(wts_ptr + j), mask=nmask)
 
 
@@ -185,14 +170,11 @@ def routed_experts_triton(x: torch.Tensor, ids: torch.Tensor, weights: torch.Ten
     h = torch.empty((k, I), device=x.device, dtype=torch.float32)
     cfg = CONFIG["fp4" if fmt >= 4 else "other"]["many" if k >= 4 else "one"]
     fp4 = fmt >= 4  # an FP8 / dense step stays inside one 128-wide scale block
-    pbs = cfg.get("per_byte_scale", False)
     _experts_up[(triton.cdiv(I, cfg["up_rows"]), k)](
         xs, ids1, t["w1"][0], t["w1"][1], t["w3"][0], t["w3"][1], t["w1"][2], t["w3"][2], h, I, d, float(limit),
-        FMT=fmt, BLOCK_N=cfg["up_rows"], BLOCK_K=cfg["up_block_k"] if fp4 else 128, PER_BYTE_SCALE=pbs,
-        num_warps=cfg["warps"])
+        FMT=fmt, BLOCK_N=cfg["up_rows"], BLOCK_K=cfg["up_block_k"] if fp4 else 128, num_warps=cfg["warps"])
     part = torch.empty((k, d), device=x.device, dtype=torch.float32)
     _experts_down[(triton.cdiv(d, cfg["down_rows"]), k)](
         h, ids1, weights.reshape(-1).float().contiguous(), t["w2"][0], t["w2"][1], t["w2"][2], part, d, I,
-        FMT=fmt, BLOCK_N=cfg["down_rows"], BLOCK_K=cfg["down_block_k"] if fp4 else 128, PER_BYTE_SCALE=pbs,
-        num_warps=cfg["warps"])
+        FMT=fmt, BLOCK_N=cfg["down_rows"], BLOCK_K=cfg["down_block_k"] if fp4 else 128, num_warps=cfg["warps"])
     return part.sum(0, keepdim=True).to(x.dtype)
