@@ -3,7 +3,8 @@
 Formats (kernels/linear.py QWeight): FP8 e4m3 with 128x128 block scales (ue8m0 or float32), MXFP4
 (e2m1 pairs, low nibble first, ue8m0 scale per 32), NVFP4 (e2m1, e4m3 scale per 16, float32 tensor
 scale), and dense BF16/F32. Each program reduces a BLOCK_N x K-slice tile of W (split-K when the
-rows alone would not fill the GPU), accumulating in float32; split-K partials are summed after.
+rows alone would not fill the GPU), accumulating in float32; the last program of each output tile
+adds the split-K partials, in split order, in the same launch.
 Decoding happens in registers (FP8 by a bit-cast conversion, e2m1 by placing its bits in an fp16,
 scales by exp2),
 so the bytes read are the stored bytes. ``grouped`` makes row block g read its own slice of x
@@ -36,8 +37,29 @@ def _e2m1_pairs(b):
 
 
 @triton.jit
-def _gemv_fp8_dense(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, stride_xm, SB_K, ROWS_PER_GROUP,
-                    FMT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_PER_SPLIT: tl.constexpr):
+def _store_split(acc, out_ptr, part_ptr, cnt_ptr, pid_n, pid_k, m, M, N, rn, nmask, SPLIT: tl.constexpr):
+    """Write this program's [BLOCK_N] result. With split-K, partials go to part [SPLIT, M, N]; the
+    last program of an output tile to arrive (an atomic count per tile) adds them in split order
+    (deterministic) and resets the count, so no second launch is needed."""
+    if SPLIT == 1:
+        tl.store(out_ptr + m * N + rn, acc, mask=nmask)
+    else:
+        tl.store(part_ptr + (pid_k * M + m) * N + rn, acc, mask=nmask)
+        tl.debug_barrier()  # every thread's partial is written before the count moves
+        tile = cnt_ptr + m * tl.num_programs(0) + pid_n
+        if tl.atomic_add(tile, 1, sem="acq_rel") == SPLIT - 1:
+            tl.debug_barrier()
+            tot = tl.zeros_like(acc)
+            for sp in range(0, SPLIT):
+                tot += tl.load(part_ptr + (sp * M + m) * N + rn, mask=nmask, other=0.0, cache_modifier=".cg")
+            tl.store(out_ptr + m * N + rn, tot, mask=nmask)
+            tl.atomic_xchg(tile, 0)
+
+
+@triton.jit
+def _gemv_fp8_dense(x_ptr, w_ptr, s_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, stride_xm, SB_K, ROWS_PER_GROUP,
+                    FMT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_PER_SPLIT: tl.constexpr,
+                    SPLIT: tl.constexpr):
     """FMT 0: fp8 + ue8m0 block scale, 1: fp8 + float32 block scale, 2: dense (any float dtype)."""
     pid_n, pid_k, m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -60,13 +82,13 @@ def _gemv_fp8_dense(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, stride_xm, SB_K, ROWS
                 s = tl.exp2(s.to(tl.float32) - 127.0)
             part = part * s
         acc += part
-    tl.store(out_ptr + (pid_k * M + m) * N + rn, acc, mask=nmask)
+    _store_split(acc, out_ptr, part_ptr, cnt_ptr, pid_n, pid_k, m, M, N, rn, nmask, SPLIT)
 
 
 @triton.jit
-def _gemv_fp4(x_ptr, w_ptr, s_ptr, gs_ptr, out_ptr, M, N, K, stride_xm,
+def _gemv_fp4(x_ptr, w_ptr, s_ptr, gs_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, stride_xm,
               G: tl.constexpr, NV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KP: tl.constexpr,
-              KP_PER_SPLIT: tl.constexpr):
+              KP_PER_SPLIT: tl.constexpr, SPLIT: tl.constexpr):
     """Packed e2m1 [N, K/2] with per-G scales [N, K/G]: ue8m0 (NV=0, G=32) or e4m3 x global (NV=1, G=16)."""
     pid_n, pid_k, m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -95,7 +117,7 @@ def _gemv_fp4(x_ptr, w_ptr, s_ptr, gs_ptr, out_ptr, M, N, K, stride_xm,
     acc = acc * 16384.0
     if NV:
         acc = acc * tl.load(gs_ptr)
-    tl.store(out_ptr + (pid_k * M + m) * N + rn, acc, mask=nmask)
+    _store_split(acc, out_ptr, part_ptr, cnt_ptr, pid_n, pid_k, m, M, N, rn, nmask, SPLIT)
 
 
 def _block_n(n_rows: int, rows_per_group: int) -> int:
@@ -122,19 +144,20 @@ def gemv(x: torch.Tensor, w: QWeight, rows_per_group: int | None = None) -> torc
     R = rows_per_group or N
     BN = _block_n(N, R) if rows_per_group else 32
     n_prog = triton.cdiv(N, BN) * M
+    out = torch.empty((M, N), device=x.device, dtype=torch.float32)
     if w.fmt in ("mxfp4", "nvfp4"):
         G = 32 if w.fmt == "mxfp4" else 16
         BKP = 64
         per, split = _split(n_prog, triton.cdiv(K // 2, BKP))
-        out = torch.empty((split, M, N), device=x.device, dtype=torch.float32)
+        part, cnt = _split_buffers(split, M, N, BN, x.device)
         gs = w.global_scale if w.fmt == "nvfp4" else out  # unused pointer for mxfp4
         _gemv_fp4[(triton.cdiv(N, BN), split, M)](
-            x, w.data.view(torch.uint8), w.scale.view(torch.uint8), gs, out, M, N, K, x.stride(0),
-            G=G, NV=w.fmt == "nvfp4", BLOCK_N=BN, BLOCK_KP=BKP, KP_PER_SPLIT=per * BKP, num_warps=4)
+            x, w.data.view(torch.uint8), w.scale.view(torch.uint8), gs, out, part, cnt, M, N, K, x.stride(0),
+            G=G, NV=w.fmt == "nvfp4", BLOCK_N=BN, BLOCK_KP=BKP, KP_PER_SPLIT=per * BKP, SPLIT=split, num_warps=4)
     else:
         BK = 128
         per, split = _split(n_prog, triton.cdiv(K, BK))
-        out = torch.empty((split, M, N), device=x.device, dtype=torch.float32)
+        part, cnt = _split_buffers(split, M, N, BN, x.device)
         if w.fmt == "fp8":
             f32 = w.scale.dtype == torch.float32
             s = w.scale if f32 else w.scale.view(torch.uint8)
@@ -142,9 +165,25 @@ def gemv(x: torch.Tensor, w: QWeight, rows_per_group: int | None = None) -> torc
         else:
             fmt, data, s, sbk = 2, w.data, out, 0
         _gemv_fp8_dense[(triton.cdiv(N, BN), split, M)](
-            x, data, s, out, M, N, K, x.stride(0), sbk, R,
-            FMT=fmt, BLOCK_N=BN, BLOCK_K=BK, K_PER_SPLIT=per * BK, num_warps=4)
-    return out[0] if split == 1 else out.sum(0)
+            x, data, s, out, part, cnt, M, N, K, x.stride(0), sbk, R,
+            FMT=fmt, BLOCK_N=BN, BLOCK_K=BK, K_PER_SPLIT=per * BK, SPLIT=split, num_warps=4)
+    return out
+
+
+_COUNTS: dict = {}
+
+
+def _split_buffers(split: int, M: int, N: int, BN: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split-K partials [split, M, N] and the per-tile arrival counts (int32, kept zero between
+    calls: the last program of each tile resets its count). One count buffer per device, grown
+    when needed (a decode step's warm-up grows it before any CUDA-graph capture)."""
+    tiles = M * triton.cdiv(N, BN)
+    cnt = _COUNTS.get(device)
+    if cnt is None or cnt.numel() < tiles:
+        cnt = _COUNTS[device] = torch.zeros(max(tiles, 1 << 16), dtype=torch.int32, device=device)
+    if split == 1:
+        return cnt, cnt  # unused
+    return torch.empty((split, M, N), device=device, dtype=torch.float32), cnt
 
 
 def linear_triton(x: torch.Tensor, w: QWeight) -> torch.Tensor:
