@@ -22,8 +22,8 @@ SYN_OPT = typer.Option(False, "--synthetic", help="Random weights generated in t
 JSON_OPT = typer.Option(None, "--json", help="Write results as JSON to FILE ('-' for stdout).")
 COMPARE_OPT = typer.Option(None, "--compare", help="Also run the same work through 'reference' (the torch "
                            "reference kernels), 'transformers' (its DeepseekV4ForCausalLM with the same weights, "
-                           "float32, where it fits in memory) or, for decode on a GPU, 'eager' (the same kernels "
-                           "without the CUDA graph) and report the speed ratio.")
+                           "float32, where it fits in memory) or, for decode on a GPU, 'eager' (no CUDA graph: the "
+                           "ordinary per-token forward, kernels launched one by one) and report the speed ratio.")
 
 
 def _check_compare_name(against, kind: str = "decode") -> None:
@@ -187,8 +187,8 @@ def decode(model: Optional[Path] = MODEL_OPT, preset: Optional[str] = PRESET_OPT
            precision: str = typer.Option("faithful", "--precision"), json_path: Optional[str] = JSON_OPT,
            compare: Optional[str] = COMPARE_OPT,
            cuda_graph: bool = typer.Option(True, "--cuda-graph/--no-cuda-graph", help="On a GPU, replay each decode "
-                                           "step from one captured CUDA graph (the default) or launch its kernels "
-                                           "one by one.")):
+                                           "step from one captured CUDA graph (the default) or run the ordinary "
+                                           "per-token forward, launching kernels one by one.")):
     guard(_decode)(model, preset, layers, synthetic, prompt_len, steps, warmup, device, precision, json_path, compare,
                    cuda_graph)
 
