@@ -30,7 +30,7 @@ def _pool(c_ptr, z_ptr, tc_ptr, tz_ptr, ape_ptr, pc_ptr, pz_ptr, pos_ptr, out_pt
         has_prev = pos >= RATIO
         for j in range(0, RATIO):
             cj = tl.load(pc_ptr + j * D + d, mask=dm, other=0.0)
-            zj = tl.load(pz_ptr + j * D + d, mask=dm & has_prev, other=float("-inf"))
+            zj = tl.where(has_prev, tl.load(pz_ptr + j * D + d, mask=dm, other=float("-inf")), float("-inf"))
             m_new = tl.maximum(m, zj)
             mu = tl.where(m_new == float("-inf"), 0.0, m_new)
             a = tl.exp(m - mu)
