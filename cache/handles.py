@@ -145,6 +145,7 @@ class LayerHandle:
     def index_store(self) -> dict:
         return self._ipool.tensors
 
-    def read_all_index_keys(self) -> torch.Tensor:
-        return self._ipool.read(self.all_entry_rows())
+    def read_index_keys_at(self, rows: torch.Tensor) -> torch.Tensor:
+        """Indexer keys at pool rows [k] (from rows_at / all_entry_rows) as float32 [k, Di]."""
+        return self._ipool.read(rows)
 

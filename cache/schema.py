@@ -30,9 +30,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from kernels.entries import FP4_GROUP, FP8_GROUP  # the entry formats are defined with the kernels that read them
+
 BLOCK_TOKENS = 128
-FP8_GROUP = 64
-FP4_GROUP = 32
 MODES = ("exact", "faithful")
 V32_BYTES_PER_TOKEN_LAYER = 656  # DeepSeek-V3.2 MLA cache: 512 FP8 + 16 scale + 128 BF16 RoPE
 V32_LAYERS = 61

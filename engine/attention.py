@@ -110,7 +110,7 @@ def decode_attention(x: torch.Tensor, w: dict, p: str, spec, cfg, handle, positi
                             quant.hadamard_transform if faithful else (lambda e: e), name="idx",
                             store=lambda e, v: kernels.store_entry(v, istore, handle.rows_at(e)))
             if handle.entry_capacity() > cfg.index_topk:  # else every closed window is among the top-k
-                scores = _indexer_scores(x, qr, w, p + ".indexer", cfg, handle.read_all_index_keys(),
+                scores = _indexer_scores(x, qr, w, p + ".indexer", cfg, handle.read_index_keys_at(rows),
                                          rope.at_pos(True), _index_quantiser(faithful))[0]
                 idx, ok = indexer_topk_indices(scores, ok, cfg.index_topk)
                 rows = rows[idx]  # attention reads only the selected entries

@@ -25,7 +25,7 @@ from kernels.moe import hash_route, router_scores, router_topk  # noqa: E402
 from kernels.attention import decode_attention  # noqa: E402
 from kernels.entries import store_entry  # noqa: E402
 from kernels.moe import routed_experts  # noqa: E402
-from kernel_cases import FORMATS, expert_set  # noqa: E402
+from kernel_cases import FORMATS, expert_set, store  # noqa: E402
 
 g = torch.Generator().manual_seed(0)
 BOUND = 1e-5
@@ -79,15 +79,6 @@ def experts_checks():
                   routed_experts(x, ids, wts, es, 7.0))
 
 
-def _store(kind: str, rows: int, D: int, r: int) -> dict:
-    if kind == "kv":
-        return {"fp8": torch.zeros(rows, D - r, dtype=torch.float8_e4m3fn), "bf16": torch.zeros(rows, r, dtype=torch.bfloat16),
-                "scales": torch.zeros(rows, (D - r) // 64, dtype=torch.uint8)}
-    if kind == "fp4":
-        return {"fp4": torch.zeros(rows, D // 2, dtype=torch.uint8), "scales": torch.zeros(rows, D // 32, dtype=torch.uint8)}
-    return {"f32": torch.zeros(rows, D)}
-
-
 def attention_checks():
     # store_entry writes the same bytes as the reference quantiser (values on rounding ties included)
     for kind, D, r in [("kv", 512, 64), ("kv", 96, 32), ("fp4", 128, 0), ("fp4", 64, 0), ("f32", 80, 16)]:
@@ -96,7 +87,7 @@ def attention_checks():
             if trial == 2:  # exact ties of the e2m1 / fp8 grids and an all-zero group
                 x[0, :32] = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, -0.75] * 4) * 4
                 x[0, 32:64] = 0
-            a, b = _store(kind, 5, D, r), _store(kind, 5, D, r)
+            a, b = store(kind, 5, D, r), store(kind, 5, D, r)
             row = torch.tensor([3])
             store_entry(x, a, row)
             tatt.store_entry_triton(x, b, row)
@@ -107,7 +98,7 @@ def attention_checks():
     # decode attention over ring + entries in their storage formats
     for kind, H, D, r, W, T, pos in [("kv", 64, 512, 64, 128, 40, 300), ("kv", 6, 128, 64, 16, 9, 5),
                                      ("f32", 4, 96, 32, 16, 0, 40), ("f32", 20, 80, 16, 32, 70, 77)]:
-        ring, pool = _store(kind, W, D, r), _store(kind, 100, D, r)
+        ring, pool = store(kind, W, D, r), store(kind, 100, D, r)
         for i in range(W):
             store_entry(torch.randn(1, D, generator=g), ring, torch.tensor([i]))
         for i in range(100):

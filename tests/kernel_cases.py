@@ -2,6 +2,7 @@
 
 import torch
 
+from cache import EntryFormat, EntryStore
 from kernels import quant
 from kernels.linear import QWeight
 from kernels.moe import ExpertSet
@@ -29,3 +30,9 @@ def expert_set(fmt: str, E: int, inter: int, d: int, g: torch.Generator, device=
     mk = lambda N, K: weight(fmt, N, K, g).to(device)  # noqa: E731
     return ExpertSet([mk(inter, d) for _ in range(E)], [mk(inter, d) for _ in range(E)],
                      [mk(d, inter) for _ in range(E)])
+
+
+def store(kind: str, rows: int, D: int, r: int, device="cpu") -> dict:
+    """An empty entry store (kernels/entries.py layout) of ``rows`` entries of D channels, r of them
+    RoPE: kind "kv", "fp4" or "f32"."""
+    return EntryStore(rows, EntryFormat(D, r, kind), device).tensors

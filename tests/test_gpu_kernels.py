@@ -15,7 +15,7 @@ import torch
 import kernels
 from kernels.dispatch import implementation, use_backend
 from kernels.linear import grouped_linear_reference, linear_reference
-from kernel_cases import FORMATS, expert_set, weight
+from kernel_cases import FORMATS, expert_set, store, weight
 
 pytestmark = pytest.mark.gpu
 
@@ -115,18 +115,6 @@ def test_routed_experts_match_reference(fmt, E, inter, d, k):
     assert (a - b).abs().max().item() <= 1e-5 * b.abs().max().item()
 
 
-def _store(kind: str, rows: int, D: int, r: int) -> dict:
-    dev = "cuda"
-    if kind == "kv":
-        return {"fp8": torch.zeros(rows, D - r, dtype=torch.float8_e4m3fn, device=dev),
-                "bf16": torch.zeros(rows, r, dtype=torch.bfloat16, device=dev),
-                "scales": torch.zeros(rows, (D - r) // 64, dtype=torch.uint8, device=dev)}
-    if kind == "fp4":
-        return {"fp4": torch.zeros(rows, D // 2, dtype=torch.uint8, device=dev),
-                "scales": torch.zeros(rows, D // 32, dtype=torch.uint8, device=dev)}
-    return {"f32": torch.zeros(rows, D, device=dev)}
-
-
 def _bytes(t):
     return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
 
@@ -140,7 +128,7 @@ def test_store_entry_writes_the_reference_bytes(kind, D, r):
     assert implementation("store_entry", "cuda") is not ref_fn
     for scale in (1e-3, 1.0, 300.0):
         x = (torch.randn(1, D, generator=g) * scale).cuda()
-        a, b = _store(kind, 9, D, r), _store(kind, 9, D, r)
+        a, b = store(kind, 9, D, r, "cuda"), store(kind, 9, D, r, "cuda")
         row = torch.tensor([7], device="cuda")
         ref_fn(x, a, row)
         kernels.store_entry(x, b, row)
@@ -156,7 +144,7 @@ def test_decode_attention_matches_reference(kind, H, D, W, T, pos):
 
     g = torch.Generator().manual_seed(H + T + pos)
     r = 64 if D == 512 else 32
-    ring, pool = _store(kind, W, D, r), _store(kind, 600, D, r)
+    ring, pool = store(kind, W, D, r, "cuda"), store(kind, 600, D, r, "cuda")
     write_entries(ring, slice(None), torch.randn(W, D, generator=g).cuda())
     write_entries(pool, slice(None), torch.randn(600, D, generator=g).cuda())
     q = torch.randn(H, D, generator=g).cuda()
