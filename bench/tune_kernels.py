@@ -16,6 +16,7 @@ import torch
 import triton
 
 from kernels import triton_moe as tm
+from kernels.triton_fp4dot import quant3
 from kernels.linear import QWeight
 from kernels.moe import ExpertSet
 
@@ -56,7 +57,8 @@ def experts(fmt: str, E: int, inter: int, d: int) -> ExpertSet:
                      [one(d, inter) for _ in range(E)])
 
 
-def tune_experts(fmt: str, E: int, k: int, rows, block_ks, warps) -> list[dict]:
+def tune_experts(fmt: str, E: int, k: int, rows, block_ks, warps, mode: int = 0) -> list[dict]:
+    """Time _experts_up / _experts_down at Flash sizes for each tile shape; mode as in triton_moe."""
     inter, d = 2048, 4096
     es = experts(fmt, E, inter, d)
     x = torch.randn(1, d, device="cuda")
@@ -66,6 +68,8 @@ def tune_experts(fmt: str, E: int, k: int, rows, block_ks, warps) -> list[dict]:
     t = es.tables
     code = t["fmt"]
     h = torch.randn(k, inter, device="cuda")
+    xq, xs = quant3(x)
+    hq, hs = quant3(h)
     part = torch.empty(k, d, device="cuda")
     one = es.w1[0].nbytes()
     out = []
@@ -74,18 +78,21 @@ def tune_experts(fmt: str, E: int, k: int, rows, block_ks, warps) -> list[dict]:
             continue
         if kind == "up":
             fn = lambda r=r, bk=bk, nw=nw: tm._experts_up[(triton.cdiv(inter, r), k)](  # noqa: E731
-                x, ids, t["w1"][0], t["w1"][1], t["w3"][0], t["w3"][1], t["w1"][2], t["w3"][2], h, inter, d, 10.0,
-                FMT=code, BLOCK_N=r, BLOCK_K=bk, num_warps=nw)
+                x, xq, xs, ids, t["w1"][0], t["w1"][1], t["w3"][0], t["w3"][1], t["w1"][2], t["w3"][2], h, inter, d,
+                10.0, FMT=code, BLOCK_N=r, BLOCK_K=bk, MODE=mode, num_warps=nw)
             nbytes = 2 * k * one
         else:
             fn = lambda r=r, bk=bk, nw=nw: tm._experts_down[(triton.cdiv(d, r), k)](  # noqa: E731
-                h, ids, wts, t["w2"][0], t["w2"][1], t["w2"][2], part, d, inter,
-                FMT=code, BLOCK_N=r, BLOCK_K=bk, num_warps=nw)
+                h, hq, hs, ids, wts, t["w2"][0], t["w2"][1], t["w2"][2], part, d, inter,
+                FMT=code, BLOCK_N=r, BLOCK_K=bk, MODE=mode, num_warps=nw)
             nbytes = k * one
         s = graph_time(fn)
-        out.append({"kernel": f"experts_{kind}", "format": fmt, "experts": k, "rows": r, "block_k": bk, "warps": nw,
-                    "us": s * 1e6, "GB_per_s": nbytes / s / 1e9})
+        out.append({"kernel": f"experts_{kind}", "format": fmt, "mode": mode, "experts": k, "rows": r,
+                    "block_k": bk, "warps": nw, "us": s * 1e6, "GB_per_s": nbytes / s / 1e9})
         print(json.dumps(out[-1]))
+    quant = graph_time(lambda: quant3(x))
+    out.append({"kernel": "quant3", "K": d, "us": quant * 1e6})
+    print(json.dumps(out[-1]))
     return out
 
 
@@ -93,10 +100,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
-    res = tune_experts("mxfp4", 256, 6, (8, 16, 32), (128, 256, 512, 1024), (4, 8))
+    res = tune_experts("mxfp4", 256, 6, (16,), (256, 512), (4,), mode=0)  # float decode on the CUDA cores
+    res += tune_experts("mxfp4", 256, 6, (8, 16, 32), (256, 512, 1024), (4, 8), mode=2)  # dp4a
     best = {}
     for r in res:
-        key = (r["kernel"], r["format"])
+        if "mode" not in r:
+            continue
+        key = (r["kernel"], r["format"], r["mode"], r["experts"])
         if key not in best or r["us"] < best[key]["us"]:
             best[key] = r
     for r in best.values():

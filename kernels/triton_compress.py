@@ -17,7 +17,8 @@ from .compress import compress_decode as compress_decode_reference
 
 @triton.jit
 def _pool(c_ptr, z_ptr, tc_ptr, tz_ptr, ape_ptr, pc_ptr, pz_ptr, pos_ptr, out_ptr,
-          D: tl.constexpr, WIDTH: tl.constexpr, RATIO: tl.constexpr, OVERLAP: tl.constexpr, BLOCK: tl.constexpr):
+          D: tl.constexpr, WIDTH: tl.constexpr, RATIO: tl.constexpr, OVERLAP: tl.constexpr, BLOCK: tl.constexpr,
+          BLOCK_J: tl.constexpr):
     """Pooled entry channels [BLOCK] of program 0..D/BLOCK-1, and this program's share of the state."""
     d = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     dm = d < D
@@ -41,16 +42,19 @@ def _pool(c_ptr, z_ptr, tc_ptr, tz_ptr, ape_ptr, pc_ptr, pz_ptr, pos_ptr, out_pt
         off = D  # series b: the second half of each row
     else:
         off = 0
-    for j in range(0, RATIO):
-        last = j == RATIO - 1
-        cj = tl.load(tl.where(last, c_ptr, tc_ptr + j * WIDTH) + off + d, mask=dm, other=0.0)
-        zj = tl.load(tl.where(last, z_ptr, tz_ptr + j * WIDTH) + off + d, mask=dm, other=0.0)
-        zj = zj + tl.load(ape_ptr + j * WIDTH + off + d, mask=dm, other=0.0)
-        m_new = tl.maximum(m, zj)
+    for j0 in range(0, RATIO, BLOCK_J):  # BLOCK_J slots at a time (loads in flight together)
+        j = j0 + tl.arange(0, BLOCK_J)
+        last = (j == RATIO - 1)[:, None]
+        jm = (j < RATIO)[:, None] & dm[None, :]
+        col = off + d[None, :]
+        cj = tl.load(tl.where(last, c_ptr + col, tc_ptr + j[:, None] * WIDTH + col), mask=jm, other=0.0)
+        zj = tl.load(tl.where(last, z_ptr + col, tz_ptr + j[:, None] * WIDTH + col), mask=jm, other=float("-inf"))
+        zj = zj + tl.load(ape_ptr + j[:, None] * WIDTH + col, mask=jm, other=0.0)
+        m_new = tl.maximum(m, tl.max(zj, 0))
         a = tl.exp(m - m_new)
-        p = tl.exp(zj - m_new)
-        l = l * a + p
-        acc = acc * a + p * cj
+        p = tl.exp(zj - m_new[None, :])
+        l = l * a + tl.sum(p, 0)
+        acc = acc * a + tl.sum(p * cj, 0)
         m = m_new
     tl.store(out_ptr + d, acc / l, mask=dm)
     # state: series a on a close (overlap), then this token's row of the tail (this program's channels)
@@ -101,7 +105,8 @@ def compress_decode_triton(c, z, tail_c, tail_z, ape, prev_c, prev_z, norm_w, co
     block = min(64, triton.next_power_of_2(D))
     _pool[(triton.cdiv(D, block),)](
         c.contiguous(), z.contiguous(), tail_c, tail_z, ape.float().contiguous(), prev_c if overlap else tail_c,
-        prev_z if overlap else tail_z, pos, out, D=D, WIDTH=width, RATIO=ratio, OVERLAP=overlap, BLOCK=block)
+        prev_z if overlap else tail_z, pos, out, D=D, WIDTH=width, RATIO=ratio, OVERLAP=overlap, BLOCK=block,
+        BLOCK_J=min(32, triton.next_power_of_2(ratio)))
     _finish[(1,)](out, norm_w.float().contiguous(), cos.contiguous(), sin.contiguous(), float(eps), D=D,
                   RD=2 * cos.shape[-1], BLOCK_H=triton.next_power_of_2(D // 2))
     return out

@@ -7,22 +7,30 @@ Two launches per call, no host read of the ids (so a decode step can be captured
 The k partials are then summed in float32. Expert weights stay where they were loaded: the kernels
 find them through per-layer tables of device addresses (int64, one entry per expert), built once.
 Formats (kernels/linear.py): FP8 with 128x128 block scales (ue8m0 or float32), MXFP4, NVFP4 and
-dense BF16/F32; all experts of a set share one format.
+dense BF16/F32; all experts of a set share one format. MXFP4 goes through the integer units
+(kernels/triton_fp4dot.py: e2m1 by byte-permute lookups, dp4a against the activation split into three
+int8 parts, float32-accurate), with one more small launch before each of the two to split x and h.
+(tl.dot_scaled, the tensor cores with a bf16 upcast, measured slower: bench/results/h200_tune_experts_v3.json.)
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
 import triton.language as tl
 
 from .moe import ExpertSet, routed_experts as routed_experts_reference
+from .triton_fp4dot import mx_int_dots, quant3
 from .triton_linear import _e2m1_pairs
 
 # Tile shapes by weight format and by how many experts one call reads (6 routed, or the 1 shared):
 # rows per program for the up (w1 + w3) and down (w2) kernels, FP4 values per row per step, warps.
 # bench/tune_experts.py times the alternatives on a GPU.
 CONFIG = {  # bench/results/h200_tune_experts_v*.json
+    "mx": {"many": {"up_rows": 32, "down_rows": 32, "up_block_k": 1024, "down_block_k": 1024, "warps": 4},
+           "one": {"up_rows": 8, "down_rows": 8, "up_block_k": 512, "down_block_k": 512, "warps": 4}},
     "fp4": {"many": {"up_rows": 16, "down_rows": 16, "up_block_k": 512, "down_block_k": 256, "warps": 4},
             "one": {"up_rows": 4, "down_rows": 8, "up_block_k": 256, "down_block_k": 256, "warps": 4}},
     "other": {"many": {"up_rows": 16, "down_rows": 16, "warps": 4},
@@ -48,7 +56,7 @@ def _weight_ptrs(tab_ptr, stab_ptr, e, FMT: tl.constexpr):
         s = sa.to(tl.pointer_type(tl.float32))
     else:
         s = sa.to(tl.pointer_type(tl.uint8))
-    return w, s
+    return tl.multiple_of(w, 16), tl.multiple_of(s, 16)
 
 
 @triton.jit
@@ -99,30 +107,38 @@ def _row_dots(x_ptr, w, s, gs, rn, nmask, K: tl.constexpr, FMT: tl.constexpr, BL
 
 
 @triton.jit
-def _experts_up(x_ptr, ids_ptr, w1_tab, s1_tab, w3_tab, s3_tab, gs1_ptr, gs3_ptr, h_ptr, I, K: tl.constexpr, limit,
-                FMT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _experts_up(x_ptr, xq_ptr, xs_ptr, ids_ptr, w1_tab, s1_tab, w3_tab, s3_tab, gs1_ptr, gs3_ptr, h_ptr, I,
+                K: tl.constexpr, limit, FMT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                MODE: tl.constexpr):
     pid_n, j = tl.program_id(0), tl.program_id(1)
     e = tl.load(ids_ptr + j).to(tl.int64)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = rn < I
     w1, s1 = _weight_ptrs(w1_tab, s1_tab, e, FMT)
     w3, s3 = _weight_ptrs(w3_tab, s3_tab, e, FMT)
-    g = _row_dots(x_ptr, w1, s1, tl.load(gs1_ptr + e), rn, nmask, K, FMT, BLOCK_N, BLOCK_K)
-    u = _row_dots(x_ptr, w3, s3, tl.load(gs3_ptr + e), rn, nmask, K, FMT, BLOCK_N, BLOCK_K)
+    if MODE >= 2:  # MXFP4 through dp4a (2: inline PTX, 3: the same in Triton ops); K % BLOCK_K == 0
+        g = mx_int_dots(xq_ptr, xs_ptr, w1, s1, rn, nmask, K, BLOCK_N, BLOCK_K, MODE == 2)
+        u = mx_int_dots(xq_ptr, xs_ptr, w3, s3, rn, nmask, K, BLOCK_N, BLOCK_K, MODE == 2)
+    else:
+        g = _row_dots(x_ptr, w1, s1, tl.load(gs1_ptr + e), rn, nmask, K, FMT, BLOCK_N, BLOCK_K)
+        u = _row_dots(x_ptr, w3, s3, tl.load(gs3_ptr + e), rn, nmask, K, FMT, BLOCK_N, BLOCK_K)
     g = tl.minimum(g, limit)
     u = tl.minimum(tl.maximum(u, -limit), limit)
     tl.store(h_ptr + j * I + rn, g * tl.sigmoid(g) * u, mask=nmask)
 
 
 @triton.jit
-def _experts_down(h_ptr, ids_ptr, wts_ptr, w2_tab, s2_tab, gs2_ptr, out_ptr, N, I: tl.constexpr,
-                  FMT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _experts_down(h_ptr, hq_ptr, hs_ptr, ids_ptr, wts_ptr, w2_tab, s2_tab, gs2_ptr, out_ptr, N, I: tl.constexpr,
+                  FMT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MODE: tl.constexpr):
     pid_n, j = tl.program_id(0), tl.program_id(1)
     e = tl.load(ids_ptr + j).to(tl.int64)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = rn < N
     w2, s2 = _weight_ptrs(w2_tab, s2_tab, e, FMT)
-    y = _row_dots(h_ptr + j * I, w2, s2, tl.load(gs2_ptr + e), rn, nmask, I, FMT, BLOCK_N, BLOCK_K)
+    if MODE >= 2:
+        y = mx_int_dots(hq_ptr + j * 3 * I, hs_ptr + j * (I // 32), w2, s2, rn, nmask, I, BLOCK_N, BLOCK_K, MODE == 2)
+    else:
+        y = _row_dots(h_ptr + j * I, w2, s2, tl.load(gs2_ptr + e), rn, nmask, I, FMT, BLOCK_N, BLOCK_K)
     tl.store(out_ptr + j * N + rn, y * tl.load(wts_ptr + j), mask=nmask)
 
 
@@ -145,10 +161,28 @@ def _tables(ws, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return data, scale, gs
 
 
+def _mx_block_k(K: int, want: int) -> int:
+    """The largest power of two <= want (and >= 32, one scale group) dividing K; 0 if none."""
+    b = want
+    while b >= 32 and K % b:
+        b //= 2
+    return b if b >= 32 else 0
+
+
+def _mx_mode(fmt: int, I: int, d: int, device: torch.device) -> int:
+    """MODE for MXFP4 experts whose sizes are whole 32-groups: 2 (dp4a through inline PTX) on a GPU,
+    3 (the same integer arithmetic in Triton ops) in Triton's CPU interpreter; else 0 (float decode)."""
+    if fmt != 4 or I % 32 or d % 32:
+        return 0
+    return 3 if os.environ.get("TRITON_INTERPRET") == "1" else 2
+
+
 def _usable(experts: ExpertSet) -> bool:
     ws = experts.w1 + experts.w3 + experts.w2
     fmts = {(w.fmt, w.data.dtype, None if w.scale is None else w.scale.dtype) for w in ws}
-    return len(fmts) == 1 and _fmt_code(ws) >= 0 and all(w.dense is None and w.data.is_contiguous() for w in ws)
+    aligned = all(t.data_ptr() % 16 == 0 for w in ws for t in (w.data, w.scale) if t is not None)
+    return len(fmts) == 1 and _fmt_code(ws) >= 0 and aligned and all(
+        w.dense is None and w.data.is_contiguous() for w in ws)
 
 
 def routed_experts_triton(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, experts: ExpertSet,
@@ -168,13 +202,19 @@ def routed_experts_triton(x: torch.Tensor, ids: torch.Tensor, weights: torch.Ten
     xs = x.reshape(-1).contiguous()
     ids1 = ids.reshape(-1).contiguous()
     h = torch.empty((k, I), device=x.device, dtype=torch.float32)
-    cfg = CONFIG["fp4" if fmt >= 4 else "other"]["many" if k >= 4 else "one"]
+    mode = _mx_mode(fmt, I, d, x.device)
+    cfg = CONFIG["mx" if mode else "fp4" if fmt >= 4 else "other"]["many" if k >= 4 else "one"]
     fp4 = fmt >= 4  # an FP8 / dense step stays inside one 128-wide scale block
+    up_k = _mx_block_k(d, cfg["up_block_k"]) if mode else cfg["up_block_k"] if fp4 else 128
+    down_k = _mx_block_k(I, cfg["down_block_k"]) if mode else cfg["down_block_k"] if fp4 else 128
+    opts = {"num_warps": cfg["warps"], "num_stages": cfg.get("stages", 3)}
+    xq, xsc = quant3(xs.view(1, d)) if mode else (xs, xs)
     _experts_up[(triton.cdiv(I, cfg["up_rows"]), k)](
-        xs, ids1, t["w1"][0], t["w1"][1], t["w3"][0], t["w3"][1], t["w1"][2], t["w3"][2], h, I, d, float(limit),
-        FMT=fmt, BLOCK_N=cfg["up_rows"], BLOCK_K=cfg["up_block_k"] if fp4 else 128, num_warps=cfg["warps"])
+        xs, xq, xsc, ids1, t["w1"][0], t["w1"][1], t["w3"][0], t["w3"][1], t["w1"][2], t["w3"][2], h, I, d,
+        float(limit), FMT=fmt, BLOCK_N=cfg["up_rows"], BLOCK_K=up_k, MODE=mode, **opts)
+    hq, hsc = quant3(h) if mode else (h, h)
     part = torch.empty((k, d), device=x.device, dtype=torch.float32)
     _experts_down[(triton.cdiv(d, cfg["down_rows"]), k)](
-        h, ids1, weights.reshape(-1).float().contiguous(), t["w2"][0], t["w2"][1], t["w2"][2], part, d, I,
-        FMT=fmt, BLOCK_N=cfg["down_rows"], BLOCK_K=cfg["down_block_k"] if fp4 else 128, num_warps=cfg["warps"])
+        h, hq, hsc, ids1, weights.reshape(-1).float().contiguous(), t["w2"][0], t["w2"][1], t["w2"][2], part, d, I,
+        FMT=fmt, BLOCK_N=cfg["down_rows"], BLOCK_K=down_k, MODE=mode, **opts)
     return part.sum(0, keepdim=True).to(x.dtype)
