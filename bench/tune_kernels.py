@@ -96,10 +96,39 @@ def tune_experts(fmt: str, E: int, k: int, rows, block_ks, warps, mode: int = 0)
     return out
 
 
+def tune_attention(T: int) -> dict:
+    """Time kernels.decode_attention (both launches) at Flash sizes: 64 heads of 512 channels (448
+    FP8 + 64 BF16 RoPE), a 128-slot ring and T selected entries; with its error against the reference."""
+    from cache.pools import EntryStore
+    from cache.schema import EntryFormat
+    from kernels import triton_attention as ta
+    H, D, W = 64, 512, 128
+    ring, pool = EntryStore(W, EntryFormat(D, 64, "kv"), "cuda"), EntryStore(max(T, 1), EntryFormat(D, 64, "kv"), "cuda")
+    ring.write(slice(None), torch.randn(W, D, device="cuda"))
+    pool.write(slice(None), torch.randn(max(T, 1), D, device="cuda"))
+    q, sink = torch.randn(H, D, device="cuda"), torch.randn(H, device="cuda")
+    pos = torch.tensor([5000], device="cuda")
+    rows, ok = torch.randperm(max(T, 1), device="cuda")[:T], torch.ones(T, dtype=torch.bool, device="cuda")
+    ent = (pool.tensors, rows, ok) if T else (None, None, None)
+    ref = ta.decode_attention_reference(q, ring.tensors, pos, *ent, sink, D ** -0.5)
+    fn = lambda: ta.decode_attention_triton(q, ring.tensors, pos, *ent, sink, D ** -0.5)  # noqa: E731
+    err = ((fn() - ref).abs().max() / ref.abs().max()).item()
+    out = {"kernel": "decode_attention", "entries": T, "us": graph_time(fn) * 1e6, "rel_err": err}
+    print(json.dumps(out))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
+    ap.add_argument("--only", choices=("experts", "attention"), default=None)
     a = ap.parse_args()
+    if a.only == "attention":
+        res = [tune_attention(T) for T in (512, 256, 16)]
+        if a.out:
+            with open(a.out, "w") as f:
+                json.dump({"all": res, "card": torch.cuda.get_device_name()}, f, indent=1)
+        return
     res = tune_experts("mxfp4", 256, 6, (16,), (256, 512), (4,), mode=0)  # float decode on the CUDA cores
     res += tune_experts("mxfp4", 256, 6, (8, 16, 32), (256, 512, 1024), (4, 8), mode=2)  # dp4a
     best = {}

@@ -94,21 +94,24 @@ def decode_attention(x: torch.Tensor, w: dict, p: str, spec, cfg, handle, positi
     cos, sin = rope.at_pos(spec.yarn)
     qr, q, kv = _project(x, w, p, cfg, cos, sin, faithful=False)  # kv is quantised by its store
     ring = handle.ring_store()
-    kernels.store_entry(kv, ring, torch.remainder(pos, cfg.sliding_window))
+    W = cfg.sliding_window
+    kernels.store_entry(kv, ring, rope.once(("ring", W), lambda: torch.remainder(pos, W)))
 
     store, rows, ok = None, None, None
     if spec.ratio:
         m, eps = spec.ratio, cfg.rms_norm_eps
         store = handle.entry_store()
+        # the same for every layer of this ratio in the step (one block table per slot)
+        row = rope.once(("row", m), lambda: handle.rows_at(pos // m))
         compress_decode(x, w, p + ".compressor", handle, pos, m, spec.attn == "csa", rope, eps, lambda e: e,
-                        store=lambda e, v: kernels.store_entry(v, store, handle.rows_at(e)))
-        rows = handle.all_entry_rows()
-        ok = (torch.arange(rows.shape[0], device=x.device) + 1) * m <= pos + 1  # closed windows
+                        store=lambda v: kernels.store_entry(v, store, row))
+        rows, ok = rope.once(("entries", m), lambda: (handle.all_entry_rows(), (
+            torch.arange(handle.entry_capacity(), device=x.device) + 1) * m <= pos + 1))  # closed windows
         if spec.attn == "csa":
             istore = handle.index_store()
             compress_decode(x, w, p + ".indexer.compressor", handle, pos, m, True, rope, eps,
                             quant.hadamard_transform if faithful else (lambda e: e), name="idx",
-                            store=lambda e, v: kernels.store_entry(v, istore, handle.rows_at(e)))
+                            store=lambda v: kernels.store_entry(v, istore, row))
             if handle.entry_capacity() > cfg.index_topk:  # else every closed window is among the top-k
                 scores = _indexer_scores(x, qr, w, p + ".indexer", cfg, handle.read_index_keys_at(rows),
                                          rope.at_pos(True), _index_quantiser(faithful))[0]

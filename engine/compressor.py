@@ -30,8 +30,9 @@ def compress_step(x: torch.Tensor, w: dict, prefix: str, handle, start: int, rat
     Returns the number of entries visible after this call ((start+S) // ratio).
     """
     S = x.shape[0]
-    c = kernels.linear(x.float(), w[prefix + ".wkv"])
-    z = kernels.linear(x.float(), w[prefix + ".wgate"])
+    xf = x.float()
+    c = kernels.linear(xf, w[prefix + ".wkv"])
+    z = kernels.linear(xf, w[prefix + ".wgate"])
     tail_c, tail_z = handle.tail(name)
     k = tail_c.shape[0]
     first_pos = start - k
@@ -57,15 +58,16 @@ def compress_decode(x: torch.Tensor, w: dict, prefix: str, handle, pos: torch.Te
     """Feed one token (x: [1, d]) at device position pos [1], with shapes that do not depend on it.
 
     The window the token belongs to is pooled as if it closed now, from the whole tail and this
-    token (kernels.compress_decode), and stored as entry pos // ratio by store(e [1], entry [1, D]):
+    token (kernels.compress_decode), and stored as entry pos // ratio by store(entry [1, D]):
     a partial entry is invisible (attention sees entry e only once (e+1)*ratio <= pos+1) and is
     overwritten when the window really closes. rope: the step's engine.rope.StepRope.
     """
-    c = kernels.linear(x.float(), w[prefix + ".wkv"])
-    z = kernels.linear(x.float(), w[prefix + ".wgate"])
+    xf = x.float()
+    c = kernels.linear(xf, w[prefix + ".wkv"])
+    z = kernels.linear(xf, w[prefix + ".wgate"])
     tail_c, tail_z = handle.full_tail(name)
     prev_c, prev_z = handle.prev_state(name) if overlap else (None, None)
     cos, sin = rope.at_window(ratio)
     entry = kernels.compress_decode(c, z, tail_c, tail_z, w[prefix + ".ape"], prev_c, prev_z,
                                     w[prefix + ".norm.weight"], cos, sin, pos, eps)
-    store(pos // ratio, quantise(entry))
+    store(quantise(entry))

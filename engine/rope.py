@@ -23,11 +23,18 @@ class RopeTables:
 class StepRope:
     """The cos/sin one decode step needs, made once per step and shared by all layers: at the
     token's position pos [1] (device) for each RoPE kind, and at the first position of the window
-    the token falls in, per compression ratio."""
+    the token falls in, per compression ratio. ``once`` keeps other per-step values that every
+    layer of a kind would otherwise recompute (cache rows of the token's entry, visibility masks)."""
 
     def __init__(self, tables: RopeTables, pos: torch.Tensor):
         self.tables, self.pos = tables, pos
         self._cache: dict = {}
+
+    def once(self, key, make):
+        """make() the first time key is asked for in this step, the same tensor afterwards."""
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
 
     def at_pos(self, yarn: bool) -> tuple[torch.Tensor, torch.Tensor]:
         if ("pos", yarn) not in self._cache:

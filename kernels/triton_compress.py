@@ -43,13 +43,13 @@ def _pool(c_ptr, z_ptr, tc_ptr, tz_ptr, ape_ptr, pc_ptr, pz_ptr, pos_ptr, out_pt
     else:
         off = 0
     for j0 in range(0, RATIO, BLOCK_J):  # BLOCK_J slots at a time (loads in flight together)
-        j = j0 + tl.arange(0, BLOCK_J)
-        last = (j == RATIO - 1)[:, None]
-        jm = (j < RATIO)[:, None] & dm[None, :]
+        slot = j0 + tl.arange(0, BLOCK_J)
+        last = (slot == RATIO - 1)[:, None]
+        jm = (slot < RATIO)[:, None] & dm[None, :]
         col = off + d[None, :]
-        cj = tl.load(tl.where(last, c_ptr + col, tc_ptr + j[:, None] * WIDTH + col), mask=jm, other=0.0)
-        zj = tl.load(tl.where(last, z_ptr + col, tz_ptr + j[:, None] * WIDTH + col), mask=jm, other=float("-inf"))
-        zj = zj + tl.load(ape_ptr + j[:, None] * WIDTH + col, mask=jm, other=0.0)
+        cj = tl.load(tl.where(last, c_ptr + col, tc_ptr + slot[:, None] * WIDTH + col), mask=jm, other=0.0)
+        zj = tl.load(tl.where(last, z_ptr + col, tz_ptr + slot[:, None] * WIDTH + col), mask=jm, other=float("-inf"))
+        zj = zj + tl.load(ape_ptr + slot[:, None] * WIDTH + col, mask=jm, other=0.0)
         m_new = tl.maximum(m, tl.max(zj, 0))
         a = tl.exp(m - m_new)
         p = tl.exp(zj - m_new[None, :])
