@@ -4,13 +4,16 @@ store_entry: quantise one entry and write its row in one launch (FP8 e4m3 + ue8m
   channels + BF16 RoPE channels; FP4 e2m1 + ue8m0 per 32, packed; or float32). Scales are built from
   the bits of amax / qmax (the smallest power of two >= it), so rounding matches kernels/quant.py.
 decode_attention: flash-decoding over the window ring and the compressed entries. Grid (head blocks,
-  key splits); each program dequantises its keys on the fly, scores them against a block of heads
-  with tensor-core dots (3xTF32, about float32 accuracy), and keeps a running max / sum / weighted
-  value; a second launch merges the splits with the sink.
+  key blocks, output channel blocks); each program dequantises its keys on the fly, scores them
+  against all heads of its block with tensor-core dots at about float32 accuracy (dequantised FP8 /
+  BF16 keys are exact in bf16, so only the float32 side is split into three bf16 parts), and writes
+  its max / sum / weighted values; a second launch merges the key blocks with the sink.
 Contracts as kernels/entries.py and kernels/attention.py.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -20,7 +23,12 @@ from .attention import decode_attention as decode_attention_reference
 from .entries import store_entry as store_entry_reference, store_kind
 
 KIND = {"kv": 0, "fp4": 1, "f32": 2}
-PRECISION = "tf32x3"  # tensor-core dots at about float32 accuracy (three TF32 products)
+PRECISION = "tf32x3"  # float32 entries: tensor-core dots at about float32 accuracy (three TF32 products)
+# decode_attention tiles: heads and keys per program, channels per score chunk, output channels per
+# program. H100, 64 heads x 512: 29 us for 512 entries, 18 us for 16, where the previous design (16
+# heads x all 512 channels per program, 3xTF32, register spills) took 46 / 24 us
+# (bench/results/h100_tune_attention_*.json).
+ATTENTION = {"heads": 64, "keys": 16, "chunk": 32, "values": 64, "warps": 4}
 
 
 @triton.jit
@@ -146,45 +154,65 @@ def _load_keys(a_ptr, b_ptr, s_ptr, ea_ptr, eb_ptr, es_ptr, in_ring, rows, tmask
 
 
 @triton.jit
+def _dot3(a, b, EXACT_B: tl.constexpr, PRECISION: tl.constexpr):
+    """a [M, K] float32 @ b [K, N] at about float32 accuracy. EXACT_B: b's values are exact in bf16
+    (FP8 entries and BF16 RoPE channels are), so a is split into three bf16 parts (hi + mid + lo,
+    ~24 bits) and three bf16 tensor-core products are summed; else 3xTF32 on float32 operands.
+    PRECISION "ieee" (Triton's CPU interpreter, whose bf16 dot is wrong) multiplies the same
+    bf16-valued parts as float32."""
+    if EXACT_B:
+        hi = a.to(tl.bfloat16)
+        r = a - hi.to(tl.float32)
+        mid = r.to(tl.bfloat16)
+        lo = (r - mid.to(tl.float32)).to(tl.bfloat16)
+        if PRECISION == "ieee":
+            return (tl.dot(hi.to(tl.float32), b, input_precision="ieee")
+                    + tl.dot(mid.to(tl.float32), b, input_precision="ieee")
+                    + tl.dot(lo.to(tl.float32), b, input_precision="ieee"))
+        bb = b.to(tl.bfloat16)
+        return tl.dot(hi, bb) + tl.dot(mid, bb) + tl.dot(lo, bb)
+    else:
+        return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
 def _attend_split(q_ptr, pos_ptr, ra_ptr, rb_ptr, rs_ptr, ea_ptr, eb_ptr, es_ptr, rows_ptr, ok_ptr,
                   m_ptr, l_ptr, acc_ptr, H, T, scale,
                   W: tl.constexpr, D: tl.constexpr, NOPE: tl.constexpr, KIND: tl.constexpr,
-                  KEYS_PER_SPLIT: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr,
+                  BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_V: tl.constexpr,
                   BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
-    """Keys 0..W-1 are ring slots, W..W+T-1 the entries rows[0..T-1] (seen where ok)."""
-    hb, sp = tl.program_id(0), tl.program_id(1)
+    """One block of BLOCK_T keys against BLOCK_H heads; output channels [db * BLOCK_V, +BLOCK_V).
+    Keys 0..W-1 are ring slots, W..W+T-1 the entries rows[0..T-1] (seen where ok). Scores are
+    summed over channel chunks of BLOCK_C (every channel block recomputes them: cheap next to
+    holding a [BLOCK_H, D] accumulator); the block's max, sum and weighted values are written."""
+    hb, sp, db = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
     hm = h < H
-    d = tl.arange(0, BLOCK_D)
-    q = tl.load(q_ptr + h[:, None] * D + d[None, :], mask=hm[:, None] & (d[None, :] < D), other=0.0) * scale
     pos = tl.load(pos_ptr)
-    m = tl.full([BLOCK_H], float("-inf"), tl.float32)
-    l = tl.zeros([BLOCK_H], tl.float32)
-    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
-    for t0 in range(0, KEYS_PER_SPLIT, BLOCK_T):
-        t = sp * KEYS_PER_SPLIT + t0 + tl.arange(0, BLOCK_T)
-        in_ring = t < W
-        held = pos - ((pos - t) % W + W) % W  # position in ring slot t
-        ring_ok = in_ring & (held >= 0)
-        te = t - W
-        ent = (te >= 0) & (te < T)
-        ent_ok = ent & (tl.load(ok_ptr + te, mask=ent, other=0) != 0)
-        rows = tl.where(in_ring, t, tl.load(rows_ptr + te, mask=ent, other=0))
-        valid = ring_ok | ent_ok
+    t = sp * BLOCK_T + tl.arange(0, BLOCK_T)
+    in_ring = t < W
+    held = pos - ((pos - t) % W + W) % W  # position in ring slot t
+    te = t - W
+    ent = (te >= 0) & (te < T)
+    valid = (in_ring & (held >= 0)) | (ent & (tl.load(ok_ptr + te, mask=ent, other=0) != 0))
+    rows = tl.where(in_ring, t, tl.load(rows_ptr + te, mask=ent, other=0))
+    s = tl.zeros([BLOCK_H, BLOCK_T], tl.float32)
+    for c0 in range(0, BLOCK_D, BLOCK_C):
+        d = c0 + tl.arange(0, BLOCK_C)
+        q = tl.load(q_ptr + h[:, None] * D + d[None, :], mask=hm[:, None] & (d[None, :] < D), other=0.0)
         k = _load_keys(ra_ptr, rb_ptr, rs_ptr, ea_ptr, eb_ptr, es_ptr, in_ring, rows, valid, d, D, NOPE, KIND)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [BLOCK_H, BLOCK_T]
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m - m_use)
-        p = tl.exp(s - m_use[:, None])
-        l = l * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p, k, input_precision=PRECISION)
-        m = m_new
+        s += _dot3(q, tl.trans(k), KIND == 0, PRECISION)
+    s = tl.where(valid[None, :], s * scale, float("-inf"))
+    m = tl.max(s, 1)
+    p = tl.exp(s - tl.where(m == float("-inf"), 0.0, m)[:, None])
+    dv = db * BLOCK_V + tl.arange(0, BLOCK_V)
+    v = _load_keys(ra_ptr, rb_ptr, rs_ptr, ea_ptr, eb_ptr, es_ptr, in_ring, rows, valid, dv, D, NOPE, KIND)
+    acc = _dot3(p, v, KIND == 0, PRECISION)
     o = (sp * H + h)
-    tl.store(m_ptr + o, m, mask=hm)
-    tl.store(l_ptr + o, l, mask=hm)
-    tl.store(acc_ptr + o[:, None] * BLOCK_D + d[None, :], acc, mask=hm[:, None])
+    if db == 0:
+        tl.store(m_ptr + o, m, mask=hm)
+        tl.store(l_ptr + o, tl.sum(p, 1), mask=hm)
+    tl.store(acc_ptr + o[:, None] * BLOCK_D + dv[None, :], acc, mask=hm[:, None])
 
 
 @triton.jit
@@ -211,6 +239,10 @@ def _merge(m_ptr, l_ptr, acc_ptr, sink_ptr, out_ptr, H, NSPLIT: tl.constexpr, D:
     tl.store(out_ptr + h * D + d, o / den, mask=d < D)
 
 
+def _precision() -> str:
+    return "ieee" if os.environ.get("TRITON_INTERPRET") == "1" else PRECISION
+
+
 def _parts(store: dict, kind: str):
     if kind == "kv":
         return store["fp8"].view(torch.uint8), store["bf16"], store["scales"], store["fp8"].shape[1]
@@ -232,17 +264,18 @@ def decode_attention_triton(q: torch.Tensor, ring: dict, pos: torch.Tensor, entr
     else:
         ea, eb, es, _ = _parts(entries, kind)
         T = rows.shape[0]
-    BLOCK_T, BLOCK_H = 16, 16
-    keys_per_split = 16  # one key block per program: enough programs to fill the GPU
-    nsplit = triton.cdiv(W + T, keys_per_split)
+    cfg = ATTENTION
+    BLOCK_T, BLOCK_H = cfg["keys"], max(16, min(cfg["heads"], triton.next_power_of_2(H)))
+    nsplit = triton.cdiv(W + T, BLOCK_T)
     BLOCK_D = triton.next_power_of_2(D)
+    BLOCK_C, BLOCK_V = min(cfg["chunk"], BLOCK_D), min(cfg["values"], BLOCK_D)
     m = torch.empty((nsplit, H), device=q.device, dtype=torch.float32)
     l = torch.empty_like(m)
     acc = torch.empty((nsplit, H, BLOCK_D), device=q.device, dtype=torch.float32)
-    _attend_split[(triton.cdiv(H, BLOCK_H), nsplit)](
+    _attend_split[(triton.cdiv(H, BLOCK_H), nsplit, BLOCK_D // BLOCK_V)](
         q.float().contiguous(), pos, ra, rb, rs, ea, eb, es, rows, ok.to(torch.uint8) if entries is not None else ok,
-        m, l, acc, H, T, float(scale), W=W, D=D, NOPE=nope, KIND=KIND[kind], KEYS_PER_SPLIT=keys_per_split,
-        BLOCK_H=BLOCK_H, BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D, PRECISION=PRECISION, num_warps=4)
+        m, l, acc, H, T, float(scale), W=W, D=D, NOPE=nope, KIND=KIND[kind], BLOCK_H=BLOCK_H, BLOCK_T=BLOCK_T,
+        BLOCK_C=BLOCK_C, BLOCK_V=BLOCK_V, BLOCK_D=BLOCK_D, PRECISION=_precision(), num_warps=cfg["warps"])
     out = torch.empty((H, D), device=q.device, dtype=torch.float32)
     _merge[(H,)](m, l, acc, sink, out, H, NSPLIT=nsplit, D=D, BLOCK_D=BLOCK_D, BLOCK_S=8)
     return out
