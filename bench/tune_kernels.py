@@ -96,6 +96,34 @@ def tune_experts(fmt: str, E: int, k: int, rows, block_ks, warps, mode: int = 0)
     return out
 
 
+def tune_gemv() -> list[dict]:
+    """Time the GEMV kernels on the V4-Flash decode shapes for each tile setting of triton_linear.GEMV."""
+    from kernels import triton_linear as tl_
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    fp8 = {"wq_a": (1024, 4096), "wkv": (512, 4096), "wq_b": (32768, 1024), "wo_b": (4096, 8192),
+           "shared_w2": (4096, 2048)}
+    dense = {"head": (129280, 4096), "compressor": (1024, 4096)}
+    out, keep = [], dict(tl_.GEMV)
+    for name, (N, K) in list(fp8.items()) + list(dense.items()):
+        if name in fp8:
+            w = QWeight("fp8", (torch.randn(N, K, device="cuda", generator=gen) * 0.3).to(torch.float8_e4m3fn),
+                        torch.randint(118, 124, (N // 128, K // 128), device="cuda", dtype=torch.uint8, generator=gen))
+            grid = itertools.product((16, 32), (128, 256, 512), (4, 8))
+        else:
+            w = QWeight("dense", torch.randn(N, K, device="cuda", generator=gen).to(torch.bfloat16), None)
+            grid = itertools.product((16, 32, 64), (64, 128, 256), (4,))
+        x = torch.randn(1, K, device="cuda", generator=gen)
+        for rows, bk, nw in grid:
+            tl_.GEMV.update(rows=rows, warps=nw, **{("fp8_block_k" if name in fp8 else "dense_block_k"): bk})
+            t = graph_time(lambda: tl_.gemv(x, w))
+            out.append({"kernel": "gemv", "weight": name, "N": N, "K": K, "rows": rows, "block_k": bk, "warps": nw,
+                        "us": t * 1e6, "GB_per_s": w.nbytes() / t / 1e9})
+            print(json.dumps(out[-1]))
+    tl_.GEMV.clear()
+    tl_.GEMV.update(keep)
+    return out
+
+
 def tune_attention(T: int) -> dict:
     """Time kernels.decode_attention (both launches) at Flash sizes: 64 heads of 512 channels (448
     FP8 + 64 BF16 RoPE), a 128-slot ring and T selected entries; with its error against the reference."""
@@ -121,10 +149,10 @@ def tune_attention(T: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
-    ap.add_argument("--only", choices=("experts", "attention"), default=None)
+    ap.add_argument("--only", choices=("experts", "attention", "gemv"), default=None)
     a = ap.parse_args()
-    if a.only == "attention":
-        res = [tune_attention(T) for T in (512, 256, 16)]
+    if a.only in ("attention", "gemv"):
+        res = [tune_attention(T) for T in (512, 256, 16)] if a.only == "attention" else tune_gemv()
         if a.out:
             with open(a.out, "w") as f:
                 json.dump({"all": res, "card": torch.cuda.get_device_name()}, f, indent=1)

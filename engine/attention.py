@@ -18,13 +18,18 @@ from .compressor import compress_decode, compress_step
 
 
 def _project(x, w, p, cfg, cos, sin, faithful):
-    """-> qr [S, q_lora] (the indexer's input), q [S, H, D] and this chunk's KV entries kv [S, D]."""
+    """-> qr [S, q_lora] (the indexer's input), q [S, H, D] and this chunk's KV entries kv [S, D].
+    wq_a and wkv run as one GEMV where the decode step stacked them (w[p + ".wq_a+wkv"])."""
     S = x.shape[0]
     H, D, rd, eps = cfg.num_attention_heads, cfg.head_dim, cfg.qk_rope_head_dim, cfg.rms_norm_eps
-    qr = kernels.rms_norm(kernels.linear(x, w[p + ".wq_a"]), w[p + ".q_norm.weight"], eps)
+    if p + ".wq_a+wkv" in w:
+        qa, kva = kernels.linear(x, w[p + ".wq_a+wkv"]).split([w[p + ".wq_a"].shape[0], w[p + ".wkv"].shape[0]], -1)
+    else:
+        qa, kva = kernels.linear(x, w[p + ".wq_a"]), kernels.linear(x, w[p + ".wkv"])
+    qr = kernels.rms_norm(qa, w[p + ".q_norm.weight"], eps)
     q = kernels.linear(qr, w[p + ".wq_b"]).view(S, H, D)
     q = kernels.apply_rope(kernels.rms_norm(q, None, eps), cos, sin)
-    kv = kernels.rms_norm(kernels.linear(x, w[p + ".wkv"]), w[p + ".kv_norm.weight"], eps)
+    kv = kernels.rms_norm(kva, w[p + ".kv_norm.weight"], eps)
     kv = kernels.apply_rope(kv, cos, sin)
     if faithful:
         kv = quant.kv_quant_dequant(kv, rd)
@@ -103,15 +108,16 @@ def decode_attention(x: torch.Tensor, w: dict, p: str, spec, cfg, handle, positi
         store = handle.entry_store()
         # the same for every layer of this ratio in the step (one block table per slot)
         row = rope.once(("row", m), lambda: handle.rows_at(pos // m))
+        cz = _compressor_inputs(x, w, p)
         compress_decode(x, w, p + ".compressor", handle, pos, m, spec.attn == "csa", rope, eps, lambda e: e,
-                        store=lambda v: kernels.store_entry(v, store, row))
+                        store=lambda v: kernels.store_entry(v, store, row), cz=cz[:2])
         rows, ok = rope.once(("entries", m), lambda: (handle.all_entry_rows(), (
             torch.arange(handle.entry_capacity(), device=x.device) + 1) * m <= pos + 1))  # closed windows
         if spec.attn == "csa":
             istore = handle.index_store()
             compress_decode(x, w, p + ".indexer.compressor", handle, pos, m, True, rope, eps,
                             quant.hadamard_transform if faithful else (lambda e: e), name="idx",
-                            store=lambda v: kernels.store_entry(v, istore, row))
+                            store=lambda v: kernels.store_entry(v, istore, row), cz=cz[2:])
             if handle.entry_capacity() > cfg.index_topk:  # else every closed window is among the top-k
                 scores = _indexer_scores(x, qr, w, p + ".indexer", cfg, handle.read_index_keys_at(rows),
                                          rope.at_pos(True), _index_quantiser(faithful))[0]
@@ -119,6 +125,16 @@ def decode_attention(x: torch.Tensor, w: dict, p: str, spec, cfg, handle, positi
                 rows = rows[idx]  # attention reads only the selected entries
     o = kernels.decode_attention(q[0], ring, pos, store, rows, ok, w[p + ".attn_sink"], cfg.head_dim ** -0.5)
     return _out(o[None], w, p, cfg, cos, sin)
+
+
+def _compressor_inputs(x, w, p) -> tuple:
+    """(c, z) of the compressor, then of the indexer's where it has one, from one GEMV when the
+    decode step stacked their weights (w[p + ".compressor+"]); else () and each computes its own."""
+    if p + ".compressor+" not in w:
+        return ()
+    names = [p + s for s in (".compressor.wkv", ".compressor.wgate", ".indexer.compressor.wkv",
+                             ".indexer.compressor.wgate") if p + s in w]
+    return kernels.linear(x.float(), w[p + ".compressor+"]).split([w[n].shape[0] for n in names], -1)
 
 
 def _index_quantiser(faithful: bool):

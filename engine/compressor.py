@@ -54,17 +54,20 @@ def compress_step(x: torch.Tensor, w: dict, prefix: str, handle, start: int, rat
 
 
 def compress_decode(x: torch.Tensor, w: dict, prefix: str, handle, pos: torch.Tensor, ratio: int, overlap: bool,
-                    rope, eps: float, quantise, name: str = "main", store=None) -> None:
+                    rope, eps: float, quantise, name: str = "main", store=None, cz=()) -> None:
     """Feed one token (x: [1, d]) at device position pos [1], with shapes that do not depend on it.
 
     The window the token belongs to is pooled as if it closed now, from the whole tail and this
     token (kernels.compress_decode), and stored as entry pos // ratio by store(entry [1, D]):
     a partial entry is invisible (attention sees entry e only once (e+1)*ratio <= pos+1) and is
-    overwritten when the window really closes. rope: the step's engine.rope.StepRope.
+    overwritten when the window really closes. rope: the step's engine.rope.StepRope; cz: (c, z)
+    when the caller computed them (stacked GEMV), else computed here.
     """
-    xf = x.float()
-    c = kernels.linear(xf, w[prefix + ".wkv"])
-    z = kernels.linear(xf, w[prefix + ".wgate"])
+    if cz:
+        c, z = cz
+    else:
+        xf = x.float()
+        c, z = kernels.linear(xf, w[prefix + ".wkv"]), kernels.linear(xf, w[prefix + ".wgate"])
     tail_c, tail_z = handle.full_tail(name)
     prev_c, prev_z = handle.prev_state(name) if overlap else (None, None)
     cos, sin = rope.at_window(ratio)

@@ -10,6 +10,8 @@ written through cache handles (cache/handles.py). Precision modes:
 
 from __future__ import annotations
 
+from collections import ChainMap
+
 import torch
 
 import kernels
@@ -19,7 +21,7 @@ from .block import block
 from .config import DSV4Config
 from .moe import layer_experts
 from .rope import RopeTables, StepRope
-from .weights import build_weights
+from .weights import build_weights, fuse_rows
 
 MODES = ("exact", "faithful")
 
@@ -42,7 +44,7 @@ class Model:
 
     @w.setter
     def w(self, weights: dict) -> None:
-        self._w = weights
+        self._w, self._fused = weights, None
         prefixes = [f"layers.{s.index}.ffn" for s in self.specs] + (["mtp.0.ffn"] if "mtp.0.e_proj" in weights else [])
         self.experts = {p: layer_experts(weights, p, self.cfg.n_routed_experts) for p in prefixes}
 
@@ -80,7 +82,10 @@ class Model:
         device (pos = tokens already cached). The same values as ``forward``, but no shape or
         branch depends on the position, so it can be captured in a CUDA graph (engine/decode.py).
         -> logits [1, vocab] float32."""
-        cfg, w = self.cfg, self.w
+        cfg = self.cfg
+        if self._fused is None:
+            self._fused = self._fuse()
+        w = ChainMap(self._fused, self.w)
         rope = StepRope(self.rope, pos)
         streams = w["embed.weight"][token].to(self.dtype).unsqueeze(1).expand(-1, cfg.hc_mult, -1).contiguous()
         for spec in self.specs:
@@ -88,6 +93,26 @@ class Model:
             streams = block(streams, w, p, spec, cfg, handles[spec.index], pos, token, rope, self.mode,
                             None, self.experts[p + ".ffn"], attend=decode_attention)
         return self._head(streams, "")
+
+    def _fuse(self) -> dict:
+        """Stacked linears for the decode step (engine/weights.fuse_rows; the originals become views):
+        per layer, the attention's wq_a + wkv, its compressors' wkv + wgate (the indexer's too), and
+        the shared expert's w1 + w3, each group one GEMV launch. Names end in "+" plus what is fused."""
+        fused = {}
+        for spec in self.specs:
+            a, f = f"layers.{spec.index}.attn", f"layers.{spec.index}.ffn.shared_experts"
+            groups = {a + ".wq_a+wkv": [a + ".wq_a", a + ".wkv"],
+                      f + ".w1+w3": [f + ".w1", f + ".w3"]}
+            if spec.ratio:
+                names = [a + ".compressor.wkv", a + ".compressor.wgate"]
+                if spec.attn == "csa":
+                    names += [a + ".indexer.compressor.wkv", a + ".indexer.compressor.wgate"]
+                groups[a + ".compressor+"] = names
+            for name, parts in groups.items():
+                q = fuse_rows(self.w, parts)
+                if q is not None:
+                    fused[name] = q
+        return fused
 
     def _head(self, streams: torch.Tensor, p: str) -> torch.Tensor:
         cfg, w = self.cfg, self.w

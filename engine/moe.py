@@ -14,8 +14,13 @@ def layer_experts(w: dict, p: str, n_experts: int) -> ExpertSet:
 
 
 def shared_expert(x: torch.Tensor, w: dict, p: str, limit: float) -> torch.Tensor:
-    """w2(swiglu(w1 x, w3 x)) with the clamp, for the always-on expert at p. x: [S, d] -> [S, d]."""
-    h = kernels.swiglu(kernels.linear(x, w[p + ".w1"]), kernels.linear(x, w[p + ".w3"]), limit)
+    """w2(swiglu(w1 x, w3 x)) with the clamp, for the always-on expert at p. x: [S, d] -> [S, d].
+    w1 and w3 run as one GEMV where the decode step stacked them (w[p + ".w1+w3"])."""
+    if p + ".w1+w3" in w:
+        g, u = kernels.linear(x, w[p + ".w1+w3"]).chunk(2, -1)
+    else:
+        g, u = kernels.linear(x, w[p + ".w1"]), kernels.linear(x, w[p + ".w3"])
+    h = kernels.swiglu(g, u, limit)
     return kernels.linear(h, w[p + ".w2"])
 
 

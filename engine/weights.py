@@ -52,6 +52,31 @@ def build_weights(tensors: dict, device="cpu") -> dict:
     return out
 
 
+def fuse_rows(weights: dict, names: list[str]) -> QWeight | None:
+    """One QWeight whose rows are the named linears' rows in order (so linears that read the same
+    input run as one GEMV launch), each named entry of ``weights`` replaced by a view of its rows:
+    no second copy is kept. None, and nothing changed, when they cannot be stacked: a name missing,
+    formats, dtypes or input sizes differ, FP8 rows not whole 128-row scale blocks, a float32
+    dequantisation cached (weights.cache_dense), or a format other than dense / FP8."""
+    ws = [weights.get(n) for n in names]
+    if not all(isinstance(q, QWeight) for q in ws):
+        return None
+    q0 = ws[0]
+    same = all(q.fmt == q0.fmt and q.data.dtype == q0.data.dtype and q.shape[1] == q0.shape[1] and q.dense is None
+               and (q.scale is None) == (q0.scale is None) and (q.scale is None or q.scale.dtype == q0.scale.dtype)
+               and q.global_scale is None for q in ws)
+    if not same or q0.fmt not in ("dense", "fp8") or (q0.fmt == "fp8" and any(q.shape[0] % 128 for q in ws)):
+        return None
+    data = torch.cat([q.data for q in ws])
+    scale = None if q0.scale is None else torch.cat([q.scale for q in ws])
+    row = 0
+    for n, q in zip(names, ws):
+        k = q.shape[0]
+        weights[n] = QWeight(q.fmt, data[row:row + k], None if scale is None else scale[row // 128:(row + k) // 128])
+        row += k
+    return QWeight(q0.fmt, data, scale)
+
+
 def logical_tensors(weights: dict) -> dict:
     """The engine's weight dict -> published name -> logical tensor (linears dequantised to float32)."""
     out = {}

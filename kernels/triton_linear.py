@@ -21,6 +21,8 @@ from .linear import QWeight, grouped_linear_reference, linear_reference
 
 MAX_ROWS = 16
 TARGET_PROGRAMS = 4 * 132  # ~4 per SM on an H100 / H200
+# K per program step and output rows per program (bench/tune_kernels.py --only gemv)
+GEMV = {"fp8_block_k": 512, "dense_block_k": 256, "rows": 32, "warps": 4}  # H100: bench/results/h100_tune_gemv.json
 
 
 @triton.jit
@@ -75,12 +77,16 @@ def _gemv_fp8_dense(x_ptr, w_ptr, s_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, st
         w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=wmask, other=0)
         if FMT == 2:
             part = tl.sum(w.to(tl.float32) * x[None, :], 1)
-        else:
-            part = tl.sum(w.to(tl.float8e4nv, bitcast=True).to(tl.float32) * x[None, :], 1)
-            s = tl.load(s_ptr + (rn // 128) * SB_K + (k_start + kk) // 128, mask=nmask, other=0)
+        else:  # BLOCK_K spans NB 128-wide scale blocks
+            NB: tl.constexpr = BLOCK_K // 128
+            prod = w.to(tl.float8e4nv, bitcast=True).to(tl.float32) * x[None, :]
+            blk = tl.reshape(tl.sum(tl.reshape(prod, [BLOCK_N, NB, 128]), 2), [BLOCK_N, NB])
+            sb = (k_start + kk) // 128 + tl.arange(0, NB)
+            s = tl.load(s_ptr + (rn // 128)[:, None] * SB_K + sb[None, :], mask=nmask[:, None] & (sb < SB_K)[None, :],
+                        other=0)
             if FMT == 0:
                 s = tl.exp2(s.to(tl.float32) - 127.0)
-            part = part * s
+            part = tl.sum(blk * s, 1)
         acc += part
     _store_split(acc, out_ptr, part_ptr, cnt_ptr, pid_n, pid_k, m, M, N, rn, nmask, SPLIT)
 
@@ -142,7 +148,7 @@ def gemv(x: torch.Tensor, w: QWeight, rows_per_group: int | None = None) -> torc
     N, K = w.shape
     x = x.contiguous()
     R = rows_per_group or N
-    BN = _block_n(N, R) if rows_per_group else 32
+    BN = _block_n(N, R) if rows_per_group else GEMV["rows"]
     n_prog = triton.cdiv(N, BN) * M
     out = torch.empty((M, N), device=x.device, dtype=torch.float32)
     if w.fmt in ("mxfp4", "nvfp4"):
@@ -155,7 +161,7 @@ def gemv(x: torch.Tensor, w: QWeight, rows_per_group: int | None = None) -> torc
             x, w.data.view(torch.uint8), w.scale.view(torch.uint8), gs, out, part, cnt, M, N, K, x.stride(0),
             G=G, NV=w.fmt == "nvfp4", BLOCK_N=BN, BLOCK_KP=BKP, KP_PER_SPLIT=per * BKP, SPLIT=split, num_warps=4)
     else:
-        BK = 128
+        BK = GEMV["fp8_block_k" if w.fmt == "fp8" else "dense_block_k"]
         per, split = _split(n_prog, triton.cdiv(K, BK))
         part, cnt = _split_buffers(split, M, N, BN, x.device)
         if w.fmt == "fp8":
@@ -166,7 +172,7 @@ def gemv(x: torch.Tensor, w: QWeight, rows_per_group: int | None = None) -> torc
             fmt, data, s, sbk = 2, w.data, out, 0
         _gemv_fp8_dense[(triton.cdiv(N, BN), split, M)](
             x, data, s, out, part, cnt, M, N, K, x.stride(0), sbk, R,
-            FMT=fmt, BLOCK_N=BN, BLOCK_K=BK, K_PER_SPLIT=per * BK, SPLIT=split, num_warps=4)
+            FMT=fmt, BLOCK_N=BN, BLOCK_K=BK, K_PER_SPLIT=per * BK, SPLIT=split, num_warps=GEMV["warps"])
     return out
 
 

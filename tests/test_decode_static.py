@@ -76,3 +76,30 @@ def test_runner_refuses_graph_on_cpu(tiny_cfg, tiny_tensors):
     s = Session(model, 64, cuda_graph=False)
     with pytest.raises(ValueError, match="CUDA device"):
         DecodeRunner(model, s.cache.handles(s.slot), graph=True)
+
+
+def test_fuse_rows_stacks_views_and_refuses_what_cannot_share_a_launch():
+    from engine.weights import fuse_rows
+    from kernels import QWeight, linear
+
+    g = torch.Generator().manual_seed(3)
+
+    def fp8(n, k):
+        return QWeight("fp8", (torch.randn(n, k, generator=g) * 0.4).to(torch.float8_e4m3fn),
+                       torch.randint(120, 128, (n // 128, k // 128), dtype=torch.uint8, generator=g))
+
+    w = {"a": fp8(256, 256), "b": fp8(128, 256), "c": fp8(128, 128), "d": QWeight("dense", torch.randn(128, 256))}
+    before = {k: v.dequant(torch.float32) for k, v in w.items()}
+    fused = fuse_rows(w, ["a", "b"])
+    assert fused.fmt == "fp8" and fused.shape == (384, 256) and fused.scale.shape == (3, 2)
+    for k in ("a", "b"):  # the originals are now views of the stacked tensor, same values
+        assert w[k].data.data_ptr() in range(fused.data.data_ptr(), fused.data.data_ptr() + fused.data.numel())
+        assert torch.equal(w[k].dequant(torch.float32), before[k])
+    x = torch.randn(1, 256, generator=g)
+    assert torch.allclose(linear(x, fused), torch.cat([linear(x, w["a"]), linear(x, w["b"])], -1), atol=1e-5)
+    assert fuse_rows(w, ["a", "c"]) is None  # input sizes differ
+    assert fuse_rows(w, ["a", "d"]) is None  # formats differ
+    assert fuse_rows(w, ["a", "missing"]) is None
+    w["e"] = QWeight("fp8", w["a"].data[:64].clone(), w["a"].scale[:1].clone())
+    assert fuse_rows(w, ["a", "e"]) is None  # 64 rows: not whole 128-row scale blocks
+    assert torch.equal(w["c"].dequant(torch.float32), before["c"])  # refused groups are untouched
