@@ -124,28 +124,21 @@ class LayerHandle:
             self._ipool.write(self._rows(first, x.shape[0], self.mgr.device), x)
 
     # ------------------------------------ fixed-size access (captured decode step)
-    def rows_at(self, e: torch.Tensor) -> torch.Tensor:
-        """Pool rows [k] of entry indices e [k] (device int64), looked up in the block table on the
-        device; entries of unallocated blocks map to row 0 (callers mask them)."""
-        epb = self.layer.entries_per_block
-        blocks = self.mgr.block_table[self.slot].long()[e // epb].clamp(min=0)
-        return blocks * epb + e % epb
+    def block_row(self) -> torch.Tensor:
+        """This slot's block table row [blocks_per_slot] int32 (device; -1: not allocated)."""
+        return self.mgr.block_table[self.slot]
 
     def entry_capacity(self) -> int:
         return self.mgr.entry_capacity(self.layer.ratio)
 
-    def all_entry_rows(self) -> torch.Tensor:
-        """Pool rows of entries 0..capacity-1 (rows of unallocated blocks point at row 0)."""
-        return self.rows_at(torch.arange(self.entry_capacity(), device=self.mgr.device))
-
     def entry_store(self) -> dict:
-        """The compressed-entry pool's store tensors (all slots; address rows with rows_at)."""
+        """The compressed-entry pool's store tensors (all slots; rows from kernels.entry_rows)."""
         return self._pool.tensors
 
     def index_store(self) -> dict:
         return self._ipool.tensors
 
     def read_index_keys_at(self, rows: torch.Tensor) -> torch.Tensor:
-        """Indexer keys at pool rows [k] (from rows_at / all_entry_rows) as float32 [k, Di]."""
+        """Indexer keys at pool rows [k] (from kernels.entry_rows) as float32 [k, Di]."""
         return self._ipool.read(rows)
 

@@ -106,13 +106,13 @@ def decode_attention(x: torch.Tensor, w: dict, p: str, spec, cfg, handle, positi
     if spec.ratio:
         m, eps = spec.ratio, cfg.rms_norm_eps
         store = handle.entry_store()
-        # the same for every layer of this ratio in the step (one block table per slot)
-        row = rope.once(("row", m), lambda: handle.rows_at(pos // m))
+        # the same for every layer of this ratio in the step (one block table per slot): the row of the
+        # entry being written, the rows of all entries and which of them have closed (one launch)
+        row, rows, ok = rope.once(("entries", m), lambda: kernels.entry_rows(
+            pos, handle.block_row(), m, handle.layer.entries_per_block, handle.entry_capacity()))
         cz = _compressor_inputs(x, w, p)
         compress_decode(x, w, p + ".compressor", handle, pos, m, spec.attn == "csa", rope, eps, lambda e: e,
                         store=lambda v: kernels.store_entry(v, store, row), cz=cz[:2])
-        rows, ok = rope.once(("entries", m), lambda: (handle.all_entry_rows(), (
-            torch.arange(handle.entry_capacity(), device=x.device) + 1) * m <= pos + 1))  # closed windows
         if spec.attn == "csa":
             istore = handle.index_store()
             compress_decode(x, w, p + ".indexer.compressor", handle, pos, m, True, rope, eps,

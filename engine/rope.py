@@ -15,9 +15,10 @@ class RopeTables:
             rd, cfg.compress_rope_theta, cfg.yarn_factor, cfg.yarn_original_max_position,
             cfg.yarn_beta_fast, cfg.yarn_beta_slow).to(device)
 
-    def cos_sin(self, positions: torch.Tensor, yarn: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [S] -> (cos, sin) [S, rd/2] float32 for the layer's RoPE kind."""
-        return kernels.rope_cos_sin(positions, self.compress if yarn else self.main)
+    def cos_sin(self, positions: torch.Tensor, yarn: bool, ratio: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [S] -> (cos, sin) [S, rd/2] float32 for the layer's RoPE kind (at each
+        position's window start, positions // ratio * ratio, for ratio > 1)."""
+        return kernels.rope_cos_sin(positions, self.compress if yarn else self.main, ratio)
 
 
 class StepRope:
@@ -44,5 +45,5 @@ class StepRope:
     def at_window(self, ratio: int) -> tuple[torch.Tensor, torch.Tensor]:
         """YaRN cos/sin [1, rd/2] at (pos // ratio) * ratio (compressed entries)."""
         if ("window", ratio) not in self._cache:
-            self._cache["window", ratio] = self.tables.cos_sin(self.pos // ratio * ratio, True)
+            self._cache["window", ratio] = self.tables.cos_sin(self.pos, True, ratio)
         return self._cache["window", ratio]

@@ -34,8 +34,11 @@ def rope_inv_freq(dim: int, base: float, yarn_factor: float = 1.0, original_max_
     return inv / yarn_factor * (1 - keep) + inv * keep
 
 
-def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """positions: [S] int -> cos, sin: [S, dim/2] float32."""
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, ratio: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions: [S] int -> cos, sin: [S, dim/2] float32 at each position rounded down to a
+    multiple of ``ratio`` (the first position of its compression window; 1: the position)."""
+    if ratio > 1:
+        positions = positions // ratio * ratio
     ang = positions.to(torch.float32)[:, None] * inv_freq.to(positions.device)[None, :]
     return ang.cos(), ang.sin()
 

@@ -1,6 +1,7 @@
-"""Triton kernels for RoPE (incl. the inverse rotation on attention outputs) and the clamped SwiGLU:
-one launch each instead of the reference's ~10 small ones. Contracts as kernels/rope.py and
-kernels/moe.py; tensors that need gradients take the reference."""
+"""Triton kernels for RoPE (incl. the inverse rotation on attention outputs), its cos/sin tables at
+a device position, the clamped SwiGLU and a decode step's entry rows: one launch each instead of
+the reference's 3 to 20 small ones. Contracts as kernels/rope.py, kernels/moe.py and
+kernels/entries.py; tensors that need gradients take the reference."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .entries import entry_rows as entry_rows_reference
 from .moe import swiglu as swiglu_reference
-from .rope import apply_rope as apply_rope_reference
+from .rope import apply_rope as apply_rope_reference, rope_cos_sin as rope_cos_sin_reference
 
 
 @triton.jit
@@ -60,3 +62,53 @@ def swiglu_triton(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.T
     n = g.numel()
     _swiglu[(triton.cdiv(n, 1024),)](g, u, y, n, float(limit), BLOCK=1024)
     return y
+
+
+@triton.jit
+def _cos_sin(pos_ptr, inv_ptr, cos_ptr, sin_ptr, HALF, RATIO: tl.constexpr, BLOCK: tl.constexpr):
+    s = tl.program_id(0)
+    r = tl.arange(0, BLOCK)
+    m = r < HALF
+    p = tl.load(pos_ptr + s)
+    ang = (p // RATIO * RATIO).to(tl.float32) * tl.load(inv_ptr + r, mask=m, other=0.0)
+    tl.store(cos_ptr + s * HALF + r, tl.cos(ang), mask=m)
+    tl.store(sin_ptr + s * HALF + r, tl.sin(ang), mask=m)
+
+
+def rope_cos_sin_triton(positions: torch.Tensor, inv_freq: torch.Tensor, ratio: int = 1):
+    """kernels.rope_cos_sin for CUDA positions: one launch."""
+    half = inv_freq.shape[0]
+    if inv_freq.dtype != torch.float32 or positions.dim() != 1 or positions.numel() == 0:
+        return rope_cos_sin_reference(positions, inv_freq, ratio)
+    cos = torch.empty((positions.shape[0], half), device=positions.device, dtype=torch.float32)
+    sin = torch.empty_like(cos)
+    _cos_sin[(positions.shape[0],)](positions, inv_freq.to(positions.device), cos, sin, half, RATIO=ratio,
+                                    BLOCK=triton.next_power_of_2(half))
+    return cos, sin
+
+
+@triton.jit
+def _entry_rows(pos_ptr, bt_ptr, row_ptr, rows_ptr, ok_ptr, CAP, RATIO: tl.constexpr, EPB: tl.constexpr,
+                BLOCK: tl.constexpr):
+    j = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    jm = j < CAP
+    pos = tl.load(pos_ptr)
+    blk = tl.maximum(tl.load(bt_ptr + j // EPB, mask=jm, other=0), 0).to(tl.int64)
+    tl.store(rows_ptr + j, blk * EPB + j % EPB, mask=jm)
+    tl.store(ok_ptr + j, (j + 1) * RATIO <= pos + 1, mask=jm)
+    if tl.program_id(0) == 0:
+        e = pos // RATIO
+        tl.store(row_ptr, tl.maximum(tl.load(bt_ptr + e // EPB), 0).to(tl.int64) * EPB + e % EPB)
+
+
+def entry_rows_triton(pos: torch.Tensor, block_row: torch.Tensor, ratio: int, per_block: int, capacity: int):
+    """kernels.entry_rows for CUDA tensors: one launch."""
+    if block_row.dtype != torch.int32:
+        return entry_rows_reference(pos, block_row, ratio, per_block, capacity)
+    row = torch.empty(1, device=pos.device, dtype=torch.int64)
+    rows = torch.empty(capacity, device=pos.device, dtype=torch.int64)
+    ok = torch.empty(capacity, device=pos.device, dtype=torch.bool)
+    block = min(1024, triton.next_power_of_2(max(capacity, 1)))
+    _entry_rows[(max(1, triton.cdiv(capacity, block)),)](pos, block_row.contiguous(), row, rows, ok, capacity,
+                                                       RATIO=ratio, EPB=per_block, BLOCK=block)
+    return row, rows, ok

@@ -19,7 +19,7 @@ from .mhc import mhc_post as mhc_post_reference, mhc_pre as mhc_pre_reference
 from .norm import rms_norm as rms_norm_reference
 
 MAX_ROWS = 16
-BLOCK_K = 512
+BLOCK_K = 128  # 128 programs per row for the 24 mixes at V4 sizes (latency, not bytes, bounds it)
 BLOCK_D = 512
 
 

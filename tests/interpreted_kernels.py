@@ -16,14 +16,14 @@ from kernels.linear import QWeight, grouped_linear_reference, linear_reference  
 from kernels.mhc import mhc_post, mhc_pre  # noqa: E402
 from kernels.moe import swiglu  # noqa: E402
 from kernels.norm import rms_norm  # noqa: E402
-from kernels.rope import apply_rope  # noqa: E402
+from kernels.rope import apply_rope, rope_cos_sin, rope_inv_freq  # noqa: E402
 from kernels import triton_elementwise as te, triton_linear as tlin, triton_mhc as tm, triton_moe as tmoe  # noqa: E402
 from kernels import triton_attention as tatt, triton_compress as tcomp  # noqa: E402
 from kernels.compress import compress_decode  # noqa: E402
 from kernels import triton_router as trt  # noqa: E402
 from kernels.moe import hash_route, router_scores, router_topk  # noqa: E402
 from kernels.attention import decode_attention  # noqa: E402
-from kernels.entries import store_entry  # noqa: E402
+from kernels.entries import entry_rows, store_entry  # noqa: E402
 from kernels.moe import routed_experts  # noqa: E402
 from kernel_cases import FORMATS, expert_set, store  # noqa: E402
 
@@ -155,6 +155,19 @@ def elementwise_checks():
                   apply_rope(x, ang.cos(), ang.sin(), inv))
     a, b = torch.randn(3, 300, generator=g) * 8, torch.randn(3, 300, generator=g) * 8
     close("swiglu", te.swiglu_triton(a, b, 10.0), swiglu(a, b, 10.0))
+    inv = rope_inv_freq(64, 10000.0)
+    for ratio in (1, 4, 128):
+        p = torch.tensor([0, 5, 130, 70001])
+        for got, ref in zip(te.rope_cos_sin_triton(p, inv, ratio), rope_cos_sin(p, inv, ratio)):
+            close(f"rope_cos_sin ratio={ratio}", got, ref)
+    # a step's entry rows: unallocated blocks (-1) map to row 0; the partial window's entry is not ok
+    table = torch.tensor([3, 0, 7, -1, -1], dtype=torch.int32)
+    for ratio, cap, pos in [(4, 160, 95), (128, 5, 300), (4, 160, 0), (8, 80, 79)]:
+        got = te.entry_rows_triton(torch.tensor([pos]), table, ratio, 128 // ratio, cap)
+        ref = entry_rows(torch.tensor([pos]), table, ratio, 128 // ratio, cap)
+        assert all(torch.equal(a, b) for a, b in zip(got, ref)), f"entry_rows ratio={ratio} pos={pos}"
+        assert ref[2].sum().item() == min(cap, (pos + 1) // ratio)
+    print("ok entry_rows (equal)")
 
 
 def engine_check():

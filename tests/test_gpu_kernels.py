@@ -261,3 +261,23 @@ def test_kernel_path_matches_reference_path_flash_dims():
     cfg = full.replace(num_hidden_layers=2, compress_ratios=full.compress_ratios[2:4], num_hash_layers=1)
     model = Model.from_state_dict(cfg, synthetic_stored(cfg, "cuda"), mode="exact", device="cuda")
     _compare_paths(model, cfg.vocab_size)
+
+
+def test_step_tables_match_reference():
+    """rope_cos_sin at a window start (float32, 1e-5 absolute: angles up to ~1e5 rad) and the step's
+    entry rows (equal) on the device, against their references."""
+    from kernels.entries import entry_rows as rows_ref
+    from kernels.rope import rope_cos_sin as cs_ref, rope_inv_freq
+
+    assert implementation("entry_rows", "cuda") is not rows_ref
+    assert implementation("rope_cos_sin", "cuda") is not cs_ref
+    inv = rope_inv_freq(64, 10000.0).cuda()
+    p = torch.tensor([0, 7, 4095, 123457], device="cuda")
+    for ratio in (1, 4, 128):
+        for a, b in zip(kernels.rope_cos_sin(p, inv, ratio), cs_ref(p, inv, ratio)):
+            assert (a - b).abs().max().item() <= 1e-5
+    table = torch.tensor([5, 2, -1, 9], dtype=torch.int32, device="cuda")
+    for ratio, pos in [(4, 100), (4, 3), (128, 511), (128, 0)]:
+        got = kernels.entry_rows(torch.tensor([pos], device="cuda"), table, ratio, 128 // ratio, 4 * 128 // ratio)
+        ref = rows_ref(torch.tensor([pos], device="cuda"), table, ratio, 128 // ratio, 4 * 128 // ratio)
+        assert all(torch.equal(a, b) for a, b in zip(got, ref))
