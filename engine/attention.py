@@ -28,9 +28,8 @@ def _project(x, w, p, cfg, cos, sin, faithful):
         qa, kva = kernels.linear(x, w[p + ".wq_a"]), kernels.linear(x, w[p + ".wkv"])
     qr = kernels.rms_norm(qa, w[p + ".q_norm.weight"], eps)
     q = kernels.linear(qr, w[p + ".wq_b"]).view(S, H, D)
-    q = kernels.apply_rope(kernels.rms_norm(q, None, eps), cos, sin)
-    kv = kernels.rms_norm(kva, w[p + ".kv_norm.weight"], eps)
-    kv = kernels.apply_rope(kv, cos, sin)
+    q = kernels.rms_norm_rope(q, None, eps, cos, sin)
+    kv = kernels.rms_norm_rope(kva, w[p + ".kv_norm.weight"], eps, cos, sin)
     if faithful:
         kv = quant.kv_quant_dequant(kv, rd)
     return qr, q, kv

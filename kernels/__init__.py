@@ -17,10 +17,10 @@ from .mhc import hc_head as _hc_head_ref, mhc_post as _mhc_post_ref, mhc_pre as 
 from .moe import ExpertSet, hash_route as _hash_ref, routed_experts as _experts_ref, router_scores as _rscores_ref, \
     router_topk as _rtopk_ref, swiglu as _swiglu_ref
 from .norm import rms_norm as _rms_ref
-from .rope import apply_rope as _rope_ref, rope_cos_sin as _cos_sin_ref, rope_inv_freq
+from .rope import apply_rope as _rope_ref, rms_norm_rope as _norm_rope_ref, rope_cos_sin as _cos_sin_ref, rope_inv_freq
 
 _REFS = {
-    "rope_cos_sin": _cos_sin_ref, "entry_rows": _entry_rows_ref,
+    "rope_cos_sin": _cos_sin_ref, "entry_rows": _entry_rows_ref, "rms_norm_rope": _norm_rope_ref,
     "linear": _linear_ref, "grouped_linear": _glinear_ref, "rms_norm": _rms_ref, "apply_rope": _rope_ref, "mhc_pre": _mhc_pre_ref,
     "mhc_post": _mhc_post_ref, "hc_head": _hc_head_ref, "sparse_mqa_attention": _attention_ref,
     "compress_windows": _compress_ref, "indexer_scores": _iscores_ref, "indexer_topk": _itopk_ref,
@@ -47,6 +47,7 @@ def _register_gpu_kernels() -> None:
     register("swiglu", "cuda", triton_elementwise.swiglu_triton)
     register("rope_cos_sin", "cuda", triton_elementwise.rope_cos_sin_triton)
     register("entry_rows", "cuda", triton_elementwise.entry_rows_triton)
+    register("rms_norm_rope", "cuda", triton_elementwise.rms_norm_rope_triton)
     register("linear", "cuda", triton_linear.linear_triton)
     register("grouped_linear", "cuda", triton_linear.grouped_linear_triton)
     register("mhc_pre", "cuda", triton_mhc.mhc_pre_triton)
@@ -96,11 +97,12 @@ compress_decode = _dispatching("compress_decode")
 hash_route = _dispatching("hash_route")
 rope_cos_sin = _dispatching("rope_cos_sin")
 entry_rows = _dispatching("entry_rows")
+rms_norm_rope = _dispatching("rms_norm_rope")
 
 __all__ = [
     "ExpertSet", "QWeight", "compress_decode", "decode_attention", "entry_rows", "routed_experts", "store_entry", "apply_rope", "backends", "compress_windows", "grouped_linear", "hash_route", "hc_head",
     "indexer_scores",
-    "indexer_topk", "linear", "mhc_post", "mhc_pre", "quant", "register", "rms_norm", "rope_cos_sin",
+    "indexer_topk", "linear", "mhc_post", "mhc_pre", "quant", "register", "rms_norm", "rms_norm_rope", "rope_cos_sin",
     "rope_inv_freq", "router_scores", "router_topk", "sinkhorn", "sparse_mqa_attention", "swiglu",
     "use_backend",
 ]

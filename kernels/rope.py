@@ -9,6 +9,8 @@ import math
 
 import torch
 
+from .norm import rms_norm
+
 
 def rope_inv_freq(dim: int, base: float, yarn_factor: float = 1.0, original_max_position: int = 65536,
                   beta_fast: float = 32.0, beta_slow: float = 1.0) -> torch.Tensor:
@@ -57,3 +59,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: b
     a, b = r[..., 0::2], r[..., 1::2]
     rot = torch.stack([a * c - b * s, a * s + b * c], -1).flatten(-2)
     return torch.cat([x[..., :-rd], rot.to(x.dtype)], -1)
+
+
+def rms_norm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, cos: torch.Tensor,
+                  sin: torch.Tensor) -> torch.Tensor:
+    """apply_rope(rms_norm(x, weight, eps), cos, sin): x [S, ..., D] normalised over D, then its
+    last 2*cos.shape[-1] channels rotated (one launch on the GPU)."""
+    return apply_rope(rms_norm(x, weight, eps), cos, sin)

@@ -11,37 +11,71 @@ import triton.language as tl
 
 from .entries import entry_rows as entry_rows_reference
 from .moe import swiglu as swiglu_reference
-from .rope import apply_rope as apply_rope_reference, rope_cos_sin as rope_cos_sin_reference
+from .rope import apply_rope as apply_rope_reference, rms_norm_rope as rms_norm_rope_reference, \
+    rope_cos_sin as rope_cos_sin_reference
 
 
 @triton.jit
-def _rope(x_ptr, cos_ptr, sin_ptr, y_ptr, H, D, RD, SIGN, BLOCK: tl.constexpr):
-    """Row (s, h) of x [S, H, D]: channels >= D-RD rotate pairwise (even, odd) by position s's angle."""
+def _normed(x, rs, w_ptr, idx, mask, NORM: tl.constexpr, HAS_W: tl.constexpr, dtype: tl.constexpr):
+    """x (float32) times the row's 1/rms (and the norm weight at idx), rounded to the row dtype as
+    kernels.rms_norm returns it; x unchanged without NORM."""
+    if NORM:
+        x = x * rs
+        if HAS_W:
+            x = x * tl.load(w_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        x = x.to(dtype).to(tl.float32)
+    return x
+
+
+@triton.jit
+def _rope(x_ptr, w_ptr, cos_ptr, sin_ptr, y_ptr, H, D, RD, SIGN, eps, NORM: tl.constexpr, HAS_W: tl.constexpr,
+          BLOCK: tl.constexpr):
+    """Row (s, h) of x [S, H, D]: channels >= D-RD rotate pairwise (even, odd) by position s's angle;
+    with NORM, the row is RMS-normalised first (weight w if HAS_W)."""
     pid = tl.program_id(0)
     s = pid // H
     j = tl.arange(0, BLOCK)
     m = j < D
     x = tl.load(x_ptr + pid * D + j, mask=m, other=0.0)
+    dt: tl.constexpr = y_ptr.dtype.element_ty
+    rs = 1.0
+    if NORM:
+        rs = tl.rsqrt(tl.sum(x.to(tl.float32) * x.to(tl.float32), 0) / D + eps)
     lo = D - RD
     rot = (j >= lo) & m
     r = tl.where(rot, j - lo, 0)
     partner = tl.load(x_ptr + pid * D + lo + (r ^ 1), mask=rot, other=0.0).to(tl.float32)
+    partner = _normed(partner, rs, w_ptr, lo + (r ^ 1), rot, NORM, HAS_W, dt)
     c = tl.load(cos_ptr + s * (RD // 2) + r // 2, mask=rot, other=1.0)
     sn = tl.load(sin_ptr + s * (RD // 2) + r // 2, mask=rot, other=0.0) * SIGN
-    xf = x.to(tl.float32)
+    xf = _normed(x.to(tl.float32), rs, w_ptr, j, m, NORM, HAS_W, dt)
     y = tl.where((r & 1) == 0, xf * c - partner * sn, xf * c + partner * sn)
     tl.store(y_ptr + pid * D + j, tl.where(rot, y, xf).to(y_ptr.dtype.element_ty), mask=m)
+
+
+def _rope_launch(x, weight, eps, cos, sin, inverse: bool, norm: bool) -> torch.Tensor:
+    S, D = x.shape[0], x.shape[-1]
+    x3 = x.reshape(S, -1, D).contiguous()
+    y = torch.empty_like(x3)
+    w = weight.contiguous() if weight is not None else x3
+    _rope[(x3.shape[0] * x3.shape[1],)](x3, w, cos.float().contiguous(), sin.float().contiguous(), y, x3.shape[1], D,
+                                        2 * cos.shape[-1], -1.0 if inverse else 1.0, float(eps), NORM=norm,
+                                        HAS_W=weight is not None, BLOCK=triton.next_power_of_2(D))
+    return y.reshape(x.shape)
 
 
 def apply_rope_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
     if x.numel() == 0 or x.requires_grad or x.shape[-1] > 16384:
         return apply_rope_reference(x, cos, sin, inverse)
-    S, D = x.shape[0], x.shape[-1]
-    x3 = x.reshape(S, -1, D).contiguous()
-    y = torch.empty_like(x3)
-    _rope[(x3.shape[0] * x3.shape[1],)](x3, cos.float().contiguous(), sin.float().contiguous(), y, x3.shape[1], D,
-                                        2 * cos.shape[-1], -1.0 if inverse else 1.0, BLOCK=triton.next_power_of_2(D))
-    return y.reshape(x.shape)
+    return _rope_launch(x, None, 0.0, cos, sin, inverse, False)
+
+
+def rms_norm_rope_triton(x: torch.Tensor, weight: torch.Tensor | None, eps: float, cos: torch.Tensor,
+                         sin: torch.Tensor) -> torch.Tensor:
+    """kernels.rms_norm_rope for CUDA tensors: one launch."""
+    if x.numel() == 0 or x.requires_grad or x.shape[-1] > 16384 or (weight is not None and weight.requires_grad):
+        return rms_norm_rope_reference(x, weight, eps, cos, sin)
+    return _rope_launch(x, weight, eps, cos, sin, False, True)
 
 
 @triton.jit

@@ -108,9 +108,9 @@ def mhc_pre_triton(streams, fn, base, scale, iters: int, hc_eps: float, norm_eps
     x = torch.empty((S, d), device=dev, dtype=streams.dtype)
     post = torch.empty((S, n), device=dev, dtype=torch.float32)
     comb = torch.empty((S, n, n), device=dev, dtype=torch.float32)
-    _pre_epilogue[(S, triton.cdiv(d, BLOCK_D))](
+    _pre_epilogue[(S, triton.cdiv(d, BLOCK_D))](  # one warp: 20 Sinkhorn rounds of warp-local sums
         streams, part, ss, base.float().contiguous(), scale.float().contiguous(), x, post, comb, d, P,
-        norm_eps, hc_eps, ITERS=iters, N=n, MIXP=mixp, PP=triton.next_power_of_2(P), BLOCK_D=BLOCK_D)
+        norm_eps, hc_eps, ITERS=iters, N=n, MIXP=mixp, PP=triton.next_power_of_2(P), BLOCK_D=BLOCK_D, num_warps=1)
     return x, post, comb
 
 

@@ -3,8 +3,8 @@
 Two launches per call, no host read of the ids (so a decode step can be captured in a CUDA graph):
   1. up: for each selected expert j and block of intermediate rows, h[j] = swiglu(w1[e] x, w3[e] x)
      with the clamp (e = ids[j]); both weights are streamed by the same program;
-  2. down: for each j and block of output rows, part[j] = weights[j] * (w2[e] h[j]).
-The k partials are then summed in float32. Expert weights stay where they were loaded: the kernels
+  2. down: for each j and block of output rows, part[j] = weights[j] * (w2[e] h[j]); the last
+     program of each row block adds the k partials in j order (float32) and writes x's dtype. Expert weights stay where they were loaded: the kernels
 find them through per-layer tables of device addresses (int64, one entry per expert), built once.
 Formats (kernels/linear.py): FP8 with 128x128 block scales (ue8m0 or float32), MXFP4, NVFP4 and
 dense BF16/F32; all experts of a set share one format. MXFP4 goes through the integer units
@@ -23,7 +23,7 @@ import triton.language as tl
 
 from .moe import ExpertSet, routed_experts as routed_experts_reference
 from .triton_fp4dot import mx_int_dots, quant3
-from .triton_linear import _e2m1_pairs
+from .triton_linear import _e2m1_pairs, _split_buffers, _store_split
 
 # Tile shapes by weight format and by how many experts one call reads (6 routed, or the 1 shared):
 # rows per program for the up (w1 + w3) and down (w2) kernels, FP4 values per row per step, warps.
@@ -128,8 +128,11 @@ def _experts_up(x_ptr, xq_ptr, xs_ptr, ids_ptr, w1_tab, s1_tab, w3_tab, s3_tab, 
 
 
 @triton.jit
-def _experts_down(h_ptr, hq_ptr, hs_ptr, ids_ptr, wts_ptr, w2_tab, s2_tab, gs2_ptr, out_ptr, N, I: tl.constexpr,
-                  FMT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MODE: tl.constexpr):
+def _experts_down(h_ptr, hq_ptr, hs_ptr, ids_ptr, wts_ptr, w2_tab, s2_tab, gs2_ptr, out_ptr, part_ptr, cnt_ptr, N,
+                  I: tl.constexpr, FMT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  MODE: tl.constexpr, K_SEL: tl.constexpr):
+    """out [N] (x's dtype) = sum_j weights[j] * (w2[ids[j]] h[j]); grid (row blocks, K_SEL). The last
+    program of a row block to finish adds the K_SEL partials in j order (deterministic)."""
     pid_n, j = tl.program_id(0), tl.program_id(1)
     e = tl.load(ids_ptr + j).to(tl.int64)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -139,7 +142,7 @@ def _experts_down(h_ptr, hq_ptr, hs_ptr, ids_ptr, wts_ptr, w2_tab, s2_tab, gs2_p
         y = mx_int_dots(hq_ptr + j * 3 * I, hs_ptr + j * (I // 32), w2, s2, rn, nmask, I, BLOCK_N, BLOCK_K, MODE == 2)
     else:
         y = _row_dots(h_ptr + j * I, w2, s2, tl.load(gs2_ptr + e), rn, nmask, I, FMT, BLOCK_N, BLOCK_K)
-    tl.store(out_ptr + j * N + rn, y * tl.load(wts_ptr + j), mask=nmask)
+    _store_split(y * tl.load(wts_ptr + j), out_ptr, part_ptr, cnt_ptr, pid_n, j, 0, 1, N, rn, nmask, K_SEL)
 
 
 def _fmt_code(ws) -> int:
@@ -213,8 +216,9 @@ def routed_experts_triton(x: torch.Tensor, ids: torch.Tensor, weights: torch.Ten
         xs, xq, xsc, ids1, t["w1"][0], t["w1"][1], t["w3"][0], t["w3"][1], t["w1"][2], t["w3"][2], h, I, d,
         float(limit), FMT=fmt, BLOCK_N=cfg["up_rows"], BLOCK_K=up_k, MODE=mode, **opts)
     hq, hsc = quant3(h) if mode else (h, h)
-    part = torch.empty((k, d), device=x.device, dtype=torch.float32)
+    out = torch.empty((1, d), device=x.device, dtype=x.dtype)
+    part, cnt = _split_buffers(k, 1, d, cfg["down_rows"], x.device)
     _experts_down[(triton.cdiv(d, cfg["down_rows"]), k)](
-        h, hq, hsc, ids1, weights.reshape(-1).float().contiguous(), t["w2"][0], t["w2"][1], t["w2"][2], part, d, I,
-        FMT=fmt, BLOCK_N=cfg["down_rows"], BLOCK_K=down_k, MODE=mode, **opts)
-    return part.sum(0, keepdim=True).to(x.dtype)
+        h, hq, hsc, ids1, weights.reshape(-1).float().contiguous(), t["w2"][0], t["w2"][1], t["w2"][2], out, part,
+        cnt, d, I, FMT=fmt, BLOCK_N=cfg["down_rows"], BLOCK_K=down_k, MODE=mode, K_SEL=k, **opts)
+    return out

@@ -16,7 +16,7 @@ from kernels.linear import QWeight, grouped_linear_reference, linear_reference  
 from kernels.mhc import mhc_post, mhc_pre  # noqa: E402
 from kernels.moe import swiglu  # noqa: E402
 from kernels.norm import rms_norm  # noqa: E402
-from kernels.rope import apply_rope, rope_cos_sin, rope_inv_freq  # noqa: E402
+from kernels.rope import apply_rope, rms_norm_rope, rope_cos_sin, rope_inv_freq  # noqa: E402
 from kernels import triton_elementwise as te, triton_linear as tlin, triton_mhc as tm, triton_moe as tmoe  # noqa: E402
 from kernels import triton_attention as tatt, triton_compress as tcomp  # noqa: E402
 from kernels.compress import compress_decode  # noqa: E402
@@ -153,6 +153,10 @@ def elementwise_checks():
         for inv in (False, True):
             close(f"rope {shape} inverse={inv}", te.apply_rope_triton(x, ang.cos(), ang.sin(), inv),
                   apply_rope(x, ang.cos(), ang.sin(), inv))
+        for w in (None, torch.randn(shape[-1], generator=g)):
+            close(f"rms_norm_rope {shape} weight={w is not None}",
+                  te.rms_norm_rope_triton(x * 5, w, 1e-6, ang.cos(), ang.sin()),
+                  rms_norm_rope(x * 5, w, 1e-6, ang.cos(), ang.sin()))
     a, b = torch.randn(3, 300, generator=g) * 8, torch.randn(3, 300, generator=g) * 8
     close("swiglu", te.swiglu_triton(a, b, 10.0), swiglu(a, b, 10.0))
     inv = rope_inv_freq(64, 10000.0)

@@ -281,3 +281,17 @@ def test_step_tables_match_reference():
         got = kernels.entry_rows(torch.tensor([pos], device="cuda"), table, ratio, 128 // ratio, 4 * 128 // ratio)
         ref = rows_ref(torch.tensor([pos], device="cuda"), table, ratio, 128 // ratio, 4 * 128 // ratio)
         assert all(torch.equal(a, b) for a, b in zip(got, ref))
+
+
+@pytest.mark.parametrize("shape,rd", [((1, 64, 512), 64), ((1, 512), 64), ((3, 4, 96), 32)])
+def test_rms_norm_rope_matches_reference(shape, rd):
+    from kernels.rope import rms_norm_rope as ref_fn
+
+    g = torch.Generator().manual_seed(sum(shape))
+    x = (torch.randn(*shape, generator=g) * 3).cuda()
+    ang = (torch.randn(shape[0], rd // 2, generator=g) * 3).cuda()
+    assert implementation("rms_norm_rope", "cuda") is not ref_fn
+    for w in (None, torch.randn(shape[-1], generator=g).cuda()):
+        a, b = kernels.rms_norm_rope(x, w, 1e-6, ang.cos(), ang.sin()), ref_fn(x, w, 1e-6, ang.cos(), ang.sin())
+        assert (a - b).abs().max().item() <= 1e-5 * b.abs().max().item()
+
