@@ -4,13 +4,15 @@ Two launches per call, no host read of the ids (so a decode step can be captured
   1. up: for each selected expert j and block of intermediate rows, h[j] = swiglu(w1[e] x, w3[e] x)
      with the clamp (e = ids[j]); both weights are streamed by the same program;
   2. down: for each j and block of output rows, part[j] = weights[j] * (w2[e] h[j]); the last
-     program of each row block adds the k partials in j order (float32) and writes x's dtype. Expert weights stay where they were loaded: the kernels
-find them through per-layer tables of device addresses (int64, one entry per expert), built once.
+     program of each row block adds the k partials in j order (float32) and writes x's dtype.
+Expert weights stay where they were loaded: the kernels find them through per-layer tables of
+device addresses (int64, one entry per expert, 16-byte aligned), built once.
 Formats (kernels/linear.py): FP8 with 128x128 block scales (ue8m0 or float32), MXFP4, NVFP4 and
 dense BF16/F32; all experts of a set share one format. MXFP4 goes through the integer units
 (kernels/triton_fp4dot.py: e2m1 by byte-permute lookups, dp4a against the activation split into three
 int8 parts, float32-accurate), with one more small launch before each of the two to split x and h.
-(tl.dot_scaled, the tensor cores with a bf16 upcast, measured slower: bench/results/h200_tune_experts_v3.json.)
+(tl.dot_scaled, the tensor cores with a bf16 upcast, measured slower:
+bench/results/h200_tune_experts_v2_dot_scaled.json against h200_tune_experts_v3.json.)
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from .triton_linear import _e2m1_pairs, _split_buffers, _store_split
 
 # Tile shapes by weight format and by how many experts one call reads (6 routed, or the 1 shared):
 # rows per program for the up (w1 + w3) and down (w2) kernels, FP4 values per row per step, warps.
-# bench/tune_experts.py times the alternatives on a GPU.
+# bench/tune_kernels.py times the alternatives on a GPU.
 CONFIG = {  # bench/results/h200_tune_experts_v*.json
     "mx": {"many": {"up_rows": 32, "down_rows": 32, "up_block_k": 1024, "down_block_k": 1024, "warps": 4},
            "one": {"up_rows": 8, "down_rows": 8, "up_block_k": 512, "down_block_k": 512, "warps": 4}},
@@ -190,7 +192,8 @@ def _usable(experts: ExpertSet) -> bool:
 
 def routed_experts_triton(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, experts: ExpertSet,
                           limit: float) -> torch.Tensor:
-    """kernels.routed_experts for one CUDA token (S == 1): two launches, ids stay on the device."""
+    """kernels.routed_experts for one CUDA token (S == 1): two launches (four for MXFP4, with the
+    activation splits), ids stay on the device."""
     t = experts.tables
     if "usable" not in t:
         t["usable"] = _usable(experts)
