@@ -60,9 +60,10 @@ def entry_rows(pos: torch.Tensor, block_row: torch.Tensor, ratio: int, per_block
     """Cache rows of a slot's compressed entries, for one decode step at device position pos [1].
 
     block_row: the slot's block table row [blocks] int (-1: not allocated); block b holds pool rows
-    b * per_block .. (b + 1) * per_block - 1. -> (row [1] int64: the row of entry pos // ratio, the one being written;
-    rows [capacity] int64: the rows of entries 0..capacity-1; ok [capacity] bool: entry j's window
-    has closed, (j + 1) * ratio <= pos + 1). Entries of unallocated blocks map to row 0 (masked)."""
+    b * per_block .. (b + 1) * per_block - 1. -> (row [1] int64: the row of entry pos // ratio, the
+    one being written; rows [capacity] int64: the rows of entries 0..capacity-1; ok [capacity]
+    bool: entry j's window has closed, (j + 1) * ratio <= pos + 1). Entries of unallocated blocks
+    map to row 0 (masked)."""
     epb = per_block
     e = torch.cat([pos.reshape(1) // ratio, torch.arange(capacity, device=pos.device)])
     rows = block_row.long()[e // epb].clamp(min=0) * epb + e % epb
