@@ -6,8 +6,8 @@ scale), and dense BF16/F32. Each program reduces a BLOCK_N x K-slice tile of W (
 rows alone would not fill the GPU), accumulating in float32; the last program of each output tile
 adds the split-K partials, in split order, in the same launch.
 Decoding happens in registers (FP8 by a bit-cast conversion, e2m1 by placing its bits in an fp16,
-scales by exp2),
-so the bytes read are the stored bytes. ``grouped`` makes row block g read its own slice of x
+scales by exp2), so the bytes read are the stored bytes. ``_block_step`` / ``_fp4_step`` are one
+K step, shared with the routed-expert kernels (kernels/triton_moe.py). ``grouped`` makes row block g read its own slice of x
 (the V4 grouped output projection wo_a). Used for M <= MAX_ROWS; larger M goes to the reference.
 """
 
@@ -59,6 +59,56 @@ def _store_split(acc, out_ptr, part_ptr, cnt_ptr, pid_n, pid_k, m, M, N, rn, nma
 
 
 @triton.jit
+def _block_step(x_row, w_ptr, s_ptr, rn, nmask, k0, K, SB_K, FMT: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr):
+    """sum over k in [k0, k0 + BLOCK_K) of W[rn, k] x[k] -> [BLOCK_N] float32, W [N, K] dense (FMT >= 2,
+    any float dtype) or FP8 with 128x128 block scales s [N/128, SB_K] (FMT 0: ue8m0, 1: float32);
+    for FP8, k0 is a multiple of 128 and BLOCK_K spans BLOCK_K / 128 scale blocks."""
+    rk = k0 + tl.arange(0, BLOCK_K)
+    kmask = rk < K
+    x = tl.load(x_row + rk, mask=kmask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=nmask[:, None] & kmask[None, :], other=0)
+    if FMT >= 2:
+        out = tl.sum(w.to(tl.float32) * x[None, :], 1)
+    else:
+        NB: tl.constexpr = BLOCK_K // 128
+        prod = w.to(tl.float8e4nv, bitcast=True).to(tl.float32) * x[None, :]
+        blk = tl.reshape(tl.sum(tl.reshape(prod, [BLOCK_N, NB, 128]), 2), [BLOCK_N, NB])
+        sb = k0 // 128 + tl.arange(0, NB)
+        s = tl.load(s_ptr + (rn // 128)[:, None] * SB_K + sb[None, :], mask=nmask[:, None] & (sb < SB_K)[None, :],
+                    other=0)
+        if FMT == 0:
+            s = tl.exp2(s.to(tl.float32) - 127.0)
+        out = tl.sum(blk * s, 1)
+    return out
+
+
+@triton.jit
+def _fp4_step(x_row, w_ptr, s_ptr, rn, nmask, kp0, K, NV: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_KP: tl.constexpr):
+    """sum over the packed bytes [kp0, kp0 + BLOCK_KP) of W[rn, :] x -> [BLOCK_N] float32 x 2^-14, W
+    packed e2m1 [N, K/2] with per-G scales s [N, K/G]: ue8m0 (NV=0, G=32) or e4m3 (NV=1, G=16;
+    the tensor scale is the caller's)."""
+    G: tl.constexpr = 16 if NV else 32
+    NG: tl.constexpr = BLOCK_KP * 2 // G
+    KP = K // 2
+    rp = kp0 + tl.arange(0, BLOCK_KP)
+    pmask = rp < KP
+    b = tl.load(w_ptr + rn[:, None] * KP + rp[None, :], mask=nmask[:, None] & pmask[None, :], other=0)
+    xe = tl.load(x_row + 2 * rp, mask=pmask, other=0.0).to(tl.float32)
+    xo = tl.load(x_row + 2 * rp + 1, mask=pmask, other=0.0).to(tl.float32)
+    lo, hi = _e2m1_pairs(b)
+    grp = tl.sum(tl.reshape(lo * xe[None, :] + hi * xo[None, :], [BLOCK_N, NG, G // 2]), 2)  # per scale group
+    rg = kp0 * 2 // G + tl.arange(0, NG)
+    s = tl.load(s_ptr + rn[:, None] * (K // G) + rg[None, :], mask=nmask[:, None] & (rg[None, :] < K // G), other=0)
+    if NV:
+        s = s.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+    else:
+        s = tl.exp2(s.to(tl.float32) - 127.0)
+    return tl.sum(grp * s, 1)
+
+
+@triton.jit
 def _gemv_fp8_dense(x_ptr, w_ptr, s_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, stride_xm, SB_K, ROWS_PER_GROUP,
                     FMT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_PER_SPLIT: tl.constexpr,
                     SPLIT: tl.constexpr):
@@ -70,56 +120,22 @@ def _gemv_fp8_dense(x_ptr, w_ptr, s_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, st
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     k_start = pid_k * K_PER_SPLIT
     for kk in range(0, K_PER_SPLIT, BLOCK_K):
-        rk = k_start + kk + tl.arange(0, BLOCK_K)
-        kmask = rk < K
-        x = tl.load(x_row + rk, mask=kmask, other=0.0).to(tl.float32)
-        wmask = nmask[:, None] & kmask[None, :]
-        w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=wmask, other=0)
-        if FMT == 2:
-            part = tl.sum(w.to(tl.float32) * x[None, :], 1)
-        else:  # BLOCK_K spans NB 128-wide scale blocks
-            NB: tl.constexpr = BLOCK_K // 128
-            prod = w.to(tl.float8e4nv, bitcast=True).to(tl.float32) * x[None, :]
-            blk = tl.reshape(tl.sum(tl.reshape(prod, [BLOCK_N, NB, 128]), 2), [BLOCK_N, NB])
-            sb = (k_start + kk) // 128 + tl.arange(0, NB)
-            s = tl.load(s_ptr + (rn // 128)[:, None] * SB_K + sb[None, :], mask=nmask[:, None] & (sb < SB_K)[None, :],
-                        other=0)
-            if FMT == 0:
-                s = tl.exp2(s.to(tl.float32) - 127.0)
-            part = tl.sum(blk * s, 1)
-        acc += part
+        acc += _block_step(x_row, w_ptr, s_ptr, rn, nmask, k_start + kk, K, SB_K, FMT, BLOCK_N, BLOCK_K)
     _store_split(acc, out_ptr, part_ptr, cnt_ptr, pid_n, pid_k, m, M, N, rn, nmask, SPLIT)
 
 
 @triton.jit
 def _gemv_fp4(x_ptr, w_ptr, s_ptr, gs_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, stride_xm,
-              G: tl.constexpr, NV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KP: tl.constexpr,
+              NV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KP: tl.constexpr,
               KP_PER_SPLIT: tl.constexpr, SPLIT: tl.constexpr):
     """Packed e2m1 [N, K/2] with per-G scales [N, K/G]: ue8m0 (NV=0, G=32) or e4m3 x global (NV=1, G=16)."""
     pid_n, pid_k, m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = rn < N
-    KP = K // 2
-    NG: tl.constexpr = BLOCK_KP * 2 // G
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     kp_start = pid_k * KP_PER_SPLIT
     for kk in range(0, KP_PER_SPLIT, BLOCK_KP):
-        rp = kp_start + kk + tl.arange(0, BLOCK_KP)
-        pmask = rp < KP
-        b = tl.load(w_ptr + rn[:, None] * KP + rp[None, :], mask=nmask[:, None] & pmask[None, :], other=0)
-        xe = tl.load(x_ptr + m * stride_xm + 2 * rp, mask=pmask, other=0.0).to(tl.float32)
-        xo = tl.load(x_ptr + m * stride_xm + 2 * rp + 1, mask=pmask, other=0.0).to(tl.float32)
-        lo, hi = _e2m1_pairs(b)
-        prod = lo * xe[None, :] + hi * xo[None, :]  # [BLOCK_N, BLOCK_KP], x 2^-14
-        grp = tl.sum(tl.reshape(prod, [BLOCK_N, NG, G // 2]), 2)  # per scale group
-        rg = (kp_start + kk) * 2 // G + tl.arange(0, NG)
-        s = tl.load(s_ptr + rn[:, None] * (K // G) + rg[None, :], mask=nmask[:, None] & (rg[None, :] < K // G),
-                    other=0)
-        if NV:
-            s = s.to(tl.float8e4nv, bitcast=True).to(tl.float32)
-        else:
-            s = tl.exp2(s.to(tl.float32) - 127.0)
-        acc += tl.sum(grp * s, 1)
+        acc += _fp4_step(x_ptr + m * stride_xm, w_ptr, s_ptr, rn, nmask, kp_start + kk, K, NV, BLOCK_N, BLOCK_KP)
     acc = acc * 16384.0
     if NV:
         acc = acc * tl.load(gs_ptr)
@@ -152,14 +168,13 @@ def gemv(x: torch.Tensor, w: QWeight, rows_per_group: int | None = None) -> torc
     n_prog = triton.cdiv(N, BN) * M
     out = torch.empty((M, N), device=x.device, dtype=torch.float32)
     if w.fmt in ("mxfp4", "nvfp4"):
-        G = 32 if w.fmt == "mxfp4" else 16
         BKP = 64
         per, split = _split(n_prog, triton.cdiv(K // 2, BKP))
         part, cnt = _split_buffers(split, M, N, BN, x.device)
         gs = w.global_scale if w.fmt == "nvfp4" else out  # unused pointer for mxfp4
         _gemv_fp4[(triton.cdiv(N, BN), split, M)](
             x, w.data.view(torch.uint8), w.scale.view(torch.uint8), gs, out, part, cnt, M, N, K, x.stride(0),
-            G=G, NV=w.fmt == "nvfp4", BLOCK_N=BN, BLOCK_KP=BKP, KP_PER_SPLIT=per * BKP, SPLIT=split, num_warps=4)
+            NV=w.fmt == "nvfp4", BLOCK_N=BN, BLOCK_KP=BKP, KP_PER_SPLIT=per * BKP, SPLIT=split, num_warps=4)
     else:
         BK = GEMV["fp8_block_k" if w.fmt == "fp8" else "dense_block_k"]
         per, split = _split(n_prog, triton.cdiv(K, BK))

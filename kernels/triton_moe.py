@@ -25,7 +25,7 @@ import triton.language as tl
 
 from .moe import ExpertSet, routed_experts as routed_experts_reference
 from .triton_fp4dot import mx_int_dots, quant3
-from .triton_linear import _e2m1_pairs, _split_buffers, _store_split
+from .triton_linear import _block_step, _fp4_step, _split_buffers, _store_split
 
 # Tile shapes by weight format and by how many experts one call reads (6 routed, or the 1 shared):
 # rows per program for the up (w1 + w3) and down (w2) kernels, FP4 values per row per step, warps.
@@ -66,45 +66,14 @@ def _row_dots(x_ptr, w, s, gs, rn, nmask, K: tl.constexpr, FMT: tl.constexpr, BL
     """sum_k W[rn, k] * x[k] over all K for one expert weight W [N, K] -> [BLOCK_N] float32."""
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     if FMT >= 4:
-        G: tl.constexpr = 32 if FMT == 4 else 16
-        BKP: tl.constexpr = BLOCK_K // 2
-        NG: tl.constexpr = BLOCK_K // G
-        KP: tl.constexpr = K // 2
-        for k0 in range(0, KP, BKP):
-            rp = k0 + tl.arange(0, BKP)
-            pm = rp < KP
-            b = tl.load(w + rn[:, None] * KP + rp[None, :], mask=nmask[:, None] & pm[None, :], other=0)
-            xe = tl.load(x_ptr + 2 * rp, mask=pm, other=0.0).to(tl.float32)
-            xo = tl.load(x_ptr + 2 * rp + 1, mask=pm, other=0.0).to(tl.float32)
-            lo, hi = _e2m1_pairs(b)
-            prod = lo * xe[None, :] + hi * xo[None, :]  # x 2^-14
-            grp = tl.sum(tl.reshape(prod, [BLOCK_N, NG, G // 2]), 2)
-            rg = k0 * 2 // G + tl.arange(0, NG)
-            sc = tl.load(s + rn[:, None] * (K // G) + rg[None, :], mask=nmask[:, None] & (rg[None, :] < K // G),
-                         other=0)
-            if FMT == 5:
-                sc = sc.to(tl.float8e4nv, bitcast=True).to(tl.float32)
-            else:
-                sc = tl.exp2(sc.to(tl.float32) - 127.0)
-            acc += tl.sum(grp * sc, 1)
+        for k0 in range(0, K // 2, BLOCK_K // 2):
+            acc += _fp4_step(x_ptr, w, s, rn, nmask, k0, K, FMT == 5, BLOCK_N, BLOCK_K // 2)
         acc = acc * 16384.0
         if FMT == 5:
             acc = acc * gs
     else:
-        SBK: tl.constexpr = (K + 127) // 128
         for k0 in range(0, K, BLOCK_K):
-            rk = k0 + tl.arange(0, BLOCK_K)
-            km = rk < K
-            xv = tl.load(x_ptr + rk, mask=km, other=0.0).to(tl.float32)
-            wv = tl.load(w + rn[:, None] * K + rk[None, :], mask=nmask[:, None] & km[None, :], other=0)
-            if FMT >= 2:
-                acc += tl.sum(wv.to(tl.float32) * xv[None, :], 1)
-            else:
-                part = tl.sum(wv.to(tl.float8e4nv, bitcast=True).to(tl.float32) * xv[None, :], 1)
-                sc = tl.load(s + (rn // 128) * SBK + k0 // 128, mask=nmask, other=0)
-                if FMT == 0:
-                    sc = tl.exp2(sc.to(tl.float32) - 127.0)
-                acc += part * sc
+            acc += _block_step(x_ptr, w, s, rn, nmask, k0, K, (K + 127) // 128, FMT, BLOCK_N, BLOCK_K)
     return acc
 
 
