@@ -109,7 +109,7 @@ def decode_attention(x: torch.Tensor, w: dict, p: str, spec, cfg, handle, positi
         # entry being written, the rows of all entries and which of them have closed (one launch)
         row, rows, ok = rope.once(("entries", m), lambda: kernels.entry_rows(
             pos, handle.block_row(), m, handle.layer.entries_per_block, handle.entry_capacity()))
-        cz = _compressor_inputs(x, w, p)
+        cz = _compressor_inputs(x, w, p, spec)
         compress_decode(x, w, p + ".compressor", handle, pos, m, spec.attn == "csa", rope, eps, lambda e: e,
                         store=lambda v: kernels.store_entry(v, store, row), cz=cz[:2])
         if spec.attn == "csa":
@@ -126,13 +126,25 @@ def decode_attention(x: torch.Tensor, w: dict, p: str, spec, cfg, handle, positi
     return _out(o[None], w, p, cfg, cos, sin)
 
 
-def _compressor_inputs(x, w, p) -> tuple:
+def stacked_linears(p: str, spec) -> dict[str, list[str]]:
+    """Linears of the attention at p that read the same input, by the name the decode step gives
+    their stacked weight (engine/weights.fuse_rows): wq_a + wkv, and the compressor's wkv + wgate
+    followed by the indexer compressor's (CSA)."""
+    groups = {p + ".wq_a+wkv": [p + ".wq_a", p + ".wkv"]}
+    if spec.ratio:
+        names = [p + ".compressor.wkv", p + ".compressor.wgate"]
+        if spec.attn == "csa":
+            names += [p + ".indexer.compressor.wkv", p + ".indexer.compressor.wgate"]
+        groups[p + ".compressor+"] = names
+    return groups
+
+
+def _compressor_inputs(x, w, p, spec) -> tuple:
     """(c, z) of the compressor, then of the indexer's where it has one, from one GEMV when the
     decode step stacked their weights (w[p + ".compressor+"]); else () and each computes its own."""
     if p + ".compressor+" not in w:
         return ()
-    names = [p + s for s in (".compressor.wkv", ".compressor.wgate", ".indexer.compressor.wkv",
-                             ".indexer.compressor.wgate") if p + s in w]
+    names = stacked_linears(p, spec)[p + ".compressor+"]
     return kernels.linear(x.float(), w[p + ".compressor+"]).split([w[n].shape[0] for n in names], -1)
 
 

@@ -16,9 +16,8 @@ import kernels
 
 def _finish(entries, w, prefix, eps, rope, epos, quantise):
     """Pooled entries [n, D] -> normed, RoPE'd at window starts epos [n], quantised."""
-    entries = kernels.rms_norm(entries, w[prefix + ".norm.weight"], eps)
     cos, sin = rope.cos_sin(epos, yarn=True)
-    return quantise(kernels.apply_rope(entries, cos, sin))
+    return quantise(kernels.rms_norm_rope(entries, w[prefix + ".norm.weight"], eps, cos, sin))
 
 
 def compress_step(x: torch.Tensor, w: dict, prefix: str, handle, start: int, ratio: int, overlap: bool,

@@ -16,10 +16,10 @@ import torch
 
 import kernels
 
-from .attention import decode_attention
+from .attention import decode_attention, stacked_linears as attention_stacks
 from .block import block
 from .config import DSV4Config
-from .moe import layer_experts
+from .moe import layer_experts, stacked_linears as moe_stacks
 from .rope import RopeTables, StepRope
 from .weights import build_weights, fuse_rows
 
@@ -96,18 +96,12 @@ class Model:
 
     def _fuse(self) -> dict:
         """Stacked linears for the decode step (engine/weights.fuse_rows; the originals become views):
-        per layer, the attention's wq_a + wkv, its compressors' wkv + wgate (the indexer's too), and
-        the shared expert's w1 + w3, each group one GEMV launch. Names end in "+" plus what is fused."""
+        per layer, the groups engine/attention.stacked_linears and engine/moe.stacked_linears name,
+        each group one GEMV launch."""
         fused = {}
         for spec in self.specs:
-            a, f = f"layers.{spec.index}.attn", f"layers.{spec.index}.ffn.shared_experts"
-            groups = {a + ".wq_a+wkv": [a + ".wq_a", a + ".wkv"],
-                      f + ".w1+w3": [f + ".w1", f + ".w3"]}
-            if spec.ratio:
-                names = [a + ".compressor.wkv", a + ".compressor.wgate"]
-                if spec.attn == "csa":
-                    names += [a + ".indexer.compressor.wkv", a + ".indexer.compressor.wgate"]
-                groups[a + ".compressor+"] = names
+            p = f"layers.{spec.index}"
+            groups = {**attention_stacks(p + ".attn", spec), **moe_stacks(p + ".ffn.shared_experts")}
             for name, parts in groups.items():
                 q = fuse_rows(self.w, parts)
                 if q is not None:

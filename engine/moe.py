@@ -13,6 +13,12 @@ def layer_experts(w: dict, p: str, n_experts: int) -> ExpertSet:
     return ExpertSet(*([w[f"{p}.experts.{e}.{n}"] for e in range(n_experts)] for n in ("w1", "w3", "w2")))
 
 
+def stacked_linears(p: str) -> dict[str, list[str]]:
+    """The shared expert's w1 and w3 at p (same input), by the name the decode step gives their
+    stacked weight (engine/weights.fuse_rows)."""
+    return {p + ".w1+w3": [p + ".w1", p + ".w3"]}
+
+
 def shared_expert(x: torch.Tensor, w: dict, p: str, limit: float) -> torch.Tensor:
     """w2(swiglu(w1 x, w3 x)) with the clamp, for the always-on expert at p. x: [S, d] -> [S, d].
     w1 and w3 run as one GEMV where the decode step stacked them (w[p + ".w1+w3"])."""

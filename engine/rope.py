@@ -38,12 +38,8 @@ class StepRope:
         return self._cache[key]
 
     def at_pos(self, yarn: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        if ("pos", yarn) not in self._cache:
-            self._cache["pos", yarn] = self.tables.cos_sin(self.pos, yarn)
-        return self._cache["pos", yarn]
+        return self.once(("pos", yarn), lambda: self.tables.cos_sin(self.pos, yarn))
 
     def at_window(self, ratio: int) -> tuple[torch.Tensor, torch.Tensor]:
         """YaRN cos/sin [1, rd/2] at (pos // ratio) * ratio (compressed entries)."""
-        if ("window", ratio) not in self._cache:
-            self._cache["window", ratio] = self.tables.cos_sin(self.pos, True, ratio)
-        return self._cache["window", ratio]
+        return self.once(("window", ratio), lambda: self.tables.cos_sin(self.pos, True, ratio))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .rope import rms_norm_rope
+
 
 def compress_windows(c: torch.Tensor, z: torch.Tensor, ratio: int, overlap: bool,
                      prev_a: tuple[torch.Tensor, torch.Tensor] | None = None):
@@ -49,9 +51,6 @@ def compress_decode(c: torch.Tensor, z: torch.Tensor, tail_c: torch.Tensor, tail
     Updates the state in place: tail row min(pos % ratio, ratio-2) <- (c, z); when the window
     closes (pos % ratio == ratio-1) and overlapping, prev <- this window's series a.
     """
-    from .norm import rms_norm
-    from .rope import apply_rope
-
     ratio = ape.shape[0]
     C = torch.cat([tail_c, c], 0).float()
     Z = torch.cat([tail_z, z], 0).float() + ape.float()
@@ -60,7 +59,7 @@ def compress_decode(c: torch.Tensor, z: torch.Tensor, tail_c: torch.Tensor, tail
     if overlap:
         prev = (prev_c, torch.where(pos >= ratio, prev_z, float("-inf")))  # no series a before the first window
     entry, last_a = compress_windows(C, Z, ratio, overlap, prev)
-    entry = apply_rope(rms_norm(entry, norm_w, eps), cos, sin)
+    entry = rms_norm_rope(entry, norm_w, eps, cos, sin)
     k = pos % ratio
     if overlap:
         closing = k == ratio - 1

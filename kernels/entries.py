@@ -64,8 +64,7 @@ def entry_rows(pos: torch.Tensor, block_row: torch.Tensor, ratio: int, per_block
     one being written; rows [capacity] int64: the rows of entries 0..capacity-1; ok [capacity]
     bool: entry j's window has closed, (j + 1) * ratio <= pos + 1). Entries of unallocated blocks
     map to row 0 (masked)."""
-    epb = per_block
     e = torch.cat([pos.reshape(1) // ratio, torch.arange(capacity, device=pos.device)])
-    rows = block_row.long()[e // epb].clamp(min=0) * epb + e % epb
+    rows = block_row.long()[e // per_block].clamp(min=0) * per_block + e % per_block
     ok = (e[1:] + 1) * ratio <= pos.reshape(1) + 1
     return rows[:1], rows[1:], ok
