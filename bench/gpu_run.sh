@@ -4,9 +4,10 @@
 # kernel path. Results land in $OUT (see bench/README.md for what is committed from them).
 # SKIP_TESTS, SKIP_KERNEL_BENCH, SKIP_PPL, SKIP_REFERENCE skip parts.
 set -o pipefail
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1
+. bench/dsv4_path.sh  # the source folders importable as dsv4.* without an install
 OUT=${OUT:-/tmp/dsv4-gpu-out}; mkdir -p $OUT
-DSV4="python3 -m dsv4cli.main"
+DSV4="python3 -m dsv4.cli.main"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee $OUT/gpu.txt
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" | tee -a $OUT/gpu.txt
 [ -z "${SKIP_TESTS:-}" ] && timeout 300 python3 -m pytest -q -x tests/test_gpu_kernels.py 2>&1 | tail -8 | tee $OUT/gpu_tests.txt

@@ -11,11 +11,11 @@ import argparse
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from engine.bench import synthetic_stored
-from engine.config import DSV4Config
-from engine.decode import DecodeRunner
-from engine.model import Model
-from engine.session import Session
+from dsv4.engine.tools.bench import synthetic_stored
+from dsv4.engine.model.config import DSV4Config
+from dsv4.engine.runtime.decode import DecodeRunner
+from dsv4.engine.model.model import Model
+from dsv4.engine.runtime.session import Session
 
 
 def main() -> None:

@@ -15,10 +15,10 @@ import json
 import torch
 import triton
 
-from kernels import triton_moe as tm
-from kernels.triton_fp4dot import quant3
-from kernels.linear import QWeight
-from kernels.moe import ExpertSet
+from dsv4.kernels.triton import moe as tm
+from dsv4.kernels.triton.fp4dot import quant3
+from dsv4.kernels.reference.linear import QWeight
+from dsv4.kernels.reference.moe import ExpertSet
 
 
 def graph_time(fn, n: int = 20) -> float:
@@ -98,7 +98,7 @@ def tune_experts(fmt: str, E: int, k: int, rows, block_ks, warps, mode: int = 0)
 
 def tune_gemv() -> list[dict]:
     """Time the GEMV kernels on the V4-Flash decode shapes for each tile setting of triton_linear.GEMV."""
-    from kernels import triton_linear as tl_
+    from dsv4.kernels.triton import linear as tl_
     gen = torch.Generator(device="cuda").manual_seed(0)
     fp8 = {"wq_a": (1024, 4096), "wkv": (512, 4096), "wq_b": (32768, 1024), "wo_b": (4096, 8192),
            "shared_w2": (4096, 2048)}
@@ -127,9 +127,9 @@ def tune_gemv() -> list[dict]:
 def tune_attention(T: int) -> dict:
     """Time kernels.decode_attention (both launches) at Flash sizes: 64 heads of 512 channels (448
     FP8 + 64 BF16 RoPE), a 128-slot ring and T selected entries; with its error against the reference."""
-    from cache.pools import EntryStore
-    from cache.schema import EntryFormat
-    from kernels import triton_attention as ta
+    from dsv4.cache.pools import EntryStore
+    from dsv4.cache.schema import EntryFormat
+    from dsv4.kernels.triton import attention as ta
     H, D, W = 64, 512, 128
     ring, pool = EntryStore(W, EntryFormat(D, 64, "kv"), "cuda"), EntryStore(max(T, 1), EntryFormat(D, 64, "kv"), "cuda")
     ring.write(slice(None), torch.randn(W, D, device="cuda"))

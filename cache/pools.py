@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels import entries
+from dsv4.kernels.reference import entries
 
 from .schema import FP4_GROUP, FP8_GROUP, EntryFormat
 

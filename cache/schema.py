@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from kernels.entries import FP4_GROUP, FP8_GROUP  # the entry formats are defined with the kernels that read them
+from dsv4.kernels.reference.entries import FP4_GROUP, FP8_GROUP  # the entry formats are defined with the kernels that read them
 
 BLOCK_TOKENS = 128
 MODES = ("exact", "faithful")

@@ -44,8 +44,8 @@ def _check_compare(against, m) -> None:
             from transformers import DeepseekV4ForCausalLM  # noqa: F401
         except ImportError:
             raise UserError("--compare transformers needs transformers >= 5.23 (pip install 'transformers>=5.23')") from None
-        from engine import bench as B
-        from engine.hf import float32_bytes
+        from dsv4.engine.tools import bench as B
+        from dsv4.engine.tools.hf import float32_bytes
 
         need, free = 2 * float32_bytes(m.cfg), B.free_memory_bytes(m.device)
         if free is not None and need > free:
@@ -58,7 +58,7 @@ def _timed(kind: str, model, preset, layers, synthetic, device, precision, compa
     """Load the model, check --compare, time ``kind`` ("decode" | "prefill") and the comparison.
     options: extra arguments of our run (decode: cuda_graph). -> (result, model, full-size config,
     display name, resolved device)."""
-    from engine import bench as B
+    from dsv4.engine.tools import bench as B
 
     _check_compare_name(compare, kind)
     m, full, name, device = _load(model, preset, layers, synthetic, device, precision)
@@ -73,10 +73,10 @@ def _timed(kind: str, model, preset, layers, synthetic, device, precision, compa
 def _compare(against, kind: str, run, m, ours: dict, prompt_len: int, n: int, warmup: int) -> dict:
     """Time the same work another way (``run`` is ours, for the reference backend); -> flat
     compare_* fields (ratio > 1: dsv4 is faster). ``against`` was checked by _check_compare."""
-    from engine import bench as B
+    from dsv4.engine.tools import bench as B
 
     if against == "reference":
-        from kernels.dispatch import use_backend
+        from dsv4.kernels.dispatch import use_backend
 
         with use_backend("reference"):
             other = run(m, prompt_len, n, warmup)
@@ -84,8 +84,8 @@ def _compare(against, kind: str, run, m, ours: dict, prompt_len: int, n: int, wa
     elif against == "eager":
         other, extra = B.bench_decode(m, prompt_len, n, warmup, cuda_graph=False), {}
     else:
-        from engine.hf import build_hf_model
-        from engine.weights import logical_tensors
+        from dsv4.engine.tools.hf import build_hf_model
+        from dsv4.engine.model.weights import logical_tensors
 
         hf = build_hf_model(m.cfg, logical_tensors(m.w), m.device)
         other = (B.hf_decode(hf, m, prompt_len, n, warmup) if kind == "decode"
@@ -102,8 +102,8 @@ def _load(model, preset, layers, synthetic, device, precision):
     """-> (model, full-size config, display name, resolved device)."""
     import torch
 
-    from engine.config import DSV4Config
-    from engine.model import Model
+    from dsv4.engine.model.config import DSV4Config
+    from dsv4.engine.model.model import Model
 
     check_precision(precision)
     device = resolve_device(device)
@@ -118,11 +118,11 @@ def _load(model, preset, layers, synthetic, device, precision):
             raise UserError(f"--layers must be between 1 and {full.num_hidden_layers}")
         cfg = full.replace(num_hidden_layers=n, compress_ratios=full.compress_ratios[:n],
                            num_hash_layers=min(full.num_hash_layers, n))
-        from engine.bench import synthetic_stored
+        from dsv4.engine.tools.bench import synthetic_stored
 
         return Model.from_state_dict(cfg, synthetic_stored(cfg, device), mode=precision, device=device), full, \
             f"synthetic {preset} ({n} of {full.num_hidden_layers} layers)", device
-    from engine.loader import load_model
+    from dsv4.engine.checkpoint.loader import load_model
 
     if not Path(model).is_dir():
         raise UserError(f"--model {model}: no such folder")
@@ -195,7 +195,7 @@ def decode(model: Optional[Path] = MODEL_OPT, preset: Optional[str] = PRESET_OPT
 
 def _decode(model, preset, layers, synthetic, prompt_len, steps, warmup, device, precision, json_path, compare=None,
             cuda_graph=True):
-    from engine.bench import measure_bandwidth
+    from dsv4.engine.tools.bench import measure_bandwidth
 
     if prompt_len < 1 or steps < 1 or warmup < 0:
         raise UserError("--prompt-len and --steps must be >= 1, --warmup >= 0")
@@ -225,7 +225,7 @@ def prefill(model: Optional[Path] = MODEL_OPT, preset: Optional[str] = PRESET_OP
 
 
 def _prefill(model, preset, layers, synthetic, prompt_len, runs, warmup, device, precision, json_path, compare=None):
-    from engine.bench import measure_matmul_rate
+    from dsv4.engine.tools.bench import measure_matmul_rate
 
     if prompt_len < 1 or runs < 1 or warmup < 0:
         raise UserError("--prompt-len and --runs must be >= 1, --warmup >= 0")
@@ -252,8 +252,8 @@ def perplexity_cmd(model: Path = typer.Option(..., "--model", "-m", help="Checkp
 
 
 def _ppl(model, text, max_context, device, precision, json_path, chunk=512):
-    from engine.bench import perplexity
-    from engine.tokenizer import Tokenizer
+    from dsv4.engine.tools.bench import perplexity
+    from dsv4.engine.runtime.tokenizer import Tokenizer
 
     if max_context < 2:
         raise UserError("--max-context must be >= 2")
@@ -285,8 +285,8 @@ def _kernels(preset, device, runs, compare, json_path):
     from rich.console import Console
     from rich.table import Table
 
-    from engine.bench import bench_linears, measure_bandwidth
-    from kernels.dispatch import use_backend
+    from dsv4.engine.tools.bench import bench_linears, measure_bandwidth
+    from dsv4.kernels.dispatch import use_backend
 
     if runs < 1:
         raise UserError("--runs must be >= 1")

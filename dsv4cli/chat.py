@@ -43,7 +43,7 @@ def chat(
 
 def _chat(model, prompt, system, think, reasoning_effort, temperature, top_p, top_k, min_p, seed, max_tokens,
           device, precision, max_context, json_out, hide_reasoning, history_file):
-    from engine.sampling import SamplingParams
+    from dsv4.engine.runtime.sampling import SamplingParams
 
     check_precision(precision)
     if max_tokens < 1:
@@ -61,7 +61,7 @@ def _chat(model, prompt, system, think, reasoning_effort, temperature, top_p, to
         raise UserError(f"--model {model}: no such folder")
     model_dir, builtin = (Path(model), False) if model is not None else (builtin_model_dir(), True)
 
-    from engine.loader import generation_defaults
+    from dsv4.engine.checkpoint.loader import generation_defaults
 
     gen = generation_defaults(model_dir)
     params = SamplingParams(
@@ -86,10 +86,10 @@ def _chat(model, prompt, system, think, reasoning_effort, temperature, top_p, to
 
 
 def load_conversation(model_dir, device, precision, max_context, system, think, reasoning_effort):
-    from engine.conversation import Conversation
-    from engine.loader import load_model
-    from engine.session import Session
-    from engine.tokenizer import Tokenizer
+    from dsv4.engine.runtime.conversation import Conversation
+    from dsv4.engine.checkpoint.loader import load_model
+    from dsv4.engine.runtime.session import Session
+    from dsv4.engine.runtime.tokenizer import Tokenizer
 
     tok = Tokenizer.from_dir(model_dir)
     model = load_model(model_dir, mode=precision, device=device)
@@ -102,7 +102,7 @@ def load_conversation(model_dir, device, precision, max_context, system, think, 
 
 
 def one_shot(conv, prompt, params, seed, max_tokens, json_out, hide_reasoning, banner):
-    from engine.sampling import Sampler
+    from dsv4.engine.runtime.sampling import Sampler
 
     sampler = Sampler(params, seed)
     if not json_out:

@@ -39,7 +39,7 @@ def resolve_device(device: str | None) -> str:
 def builtin_model_dir() -> Path:
     """The built-in default model shipped inside the package (engine/builtin): a 25M-parameter
     DeepSeek-V4 trained on Python standard-library documentation (see train/README.md)."""
-    import engine
+    from dsv4 import engine
 
     d = Path(engine.__file__).parent / "builtin"
     if not (d / "config.json").exists():
@@ -54,10 +54,10 @@ def guard(fn):
 
     @wraps(fn)
     def wrapper(*a, **kw):
-        from cache import CacheError
-        from engine.checkpoint import CheckpointError
-        from engine.config import ConfigError
-        from engine.tokenizer import TokenizerError
+        from dsv4.cache import CacheError
+        from dsv4.engine.checkpoint.published import CheckpointError
+        from dsv4.engine.model.config import ConfigError
+        from dsv4.engine.runtime.tokenizer import TokenizerError
 
         try:
             return fn(*a, **kw)

@@ -31,8 +31,8 @@ def _convert(src, dst, experts, dense, force, verify_out, shard_size):
     from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
                                TransferSpeedColumn)
 
-    from engine.checkpoint import open_checkpoint
-    from engine.convert import convert_checkpoint, verify
+    from dsv4.engine.checkpoint.published import open_checkpoint
+    from dsv4.engine.checkpoint.convert import convert_checkpoint, verify
 
     console = Console(stderr=True)
     if shard_size < 1:

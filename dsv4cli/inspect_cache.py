@@ -45,7 +45,7 @@ def plain_bf16_bytes(cfg, tokens: int) -> int:
 
 
 def report(cfg, schema, tokens: int) -> dict:
-    from cache.schema import layer_block_breakdown, v32_bytes
+    from dsv4.cache.schema import layer_block_breakdown, v32_bytes
 
     acc = schema.bytes_for_context(tokens)
     per_type = {}
@@ -92,8 +92,8 @@ def inspect_cache(
 
 
 def _inspect(preset, model, context, mode, budget, plot, json_out):
-    from cache import CacheSchema
-    from engine.config import DSV4Config
+    from dsv4.cache import CacheSchema
+    from dsv4.engine.model.config import DSV4Config
 
     if mode not in ("faithful", "exact"):
         raise UserError(f"--mode {mode!r}: use faithful or exact")
@@ -165,7 +165,7 @@ def _plot(cfg, schema, path: Path, name: str):
         import matplotlib.pyplot as plt
     except ImportError:
         raise UserError("--plot needs matplotlib: pip install 'dsv4[plot]'") from None
-    from cache.schema import v32_bytes
+    from dsv4.cache.schema import v32_bytes
 
     xs = [1 << k for k in range(10, 21)]
     fig, ax = plt.subplots(figsize=(7, 4.5))

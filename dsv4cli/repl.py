@@ -26,7 +26,7 @@ def run_repl(conv, params, seed, max_tokens, banner, history_file: Path):
     from prompt_toolkit.history import FileHistory, InMemoryHistory
     from prompt_toolkit.key_binding import KeyBindings
 
-    from engine.sampling import Sampler
+    from dsv4.engine.runtime.sampling import Sampler
 
     console = Console(highlight=False)
     kb = KeyBindings()
@@ -62,7 +62,7 @@ def run_repl(conv, params, seed, max_tokens, banner, history_file: Path):
 
 
 def _turn(conv, text, sampler, state, console):
-    from engine.conversation import ContextFull
+    from dsv4.engine.runtime.conversation import ContextFull
 
     gen = conv.send(text, sampler, state["max"])
     turn = None

@@ -7,17 +7,16 @@ implementation where one exists for the input's device (see kernels/dispatch.py)
 from __future__ import annotations
 
 from . import quant
-from .attention import decode_attention as _dattention_ref, sparse_mqa_attention as _attention_ref
-from .entries import entry_rows as _entry_rows_ref, store_entry as _store_entry_ref
-from .compress import compress_decode as _cdecode_ref, compress_windows as _compress_ref
+from .reference.attention import decode_attention as _dattention_ref, sparse_mqa_attention as _attention_ref
+from .reference.entries import entry_rows as _entry_rows_ref, store_entry as _store_entry_ref
+from .reference.compress import compress_decode as _cdecode_ref, compress_windows as _compress_ref
 from .dispatch import backends, implementation, register, use_backend
-from .indexer import indexer_scores as _iscores_ref, indexer_topk as _itopk_ref
-from .linear import QWeight, grouped_linear_reference as _glinear_ref, linear_reference as _linear_ref
-from .mhc import hc_head as _hc_head_ref, mhc_post as _mhc_post_ref, mhc_pre as _mhc_pre_ref, sinkhorn
-from .moe import ExpertSet, hash_route as _hash_ref, routed_experts as _experts_ref, router_scores as _rscores_ref, \
-    router_topk as _rtopk_ref, swiglu as _swiglu_ref
-from .norm import rms_norm as _rms_ref
-from .rope import apply_rope as _rope_ref, rms_norm_rope as _norm_rope_ref, rope_cos_sin as _cos_sin_ref, rope_inv_freq
+from .reference.indexer import indexer_scores as _iscores_ref, indexer_topk as _itopk_ref
+from .reference.linear import QWeight, grouped_linear_reference as _glinear_ref, linear_reference as _linear_ref
+from .reference.mhc import hc_head as _hc_head_ref, mhc_post as _mhc_post_ref, mhc_pre as _mhc_pre_ref, sinkhorn
+from .reference.moe import (ExpertSet, hash_route as _hash_ref, routed_experts as _experts_ref, router_scores as _rscores_ref, router_topk as _rtopk_ref, swiglu as _swiglu_ref)
+from .reference.norm import rms_norm as _rms_ref
+from .reference.rope import (apply_rope as _rope_ref, rms_norm_rope as _norm_rope_ref, rope_cos_sin as _cos_sin_ref, rope_inv_freq)
 
 _REFS = {
     "rope_cos_sin": _cos_sin_ref, "entry_rows": _entry_rows_ref, "rms_norm_rope": _norm_rope_ref,
@@ -39,8 +38,7 @@ def _register_gpu_kernels() -> None:
     if not torch.cuda.is_available():
         return
     try:
-        from . import (triton_attention, triton_compress, triton_elementwise, triton_linear, triton_mhc, triton_moe,
-                       triton_router)
+        from .triton import (attention as triton_attention, compress as triton_compress, elementwise as triton_elementwise, linear as triton_linear, mhc as triton_mhc, moe as triton_moe, router as triton_router)
     except ImportError:
         return
     register("apply_rope", "cuda", triton_elementwise.apply_rope_triton)

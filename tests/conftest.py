@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from engine.synthetic import random_tensors, tiny_configs
+from dsv4.engine.tools.synthetic import random_tensors, tiny_configs
 
 TINY = tiny_configs()
 

@@ -11,20 +11,20 @@ import torch
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
 
-from kernels import dispatch, quant, register  # noqa: E402
-from kernels.linear import QWeight, grouped_linear_reference, linear_reference  # noqa: E402
-from kernels.mhc import mhc_post, mhc_pre  # noqa: E402
-from kernels.moe import swiglu  # noqa: E402
-from kernels.norm import rms_norm  # noqa: E402
-from kernels.rope import apply_rope, rms_norm_rope, rope_cos_sin, rope_inv_freq  # noqa: E402
-from kernels import triton_elementwise as te, triton_linear as tlin, triton_mhc as tm, triton_moe as tmoe  # noqa: E402
-from kernels import triton_attention as tatt, triton_compress as tcomp  # noqa: E402
-from kernels.compress import compress_decode  # noqa: E402
-from kernels import triton_router as trt  # noqa: E402
-from kernels.moe import hash_route, router_scores, router_topk  # noqa: E402
-from kernels.attention import decode_attention  # noqa: E402
-from kernels.entries import entry_rows, store_entry  # noqa: E402
-from kernels.moe import routed_experts  # noqa: E402
+from dsv4.kernels import dispatch, quant, register  # noqa: E402
+from dsv4.kernels.reference.linear import QWeight, grouped_linear_reference, linear_reference  # noqa: E402
+from dsv4.kernels.reference.mhc import mhc_post, mhc_pre  # noqa: E402
+from dsv4.kernels.reference.moe import swiglu  # noqa: E402
+from dsv4.kernels.reference.norm import rms_norm  # noqa: E402
+from dsv4.kernels.reference.rope import apply_rope, rms_norm_rope, rope_cos_sin, rope_inv_freq  # noqa: E402
+from dsv4.kernels.triton import elementwise as te, linear as tlin, mhc as tm, moe as tmoe  # noqa: E402
+from dsv4.kernels.triton import attention as tatt, compress as tcomp  # noqa: E402
+from dsv4.kernels.reference.compress import compress_decode  # noqa: E402
+from dsv4.kernels.triton import router as trt  # noqa: E402
+from dsv4.kernels.reference.moe import hash_route, router_scores, router_topk  # noqa: E402
+from dsv4.kernels.reference.attention import decode_attention  # noqa: E402
+from dsv4.kernels.reference.entries import entry_rows, store_entry  # noqa: E402
+from dsv4.kernels.reference.moe import routed_experts  # noqa: E402
 from kernel_cases import FORMATS, expert_set, store  # noqa: E402
 
 g = torch.Generator().manual_seed(0)
@@ -179,10 +179,10 @@ def engine_check():
     ordinary one-token forward in exact mode, the static decode step (the one captured in a CUDA
     graph on a GPU) in both. A 38-token prompt (through the references, to keep the interpreter's
     time down), then 4 kernel-path steps (a CSA window closes at the second)."""
-    from engine.decode import DecodeRunner
-    from engine.model import Model
-    from engine.session import Session
-    from engine.synthetic import random_tensors, tiny_configs
+    from dsv4.engine.runtime.decode import DecodeRunner
+    from dsv4.engine.model.model import Model
+    from dsv4.engine.runtime.session import Session
+    from dsv4.engine.tools.synthetic import random_tensors, tiny_configs
 
     dispatch._DEVICE_OF_BACKEND["cuda"] = "cpu"
     for op, fn in [("linear", tlin.linear_triton), ("grouped_linear", tlin.grouped_linear_triton),

@@ -2,10 +2,10 @@
 
 import torch
 
-from cache import EntryFormat, EntryStore
-from kernels import quant
-from kernels.linear import QWeight
-from kernels.moe import ExpertSet
+from dsv4.cache import EntryFormat, EntryStore
+from dsv4.kernels import quant
+from dsv4.kernels.reference.linear import QWeight
+from dsv4.kernels.reference.moe import ExpertSet
 
 FORMATS = ("fp8", "fp8-f32", "mxfp4", "nvfp4", "bf16", "f32")
 

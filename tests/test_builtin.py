@@ -9,16 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from dsv4cli.common import builtin_model_dir
-from engine.bench import perplexity
-from engine.checkpoint import open_checkpoint
-from engine.convert import convert_checkpoint
-from engine.loader import load_model
-from engine.tokenizer import SPECIALS, Tokenizer
+from dsv4.cli.common import builtin_model_dir
+from dsv4.engine.tools.bench import perplexity
+from dsv4.engine.checkpoint.published import open_checkpoint
+from dsv4.engine.checkpoint.convert import convert_checkpoint
+from dsv4.engine.checkpoint.loader import load_model
+from dsv4.engine.runtime.tokenizer import SPECIALS, Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 HELDOUT = ROOT / "train" / "results" / "heldout.txt"
-CLI = [sys.executable, "-m", "dsv4cli.main"]
+CLI = [sys.executable, "-m", "dsv4.cli.main"]
 
 
 def test_builtin_is_a_small_published_layout_v4():

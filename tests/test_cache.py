@@ -7,11 +7,11 @@ import warnings
 import pytest
 import torch
 
-from cache import BlockAllocator, CacheError, CacheManager, CacheSchema, EntryFormat, EntryStore, v32_bytes
-from engine.config import DSV4Config
-from engine.model import Model
-from engine.session import Session
-from kernels import quant
+from dsv4.cache import BlockAllocator, CacheError, CacheManager, CacheSchema, EntryFormat, EntryStore, v32_bytes
+from dsv4.engine.model.config import DSV4Config
+from dsv4.engine.model.model import Model
+from dsv4.engine.runtime.session import Session
+from dsv4.kernels import quant
 
 
 def test_schema_shapes_flash_and_pro():
@@ -172,7 +172,7 @@ def test_handle_acquisition_allocates_nothing_cuda(tiny_cfg):
 
 def test_engine_touches_cache_only_through_handles():
     root = pathlib.Path(__file__).resolve().parents[1] / "engine"
-    for f in root.glob("*.py"):
+    for f in root.rglob("*.py"):
         text = f.read_text()
         for forbidden in ("layer_state", "EntryStore", ".tensors[", "block_table", "_pool"):
             assert forbidden not in text, f"{f.name} reaches into cache internals ({forbidden})"

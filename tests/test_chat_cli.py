@@ -12,14 +12,14 @@ import time
 import pytest
 import torch
 
-from engine.chat import encode_chat
-from engine.checkpoint import write_published_checkpoint
-from engine.loader import load_model
-from engine.session import Session
-from engine.synthetic import demo_config
-from engine.tokenizer import Tokenizer
+from dsv4.engine.runtime.chat import encode_chat
+from dsv4.engine.checkpoint.published import write_published_checkpoint
+from dsv4.engine.checkpoint.loader import load_model
+from dsv4.engine.runtime.session import Session
+from dsv4.engine.tools.synthetic import demo_config
+from dsv4.engine.runtime.tokenizer import Tokenizer
 
-CLI = [sys.executable, "-m", "dsv4cli.main"]
+CLI = [sys.executable, "-m", "dsv4.cli.main"]
 
 
 @pytest.fixture(scope="module")

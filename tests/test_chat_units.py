@@ -2,9 +2,9 @@
 
 import torch
 
-from engine.chat import REASONING_EFFORT_MAX, OutputParser, encode_chat
-from engine.sampling import Sampler, SamplingParams, min_p_mask, top_k_mask, top_p_mask
-from engine.tokenizer import Tokenizer, build_byte_tokenizer
+from dsv4.engine.runtime.chat import REASONING_EFFORT_MAX, OutputParser, encode_chat
+from dsv4.engine.runtime.sampling import Sampler, SamplingParams, min_p_mask, top_k_mask, top_p_mask
+from dsv4.engine.runtime.tokenizer import Tokenizer, build_byte_tokenizer
 
 B, E, U, A = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"
 

@@ -11,13 +11,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine.checkpoint import dequantized, open_checkpoint, write_published_checkpoint
-from engine.loader import load_model
-from engine.model import Model
-from engine.session import Session
-from engine.synthetic import demo_config
+from dsv4.engine.checkpoint.published import dequantized, open_checkpoint, write_published_checkpoint
+from dsv4.engine.checkpoint.loader import load_model
+from dsv4.engine.model.model import Model
+from dsv4.engine.runtime.session import Session
+from dsv4.engine.tools.synthetic import demo_config
 
-CLI = [sys.executable, "-m", "dsv4cli.main"]
+CLI = [sys.executable, "-m", "dsv4.cli.main"]
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +120,7 @@ def big(tmp_path_factory):
     """A checkpoint of ~190 MB (many large experts) for the streaming tests."""
     cfg = demo_config().replace(hidden_size=512, moe_intermediate_size=1024, n_routed_experts=48,
                                 num_experts_per_tok=3, q_lora_rank=64, o_lora_rank=64)
-    from engine.synthetic import random_tensors
+    from dsv4.engine.tools.synthetic import random_tensors
 
     return write_published_checkpoint(cfg, tmp_path_factory.mktemp("big") / "src", seed=1,
                                       tensors=random_tensors(cfg, 1, dtype=torch.bfloat16), max_shard_bytes=32 << 20)
@@ -133,7 +133,7 @@ def _size(d):
 def test_convert_streams_with_bounded_peak_rss(big, tmp_path):
     # Bound (engine/convert.py): baseline + 2 x shard + 8 x largest weight in float32.
     # Here: shard 8 MiB, largest weight 1024x512 f32 = 2 MiB -> 32 MiB over the interpreter baseline.
-    code = ("import re,sys;from engine.convert import convert_checkpoint;import torch;"
+    code = ("import re,sys;from dsv4.engine.checkpoint.convert import convert_checkpoint;import torch;"
             "hwm=lambda: int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1));"
             "rss=lambda: int(re.search(r'VmRSS:\\s+(\\d+)', open('/proc/self/status').read()).group(1));"
             "open('/proc/self/clear_refs','w').write('5');base=rss();"

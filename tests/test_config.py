@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from engine.config import ConfigError, DSV4Config, Router
+from dsv4.engine.model.config import ConfigError, DSV4Config, Router
 
 
 def test_flash_preset_values_and_schedule():

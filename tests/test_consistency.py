@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from engine.model import Model
-from engine.session import Session
+from dsv4.engine.model.model import Model
+from dsv4.engine.runtime.session import Session
 
 # exact: float rounding only. faithful: the same, but a rounding difference of 1 ulp can move a
 # value across an FP8/FP4 rounding boundary, so the bound is looser (measured max ~2e-4 relative).

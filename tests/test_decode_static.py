@@ -11,10 +11,10 @@ every step agrees within 1e-3, the median within 1e-4, and the argmax almost alw
 import pytest
 import torch
 
-from engine.decode import DecodeRunner
-from engine.model import Model
-from engine.session import Session
-from engine.synthetic import random_tensors, tiny_configs
+from dsv4.engine.runtime.decode import DecodeRunner
+from dsv4.engine.model.model import Model
+from dsv4.engine.runtime.session import Session
+from dsv4.engine.tools.synthetic import random_tensors, tiny_configs
 
 CONFIGS = tiny_configs()
 
@@ -79,8 +79,9 @@ def test_runner_refuses_graph_on_cpu(tiny_cfg, tiny_tensors):
 
 
 def test_fuse_rows_stacks_views_and_refuses_what_cannot_share_a_launch():
-    from engine.weights import fuse_rows
-    from kernels import QWeight, linear
+    from dsv4.engine.model.weights import fuse_rows
+    from dsv4.kernels import QWeight
+    from dsv4.kernels import linear
 
     g = torch.Generator().manual_seed(3)
 

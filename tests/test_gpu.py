@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from engine.model import Model
-from engine.session import Session
+from dsv4.engine.model.model import Model
+from dsv4.engine.runtime.session import Session
 
 pytestmark = pytest.mark.gpu
 
@@ -26,8 +26,8 @@ def test_cuda_engine_matches_cpu_reference_over_256_decode_steps(tiny_cfg, tiny_
 
 
 def test_synthetic_flash_layers_run_on_cuda():
-    from engine.bench import bench_decode, synthetic_stored
-    from engine.config import DSV4Config
+    from dsv4.engine.tools.bench import bench_decode, synthetic_stored
+    from dsv4.engine.model.config import DSV4Config
 
     full = DSV4Config.flash()
     cfg = full.replace(num_hidden_layers=2, compress_ratios=full.compress_ratios[2:4], num_hash_layers=1)

@@ -12,9 +12,9 @@ indexer near-ties can flip a selection)."""
 import pytest
 import torch
 
-import kernels
-from kernels.dispatch import implementation, use_backend
-from kernels.linear import grouped_linear_reference, linear_reference
+from dsv4 import kernels
+from dsv4.kernels.dispatch import implementation, use_backend
+from dsv4.kernels.reference.linear import grouped_linear_reference, linear_reference
 from kernel_cases import FORMATS, expert_set, store, weight
 
 pytestmark = pytest.mark.gpu
@@ -48,7 +48,7 @@ def test_grouped_linear_matches_reference(G, R, Kg, S):
 
 @pytest.mark.parametrize("S,n,d", [(1, 4, 4096), (5, 4, 4096), (3, 4, 64), (2, 2, 96)])
 def test_mhc_pre_and_post_match_reference(S, n, d):
-    from kernels.mhc import mhc_post as post_ref, mhc_pre as pre_ref
+    from dsv4.kernels.reference.mhc import mhc_post as post_ref, mhc_pre as pre_ref
 
     g = torch.Generator().manual_seed(S * 100 + d)
     st = torch.randn(S, n, d, generator=g).cuda()
@@ -67,7 +67,7 @@ def test_mhc_pre_and_post_match_reference(S, n, d):
 @pytest.mark.parametrize("shape", [(1, 4096), (7, 1024), (3, 2, 96), (1, 16384)])
 @pytest.mark.parametrize("weighted", [True, False])
 def test_rms_norm_matches_reference(shape, weighted):
-    from kernels.norm import rms_norm as ref_fn
+    from dsv4.kernels.reference.norm import rms_norm as ref_fn
 
     g = torch.Generator().manual_seed(sum(shape))
     x = (torch.randn(*shape, generator=g) * 3).cuda()
@@ -80,7 +80,7 @@ def test_rms_norm_matches_reference(shape, weighted):
 @pytest.mark.parametrize("shape,rd", [((1, 64, 512), 64), ((3, 4, 96), 32), ((2, 512), 64), ((5, 2, 80), 16)])
 @pytest.mark.parametrize("inverse", [False, True])
 def test_apply_rope_matches_reference(shape, rd, inverse):
-    from kernels.rope import apply_rope as ref_fn
+    from dsv4.kernels.reference.rope import apply_rope as ref_fn
 
     g = torch.Generator().manual_seed(sum(shape) + rd)
     x = torch.randn(*shape, generator=g).cuda()
@@ -91,7 +91,7 @@ def test_apply_rope_matches_reference(shape, rd, inverse):
 
 
 def test_swiglu_matches_reference():
-    from kernels.moe import swiglu as ref_fn
+    from dsv4.kernels.reference.moe import swiglu as ref_fn
 
     g = torch.Generator().manual_seed(11)
     a, b = (torch.randn(3, 2048, generator=g) * 8).cuda(), (torch.randn(3, 2048, generator=g) * 8).cuda()
@@ -102,7 +102,7 @@ def test_swiglu_matches_reference():
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("E,inter,d,k", [(16, 2048, 4096, 6), (5, 96, 256, 2)])
 def test_routed_experts_match_reference(fmt, E, inter, d, k):
-    from kernels.moe import routed_experts as ref_fn
+    from dsv4.kernels.reference.moe import routed_experts as ref_fn
 
     g = torch.Generator().manual_seed(E + inter + k)
     es = expert_set(fmt, E, inter, d, g, "cuda")
@@ -122,7 +122,7 @@ def _bytes(t):
 @pytest.mark.parametrize("kind,D,r", [("kv", 512, 64), ("kv", 128, 64), ("fp4", 128, 0), ("f32", 512, 64)])
 def test_store_entry_writes_the_reference_bytes(kind, D, r):
     """Quantisation must match bit for bit (a different FP8/FP4 rounding would change the model)."""
-    from kernels.entries import store_entry as ref_fn
+    from dsv4.kernels.reference.entries import store_entry as ref_fn
 
     g = torch.Generator().manual_seed(D + len(kind))
     assert implementation("store_entry", "cuda") is not ref_fn
@@ -139,8 +139,8 @@ def test_store_entry_writes_the_reference_bytes(kind, D, r):
 @pytest.mark.parametrize("kind,H,D,W,T,pos", [("kv", 64, 512, 128, 512, 5000), ("kv", 64, 512, 128, 9, 1100),
                                               ("kv", 64, 512, 128, 0, 60), ("f32", 4, 96, 128, 70, 300)])
 def test_decode_attention_matches_reference(kind, H, D, W, T, pos):
-    from kernels.attention import decode_attention as ref_fn
-    from kernels.entries import write_entries
+    from dsv4.kernels.reference.attention import decode_attention as ref_fn
+    from dsv4.kernels.reference.entries import write_entries
 
     g = torch.Generator().manual_seed(H + T + pos)
     r = 64 if D == 512 else 32
@@ -160,7 +160,7 @@ def test_decode_attention_matches_reference(kind, H, D, W, T, pos):
 
 @pytest.mark.parametrize("ratio,D,overlap", [(4, 512, True), (128, 512, False), (4, 128, True)])
 def test_compress_decode_matches_reference(ratio, D, overlap):
-    from kernels.compress import compress_decode as ref_fn
+    from dsv4.kernels.reference.compress import compress_decode as ref_fn
 
     g = torch.Generator().manual_seed(ratio + D)
     W = 2 * D if overlap else D
@@ -182,7 +182,7 @@ def test_compress_decode_matches_reference(ratio, D, overlap):
 
 @pytest.mark.parametrize("E,d,k", [(256, 4096, 6), (8, 64, 3)])
 def test_router_kernels_match_reference(E, d, k):
-    from kernels.moe import hash_route, router_scores, router_topk
+    from dsv4.kernels.reference.moe import hash_route, router_scores, router_topk
 
     g = torch.Generator().manual_seed(E + d)
     x = torch.randn(1, d, generator=g).cuda()
@@ -203,8 +203,8 @@ def test_router_kernels_match_reference(E, d, k):
 
 def _graph_vs_eager(model, vocab, steps):
     """Logits of the captured-graph decode and of the same static step launched eagerly."""
-    from engine.decode import DecodeRunner
-    from engine.session import Session
+    from dsv4.engine.runtime.decode import DecodeRunner
+    from dsv4.engine.runtime.session import Session
 
     ids = torch.randint(0, vocab, (40 + steps,), generator=torch.Generator().manual_seed(6)).tolist()
     outs = []
@@ -222,7 +222,7 @@ def _graph_vs_eager(model, vocab, steps):
 
 
 def test_cuda_graph_replay_equals_eager_static_step(tiny_cfg, tiny_tensors):
-    from engine.model import Model
+    from dsv4.engine.model.model import Model
 
     model = Model.from_state_dict(tiny_cfg, tiny_tensors, mode="faithful", device="cuda")
     g, e = _graph_vs_eager(model, tiny_cfg.vocab_size, 200)
@@ -230,7 +230,7 @@ def test_cuda_graph_replay_equals_eager_static_step(tiny_cfg, tiny_tensors):
 
 
 def _decode_logits(model, ids, backend):
-    from engine.session import Session
+    from dsv4.engine.runtime.session import Session
 
     with use_backend(backend):
         s = Session(model, 512)
@@ -247,15 +247,15 @@ def _compare_paths(model, vocab):
 
 
 def test_kernel_path_matches_reference_path_tiny(tiny_cfg, tiny_tensors):
-    from engine.model import Model
+    from dsv4.engine.model.model import Model
 
     _compare_paths(Model.from_state_dict(tiny_cfg, tiny_tensors, mode="exact", device="cuda"), tiny_cfg.vocab_size)
 
 
 def test_kernel_path_matches_reference_path_flash_dims():
-    from engine.bench import synthetic_stored
-    from engine.config import DSV4Config
-    from engine.model import Model
+    from dsv4.engine.tools.bench import synthetic_stored
+    from dsv4.engine.model.config import DSV4Config
+    from dsv4.engine.model.model import Model
 
     full = DSV4Config.flash()
     cfg = full.replace(num_hidden_layers=2, compress_ratios=full.compress_ratios[2:4], num_hash_layers=1)
@@ -266,8 +266,8 @@ def test_kernel_path_matches_reference_path_flash_dims():
 def test_step_tables_match_reference():
     """rope_cos_sin at a window start (float32, 1e-5 absolute: angles up to ~1e5 rad) and the step's
     entry rows (equal) on the device, against their references."""
-    from kernels.entries import entry_rows as rows_ref
-    from kernels.rope import rope_cos_sin as cs_ref, rope_inv_freq
+    from dsv4.kernels.reference.entries import entry_rows as rows_ref
+    from dsv4.kernels.reference.rope import rope_cos_sin as cs_ref, rope_inv_freq
 
     assert implementation("entry_rows", "cuda") is not rows_ref
     assert implementation("rope_cos_sin", "cuda") is not cs_ref
@@ -285,7 +285,7 @@ def test_step_tables_match_reference():
 
 @pytest.mark.parametrize("shape,rd", [((1, 64, 512), 64), ((1, 512), 64), ((3, 4, 96), 32)])
 def test_rms_norm_rope_matches_reference(shape, rd):
-    from kernels.rope import rms_norm_rope as ref_fn
+    from dsv4.kernels.reference.rope import rms_norm_rope as ref_fn
 
     g = torch.Generator().manual_seed(sum(shape))
     x = (torch.randn(*shape, generator=g) * 3).cuda()

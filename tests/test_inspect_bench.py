@@ -8,17 +8,17 @@ import sys
 import pytest
 import torch
 
-from cache import CacheSchema
-from dsv4cli.inspect_cache import longest_context, parse_bytes, parse_contexts
-from engine.bench import perplexity
-from engine.checkpoint import write_published_checkpoint
-from engine.config import DSV4Config
-from engine.loader import load_model
-from engine.session import Session
-from engine.synthetic import demo_config
-from engine.tokenizer import Tokenizer
+from dsv4.cache import CacheSchema
+from dsv4.cli.inspect_cache import longest_context, parse_bytes, parse_contexts
+from dsv4.engine.tools.bench import perplexity
+from dsv4.engine.checkpoint.published import write_published_checkpoint
+from dsv4.engine.model.config import DSV4Config
+from dsv4.engine.checkpoint.loader import load_model
+from dsv4.engine.runtime.session import Session
+from dsv4.engine.tools.synthetic import demo_config
+from dsv4.engine.runtime.tokenizer import Tokenizer
 
-CLI = [sys.executable, "-m", "dsv4cli.main"]
+CLI = [sys.executable, "-m", "dsv4.cli.main"]
 
 
 def cli(*args):

@@ -2,10 +2,10 @@
 
 import torch
 
-from cache import CacheManager, CacheSchema
-from engine.block import block
-from engine.model import Model
-from engine.session import Session
+from dsv4.cache import CacheManager, CacheSchema
+from dsv4.engine.model.block import block
+from dsv4.engine.model.model import Model
+from dsv4.engine.runtime.session import Session
 
 
 def test_mtp_forward_matches_hand_computation(tiny_cfg, tiny_tensors):

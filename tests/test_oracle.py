@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from engine.model import Model
-from engine.session import Session
-from engine.synthetic import random_tensors, tiny_configs
-from engine.hf import build_hf_model, stable_topk
+from dsv4.engine.model.model import Model
+from dsv4.engine.runtime.session import Session
+from dsv4.engine.tools.synthetic import random_tensors, tiny_configs
+from dsv4.engine.tools.hf import build_hf_model, stable_topk
 
 pytest.importorskip("transformers")
 CONFIGS = tiny_configs()

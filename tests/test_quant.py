@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from kernels import quant
+from dsv4.kernels import quant
 
 g = torch.Generator().manual_seed(0)
 

@@ -5,12 +5,12 @@ import re
 
 import torch
 
-from engine.checkpoint import dequantized, to_published
-from engine.model import Model
-from engine.session import Session
-from engine.synthetic import random_tensors, tiny_configs
-from train import data
-from train.trainer import Capture, lm_losses, sequence_handles, stored_roundtrip, weights_for_step
+from dsv4.engine.checkpoint.published import dequantized, to_published
+from dsv4.engine.model.model import Model
+from dsv4.engine.runtime.session import Session
+from dsv4.engine.tools.synthetic import random_tensors, tiny_configs
+from dsv4.train import data
+from dsv4.train.trainer import Capture, lm_losses, sequence_handles, stored_roundtrip, weights_for_step
 
 CFG = tiny_configs()["swa-csa-hca"]  # SWA, CSA (top-k below the visible entries), HCA, hash + score routing
 

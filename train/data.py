@@ -21,7 +21,7 @@ import re
 import textwrap
 import warnings
 
-from engine.chat import encode_chat
+from dsv4.engine.runtime.chat import encode_chat
 
 MODULES = (
     "abc argparse array ast asyncio base64 binascii bisect builtins bz2 calendar cmath codecs collections "

@@ -14,11 +14,11 @@ if [ -n "${STAGE2:-}" ]; then
 else
   ARGS="--steps ${STEPS:-1100}"
 fi
-python3 -m train.run --out /tmp/builtin $ARGS --device cuda 2>&1 | tee $OUT/train.out
+python3 -m dsv4.train.run --out /tmp/builtin $ARGS --device cuda 2>&1 | tee $OUT/train.out
 cp /tmp/builtin/train_log.json $OUT/
 tar -C /tmp -cf /tmp/builtin.tar builtin
 split -b 15M /tmp/builtin.tar $OUT/builtin.tar.
-dsv4() { timeout 60 python3 -m dsv4cli.main "$@"; }
+dsv4() { timeout 60 python3 -m dsv4.cli.main "$@"; }
 for p in exact faithful; do
   dsv4 bench perplexity --model /tmp/builtin --text /tmp/builtin/heldout.txt --precision $p --device cuda \
     --json $OUT/ppl_$p.json

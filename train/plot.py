@@ -1,4 +1,4 @@
-"""Loss curve of a training log: python -m train.plot train_log.json loss_curve.png"""
+"""Loss curve of a training log: python -m dsv4.train.plot train_log.json loss_curve.png"""
 
 from __future__ import annotations
 

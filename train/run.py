@@ -1,6 +1,6 @@
 """Build the built-in default model: data -> tokenizer -> training -> published-layout checkpoint.
 
-    python -m train.run --out /tmp/builtin --minutes 7 --device cuda
+    python -m dsv4.train.run --out /tmp/builtin --minutes 7 --device cuda
 
 Seeded (``--seed``); with ``--steps`` instead of ``--minutes`` a run is repeatable step for step on
 the same device. Writes into --out: the checkpoint (config.json, sharded safetensors + index,
@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from engine.checkpoint import write_published_checkpoint
-from engine.config import DSV4Config
-from engine.model import Model
-from engine.synthetic import random_tensors
+from dsv4.engine.checkpoint.published import write_published_checkpoint
+from dsv4.engine.model.config import DSV4Config
+from dsv4.engine.model.model import Model
+from dsv4.engine.tools.synthetic import random_tensors
 
 from . import data, tokenizer
 from .trainer import Capture, lm_losses, lr_at, weights_for_step
@@ -58,7 +58,7 @@ def heldout_windows(convs: list[list[int]], seq_len: int) -> list[list[int]]:
 
 
 def main(argv=None) -> None:
-    from kernels.dispatch import use_backend
+    from dsv4.kernels.dispatch import use_backend
 
     with use_backend("reference"):  # the torch references carry gradients; the GPU kernels do not
         _main(argv)
@@ -105,7 +105,7 @@ def _main(argv=None) -> None:
 
     cfg = builtin_config(tk.get_vocab_size())
     if args.init:
-        from engine.checkpoint import dequantized, open_checkpoint
+        from dsv4.engine.checkpoint.published import dequantized, open_checkpoint
 
         ck = open_checkpoint(args.init)
         if ck.config != cfg:
@@ -202,7 +202,7 @@ def _main(argv=None) -> None:
 
         plot_log(out / "train_log.json", out / "loss_curve.png")
     except ImportError:
-        print("matplotlib not installed: no loss_curve.png (python -m train.plot LOG PNG makes it)")
+        print("matplotlib not installed: no loss_curve.png (python -m dsv4.train.plot LOG PNG makes it)")
     print(f"wrote {out} ({train_s:.0f} s of training, {total} steps)")
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from engine.tokenizer import BOS, EOS, SPECIALS
+from dsv4.engine.runtime.tokenizer import BOS, EOS, SPECIALS
 
 
 def train_bpe(texts, vocab_size: int = 4096):

@@ -20,10 +20,10 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.formats import published_format
-from engine.model import Model
-from engine.weights import build_weights
-from kernels import quant
+from dsv4.engine.checkpoint.formats import published_format
+from dsv4.engine.model.model import Model
+from dsv4.engine.model.weights import build_weights
+from dsv4.kernels import quant
 
 
 class SequenceHandle:
@@ -137,7 +137,7 @@ class Capture:
     NAMES = ("indexer_topk", "sparse_mqa_attention", "router_topk")
 
     def __init__(self):
-        import kernels
+        from dsv4 import kernels
 
         self.k = kernels
         self.index, self.attn, self.routes = [], [], []

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-import kernels
+from dsv4 import kernels
 
 
 class RopeTables:

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import open_checkpoint
-from .model import Model
-from .weights import cache_dense
+from .published import open_checkpoint
+from dsv4.engine.model.model import Model
+from dsv4.engine.model.weights import cache_dense
 
 CPU_DENSE_CACHE_BYTES = 2 << 30  # float32 copies of quantised linears kept on CPU when they fit
 

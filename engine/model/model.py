@@ -14,7 +14,7 @@ from collections import ChainMap
 
 import torch
 
-import kernels
+from dsv4 import kernels
 
 from .attention import decode_attention, stacked_linears as attention_stacks
 from .block import block

@@ -19,8 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention import decode_attention as decode_attention_reference
-from .entries import store_entry as store_entry_reference, store_kind
+from dsv4.kernels.reference.attention import decode_attention as decode_attention_reference
+from dsv4.kernels.reference.entries import store_entry as store_entry_reference, store_kind
 
 KIND = {"kv": 0, "fp4": 1, "f32": 2}
 PRECISION = "tf32x3"  # float32 entries: tensor-core dots at about float32 accuracy (three TF32 products)

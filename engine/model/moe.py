@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-import kernels
-from kernels import ExpertSet
+from dsv4 import kernels
+from dsv4.kernels import ExpertSet
 
 
 def layer_experts(w: dict, p: str, n_experts: int) -> ExpertSet:

@@ -9,11 +9,11 @@ from typing import Callable, Iterator
 
 import torch
 
-from cache import CacheManager, CacheSchema
-from kernels import dispatch
+from dsv4.cache import CacheManager, CacheSchema
+from dsv4.kernels import dispatch
 
 from .decode import DecodeRunner
-from .model import Model
+from dsv4.engine.model.model import Model
 
 
 class Session:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import quant
+from dsv4.kernels import quant
 
 FORMATS = ("dense", "fp8", "mxfp4", "nvfp4")
 

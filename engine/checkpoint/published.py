@@ -13,12 +13,12 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from kernels import quant
+from dsv4.kernels import quant
 
-from .config import ConfigError, DSV4Config
+from dsv4.engine.model.config import ConfigError, DSV4Config
 from .formats import published_format, stored_entries
 from .shards import DTYPES, INDEX, CheckpointError, ShardReader, ShardWriter, short
-from .synthetic import random_tensors, tensor_shapes
+from dsv4.engine.tools.synthetic import random_tensors, tensor_shapes
 
 MANIFEST = "dsv4_manifest.json"
 FORMAT_VERSION = 1
@@ -160,7 +160,7 @@ def write_published_checkpoint(cfg: DSV4Config, out: str | os.PathLike, seed: in
                                       "scale_fmt": "ue8m0", "weight_block_size": [128, 128]}})
     (out / "config.json").write_text(json.dumps(d, indent=1))
     if tokenizer:
-        from .tokenizer import write_byte_tokenizer
+        from dsv4.engine.runtime.tokenizer import write_byte_tokenizer
 
         write_byte_tokenizer(out)
         (out / "generation_config.json").write_text(json.dumps(
@@ -171,6 +171,6 @@ def write_published_checkpoint(cfg: DSV4Config, out: str | os.PathLike, seed: in
 
 def dequantized(tensors: dict) -> dict:
     """Stored tensors -> float32 logical weights (for tests and --verify)."""
-    from .weights import build_weights, logical_tensors
+    from dsv4.engine.model.weights import build_weights, logical_tensors
 
     return logical_tensors(build_weights(tensors))

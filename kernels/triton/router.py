@@ -8,10 +8,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .linear import QWeight
-from .moe import hash_route as hash_route_reference, router_scores as router_scores_reference
-from .moe import router_topk as router_topk_reference
-from .triton_linear import gemv
+from dsv4.kernels.reference.linear import QWeight
+from dsv4.kernels.reference.moe import hash_route as hash_route_reference, router_scores as router_scores_reference
+from dsv4.kernels.reference.moe import router_topk as router_topk_reference
+from .linear import gemv
 
 
 @triton.jit

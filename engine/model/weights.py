@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels import QWeight
+from dsv4.kernels import QWeight
 
 RAW_2D = ("embed.weight",)  # looked up by row, never multiplied
 

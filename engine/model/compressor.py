@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-import kernels
+from dsv4 import kernels
 
 
 def _finish(entries, w, prefix, eps, rope, epos, quantise):

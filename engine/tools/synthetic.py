@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .config import DSV4Config
+from dsv4.engine.model.config import DSV4Config
 
 
 def _layer_shapes(cfg: DSV4Config, p: str, spec) -> dict:

@@ -13,9 +13,9 @@ import time
 
 import torch
 
-from .formats import published_format
-from .model import Model
-from .session import Session
+from dsv4.engine.checkpoint.formats import published_format
+from dsv4.engine.model.model import Model
+from dsv4.engine.runtime.session import Session
 from .synthetic import random_tensor, tensor_shapes
 
 
@@ -130,7 +130,7 @@ def _per_token(model: Model, size) -> int:
 def weight_bytes_per_token(model: Model) -> int:
     """Weight bytes one decode token reads: everything but the routed experts, plus top-k of them,
     plus one embedding row (the head is read whole)."""
-    from kernels import QWeight
+    from dsv4.kernels import QWeight
 
     def size(name, v):
         nb = v.nbytes() if isinstance(v, QWeight) else v.numel() * v.element_size()
@@ -158,7 +158,7 @@ def kv_bytes_per_token(session: Session) -> int:
 
 def active_params_per_token(model: Model) -> int:
     """Multiply-accumulate weights touched per token (for prefill FLOPs = 2 x this x tokens)."""
-    from kernels import QWeight
+    from dsv4.kernels import QWeight
 
     return _per_token(model, lambda name, v: v.shape[0] * v.shape[1] if isinstance(v, QWeight) else 0)
 
@@ -295,8 +295,8 @@ def hf_prefill(hf, model: Model, prompt_len: int, runs: int = 5, warmup: int = 1
 def bench_linears(model: Model, layers=(2, 3), runs: int = 50) -> list[dict]:
     """Time each linear of the given layers (and the head) as one decode token sees it (one row of
     input), through ``kernels`` dispatch. -> rows with bytes read, median seconds and bytes/s."""
-    import kernels
-    from kernels import QWeight
+    from dsv4 import kernels
+    from dsv4.kernels import QWeight
 
     dev = model.device
     cfg = model.cfg

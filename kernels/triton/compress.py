@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .compress import compress_decode as compress_decode_reference
+from dsv4.kernels.reference.compress import compress_decode as compress_decode_reference
 
 
 @triton.jit

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from . import quant
+from dsv4.kernels import quant
 
 FP8_GROUP = 64
 FP4_GROUP = 32

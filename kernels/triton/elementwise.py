@@ -9,10 +9,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .entries import entry_rows as entry_rows_reference
-from .moe import swiglu as swiglu_reference
-from .rope import apply_rope as apply_rope_reference, rms_norm_rope as rms_norm_rope_reference, \
-    rope_cos_sin as rope_cos_sin_reference
+from dsv4.kernels.reference.entries import entry_rows as entry_rows_reference
+from dsv4.kernels.reference.moe import swiglu as swiglu_reference
+from dsv4.kernels.reference.rope import (apply_rope as apply_rope_reference, rms_norm_rope as rms_norm_rope_reference, rope_cos_sin as rope_cos_sin_reference)
 
 
 @triton.jit

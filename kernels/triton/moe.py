@@ -23,9 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .moe import ExpertSet, routed_experts as routed_experts_reference
-from .triton_fp4dot import mx_int_dots, quant3
-from .triton_linear import _block_step, _fp4_step, _split_buffers, _store_split
+from dsv4.kernels.reference.moe import ExpertSet, routed_experts as routed_experts_reference
+from .fp4dot import mx_int_dots, quant3
+from .linear import _block_step, _fp4_step, _split_buffers, _store_split
 
 # Tile shapes by weight format and by how many experts one call reads (6 routed, or the 1 shared):
 # rows per program for the up (w1 + w3) and down (w2) kernels, FP4 values per row per step, warps.

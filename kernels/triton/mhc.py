@@ -15,8 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .mhc import mhc_post as mhc_post_reference, mhc_pre as mhc_pre_reference
-from .norm import rms_norm as rms_norm_reference
+from dsv4.kernels.reference.mhc import mhc_post as mhc_post_reference, mhc_pre as mhc_pre_reference
+from dsv4.kernels.reference.norm import rms_norm as rms_norm_reference
 
 MAX_ROWS = 16
 BLOCK_K = 128  # 128 programs per row for the 24 mixes at V4 sizes (latency, not bytes, bounds it)

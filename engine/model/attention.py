@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 
-import kernels
-from kernels import quant
-from kernels.indexer import indexer_topk_indices
+from dsv4 import kernels
+from dsv4.kernels import quant
+from dsv4.kernels.reference.indexer import indexer_topk_indices
 
 from .compressor import compress_decode, compress_step
 

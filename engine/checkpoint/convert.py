@@ -17,14 +17,14 @@ from pathlib import Path
 
 import torch
 
-from kernels import quant
+from dsv4.kernels import quant
 
-from .checkpoint import FORMAT_VERSION, MANIFEST, CheckpointError, open_checkpoint
+from .published import FORMAT_VERSION, MANIFEST, CheckpointError, open_checkpoint
 from .formats import published_format
 from .memory import limit_heap_retention
 from .shards import ShardReader, ShardWriter
-from .synthetic import tensor_shapes
-from .weights import qweight_from
+from dsv4.engine.tools.synthetic import tensor_shapes
+from dsv4.engine.model.weights import qweight_from
 
 EXPERT_FORMATS = ("nvfp4", "mxfp4", "fp8", "bf16")
 DENSE_FORMATS = ("fp8", "bf16")

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .linear import QWeight, grouped_linear_reference, linear_reference
+from dsv4.kernels.reference.linear import QWeight, grouped_linear_reference, linear_reference
 
 MAX_ROWS = 16
 TARGET_PROGRAMS = 4 * 132  # ~4 per SM on an H100 / H200

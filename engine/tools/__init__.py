@@ -1,0 +1,1 @@
+"""Developer tools: synthetic weights, the transformers oracle bridge, and benchmarks."""
