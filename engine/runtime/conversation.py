@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from .chat import OutputParser, Piece, encode_chat
+from .generate import Finish, decode_tokens
 from .session import Session
 from .tokenizer import ASSISTANT, END_THINK, USER, Tokenizer
 
@@ -94,25 +95,17 @@ class Conversation:
             self.cached_ids = list(ids)
             st.ttft_s = time.perf_counter() - t0
             t1 = time.perf_counter()
-            while True:
-                tok = int(sample(logits))
+            for tok, finish in decode_tokens(self.session, logits, sample, max_new_tokens, {self.tok.eos_id}):
+                if busy:  # the step for the previous token finished
+                    self.cached_ids.append(turn.token_ids[-1])
+                    busy = False
                 turn.token_ids.append(tok)
                 st.generated_tokens += 1
                 text = stream.push(tok) if tok != self.tok.eos_id else stream.flush()
+                if finish is not None:
+                    st.stop_reason = {Finish.STOP: "eos", Finish.LENGTH: "max_tokens"}.get(finish, str(finish))
                 yield turn, turn.parser.feed(text)
-                if tok == self.tok.eos_id:
-                    st.stop_reason = "eos"
-                    break
-                if st.generated_tokens >= max_new_tokens:
-                    st.stop_reason = "max_tokens"
-                    break
-                if self.session.seq_len >= self.session.max_context:
-                    st.stop_reason = "context"
-                    break
-                busy = True
-                logits = self.session.step(tok)
-                busy = False
-                self.cached_ids.append(tok)
+                busy = finish is None  # resumed: the loop now steps the session for this token
             st.decode_s = time.perf_counter() - t1
         except KeyboardInterrupt:
             st.stop_reason = "interrupted"

@@ -13,6 +13,7 @@ from dsv4.cache import CacheManager, CacheSchema
 from dsv4.kernels import dispatch
 
 from .decode import DecodeRunner
+from .generate import decode_tokens
 from dsv4.engine.model.model import Model
 
 
@@ -74,15 +75,10 @@ class Session:
                  stop_ids: set[int] | frozenset = frozenset(), chunk: int | None = None) -> Iterator[int]:
         """Prefill ``prompt_ids`` then yield sampled tokens until a stop id (yielded) or the limit.
 
-        Stops early, without error, when the context is full.
-        """
+        Stops early, without error, when the context is full (engine/runtime/generate.py's loop)."""
         logits = self.prefill(prompt_ids, chunk=chunk)
-        for i in range(max_new_tokens):
-            tok = int(sample(logits))
+        for tok, _ in decode_tokens(self, logits, sample, max_new_tokens, stop_ids):
             yield tok
-            if tok in stop_ids or i == max_new_tokens - 1 or self.seq_len >= self.max_context:
-                return
-            logits = self.step(tok)
 
     def reset(self) -> None:
         """Forget the conversation; the slot stays reserved for the next one."""
