@@ -25,8 +25,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     full = DSV4Config.flash()
-    cfg = full.replace(num_hidden_layers=a.layers, compress_ratios=full.compress_ratios[:a.layers],
-                       num_hash_layers=min(full.num_hash_layers, a.layers))
+    cfg = full.layer_range(0, a.layers)
     model = Model.from_state_dict(cfg, synthetic_stored(cfg, "cuda"), mode="faithful", device="cuda")
     s = Session(model, a.prompt_len + 64, cuda_graph=False)
     ids = torch.randint(0, cfg.vocab_size, (a.prompt_len + 16,), generator=torch.Generator().manual_seed(0)).tolist()

@@ -116,8 +116,7 @@ def _load(model, preset, layers, synthetic, device, precision):
         n = layers or full.num_hidden_layers
         if not 1 <= n <= full.num_hidden_layers:
             raise UserError(f"--layers must be between 1 and {full.num_hidden_layers}")
-        cfg = full.replace(num_hidden_layers=n, compress_ratios=full.compress_ratios[:n],
-                           num_hash_layers=min(full.num_hash_layers, n))
+        cfg = full.layer_range(0, n)
         from dsv4.engine.tools.bench import synthetic_stored
 
         return Model.from_state_dict(cfg, synthetic_stored(cfg, device), mode=precision, device=device), full, \

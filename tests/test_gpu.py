@@ -30,7 +30,7 @@ def test_synthetic_flash_layers_run_on_cuda():
     from dsv4.engine.model.config import DSV4Config
 
     full = DSV4Config.flash()
-    cfg = full.replace(num_hidden_layers=2, compress_ratios=full.compress_ratios[2:4], num_hash_layers=1)
+    cfg = full.layer_range(2, 4)
     m = Model.from_state_dict(cfg, synthetic_stored(cfg, "cuda"), mode="faithful", device="cuda")
     r = bench_decode(m, prompt_len=300, steps=4, warmup=1)
     assert r["median_s"] > 0 and r["kv_bytes_per_token"] > 0

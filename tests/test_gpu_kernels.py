@@ -258,7 +258,7 @@ def test_kernel_path_matches_reference_path_flash_dims():
     from dsv4.engine.model.model import Model
 
     full = DSV4Config.flash()
-    cfg = full.replace(num_hidden_layers=2, compress_ratios=full.compress_ratios[2:4], num_hash_layers=1)
+    cfg = full.layer_range(2, 4)
     model = Model.from_state_dict(cfg, synthetic_stored(cfg, "cuda"), mode="exact", device="cuda")
     _compare_paths(model, cfg.vocab_size)
 

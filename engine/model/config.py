@@ -193,6 +193,16 @@ class DSV4Config:
     def replace(self, **changes) -> "DSV4Config":
         return dataclasses.replace(self, **changes)
 
+    def layer_range(self, start: int, stop: int) -> "DSV4Config":
+        """The same model cut to its main layers start..stop-1 (the one place a config is cut: bench
+        --layers N is layer_range(0, N); the GPU tests take one CSA and one HCA layer, (2, 4)). Each
+        kept layer keeps its compress ratio and its router (hash layers stay hash layers)."""
+        if not 0 <= start < stop <= self.num_hidden_layers:
+            raise ConfigError(f"layers {start}..{stop - 1} are not within the model's {self.num_hidden_layers}")
+        hashed = max(0, min(self.num_hash_layers, stop) - start)  # the hash layers are the first ones
+        return self.replace(num_hidden_layers=stop - start, compress_ratios=self.compress_ratios[start:stop],
+                            num_hash_layers=hashed)
+
     # -------------------------------------------------------------- file I/O
     @classmethod
     def from_dict(cls, d: dict) -> "DSV4Config":
