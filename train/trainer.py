@@ -20,10 +20,10 @@ from dataclasses import dataclass
 
 import torch
 
+from dsv4.engine.checkpoint.encode import stored_values
 from dsv4.engine.checkpoint.formats import published_format
 from dsv4.engine.model.model import Model
 from dsv4.engine.model.weights import build_weights
-from dsv4.kernels import quant
 
 
 class SequenceHandle:
@@ -80,16 +80,9 @@ def sequence_handles(model: Model, device) -> tuple[list, SequenceHandle]:
 
 
 def stored_roundtrip(name: str, t: torch.Tensor) -> torch.Tensor:
-    """t [out, in] -> the float values its published storage format holds (same result as writing
-    with engine.checkpoint.to_published and decoding, without packing the bits)."""
-    fmt = published_format(name)
-    if fmt == "fp8":
-        return quant.dequant_fp8_block(*quant.quant_fp8_block(t))
-    if fmt == "mxfp4":
-        return quant.fp4_quant_dequant(t, 32)
-    if fmt == "bf16":
-        return t.to(torch.bfloat16).float()
-    return t
+    """t [out, in] -> the float32 values its published storage format holds: the checkpoint
+    writer's encoder and decoder (engine/checkpoint/encode.py), so training sees what is shipped."""
+    return stored_values(name, t, published_format(name))
 
 
 def fake_quant(name: str, t: torch.Tensor) -> torch.Tensor:

@@ -13,12 +13,13 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from dsv4.kernels import quant
-
 from dsv4.engine.model.config import ConfigError, DSV4Config
-from .formats import published_format, stored_entries
+from dsv4.kernels.formats import FP8_BLOCK
+
+from .encode import encode
+from .formats import SCALE, SCALE_INV, published_format, stored_entries
+from .shapes import tensor_shapes
 from .shards import DTYPES, INDEX, CheckpointError, ShardReader, ShardWriter, short
-from dsv4.engine.tools.synthetic import random_tensors, tensor_shapes
 
 MANIFEST = "dsv4_manifest.json"
 FORMAT_VERSION = 1
@@ -54,11 +55,23 @@ class Checkpoint:
         return out
 
 
+def model_folder(path: str | os.PathLike) -> Path:
+    """``path`` as a model folder, or CheckpointError saying why it is not one (missing, a file, or a
+    folder without config.json). Every command checks this first, before tokenizer or weights."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{p}: no such folder (expected a model folder with config.json)")
+    if not p.is_dir():
+        raise CheckpointError(f"{p}: not a directory (expected a model folder with config.json)")
+    if not (p / "config.json").is_file():
+        what = "an empty folder" if not any(p.iterdir()) else "a folder without config.json"
+        raise CheckpointError(f"{p}: not a model folder ({what})")
+    return p
+
+
 def open_checkpoint(path: str | os.PathLike, validate: bool = True) -> Checkpoint:
     """Open a checkpoint directory in either layout; validate names, dtypes and shapes."""
-    p = Path(path)
-    if not p.is_dir():
-        raise CheckpointError(f"{p}: not a directory (expected a checkpoint folder with config.json)")
+    p = model_folder(path)
     try:
         cfg = DSV4Config.from_pretrained(p)
     except ConfigError as e:
@@ -87,8 +100,15 @@ def _weight_map(p: Path) -> dict:
     if (p / INDEX).exists():
         try:
             wm = json.loads((p / INDEX).read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError):
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
             raise CheckpointError(f"{p / INDEX}: not a valid safetensors index (no weight_map)") from None
+        if not isinstance(wm, dict):
+            raise CheckpointError(f"{p / INDEX}: weight_map must map tensor names to shard file names, "
+                                  f"got {type(wm).__name__}")
+        for n, shard in wm.items():
+            if not isinstance(shard, str) or not shard or Path(shard).name != shard:
+                raise CheckpointError(f"{p / INDEX}: weight_map[{n!r}] must be a shard file name in this folder, "
+                                      f"got {shard!r}")
     else:
         wm = {n: "model.safetensors" for n in ShardReader(p / "model.safetensors").keys()}
     return dict(wm)
@@ -112,8 +132,8 @@ def _validate(ck: Checkpoint) -> None:
         if fmt == "fp8" and ck.layout == "published" and name in metas and metas[name][1][0] != "F8_E4M3":
             fmt = "bf16"  # BF16 dumps with the same names are accepted too
         for sname, (sshape, dtypes) in stored_entries(name, shape, fmt).items():
-            if sname not in metas and sname.endswith(".scale"):
-                alt = sname[: -len(".scale")] + ".weight_scale_inv"
+            if sname not in metas and sname.endswith(SCALE):
+                alt = sname[: -len(SCALE)] + SCALE_INV
                 sname = alt if alt in metas else sname
             if sname not in metas:
                 raise CheckpointError(f"{ck.path}: tensor {sname} is missing (the config expects it)")
@@ -128,19 +148,8 @@ def _validate(ck: Checkpoint) -> None:
 
 # ------------------------------------------------------------------- writing
 def to_published(name: str, t: torch.Tensor) -> dict:
-    """One float tensor -> its stored tensors in the published formats."""
-    fmt = published_format(name)
-    if fmt == "fp8":
-        q, s = quant.quant_fp8_block(t)
-        return {name: q, name[:-7] + ".scale": s}
-    if fmt == "mxfp4":
-        q, s = quant.quant_mxfp4(t)
-        return {name: q, name[:-7] + ".scale": s}
-    if fmt == "bf16":
-        return {name: t.to(torch.bfloat16)}
-    if fmt == "int":
-        return {name: t.to(torch.int32)}
-    return {name: t.float()}
+    """One float tensor -> its stored tensors in the published formats (encode.encode)."""
+    return encode(name, t, published_format(name))
 
 
 def write_published_checkpoint(cfg: DSV4Config, out: str | os.PathLike, seed: int = 0, tensors: dict | None = None,
@@ -149,7 +158,10 @@ def write_published_checkpoint(cfg: DSV4Config, out: str | os.PathLike, seed: in
     index, FP8 block-scaled linears, MXFP4 experts, BF16/F32 small tensors, mtp.*, tokenizer files."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = random_tensors(cfg, seed) if tensors is None else tensors
+    if tensors is None:
+        from dsv4.engine.tools.synthetic import random_tensors
+
+        tensors = random_tensors(cfg, seed)
     writer = ShardWriter(out, max_shard_bytes)
     for n, t in tensors.items():
         writer.add(to_published(n, t))
@@ -157,7 +169,7 @@ def write_published_checkpoint(cfg: DSV4Config, out: str | os.PathLike, seed: in
     d = cfg.to_dict()
     d.update({"torch_dtype": "bfloat16", "expert_dtype": "fp4",
               "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
-                                      "scale_fmt": "ue8m0", "weight_block_size": [128, 128]}})
+                                      "scale_fmt": "ue8m0", "weight_block_size": [FP8_BLOCK, FP8_BLOCK]}})
     (out / "config.json").write_text(json.dumps(d, indent=1))
     if tokenizer:
         from dsv4.engine.runtime.tokenizer import write_byte_tokenizer

@@ -18,6 +18,9 @@ import json
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
+from typing import get_type_hints
+
+from dsv4.kernels.formats import INDEXER_FP4_GROUP, KV_FP8_GROUP
 
 ATTN_SWA, ATTN_CSA, ATTN_HCA = "swa", "csa", "hca"
 RATIO_TO_ATTN = {0: ATTN_SWA, 4: ATTN_CSA, 128: ATTN_HCA}
@@ -30,6 +33,19 @@ _HF_LAYER_TYPES = {
 
 class ConfigError(ValueError):
     """An inconsistent or unreadable model configuration (one clear message)."""
+
+
+# config.json keys with no safe default: a file without them is not a DeepSeek-V4 config, and
+# silently taking the Flash values would build a model of the wrong shape. Alternatives spell the
+# same fact in the transformers layout.
+REQUIRED_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim",
+                 "q_lora_rank", "o_lora_rank", "n_routed_experts", "num_experts_per_tok",
+                 "moe_intermediate_size")
+REQUIRED_ONE_OF = (("compress_ratios", "layer_types"),)
+# sizes and counts that must be >= 1 (the others may be 0: num_hash_layers, n_shared_experts, MTP layers)
+POSITIVE_FIELDS = ("vocab_size", "hidden_size", "num_attention_heads", "head_dim", "q_lora_rank", "o_groups",
+                   "o_lora_rank", "index_n_heads", "index_head_dim", "n_routed_experts", "moe_intermediate_size",
+                   "max_position_embeddings")
 
 
 class Router(str, Enum):
@@ -126,6 +142,9 @@ class DSV4Config:
     def validate(self) -> None:
         """Raise ConfigError with one clear message for the first inconsistency found."""
         n = self.num_hidden_layers
+        for k in POSITIVE_FIELDS:
+            if getattr(self, k) < 1:
+                raise ConfigError(f"{k} must be >= 1, got {getattr(self, k)}")
         if n < 1:
             raise ConfigError(f"num_hidden_layers must be >= 1, got {n}")
         if len(self.compress_ratios) != n:
@@ -186,6 +205,17 @@ class DSV4Config:
         return LayerSpec(index=self.num_hidden_layers + k, attn=RATIO_TO_ATTN[r], ratio=r,
                          router=Router.DENSE, yarn=r != 0)
 
+    def faithful_problem(self) -> str | None:
+        """Why faithful precision cannot run this model (its cache formats need the non-RoPE KV
+        channels in whole FP8 groups of KV_FP8_GROUP and the indexer keys in whole FP4 groups of
+        INDEXER_FP4_GROUP), or None when it can."""
+        if self.nope_head_dim % KV_FP8_GROUP:
+            return (f"head_dim - qk_rope_head_dim ({self.head_dim} - {self.qk_rope_head_dim} = {self.nope_head_dim}) "
+                    f"is not a multiple of {KV_FP8_GROUP}")
+        if self.index_head_dim % INDEXER_FP4_GROUP:
+            return f"index_head_dim ({self.index_head_dim}) is not a multiple of {INDEXER_FP4_GROUP}"
+        return None
+
     @property
     def nope_head_dim(self) -> int:
         return self.head_dim - self.qk_rope_head_dim
@@ -206,8 +236,19 @@ class DSV4Config:
     # -------------------------------------------------------------- file I/O
     @classmethod
     def from_dict(cls, d: dict) -> "DSV4Config":
-        """Read either the published config.json spelling or the transformers spelling."""
+        """Read either the published config.json spelling or the transformers spelling.
+
+        Refuses (ConfigError, naming the key) a non-object, missing required keys (REQUIRED_KEYS) and
+        values of the wrong type; keys it does not know are kept in ``extra``."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"config must be a JSON object of model settings, got {type(d).__name__}")
         d = dict(d)
+        missing = [k for k in REQUIRED_KEYS if d.get(k) is None]
+        missing += [" or ".join(alts) for alts in REQUIRED_ONE_OF if all(d.get(a) is None for a in alts)]
+        if missing:
+            raise ConfigError(f"config is missing required key{'s' if len(missing) > 1 else ''} "
+                              f"{', '.join(missing)} (not a DeepSeek-V4 config.json?)")
+        _check_types(cls, d)
         known = {f.name for f in dataclasses.fields(cls)} - {"extra", "compress_ratios", "mtp_compress_ratios"}
         kw = {k: d[k] for k in known if k in d and d[k] is not None}
         n = int(d.get("num_hidden_layers", cls.num_hidden_layers))
@@ -272,6 +313,7 @@ class DSV4Config:
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "DSV4Config":
+        """Read ``path``/config.json (or the file ``path``); errors name the file."""
         path = Path(path)
         f = path / "config.json" if path.is_dir() else path
         if not f.exists():
@@ -280,7 +322,12 @@ class DSV4Config:
             d = json.loads(f.read_text())
         except json.JSONDecodeError as e:
             raise ConfigError(f"{f}: not valid JSON ({e.msg} at line {e.lineno})") from None
-        return cls.from_dict(d)
+        except (UnicodeDecodeError, OSError) as e:
+            raise ConfigError(f"{f}: cannot read ({type(e).__name__})") from None
+        try:
+            return cls.from_dict(d)
+        except ConfigError as e:
+            raise ConfigError(f"{f}: {e}") from None
 
     def to_dict(self) -> dict:
         """The published config.json spelling (MTP ratios appended to compress_ratios)."""
@@ -295,3 +342,40 @@ class DSV4Config:
                                  "original_max_position_embeddings": self.yarn_original_max_position,
                                  "beta_fast": self.yarn_beta_fast, "beta_slow": self.yarn_beta_slow}
         return d
+
+
+_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _check_types(cls, d: dict) -> None:
+    """ConfigError naming the first key of ``d`` whose value has the wrong JSON type for its field
+    (an integer field refuses 2.5, "big" and true; a number field takes integers too)."""
+    hints = get_type_hints(cls)
+    for k, v in d.items():
+        want = hints.get(k)
+        if v is None or want is None or k == "extra":
+            continue
+        if k in ("compress_ratios", "mtp_compress_ratios"):
+            if not isinstance(v, list) or not all(isinstance(r, int) and not isinstance(r, bool) for r in v):
+                raise ConfigError(f"{k} must be a list of integers, got {v!r}")
+            continue
+        if k in ("bos_token_id", "eos_token_id") and isinstance(v, list) and v:
+            v = v[0]  # some configs list several stop ids
+        if want is bool:
+            ok = isinstance(v, bool)
+        elif want is int:
+            ok = isinstance(v, int) and not isinstance(v, bool)
+        elif want is float:
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+        elif want is str:
+            ok = isinstance(v, str)
+        else:
+            continue
+        if not ok:
+            raise ConfigError(f"{k} must be {_TYPE_NAMES[want]}, got {v!r}")
+    for k in ("layer_types", "mlp_layer_types"):
+        if d.get(k) is not None and not (isinstance(d[k], list) and all(isinstance(t, str) for t in d[k])):
+            raise ConfigError(f"{k} must be a list of strings, got {d[k]!r}")
+    for k in ("rope_scaling", "rope_parameters", "compress_rates"):
+        if d.get(k) is not None and not isinstance(d[k], dict):
+            raise ConfigError(f"{k} must be an object, got {d[k]!r}")
