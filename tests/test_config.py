@@ -78,6 +78,15 @@ BAD = [
     ({"rope_scaling": {"type": "longrope"}}, "rope type 'longrope' is not supported"),
     ({"layer_types": ["sliding_attention", "bogus", "sliding_attention"], "compress_ratios": None},
      "unknown layer type 'bogus'"),
+    ({"hidden_size": "big"}, "hidden_size must be an integer, got 'big'"),
+    ({"hidden_size": True}, "hidden_size must be an integer, got True"),
+    ({"num_attention_heads": 4.5}, "num_attention_heads must be an integer, got 4.5"),
+    ({"rms_norm_eps": "tiny"}, "rms_norm_eps must be a number, got 'tiny'"),
+    ({"norm_topk_prob": "yes"}, "norm_topk_prob must be true or false"),
+    ({"compress_ratios": "0,4,128,0"}, "compress_ratios must be a list of integers"),
+    ({"rope_scaling": "yarn"}, "rope_scaling must be an object"),
+    ({"hidden_size": 0}, "hidden_size must be >= 1, got 0"),
+    ({"vocab_size": -5}, "vocab_size must be >= 1, got -5"),
 ]
 
 
@@ -97,3 +106,28 @@ def test_missing_and_corrupt_config_file(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
         DSV4Config.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("doc,message", [
+    ([], "config must be a JSON object of model settings, got list"),
+    ("flash", "config must be a JSON object of model settings, got str"),
+    ({}, "missing required keys vocab_size, hidden_size, num_hidden_layers, num_attention_heads, head_dim, "
+         "q_lora_rank, o_lora_rank, n_routed_experts, num_experts_per_tok, moe_intermediate_size, "
+         "compress_ratios or layer_types"),
+    ({k: v for k, v in PUBLISHED.items() if k != "head_dim"}, "missing required key head_dim "),
+    ({k: v for k, v in PUBLISHED.items() if k != "compress_ratios"}, "missing required key compress_ratios or layer_types"),
+])
+def test_not_a_v4_config_is_refused_not_defaulted_to_flash(tmp_path, doc, message):
+    with pytest.raises(ConfigError) as e:
+        DSV4Config.from_dict(doc)
+    assert message in str(e.value)
+    (tmp_path / "config.json").write_text(json.dumps(doc))
+    with pytest.raises(ConfigError) as e:
+        DSV4Config.from_pretrained(tmp_path)
+    assert str(e.value).startswith(str(tmp_path / "config.json")) and message in str(e.value)
+
+
+def test_faithful_problem_names_the_head_dims():
+    assert DSV4Config.flash().faithful_problem() is None
+    c = DSV4Config.from_dict(dict(PUBLISHED, qk_rope_head_dim=16))
+    assert c.faithful_problem() == "head_dim - qk_rope_head_dim (96 - 16 = 80) is not a multiple of 64"

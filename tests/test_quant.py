@@ -98,3 +98,24 @@ def test_nvfp4_roundtrip_beats_mxfp4():
     err_mx = ((mx - w).norm() / w.norm()).item()
     assert err_nv < err_mx < 0.2
     assert err_nv < 0.12
+
+
+def test_nvfp4_small_block_beside_a_large_one_keeps_a_nonzero_scale():
+    # the tensor scale is set by the 1000s; the 1e-3 block's ideal scale is below e4m3's smallest
+    # (2^-9), and must take that smallest scale rather than round to 0 and vanish
+    w = torch.zeros(1, 32)
+    w[0, :16] = 1000.0
+    w[0, 16] = 1e-3
+    q, s, gs = quant.quant_nvfp4(w)
+    assert s[0, 1].float() == 2.0 ** -9
+    d = quant.dequant_nvfp4(q, s, gs)
+    assert abs(d[0, 16].item() - 1e-3) < 0.5e-3 and abs(d[0, 0].item() - 1000.0) < 1000.0 / 8
+
+
+def test_block_sizes_are_the_named_ones():
+    from dsv4.kernels.formats import FP8_BLOCK, MXFP4_GROUP, NVFP4_GROUP
+
+    w = torch.randn(FP8_BLOCK + 1, 2 * FP8_BLOCK, generator=g)
+    assert quant.quant_fp8_block(w)[1].shape == (2, 2)
+    assert quant.quant_mxfp4(w[:, :64])[1].shape == (FP8_BLOCK + 1, 64 // MXFP4_GROUP)
+    assert quant.quant_nvfp4(w[:, :64])[1].shape == (FP8_BLOCK + 1, 64 // NVFP4_GROUP)
