@@ -1,8 +1,9 @@
-"""``dsv4 chat``: the REPL, or one-shot answers with -p / stdin (text or --json)."""
+"""``dsv4 chat``: the REPL, one-shot answers (-p / stdin / a conversation file), or --render."""
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Optional
@@ -14,15 +15,19 @@ from .common import UserError, builtin_model_dir, check_precision, guard, resolv
 HELP = """Chat with DeepSeek-V4.
 
 Without -p (and with a terminal on stdin) this opens the REPL; type /help there. With -p "..." or a
-prompt piped on stdin it prints the answer to stdout (reasoning to stderr) and exits. Without
---model it runs the built-in default model."""
+prompt piped on stdin it prints the answer to stdout (reasoning to stderr) and exits. --messages FILE
+continues a saved conversation (a JSON list of OpenAI-style messages, or {"messages", "tools",
+"response_format"}); --render prints the exact prompt text instead (tokenizer only, no weights).
+Without --model it runs the built-in default model."""
 
 
 def chat(
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="Checkpoint folder (published or converted layout). Default: the built-in model."),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Answer this one prompt and exit."),
+    messages: Optional[Path] = typer.Option(None, "--messages", help="Conversation file to continue (or render): a JSON list of messages or {\"messages\", \"tools\", \"response_format\"}."),
+    render: bool = typer.Option(False, "--render", help="Print the prompt text the model would receive and exit (with --json: also its token ids)."),
     system: Optional[str] = typer.Option(None, "--system", help="System prompt."),
-    think: bool = typer.Option(False, "--think/--no-think", help="Thinking mode (reasoning before the answer) or chat mode."),
+    think: Optional[bool] = typer.Option(None, "--think/--no-think", help="Thinking mode (reasoning before the answer) or chat mode. Default: the conversation file's, else chat."),
     reasoning_effort: Optional[str] = typer.Option(None, "--reasoning-effort", help="'high' or 'max' (thinking mode)."),
     temperature: Optional[float] = typer.Option(None, "--temperature", "-t", help="0 = greedy. Default: generation_config.json, else 1.0."),
     top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling mass in (0, 1]."),
@@ -33,16 +38,30 @@ def chat(
     device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto."),
     precision: str = typer.Option("faithful", "--precision", help="exact or faithful (FP8 KV / FP4 indexer as trained)."),
     max_context: int = typer.Option(4096, "--max-context", help="Context length reserved in the KV cache (tokens)."),
-    json_out: bool = typer.Option(False, "--json", help="One-shot: print one JSON object with ids, text and timings."),
+    json_out: bool = typer.Option(False, "--json", help="One-shot: print one JSON object (the new assistant message, finish_reason, ids, timings)."),
     hide_reasoning: bool = typer.Option(False, "--hide-reasoning", help="One-shot: do not print the reasoning."),
     history_file: Path = typer.Option(Path.home() / ".dsv4_history", "--history-file", help="REPL input history."),
 ):
-    guard(_chat)(model, prompt, system, think, reasoning_effort, temperature, top_p, top_k, min_p, seed,
-                 max_tokens, device, precision, max_context, json_out, hide_reasoning, history_file)
+    guard(_chat)(model, prompt, messages, render, system, think, reasoning_effort, temperature, top_p, top_k,
+                 min_p, seed, max_tokens, device, precision, max_context, json_out, hide_reasoning, history_file)
 
 
-def _chat(model, prompt, system, think, reasoning_effort, temperature, top_p, top_k, min_p, seed, max_tokens,
-          device, precision, max_context, json_out, hide_reasoning, history_file):
+def check_sampling(params) -> None:
+    """Sampling options: finite numbers in their ranges (UserError naming the option)."""
+    for name, v in (("--temperature", params.temperature), ("--top-p", params.top_p), ("--min-p", params.min_p)):
+        if not math.isfinite(v):
+            raise UserError(f"{name} {v}: use a finite number")
+    try:
+        params.validate()
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def _chat(model, prompt, messages, render, system, think, reasoning_effort, temperature, top_p, top_k, min_p,
+          seed, max_tokens, device, precision, max_context, json_out, hide_reasoning, history_file):
+    from dsv4.engine.runtime.chat import ChatFormatError
+    from dsv4.engine.runtime.conversation import ConversationError, answerable
+    from dsv4.engine.runtime.messages import ConversationFileError, read_conversation
     from dsv4.engine.runtime.sampling import SamplingParams
 
     check_precision(precision)
@@ -52,14 +71,48 @@ def _chat(model, prompt, system, think, reasoning_effort, temperature, top_p, to
         raise UserError(f"--max-context must be >= 16, got {max_context}")
     if reasoning_effort not in (None, "high", "max"):
         raise UserError(f"--reasoning-effort {reasoning_effort!r}: use high or max")
-    interactive = prompt is None and sys.stdin.isatty() and not json_out
-    if prompt is None and not interactive:
-        prompt = sys.stdin.read()
-        if not prompt.strip():
-            raise UserError("no prompt: pass -p \"...\" or pipe text on stdin")
     if model is not None and not Path(model).is_dir():
         raise UserError(f"--model {model}: no such folder")
     model_dir, builtin = (Path(model), False) if model is not None else (builtin_model_dir(), True)
+    try:
+        conv_file = read_conversation(messages) if messages is not None else None
+    except ConversationFileError as e:
+        raise UserError(f"--messages {e}") from None
+    msgs = conv_file.messages if conv_file else []
+    if think is None:
+        think = bool(conv_file and conv_file.thinking)
+    if system is not None:
+        msgs = _with_system(msgs, system)
+
+    if render:
+        return _render(msgs + ([{"role": "user", "content": prompt}] if prompt is not None else []), think,
+                       reasoning_effort, json_out, model_dir)
+
+    interactive = False
+    if prompt is None and messages is None:
+        if sys.stdin.isatty():
+            if json_out:
+                raise UserError("--json answers one prompt: pass -p \"...\", pipe the prompt on stdin, or give "
+                                "--messages FILE")
+            interactive = True
+        else:
+            prompt = sys.stdin.read()
+            if not prompt.strip():
+                raise UserError("no prompt: pass -p \"...\" or pipe text on stdin")
+    elif prompt is None:  # a conversation file: continue it (the REPL when on a terminal)
+        interactive = sys.stdin.isatty() and not json_out
+    if prompt is not None:
+        prompt = prompt.rstrip("\n")
+    # check the conversation before loading any weights
+    try:
+        from dsv4.engine.runtime.chat import encode_messages
+
+        pending = msgs + ([{"role": "user", "content": prompt}] if prompt is not None else [])
+        encode_messages(pending, "thinking" if think else "chat", reasoning_effort=reasoning_effort)
+        if not interactive:
+            answerable(pending)
+    except (ChatFormatError, ConversationError) as e:
+        raise UserError(f"--messages {messages}: {e}" if messages is not None else str(e)) from None
 
     from dsv4.engine.checkpoint.loader import generation_defaults
 
@@ -68,11 +121,8 @@ def _chat(model, prompt, system, think, reasoning_effort, temperature, top_p, to
         temperature=temperature if temperature is not None else float(gen.get("temperature", 1.0)),
         top_p=top_p if top_p is not None else float(gen.get("top_p", 1.0)),
         top_k=top_k if top_k is not None else int(gen.get("top_k", 0)), min_p=min_p)
-    try:
-        params.validate()
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    conv, info = load_conversation(model_dir, resolve_device(device), precision, max_context, system, think,
+    check_sampling(params)
+    conv, info = load_conversation(model_dir, resolve_device(device), precision, max_context, msgs, think,
                                    reasoning_effort)
     banner = f"dsv4 · {info}" + (" · built-in default model (25M-parameter DeepSeek-V4 trained on Python "
                                  "standard-library docs; ask about Python, e.g. What does json.dumps do?)"
@@ -85,9 +135,38 @@ def _chat(model, prompt, system, think, reasoning_effort, temperature, top_p, to
         one_shot(conv, prompt, params, seed, max_tokens, json_out, hide_reasoning, banner)
 
 
-def load_conversation(model_dir, device, precision, max_context, system, think, reasoning_effort):
-    from dsv4.engine.runtime.conversation import Conversation
+def _with_system(msgs: list[dict], text: str) -> list[dict]:
+    """``msgs`` with the first system message's text set to ``text`` (one added in front if none)."""
+    msgs = list(msgs)
+    k = next((i for i, m in enumerate(msgs) if m.get("role") == "system"), None)
+    if k is None:
+        return [{"role": "system", "content": text}] + msgs
+    msgs[k] = dict(msgs[k], content=text)
+    return msgs
+
+
+def _render(msgs, think, reasoning_effort, json_out, model_dir):
+    from dsv4.engine.runtime.chat import ChatFormatError, encode_messages
+
+    if not msgs:
+        raise UserError("--render needs a conversation: --messages FILE and/or -p \"...\"")
+    try:
+        text = encode_messages(msgs, "thinking" if think else "chat", reasoning_effort=reasoning_effort)
+    except ChatFormatError as e:
+        raise UserError(f"--messages: {e}") from None
+    if json_out:
+        from dsv4.engine.runtime.tokenizer import Tokenizer
+
+        ids = Tokenizer.from_dir(model_dir).encode(text)
+        print(json.dumps({"prompt": text, "prompt_token_ids": ids}, ensure_ascii=False))
+    else:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+
+def load_conversation(model_dir, device, precision, max_context, messages, think, reasoning_effort):
     from dsv4.engine.checkpoint.loader import load_model
+    from dsv4.engine.runtime.conversation import Conversation
     from dsv4.engine.runtime.session import Session
     from dsv4.engine.runtime.tokenizer import Tokenizer
 
@@ -98,34 +177,74 @@ def load_conversation(model_dir, device, precision, max_context, system, think, 
     max_context = min(max_context, model.cfg.max_position_embeddings)
     session = Session(model, max_context=max_context)
     info = f"{Path(model_dir).name} · {model.cfg.num_hidden_layers} layers · {precision} · {device} · context {max_context}"
-    return Conversation(session, tok, system=system, thinking=think, reasoning_effort=reasoning_effort), info
+    conv = Conversation(session, tok, thinking=think, reasoning_effort=reasoning_effort, messages=messages)
+    return conv, info
+
+
+def finish_notice(turn, max_tokens: int, max_context: int) -> str | None:
+    """One line saying why the answer is incomplete (None when it ended by itself)."""
+    finish = turn.stats.finish_reason
+    comp = turn.completion
+    if finish == "length":
+        return f"the answer was cut at --max-tokens {max_tokens}"
+    if finish == "context":
+        return f"the answer was cut: the context ({max_context} tokens) is full"
+    if comp is not None and comp.incomplete_call:
+        return f"the tool call to {comp.incomplete_call!r} was cut off and left out"
+    if comp is not None and comp.error and finish == "stop":
+        return f"the model's output is not well-formed ({comp.error}); kept what could be read"
+    return None
+
+
+def tool_call_line(call: dict) -> str:
+    fn = call["function"]
+    return f"[tool call {call.get('id', '')}] {fn['name']} {fn['arguments']}"
 
 
 def one_shot(conv, prompt, params, seed, max_tokens, json_out, hide_reasoning, banner):
+    from dsv4.engine.runtime.conversation import ContextFull
     from dsv4.engine.runtime.sampling import Sampler
 
     sampler = Sampler(params, seed)
     if not json_out:
         sys.stderr.write(banner + "\n")
-    turn = None
-    for turn, pieces in conv.send(prompt.rstrip("\n"), sampler, max_tokens):
-        if json_out:
-            continue
-        for p in pieces:
-            if p.kind == "answer":
-                sys.stdout.write(p.text)
-                sys.stdout.flush()
-            elif not hide_reasoning:
-                sys.stderr.write(p.text)
-                sys.stderr.flush()
-    st = turn.stats
+    gen = conv.send(prompt, sampler, max_tokens)
+    try:
+        for _, pieces in gen:
+            if json_out:
+                continue
+            for p in pieces:
+                if p.kind == "answer":
+                    sys.stdout.write(p.text)
+                    sys.stdout.flush()
+                elif p.kind == "reasoning" and not hide_reasoning:
+                    sys.stderr.write(p.text)
+                    sys.stderr.flush()
+    except ContextFull as e:
+        raise UserError(f"the prompt is {e.prompt_tokens} tokens but the context holds {e.max_context}: shorten "
+                        "it or raise --max-context") from None
+    except KeyboardInterrupt:
+        gen.close()
+        if conv.last_turn is None or not conv.last_turn.token_ids:
+            raise  # before the answer began: "interrupted", exit 130
+    turn = conv.last_turn
+    st, msg = turn.stats, turn.message
     if json_out:
         print(json.dumps({
-            "prompt_token_ids": turn.prompt_ids, "token_ids": turn.token_ids, "text": turn.parser.answer_text,
-            "reasoning": turn.parser.reasoning_text, "stop_reason": st.stop_reason,
+            "message": msg, "finish_reason": st.finish_reason, "text": msg["content"],
+            "prompt_token_ids": turn.prompt_ids, "token_ids": turn.token_ids,
             "prompt_tokens": st.prompt_tokens, "generated_tokens": st.generated_tokens,
             "time_to_first_token_s": round(st.ttft_s, 6), "decode_s": round(st.decode_s, 6),
             "tokens_per_s": round(st.tokens_per_s, 3),
         }, ensure_ascii=False))
     else:
+        for call in msg["tool_calls"]:
+            sys.stdout.write("\n" + tool_call_line(call))
         sys.stdout.write("\n")
+        sys.stdout.flush()
+        note = finish_notice(turn, max_tokens, conv.session.max_context)
+        if note and st.finish_reason != "interrupted":
+            sys.stderr.write(f"note: {note}\n")
+    if st.finish_reason == "interrupted":
+        sys.stderr.write("interrupted: the answer is partial\n")
+        raise typer.Exit(130)

@@ -223,7 +223,7 @@ def render(msgs: list[dict]) -> str:
 
     The final answer carries its reasoning (thinking mode) when the example has one; otherwise chat
     mode (``</think>`` then the answer), exactly what ``dsv4 chat`` prompts with."""
-    return encode_chat(msgs, thinking=True, add_generation_prompt=False)
+    return encode_chat(msgs, thinking=any(m.get("reasoning") for m in msgs), add_generation_prompt=False)
 
 
 def describe(train_text: list[str], held_text: list[str]) -> str:

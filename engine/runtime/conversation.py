@@ -1,8 +1,16 @@
-"""A multi-turn conversation over one cache slot: encode, prefill only what is new, stream, stop.
+"""A multi-turn conversation over one cache slot: encode, prefill only what is new, stream, record.
 
-The slot persists across turns. Before each turn the whole conversation is re-encoded; if the
-tokens already in the cache are a prefix of it, only the remainder is prefilled, otherwise the
-slot is reset (e.g. thinking mode drops earlier reasoning from the history) and all is prefilled.
+``messages`` is the whole conversation in OpenAI chat-completions form (system messages, tools on
+the first system message, user / assistant / tool messages; reasoning as ``reasoning_content``).
+Before each turn it is rendered with the V4 encoding (chat.encode_messages). The text the model has
+already seen (its prompts and its own tokens, eos added where it stopped early) is kept with its
+token ids; when the new prompt text starts with it, those exact ids are reused and only the rest is
+tokenised. The slot keeps the longest common prefix of the old and new ids when that is all of what
+it holds; otherwise (e.g. thinking mode drops earlier reasoning) it is reset and all is prefilled.
+
+A turn interrupted (Ctrl+C, or the caller closing the generator) after its first token is recorded
+with its partial answer; one interrupted before that leaves the conversation and the cache as
+they were (KeyboardInterrupt propagates). Any other error also leaves the conversation as it was.
 """
 
 from __future__ import annotations
@@ -11,10 +19,27 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-from .chat import OutputParser, Piece, encode_chat
+from .chat import ChatFormatError, encode_messages
+from .completion import Completion, OutputParser, Piece
 from .generate import Finish, decode_tokens
-from .session import Session
-from .tokenizer import ASSISTANT, END_THINK, USER, Tokenizer
+from .tokenizer import EOS, Tokenizer
+
+
+class ConversationError(ValueError):
+    """A turn that cannot start; the engine's words, with the numbers as attributes."""
+
+
+class ContextFull(ConversationError):
+    """The prompt does not fit the cache slot (prompt_tokens >= max_context)."""
+
+    def __init__(self, prompt_tokens: int, max_context: int):
+        super().__init__(f"the prompt is {prompt_tokens} tokens and the context holds {max_context}")
+        self.prompt_tokens, self.max_context = prompt_tokens, max_context
+
+
+class NothingToAnswer(ConversationError):
+    """The conversation does not end with a message the model answers (user, tool, developer,
+    latest_reminder, or an assistant prefix marked ``wo_eos``)."""
 
 
 @dataclass
@@ -22,106 +47,219 @@ class TurnStats:
     prompt_tokens: int = 0  # tokens of the whole prompt
     prefilled_tokens: int = 0  # tokens actually run this turn (the new part)
     generated_tokens: int = 0
-    ttft_s: float = 0.0
-    decode_s: float = 0.0
-    stop_reason: str = ""  # "eos" | "max_tokens" | "context" | "interrupted"
+    ttft_s: float = 0.0  # prefill and the first sample
+    decode_s: float = 0.0  # from the first token to the last
+    finish: Finish | None = None
+
+    @property
+    def finish_reason(self) -> str:
+        return str(self.finish) if self.finish is not None else ""
 
     @property
     def tokens_per_s(self) -> float:
-        return (self.generated_tokens - 1) / self.decode_s if self.decode_s > 0 and self.generated_tokens > 1 else 0.0
+        n = self.generated_tokens - 1
+        return n / self.decode_s if self.decode_s > 0 and n > 0 else 0.0
 
 
 @dataclass
 class Turn:
     prompt_ids: list[int]
+    parser: OutputParser
     token_ids: list[int] = field(default_factory=list)
     stats: TurnStats = field(default_factory=TurnStats)
-    parser: OutputParser | None = None
+    completion: Completion | None = None  # the parsed output, once the turn ended
+    message: dict | None = None  # the assistant message recorded for it
+
+
+ANSWERED_ROLES = ("user", "tool", "developer", "latest_reminder")
 
 
 class Conversation:
-    def __init__(self, session: Session, tokenizer: Tokenizer, system: str | None = None, thinking: bool = False,
-                 reasoning_effort: str | None = None):
+    def __init__(self, session, tokenizer: Tokenizer, system: str | None = None, thinking: bool = False,
+                 reasoning_effort: str | None = None, messages: list[dict] | None = None):
         self.session, self.tok = session, tokenizer
-        self.system, self.thinking, self.reasoning_effort = system, thinking, reasoning_effort
-        self.messages: list[dict] = []
-        self.cached_ids: list[int] = []  # tokens in the cache slot
-        self.history_ids: list[int] = []  # the conversation so far as exact token ids (chat mode)
+        self.thinking, self.reasoning_effort = thinking, reasoning_effort
+        self.messages: list[dict] = list(messages or [])
+        if system is not None:
+            self.system = system
+        self.last_turn: Turn | None = None
+        self.cached_ids: list[int] = []  # the tokens in the cache slot (session.seq_len of them)
+        self._seen_text, self._seen_ids = "", []  # the conversation as the model saw it
+
+    # ------------------------------------------------------------------ the messages
+    @property
+    def mode(self) -> str:
+        return "thinking" if self.thinking else "chat"
+
+    def _system_index(self) -> int | None:
+        return next((i for i, m in enumerate(self.messages) if m.get("role") == "system"), None)
+
+    @property
+    def system(self) -> str | None:
+        k = self._system_index()
+        return self.messages[k].get("content") or None if k is not None else None
+
+    @system.setter
+    def system(self, text: str | None) -> None:
+        k = self._system_index()
+        if k is None:
+            if text:
+                self.messages.insert(0, {"role": "system", "content": text})
+            return
+        m = dict(self.messages[k], content=text or "")
+        if not text and not m.get("tools") and not m.get("response_format"):
+            del self.messages[k]
+        else:
+            self.messages[k] = m
+
+    @property
+    def tools(self) -> list[dict]:
+        k = self._system_index()
+        return list(self.messages[k].get("tools") or []) if k is not None else []
+
+    def set_tools(self, tools: list[dict], response_format=None) -> None:
+        """Give the model ``tools`` (OpenAI entries with a ``function`` object; [] removes them), on
+        the first system message (added when there is none). Checked by rendering first."""
+        from .messages import attach_tools
+
+        msgs = attach_tools(self.messages, tools, response_format)
+        self.render(msgs)
+        self.messages = msgs
+
+    def load(self, messages: list[dict]) -> None:
+        """Replace the conversation (checked by rendering it first; on error nothing changes). The
+        cache is kept: the next turn reuses whatever prefix of it still matches."""
+        self.render(list(messages))
+        self.messages = list(messages)
+        self._seen_text, self._seen_ids = "", []
+        self.last_turn = None
 
     def reset(self) -> None:
-        self.messages = []
-        self.cached_ids = []
-        self.history_ids = []
+        """Start over: keep the leading system messages (prompt and tools), empty the cache slot."""
+        k = 0
+        while k < len(self.messages) and self.messages[k].get("role") == "system":
+            k += 1
+        self.messages = self.messages[:k]
         self.session.reset()
+        self.cached_ids = []
+        self._seen_text, self._seen_ids = "", []
+        self.last_turn = None
 
-    def prompt_ids(self, user_text: str) -> list[int]:
-        """Token ids of the next prompt. In chat mode earlier turns are kept as the exact tokens that
-        were generated (the encoding renders them unchanged), so the cache stays a prefix; thinking
-        mode drops earlier reasoning, so the text is re-encoded."""
-        if self.history_ids and not self.thinking:
-            return self.history_ids + self.tok.encode(USER + user_text + ASSISTANT + END_THINK)
-        msgs = ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
-        msgs = msgs + [{"role": "user", "content": user_text}]
-        text = encode_chat(msgs, thinking=self.thinking, reasoning_effort=self.reasoning_effort)
+    def render(self, messages: list[dict] | None = None) -> str:
+        """The prompt text of ``messages`` (default: the conversation) in the current mode."""
+        return encode_messages(self.messages if messages is None else messages, self.mode,
+                               reasoning_effort=self.reasoning_effort)
+
+    def prompt_ids(self, text: str) -> list[int]:
+        """Token ids of prompt ``text``: the ids the model already saw for the part it saw."""
+        if self._seen_text and text.startswith(self._seen_text):
+            return self._seen_ids + self.tok.encode(text[len(self._seen_text):])
         return self.tok.encode(text)
 
-    def send(self, user_text: str, sample: Callable, max_new_tokens: int) -> Iterator[tuple[Turn, list[Piece]]]:
-        """Run one user turn; yields (turn, new text pieces) after every generated token.
-
-        The turn (and the assistant message, partial if interrupted by Ctrl+C or by closing the
-        generator) is always recorded.
-        """
-        ids = self.prompt_ids(user_text)
-        turn = Turn(ids, parser=OutputParser(self.thinking))
+    # ------------------------------------------------------------------ a turn
+    def send(self, user_text: str | None, sample: Callable, max_new_tokens: int
+             ) -> Iterator[tuple[Turn, list[Piece]]]:
+        """Add ``user_text`` (None: answer the conversation as it is) and generate the reply; yields
+        (turn, new text pieces) after every token. Raises ContextFull, NothingToAnswer or
+        ChatFormatError before anything changes; the reply is recorded in ``messages`` when the
+        turn ends (turn.message, turn.completion, turn.stats.finish)."""
+        msgs = self.messages + ([{"role": "user", "content": user_text}] if user_text is not None else [])
+        continuing = answerable(msgs)
+        text = self.render(msgs)
+        ids = self.prompt_ids(text)
+        if len(ids) >= self.session.max_context:
+            raise ContextFull(len(ids), self.session.max_context)
+        turn = self.last_turn = Turn(ids, OutputParser(self.thinking and not continuing))
         st = turn.stats
         st.prompt_tokens = len(ids)
-        if len(ids) >= self.session.max_context:
-            raise ContextFull(f"the prompt ({len(ids)} tokens) does not fit the context of "
-                              f"{self.session.max_context} tokens; use /reset or a larger --max-context")
         common = 0
         while common < min(len(ids), len(self.cached_ids)) and ids[common] == self.cached_ids[common]:
             common += 1
         if common < len(self.cached_ids) or common == len(ids):
             self.session.reset()
             self.cached_ids, common = [], 0
-        self.messages.append({"role": "user", "content": user_text})
-        stream = self.tok.stream()
+        st.prefilled_tokens = len(ids) - common
         t0 = time.perf_counter()
-        busy = True  # a forward interrupted midway leaves the slot half-written
         try:
-            st.prefilled_tokens = len(ids) - common
             logits = self.session.prefill(ids[common:])
-            busy = False
-            self.cached_ids = list(ids)
-            st.ttft_s = time.perf_counter() - t0
-            t1 = time.perf_counter()
+        except BaseException:  # a prefill cut midway leaves the slot half-written
+            self.session.reset()
+            self.cached_ids = []
+            raise
+        self.cached_ids = list(ids)
+        st.ttft_s = time.perf_counter() - t0
+        stream = self.tok.stream()
+        t1 = time.perf_counter()
+        try:
             for tok, finish in decode_tokens(self.session, logits, sample, max_new_tokens, {self.tok.eos_id}):
-                if busy:  # the step for the previous token finished
-                    self.cached_ids.append(turn.token_ids[-1])
-                    busy = False
                 turn.token_ids.append(tok)
                 st.generated_tokens += 1
-                text = stream.push(tok) if tok != self.tok.eos_id else stream.flush()
-                if finish is not None:
-                    st.stop_reason = {Finish.STOP: "eos", Finish.LENGTH: "max_tokens"}.get(finish, str(finish))
-                yield turn, turn.parser.feed(text)
-                busy = finish is None  # resumed: the loop now steps the session for this token
-            st.decode_s = time.perf_counter() - t1
+                st.finish = finish
+                piece = stream.push(tok) if tok != self.tok.eos_id else stream.flush() + EOS
+                yield turn, turn.parser.feed(piece)
+        except GeneratorExit:  # the caller stopped reading: keep what was answered
+            st.finish = st.finish or Finish.INTERRUPTED
+            self._end_turn(turn, msgs, continuing, text, stream, t1)
+            raise
         except KeyboardInterrupt:
-            st.stop_reason = "interrupted"
-        finally:
-            if busy:
-                self.session.reset()
-                self.cached_ids = []
-            tail = stream.flush()
-            if tail:
-                turn.parser.feed(tail)
-            self.messages.append({"role": "assistant", "content": turn.parser.answer_text,
-                                  "reasoning": turn.parser.reasoning_text})
-            ended = turn.token_ids[-1:] == [self.tok.eos_id]
-            self.history_ids = [] if self.thinking else ids + turn.token_ids + ([] if ended else [self.tok.eos_id])
-        return turn
+            st.finish = Finish.INTERRUPTED
+            if not turn.token_ids:  # nothing answered yet: as if the turn never started
+                raise
+            self._end_turn(turn, msgs, continuing, text, stream, t1)
+            return
+        except BaseException:
+            self.session.reset()  # a step may have been cut midway
+            self.cached_ids = []
+            raise
+        self._end_turn(turn, msgs, continuing, text, stream, t1)
+
+    def _end_turn(self, turn: Turn, msgs: list[dict], continuing: bool, text: str, stream, t1: float) -> None:
+        st = turn.stats
+        st.decode_s = time.perf_counter() - t1
+        tail = stream.flush()
+        if tail:
+            turn.parser.feed(tail)
+        comp = turn.completion = turn.parser.finish()
+        msg = dict(comp.message)
+        msg["tool_calls"] = [dict(c, id=i) for c, i in zip(msg["tool_calls"], self._new_call_ids(len(msg["tool_calls"])))]
+        if continuing:
+            prefix = {k: v for k, v in msgs[-1].items() if k != "wo_eos"}
+            msg = dict(prefix, content=(prefix.get("content") or "") + msg["content"],
+                       tool_calls=(prefix.get("tool_calls") or []) + msg["tool_calls"])
+            self.messages = msgs[:-1] + [msg]
+        else:
+            self.messages = msgs + [msg]
+        turn.message = msg
+        ended = comp.ended
+        self._seen_text = text + turn.parser.raw_text + ("" if ended else EOS)
+        self._seen_ids = turn.prompt_ids + turn.token_ids + ([] if ended else [self.tok.eos_id])
+        self.cached_ids = (turn.prompt_ids + turn.token_ids)[: self.session.seq_len]
+
+    def _new_call_ids(self, n: int) -> list[str]:
+        """``n`` tool-call ids not used yet in this conversation: call_1, call_2, ..."""
+        used = {c.get("id") for m in self.messages for c in (m.get("tool_calls") or []) if isinstance(c, dict)}
+        out, k = [], 1
+        while len(out) < n:
+            if f"call_{k}" not in used:
+                out.append(f"call_{k}")
+            k += 1
+        return out
 
 
-class ContextFull(RuntimeError):
-    pass
+def answerable(msgs: list[dict]) -> bool:
+    """Check the conversation ends with something to answer; True when it ends with an assistant
+    prefix (``wo_eos``) that the model continues."""
+    if not msgs:
+        raise NothingToAnswer("the conversation is empty: give a prompt")
+    last = msgs[-1]
+    role = last.get("role") if isinstance(last, dict) else None
+    if role in ANSWERED_ROLES:
+        return False
+    if role == "assistant" and last.get("wo_eos"):
+        return True
+    raise NothingToAnswer(f"the conversation ends with a {role} message; add a user or tool message "
+                          "for the model to answer")
+
+
+__all__ = ["ChatFormatError", "ContextFull", "Conversation", "ConversationError", "NothingToAnswer", "Turn",
+           "TurnStats", "answerable"]
