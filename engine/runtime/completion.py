@@ -163,7 +163,7 @@ def _parse_strict(text: str, thinking: bool) -> Completion:
 
 
 def _strip_specials(s: str) -> str:
-    for t in (BOS, EOS, THINK, END_THINK):
+    for t in FORBIDDEN:
         s = s.replace(t, "")
     return s
 
@@ -190,7 +190,7 @@ def _parse_lenient(text: str, thinking: bool, error: str) -> Completion:
             unparsed = rest[block.pos:].strip() if block.closed else ""
     calls = block.calls if block else []
     truncated = not ended and not (block is not None and block.closed)
-    return Completion(_message(_strip_specials(reasoning), _strip_specials(content).replace(DSML, ""), calls),
+    return Completion(_message(_strip_specials(reasoning), _strip_specials(content), calls),
                       ended=ended, truncated=truncated, incomplete_call=block.incomplete if block else None,
                       error=error, unparsed=unparsed)
 
@@ -222,8 +222,12 @@ class OutputParser:
         while text and self.state != "done":
             if self.state == "tool_calls":
                 j = text.find(EOS)
-                pieces.append(Piece("tool_calls", text if j < 0 else text[:j]))
-                self.state = "tool_calls" if j < 0 else "done"
+                if j < 0:
+                    keep = _partial_suffix(text, EOS)
+                    text, self._pending = text[: len(text) - keep], text[len(text) - keep:]
+                else:
+                    text, self.state = text[:j], "done"
+                pieces.append(Piece("tool_calls", text))
                 break
             marks = (END_THINK, EOS) if self.state == "reasoning" else (BLOCK_START, BLOCK_MARK, EOS)
             j, stop = _first(text, 0, marks)
