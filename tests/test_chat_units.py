@@ -1,8 +1,10 @@
-"""Chat encoding, output parsing, streaming detokenisation and sampling filters."""
+"""Chat encoding (the DSV4.md summary), output splitting, streaming detokenisation, sampling filters.
+The complete encoding is tested in test_chat_encoding.py, the parser in test_chat_completion.py."""
 
 import torch
 
-from dsv4.engine.runtime.chat import REASONING_EFFORT_MAX, OutputParser, encode_chat
+from dsv4.engine.runtime.chat import REASONING_EFFORT_MAX, encode_chat
+from dsv4.engine.runtime.completion import OutputParser
 from dsv4.engine.runtime.sampling import Sampler, SamplingParams, min_p_mask, top_k_mask, top_p_mask
 from dsv4.engine.runtime.tokenizer import Tokenizer, build_byte_tokenizer
 
@@ -11,7 +13,7 @@ B, E, U, A = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<�
 
 def test_encoding_thinking_mode_matches_spec_example():
     msgs = [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": "Hello"},
-            {"role": "assistant", "content": "Hi there!", "reasoning": "greet back"},
+            {"role": "assistant", "content": "Hi there!", "reasoning_content": "greet back"},
             {"role": "user", "content": "What is 2+2?"}]
     assert encode_chat(msgs, thinking=True) == (
         f"{B}You are a helpful assistant.{U}Hello{A}</think>Hi there!{E}{U}What is 2+2?{A}<think>")
@@ -24,7 +26,7 @@ def test_encoding_chat_mode_multi_turn_and_no_system():
 
 
 def test_encoding_keeps_reasoning_after_last_user_and_max_effort_prefix():
-    msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "ans", "reasoning": "why"}]
+    msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "ans", "reasoning_content": "why"}]
     assert encode_chat(msgs, thinking=True, add_generation_prompt=False) == f"{B}{U}q{A}<think>why</think>ans{E}"
     s = encode_chat([{"role": "user", "content": "q"}], thinking=True, reasoning_effort="max")
     assert s == B + REASONING_EFFORT_MAX + f"{U}q{A}<think>"
@@ -39,6 +41,8 @@ def test_output_parser_splits_streamed_reasoning_and_answer():
         pieces += p.feed(chunk)
     assert p.reasoning_text == "I think hard" and p.answer_text == "The answer"
     assert [x.kind for x in pieces][0] == "reasoning" and pieces[-1].kind == "answer"
+    assert p.finish().message == {"role": "assistant", "content": "The answer", "reasoning_content": "I think hard",
+                                  "tool_calls": []}
     q = OutputParser(thinking=False)
     q.feed("plain answer")
     assert q.answer_text == "plain answer" and q.reasoning_text == ""

@@ -225,6 +225,7 @@ class Conversation:
         if continuing:
             prefix = {k: v for k, v in msgs[-1].items() if k != "wo_eos"}
             msg = dict(prefix, content=(prefix.get("content") or "") + msg["content"],
+                       reasoning_content=prefix.get("reasoning_content") or "",
                        tool_calls=(prefix.get("tool_calls") or []) + msg["tool_calls"])
             self.messages = msgs[:-1] + [msg]
         else:
