@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from .common import UserError, guard
+from .common import UserError, check_precision, guard
 
 HELP = """Show the KV cache memory of a model at given context lengths, by layer type (SWA/CSA/HCA)
 and component (FP8, BF16 RoPE, scales, FP4 indexer keys, window, compressor state), compared with
@@ -23,80 +24,51 @@ _BYTES = {"b": 1, "kb": 1000, "mb": 1000 ** 2, "gb": 1000 ** 3, "tb": 1000 ** 4,
 
 
 def parse_contexts(text: str) -> list[int]:
+    """"8k,128k,1m" -> [8192, 131072, 1048576]: whole token counts >= 1 (k = 1024, m = 1024k, g = 1024m)."""
     out = []
     for part in text.split(","):
         m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgKMG]?)\s*", part)
-        if not m or float(m.group(1)) <= 0:
+        if not m:
             raise UserError(f"--context {part.strip()!r}: use token counts like 8192, 8k, 128k or 1m")
-        out.append(int(float(m.group(1)) * _UNITS[m.group(2).lower()]))
+        n = float(m.group(1)) * _UNITS[m.group(2).lower()]
+        if n < 1:
+            raise UserError(f"--context {part.strip()!r}: a context holds at least 1 token")
+        out.append(int(n))
     return out
 
 
 def parse_bytes(text: str) -> int:
+    """"40GiB" -> 42949672960: a size with a unit (B, kB/MB/GB/TB = powers of 1000, KiB/MiB/GiB/TiB)."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
     if not m or m.group(2).lower() not in _BYTES:
         raise UserError(f"--budget {text!r}: use a size like 40GiB, 80GB or 500MiB")
     return int(float(m.group(1)) * _BYTES[m.group(2).lower()])
 
 
-def plain_bf16_bytes(cfg, tokens: int) -> int:
-    """A plain attention cache: K and V of width hidden_size in BF16, every layer."""
-    return 2 * cfg.hidden_size * 2 * cfg.num_hidden_layers * tokens
-
-
-def report(cfg, schema, tokens: int) -> dict:
-    from dsv4.cache.schema import layer_block_breakdown, v32_bytes
-
-    acc = schema.bytes_for_context(tokens)
-    per_type = {}
-    for attn, t in acc["by_type"].items():
-        ly = next(x for x in schema.layers if x.attn == attn)
-        per_entry = {"fp8": ly.kv.fp8_bytes, "bf16": ly.kv.bf16_bytes, "scales": ly.kv.scale_bytes,
-                     "fp4": ly.idx.fp4_bytes if ly.idx else 0, "f32": ly.kv.f32_bytes}
-        if ly.idx:
-            per_entry["scales"] += ly.idx.scale_bytes
-            per_entry["f32"] += ly.idx.f32_bytes
-        per_type[attn] = {**t, "entries_per_block": ly.entries_per_block, "bytes_per_entry": per_entry,
-                          "block_bytes_per_layer": layer_block_breakdown(ly)["total"],
-                          "bytes_per_token": t["total"] / tokens}
-    v32, plain = v32_bytes(tokens), plain_bf16_bytes(cfg, tokens)
-    return {"context_tokens": tokens, "total_bytes": acc["total"], "mode": schema.mode, "by_type": per_type,
-            "v32_bytes": v32, "ratio_to_v32": acc["total"] / v32, "plain_bf16_bytes": plain,
-            "ratio_to_plain_bf16": acc["total"] / plain}
-
-
-def longest_context(schema, budget: int) -> int:
-    """Largest token count whose cache fits in ``budget`` bytes (0 if none)."""
-    lo, hi = 0, 1
-    while schema.bytes_for_context(hi)["total"] <= budget and hi < 1 << 40:
-        lo, hi = hi, hi * 2
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if schema.bytes_for_context(mid)["total"] <= budget:
-            lo = mid
-        else:
-            hi = mid
-    return lo
-
-
 def inspect_cache(
     preset: Optional[str] = typer.Option(None, "--preset", help="flash or pro (default flash unless --model)."),
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="Read the config of this checkpoint folder."),
-    context: str = typer.Option("8k,128k,1m", "--context", "-c", help="Comma-separated context lengths."),
-    mode: str = typer.Option("faithful", "--mode", help="faithful (FP8/FP4 storage) or exact (float32)."),
-    budget: Optional[str] = typer.Option(None, "--budget", help="Also answer the longest context that fits, e.g. 40GiB."),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG of bytes against context length."),
-    json_out: bool = typer.Option(False, "--json", help="Print a JSON list, one object per context."),
+    context: str = typer.Option("8k,128k,1m", "--context", "-c", help="Comma-separated context lengths in tokens "
+                                "(k = 1024, m = 1024k), at most the model's maximum."),
+    precision: str = typer.Option("faithful", "--precision", help="faithful (FP8/FP4 storage) or exact (float32)."),
+    mode: Optional[str] = typer.Option(None, "--mode", hidden=True, help="Old name of --precision."),
+    budget: Optional[str] = typer.Option(None, "--budget", help="Also answer the longest context that fits in this "
+                                         "many bytes, e.g. 40GiB (capped at the model's maximum)."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG of cache bytes against context length "
+                                        "(marking --context and --budget)."),
+    json_out: bool = typer.Option(False, "--json", help="Print a JSON list to stdout: one object per context, then "
+                                  "the --budget answer."),
 ):
-    guard(_inspect)(preset, model, context, mode, budget, plot, json_out)
+    guard(_inspect)(preset, model, context, mode if mode is not None else precision, budget, plot, json_out,
+                    "--mode" if mode is not None else "--precision")
 
 
-def _inspect(preset, model, context, mode, budget, plot, json_out):
+def _inspect(preset, model, context, precision, budget, plot, json_out, precision_opt="--precision"):
     from dsv4.cache import CacheSchema
+    from dsv4.cache.budget import budget_report, context_report
     from dsv4.engine.model.config import DSV4Config
 
-    if mode not in ("faithful", "exact"):
-        raise UserError(f"--mode {mode!r}: use faithful or exact")
+    precision = check_precision(precision, precision_opt)
     if preset and model:
         raise UserError("give --preset or --model, not both")
     if model:
@@ -106,19 +78,22 @@ def _inspect(preset, model, context, mode, budget, plot, json_out):
         if preset not in ("flash", "pro"):
             raise UserError(f"--preset {preset!r}: use flash or pro")
         cfg, name = DSV4Config.preset(preset), f"DeepSeek-V4-{preset.capitalize()}"
-    schema = CacheSchema.from_config(cfg, mode)
-    rows = [report(cfg, schema, t) for t in parse_contexts(context)]
-    fit = None
-    if budget:
-        b = parse_bytes(budget)
-        fit = {"budget_bytes": b, "longest_context_tokens": longest_context(schema, b)}
+    limit = cfg.max_position_embeddings
+    tokens = parse_contexts(context)
+    for t in tokens:
+        if t > limit:
+            raise UserError(f"--context {t:,} tokens: {name} holds at most {limit:,} (max_position_embeddings)")
+    schema = CacheSchema.from_config(cfg, str(precision))
+    fit = budget_report(schema, parse_bytes(budget), limit) if budget else None
+    rows = [context_report(cfg, schema, t) for t in tokens]
     if plot:
-        _plot(cfg, schema, plot, name)
+        _plot(cfg, schema, plot, name, tokens, fit)
     if json_out:
-        out = rows if fit is None else rows + [fit]
-        print(json.dumps(out, indent=1))
-        return
-    _render(rows, name, preset, fit)
+        print(json.dumps(rows if fit is None else rows + [fit], indent=1))
+    else:
+        _render(rows, name, preset, fit)
+    if plot:
+        sys.stderr.write(f"wrote {plot}\n")
 
 
 def _human(n: float) -> str:
@@ -135,7 +110,7 @@ def _render(rows, name, preset, fit):
 
     con = Console()
     for r in rows:
-        t = Table(title=f"{name} · {r['context_tokens']:,} tokens · {r['mode']}", title_justify="left")
+        t = Table(title=f"{name} · {r['context_tokens']:,} tokens · {r['precision']}", title_justify="left")
         for col in ("type", "layers", "entries/block", "FP8 B/entry", "BF16 B/entry", "scale B/entry",
                     "FP4 B/entry", "window", "state", "B/token", "total"):
             t.add_column(col, justify="right")
@@ -155,27 +130,62 @@ def _render(rows, name, preset, fit):
         con.print(f"  vs plain BF16 K+V cache {_human(r['plain_bf16_bytes'])}: {r['ratio_to_plain_bf16']:.2%}\n")
     if fit:
         con.print(f"Longest context within {_human(fit['budget_bytes'])}: {fit['longest_context_tokens']:,} tokens")
+        if fit["capped_at_model_maximum"]:
+            con.print(f"  (the model's maximum, max_position_embeddings; the budget alone would hold "
+                      f"{fit['uncapped_tokens']:,})")
 
 
-def _plot(cfg, schema, path: Path, name: str):
+def _plot(cfg, schema, path: Path, name: str, tokens: list[int], fit: dict | None):
+    """PNG of cache bytes per request against context length (log-log, from 1k tokens to the
+    largest of the model's maximum and --context), the asked contexts marked, and the --budget as a
+    horizontal line with its longest context."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import FuncFormatter
     except ImportError:
         raise UserError("--plot needs matplotlib: pip install 'dsv4[plot]'") from None
+    from dsv4.cache.budget import plain_bf16_bytes
     from dsv4.cache.schema import v32_bytes
 
-    xs = [1 << k for k in range(10, 21)]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.loglog(xs, [schema.bytes_for_context(x)["total"] for x in xs], "o-", label=f"{name} ({schema.mode})")
-    ax.loglog(xs, [v32_bytes(x) for x in xs], "s--", label="DeepSeek-V3.2 MLA (656 B x 61 layers)")
-    ax.loglog(xs, [plain_bf16_bytes(cfg, x) for x in xs], "^:", label="plain BF16 K+V, same width")
-    ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel("KV cache bytes per request")
+    top = max([cfg.max_position_embeddings, *tokens])
+    lo = min([1024, *tokens])
+    xs = sorted({lo, top, *tokens, *(1 << k for k in range(lo.bit_length(), top.bit_length()))})
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    ax.loglog(xs, [schema.bytes_for_context(x)["total"] for x in xs], "-", label=f"{name} ({schema.mode})")
+    ax.loglog(xs, [v32_bytes(x) for x in xs], "--", label="DeepSeek-V3.2 MLA (656 B x 61 layers)")
+    ax.loglog(xs, [plain_bf16_bytes(cfg, x) for x in xs], ":", label="plain BF16 K+V, same width")
+    ax.loglog(tokens, [schema.bytes_for_context(t)["total"] for t in tokens], "o", color="C0")
+    for t in tokens:
+        ax.annotate(f"{_tokens(t)}: {_human(schema.bytes_for_context(t)['total'])}",
+                    (t, schema.bytes_for_context(t)["total"]), textcoords="offset points", xytext=(4, -12), fontsize=8)
+    if fit:
+        ax.axhline(fit["budget_bytes"], color="C3", lw=0.8)
+        ax.annotate(f"budget {_human(fit['budget_bytes'])}: {fit['longest_context_tokens']:,} tokens"
+                    + (" (model maximum)" if fit["capped_at_model_maximum"] else ""),
+                    (xs[0], fit["budget_bytes"]), textcoords="offset points", xytext=(2, 3), fontsize=8, color="C3")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _tokens(v)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: _human(v)))
+    ax.set_title(f"KV cache per request: {name}, {schema.mode}")
+    ax.set_xlabel("context length (tokens; k = 1024)")
+    ax.set_ylabel("KV cache size")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        fig.savefig(path, dpi=110)
+    except OSError as e:
+        raise UserError(f"--plot {path}: cannot write ({e.strerror})") from None
+    finally:
+        plt.close(fig)
+
+
+def _tokens(n: float) -> str:
+    """A token count in k (1024) / m (1024k) units: 131072 -> 128k."""
+    for unit, size in (("m", 1 << 20), ("k", 1 << 10)):
+        if n >= size:
+            v = n / size
+            return f"{v:.0f}{unit}" if v == int(v) else f"{v:.3g}{unit}"
+    return f"{n:.0f}"

@@ -5,14 +5,15 @@ from __future__ import annotations
 import typer
 
 from . import bench, chat, convert, inspect_cache
+from .common import Command, Group
 
 app = typer.Typer(
-    name="dsv4", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    name="dsv4", cls=Group, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
     help="Run DeepSeek-V4 (Flash and Pro) on your own machine.",
 )
-app.command("chat", help=chat.HELP)(chat.chat)
-app.command("convert", help=convert.HELP)(convert.convert)
-app.command("inspect-cache", help=inspect_cache.HELP)(inspect_cache.inspect_cache)
+app.command("chat", help=chat.HELP, cls=Command)(chat.chat)
+app.command("convert", help=convert.HELP, cls=Command)(convert.convert)
+app.command("inspect-cache", help=inspect_cache.HELP, cls=Command)(inspect_cache.inspect_cache)
 app.add_typer(bench.app, name="bench")
 
 if __name__ == "__main__":

@@ -3,20 +3,41 @@
 Timing: CUDA events on GPU, perf_counter on CPU; warm-up first, then median and p10/p90 of runs.
 Synthetic weights are generated directly in their stored formats on the target device (FP8 e4m3
 linears with ue8m0 block scales, MXFP4 experts), never zeros.
+
+Units: seconds (``*_s``), milliseconds (``*_ms``), bytes, bytes/s, FLOP/s. "Per token" is one
+decode step of batch 1.
 """
 
 from __future__ import annotations
 
+import datetime
 import math
+import platform
 import statistics
+import sys
 import time
+from dataclasses import dataclass
+from typing import Callable, Iterable
 
 import torch
 
-from dsv4.engine.checkpoint.formats import published_format
+from dsv4.engine.checkpoint.formats import published_format, stored_entries
+from dsv4.engine.model.config import DSV4Config
 from dsv4.engine.model.model import Model
 from dsv4.engine.runtime.session import Session
-from .synthetic import random_tensor, tensor_shapes
+from dsv4.engine.checkpoint.shapes import tensor_shapes
+from .synthetic import random_tensor
+
+Progress = Callable[[str], None]  # receives a short status line ("prefill 512 tokens", "step 3/32")
+
+
+class BenchError(ValueError):
+    """A benchmark that cannot run as asked (the message says why and what would)."""
+
+
+def _say(progress: Progress | None, msg: str) -> None:
+    if progress is not None:
+        progress(msg)
 
 
 def synthetic_stored(cfg, device, seed: int = 0) -> dict:
@@ -113,98 +134,352 @@ def measure_matmul_rate(device, n: int = 8192, runs: int = 10) -> float:
     return 2 * n ** 3 / median_time(device, lambda: a @ b, runs)
 
 
-def _per_token(model: Model, size) -> int:
-    """Sum of size(name, weight) over what one token touches: every main-model weight but the
-    routed experts, plus num_experts_per_tok / n_routed_experts of those."""
-    cfg, dense, experts = model.cfg, 0, 0
+def _weight_nbytes(name: str, v, cfg) -> int:
+    """Bytes of one weight that one decode token reads: the whole tensor, one row of the embedding,
+    nothing of the hash routers' token -> expert table (an index lookup)."""
+    from dsv4.kernels import QWeight
+
+    if name.endswith("tid2eid"):
+        return 0
+    nb = v.nbytes() if isinstance(v, QWeight) else v.numel() * v.element_size()
+    return nb // cfg.vocab_size if name == "embed.weight" else nb
+
+
+def weight_bytes_split(model: Model) -> dict:
+    """Weight bytes one decode token reads, split into {"layers": the main layers (routed experts
+    counted for the num_experts_per_tok of n_routed_experts a token uses), "head_embed": one
+    embedding row plus the hc head, final norm and vocabulary head (read whole)}."""
+    cfg = model.cfg
+    parts = {"layers": 0, "head_embed": 0}
+    experts = 0
     for name, v in model.w.items():
         if name.startswith("mtp."):
             continue
+        nb = _weight_nbytes(name, v, cfg)
         if ".ffn.experts." in name:
-            experts += size(name, v)
+            experts += nb
         else:
-            dense += size(name, v)
-    return dense + experts * cfg.num_experts_per_tok // cfg.n_routed_experts
+            parts["layers" if name.startswith("layers.") else "head_embed"] += nb
+    parts["layers"] += experts * cfg.num_experts_per_tok // cfg.n_routed_experts
+    return parts
 
 
 def weight_bytes_per_token(model: Model) -> int:
     """Weight bytes one decode token reads: everything but the routed experts, plus top-k of them,
     plus one embedding row (the head is read whole)."""
-    from dsv4.kernels import QWeight
+    return sum(weight_bytes_split(model).values())
 
-    def size(name, v):
-        nb = v.nbytes() if isinstance(v, QWeight) else v.numel() * v.element_size()
+
+def published_weight_bytes(cfg: DSV4Config) -> dict:
+    """Closed form of weight_bytes_split for a model stored in the published formats (FP8 e4m3
+    linears with one ue8m0 byte per 128x128 block, MXFP4 experts with one ue8m0 byte per 32 inputs,
+    BF16 embedding/head/gate/compressor linears, F32 norms and small tensors), computed from the
+    config's shapes alone: what a --layers run projects its floor to. -> {"layers", "head_embed"}."""
+    parts = {"layers": 0, "head_embed": 0}
+    experts = 0
+    for name, (_, shape) in tensor_shapes(cfg, mtp=False).items():
+        fmt = published_format(name)
+        if fmt == "int":
+            continue
+        if fmt in ("fp8", "mxfp4"):  # every stored tensor of these formats is one byte per element
+            nb = sum(math.prod(shp) for shp, _ in stored_entries(name, shape, fmt).values())
+        else:
+            nb = math.prod(shape) * (2 if fmt == "bf16" else 4)
         if name == "embed.weight":
-            return nb // model.cfg.vocab_size
-        return 0 if name.endswith("tid2eid") else nb
+            nb //= cfg.vocab_size
+        if ".ffn.experts." in name:
+            experts += nb
+        else:
+            parts["layers" if name.startswith("layers.") else "head_embed"] += nb
+    parts["layers"] += experts * cfg.num_experts_per_tok // cfg.n_routed_experts
+    return parts
 
-    return _per_token(model, size)
+
+def kv_read_bytes(layers: Iterable, seq_len: int, index_topk: int) -> int:
+    """Cache bytes one decode step reads at ``seq_len`` cached tokens, over cache/schema LayerSchemas:
+    per layer the window (min(n, window) entries); CSA: every indexer key of the n // ratio closed
+    entries and the top-k selected KV entries; HCA: every closed entry."""
+    total = 0
+    for ly in layers:
+        total += min(seq_len, ly.window) * ly.kv.nbytes
+        if ly.ratio:
+            ent = seq_len // ly.ratio
+            if ly.idx is not None:
+                total += ent * ly.idx.nbytes + min(ent, index_topk) * ly.kv.nbytes
+            else:
+                total += ent * ly.kv.nbytes
+    return total
 
 
 def kv_bytes_per_token(session: Session) -> int:
     """Cache bytes one decode step reads at the session's current length."""
-    n, total = session.seq_len, 0
-    for h in session.cache.handles(session.slot):
-        ly = h.layer
-        total += min(n, ly.window) * ly.kv.nbytes
-        if ly.ratio:
-            ent = n // ly.ratio
-            if ly.idx is not None:
-                total += ent * ly.idx.nbytes + min(ent, session.model.cfg.index_topk) * ly.kv.nbytes
-            else:
-                total += ent * ly.kv.nbytes
-    return total
+    return kv_read_bytes([h.layer for h in session.cache.handles(session.slot)], session.seq_len,
+                         session.model.cfg.index_topk)
 
 
 def active_params_per_token(model: Model) -> int:
     """Multiply-accumulate weights touched per token (for prefill FLOPs = 2 x this x tokens)."""
     from dsv4.kernels import QWeight
 
-    return _per_token(model, lambda name, v: v.shape[0] * v.shape[1] if isinstance(v, QWeight) else 0)
+    cfg, dense, experts = model.cfg, 0, 0
+    for name, v in model.w.items():
+        if name.startswith("mtp.") or not isinstance(v, QWeight):
+            continue
+        if ".ffn.experts." in name:
+            experts += v.shape[0] * v.shape[1]
+        else:
+            dense += v.shape[0] * v.shape[1]
+    return dense + experts * cfg.num_experts_per_tok // cfg.n_routed_experts
 
 
-def bench_decode(model: Model, prompt_len: int, steps: int, warmup: int = 3, cuda_graph: bool | None = None) -> dict:
-    """Decode ``steps`` tokens after a ``prompt_len`` prompt; cuda_graph as Session's (None: the default)."""
+# ------------------------------------------------------------------ models to time
+def synthetic_model(preset: str, layers: int | None, device, precision, progress: Progress | None = None):
+    """The first ``layers`` layers (None: all) of the flash/pro preset with random weights in their
+    published stored formats, made on ``device``. -> (Model, full-size config, display name)."""
+    full = DSV4Config.preset(preset)
+    n = layers or full.num_hidden_layers
+    if not 1 <= n <= full.num_hidden_layers:
+        raise BenchError(f"{preset} has {full.num_hidden_layers} layers; cannot take {n}")
+    cfg = full.layer_range(0, n)
+    _say(progress, f"making synthetic weights ({n} of {full.num_hidden_layers} {preset} layers, "
+                   f"{stored_model_bytes(cfg) / 2**30:.1f} GiB) on {device}")
+    m = Model.from_state_dict(cfg, synthetic_stored(cfg, device), mode=str(precision), device=device)
+    return m, full, f"synthetic {preset} ({n} of {full.num_hidden_layers} layers)"
+
+
+def checkpoint_model(path, device, precision, progress: Progress | None = None):
+    """A checkpoint folder loaded in its stored formats (float32 compute). -> (Model, its config, name)."""
+    from dsv4.engine.checkpoint.loader import load_model
+
+    seen = [0, 0]
+
+    def tick(t):
+        seen[0] += 1
+        seen[1] += t.numel() * t.element_size()
+        _say(progress, f"loading {path}: {seen[0]} tensors, {seen[1] / 2**30:.2f} GiB")
+
+    _say(progress, f"loading {path}")
+    m = load_model(path, mode=str(precision), device=device, dtype=torch.float32, progress=tick)
+    return m, m.cfg, str(path)
+
+
+def stored_model_bytes(cfg: DSV4Config) -> int:
+    """Bytes of every main-model weight of ``cfg`` in the published formats (memory, not per token)."""
+    total = 0
+    for name, (_, shape) in tensor_shapes(cfg, mtp=False).items():
+        fmt = published_format(name)
+        if fmt in ("fp8", "mxfp4"):
+            total += sum(math.prod(shp) for shp, _ in stored_entries(name, shape, fmt).values())
+        else:
+            total += math.prod(shape) * {"bf16": 2, "int": 4}.get(fmt, 4)
+    return total
+
+
+def cpu_slow_warning(cfg: DSV4Config, device) -> str | None:
+    """A warning to show before a CPU run whose weights are big enough that each decode token takes
+    long: the torch reference dequantises every FP8/FP4 weight it reads on every call. None when
+    the run is small (under 1 GiB of weights read per token) or not on the CPU."""
+    if torch.device(device).type != "cpu":
+        return None
+    per_token = sum(published_weight_bytes(cfg).values())
+    if per_token < 1 << 30:
+        return None
+    return (f"CPU run at real dimensions: each token reads {per_token / 2**30:.1f} GiB of weights through the "
+            f"torch reference (dequantised on every call) and the model holds {stored_model_bytes(cfg) / 2**30:.1f} "
+            "GiB; expect minutes to make the weights and prefill, and up to minutes per token. This is GPU work; "
+            "on the CPU use --layers 1, a short --prompt-len and a few --steps")
+
+
+# ------------------------------------------------------------------ measurements
+def head_and_embed_seconds(model: Model, runs: int = 20, graph: bool = False) -> float:
+    """Median seconds of the decode step's work outside the layers, timed on its own: the
+    embedding row lookup (and the hc_mult-stream broadcast) plus the hc head -> final norm ->
+    vocabulary head for one token. graph: replay it from one captured CUDA graph, as the decode
+    step does (CUDA only); else eager launches."""
+    cfg, dev, w = model.cfg, model.device, model.w
+    token = torch.zeros(1, dtype=torch.long, device=dev)
+    g = torch.Generator().manual_seed(1)
+    streams = torch.randn(1, cfg.hc_mult, cfg.hidden_size, generator=g).to(dev, model.dtype)
+
+    def once():
+        h = w["embed.weight"][token].to(model.dtype).unsqueeze(1).expand(-1, cfg.hc_mult, -1).contiguous()
+        return h, model._head(streams, "")
+
+    with torch.inference_mode():
+        fn = once
+        if graph and dev.type == "cuda":
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):  # compile / autotune outside the capture
+                    once()
+            torch.cuda.current_stream().wait_stream(side)
+            cg = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(cg):
+                once()
+            fn = cg.replay
+        return median_time(dev, fn, runs)
+
+
+def _dispatch_report():
+    """{op: {implementation: calls}} from kernels.dispatch.report() where the dispatcher records
+    what ran (None where this version of kernels does not)."""
+    from dsv4.kernels import dispatch
+
+    rep = getattr(dispatch, "report", None)
+    if rep is None:
+        return None
+    out = {}
+    for op, v in rep().items():
+        out[op] = dict(v) if isinstance(v, dict) else {str(v): None}
+    return out
+
+
+def _dispatch_reset() -> None:
+    from dsv4.kernels import dispatch
+
+    reset = getattr(dispatch, "reset_report", None)
+    if reset is not None:
+        reset()
+
+
+def kernels_chosen(device) -> dict:
+    """{op: "module.function"} the dispatcher picks for inputs on ``device``: the fallback where this
+    version of kernels.dispatch does not record what ran (no report())."""
+    from dsv4.kernels import dispatch
+
+    dt = torch.device(device).type
+    out = {}
+    for op in sorted(getattr(dispatch, "_REGISTRY", {})):
+        fn = dispatch.implementation(op, dt)
+        out[op] = f"{fn.__module__}.{fn.__name__}"
+    return out
+
+
+def bench_decode(model: Model, prompt_len: int, steps: int, warmup: int = 3, cuda_graph: bool | None = None,
+                 progress: Progress | None = None) -> dict:
+    """Decode ``steps`` tokens after a ``prompt_len`` prompt; cuda_graph as Session's (None: the default).
+
+    -> median/p10/p90 seconds per step, tokens/s, the weight and cache bytes one step reads (split
+    into layers and head+embedding), head_embed_s (that part timed on its own, in the same run) and
+    "kernels": which implementation ran for each op during the warm-up and timed steps."""
     dev = model.device
     s = Session(model, max_context=prompt_len + steps + warmup + 8, cuda_graph=cuda_graph)
     prompt, toks = _bench_tokens(model.cfg.vocab_size, prompt_len, steps + warmup)
     timer = Timer(dev)
     _reset_peak(dev)
+    _say(progress, f"prefill {prompt_len} tokens")
     ttft = timer(lambda: s.prefill(prompt))
-    for t in toks[:warmup]:
+    _dispatch_reset()
+    for i, t in enumerate(toks[:warmup]):
+        _say(progress, f"warm-up step {i + 1}/{warmup}")
         s.step(t)
     kv = kv_bytes_per_token(s)
-    times = [timer(lambda t=t: s.step(t)) for t in toks[warmup:]]
+    seq_len = s.seq_len
+    times = []
+    for i, t in enumerate(toks[warmup:]):
+        _say(progress, f"decode step {i + 1}/{steps}")
+        times.append(timer(lambda t=t: s.step(t)))
+    ran = _dispatch_report()
+    graph = s.runner is not None
+    _say(progress, "timing the head and embedding alone")
+    head_s = head_and_embed_seconds(model, runs=max(5, min(steps, 50)), graph=graph)
+    split = weight_bytes_split(model)
     out = summary(times)
     out.update({"prompt_tokens": prompt_len, "decode_tokens": steps, "time_to_first_token_s": ttft,
                 "tokens_per_s": 1 / out["median_s"], "ms_per_token": out["median_s"] * 1000,
-                "ms_per_layer": out["median_s"] * 1000 / model.cfg.num_hidden_layers,
-                "weight_bytes_per_token": weight_bytes_per_token(model), "kv_bytes_per_token": kv,
-                "peak_device_bytes": _peak_bytes(dev), "cuda_graph": s.runner is not None})
+                "layers": model.cfg.num_hidden_layers, "kv_seq_len": seq_len,
+                "weight_bytes_per_token": split["layers"] + split["head_embed"],
+                "layer_weight_bytes_per_token": split["layers"], "head_embed_bytes_per_token": split["head_embed"],
+                "kv_bytes_per_token": kv, "head_embed_s": head_s,
+                "peak_device_bytes": _peak_bytes(dev), "cuda_graph": graph,
+                "kernels": ran if ran is not None else kernels_chosen(dev),
+                "kernels_source": "ran (kernels.dispatch.report)" if ran is not None else
+                "chosen (kernels.dispatch decision for this device; this kernels version does not record calls)"})
+    s.close()
     return out
 
 
-def bench_prefill(model: Model, prompt_len: int, runs: int = 5, warmup: int = 1) -> dict:
+def decode_roofline(r: dict, bandwidth: float, full: DSV4Config, precision) -> dict:
+    """Figures of a bench_decode result ``r`` against the bandwidth floor (bytes read / ``bandwidth``
+    bytes/s), for the whole step, per layer with the head and embedding subtracted, and (when ``r``
+    ran fewer layers than ``full``) projected to the whole model.
+
+    per layer: (median step - head_embed_s) / layers, against (layer weight + cache bytes) / layers
+    / bandwidth. Projection: head_embed_s + per-layer time x full layers, against the closed-form
+    bytes of the whole model in the published formats (published_weight_bytes) plus its cache
+    reads at the same length (cache/schema accounting)."""
+    from dsv4.cache.schema import CacheSchema
+
+    n = r["layers"]
+    step_bytes = r["weight_bytes_per_token"] + r["kv_bytes_per_token"]
+    layer_bytes = r["layer_weight_bytes_per_token"] + r["kv_bytes_per_token"]
+    layers_s = r["median_s"] - r["head_embed_s"]
+    out = {"measured_bandwidth_bytes_per_s": bandwidth,
+           "bandwidth_floor_ms_per_token": step_bytes / bandwidth * 1000,
+           "achieved_bandwidth_fraction": step_bytes / r["median_s"] / bandwidth,
+           "floor_ratio": r["median_s"] / (step_bytes / bandwidth),
+           "head_embed_ms": r["head_embed_s"] * 1000,
+           "head_embed_floor_ms": r["head_embed_bytes_per_token"] / bandwidth * 1000,
+           "head_embed_floor_ratio": r["head_embed_s"] / (r["head_embed_bytes_per_token"] / bandwidth),
+           "ms_per_layer": layers_s * 1000 / n,
+           "layer_floor_ms": layer_bytes / n / bandwidth * 1000,
+           "layer_floor_ratio": layers_s / (layer_bytes / bandwidth),
+           "per_layer_note": "per layer = (step time - head/embedding timed alone in this run) / layers; "
+                             "floor = (layer weights + cache bytes read) / measured bandwidth"}
+    if n < full.num_hidden_layers:
+        N = full.num_hidden_layers
+        w = published_weight_bytes(full)
+        kv = kv_read_bytes(CacheSchema.from_config(full, str(precision)).layers, r["kv_seq_len"], full.index_topk)
+        ms = out["head_embed_ms"] + out["ms_per_layer"] * N
+        floor_ms = (w["layers"] + w["head_embed"] + kv) / bandwidth * 1000
+        out.update({"projected_full_model_ms_per_token": ms, "projected_full_model_tokens_per_s": 1000 / ms,
+                    "full_model_floor_ms_per_token": floor_ms, "projected_full_model_floor_ratio": ms / floor_ms,
+                    "projection_note": f"PROJECTED: head/embedding time + measured per-layer time x {N} layers, "
+                                       f"against the {N}-layer model's closed-form bytes per token (published "
+                                       "formats) and cache reads at the same length"})
+    return out
+
+
+def prefill_roofline(r: dict, matmul_rate: float, full: DSV4Config, layers: int) -> dict:
+    """A bench_prefill result against the measured matrix rate (FLOP/s); with fewer ``layers`` than
+    ``full``, the prefill time projected to the whole model (per-layer time x its layers)."""
+    out = {"measured_matmul_flop_per_s": matmul_rate, "matmul_rate_fraction": r["flop_per_s"] / matmul_rate}
+    if layers < full.num_hidden_layers:
+        out.update({"projected_full_model_prefill_s": r["ms_per_layer"] * full.num_hidden_layers / 1000,
+                    "projection_note": f"PROJECTED: measured per-layer time x {full.num_hidden_layers} layers"})
+    return out
+
+
+def bench_prefill(model: Model, prompt_len: int, runs: int = 5, warmup: int = 1,
+                  progress: Progress | None = None) -> dict:
+    """Prefill a ``prompt_len`` prompt ``runs`` times (each in a fresh session) after ``warmup``
+    untimed ones. -> median/p10/p90 seconds, tokens/s, FLOPs (2 x active weights x tokens) and FLOP/s."""
     dev = model.device
     prompt, _ = _bench_tokens(model.cfg.vocab_size, prompt_len, 0)
     timer = Timer(dev)
     _reset_peak(dev)
 
-    def once():
+    def once(label):
+        _say(progress, f"prefill {prompt_len} tokens ({label})")
         s = Session(model, max_context=prompt_len)
-        return timer(lambda: s.prefill(prompt))
+        t = timer(lambda: s.prefill(prompt))
+        s.close()
+        return t
 
-    for _ in range(warmup):
-        once()
-    out = summary([once() for _ in range(runs)])
+    for i in range(warmup):
+        once(f"warm-up {i + 1}/{warmup}")
+    out = summary([once(f"run {i + 1}/{runs}") for i in range(runs)])
     flops = 2 * active_params_per_token(model) * prompt_len
     out.update({"prompt_tokens": prompt_len, "tokens_per_s": prompt_len / out["median_s"],
-                "time_to_first_token_s": out["median_s"], "ms_per_layer": out["median_s"] * 1000 / model.cfg.num_hidden_layers,
+                "time_to_first_token_s": out["median_s"], "layers": model.cfg.num_hidden_layers,
+                "ms_per_layer": out["median_s"] * 1000 / model.cfg.num_hidden_layers,
                 "flops": flops, "flop_per_s": flops / out["median_s"], "peak_device_bytes": _peak_bytes(dev)})
     return out
 
 
-def perplexity(model: Model, token_ids: list[int], bos_id: int, max_context: int, chunk: int = 512) -> dict:
+def perplexity(model: Model, token_ids: list[int], bos_id: int, max_context: int, chunk: int = 512,
+               progress: Progress | None = None) -> dict:
     """Score every token after bos; windows of max_context, each starting with bos. -> ppl, nll, count."""
     if max_context < 2:
         raise ValueError("max_context must be >= 2")
@@ -212,6 +487,7 @@ def perplexity(model: Model, token_ids: list[int], bos_id: int, max_context: int
     t0 = time.perf_counter()
     step = max_context - 1
     for i in range(0, len(token_ids), step):
+        _say(progress, f"scoring tokens {i + 1}-{min(i + step, len(token_ids))} of {len(token_ids)}")
         window = [bos_id] + token_ids[i:i + step]
         s = Session(model, max_context=len(window))
         logits = s.prefill(window, chunk=chunk, last_only=False)[:-1]
@@ -224,7 +500,96 @@ def perplexity(model: Model, token_ids: list[int], bos_id: int, max_context: int
     return {"perplexity": math.exp(mean), "mean_nll": mean, "tokens": count, "tokens_per_s": count / dt}
 
 
+def environment(device, threads: int | None = None) -> dict:
+    """Where and when a result was measured: date (UTC), the command line, versions, host, the card
+    (GPU name, or the CPU model and its core counts) and the torch CPU threads used."""
+    env = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "command": " ".join(["dsv4"] + sys.argv[1:]), "python": platform.python_version(),
+           "torch": torch.__version__, "device": str(device), "host": platform.node(),
+           "torch_threads": torch.get_num_threads() if threads is None else threads}
+    if str(device).startswith("cuda"):
+        env["card"] = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
+    else:
+        env["card"] = _cpu_model() or platform.processor() or platform.machine()
+        import os
+
+        env["logical_cpus"] = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        if hasattr(os, "getloadavg"):
+            env["load_average_1min"] = round(os.getloadavg()[0], 2)
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        env["dsv4"] = version("dsv4")
+    except PackageNotFoundError:
+        env["dsv4"] = "dev"
+    return env
+
+
+def _cpu_model() -> str | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        return None
+    return None
+
+
 # ------------------------------------------------------------------ comparisons
+COMPARE_AGAINST = ("reference", "transformers", "eager")
+
+
+def check_compare(against: str, kind: str, model: Model) -> None:
+    """Refuse, before any timing, a comparison that cannot run: ``against`` in COMPARE_AGAINST,
+    ``kind`` "decode" | "prefill". Raises BenchError naming the reason."""
+    if against == "eager" and kind != "decode":
+        raise BenchError("eager applies to decode (prefill never uses the CUDA graph)")
+    if against == "eager" and model.device.type != "cuda":
+        raise BenchError("eager needs a CUDA device (decode on the CPU never uses a CUDA graph)")
+    if against == "transformers":
+        try:
+            from transformers import DeepseekV4ForCausalLM  # noqa: F401
+        except ImportError:
+            raise BenchError("transformers needs transformers >= 5.23 (pip install 'transformers>=5.23')") from None
+        from .hf import float32_bytes
+
+        need, free = 2 * float32_bytes(model.cfg), free_memory_bytes(model.device)
+        if free is not None and need > free:
+            raise BenchError(f"transformers: its float32 model (plus the copy it loads from) needs "
+                             f"{need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB is free on {model.device} "
+                             "(take fewer layers)")
+
+
+def compare_run(against: str, kind: str, model: Model, ours: dict, prompt_len: int, n: int, warmup: int) -> dict:
+    """Time the same work another way: "reference" (the torch reference kernels), "transformers"
+    (its DeepseekV4ForCausalLM with the same weights) or "eager" (decode without the CUDA graph).
+    -> flat compare_* fields; compare_speed_ratio > 1 means dsv4 is faster."""
+    run = bench_decode if kind == "decode" else bench_prefill
+    extra = {}
+    if against == "reference":
+        from dsv4.kernels.dispatch import use_backend
+
+        with use_backend("reference"):
+            other = run(model, prompt_len, n, warmup)
+    elif against == "eager":
+        other = bench_decode(model, prompt_len, n, warmup, cuda_graph=False)
+    else:
+        from dsv4.engine.model.weights import logical_tensors
+        from .hf import build_hf_model
+
+        hf = build_hf_model(model.cfg, logical_tensors(model.w), model.device)
+        other = (hf_decode(hf, model, prompt_len, n, warmup) if kind == "decode"
+                 else hf_prefill(hf, model, prompt_len, n, warmup))
+        extra = {k: other[k] for k in ("max_abs_logit_diff_on_prompt", "max_abs_logit") if k in other}
+        del hf
+    return {"compare_against": against, "compare_median_s": other["median_s"], "compare_p10_s": other["p10_s"],
+            "compare_p90_s": other["p90_s"], "compare_speed_ratio": other["median_s"] / ours["median_s"],
+            "compare_note": f"speed_ratio = {against} median time / dsv4 median time (> 1: dsv4 is faster)",
+            **{f"compare_{k}": v for k, v in extra.items()}}
+
+
 def free_memory_bytes(device) -> int | None:
     """Free memory on ``device`` (CUDA: the driver's count; CPU: MemAvailable), None if unknown."""
     dev = torch.device(device)
