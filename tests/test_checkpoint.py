@@ -136,13 +136,33 @@ def test_bad_checkpoints(ckpt, tmp_path, how, message):
 
 @pytest.fixture(scope="module")
 def big(tmp_path_factory):
-    """A checkpoint of ~190 MB (many large experts) for the streaming tests."""
+    """A checkpoint of ~190 MB (many large experts) for the streaming test. The experts are random
+    MXFP4 bytes and scales made directly in their stored form (quantising 75M float values would
+    take minutes on a loaded 2-core machine and adds nothing to a memory test)."""
+    from dsv4.engine.checkpoint.encode import encode
+    from dsv4.engine.checkpoint.formats import SCALE, linear_base, published_format
+    from dsv4.engine.checkpoint.shapes import tensor_shapes
+    from dsv4.engine.tools.synthetic import random_tensor
+    from dsv4.kernels.formats import MXFP4_GROUP
+
     cfg = demo_config().replace(hidden_size=512, moe_intermediate_size=1024, n_routed_experts=48,
                                 num_experts_per_tok=3, q_lora_rank=64, o_lora_rank=64)
-    from dsv4.engine.tools.synthetic import random_tensors
-
-    return write_published_checkpoint(cfg, tmp_path_factory.mktemp("big") / "src", seed=1,
-                                      tensors=random_tensors(cfg, 1, dtype=torch.bfloat16), max_shard_bytes=32 << 20)
+    g = torch.Generator().manual_seed(1)
+    stored = {}
+    for name, (kind, shape) in tensor_shapes(cfg).items():
+        fmt = published_format(name)
+        if fmt == "mxfp4":
+            out, inn = shape
+            stored[name] = torch.randint(0, 256, (out, inn // 2), dtype=torch.uint8, generator=g).view(torch.float4_e2m1fn_x2)
+            e = torch.randint(118, 124, (out, inn // MXFP4_GROUP), dtype=torch.uint8, generator=g)
+            stored[linear_base(name) + SCALE] = e.view(torch.float8_e8m0fnu)
+        elif fmt == "int":  # hash routing: distinct expert ids per token
+            stored[name] = torch.argsort(torch.rand(shape[0], cfg.n_routed_experts, generator=g), -1)[:, :shape[1]] \
+                .to(torch.int32)
+        else:
+            stored.update(encode(name, random_tensor(kind, shape, g, torch.bfloat16).float(), fmt))
+    return write_published_checkpoint(cfg, tmp_path_factory.mktemp("big") / "src", stored=stored,
+                                      max_shard_bytes=32 << 20)
 
 
 def _size(d):

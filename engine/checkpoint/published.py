@@ -17,7 +17,7 @@ from dsv4.engine.model.config import ConfigError, DSV4Config
 from dsv4.kernels.formats import FP8_BLOCK
 
 from .encode import encode
-from .formats import SCALE, SCALE_INV, published_format, stored_entries
+from .formats import SCALE, SCALE_INV, is_companion, published_format, stored_entries, stored_names
 from .shapes import tensor_shapes
 from .shards import DTYPES, INDEX, CheckpointError, ShardReader, ShardWriter, short
 
@@ -153,17 +153,23 @@ def to_published(name: str, t: torch.Tensor) -> dict:
 
 
 def write_published_checkpoint(cfg: DSV4Config, out: str | os.PathLike, seed: int = 0, tensors: dict | None = None,
-                               max_shard_bytes: int = 2 << 20, tokenizer: bool = True) -> Path:
+                               max_shard_bytes: int = 2 << 20, tokenizer: bool = True, stored: dict | None = None) -> Path:
     """Write a checkpoint in EXACTLY the published layout: config.json, sharded safetensors with an
-    index, FP8 block-scaled linears, MXFP4 experts, BF16/F32 small tensors, mtp.*, tokenizer files."""
+    index, FP8 block-scaled linears, MXFP4 experts, BF16/F32 small tensors, mtp.*, tokenizer files.
+
+    ``tensors``: logical float tensors (default: random, seeded), encoded here (to_published);
+    ``stored``: instead, tensors already in their stored formats, written as they are."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    if tensors is None:
+    if tensors is None and stored is None:
         from dsv4.engine.tools.synthetic import random_tensors
 
         tensors = random_tensors(cfg, seed)
     writer = ShardWriter(out, max_shard_bytes)
-    for n, t in tensors.items():
+    for n in stored or {}:  # one logical tensor (a weight with its scales) at a time, so shards fill evenly
+        if not is_companion(n, stored):
+            writer.add({p: stored[p] for p in stored_names(n) if p in stored})
+    for n, t in (tensors or {}).items():
         writer.add(to_published(n, t))
     writer.finish()
     d = cfg.to_dict()
