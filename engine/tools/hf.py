@@ -105,7 +105,7 @@ def build_hf_model(cfg, tensors: dict, device="cpu"):
 
 def float32_bytes(cfg) -> int:
     """Bytes of the model (without MTP) held in float32, as transformers would hold it."""
-    from .synthetic import tensor_shapes
+    from dsv4.engine.checkpoint.shapes import tensor_shapes
 
     n = 0
     for _kind, shape in tensor_shapes(cfg, mtp=False).values():
