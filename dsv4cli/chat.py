@@ -201,11 +201,20 @@ def tool_call_line(call: dict) -> str:
     return f"[tool call {call.get('id', '')}] {fn['name']} {fn['arguments']}"
 
 
+def context_full_message(prompt_tokens: int, max_context: int) -> str:
+    return (f"the prompt is {prompt_tokens} tokens but the context holds {max_context}: shorten it or raise "
+            "--max-context")
+
+
 def one_shot(conv, prompt, params, seed, max_tokens, json_out, hide_reasoning, banner):
     from dsv4.engine.runtime.conversation import ContextFull
     from dsv4.engine.runtime.sampling import Sampler
 
     sampler = Sampler(params, seed)
+    pending = conv.messages + ([{"role": "user", "content": prompt}] if prompt is not None else [])
+    n = len(conv.prompt_ids(conv.render(pending)))
+    if n >= conv.session.max_context:
+        raise UserError(context_full_message(n, conv.session.max_context))
     if not json_out:
         sys.stderr.write(banner + "\n")
     gen = conv.send(prompt, sampler, max_tokens)
@@ -221,8 +230,7 @@ def one_shot(conv, prompt, params, seed, max_tokens, json_out, hide_reasoning, b
                     sys.stderr.write(p.text)
                     sys.stderr.flush()
     except ContextFull as e:
-        raise UserError(f"the prompt is {e.prompt_tokens} tokens but the context holds {e.max_context}: shorten "
-                        "it or raise --max-context") from None
+        raise UserError(context_full_message(e.prompt_tokens, e.max_context)) from None
     except KeyboardInterrupt:
         gen.close()
         if conv.last_turn is None or not conv.last_turn.token_ids:

@@ -1,4 +1,6 @@
-"""dsv4 chat end to end: one-shot JSON equals the engine's greedy loop; errors; the REPL in a pty."""
+"""dsv4 chat end to end: one-shot JSON equals the engine's greedy loop, text output, --render,
+--messages (an agent loop with tool results), one-line errors, Ctrl+C (one-shot and REPL, each waited
+on through output seen on a pty, never a clock)."""
 
 import json
 import os
@@ -12,7 +14,8 @@ import time
 import pytest
 import torch
 
-from dsv4.engine.runtime.chat import encode_chat
+from dsv4.engine.runtime.chat import encode_chat, encode_messages
+from dsv4.engine.runtime.completion import OutputParser
 from dsv4.engine.checkpoint.published import write_published_checkpoint
 from dsv4.engine.checkpoint.loader import load_model
 from dsv4.engine.runtime.session import Session
@@ -29,7 +32,13 @@ def ckpt(tmp_path_factory):
 
 def run(args, **kw):
     env = dict(os.environ)
-    return subprocess.run(CLI + args, capture_output=True, text=True, env=env, timeout=300, **kw)
+    return subprocess.run(CLI + args, capture_output=True, text=True, env=env, timeout=900, **kw)  # a hang guard only: generous for a loaded machine
+
+
+def greedy(ckpt, prompt_ids, n):
+    tok = Tokenizer.from_dir(ckpt)
+    s = Session(load_model(ckpt, mode="faithful"), 4096)
+    return list(s.generate(prompt_ids, lambda logits: int(torch.argmax(logits)), n, stop_ids={tok.eos_id}))
 
 
 def test_one_shot_json_equals_engine_greedy_loop(ckpt):
@@ -40,35 +49,102 @@ def test_one_shot_json_equals_engine_greedy_loop(ckpt):
     tok = Tokenizer.from_dir(ckpt)
     prompt = tok.encode(encode_chat([{"role": "user", "content": "What does json.dumps do?"}], thinking=False))
     assert out["prompt_token_ids"] == prompt
-    s = Session(load_model(ckpt, mode="faithful"), 4096)
-    ids = list(s.generate(prompt, lambda logits: int(torch.argmax(logits)), 16, stop_ids={tok.eos_id}))
+    ids = greedy(ckpt, prompt, 16)
     assert out["token_ids"] == ids
-    for key in ("text", "reasoning", "time_to_first_token_s", "tokens_per_s", "decode_s"):
-        assert key in out
+    parser = OutputParser(thinking=False)
+    parser.feed(tok.decode(ids))
+    msg = out["message"]
+    assert msg == {"role": "assistant", "content": parser.finish().message["content"], "reasoning_content": "",
+                   "tool_calls": []}
+    assert out["text"] == msg["content"]
+    assert out["finish_reason"] == ("stop" if ids[-1] == tok.eos_id else "length")
+    assert out["generated_tokens"] == len(ids) and out["prompt_tokens"] == len(prompt)
 
 
-def test_prompt_from_stdin_and_text_output(ckpt):
+def test_prompt_from_stdin_prints_the_answer_and_says_it_was_cut(ckpt):
     r = run(["chat", "--model", str(ckpt), "--temperature", "0", "--max-tokens", "4", "--device", "cpu"],
             input="hello from stdin\n")
     assert r.returncode == 0, r.stderr
-    assert "demo" not in r.stderr and "ck" in r.stderr  # banner names the model, on stderr
+    tok = Tokenizer.from_dir(ckpt)
+    ids = greedy(ckpt, tok.encode(encode_chat([{"role": "user", "content": "hello from stdin"}], thinking=False)), 4)
+    parser = OutputParser(thinking=False)
+    parser.feed(tok.decode(ids))
+    assert r.stdout == parser.answer_text + "\n"
+    lines = r.stderr.splitlines()
+    assert lines[0].startswith("dsv4 · ck · ") and "demo" not in lines[0]  # the banner names the model
+    cut = ids[-1] != tok.eos_id
+    assert ("note: the answer was cut at --max-tokens 4" in r.stderr) == cut
+
+
+def test_render_prints_the_exact_prompt_without_weights(ckpt, tmp_path):
+    conv = tmp_path / "conv.json"
+    msgs = [{"role": "user", "content": "Weather in Oslo?"},
+            {"role": "assistant", "reasoning_content": "Need it.", "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Oslo"}'}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "-3°C"}]
+    tools = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]
+    conv.write_text(json.dumps({"messages": msgs, "tools": tools}))
+    tok_only = tmp_path / "tok_only"  # a folder with a tokenizer and no weights at all
+    tok_only.mkdir()
+    (tok_only / "tokenizer.json").write_bytes((ckpt / "tokenizer.json").read_bytes())
+    want = encode_messages([{"role": "system", "content": "", "tools": tools}] + msgs, "thinking",
+                           reasoning_effort="max")
+    r = run(["chat", "--messages", str(conv), "--render", "--think", "--reasoning-effort", "max"])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == want and "Need it.</think>" in want  # tools present: the reasoning is kept
+    r = run(["chat", "--model", str(tok_only), "--messages", str(conv), "--render", "--json", "-p", "Thanks"])
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    want = encode_messages([{"role": "system", "content": "", "tools": tools}] + msgs +
+                           [{"role": "user", "content": "Thanks"}], "chat")
+    assert out == {"prompt": want, "prompt_token_ids": Tokenizer.from_dir(ckpt).encode(want)}
+
+
+def test_messages_json_continues_a_conversation_for_an_agent_loop(ckpt, tmp_path):
+    conv = tmp_path / "conv.json"
+    msgs = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Time?"},
+            {"role": "assistant", "content": "", "tool_calls": [
+                {"id": "t1", "type": "function", "function": {"name": "now", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "t1", "content": "12:00"}]
+    conv.write_text(json.dumps(msgs))
+    r = run(["chat", "--model", str(ckpt), "--messages", str(conv), "--json", "--temperature", "0",
+             "--max-tokens", "5", "--device", "cpu"], stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    tok = Tokenizer.from_dir(ckpt)
+    assert out["prompt_token_ids"] == tok.encode(encode_messages(msgs, "chat"))
+    assert set(out["message"]) == {"role", "content", "reasoning_content", "tool_calls"}
+    assert out["message"]["role"] == "assistant" and out["finish_reason"] in ("stop", "length")
+    # the loop appends the message and asks again; an assistant-ended file has nothing to answer
+    conv.write_text(json.dumps(msgs + [out["message"]]))
+    r = run(["chat", "--model", str(ckpt), "--messages", str(conv), "--json"], stdin=subprocess.DEVNULL)
+    assert r.returncode == 2 and "ends with a message of role 'assistant'" in r.stderr and "Traceback" not in r.stderr
 
 
 @pytest.mark.parametrize("args,message", [
     (["--model", "/no/such/dir", "-p", "x"], "no such folder"),
     (["-p", "x", "--temperature", "-1"], "temperature must be >= 0"),
+    (["-p", "x", "--temperature", "nan"], "--temperature nan: use a finite number"),
     (["-p", "x", "--top-p", "0"], "top-p must be in (0, 1]"),
     (["-p", "x", "--precision", "fp4"], "use exact or faithful"),
     (["-p", "x", "--max-tokens", "0"], "--max-tokens must be >= 1"),
     (["-p", "x", "--device", "tpu"], "use cpu, cuda or cuda:N"),
+    (["-p", "word " * 40, "--max-context", "32", "--device", "cpu"], "but the context holds 32"),
+    (["--messages", "/no/such.json"], "--messages /no/such.json: no such file"),
+    (["--messages", "BAD", "--render"], "messages[0]: a message must be an object, got int"),
+    (["--messages", "TOOLCALL", "--render"], "messages[1]: tool_calls[0].function.arguments must be a JSON object"),
 ])
-def test_bad_options_one_line_no_traceback(ckpt, args, message):
+def test_bad_options_one_line_no_traceback(ckpt, tmp_path, args, message):
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    (tmp_path / "call.json").write_text(json.dumps([{"role": "user", "content": "q"}, {"role": "assistant", "tool_calls": [
+        {"id": "1", "function": {"name": "f", "arguments": "[1]"}}]}]))
+    args = [{"BAD": str(tmp_path / "bad.json"), "TOOLCALL": str(tmp_path / "call.json")}.get(a, a) for a in args]
     if "--model" not in args:
         args = args + ["--model", str(ckpt)]
     r = run(["chat"] + args)
-    assert r.returncode == 2
+    assert r.returncode == 2, r.stderr
     assert message in r.stderr and "Traceback" not in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
 def test_missing_tokenizer_is_a_clear_error(ckpt, tmp_path):
@@ -102,7 +178,7 @@ class Pty:
         os.close(slave)
         self.buf = ""
 
-    def read_until(self, pattern, timeout=60):
+    def read_until(self, pattern, timeout=float(os.environ.get("DSV4_TEST_PTY_TIMEOUT", 600))):  # hang guard
         end = time.time() + timeout
         rx = re.compile(pattern)
         while time.time() < end:
@@ -124,10 +200,39 @@ class Pty:
         self.buf = ""
 
 
+PTY_ENV = dict(os.environ, TERM="xterm", COLUMNS="200", LINES="50", PROMPT_TOOLKIT_NO_CPR="1")
+
+
+def test_json_in_a_terminal_without_a_prompt_is_an_error_not_a_wait(ckpt):
+    t = Pty(["chat", "--model", str(ckpt), "--json"], PTY_ENV)
+    try:
+        t.read_until(r"--json answers one prompt: pass -p")
+        assert t.p.wait(timeout=60) == 2
+    finally:
+        if t.p.poll() is None:
+            t.p.kill()
+
+
+def test_ctrl_c_during_one_shot_prints_the_partial_answer_and_exits_130(ckpt):
+    t = Pty(["chat", "--model", str(ckpt), "-p", "hello", "--temperature", "0", "--max-tokens", "3000",
+             "--device", "cpu"], PTY_ENV)
+    try:
+        t.read_until(r"dsv4 · ck · [^\n]*\n")  # the banner; the answer follows it
+        t.mark()
+        t.read_until(r"\S")  # answer text is arriving: generating
+        t.send("\x03")
+        t.read_until(r"interrupted: the answer is partial")
+        assert t.p.wait(timeout=60) == 130
+        partial = ANSI.sub("", t.buf).split("interrupted: the answer is partial")[0]
+        assert partial.strip() and "Traceback" not in t.buf
+    finally:
+        if t.p.poll() is None:
+            t.p.kill()
+
+
 def test_repl_two_turns_slash_command_and_ctrl_c(ckpt, tmp_path):
-    env = dict(os.environ, TERM="xterm", COLUMNS="200", LINES="50", PROMPT_TOOLKIT_NO_CPR="1")
     t = Pty(["chat", "--model", str(ckpt), "--temperature", "0", "--max-tokens", "6", "--device", "cpu",
-             "--history-file", str(tmp_path / "hist")], env)
+             "--history-file", str(tmp_path / "hist")], PTY_ENV)
     try:
         t.read_until(r"/help for commands")
         t.read_until(PROMPT)
@@ -143,18 +248,24 @@ def test_repl_two_turns_slash_command_and_ctrl_c(ckpt, tmp_path):
         t.read_until(PROMPT)
         t.mark()
         t.send("tell me more\r")
-        time.sleep(3.0)  # generating (3000 tokens take far longer): interrupt it
+        t.read_until(r"tell me more\r*\n")
+        t.mark()
+        t.read_until(r"\S")  # the answer is streaming (3000 tokens take far longer): interrupt it
         t.send("\x03")
         t.read_until(r"stopped")
-        m2 = t.read_until(r"(\d+) prompt tokens \((\d+) new\) · (\d+) generated .*stopped by you")
-        total2, new2 = int(m2.group(1)), int(m2.group(2))
+        m2 = t.read_until(r"(\d+) prompt tokens \((\d+) new\) · (\d+) generated · first token \d+ ms · "
+                          r"([\d.]+) tok/s · stopped by you · context (\d+)/")
+        total2, new2, gen2, rate, used = (int(m2.group(1)), int(m2.group(2)), int(m2.group(3)), float(m2.group(4)),
+                                          int(m2.group(5)))
         # the second turn prefilled only the new tokens: the cache kept turn one's prompt and the 5
         # generated tokens that were fed back (the 6th was sampled, never run)
         assert total2 > first_total and new2 == total2 - (first_total + 5)
+        # after Ctrl+C the cache is intact: it holds the prompt and every token but the last sampled one
+        assert used == total2 + gen2 - 1 and (rate > 0 or gen2 < 2)
         t.read_until(PROMPT)
         t.mark()
         t.send("/stats\r")
-        t.read_until(r"prompt \d+ \(prefilled \d+\)")
+        t.read_until(r"prompt \d+ \(prefilled \d+\) · generated \d+ .* interrupted")
         t.read_until(PROMPT)
         t.send("\x04")  # Ctrl+D exits
         t.read_until(r"bye")

@@ -258,8 +258,8 @@ def answerable(msgs: list[dict]) -> bool:
         return False
     if role == "assistant" and last.get("wo_eos"):
         return True
-    raise NothingToAnswer(f"the conversation ends with a {role} message; add a user or tool message "
-                          "for the model to answer")
+    raise NothingToAnswer(f"nothing to answer: the conversation ends with a message of role {role!r}; add a "
+                          "user or tool message")
 
 
 __all__ = ["ChatFormatError", "ContextFull", "Conversation", "ConversationError", "NothingToAnswer", "Turn",
