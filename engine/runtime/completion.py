@@ -16,7 +16,6 @@ returned. ``strict=False`` never raises: it keeps what can be read and names the
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 
@@ -273,10 +272,3 @@ def _partial_suffix(text: str, tag: str) -> int:
             return n
     return 0
 
-
-def arguments_object(call: dict):
-    """A tool call's arguments parsed from JSON (None when they are not valid JSON)."""
-    try:
-        return json.loads(call["function"]["arguments"])
-    except (ValueError, KeyError, TypeError):
-        return None
