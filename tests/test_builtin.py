@@ -1,7 +1,6 @@
 """The built-in default model (engine/builtin): its format, that it answers on topic, and that
 faithful mode and the NVFP4/FP8 converted checkpoint stay within 5% of exact-mode perplexity."""
 
-import math
 import os
 import subprocess
 import sys
@@ -41,7 +40,7 @@ def test_builtin_is_a_small_published_layout_v4():
 def test_chat_answers_json_dumps_on_topic():
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
     r = subprocess.run(CLI + ["chat", "-p", "What does json.dumps do?", "--temperature", "0", "--max-tokens", "60"],
-                       capture_output=True, text=True, env=env, timeout=120)
+                       capture_output=True, text=True, env=env, timeout=1800)  # a hang guard, not a speed check
     assert r.returncode == 0, r.stderr
     assert "built-in default model" in r.stderr  # the banner says which model answers
     text = r.stdout
@@ -68,4 +67,4 @@ def test_faithful_and_converted_perplexity_within_5_percent_of_exact(heldout_ids
     converted = _ppl(tmp_path / "nvfp4", "exact", heldout_ids)
     for name, v in (("faithful", faithful), ("converted", converted)):
         assert abs(v / exact - 1) < 0.05, (name, v, exact)
-    assert not math.isclose(converted, exact, rel_tol=1e-6)  # the conversion really changed the weights
+    assert converted == exact  # MXFP4 -> NVFP4 keeps every expert value (issue #20), FP8 dense is copied

@@ -4,8 +4,10 @@ import torch
 
 from dsv4.cache import CacheManager, CacheSchema
 from dsv4.engine.model.block import block
+from dsv4.engine.model.context import LayerContext
 from dsv4.engine.model.model import Model
 from dsv4.engine.runtime.session import Session
+from dsv4.kernels.formats import Precision
 
 
 def test_mtp_forward_matches_hand_computation(tiny_cfg, tiny_tensors):
@@ -32,8 +34,9 @@ def test_mtp_forward_matches_hand_computation(tiny_cfg, tiny_tensors):
     mgr2 = CacheManager(schema, 64)
     slot2 = mgr2.admit_request()
     mgr2.prepare(slot2, 19)
-    x = block(x, model.w, "mtp.0", cfg.mtp_layer(0), cfg, mgr2.handles(slot2)[cfg.num_hidden_layers],
-              torch.arange(19), ids[1:], model.rope, "exact", 0)
+    ctx = LayerContext(cfg, model.w, "mtp.0", cfg.mtp_layer(0), mgr2.handles(slot2)[cfg.num_hidden_layers],
+                       torch.arange(19), ids[1:], model.rope, Precision.EXACT, 0, model.experts["mtp.0.ffn"])
+    x = block(x, ctx)
     flat = x.reshape(19, -1)
     flat = flat * torch.rsqrt(flat.pow(2).mean(-1, keepdim=True) + cfg.rms_norm_eps)
     pre = torch.sigmoid(flat @ t["mtp.0.hc_head_fn"].T * t["mtp.0.hc_head_scale"] + t["mtp.0.hc_head_base"]) + cfg.hc_eps

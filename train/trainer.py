@@ -22,12 +22,14 @@ import torch
 
 from dsv4.engine.checkpoint.encode import stored_values
 from dsv4.engine.checkpoint.formats import published_format
+from dsv4.engine.model.context import ChunkHandle
 from dsv4.engine.model.model import Model
 from dsv4.engine.model.weights import build_weights
 
 
-class SequenceHandle:
-    """Cache handle for one forward over a full sequence starting at position 0 (no grad cut)."""
+class SequenceHandle(ChunkHandle):
+    """The chunk forward's cache interface (engine/model/context.ChunkHandle) for one forward over a
+    full sequence starting at position 0 (no grad cut)."""
 
     def __init__(self, layer, device):
         self.layer, self.device = layer, device
@@ -124,41 +126,34 @@ class Capture:
     inference code: the indexer's scores and visibility (per CSA layer), the attention's queries and
     keys, and the experts each score-routed layer picked (keyed by its gate-bias tensor).
 
-    Used as a context manager; it wraps the ``kernels`` entry points the engine calls and restores
-    them on exit."""
-
-    NAMES = ("indexer_topk", "sparse_mqa_attention", "router_topk")
+    Used as a context manager: it observes those ops through ``kernels.dispatch.observing`` (the
+    values are the ones the forward computed; nothing is replaced)."""
 
     def __init__(self):
-        from dsv4 import kernels
-
-        self.k = kernels
         self.index, self.attn, self.routes = [], [], []
+        self._observing = None
 
     def __enter__(self):
-        k = self.k
-        self.saved = {n: getattr(k, n) for n in self.NAMES}
-        orig = dict(self.saved)
+        from dsv4.kernels import dispatch
 
-        def indexer_topk(scores, visible, topk):
+        def indexer_topk(args, out):
+            scores, visible, _ = args
             self.index.append((len(self.attn), scores, visible))
-            return orig["indexer_topk"](scores, visible, topk)
 
-        def sparse_mqa_attention(q, kv, bias, sink, scale):
+        def sparse_mqa_attention(args, out):
+            q, kv, _, _, scale = args
             self.attn.append((q, kv, scale))
-            return orig["sparse_mqa_attention"](q, kv, bias, sink, scale)
 
-        def router_topk(scores, bias, topk, scale):
-            weights, ids = orig["router_topk"](scores, bias, topk, scale)
-            self.routes.append((bias, ids))
-            return weights, ids
+        def router_topk(args, out):
+            self.routes.append((args[1], out[1]))  # (gate bias, expert ids)
 
-        k.indexer_topk, k.sparse_mqa_attention, k.router_topk = indexer_topk, sparse_mqa_attention, router_topk
+        self._observing = dispatch.observing({"indexer_topk": indexer_topk, "sparse_mqa_attention": sparse_mqa_attention,
+                                              "router_topk": router_topk})
+        self._observing.__enter__()
         return self
 
     def __exit__(self, *exc):
-        for n, f in self.saved.items():
-            setattr(self.k, n, f)
+        self._observing.__exit__(*exc)
 
     def indexer_loss(self) -> torch.Tensor:
         """KL(attention's distribution over the visible compressed entries || indexer's), per query.

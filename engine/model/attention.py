@@ -15,6 +15,7 @@ from dsv4.kernels import quant
 from dsv4.kernels.reference.indexer import indexer_topk_indices
 
 from .compressor import compress_decode, compress_step
+from .context import LayerContext
 
 
 def _project(x, w, p, cfg, cos, sin, faithful):
@@ -53,11 +54,12 @@ def _entry_quantiser(faithful: bool, rd: int):
     return (lambda e: quant.kv_quant_dequant(e, rd)) if faithful else (lambda e: e)
 
 
-def attention(x: torch.Tensor, w: dict, p: str, spec, cfg, handle, positions: torch.Tensor, rope,
-              mode: str, start: int) -> torch.Tensor:
-    """x: [S, d] normed input; p: weight prefix "layers.i.attn"; positions: [S] absolute, the first
-    being ``start`` (a host int, so no device sync). -> [S, d]."""
-    faithful = mode == "faithful"
+def attention(x: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
+    """A chunk: x [S, d] normed input at positions ctx.positions [S], the first being ctx.start (a host
+    int, so no device sync). -> [S, d]."""
+    w, p, spec, cfg, handle, positions, rope, start = (ctx.w, ctx.prefix + ".attn", ctx.spec, ctx.cfg, ctx.handle,
+                                                      ctx.positions, ctx.rope, ctx.start)
+    faithful = ctx.faithful
     cos, sin = rope.cos_sin(positions, spec.yarn)
     qr, q, kv = _project(x, w, p, cfg, cos, sin, faithful)
 
@@ -86,15 +88,14 @@ def attention(x: torch.Tensor, w: dict, p: str, spec, cfg, handle, positions: to
     return _attend(q, keys, visible, w, p, cfg, cos, sin)
 
 
-def decode_attention(x: torch.Tensor, w: dict, p: str, spec, cfg, handle, positions: torch.Tensor, rope,
-                     mode: str, start=None) -> torch.Tensor:
-    """One token, x: [1, d], at the device position positions [1] (``start`` is unused; rope is the
-    step's engine.rope.StepRope). -> [1, d].
+def decode_attention(x: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
+    """One token, x: [1, d], at the device position ctx.positions [1] (ctx.rope is the step's
+    StepRope). -> [1, d].
 
     Entries are quantised once, by the store (kernels.store_entry), and attention reads the cache
     in its storage formats (kernels.decode_attention)."""
-    faithful = mode == "faithful"
-    pos = positions
+    w, p, spec, cfg, handle, pos, rope = ctx.w, ctx.prefix + ".attn", ctx.spec, ctx.cfg, ctx.handle, ctx.positions, ctx.rope
+    faithful = ctx.faithful
     cos, sin = rope.at_pos(spec.yarn)
     qr, q, kv = _project(x, w, p, cfg, cos, sin, faithful=False)  # kv is quantised by its store
     ring = handle.ring_store()

@@ -15,24 +15,25 @@ from collections import ChainMap
 import torch
 
 from dsv4 import kernels
+from dsv4.kernels import dispatch
+from dsv4.kernels.formats import Precision
 
-from .attention import decode_attention, stacked_linears as attention_stacks
+from .attention import stacked_linears as attention_stacks
 from .block import block
 from .config import DSV4Config
+from .context import LayerContext
 from .moe import layer_experts, stacked_linears as moe_stacks
 from .rope import RopeTables, StepRope
 from .weights import build_weights, fuse_rows
 
-MODES = ("exact", "faithful")
-
-
 class Model:
-    def __init__(self, cfg: DSV4Config, weights: dict, mode: str = "exact", device="cpu",
+    """mode: a Precision (or its name, parsed here once)."""
+
+    def __init__(self, cfg: DSV4Config, weights: dict, mode: Precision | str = Precision.EXACT, device="cpu",
                  dtype: torch.dtype = torch.float32):
-        if mode not in MODES:
-            raise ValueError(f"unknown precision mode {mode!r}: use 'exact' or 'faithful'")
-        self.cfg, self.mode = cfg, mode
+        self.cfg, self.precision = cfg, Precision.parse(mode)
         self.device, self.dtype = torch.device(device), dtype
+        dispatch.require_kernels(self.device.type)
         self.rope = RopeTables(cfg, self.device)
         self.specs = cfg.schedule()
         self.w = weights
@@ -48,8 +49,23 @@ class Model:
         prefixes = [f"layers.{s.index}.ffn" for s in self.specs] + (["mtp.0.ffn"] if "mtp.0.e_proj" in weights else [])
         self.experts = {p: layer_experts(weights, p, self.cfg.n_routed_experts) for p in prefixes}
 
+    @property
+    def mode(self) -> Precision:
+        """The precision (a str enum: compares equal to "exact" / "faithful")."""
+        return self.precision
+
+    def _ctx(self, p: str, spec, handle, positions, token_ids, rope, start) -> LayerContext:
+        return LayerContext(self.cfg, self._step_weights() if start is None else self.w, p, spec, handle, positions,
+                            token_ids, rope, self.precision, start, self.experts[p + ".ffn"])
+
+    def _step_weights(self):
+        """The weights with the decode step's stacked linears (built at the first step)."""
+        if self._fused is None:
+            self._fused = self._fuse()
+        return ChainMap(self._fused, self.w)
+
     @classmethod
-    def from_state_dict(cls, cfg: DSV4Config, tensors: dict, mode: str = "exact", device="cpu",
+    def from_state_dict(cls, cfg: DSV4Config, tensors: dict, mode: Precision | str = Precision.EXACT, device="cpu",
                         dtype: torch.dtype = torch.float32) -> "Model":
         return cls(cfg, build_weights(tensors, device), mode, device, dtype)
 
@@ -72,8 +88,7 @@ class Model:
         streams = h.unsqueeze(1).expand(-1, cfg.hc_mult, -1).contiguous()
         for spec in self.specs:
             p = f"layers.{spec.index}"
-            streams = block(streams, w, p, spec, cfg, handles[spec.index], positions, ids, self.rope, self.mode,
-                            start, self.experts[p + ".ffn"])
+            streams = block(streams, self._ctx(p, spec, handles[spec.index], positions, ids, self.rope, start))
         logits = self._head(streams[-1:] if last_only else streams, "")
         return (logits, streams) if return_streams else logits
 
@@ -83,15 +98,11 @@ class Model:
         branch depends on the position, so it can be captured in a CUDA graph (engine/decode.py).
         -> logits [1, vocab] float32."""
         cfg = self.cfg
-        if self._fused is None:
-            self._fused = self._fuse()
-        w = ChainMap(self._fused, self.w)
         rope = StepRope(self.rope, pos)
-        streams = w["embed.weight"][token].to(self.dtype).unsqueeze(1).expand(-1, cfg.hc_mult, -1).contiguous()
+        streams = self.w["embed.weight"][token].to(self.dtype).unsqueeze(1).expand(-1, cfg.hc_mult, -1).contiguous()
         for spec in self.specs:
             p = f"layers.{spec.index}"
-            streams = block(streams, w, p, spec, cfg, handles[spec.index], pos, token, rope, self.mode,
-                            None, self.experts[p + ".ffn"], attend=decode_attention)
+            streams = block(streams, self._ctx(p, spec, handles[spec.index], pos, token, rope, None))
         return self._head(streams, "")
 
     def _fuse(self) -> dict:
@@ -129,6 +140,5 @@ class Model:
         e = kernels.rms_norm(w["embed.weight"][ids].to(self.dtype), w[p + ".enorm.weight"], cfg.rms_norm_eps)
         hs = kernels.rms_norm(streams, w[p + ".hnorm.weight"], cfg.rms_norm_eps)
         x = kernels.linear(e, w[p + ".e_proj"]).unsqueeze(1) + kernels.linear(hs, w[p + ".h_proj"])
-        x = block(x, w, p, cfg.mtp_layer(0), cfg, handle, positions, ids, self.rope, self.mode, start,
-                  self.experts[p + ".ffn"])
+        x = block(x, self._ctx(p, cfg.mtp_layer(0), handle, positions, ids, self.rope, start))
         return self._head(x, p + ".")

@@ -30,10 +30,10 @@ def shared_expert(x: torch.Tensor, w: dict, p: str, limit: float) -> torch.Tenso
     return kernels.linear(h, w[p + ".w2"])
 
 
-def moe(x: torch.Tensor, w: dict, p: str, spec, cfg, token_ids: torch.Tensor, experts=None) -> torch.Tensor:
-    """x: [S, d] normed; p: "layers.i.ffn"; token_ids: [S] (hash routing); experts: layer_experts(...)
-    (built here if None). -> [S, d]. The expert ids stay on the device (no host read)."""
-    routed = experts or layer_experts(w, p, cfg.n_routed_experts)
+def moe(x: torch.Tensor, ctx) -> torch.Tensor:
+    """x: [S, d] normed -> [S, d]: the routed experts (ctx.experts; hash routing by ctx.token_ids [S])
+    plus the shared expert. The expert ids stay on the device (no host read)."""
+    w, p, spec, cfg, token_ids, routed = ctx.w, ctx.prefix + ".ffn", ctx.spec, ctx.cfg, ctx.token_ids, ctx.experts
     gate = w[p + ".gate"]
     scores = kernels.router_scores(x, gate.data if gate.fmt == "dense" and gate.dense is None else gate.dequant())
     k, scale = cfg.num_experts_per_tok, cfg.routed_scaling_factor

@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import torch
 
+from dsv4.engine.checkpoint.formats import COMPANIONS, SCALE, SCALE_2, SCALE_INV, WEIGHT, is_companion, linear_base
 from dsv4.kernels import QWeight
+from dsv4.kernels.formats import FP8_BLOCK
 
 RAW_2D = ("embed.weight",)  # looked up by row, never multiplied
 
 
 def qweight_from(tensors: dict, base: str) -> QWeight:
     """Build the QWeight for ``base`` (name without ``.weight``) from a name->tensor mapping."""
-    w = tensors[base + ".weight"]
-    scale = tensors.get(base + ".scale")
+    w = tensors[base + WEIGHT]
+    scale = tensors.get(base + SCALE)
     if scale is None:
-        scale = tensors.get(base + ".weight_scale_inv")
+        scale = tensors.get(base + SCALE_INV)
     if w.dtype == torch.float8_e4m3fn:
         if scale is None:
             raise ValueError(f"{base}.weight is FP8 but has no .scale")
@@ -29,7 +31,7 @@ def qweight_from(tensors: dict, base: str) -> QWeight:
         if scale is None:
             raise ValueError(f"{base}.weight is packed FP4 but has no .scale")
         if scale.dtype == torch.float8_e4m3fn:
-            return QWeight("nvfp4", w, scale, tensors[base + ".scale_2"])
+            return QWeight("nvfp4", w, scale, tensors[base + SCALE_2])
         return QWeight("mxfp4", w, scale)
     return QWeight("dense", w)
 
@@ -41,11 +43,11 @@ def build_weights(tensors: dict, device="cpu") -> dict:
     for name, t in tensors.items():
         if name in skip:
             continue
-        if name.endswith(".weight") and t.dim() == 2 and name not in RAW_2D:
-            base = name[: -len(".weight")]
+        base = linear_base(name)
+        if base is not None and t.dim() == 2 and name not in RAW_2D:
             out[base] = qweight_from(tensors, base).to(device)
-            skip.update({base + ".scale", base + ".weight_scale_inv", base + ".scale_2"})
-        elif name.endswith((".scale", ".weight_scale_inv", ".scale_2")) and name.rsplit(".", 1)[0] + ".weight" in tensors:
+            skip.update(base + c for c in COMPANIONS)
+        elif is_companion(name, tensors):
             continue
         else:
             out[name] = t.to(device)
@@ -56,7 +58,7 @@ def fuse_rows(weights: dict, names: list[str]) -> QWeight | None:
     """One QWeight whose rows are the named linears' rows in order (so linears that read the same
     input run as one GEMV launch), each named entry of ``weights`` replaced by a view of its rows:
     no second copy is kept. None, and nothing changed, when they cannot be stacked: a name missing,
-    formats, dtypes or input sizes differ, FP8 rows not whole 128-row scale blocks, a float32
+    formats, dtypes or input sizes differ, FP8 rows not whole FP8_BLOCK-row scale blocks, a float32
     dequantisation cached (weights.cache_dense), or a format other than dense / FP8."""
     ws = [weights.get(n) for n in names]
     if not all(isinstance(q, QWeight) for q in ws):
@@ -65,14 +67,14 @@ def fuse_rows(weights: dict, names: list[str]) -> QWeight | None:
     same = all(q.fmt == q0.fmt and q.data.dtype == q0.data.dtype and q.shape[1] == q0.shape[1] and q.dense is None
                and (q.scale is None) == (q0.scale is None) and (q.scale is None or q.scale.dtype == q0.scale.dtype)
                and q.global_scale is None for q in ws)
-    if not same or q0.fmt not in ("dense", "fp8") or (q0.fmt == "fp8" and any(q.shape[0] % 128 for q in ws)):
+    if not same or q0.fmt not in ("dense", "fp8") or (q0.fmt == "fp8" and any(q.shape[0] % FP8_BLOCK for q in ws)):
         return None
     data = torch.cat([q.data for q in ws])
     scale = None if q0.scale is None else torch.cat([q.scale for q in ws])
     row = 0
     for n, q in zip(names, ws):
         k = q.shape[0]
-        weights[n] = QWeight(q.fmt, data[row:row + k], None if scale is None else scale[row // 128:(row + k) // 128])
+        weights[n] = QWeight(q.fmt, data[row:row + k], None if scale is None else scale[row // FP8_BLOCK:(row + k) // FP8_BLOCK])
         row += k
     return QWeight(q0.fmt, data, scale)
 

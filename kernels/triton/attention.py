@@ -19,8 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv4.kernels.reference.attention import decode_attention as decode_attention_reference
-from dsv4.kernels.reference.entries import store_entry as store_entry_reference, store_kind
+from dsv4.kernels.reference.entries import store_kind
 
 KIND = {"kv": 0, "fp4": 1, "f32": 2}
 PRECISION = "tf32x3"  # float32 entries: tensor-core dots at about float32 accuracy (three TF32 products)
@@ -111,12 +110,16 @@ def _store_entry(x_ptr, row_ptr, a_ptr, b_ptr, s_ptr, D: tl.constexpr, NOPE: tl.
         tl.store(a_ptr + row * D + r, tl.load(x_ptr + r, mask=rm, other=0.0).to(tl.float32), mask=rm)
 
 
+def store_entry_supported(x: torch.Tensor, store: dict, row: torch.Tensor) -> bool:
+    """FP8 KV stores whole 64-channel scale groups, FP4 stores whole 32-groups; no autograd."""
+    kind, D = store_kind(store), x.shape[-1]
+    return not (x.requires_grad or (kind == "kv" and store["fp8"].shape[1] % 64) or (kind == "fp4" and D % 32))
+
+
 def store_entry_triton(x: torch.Tensor, store: dict, row: torch.Tensor) -> None:
     """kernels.store_entry for CUDA tensors: one launch."""
     kind = store_kind(store)
     D = x.shape[-1]
-    if x.requires_grad or (kind == "kv" and store["fp8"].shape[1] % 64) or (kind == "fp4" and D % 32):
-        return store_entry_reference(x, store, row)
     xs = x.reshape(-1).contiguous()
     if kind == "kv":
         nope = store["fp8"].shape[1]
@@ -249,13 +252,17 @@ def _parts(store: dict, kind: str):
     return store["f32"], store["f32"], store["f32"], store["f32"].shape[1]
 
 
+def decode_attention_supported(q: torch.Tensor, ring: dict, pos, entries: dict | None, *args) -> bool:
+    """KV rings (FP8 or float32) whose compressed entries, if any, have the ring's format; no autograd."""
+    kind = store_kind(ring)
+    return not (q.requires_grad or kind == "fp4" or (entries is not None and store_kind(entries) != kind))
+
+
 def decode_attention_triton(q: torch.Tensor, ring: dict, pos: torch.Tensor, entries: dict | None, rows, ok,
                             sink: torch.Tensor, scale: float) -> torch.Tensor:
     """kernels.decode_attention for CUDA tensors: two launches, nothing read to the host."""
     kind = store_kind(ring)
     H, D = q.shape
-    if q.requires_grad or kind == "fp4" or (entries is not None and store_kind(entries) != kind):
-        return decode_attention_reference(q, ring, pos, entries, rows, ok, sink, scale)
     ra, rb, rs, nope = _parts(ring, kind)
     W = ra.shape[0]
     if entries is None:

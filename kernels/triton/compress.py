@@ -12,7 +12,6 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv4.kernels.reference.compress import compress_decode as compress_decode_reference
 
 
 @triton.jit
@@ -92,14 +91,17 @@ def _finish(e_ptr, w_ptr, cos_ptr, sin_ptr, eps, D: tl.constexpr, RD: tl.constex
     tl.store(e_ptr + d, e, mask=dm)
 
 
+def compress_decode_supported(c, z, tail_c, tail_z, ape, prev_c, prev_z, norm_w, *args) -> bool:
+    """Float32 state, ratio >= 2, an even entry width; no autograd."""
+    f32 = all(t is None or t.dtype == torch.float32 for t in (c, z, tail_c, tail_z, prev_c, prev_z))
+    return not (c.requires_grad or z.requires_grad or ape.shape[0] < 2 or norm_w.shape[0] % 2 or not f32)
+
+
 def compress_decode_triton(c, z, tail_c, tail_z, ape, prev_c, prev_z, norm_w, cos, sin, pos, eps):
     """kernels.compress_decode for CUDA tensors: two launches (pool + state per channel block,
     then norm + RoPE)."""
     ratio, width = ape.shape
     D = norm_w.shape[0]
-    f32 = all(t is None or t.dtype == torch.float32 for t in (c, z, tail_c, tail_z, prev_c, prev_z))
-    if c.requires_grad or z.requires_grad or ratio < 2 or D % 2 or not f32:
-        return compress_decode_reference(c, z, tail_c, tail_z, ape, prev_c, prev_z, norm_w, cos, sin, pos, eps)
     out = torch.empty((1, D), device=c.device, dtype=torch.float32)
     overlap = prev_c is not None
     block = min(64, triton.next_power_of_2(D))

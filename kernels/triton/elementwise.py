@@ -9,9 +9,6 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv4.kernels.reference.entries import entry_rows as entry_rows_reference
-from dsv4.kernels.reference.moe import swiglu as swiglu_reference
-from dsv4.kernels.reference.rope import (apply_rope as apply_rope_reference, rms_norm_rope as rms_norm_rope_reference, rope_cos_sin as rope_cos_sin_reference)
 
 
 @triton.jit
@@ -63,17 +60,18 @@ def _rope_launch(x, weight, eps, cos, sin, inverse: bool, norm: bool) -> torch.T
     return y.reshape(x.shape)
 
 
+def apply_rope_supported(x: torch.Tensor, *args, **kwargs) -> bool:
+    """Rows up to 16384 wide; no autograd."""
+    return not (x.numel() == 0 or x.requires_grad or x.shape[-1] > 16384)
+
+
 def apply_rope_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
-    if x.numel() == 0 or x.requires_grad or x.shape[-1] > 16384:
-        return apply_rope_reference(x, cos, sin, inverse)
     return _rope_launch(x, None, 0.0, cos, sin, inverse, False)
 
 
 def rms_norm_rope_triton(x: torch.Tensor, weight: torch.Tensor | None, eps: float, cos: torch.Tensor,
                          sin: torch.Tensor) -> torch.Tensor:
     """kernels.rms_norm_rope for CUDA tensors: one launch."""
-    if x.numel() == 0 or x.requires_grad or x.shape[-1] > 16384 or (weight is not None and weight.requires_grad):
-        return rms_norm_rope_reference(x, weight, eps, cos, sin)
     return _rope_launch(x, weight, eps, cos, sin, False, True)
 
 
@@ -87,9 +85,16 @@ def _swiglu(g_ptr, u_ptr, y_ptr, n, limit, BLOCK: tl.constexpr):
     tl.store(y_ptr + i, (g * tl.sigmoid(g) * u).to(y_ptr.dtype.element_ty), mask=m)
 
 
+def rms_norm_rope_supported(x: torch.Tensor, weight: torch.Tensor | None, *args) -> bool:
+    """Rows up to 16384 wide; no autograd."""
+    return not (x.numel() == 0 or x.requires_grad or x.shape[-1] > 16384 or (weight is not None and weight.requires_grad))
+
+
+def swiglu_supported(gate: torch.Tensor, up: torch.Tensor, limit: float) -> bool:
+    return not (gate.requires_grad or up.requires_grad or gate.shape != up.shape or gate.numel() == 0)
+
+
 def swiglu_triton(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
-    if gate.requires_grad or up.requires_grad or gate.shape != up.shape or gate.numel() == 0:
-        return swiglu_reference(gate, up, limit)
     g, u = gate.contiguous(), up.contiguous()
     y = torch.empty_like(g)
     n = g.numel()
@@ -108,11 +113,13 @@ def _cos_sin(pos_ptr, inv_ptr, cos_ptr, sin_ptr, HALF, RATIO: tl.constexpr, BLOC
     tl.store(sin_ptr + s * HALF + r, tl.sin(ang), mask=m)
 
 
+def rope_cos_sin_supported(positions: torch.Tensor, inv_freq: torch.Tensor, *args) -> bool:
+    return inv_freq.dtype == torch.float32 and positions.dim() == 1 and positions.numel() > 0
+
+
 def rope_cos_sin_triton(positions: torch.Tensor, inv_freq: torch.Tensor, ratio: int = 1):
     """kernels.rope_cos_sin for CUDA positions: one launch."""
     half = inv_freq.shape[0]
-    if inv_freq.dtype != torch.float32 or positions.dim() != 1 or positions.numel() == 0:
-        return rope_cos_sin_reference(positions, inv_freq, ratio)
     cos = torch.empty((positions.shape[0], half), device=positions.device, dtype=torch.float32)
     sin = torch.empty_like(cos)
     _cos_sin[(positions.shape[0],)](positions, inv_freq.to(positions.device), cos, sin, half, RATIO=ratio,
@@ -134,10 +141,12 @@ def _entry_rows(pos_ptr, bt_ptr, row_ptr, rows_ptr, ok_ptr, CAP, RATIO: tl.const
         tl.store(row_ptr, tl.maximum(tl.load(bt_ptr + e // EPB), 0).to(tl.int64) * EPB + e % EPB)
 
 
+def entry_rows_supported(pos: torch.Tensor, block_row: torch.Tensor, *args) -> bool:
+    return block_row.dtype == torch.int32
+
+
 def entry_rows_triton(pos: torch.Tensor, block_row: torch.Tensor, ratio: int, per_block: int, capacity: int):
     """kernels.entry_rows for CUDA tensors: one launch."""
-    if block_row.dtype != torch.int32:
-        return entry_rows_reference(pos, block_row, ratio, per_block, capacity)
     row = torch.empty(1, device=pos.device, dtype=torch.int64)
     rows = torch.empty(capacity, device=pos.device, dtype=torch.int64)
     ok = torch.empty(capacity, device=pos.device, dtype=torch.bool)

@@ -8,7 +8,7 @@ adds the split-K partials, in split order, in the same launch.
 Decoding happens in registers (FP8 by a bit-cast conversion, e2m1 by placing its bits in an fp16,
 scales by exp2), so the bytes read are the stored bytes. ``_block_step`` / ``_fp4_step`` are one
 K step, shared with the routed-expert kernels (kernels/triton_moe.py). ``grouped`` makes row block g read its own slice of x
-(the V4 grouped output projection wo_a). Used for M <= MAX_ROWS; larger M goes to the reference.
+(the V4 grouped output projection wo_a). Used for M <= MAX_ROWS (``linear_supported``).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv4.kernels.reference.linear import QWeight, grouped_linear_reference, linear_reference
+from dsv4.kernels.reference.linear import QWeight
 
 MAX_ROWS = 16
 TARGET_PROGRAMS = 4 * 132  # ~4 per SM on an H100 / H200
@@ -207,18 +207,24 @@ def _split_buffers(split: int, M: int, N: int, BN: int, device) -> tuple[torch.T
     return torch.empty((split, M, N), device=device, dtype=torch.float32), cnt
 
 
+def linear_supported(x: torch.Tensor, w: QWeight) -> bool:
+    """Up to MAX_ROWS rows of x, a weight in its stored format (not a cached dense copy); no autograd."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    return 0 < rows <= MAX_ROWS and w.dense is None and not (x.requires_grad or w.data.requires_grad)
+
+
+def grouped_linear_supported(og: torch.Tensor, w: QWeight) -> bool:
+    return 0 < og.shape[0] <= MAX_ROWS and w.dense is None and not (og.requires_grad or w.data.requires_grad)
+
+
 def linear_triton(x: torch.Tensor, w: QWeight) -> torch.Tensor:
-    """kernels.linear for CUDA tensors: the GEMV kernels for up to MAX_ROWS rows, else the reference."""
+    """kernels.linear for CUDA tensors: the GEMV kernels, up to MAX_ROWS rows."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    if x2.shape[0] > MAX_ROWS or x2.shape[0] == 0 or w.dense is not None or x.requires_grad or w.data.requires_grad:
-        return linear_reference(x, w)
     return gemv(x2, w).to(x.dtype).reshape(*lead, w.shape[0])
 
 
 def grouped_linear_triton(og: torch.Tensor, w: QWeight) -> torch.Tensor:
     """kernels.grouped_linear for CUDA tensors: og [S, G, Kg] -> [S, G*R]."""
     S, G, Kg = og.shape
-    if S > MAX_ROWS or S == 0 or w.dense is not None or og.requires_grad or w.data.requires_grad:
-        return grouped_linear_reference(og, w)
     return gemv(og.reshape(S, G * Kg), w, rows_per_group=w.shape[0] // G).to(og.dtype)

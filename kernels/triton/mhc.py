@@ -15,8 +15,6 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv4.kernels.reference.mhc import mhc_post as mhc_post_reference, mhc_pre as mhc_pre_reference
-from dsv4.kernels.reference.norm import rms_norm as rms_norm_reference
 
 MAX_ROWS = 16
 BLOCK_K = 128  # 128 programs per row for the 24 mixes at V4 sizes (latency, not bytes, bounds it)
@@ -87,15 +85,18 @@ def _post(out_ptr, s_ptr, post_ptr, comb_ptr, y_ptr, D, N: tl.constexpr, BLOCK_D
     tl.store(y_ptr + row * N * D + ri[:, None] * D + rd[None, :], y.to(y_ptr.dtype.element_ty), mask=dm[None, :])
 
 
-def _supported(streams: torch.Tensor) -> bool:
+def mhc_supported(streams: torch.Tensor, fn_or_out: torch.Tensor, *args) -> bool:
+    """Up to MAX_ROWS rows, a power-of-two stream count >= 2; no autograd (mhc_pre and mhc_post)."""
     S, n, _ = streams.shape
-    return 0 < S <= MAX_ROWS and n & (n - 1) == 0 and n >= 2 and not streams.requires_grad
+    return 0 < S <= MAX_ROWS and n & (n - 1) == 0 and n >= 2 and not (streams.requires_grad or fn_or_out.requires_grad)
+
+
+def mhc_post_supported(out: torch.Tensor, streams: torch.Tensor, *args) -> bool:
+    return mhc_supported(streams, out)
 
 
 def mhc_pre_triton(streams, fn, base, scale, iters: int, hc_eps: float, norm_eps: float):
     """Same contract as kernels.mhc.mhc_pre; the fused path for up to MAX_ROWS rows."""
-    if not _supported(streams) or fn.requires_grad:
-        return mhc_pre_reference(streams, fn, base, scale, iters, hc_eps, norm_eps)
     S, n, d = streams.shape
     streams = streams.contiguous()
     K, nmix = n * d, (2 + n) * n
@@ -116,8 +117,6 @@ def mhc_pre_triton(streams, fn, base, scale, iters: int, hc_eps: float, norm_eps
 
 def mhc_post_triton(out, streams, post, comb):
     """Same contract as kernels.mhc.mhc_post (out [S, d], streams [S, n, d]) -> [S, n, d]."""
-    if not _supported(streams) or out.requires_grad:
-        return mhc_post_reference(out, streams, post, comb)
     S, n, d = streams.shape
     y = torch.empty_like(streams, memory_format=torch.contiguous_format)
     _post[(S, triton.cdiv(d, BLOCK_D))](out.contiguous(), streams.contiguous(), post.float().contiguous(),
@@ -137,11 +136,14 @@ def _rms_norm(x_ptr, w_ptr, y_ptr, N, eps, HAS_W: tl.constexpr, BLOCK: tl.conste
     tl.store(y_ptr + row * N + r, y.to(y_ptr.dtype.element_ty), mask=m)
 
 
+def rms_norm_supported(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> bool:
+    """Rows up to 16384 wide; no autograd."""
+    return not (x.numel() == 0 or x.shape[-1] > 16384 or x.requires_grad or (weight is not None and weight.requires_grad))
+
+
 def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     """Same contract as kernels.norm.rms_norm: one program per row (rows up to 16384 wide)."""
     N = x.shape[-1]
-    if x.numel() == 0 or N > 16384 or x.requires_grad or (weight is not None and weight.requires_grad):
-        return rms_norm_reference(x, weight, eps)
     x2 = x.reshape(-1, N).contiguous()
     y = torch.empty_like(x2)
     w = weight.contiguous() if weight is not None else x2

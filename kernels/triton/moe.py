@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv4.kernels.reference.moe import ExpertSet, routed_experts as routed_experts_reference
+from dsv4.kernels.reference.moe import ExpertSet
 from .fp4dot import mx_int_dots, quant3
 from .linear import _block_step, _fp4_step, _split_buffers, _store_split
 
@@ -159,15 +159,20 @@ def _usable(experts: ExpertSet) -> bool:
         w.dense is None and w.data.is_contiguous() for w in ws)
 
 
+def routed_experts_supported(x: torch.Tensor, ids, weights, experts: ExpertSet, limit: float) -> bool:
+    """One token; experts all in one stored format, contiguous and 16-byte aligned (checked once per
+    ExpertSet and kept in its tables); no autograd."""
+    t = experts.tables
+    if "usable" not in t:
+        t["usable"] = _usable(experts)
+    return x.shape[0] == 1 and not x.requires_grad and t["usable"]
+
+
 def routed_experts_triton(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, experts: ExpertSet,
                           limit: float) -> torch.Tensor:
     """kernels.routed_experts for one CUDA token (S == 1): two launches (four for MXFP4, with the
     activation splits), ids stay on the device."""
     t = experts.tables
-    if "usable" not in t:
-        t["usable"] = _usable(experts)
-    if x.shape[0] != 1 or x.requires_grad or not t["usable"]:
-        return routed_experts_reference(x, ids, weights, experts, limit)
     if "w1" not in t:
         for name in ("w1", "w3", "w2"):
             t[name] = _tables(getattr(experts, name), x.device)

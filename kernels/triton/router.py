@@ -9,8 +9,6 @@ import triton
 import triton.language as tl
 
 from dsv4.kernels.reference.linear import QWeight
-from dsv4.kernels.reference.moe import hash_route as hash_route_reference, router_scores as router_scores_reference
-from dsv4.kernels.reference.moe import router_topk as router_topk_reference
 from .linear import gemv
 
 
@@ -51,10 +49,21 @@ def _pick(s_ptr, b_ptr, tid_ptr, tok_ptr, w_ptr, ids_ptr, E, scale, K: tl.conste
     tl.store(ids_ptr + k, ids.to(tl.int64), mask=km)
 
 
+def router_scores_supported(x: torch.Tensor, gate_weight: torch.Tensor) -> bool:
+    """One token; no autograd."""
+    return x.shape[0] == 1 and not (x.requires_grad or gate_weight.requires_grad)
+
+
+def router_topk_supported(scores: torch.Tensor, *args) -> bool:
+    return scores.shape[0] == 1 and not scores.requires_grad
+
+
+def hash_route_supported(scores: torch.Tensor, tid2eid: torch.Tensor, *args) -> bool:
+    return scores.shape[0] == 1 and not scores.requires_grad and tid2eid.is_contiguous()
+
+
 def router_scores_triton(x: torch.Tensor, gate_weight: torch.Tensor) -> torch.Tensor:
     """kernels.router_scores for one CUDA token: the gate GEMV, then sqrt(softplus) in one launch."""
-    if x.shape[0] != 1 or x.requires_grad or gate_weight.requires_grad:
-        return router_scores_reference(x, gate_weight)
     E = gate_weight.shape[0]
     logits = gemv(x.float(), QWeight("dense", gate_weight))
     out = torch.empty_like(logits)
@@ -76,14 +85,10 @@ def _launch(scores, bias, tid2eid, token_ids, k: int, scale: float, hash_: bool)
 
 def router_topk_triton(scores: torch.Tensor, bias: torch.Tensor, k: int, scale: float):
     """kernels.router_topk for one CUDA token."""
-    if scores.shape[0] != 1 or scores.requires_grad:
-        return router_topk_reference(scores, bias, k, scale)
     return _launch(scores, bias.float().contiguous(), None, None, k, scale, False)
 
 
 def hash_route_triton(scores: torch.Tensor, tid2eid: torch.Tensor, token_ids: torch.Tensor, scale: float):
     """kernels.hash_route for one CUDA token."""
     k = tid2eid.shape[1]
-    if scores.shape[0] != 1 or scores.requires_grad or not tid2eid.is_contiguous():
-        return hash_route_reference(scores, tid2eid, token_ids, scale)
     return _launch(scores, None, tid2eid, token_ids.reshape(-1), k, scale, True)
