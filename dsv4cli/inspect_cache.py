@@ -64,7 +64,7 @@ def inspect_cache(
 
 
 def _inspect(preset, model, context, precision, budget, plot, json_out, precision_opt="--precision"):
-    from dsv4.cache import CacheSchema
+    from dsv4.cache import CacheError, CacheSchema
     from dsv4.cache.budget import budget_report, context_report
     from dsv4.engine.model.config import DSV4Config
 
@@ -83,7 +83,11 @@ def _inspect(preset, model, context, precision, budget, plot, json_out, precisio
     for t in tokens:
         if t > limit:
             raise UserError(f"--context {t:,} tokens: {name} holds at most {limit:,} (max_position_embeddings)")
-    schema = CacheSchema.from_config(cfg, str(precision))
+    try:
+        schema = CacheSchema.from_config(cfg, str(precision))
+    except CacheError as e:
+        hint = "; use --precision exact for this model" if precision.faithful else ""
+        raise UserError(f"{name}: {e}{hint}") from None
     fit = budget_report(schema, parse_bytes(budget), limit) if budget else None
     rows = [context_report(cfg, schema, t) for t in tokens]
     if plot:

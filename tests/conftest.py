@@ -2,6 +2,10 @@
 
 - ``run_cli(*args)`` / the ``cli`` fixture: run the ``dsv4`` command in a subprocess (the same
   interpreter), -> CompletedProcess with text stdout/stderr.
+- ``invoke_cli(*args)`` / the ``cli_inprocess`` fixture: the same command run inside this process
+  (typer's CliRunner; no interpreter start and torch import per call), -> the same fields
+  (returncode, stdout, stderr). For tests of what a command prints and returns; use run_cli where
+  the process itself matters (signals, a terminal, a crash that must not take pytest with it).
 - ``demo_checkpoint``: a published-layout checkpoint of the tiny demo model, written once per session.
 - ``import_or_skip(name)``: a test dependency; skipped when missing, except in CI (env CI=true),
   where a missing dependency is a failure (a skipped module must not turn CI green).
@@ -49,6 +53,25 @@ def run_cli(*args, input: str | None = None, env: dict | None = None, timeout: f
                           env=full_env, timeout=timeout, cwd=cwd)
 
 
+def invoke_cli(*args, input: str | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``dsv4 ARGS...`` run in this process; sys.argv and torch's CPU thread count are restored
+    afterwards. An exception that escapes the command (a traceback in a real run) is re-raised."""
+    from typer.testing import CliRunner
+
+    from dsv4.cli.main import app
+
+    argv, threads = sys.argv, torch.get_num_threads()
+    sys.argv = ["dsv4", *map(str, args)]
+    try:
+        res = CliRunner().invoke(app, [str(a) for a in args], input=input, env=env)
+    finally:
+        sys.argv = argv
+        torch.set_num_threads(threads)
+    if res.exception is not None and not isinstance(res.exception, SystemExit):
+        raise res.exception
+    return subprocess.CompletedProcess(["dsv4", *map(str, args)], res.exit_code, res.stdout, res.stderr)
+
+
 def pytest_addoption(parser):
     parser.addoption("--slow", action="store_true", default=False,
                      help="also run the tests marked slow (the long versions of the default ones)")
@@ -70,6 +93,12 @@ def pytest_collection_modifyitems(config, items):
 def cli():
     """run_cli as a fixture: cli("bench", "decode", ...) -> CompletedProcess."""
     return run_cli
+
+
+@pytest.fixture(scope="session")
+def cli_inprocess():
+    """invoke_cli as a fixture: cli_inprocess("inspect-cache", "--json") -> CompletedProcess."""
+    return invoke_cli
 
 
 @pytest.fixture(scope="session")

@@ -133,12 +133,11 @@ def test_admission_beyond_budget_fails_and_leaves_others_intact(tiny_cfg, tiny_t
     small = cache.admit_request(200)  # 2 blocks still fit
     assert small == 1
     after = a.step(3)
-    ref = Session(model, 512)
-    ref.prefill(ids)
-    assert torch.equal(after, ref.step(3))
+    ref = Session(model, 512)  # the same request alone in its own cache
+    assert torch.equal(before, ref.prefill(ids))  # a shared, nearly full cache gives the same logits
+    assert torch.equal(after, ref.step(3))  # and a refused admission disturbed nothing
     with pytest.raises(CacheError, match="context limit reached"):
         cache.prepare(small, 201)
-    assert before.shape == (tiny_cfg.vocab_size,)
 
 
 def _live_tensors() -> int:

@@ -28,12 +28,24 @@ def test_chunked_prefill_equals_full(tiny_cfg, tiny_tensors, ids, mode):
 
 
 def test_faithful_differs_from_exact_and_gap_is_bounded(tiny_cfg, tiny_tensors, ids):
+    """How far faithful mode's logits may move from exact mode's, token by token (relative to that
+    token's max |logit|), and why:
+    - FP8 e4m3 keeps 3 mantissa bits, so every stored KV channel is within half an ulp, 2^-4 = 6.25%,
+      of its value (2^-4 / sqrt(3) = 3.6% RMS); the typical token (median) moves less than that
+      (measured 1.9-2.4% over three random models);
+    - the FP4 indexer (e2m1, 1 mantissa bit) and the routers make discrete choices: where a near-tie
+      flips which entries or experts a token uses, that token moves by a large fraction (measured
+      worst 13-33% of max |logit|), so the worst token is bounded only by 1/2, and the argmax may
+      change for a few tokens (measured agreement 96-97%).
+    The faithful points themselves are pinned in tests/test_faithful_points.py."""
     exact = Session(Model.from_state_dict(tiny_cfg, tiny_tensors, mode="exact"), 512).prefill(ids, last_only=False)
     faith = Session(Model.from_state_dict(tiny_cfg, tiny_tensors, mode="faithful"), 512).prefill(ids, last_only=False)
     gap = (faith - exact).abs()
-    rel = gap.max().item() / exact.abs().max().item()
+    rel_tok = gap.amax(-1) / exact.abs().amax(-1)  # [tokens]
     agree = (faith.argmax(-1) == exact.argmax(-1)).float().mean().item()
-    print(f"\nfaithful vs exact: max |dlogit| = {gap.max().item():.4f} ({rel:.2%} of max |logit|), "
-          f"mean |dlogit| = {gap.mean().item():.4f}, argmax agreement {agree:.1%}")
-    assert 0 < rel < 0.5
-    assert agree > 0.8
+    print(f"\nfaithful vs exact: per-token max |dlogit| / max |logit|: median {rel_tok.median():.2%}, "
+          f"p90 {rel_tok.quantile(0.9):.2%}, max {rel_tok.max():.2%}; argmax agreement {agree:.1%}")
+    assert rel_tok.min() > 0  # every token sees quantised keys
+    assert rel_tok.median() <= 2 ** -4
+    assert rel_tok.max() < 0.5
+    assert agree >= 0.9

@@ -3,10 +3,13 @@ in a CUDA graph on GPUs) computes what the chunked forward computes, token by to
 CSA/HCA window closes and the window ring's wrap, on the CPU.
 
 exact: float rounding only (bound 1e-5 x max|logit|). faithful: the static step reduces over the
-whole entry capacity (other reduction shapes, other last bits), and FP8/FP4 rounding and the routers'
-top-k turn a last-bit difference into a different choice now and then (one seen: two router scores
-1.59969 and 1.59971 swap an expert for one step, 35% of max|logit| on this random model); so almost
-every step agrees within 1e-3, the median within 1e-4, and the argmax almost always."""
+whole entry capacity (other reduction shapes, other last bits, ~1e-7 relative), and a last-bit
+difference that moves a value across an FP8 rounding boundary changes that channel by one FP8 ulp:
+measured at most 1.5e-5 x max|logit| on these models and seeds (median 4e-7 to 3e-6), so every step
+is held to 1e-4 and the median to 1e-5. What would exceed that is a discrete choice flipping on a
+last-bit near-tie (a router's top-k or the indexer's: one seen in an earlier version, router scores
+1.59969 vs 1.59971 swapping an expert, 35% of max|logit| for that step); these seeds have none, so
+such a step fails the test and is printed with its index for inspection."""
 
 import pytest
 import torch
@@ -17,9 +20,12 @@ from dsv4.engine.runtime.session import Session
 from dsv4.engine.tools.synthetic import random_tensors, tiny_configs
 
 CONFIGS = tiny_configs()
+# tokens per run: 170 decodes across the window ring's wrap and the first HCA close (position 128)
+# with more CSA entries (42) than index_topk; the long version (300: a second wrap and close) is `slow`
+LENGTHS = [pytest.param(170, id="170"), pytest.param(300, id="300", marks=pytest.mark.slow)]
 
 
-def _both(cfg, mode, n=300, prompt=5):
+def _both(cfg, mode, n=170, prompt=5):
     model = Model.from_state_dict(cfg, random_tensors(cfg, 1), mode=mode)
     ids = torch.randint(0, cfg.vocab_size, (n,), generator=torch.Generator().manual_seed(3))
     a, b = Session(model, n + 8, cuda_graph=False), Session(model, n + 8, cuda_graph=False)
@@ -37,20 +43,24 @@ def _both(cfg, mode, n=300, prompt=5):
     return torch.tensor(errs), agree / len(errs)
 
 
+@pytest.mark.parametrize("n", LENGTHS)
 @pytest.mark.parametrize("name", sorted(CONFIGS) + ["topk-covers-capacity"])
-def test_static_decode_step_equals_forward_exact(name):
+def test_static_decode_step_equals_forward_exact(name, n):
     """The last case has index_topk >= the slot's entry capacity: the static step then skips the
     indexer's scoring (every closed window is selected), the chunked forward scores and selects all."""
     cfg = CONFIGS["swa-csa-hca"].replace(index_topk=128) if name == "topk-covers-capacity" else CONFIGS[name]
-    errs, agree = _both(cfg, "exact")
+    errs, agree = _both(cfg, "exact", n)
     assert errs.max().item() <= 1e-5 and agree == 1.0
 
 
+@pytest.mark.parametrize("n", LENGTHS)
 @pytest.mark.parametrize("name", ["swa-csa-hca", "hca-csa-swa"])
-def test_static_decode_step_equals_forward_faithful(name):
-    errs, agree = _both(CONFIGS[name], "faithful")
-    assert (errs <= 1e-3).float().mean().item() >= 0.97 and errs.median().item() <= 1e-4
-    assert agree >= 0.97
+def test_static_decode_step_equals_forward_faithful(name, n):
+    errs, agree = _both(CONFIGS[name], "faithful", n)
+    worst = int(errs.argmax())
+    assert errs.max().item() <= 1e-4, f"step {worst}: {errs[worst]:.3g} x max|logit| (a discrete choice flipped?)"
+    assert errs.median().item() <= 1e-5
+    assert agree == 1.0
 
 
 def test_static_step_does_not_disturb_a_later_chunked_turn(tiny_cfg, tiny_tensors):

@@ -32,8 +32,8 @@ def _one_line_error(r, text):
 
 
 # ----------------------------------------------------------------- inspect-cache
-def test_inspect_cache_json_matches_accounting_and_hand_count(cli, tmp_path):
-    r = cli("inspect-cache", "--preset", "flash", "--context", "8k,1m,128k", "--json")
+def test_inspect_cache_json_matches_accounting_and_hand_count(cli_inprocess, tmp_path):
+    r = cli_inprocess("inspect-cache", "--preset", "flash", "--context", "8k,1m,128k", "--json")
     assert r.returncode == 0, r.stderr
     rows = json.loads(r.stdout)
     assert [x["context_tokens"] for x in rows] == [8192, 1 << 20, 128 << 10]  # in the order asked
@@ -55,10 +55,10 @@ def test_inspect_cache_json_matches_accounting_and_hand_count(cli, tmp_path):
     assert per_tok[8192] > per_tok[128 << 10] > per_tok[1 << 20] > (21 * 20832 + 20 * 583) / 128
 
 
-def test_inspect_cache_exact_precision_closed_form(cli):
+def test_inspect_cache_exact_precision_closed_form(cli_inprocess):
     """exact: float32 entries (4 x head_dim, 4 x index_head_dim); the hidden --mode alias still works."""
-    r = cli("inspect-cache", "--preset", "flash", "--context", "1m", "--precision", "exact", "--json")
-    r2 = cli("inspect-cache", "--preset", "flash", "--context", "1m", "--mode", "exact", "--json")
+    r = cli_inprocess("inspect-cache", "--preset", "flash", "--context", "1m", "--precision", "exact", "--json")
+    r2 = cli_inprocess("inspect-cache", "--preset", "flash", "--context", "1m", "--mode", "exact", "--json")
     assert r.returncode == 0 == r2.returncode, r.stderr + r2.stderr
     x = json.loads(r.stdout)[0]
     assert json.loads(r2.stdout)[0] == x
@@ -68,15 +68,15 @@ def test_inspect_cache_exact_precision_closed_form(cli):
                                 + 20 * (nb * 2048 + W * 2048 + state_hca) + 2 * W * 2048)
 
 
-def test_context_and_budget_limits(cli):
-    _one_line_error(cli("inspect-cache", "--context", "0.1"), "at least 1 token")
-    _one_line_error(cli("inspect-cache", "--context", "99999999999"), "holds at most 1,048,576")
-    _one_line_error(cli("inspect-cache", "--context", "abc"), "use token counts")
-    _one_line_error(cli("inspect-cache", "--precision", "fp8"), "use exact or faithful")
-    r = cli("inspect-cache", "--budget", "40GiB", "--context", "1m")
+def test_context_and_budget_limits(cli_inprocess):
+    _one_line_error(cli_inprocess("inspect-cache", "--context", "0.1"), "at least 1 token")
+    _one_line_error(cli_inprocess("inspect-cache", "--context", "99999999999"), "holds at most 1,048,576")
+    _one_line_error(cli_inprocess("inspect-cache", "--context", "abc"), "use token counts")
+    _one_line_error(cli_inprocess("inspect-cache", "--precision", "fp8"), "use exact or faithful")
+    r = cli_inprocess("inspect-cache", "--budget", "40GiB", "--context", "1m")
     assert r.returncode == 0, r.stderr
     assert "1,048,576 tokens" in r.stdout and "model's maximum" in r.stdout
-    r = cli("inspect-cache", "--budget", "40GiB", "--context", "1m", "--json")
+    r = cli_inprocess("inspect-cache", "--budget", "40GiB", "--context", "1m", "--json")
     fit = json.loads(r.stdout)[-1]
     assert fit["longest_context_tokens"] == FLASH_MAX and fit["capped_at_model_maximum"]
     assert fit["uncapped_tokens"] > FLASH_MAX
@@ -141,10 +141,10 @@ def test_plot_has_title_human_units_and_marks_context_and_budget(tmp_path, monke
     assert lo <= 8192 and hi >= FLASH_MAX
 
 
-def test_plot_says_where_it_was_written(cli, tmp_path):
+def test_plot_says_where_it_was_written(cli_inprocess, tmp_path):
     pytest.importorskip("matplotlib")
     out = tmp_path / "p.png"
-    r = cli("inspect-cache", "--context", "8k", "--plot", out)
+    r = cli_inprocess("inspect-cache", "--context", "8k", "--plot", out)
     assert r.returncode == 0, r.stderr
     assert f"wrote {out}" in r.stderr and out.stat().st_size > 5000
 
@@ -217,9 +217,9 @@ def test_decode_roofline_and_projection_follow_their_definitions():
 
 
 # ----------------------------------------------------------------- bench: CLI runs
-def test_bench_decode_on_cpu(cli, demo_checkpoint, tmp_path):
+def test_bench_decode_on_cpu(cli_inprocess, demo_checkpoint, tmp_path):
     out = tmp_path / "r.json"
-    r = cli("bench", "decode", "--model", demo_checkpoint, "--device", "cpu", "--prompt-len", "150", "--steps", "4",
+    r = cli_inprocess("bench", "decode", "--model", demo_checkpoint, "--device", "cpu", "--prompt-len", "150", "--steps", "4",
             "--warmup", "2", "--threads", "1", "--json-out", out)
     assert r.returncode == 0, r.stderr
     assert f"wrote {out}" in r.stdout and "ms_per_layer" in r.stdout
@@ -241,8 +241,8 @@ def test_bench_decode_on_cpu(cli, demo_checkpoint, tmp_path):
     assert "reference" in json.dumps(d["kernels"]["linear"]) and d["kernels_source"]
 
 
-def test_bench_prefill_json_flag_and_flops(cli, demo_checkpoint):
-    r = cli("bench", "prefill", "--model", demo_checkpoint, "--device", "cpu", "--prompt-len", "64", "--runs", "2",
+def test_bench_prefill_json_flag_and_flops(cli_inprocess, demo_checkpoint):
+    r = cli_inprocess("bench", "prefill", "--model", demo_checkpoint, "--device", "cpu", "--prompt-len", "64", "--runs", "2",
             "--threads", "1", "--json")
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)  # --json: nothing but the JSON on stdout
@@ -257,10 +257,10 @@ def test_bench_prefill_json_flag_and_flops(cli, demo_checkpoint):
     assert math.isclose(d["matmul_rate_fraction"], d["flop_per_s"] / d["measured_matmul_flop_per_s"], rel_tol=1e-9)
 
 
-def test_perplexity_matches_direct_computation(cli, demo_checkpoint, tmp_path):
+def test_perplexity_matches_direct_computation(cli_inprocess, demo_checkpoint, tmp_path):
     text = "The quick brown fox jumps over the lazy dog. " * 6
     (tmp_path / "t.txt").write_text(text)
-    r = cli("bench", "perplexity", "--model", demo_checkpoint, "--text", tmp_path / "t.txt", "--max-context", "100",
+    r = cli_inprocess("bench", "perplexity", "--model", demo_checkpoint, "--text", tmp_path / "t.txt", "--max-context", "100",
             "--device", "cpu", "--precision", "exact", "--json")
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
@@ -279,18 +279,19 @@ def test_perplexity_matches_direct_computation(cli, demo_checkpoint, tmp_path):
     assert B.perplexity(model, ids, tok.bos_id, 100)["tokens"] == n
 
 
-def test_perplexity_refuses_binary_and_non_utf8_text(cli, demo_checkpoint, tmp_path):
+def test_perplexity_refuses_binary_and_non_utf8_text(cli, cli_inprocess, demo_checkpoint, tmp_path):
     (tmp_path / "b.bin").write_bytes(bytes(range(256)) * 4)
     (tmp_path / "latin1.txt").write_bytes("caf\xe9 cr\xe8me".encode("latin-1"))
+    # in a real process: one line, exit 2, no traceback
     _one_line_error(cli("bench", "perplexity", "--model", demo_checkpoint, "--text", tmp_path / "b.bin"),
                     "binary file")
-    _one_line_error(cli("bench", "perplexity", "--model", demo_checkpoint, "--text", tmp_path / "latin1.txt"),
+    _one_line_error(cli_inprocess("bench", "perplexity", "--model", demo_checkpoint, "--text", tmp_path / "latin1.txt"),
                     "not UTF-8 text (byte 3 is 0xe9)")
 
 
-def test_bench_compare_transformers_runs_the_same_weights(cli, demo_checkpoint):
+def test_bench_compare_transformers_runs_the_same_weights(cli_inprocess, demo_checkpoint):
     pytest.importorskip("transformers")
-    r = cli("bench", "decode", "--model", demo_checkpoint, "--device", "cpu", "--precision", "exact",
+    r = cli_inprocess("bench", "decode", "--model", demo_checkpoint, "--device", "cpu", "--precision", "exact",
             "--prompt-len", "140", "--steps", "3", "--warmup", "1", "--compare", "transformers", "--json")
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
@@ -300,23 +301,23 @@ def test_bench_compare_transformers_runs_the_same_weights(cli, demo_checkpoint):
     assert d["compare_max_abs_logit_diff_on_prompt"] <= 1e-4 * d["compare_max_abs_logit"]
 
 
-def test_bench_compare_reference_and_bad_values(cli, demo_checkpoint):
-    r = cli("bench", "prefill", "--model", demo_checkpoint, "--device", "cpu", "--prompt-len", "64", "--runs", "2",
+def test_bench_compare_reference_and_bad_values(cli_inprocess, demo_checkpoint):
+    r = cli_inprocess("bench", "prefill", "--model", demo_checkpoint, "--device", "cpu", "--prompt-len", "64", "--runs", "2",
             "--compare", "reference", "--json")
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
     assert d["compare_against"] == "reference"
     assert math.isclose(d["compare_speed_ratio"], d["compare_median_s"] / d["median_s"], rel_tol=1e-9)
-    _one_line_error(cli("bench", "prefill", "--model", demo_checkpoint, "--device", "cpu", "--compare", "vllm"),
+    _one_line_error(cli_inprocess("bench", "prefill", "--model", demo_checkpoint, "--device", "cpu", "--compare", "vllm"),
                     "use reference, transformers or eager")
-    _one_line_error(cli("bench", "prefill", "--model", demo_checkpoint, "--device", "cpu", "--compare", "eager"),
+    _one_line_error(cli_inprocess("bench", "prefill", "--model", demo_checkpoint, "--device", "cpu", "--compare", "eager"),
                     "applies to decode")
-    _one_line_error(cli("bench", "decode", "--model", demo_checkpoint, "--device", "cpu", "--compare", "eager"),
+    _one_line_error(cli_inprocess("bench", "decode", "--model", demo_checkpoint, "--device", "cpu", "--compare", "eager"),
                     "needs a CUDA device")
-    _one_line_error(cli("bench", "decode", "--model", demo_checkpoint, "--device", "cpu", "--threads", "0"),
+    _one_line_error(cli_inprocess("bench", "decode", "--model", demo_checkpoint, "--device", "cpu", "--threads", "0"),
                     "--threads 0")
-    _one_line_error(cli("bench", "decode", "--model", demo_checkpoint, "--layers", "2"), "applies to --preset")
-    _one_line_error(cli("bench", "decode", "--preset", "flash", "--synthetic", "--layers", "44", "--device", "cpu"),
+    _one_line_error(cli_inprocess("bench", "decode", "--model", demo_checkpoint, "--layers", "2"), "applies to --preset")
+    _one_line_error(cli_inprocess("bench", "decode", "--preset", "flash", "--synthetic", "--layers", "44", "--device", "cpu"),
                     "between 1 and 43")
 
 
@@ -356,7 +357,7 @@ def test_cpu_slow_warning_for_real_dimensions_only():
     assert B.cpu_slow_warning(DSV4Config.flash().layer_range(0, 1), "cuda") is None
 
 
-def test_help_shows_no_type_for_flags_and_every_bench_option_has_help(cli):
+def test_help_shows_no_type_for_flags_and_every_bench_option_has_help(cli_inprocess):
     import typer.main
 
     from dsv4.cli.main import app
@@ -368,10 +369,33 @@ def test_help_shows_no_type_for_flags_and_every_bench_option_has_help(cli):
             if getattr(p, "param_type_name", "") == "option" and p.name != "help":
                 assert p.help, f"bench {name} {p.opts} has no help"
     for args in (["bench", "decode", "--help"], ["inspect-cache", "--help"], ["convert", "--help"], ["--help"]):
-        r = cli(*args, env={"COLUMNS": "160"})
+        r = cli_inprocess(*args, env={"COLUMNS": "160"})
         assert r.returncode == 0, r.stderr
         assert "<bool>" not in r.stdout and "{src}" not in r.stdout, r.stdout
-    r = cli("convert", "--help", env={"COLUMNS": "160"})
+    r = cli_inprocess("convert", "--help", env={"COLUMNS": "160"})
     assert "convert [OPTIONS] SRC DST" in r.stdout
-    r = cli("bench", "decode", "--help", env={"COLUMNS": "160"})
+    r = cli_inprocess("bench", "decode", "--help", env={"COLUMNS": "160"})
     assert "--json-out" in r.stdout and "--threads" in r.stdout
+
+
+def test_missing_test_dependency_skips_locally_and_fails_in_ci(monkeypatch):
+    from conftest import import_or_skip
+
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception):
+        import_or_skip("dsv4_no_such_test_dependency")
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI=true"):
+        import_or_skip("dsv4_no_such_test_dependency")
+    assert import_or_skip("json") is json
+
+
+def test_inspect_cache_model_faithful_rule_names_the_way_out(cli_inprocess, tmp_path):
+    cfg = demo_config().replace(head_dim=80)  # 80 - 32 RoPE = 48 channels: not FP8 64-groups
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg.to_dict()))
+    _one_line_error(cli_inprocess("inspect-cache", "--model", tmp_path / "m", "--context", "1k"),
+                    "use --precision exact for this model")
+    r = cli_inprocess("inspect-cache", "--model", tmp_path / "m", "--context", "1k", "--precision", "exact", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)[0]["by_type"]["swa"]["bytes_per_entry"]["f32"] == 4 * 80
