@@ -20,6 +20,19 @@ from kernel_cases import FORMATS, expert_set, store, weight
 pytestmark = pytest.mark.gpu
 
 
+@pytest.fixture(autouse=True)
+def kernels_really_ran():
+    """Each op a test calls through dispatch must have run its Triton kernel at least once: a test
+    that silently fell back to the reference would compare the reference with itself."""
+    from dsv4.kernels import dispatch
+    from dsv4.kernels.triton import KERNELS
+
+    dispatch.reset_report()
+    yield
+    missed = {op: n for op, n in dispatch.report().items() if op in KERNELS and "triton" not in n}
+    assert not missed, f"ran only the reference: {missed}"
+
+
 @pytest.mark.parametrize("fmt", ["fp8", "fp8-f32", "mxfp4", "nvfp4", "bf16", "f32"])
 @pytest.mark.parametrize("N,K", [(1024, 4096), (4096, 2048), (262, 96), (300, 384)])
 @pytest.mark.parametrize("M", [1, 6])
