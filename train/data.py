@@ -4,7 +4,7 @@ Sources (PSF licence, available offline in every Python install): the docstrings
 functions, classes and methods of a fixed list of standard-library modules, their module docstrings,
 and the language-reference topics that ``help()`` shows (``pydoc_data.topics``). Each documented
 object gets several question phrasings; answers are the object's signature and the first paragraphs
-of its documentation. Conversations are rendered with the DeepSeek-V4 chat encoding (engine/chat.py),
+of its documentation. Conversations are rendered with the DeepSeek-V4 chat encoding (engine/runtime/chat.py),
 in chat mode, some in thinking mode with a short reasoning, some multi-turn.
 
 The split into train and held-out is by object (a stable hash of its qualified name), so held-out

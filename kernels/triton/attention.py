@@ -26,7 +26,7 @@ PRECISION = "tf32x3"  # float32 entries: tensor-core dots at about float32 accur
 # decode_attention tiles: heads and keys per program, channels per score chunk, output channels per
 # program. H100, 64 heads x 512: 29 us for 512 entries, 18 us for 16, where the previous design (16
 # heads x all 512 channels per program, 3xTF32, register spills) took 46 / 24 us
-# (bench/results/h100_tune_attention_*.json).
+# (bench/results/h100_tune_attention.json; the previous design's run in git history).
 ATTENTION = {"heads": 64, "keys": 16, "chunk": 32, "values": 64, "warps": 4}
 
 

@@ -1,6 +1,6 @@
 """Triton kernels for RoPE (incl. the inverse rotation on attention outputs), its cos/sin tables at
 a device position, the clamped SwiGLU and a decode step's entry rows: one launch each instead of
-the reference's 3 to 20 small ones. Contracts as kernels/rope.py, kernels/moe.py and
+the reference's 3 to 20 small ones. Contracts as kernels/reference/rope.py, kernels/reference/moe.py and
 kernels/entries.py; tensors that need gradients take the reference."""
 
 from __future__ import annotations

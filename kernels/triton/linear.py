@@ -1,13 +1,13 @@
 """Triton GEMV kernels for decode: y[m] = W x[m] for a few rows x, W read once in its stored format.
 
-Formats (kernels/linear.py QWeight): FP8 e4m3 with 128x128 block scales (ue8m0 or float32), MXFP4
+Formats (kernels/reference/linear.py QWeight): FP8 e4m3 with 128x128 block scales (ue8m0 or float32), MXFP4
 (e2m1 pairs, low nibble first, ue8m0 scale per 32), NVFP4 (e2m1, e4m3 scale per 16, float32 tensor
 scale), and dense BF16/F32. Each program reduces a BLOCK_N x K-slice tile of W (split-K when the
 rows alone would not fill the GPU), accumulating in float32; the last program of each output tile
 adds the split-K partials, in split order, in the same launch.
 Decoding happens in registers (FP8 by a bit-cast conversion, e2m1 by placing its bits in an fp16,
 scales by exp2), so the bytes read are the stored bytes. ``_block_step`` / ``_fp4_step`` are one
-K step, shared with the routed-expert kernels (kernels/triton_moe.py). ``grouped`` makes row block g read its own slice of x
+K step, shared with the routed-expert kernels (kernels/triton/moe.py). ``grouped`` makes row block g read its own slice of x
 (the V4 grouped output projection wo_a). Used for M <= MAX_ROWS (``linear_supported``).
 """
 
