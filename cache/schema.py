@@ -30,10 +30,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from dsv4.kernels.reference.entries import FP4_GROUP, FP8_GROUP  # the entry formats are defined with the kernels that read them
+from dsv4.kernels.formats import INDEXER_FP4_GROUP as FP4_GROUP, KV_FP8_GROUP as FP8_GROUP, Precision
 
 BLOCK_TOKENS = 128
-MODES = ("exact", "faithful")
 V32_BYTES_PER_TOKEN_LAYER = 656  # DeepSeek-V3.2 MLA cache: 512 FP8 + 16 scale + 128 BF16 RoPE
 V32_LAYERS = 61
 
@@ -118,15 +117,14 @@ class LayerSchema:
 @dataclass(frozen=True)
 class CacheSchema:
     layers: tuple[LayerSchema, ...]
-    mode: str
+    mode: Precision  # the one source of the entry formats: FP8/FP4 entries iff FAITHFUL
 
     @classmethod
-    def from_config(cls, cfg, mode: str = "faithful", include_mtp: bool = False) -> "CacheSchema":
+    def from_config(cls, cfg, mode: Precision | str = Precision.FAITHFUL, include_mtp: bool = False) -> "CacheSchema":
         """Derive the schema from a DSV4Config (duck-typed: only shape fields are read)."""
-        if mode not in MODES:
-            raise CacheError(f"unknown precision mode {mode!r}: use 'exact' or 'faithful'")
+        mode = Precision.parse(mode)
         D, r, Di = cfg.head_dim, cfg.qk_rope_head_dim, cfg.index_head_dim
-        if mode == "faithful":
+        if mode is Precision.FAITHFUL:
             if (D - r) % FP8_GROUP:
                 raise CacheError(f"faithful mode needs head_dim - rope dim ({D - r}) divisible by {FP8_GROUP}")
             if Di % FP4_GROUP:

@@ -14,9 +14,10 @@ from __future__ import annotations
 import torch
 
 from dsv4.kernels import quant
+from dsv4.kernels.formats import INDEXER_FP4_GROUP, KV_FP8_GROUP
 
-FP8_GROUP = 64
-FP4_GROUP = 32
+FP8_GROUP = KV_FP8_GROUP
+FP4_GROUP = INDEXER_FP4_GROUP
 
 
 def store_kind(store: dict) -> str:
