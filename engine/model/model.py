@@ -15,23 +15,38 @@ from collections import ChainMap
 import torch
 
 from dsv4 import kernels
-from dsv4.kernels import dispatch
+from dsv4.kernels import ExpertSet, dispatch
 from dsv4.kernels.formats import Precision
 
 from .attention import stacked_linears as attention_stacks
 from .block import block
 from .config import DSV4Config
-from .context import LayerContext
+from .context import ONE_RANK, Collectives, LayerContext
 from .moe import layer_experts, stacked_linears as moe_stacks
 from .rope import RopeTables, StepRope
 from .weights import build_weights, fuse_rows
 
+
+def _routed_experts(w: dict, p: str, n: int):
+    """The routed experts of the MoE at p; when w holds only some of them (one rank of several, expert
+    parallel), those, with the others' ids mapped to -1 (kernels ExpertSet.local)."""
+    here = [e for e in range(n) if f"{p}.experts.{e}.w1" in w]
+    if len(here) == n:
+        return layer_experts(w, p, n)
+    local = torch.full((n,), -1, dtype=torch.long)
+    local[here] = torch.arange(len(here))
+    return ExpertSet(*([w[f"{p}.experts.{e}.{k}"] for e in here] for k in ("w1", "w3", "w2")), local=local)
+
+
 class Model:
-    """mode: a Precision (or its name, parsed here once)."""
+    """mode: a Precision (or its name, parsed here once). comm: on one rank of several, the
+    collectives that make partial sub-layer outputs and a vocabulary-split head whole (cfg is then
+    the rank-local config and weights this rank's slices: engine/runtime/parallel/); ONE_RANK
+    otherwise."""
 
     def __init__(self, cfg: DSV4Config, weights: dict, mode: Precision | str = Precision.EXACT, device="cpu",
-                 dtype: torch.dtype = torch.float32):
-        self.cfg, self.precision = cfg, Precision.parse(mode)
+                 dtype: torch.dtype = torch.float32, comm: Collectives = ONE_RANK):
+        self.cfg, self.precision, self.comm = cfg, Precision.parse(mode), comm
         self.device, self.dtype = torch.device(device), dtype
         dispatch.require_kernels(self.device.type)
         self.rope = RopeTables(cfg, self.device)
@@ -47,7 +62,7 @@ class Model:
     def w(self, weights: dict) -> None:
         self._w, self._fused = weights, None
         prefixes = [f"layers.{s.index}.ffn" for s in self.specs] + (["mtp.0.ffn"] if "mtp.0.e_proj" in weights else [])
-        self.experts = {p: layer_experts(weights, p, self.cfg.n_routed_experts) for p in prefixes}
+        self.experts = {p: _routed_experts(weights, p, self.cfg.n_routed_experts) for p in prefixes}
 
     @property
     def mode(self) -> Precision:
@@ -56,7 +71,7 @@ class Model:
 
     def _ctx(self, p: str, spec, handle, positions, token_ids, rope, start) -> LayerContext:
         return LayerContext(self.cfg, self._step_weights() if start is None else self.w, p, spec, handle, positions,
-                            token_ids, rope, self.precision, start, self.experts[p + ".ffn"])
+                            token_ids, rope, self.precision, start, self.experts[p + ".ffn"], self.comm)
 
     def _step_weights(self):
         """The weights with the decode step's stacked linears (built at the first step)."""
@@ -124,7 +139,7 @@ class Model:
         y = kernels.hc_head(streams, w[p + "hc_head_fn"], w[p + "hc_head_base"], w[p + "hc_head_scale"],
                             cfg.hc_eps, cfg.rms_norm_eps)
         y = kernels.rms_norm(y, w[p + "norm.weight"], cfg.rms_norm_eps)
-        return kernels.linear(y, w["head"]).float()
+        return self.comm.gather_vocab(kernels.linear(y, w["head"]).float())
 
     def mtp_forward(self, streams: torch.Tensor, next_ids: torch.Tensor, handle, start: int) -> torch.Tensor:
         """Multi-token prediction: logits for the token after ``next_ids``.
@@ -141,4 +156,28 @@ class Model:
         hs = kernels.rms_norm(streams, w[p + ".hnorm.weight"], cfg.rms_norm_eps)
         x = kernels.linear(e, w[p + ".e_proj"]).unsqueeze(1) + kernels.linear(hs, w[p + ".h_proj"])
         x = block(x, self._ctx(p, cfg.mtp_layer(0), handle, positions, ids, self.rope, start))
+        return self._head(x, p + ".")
+
+    # ------------------------------------------------ speculative decoding (engine/runtime/speculative.py)
+    def static_step(self, token: torch.Tensor, pos: torch.Tensor, handles) -> tuple[torch.Tensor, torch.Tensor]:
+        """``decode_forward`` that also returns the final residual streams [1, hc_mult, d] (the MTP
+        block's input). The same ops in the same order, so the logits [1, vocab] float32 are
+        decode_forward's bit for bit; token [1], pos [1] int64 on the model's device."""
+        cfg = self.cfg
+        rope = StepRope(self.rope, pos)
+        streams = self.w["embed.weight"][token].to(self.dtype).unsqueeze(1).expand(-1, cfg.hc_mult, -1).contiguous()
+        for spec in self.specs:
+            p = f"layers.{spec.index}"
+            streams = block(streams, self._ctx(p, spec, handles[spec.index], pos, token, rope, None))
+        return self._head(streams, ""), streams
+
+    def mtp_step(self, streams: torch.Tensor, next_id: torch.Tensor, pos: torch.Tensor, handle) -> torch.Tensor:
+        """``mtp_forward`` for one position with static shapes (CUDA-graph capturable): streams
+        [1, hc_mult, d] the main model's final streams at device position pos [1]; next_id [1] the
+        token at pos+1; handle: the MTP layer's cache handle. -> logits [1, vocab] float32 for pos+2."""
+        cfg, w, p = self.cfg, self._step_weights(), "mtp.0"
+        e = kernels.rms_norm(w["embed.weight"][next_id].to(self.dtype), w[p + ".enorm.weight"], cfg.rms_norm_eps)
+        hs = kernels.rms_norm(streams, w[p + ".hnorm.weight"], cfg.rms_norm_eps)
+        x = kernels.linear(e, w[p + ".e_proj"]).unsqueeze(1) + kernels.linear(hs, w[p + ".h_proj"])
+        x = block(x, self._ctx(p, cfg.mtp_layer(0), handle, pos, next_id, StepRope(self.rope, pos), None))
         return self._head(x, p + ".")

@@ -1,0 +1,326 @@
+"""MTP speculative decoding: the checkpoint's MTP block drafts one token, the main model verifies it.
+
+A round starts with the last sampled token ``tok`` (position P, not yet cached) and the main
+model's final streams at P-1 (``pending``):
+1. draft: the MTP block at position P-1 on (streams at P-1, tok) -> draft distribution q, draft d;
+2. verify: the main model runs tok at P, then d at P+1 -> target logits at P and P+1 (and their
+   streams, the next MTP inputs). Between the two tokens, what d will write in the cache is saved
+   (engine/runtime/rollback.TokenCheckpoint);
+3. accept d with probability min(1, p(d)/q(d)) (p: the target distribution at P, after the
+   sampling parameters); accepted: d is emitted and the next token is sampled from the target at
+   P+1 (2 tokens per round); rejected: d's cache writes are restored bit for bit and the next token
+   is sampled from norm(max(0, p - q)) (1 token). Greedy (temperature 0) is the one-hot case:
+   accept iff d is the argmax, else emit the argmax.
+
+Why two single-token steps and not one 2-token forward: each of them is exactly the step plain
+decoding runs (``Model.static_step`` is ``decode_forward`` plus the streams, captured in a CUDA graph
+when the session decodes through one; the one-token chunk forward otherwise), so every logit equals
+plain decoding's bit for bit and greedy output is identical by construction, not up to float
+rounding of other reduction shapes; and the rollback is the save/restore of one token's writes.
+On a GPU the verify pair (and the checkpoint between them) is one CUDA graph and the MTP step
+another. The cost: the verify reads the weights twice, so a round costs about two plain steps
+(see engine/tools/mtp_bench.py for the measured and projected figures); a batched 2-token step
+reads them once and needs ``decode_attention`` generalised to S tokens (engine/model/attention.py).
+
+The MTP layer's cache is the session cache's extra layer (``mtp_session`` builds it with
+``CacheSchema.from_config(..., include_mtp=True)``); it is fed every position the main model
+commits (in ``prefill`` and in each round), one behind the main model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Iterator
+
+import torch
+
+from dsv4.cache import CacheManager, CacheSchema
+
+from .generate import Finish, whole_step
+from .rollback import TokenCheckpoint, positioned_handles
+from .sampling import SamplingParams, min_p_mask, top_k_mask, top_p_mask
+from .session import Session
+
+MTP_PREFILL_ROWS = 512  # MTP prefill rows per call: bounds its [rows, vocab] logits
+
+
+@dataclass
+class SpeculativeStats:
+    """Counts of one decoder (all its generations). drafted: drafts the main model verified;
+    accepted: those accepted; steps: verify rounds (each emits accepted + 1 tokens)."""
+
+    drafted: int = 0
+    accepted: int = 0
+    steps: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def tokens_per_step(self) -> float:
+        """Tokens emitted per main-model verify round (1 + acceptance)."""
+        return (self.steps + self.accepted) / self.steps if self.steps else 0.0
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "acceptance_rate": self.acceptance_rate, "tokens_per_step": self.tokens_per_step}
+
+
+# ------------------------------------------------------------------ the sampling rule
+def target_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution ``Sampler`` draws from: logits [vocab] -> probs [vocab] float32 (CPU).
+    temperature 0: one-hot at the argmax (greedy)."""
+    logits = logits.detach().float().cpu()
+    if params.temperature == 0:
+        return torch.nn.functional.one_hot(torch.argmax(logits), logits.numel()).float()
+    logits = logits / params.temperature
+    logits = logits.masked_fill(~top_k_mask(logits, params.top_k), float("-inf"))
+    probs = torch.softmax(logits, -1)
+    probs = probs * (top_p_mask(probs, params.top_p) & min_p_mask(probs, params.min_p))
+    return probs / probs.sum()
+
+
+def sample_from(probs: torch.Tensor, gen: torch.Generator) -> int:
+    """One draw from probs [vocab] (a one-hot gives its index)."""
+    return int(torch.multinomial(probs, 1, generator=gen))
+
+
+def accept_or_resample(p: torch.Tensor, q: torch.Tensor, draft: int, gen: torch.Generator) -> tuple[int, bool]:
+    """Speculative sampling for a draft drawn from q: keep it with probability min(1, p/q), else draw
+    from norm(max(0, p - q)). p, q: [vocab] probabilities. -> (token, accepted); the token is
+    distributed as p whatever q is."""
+    u = float(torch.rand((), generator=gen))
+    if u * float(q[draft]) < float(p[draft]):
+        return draft, True
+    residual = (p - q).clamp(min=0)
+    total = float(residual.sum())
+    return sample_from(residual / total if total > 0 else p, gen), False
+
+
+# ------------------------------------------------------------------ the decoder
+def mtp_session(model, max_context: int | None = None, cuda_graph: bool | None = None) -> Session:
+    """A Session whose cache also holds the MTP layer (for ``SpeculativeDecoder``)."""
+    max_context = max_context or min(model.cfg.max_position_embeddings, 8192)
+    cache = CacheManager(CacheSchema.from_config(model.cfg, model.mode, include_mtp=True), max_context,
+                         device=model.device)
+    return Session(model, cache=cache, cuda_graph=cuda_graph)
+
+
+class SpeculativeDecoder:
+    """Prefill and decode one session with MTP drafts. The session's cache must include the MTP
+    layer (``mtp_session``), and its conversation must go through this decoder from position 0
+    (``prefill`` keeps the MTP layer in step; ``Session.step`` would not).
+
+    static: verify through ``Model.static_step`` (as plain decode does with a DecodeRunner; captured
+    in CUDA graphs on a CUDA device) or through the one-token chunk forward. Default: as the session
+    decodes (static iff it has a DecodeRunner)."""
+
+    def __init__(self, session: Session, static: bool | None = None):
+        model, mgr = session.model, session.cache
+        if not model.has_mtp:
+            raise ValueError("this checkpoint has no MTP layer (mtp.0.*): decode without --mtp")
+        n = model.cfg.num_hidden_layers
+        if len(mgr.schema.layers) <= n:
+            raise ValueError("the session's cache has no MTP layer: make it with speculative.mtp_session")
+        self.session, self.model, self.mgr, self.slot = session, model, mgr, session.slot
+        self.static = session.runner is not None if static is None else static
+        self.graph = self.static and model.device.type == "cuda"
+        handles = positioned_handles(mgr, self.slot)
+        self.main, self.mtp = handles[:n], handles[n]
+        self.ckpt = TokenCheckpoint(self.main)
+        self.stats = SpeculativeStats()
+        self.pending: torch.Tensor | None = None  # final streams [1, hc, d] at position seq_len - 1
+        self.mtp_len = 0  # positions the MTP layer has processed
+        dev, cfg = model.device, model.cfg
+        self.tokens = torch.zeros(2, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(1, dtype=torch.long, device=dev)
+        self.m_streams = torch.zeros(1, cfg.hc_mult, cfg.hidden_size, dtype=model.dtype, device=dev)
+        self.m_id = torch.zeros(1, dtype=torch.long, device=dev)
+        self.m_pos = torch.zeros(1, dtype=torch.long, device=dev)
+        self._graphs: dict = {}  # "verify" / "mtp" -> (CUDAGraph, outputs)
+
+    @property
+    def seq_len(self) -> int:
+        return self.mgr.seq_len(self.slot)
+
+    # -------------------------------------------------------------- prefill
+    @torch.inference_mode()
+    def prefill(self, token_ids, chunk: int | None = None) -> torch.Tensor:
+        """Append a prompt (in chunks of ``chunk`` tokens) to the context, feeding the MTP layer too.
+        -> the last token's logits [vocab]."""
+        ids = torch.as_tensor(token_ids, dtype=torch.long).reshape(-1)
+        if ids.numel() == 0:
+            raise ValueError("no tokens to run")
+        chunk = chunk or ids.numel()
+        for i in range(0, ids.numel(), chunk):
+            c = ids[i:i + chunk]
+            start = self.seq_len
+            self.mgr.prepare(self.slot, c.numel())
+            for h in self.main:
+                h.at = start
+            logits, streams = self.model.forward(c, self.main, start, last_only=True, return_streams=True)
+            self.mgr.commit(self.slot, c.numel())
+            self._feed_mtp(streams, c.to(self.model.device), start)
+        return logits[-1]
+
+    def _feed_mtp(self, streams: torch.Tensor, ids: torch.Tensor, start: int) -> None:
+        """Run the MTP layer (chunk forward) on the positions this chunk completes: (streams at s,
+        token s+1) for s = start-1 .. start+S-2 (the first only when pending)."""
+        if self.pending is not None:
+            hs, nxt, first = torch.cat([self.pending, streams[:-1]]), ids, start - 1
+        else:
+            hs, nxt, first = streams[:-1], ids[1:], start
+        if first != self.mtp_len:
+            raise RuntimeError(f"the MTP layer is at position {self.mtp_len}, not {first}: the session was "
+                               "advanced without this decoder")
+        for i in range(0, hs.shape[0], MTP_PREFILL_ROWS):
+            self.mtp.at = first + i
+            self.model.mtp_forward(hs[i:i + MTP_PREFILL_ROWS], nxt[i:i + MTP_PREFILL_ROWS], self.mtp, first + i)
+        self.mtp_len = first + hs.shape[0]
+        self.pending = streams[-1:].clone()
+
+    # --------------------------------------------------------------- decode
+    def generate(self, prompt_ids, params: SamplingParams, max_new_tokens: int, stop_ids=frozenset(),
+                 chunk: int | None = None, seed: int | None = None) -> Iterator[int]:
+        """Prefill ``prompt_ids`` then yield tokens as ``Session.generate`` does."""
+        logits = self.prefill(prompt_ids, chunk=chunk)
+        for tok, _ in self.decode(logits, params, max_new_tokens, stop_ids, seed=seed):
+            yield tok
+
+    def decode(self, logits: torch.Tensor, params: SamplingParams, max_new_tokens: int, stop_ids=frozenset(),
+               seed: int | None = None) -> Iterator[tuple[int, Finish | None]]:
+        """From the logits [vocab] a prefill left, yield (token, finish) per new token with the
+        contract of engine/runtime/generate.decode_tokens (the same finish rules; between yields the
+        cache holds every emitted token but the last). Drafted/accepted counts go to ``stats``."""
+        params.validate()
+        gen = torch.Generator()
+        gen.manual_seed(seed) if seed is not None else gen.seed()
+        tok, n = sample_from(target_probs(logits, params), gen), 0
+        while True:
+            n += 1
+            finish = self._finish(tok, n, max_new_tokens, stop_ids)
+            yield tok, finish
+            if finish is not None:
+                return
+            with whole_step():
+                extra, tok = self._round(tok, n, params, max_new_tokens, stop_ids, gen)
+            for d, fin in extra:
+                n += 1
+                yield d, fin
+                if fin is not None:
+                    return
+
+    def _finish(self, tok: int, n: int, max_new_tokens: int, stop_ids) -> Finish | None:
+        return (Finish.STOP if tok in stop_ids else Finish.LENGTH if n == max_new_tokens
+                else Finish.CONTEXT if self.seq_len >= self.mgr.max_context else None)
+
+    @torch.inference_mode()
+    def _round(self, tok: int, n: int, params, max_new_tokens, stop_ids, gen) -> tuple[list, int | None]:
+        """One draft-verify round after ``tok`` (the n-th token, emitted, position P = seq_len).
+        -> (the accepted draft with its finish, if any; the next token, None if the draft ended)."""
+        P = self.seq_len
+        q = target_probs(self._mtp_step(self.pending, tok, P - 1), params)
+        self.mtp_len = P
+        if self.mgr.remaining(self.slot) < 2:  # no room for a draft: one plain step
+            self.mgr.prepare(self.slot, 1)
+            logits, streams = self._single(tok, P)
+            self.mgr.commit(self.slot, 1)
+            self.pending = streams
+            return [], sample_from(target_probs(logits, params), gen)
+        d = sample_from(q, gen)
+        self.mgr.prepare(self.slot, 2)
+        logits, streams = self._verify(tok, d, P)
+        self.stats.steps += 1
+        self.stats.drafted += 1
+        x, ok = accept_or_resample(target_probs(logits[0], params), q, d, gen)
+        self.mgr.commit(self.slot, 1)
+        if not ok:
+            self.ckpt.restore()
+            self.pending = streams[:1]
+            return [], x
+        self.stats.accepted += 1
+        fin = self._finish(d, n + 1, max_new_tokens, stop_ids)
+        if fin is not None:  # generation ends at d: the cache keeps tok, not d (as plain decoding)
+            self.ckpt.restore()
+            self.pending = streams[:1]
+            return [(d, fin)], None
+        self.mgr.commit(self.slot, 1)
+        self._mtp_step(streams[:1], d, P)  # keeps the MTP layer in step; its draft is not needed
+        self.mtp_len = P + 1
+        self.pending = streams[1:]
+        return [(d, None)], sample_from(target_probs(logits[1], params), gen)
+
+    # ------------------------------------------------------- the model steps
+    def _verify_body(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The static verify pair on the device buffers (tokens [2], pos [1]) -> logits [2, vocab],
+        streams [2, hc, d]; the checkpoint saves position pos+1 between the two steps."""
+        l0, h0 = self.model.static_step(self.tokens[:1], self.pos, self.main)
+        pos1 = self.pos + 1
+        self.ckpt.save(pos1)
+        l1, h1 = self.model.static_step(self.tokens[1:], pos1, self.main)
+        return torch.cat([l0, l1]), torch.cat([h0, h1])
+
+    def _verify(self, tok: int, d: int, P: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Main model on tok at P then d at P+1 (blocks prepared) -> logits [2, vocab], streams [2, hc, d]."""
+        if self.static:
+            self.tokens.copy_(torch.tensor([tok, d]))
+            self.pos.fill_(P)
+            if not self.graph:
+                return self._verify_body()
+            return self._replay("verify", self._verify_body, self.main, (P, P + 1))
+        for h in self.main:
+            h.at = P
+        l0, h0 = self.model.forward(torch.tensor([tok]), self.main, P, return_streams=True)
+        for h in self.main:
+            h.at = P + 1
+        self.ckpt.save(torch.tensor([P + 1], device=self.model.device))
+        l1, h1 = self.model.forward(torch.tensor([d]), self.main, P + 1, return_streams=True)
+        return torch.cat([l0, l1]), torch.cat([h0, h1])
+
+    def _single(self, tok: int, P: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One plain main-model step (eager) -> logits [vocab], streams [1, hc, d]."""
+        if self.static:
+            self.tokens[:1].fill_(tok)
+            self.pos.fill_(P)
+            logits, streams = self.model.static_step(self.tokens[:1], self.pos, self.main)
+        else:
+            for h in self.main:
+                h.at = P
+            logits, streams = self.model.forward(torch.tensor([tok]), self.main, P, return_streams=True)
+        return logits[0], streams
+
+    def _mtp_body(self) -> torch.Tensor:
+        return self.model.mtp_step(self.m_streams, self.m_id, self.m_pos, self.mtp)
+
+    def _mtp_step(self, streams: torch.Tensor, next_id: int, s: int) -> torch.Tensor:
+        """The MTP block at position s on (main streams at s [1, hc, d], token s+1) -> draft logits
+        [vocab] for position s+2 (static step; a CUDA graph on CUDA devices)."""
+        self.m_streams.copy_(streams)
+        self.m_id.fill_(next_id)
+        self.m_pos.fill_(s)
+        if self.graph:
+            return self._replay("mtp", self._mtp_body, [self.mtp], (s,))[0]
+        return self._mtp_body()[0]
+
+    def _replay(self, name: str, body, handles, positions: tuple):
+        """Replay the CUDA graph of ``body`` (captured at the first call: warm-up runs first, with
+        everything they write at ``positions`` saved and restored) -> fresh copies of its outputs."""
+        if name not in self._graphs:
+            saved = [TokenCheckpoint(handles) for _ in positions]
+            for ck, p in zip(saved, positions):
+                ck.save(torch.tensor([p], device=self.model.device))
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    body()
+                    for ck in reversed(saved):
+                        ck.restore()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = body()
+            self._graphs[name] = (graph, out)
+        graph, out = self._graphs[name]
+        graph.replay()
+        return out.clone() if isinstance(out, torch.Tensor) else tuple(o.clone() for o in out)
