@@ -291,10 +291,10 @@ def _kernels(preset, device, runs, compare, threads, as_json, json_out):
         _emit(result, True, json_out)
         return
     t = Table(title=f"decode linears, {name}, measured bandwidth {bw / 1e12:.2f} TB/s")
-    for c in ("weight", "format", "out x in", "MB", "us", "GB/s", "of bw") + (("ref us", "speedup") if compare else ()):
-        t.add_column(c, justify="left" if c in ("weight", "format") else "right")
+    for c in ("weight", "format", "kernel", "out x in", "MB", "us", "GB/s", "of bw") + (("ref us", "speedup") if compare else ()):
+        t.add_column(c, justify="left" if c in ("weight", "format", "kernel") else "right")
     for r in rows:
-        cells = [r["name"], r["format"], f"{r['out']}x{r['in']}", f"{r['bytes'] / 1e6:.1f}",
+        cells = [r["name"], r["format"], r["implementation"], f"{r['out']}x{r['in']}", f"{r['bytes'] / 1e6:.1f}",
                  f"{r['median_s'] * 1e6:.1f}", f"{r['bytes_per_s'] / 1e9:.0f}", f"{r['bandwidth_fraction']:.0%}"]
         if compare:
             cells += [f"{r['reference_median_s'] * 1e6:.0f}", f"{r['speedup']:.1f}x"]

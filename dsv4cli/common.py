@@ -154,11 +154,10 @@ def _known_errors() -> tuple:
     from dsv4.engine.model.config import ConfigError
     from dsv4.engine.runtime.tokenizer import TokenizerError
     from dsv4.engine.tools.bench import BenchError
-    from dsv4.kernels import dispatch
+    from dsv4.kernels.dispatch import KernelError
 
-    kernel_error = getattr(dispatch, "KernelError", None)
-    return tuple(e for e in (UserError, CheckpointError, ConfigError, TokenizerError, CacheError, BenchError,
-                             PrecisionError, kernel_error) if e is not None)
+    return (UserError, CheckpointError, ConfigError, TokenizerError, CacheError, BenchError, PrecisionError,
+            KernelError)
 
 
 def guard(fn):

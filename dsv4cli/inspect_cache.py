@@ -148,7 +148,7 @@ def _plot(cfg, schema, path: Path, name: str, tokens: list[int], fit: dict | Non
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        from matplotlib.ticker import FuncFormatter
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
     except ImportError:
         raise UserError("--plot needs matplotlib: pip install 'dsv4[plot]'") from None
     from dsv4.cache.budget import plain_bf16_bytes
@@ -164,12 +164,19 @@ def _plot(cfg, schema, path: Path, name: str, tokens: list[int], fit: dict | Non
     ax.loglog(tokens, [schema.bytes_for_context(t)["total"] for t in tokens], "o", color="C0")
     for t in tokens:
         ax.annotate(f"{_tokens(t)}: {_human(schema.bytes_for_context(t)['total'])}",
-                    (t, schema.bytes_for_context(t)["total"]), textcoords="offset points", xytext=(4, -12), fontsize=8)
+                    (t, schema.bytes_for_context(t)["total"]), textcoords="offset points", xytext=(-4, 6),
+                    ha="right", fontsize=8)
     if fit:
         ax.axhline(fit["budget_bytes"], color="C3", lw=0.8)
         ax.annotate(f"budget {_human(fit['budget_bytes'])}: {fit['longest_context_tokens']:,} tokens"
                     + (" (model maximum)" if fit["capped_at_model_maximum"] else ""),
                     (xs[0], fit["budget_bytes"]), textcoords="offset points", xytext=(2, 3), fontsize=8, color="C3")
+    ax.set_xscale("log", base=2)  # ticks at 1k, 4k, 16k, ... and 1, 8, 64 ... MiB / GiB
+    ax.set_yscale("log", base=2)
+    ax.xaxis.set_major_locator(LogLocator(base=4))
+    ax.yaxis.set_major_locator(LogLocator(base=8))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.yaxis.set_minor_formatter(NullFormatter())
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _tokens(v)))
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: _human(v)))
     ax.set_title(f"KV cache per request: {name}, {schema.mode}")

@@ -237,8 +237,11 @@ def test_bench_decode_on_cpu(cli_inprocess, demo_checkpoint, tmp_path):
                         rel_tol=1e-9)
     assert math.isclose(d["floor_ratio"], d["median_s"] / ((layer_bytes + head) / bw), rel_tol=1e-9)
     assert "projected_full_model_ms_per_token" not in d  # a checkpoint is timed whole
-    # which implementation ran per op: on the CPU, the torch reference for the linears
-    assert "reference" in json.dumps(d["kernels"]["linear"]) and d["kernels_source"]
+    # which implementation ran per op over the 2 warm-up + 4 timed steps: on the CPU the torch
+    # references; the hc head once per step, mHC pre twice per layer (attention, FFN) per step
+    assert all(set(v) == {"reference"} for v in d["kernels"].values())
+    assert d["kernels"]["hc_head"] == {"reference": 6} and d["kernels"]["mhc_pre"] == {"reference": 2 * 4 * 6}
+    assert {"linear", "routed_experts"} <= set(d["kernels"])
 
 
 def test_bench_prefill_json_flag_and_flops(cli_inprocess, demo_checkpoint):

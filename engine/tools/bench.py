@@ -25,6 +25,7 @@ from dsv4.engine.checkpoint.formats import published_format, stored_entries
 from dsv4.engine.model.config import DSV4Config
 from dsv4.engine.model.model import Model
 from dsv4.engine.runtime.session import Session
+from dsv4.kernels import dispatch
 from dsv4.engine.checkpoint.shapes import tensor_shapes
 from .synthetic import random_tensor
 
@@ -321,48 +322,14 @@ def head_and_embed_seconds(model: Model, runs: int = 20, graph: bool = False) ->
         return median_time(dev, fn, runs)
 
 
-def _dispatch_report():
-    """{op: {implementation: calls}} from kernels.dispatch.report() where the dispatcher records
-    what ran (None where this version of kernels does not)."""
-    from dsv4.kernels import dispatch
-
-    rep = getattr(dispatch, "report", None)
-    if rep is None:
-        return None
-    out = {}
-    for op, v in rep().items():
-        out[op] = dict(v) if isinstance(v, dict) else {str(v): None}
-    return out
-
-
-def _dispatch_reset() -> None:
-    from dsv4.kernels import dispatch
-
-    reset = getattr(dispatch, "reset_report", None)
-    if reset is not None:
-        reset()
-
-
-def kernels_chosen(device) -> dict:
-    """{op: "module.function"} the dispatcher picks for inputs on ``device``: the fallback where this
-    version of kernels.dispatch does not record what ran (no report())."""
-    from dsv4.kernels import dispatch
-
-    dt = torch.device(device).type
-    out = {}
-    for op in sorted(getattr(dispatch, "_REGISTRY", {})):
-        fn = dispatch.implementation(op, dt)
-        out[op] = f"{fn.__module__}.{fn.__name__}"
-    return out
-
-
 def bench_decode(model: Model, prompt_len: int, steps: int, warmup: int = 3, cuda_graph: bool | None = None,
                  progress: Progress | None = None) -> dict:
     """Decode ``steps`` tokens after a ``prompt_len`` prompt; cuda_graph as Session's (None: the default).
 
     -> median/p10/p90 seconds per step, tokens/s, the weight and cache bytes one step reads (split
     into layers and head+embedding), head_embed_s (that part timed on its own, in the same run) and
-    "kernels": which implementation ran for each op during the warm-up and timed steps."""
+    "kernels": {op: {implementation: calls}} of the warm-up and timed steps (kernels.dispatch.report;
+    with a CUDA graph the calls are those of its capture, which every replay repeats)."""
     dev = model.device
     s = Session(model, max_context=prompt_len + steps + warmup + 8, cuda_graph=cuda_graph)
     prompt, toks = _bench_tokens(model.cfg.vocab_size, prompt_len, steps + warmup)
@@ -370,7 +337,7 @@ def bench_decode(model: Model, prompt_len: int, steps: int, warmup: int = 3, cud
     _reset_peak(dev)
     _say(progress, f"prefill {prompt_len} tokens")
     ttft = timer(lambda: s.prefill(prompt))
-    _dispatch_reset()
+    dispatch.reset_report()
     for i, t in enumerate(toks[:warmup]):
         _say(progress, f"warm-up step {i + 1}/{warmup}")
         s.step(t)
@@ -380,7 +347,7 @@ def bench_decode(model: Model, prompt_len: int, steps: int, warmup: int = 3, cud
     for i, t in enumerate(toks[warmup:]):
         _say(progress, f"decode step {i + 1}/{steps}")
         times.append(timer(lambda t=t: s.step(t)))
-    ran = _dispatch_report()
+    ran = dispatch.report()
     graph = s.runner is not None
     _say(progress, "timing the head and embedding alone")
     head_s = head_and_embed_seconds(model, runs=max(5, min(steps, 50)), graph=graph)
@@ -392,10 +359,7 @@ def bench_decode(model: Model, prompt_len: int, steps: int, warmup: int = 3, cud
                 "weight_bytes_per_token": split["layers"] + split["head_embed"],
                 "layer_weight_bytes_per_token": split["layers"], "head_embed_bytes_per_token": split["head_embed"],
                 "kv_bytes_per_token": kv, "head_embed_s": head_s,
-                "peak_device_bytes": _peak_bytes(dev), "cuda_graph": graph,
-                "kernels": ran if ran is not None else kernels_chosen(dev),
-                "kernels_source": "ran (kernels.dispatch.report)" if ran is not None else
-                "chosen (kernels.dispatch decision for this device; this kernels version does not record calls)"})
+                "peak_device_bytes": _peak_bytes(dev), "cuda_graph": graph, "kernels": ran})
     s.close()
     return out
 
@@ -659,7 +623,8 @@ def hf_prefill(hf, model: Model, prompt_len: int, runs: int = 5, warmup: int = 1
 
 def bench_linears(model: Model, layers=(2, 3), runs: int = 50) -> list[dict]:
     """Time each linear of the given layers (and the head) as one decode token sees it (one row of
-    input), through ``kernels`` dispatch. -> rows with bytes read, median seconds and bytes/s."""
+    input), through ``kernels`` dispatch. -> rows with bytes read, median seconds, bytes/s and the
+    implementation that ran (kernels.dispatch.report)."""
     from dsv4 import kernels
     from dsv4.kernels import QWeight
 
@@ -674,14 +639,16 @@ def bench_linears(model: Model, layers=(2, 3), runs: int = 50) -> list[dict]:
         w = model.w[name]
         N, K = w.shape
         if name.endswith("attn.wo_a"):
-            G = cfg.o_groups
+            G, op = cfg.o_groups, "grouped_linear"
             x = torch.randn(1, G, K, device=dev)
             fn = lambda x=x, w=w: kernels.grouped_linear(x, w)  # noqa: E731
         else:
+            op = "linear"
             x = torch.randn(1, K, device=dev)
             fn = lambda x=x, w=w: kernels.linear(x, w)  # noqa: E731
+        dispatch.reset_report()
         t = median_time(dev, fn, runs)
         nbytes = w.nbytes() + x.numel() * 4 + N * 4
         rows.append({"name": name, "format": w.fmt, "out": N, "in": K, "bytes": nbytes, "median_s": t,
-                     "bytes_per_s": nbytes / t})
+                     "bytes_per_s": nbytes / t, "implementation": ",".join(dispatch.report().get(op, {}))})
     return rows
