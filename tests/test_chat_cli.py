@@ -162,10 +162,13 @@ PROMPT = r"\n[^\n>]*>[^\n]*$"
 
 
 def _controlling_tty():
-    """In the child: a new session whose controlling terminal is the pty, so Ctrl+C sends SIGINT."""
+    """In the child: a new session whose controlling terminal is the pty, so Ctrl+C sends SIGINT, and
+    SIGINT handled by default (a test run started in the background inherits it ignored)."""
     import fcntl
+    import signal
     import termios
 
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     os.setsid()
     fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 

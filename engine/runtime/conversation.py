@@ -47,7 +47,7 @@ class TurnStats:
     prompt_tokens: int = 0  # tokens of the whole prompt
     prefilled_tokens: int = 0  # tokens actually run this turn (the new part)
     generated_tokens: int = 0
-    ttft_s: float = 0.0  # prefill and the first sample
+    ttft_s: float = 0.0  # the prefill (until the logits of the first new token)
     decode_s: float = 0.0  # from the first token to the last
     finish: Finish | None = None
 
