@@ -51,13 +51,41 @@ class ChunkHandle(Protocol):
     def append_index_keys(self, first: int, x: torch.Tensor) -> None: ...
 
 
+class Collectives(Protocol):
+    """What the model math asks of the ranks it is split over (engine/runtime/parallel/ implements it
+    over torch.distributed): ``all_reduce`` sums a sub-layer's partial output [S, d] over the ranks
+    (same shape, same dtype, the same values on every rank); ``gather_vocab`` turns this rank's
+    slice of the logits [S, V_rank] into the whole vocabulary [S, vocab] (identity when the head is
+    not split)."""
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def gather_vocab(self, logits: torch.Tensor) -> torch.Tensor: ...
+
+
+class OneRank:
+    """The collectives of a model that runs whole on one rank: identities."""
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def gather_vocab(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits
+
+
+ONE_RANK = OneRank()
+
+
 @dataclass
 class LayerContext:
     """One layer's forward. prefix: the layer's weight prefix ("layers.i" or "mtp.0"); positions:
     [S] int64 absolute positions on the model's device; token_ids: [S] int64 (hash routing);
     rope: the model's RopeTables (chunk forward) or the step's StepRope (static decode step);
     start: the first position as a host int (chunk forward), None in the static decode step;
-    experts: the layer's routed ExpertSet (engine/model/moe.layer_experts)."""
+    experts: the layer's routed ExpertSet (engine/model/moe.layer_experts); comm: the collectives
+    that turn this rank's partial sub-layer outputs into the whole ones (ONE_RANK: identities). On
+    one rank of several, cfg is the rank-local config (its heads and output groups) and w holds
+    this rank's slices (engine/runtime/parallel/layout.py)."""
 
     cfg: DSV4Config
     w: Mapping
@@ -70,6 +98,7 @@ class LayerContext:
     precision: Precision
     start: int | None
     experts: ExpertSet
+    comm: Collectives = ONE_RANK
 
     @property
     def static(self) -> bool:

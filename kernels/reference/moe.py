@@ -44,12 +44,17 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
 class ExpertSet:
     """The routed experts of one MoE layer, by expert id: w1 (gate), w3 (up) [inter, d] and
     w2 (down) [d, inter] QWeights, all in one format. Holds references, never copies; kernels may
-    keep derived lookup tables (device pointer arrays) in ``tables``."""
+    keep derived lookup tables (device pointer arrays) in ``tables``.
+
+    local: on one rank of several (expert parallel), int64 [n_routed_experts] mapping a router's
+    expert id to its index in these lists, -1 for the experts other ranks hold (they add nothing
+    here and nothing of theirs is read); None when the lists hold every expert, by id."""
 
     w1: list[QWeight]
     w3: list[QWeight]
     w2: list[QWeight]
     tables: dict = field(default_factory=dict, repr=False)
+    local: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.w1)
@@ -60,10 +65,15 @@ def routed_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, ex
     """sum_j weights[s, j] * w2[e] swiglu(w1[e] x_s, w3[e] x_s), e = ids[s, j], clamp ``limit``.
 
     x: [S, d]; ids: [S, k] int; weights: [S, k] float32. -> [S, d] in x's dtype. Experts are
-    visited in ascending id order and each one's weighted output is added in x's dtype.
+    visited in ascending id order and each one's weighted output is added in x's dtype. With
+    ``experts.local`` the ids are mapped to this rank's experts first; -1 (another rank's) is skipped.
     """
+    if experts.local is not None:
+        ids = experts.local.to(ids.device)[ids]
     out = torch.zeros_like(x)
     for e in torch.unique(ids).tolist():
+        if e < 0:
+            continue
         rows, slot = torch.where(ids == e)
         xe = x[rows]
         h = swiglu(linear_reference(xe, experts.w1[e]), linear_reference(xe, experts.w3[e]), limit)

@@ -81,10 +81,12 @@ def _row_dots(x_ptr, w, s, gs, rn, nmask, K: tl.constexpr, FMT: tl.constexpr, BL
 def _experts_up(x_ptr, xq_ptr, xs_ptr, ids_ptr, w1_tab, s1_tab, w3_tab, s3_tab, gs1_ptr, gs3_ptr, h_ptr, I,
                 K: tl.constexpr, limit, FMT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                 MODE: tl.constexpr):
-    pid_n, j = tl.program_id(0), tl.program_id(1)
+    pid_n, j = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     e = tl.load(ids_ptr + j).to(tl.int64)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    nmask = rn < I
+    valid = rn < I
+    nmask = valid & (e >= 0)  # id -1: another rank's expert, no weight byte is loaded and h[j] = 0
+    e = tl.maximum(e, 0)
     w1, s1 = _weight_ptrs(w1_tab, s1_tab, e, FMT)
     w3, s3 = _weight_ptrs(w3_tab, s3_tab, e, FMT)
     if MODE >= 2:  # MXFP4 through dp4a (2: inline PTX, 3: the same in Triton ops); K % BLOCK_K == 0
@@ -95,7 +97,7 @@ def _experts_up(x_ptr, xq_ptr, xs_ptr, ids_ptr, w1_tab, s1_tab, w3_tab, s3_tab, 
         u = _row_dots(x_ptr, w3, s3, tl.load(gs3_ptr + e), rn, nmask, K, FMT, BLOCK_N, BLOCK_K)
     g = tl.minimum(g, limit)
     u = tl.minimum(tl.maximum(u, -limit), limit)
-    tl.store(h_ptr + j * I + rn, g * tl.sigmoid(g) * u, mask=nmask)
+    tl.store(h_ptr + j * I + rn, g * tl.sigmoid(g) * u, mask=valid)
 
 
 @triton.jit
@@ -104,16 +106,18 @@ def _experts_down(h_ptr, hq_ptr, hs_ptr, ids_ptr, wts_ptr, w2_tab, s2_tab, gs2_p
                   MODE: tl.constexpr, K_SEL: tl.constexpr):
     """out [N] (x's dtype) = sum_j weights[j] * (w2[ids[j]] h[j]); grid (row blocks, K_SEL). The last
     program of a row block to finish adds the K_SEL partials in j order (deterministic)."""
-    pid_n, j = tl.program_id(0), tl.program_id(1)
+    pid_n, j = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     e = tl.load(ids_ptr + j).to(tl.int64)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    nmask = rn < N
+    valid = rn < N
+    nmask = valid & (e >= 0)  # id -1: another rank's expert, a zero partial and no weight byte loaded
+    e = tl.maximum(e, 0)
     w2, s2 = _weight_ptrs(w2_tab, s2_tab, e, FMT)
     if MODE >= 2:
         y = mx_int_dots(hq_ptr + j * 3 * I, hs_ptr + j * (I // 32), w2, s2, rn, nmask, I, BLOCK_N, BLOCK_K, MODE == 2)
     else:
         y = _row_dots(h_ptr + j * I, w2, s2, tl.load(gs2_ptr + e), rn, nmask, I, FMT, BLOCK_N, BLOCK_K)
-    _store_split(y * tl.load(wts_ptr + j), out_ptr, part_ptr, cnt_ptr, pid_n, j, 0, 1, N, rn, nmask, K_SEL)
+    _store_split(y * tl.load(wts_ptr + j), out_ptr, part_ptr, cnt_ptr, pid_n, j, 0, 1, N, rn, valid, K_SEL)
 
 
 def _fmt_code(ws) -> int:
@@ -171,7 +175,8 @@ def routed_experts_supported(x: torch.Tensor, ids, weights, experts: ExpertSet, 
 def routed_experts_triton(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, experts: ExpertSet,
                           limit: float) -> torch.Tensor:
     """kernels.routed_experts for one CUDA token (S == 1): two launches (four for MXFP4, with the
-    activation splits), ids stay on the device."""
+    activation splits), ids stay on the device. An id of -1 after ``experts.local`` (another rank's
+    expert) contributes 0 and its programs load no weight."""
     t = experts.tables
     if "w1" not in t:
         for name in ("w1", "w3", "w2"):
@@ -180,7 +185,12 @@ def routed_experts_triton(x: torch.Tensor, ids: torch.Tensor, weights: torch.Ten
     fmt, k = t["fmt"], ids.shape[1]
     I, d = experts.w1[0].shape
     xs = x.reshape(-1).contiguous()
-    ids1 = ids.reshape(-1).contiguous()
+    ids1 = ids.reshape(-1)
+    if experts.local is not None:  # router ids -> this rank's experts, -1 for other ranks' (on the device)
+        if "local" not in t:
+            t["local"] = experts.local.to(x.device)
+        ids1 = t["local"][ids1]
+    ids1 = ids1.contiguous()
     h = torch.empty((k, I), device=x.device, dtype=torch.float32)
     mode = _mx_mode(fmt, I, d, x.device)
     cfg = CONFIG["mx" if mode else "fp4" if fmt >= 4 else "other"]["many" if k >= 4 else "one"]
