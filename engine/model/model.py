@@ -89,22 +89,23 @@ class Model:
         return "mtp.0.e_proj" in self.w
 
     def forward(self, token_ids: torch.Tensor, handles, start: int, last_only: bool = False,
-                return_streams: bool = False):
+                return_streams: bool = False, head: bool = True):
         """Run S new tokens at positions start..start+S-1 through every layer.
 
         token_ids: [S] int64; handles: per-layer cache handles of one slot (state before this call).
-        Returns logits [S, vocab] float32 ([1, vocab] with last_only), and the final residual
-        streams [S, hc_mult, d] if return_streams (the MTP block's input).
+        Returns logits [S, vocab] float32 ([1, vocab] with last_only; None without the head: a prefill
+        chunk before the last), and the final residual streams [S, hc_mult, d] if return_streams
+        (the MTP block's input). Positions are int64 (contexts past 2^31 tokens stay exact).
         """
         cfg, w = self.cfg, self.w
         ids = token_ids.to(self.device)
-        positions = torch.arange(start, start + ids.shape[0], device=self.device)
+        positions = torch.arange(start, start + ids.shape[0], dtype=torch.int64, device=self.device)
         h = w["embed.weight"][ids].to(self.dtype)
         streams = h.unsqueeze(1).expand(-1, cfg.hc_mult, -1).contiguous()
         for spec in self.specs:
             p = f"layers.{spec.index}"
             streams = block(streams, self._ctx(p, spec, handles[spec.index], positions, ids, self.rope, start))
-        logits = self._head(streams[-1:] if last_only else streams, "")
+        logits = self._head(streams[-1:] if last_only else streams, "") if head else None
         return (logits, streams) if return_streams else logits
 
     def decode_forward(self, token: torch.Tensor, pos: torch.Tensor, handles) -> torch.Tensor:
