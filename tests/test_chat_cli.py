@@ -263,8 +263,9 @@ def test_repl_two_turns_slash_command_and_ctrl_c(ckpt, tmp_path):
         # the second turn prefilled only the new tokens: the cache kept turn one's prompt and the 5
         # generated tokens that were fed back (the 6th was sampled, never run)
         assert total2 > first_total and new2 == total2 - (first_total + 5)
-        # after Ctrl+C the cache is intact: it holds the prompt and every token but the last sampled one
-        assert used == total2 + gen2 - 1 and (rate > 0 or gen2 < 2)
+        # after Ctrl+C the cache is intact: the prompt and the tokens generated (the last one too when
+        # the interrupt came during its decode step, which then ran to its end)
+        assert used in (total2 + gen2 - 1, total2 + gen2) and (rate > 0 or gen2 < 2)
         t.read_until(PROMPT)
         t.mark()
         t.send("/stats\r")
