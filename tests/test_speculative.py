@@ -1,0 +1,216 @@
+"""MTP speculative decoding (engine/runtime/speculative.py) on the CPU.
+
+- Greedy output equals plain decoding token for token, through both verify paths (the one-token
+  chunk forward and the static step), across the window ring's wrap and the first HCA close
+  (position 128), and the cache afterwards is byte-identical to plain decoding's: a rejected
+  draft leaves nothing behind. A random model's MTP block rarely agrees with it, so a test decoder
+  drafts the reference token on two rounds of three (the MTP block still runs every step).
+- Rejection sampling keeps the target distribution (chi-square on a 6-token vocabulary).
+- The built-in model (trained MTP block): the same greedy identity, and its drafts are accepted
+  on real text.
+"""
+
+import pytest
+import torch
+
+from dsv4.engine.model.model import Model
+from dsv4.engine.runtime.decode import DecodeRunner
+from dsv4.engine.runtime.sampling import Sampler, SamplingParams
+from dsv4.engine.runtime.session import Session
+from dsv4.engine.runtime.speculative import (SpeculativeDecoder, SpeculativeStats, accept_or_resample,
+                                             mtp_session, target_probs)
+from dsv4.engine.tools.synthetic import random_tensors, tiny_configs
+
+GREEDY = SamplingParams(temperature=0)
+PROMPT, NEW = 118, 14  # decoding crosses position 128: the ring wraps, the HCA window closes
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: these models are tiny, and on a shared 2-core machine a second thread
+    makes each step ~20x slower (measured: 1.15 s vs 0.044 s per tiny-model step under load)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class GuidedDrafts(SpeculativeDecoder):
+    """Drafts the reference continuation ``seq`` (tokens by position) on rounds whose MTP position
+    is not a multiple of 3, the MTP block's own draft otherwise (mostly rejected on a random model)."""
+
+    def __init__(self, session, seq, **kw):
+        super().__init__(session, **kw)
+        self.seq = seq
+
+    def _mtp_step(self, streams, next_id, s):
+        logits = super()._mtp_step(streams, next_id, s)
+        if s % 3 and s + 2 < len(self.seq):
+            logits = torch.full_like(logits, -10.0)
+            logits[self.seq[s + 2]] = 10.0
+        return logits
+
+
+def _plain(model, prompt, n, static):
+    """Greedy plain decoding -> (tokens, session). static: steps through DecodeRunner (eager)."""
+    s = Session(model, 256, cuda_graph=False)
+    logits = s.prefill(prompt)
+    runner = DecodeRunner(model, s.cache.handles(s.slot), graph=False)
+    out = []
+    for _ in range(n):
+        out.append(int(logits.argmax()))
+        if len(out) == n:
+            break
+        if static:
+            s.cache.prepare(s.slot, 1)
+            logits = runner.step(out[-1], s.seq_len)
+            s.cache.commit(s.slot, 1)
+        else:
+            logits = s.step(out[-1])
+    return out, s
+
+
+def _cache_bytes(mgr, layers: int) -> list[torch.Tensor]:
+    """Every stored tensor of the first ``layers`` cache layers (all slots), as bytes."""
+    out = []
+    for st in mgr.layer_state[:layers]:
+        for v in st.values():
+            tensors = v.values() if isinstance(v, dict) else v.tensors.values() if hasattr(v, "tensors") else [v]
+            out += [t.contiguous().view(torch.uint8) for t in tensors]
+    return out
+
+
+@pytest.mark.parametrize("static,mode", [(False, "exact"), (True, "faithful"), (True, "exact"), (False, "faithful")],
+                         ids=["chunk-verify-exact", "static-verify-faithful", "static-verify-exact",
+                              "chunk-verify-faithful"])
+def test_greedy_identical_and_rollback_exact_tiny(static, mode):
+    cfg = tiny_configs()["swa-csa-hca"]
+    model = Model.from_state_dict(cfg, random_tensors(cfg, 1), mode=mode)
+    prompt = torch.randint(0, cfg.vocab_size, (PROMPT,), generator=torch.Generator().manual_seed(3))
+    ref, plain = _plain(model, prompt, NEW, static)
+    dec = GuidedDrafts(mtp_session(model, 256, cuda_graph=False), prompt.tolist() + ref, static=static)
+    out = list(dec.generate(prompt, GREEDY, NEW))
+    assert out == ref
+    st = dec.stats
+    assert st.accepted >= 3 and st.drafted - st.accepted >= 3, st  # both branches ran, repeatedly
+    assert len(out) == 1 + st.steps + st.accepted  # every round emits 1 + accepted (no early stop here)
+    assert dec.seq_len == plain.seq_len == PROMPT + NEW - 1
+    a = _cache_bytes(dec.mgr, cfg.num_hidden_layers)
+    b = _cache_bytes(plain.cache, cfg.num_hidden_layers)
+    assert len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_unguided_greedy_identical_with_stop_and_a_second_turn(tiny_cfg, tiny_tensors):
+    """The MTP block's own drafts; generation stops at a stop id; a second prompt continues the
+    conversation (the MTP layer is fed the positions in between) and still matches plain decoding."""
+    model = Model.from_state_dict(tiny_cfg, tiny_tensors)
+    g = torch.Generator().manual_seed(7)
+    p1, p2 = torch.randint(0, tiny_cfg.vocab_size, (20,), generator=g), torch.randint(0, tiny_cfg.vocab_size, (6,), generator=g)
+    plain = Session(model, 256, cuda_graph=False)
+    first = list(plain.generate(p1, Sampler(GREEDY), 10))
+    stop = {first[6]}
+    plain.reset()
+    greedy = Sampler(GREEDY)
+    ref1 = list(plain.generate(p1, greedy, 10, stop_ids=stop))
+    ref2 = list(plain.generate(torch.cat([torch.tensor(ref1[-1:]), p2]), greedy, 8))
+    dec = SpeculativeDecoder(mtp_session(model, 256, cuda_graph=False))
+    out1 = list(dec.generate(p1, GREEDY, 10, stop_ids=stop))
+    out2 = list(dec.generate(torch.cat([torch.tensor(out1[-1:]), p2]), GREEDY, 8))
+    assert out1 == ref1 and out1[-1] in stop and len(out1) < 10
+    assert out2 == ref2 and dec.seq_len == plain.seq_len
+    assert dec.stats.drafted > 0
+
+
+def test_rejection_sampling_keeps_the_target_distribution():
+    """Drafts x ~ q, then accept_or_resample: the outputs are distributed as p (chi-square, 5 dof,
+    bound 25: p-value about 1e-4), the acceptance rate is sum(min(p, q)); emitting the draft as is
+    (no correction) fails the same test."""
+    p = torch.tensor([0.40, 0.25, 0.15, 0.10, 0.07, 0.03])
+    q = torch.tensor([0.05, 0.30, 0.30, 0.05, 0.20, 0.10])
+    gen = torch.Generator().manual_seed(0)
+    N = 20000
+    drafts = torch.multinomial(q, N, replacement=True, generator=gen).tolist()
+    results = [accept_or_resample(p, q, d, gen) for d in drafts]
+    counts = torch.bincount(torch.tensor([t for t, _ in results]), minlength=6).float()
+
+    def chi2(c):
+        return float(((c - N * p) ** 2 / (N * p)).sum())
+
+    assert chi2(counts) < 25, counts / N
+    assert chi2(torch.bincount(torch.tensor(drafts), minlength=6).float()) > 1000
+    rate = sum(a for _, a in results) / N
+    assert abs(rate - float(torch.minimum(p, q).sum())) < 0.015
+
+
+def test_greedy_rule_is_the_argmax():
+    logits = torch.tensor([0.1, 2.0, -1.0, 1.9])
+    p = target_probs(logits, GREEDY)
+    assert p.tolist() == [0, 1, 0, 0]
+    gen = torch.Generator().manual_seed(0)
+    assert accept_or_resample(p, target_probs(torch.tensor([0.0, 5.0, 0.0, 0.0]), GREEDY), 1, gen) == (1, True)
+    assert accept_or_resample(p, target_probs(torch.tensor([0.0, 0.0, 0.0, 5.0]), GREEDY), 3, gen) == (1, False)
+    # sampled parameters: the masks of Sampler apply (top-k 2 leaves tokens 1 and 3)
+    pk = target_probs(logits, SamplingParams(temperature=1.0, top_k=2))
+    assert pk[0] == 0 and pk[2] == 0 and abs(float(pk.sum()) - 1) < 1e-6
+
+
+def test_sampled_decoding_is_seeded_and_counts(tiny_cfg, tiny_tensors):
+    model = Model.from_state_dict(tiny_cfg, tiny_tensors)
+    prompt = torch.arange(12) % tiny_cfg.vocab_size
+    params = SamplingParams(temperature=1.0)
+    runs = []
+    for _ in range(2):
+        dec = SpeculativeDecoder(mtp_session(model, 128, cuda_graph=False))
+        runs.append((list(dec.generate(prompt, params, 10, seed=5)), dec.stats.as_dict()))
+    assert runs[0] == runs[1]
+    out, st = runs[0]
+    assert len(out) == 10 and 1 + st["steps"] + st["accepted"] >= 10 and st["drafted"] == st["steps"]
+
+
+def test_mtp_step_equals_mtp_forward(tiny_cfg, tiny_tensors):
+    """The static MTP step (device position, fixed shapes) computes what the chunk forward computes."""
+    model = Model.from_state_dict(tiny_cfg, tiny_tensors)
+    ids = torch.randint(0, tiny_cfg.vocab_size, (12,), generator=torch.Generator().manual_seed(4))
+    s = mtp_session(model, 64, cuda_graph=False)
+    s.cache.prepare(s.slot, 11)
+    _, streams = model.forward(ids[:11], s.cache.handles(s.slot), 0, return_streams=True)
+    mtp = s.cache.handles(s.slot)[tiny_cfg.num_hidden_layers]
+    ref = model.mtp_forward(streams, ids[1:], mtp, 0)  # writes the MTP ring for positions 0..10
+    s.cache.reset_slot(s.slot)
+    s.cache.prepare(s.slot, 11)
+    for i in range(11):
+        out = model.mtp_step(streams[i:i + 1], ids[i + 1:i + 2], torch.tensor([i]), mtp)
+        assert torch.allclose(out[0], ref[i], atol=1e-5, rtol=1e-5), i
+
+
+def test_stats_and_errors(tiny_cfg, tiny_tensors):
+    st = SpeculativeStats(drafted=10, accepted=7, steps=10)
+    assert st.as_dict() == {"drafted": 10, "accepted": 7, "steps": 10, "acceptance_rate": 0.7, "tokens_per_step": 1.7}
+    model = Model.from_state_dict(tiny_cfg, tiny_tensors)
+    with pytest.raises(ValueError, match="no MTP layer"):
+        SpeculativeDecoder(Session(model, 64, cuda_graph=False))
+    no_mtp = Model.from_state_dict(tiny_cfg, random_tensors(tiny_cfg, 1, mtp=False))
+    with pytest.raises(ValueError, match="has no MTP layer"):
+        SpeculativeDecoder(mtp_session(no_mtp, 64, cuda_graph=False))
+
+
+@pytest.fixture(scope="module")
+def builtin():
+    from dsv4.cli.common import builtin_model_dir
+    from dsv4.engine.checkpoint.loader import load_model
+    from dsv4.engine.runtime.tokenizer import Tokenizer
+    from pathlib import Path
+
+    d = builtin_model_dir()
+    text = (Path(__file__).resolve().parents[1] / "train" / "results" / "heldout.txt").read_text(encoding="utf-8")
+    return load_model(d, mode="faithful"), Tokenizer.from_dir(d).encode(text)
+
+
+def test_builtin_greedy_identical_and_drafts_accepted(builtin):
+    model, ids = builtin
+    prompt = ids[700:748]
+    plain = Session(model, 256, cuda_graph=False)
+    ref = list(plain.generate(prompt, Sampler(GREEDY), 32))
+    dec = SpeculativeDecoder(mtp_session(model, 256, cuda_graph=False))
+    assert list(dec.generate(prompt, GREEDY, 32)) == ref
+    assert dec.stats.acceptance_rate > 0.3, dec.stats  # a trained MTP block, on real text
