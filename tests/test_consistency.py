@@ -16,8 +16,12 @@ def ids(tiny_cfg):
     return torch.randint(0, tiny_cfg.vocab_size, (300,), generator=torch.Generator().manual_seed(11))
 
 
+# tokens: 200 cross the window ring's wrap and the first HCA close (128) with more CSA entries (50)
+# than index_topk (8), in every chunking; the long version (300: a second HCA close) is `slow`
+@pytest.mark.parametrize("n", [200, pytest.param(300, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("mode", ["exact", "faithful"])
-def test_chunked_prefill_equals_full(tiny_cfg, tiny_tensors, ids, mode):
+def test_chunked_prefill_equals_full(tiny_cfg, tiny_tensors, ids, mode, n):
+    ids = ids[:n]
     model = Model.from_state_dict(tiny_cfg, tiny_tensors, mode=mode)
     full = Session(model, 512).prefill(ids, last_only=False)
     scale = full.abs().max().item()
@@ -32,11 +36,11 @@ def test_faithful_differs_from_exact_and_gap_is_bounded(tiny_cfg, tiny_tensors, 
     token's max |logit|), and why:
     - FP8 e4m3 keeps 3 mantissa bits, so every stored KV channel is within half an ulp, 2^-4 = 6.25%,
       of its value (2^-4 / sqrt(3) = 3.6% RMS); the typical token (median) moves less than that
-      (measured 1.9-2.4% over three random models);
+      (measured here: median 1.9%, 90th percentile 4.1%);
     - the FP4 indexer (e2m1, 1 mantissa bit) and the routers make discrete choices: where a near-tie
       flips which entries or experts a token uses, that token moves by a large fraction (measured
-      worst 13-33% of max |logit|), so the worst token is bounded only by 1/2, and the argmax may
-      change for a few tokens (measured agreement 96-97%).
+      here: worst token 27%; 13-33% on two other random models), so the worst token is bounded
+      only by 1/2, and the argmax may change for a few tokens (measured 96.3%; 96-97% elsewhere).
     The faithful points themselves are pinned in tests/test_faithful_points.py."""
     exact = Session(Model.from_state_dict(tiny_cfg, tiny_tensors, mode="exact"), 512).prefill(ids, last_only=False)
     faith = Session(Model.from_state_dict(tiny_cfg, tiny_tensors, mode="faithful"), 512).prefill(ids, last_only=False)
