@@ -97,6 +97,11 @@ class LayerHandle:
         return self._state[p + "prev_c"], self._state[p + "prev_z"]
 
     # ------------------------------------------------------ compressed entries
+    def entry_rows(self, first: int, count: int) -> torch.Tensor:
+        """Pool rows [count] int64 of compressed entries first..first+count-1 (their blocks held),
+        for reading them in their storage format (entry_store(), index_store())."""
+        return self._rows(first, count, self.mgr.device)
+
     def _rows(self, first: int, count: int, device) -> torch.Tensor:
         epb = self.layer.entries_per_block
         if count and (first + count - 1) // epb >= self.mgr.blocks_held(self.slot):  # host-side: no device sync

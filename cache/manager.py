@@ -122,6 +122,27 @@ class CacheManager:
             self.block_table[slot, len(self._blocks[slot])] = b
             self._blocks[slot].append(b)
 
+    def snapshot(self, slot: int) -> dict:
+        """What a chunk forward of ``slot`` rewrites in place, copied (per layer: the window ring rows
+        and the compressor tails / series a; a few hundred KiB at Flash size), with the token count.
+        Entries a cut chunk appended past the count stay unseen and are rewritten; see ``restore``."""
+        layers = []
+        for ly, st in zip(self.schema.layers, self.layer_state):
+            ring = {k: v[slot * ly.window:(slot + 1) * ly.window].clone() for k, v in st["window"].tensors.items()}
+            layers.append((ring, {k: v[slot].clone() for k, v in st.items() if isinstance(v, torch.Tensor)}))
+        return {"seq": self._seq[slot], "layers": layers}
+
+    def restore(self, slot: int, snap: dict) -> None:
+        """Put ``slot`` back to a ``snapshot`` taken at its current token count or after (a forward
+        cut midway: the count was not committed). Blocks allocated since stay with the slot."""
+        self._check(slot)
+        for ly, st, (ring, state) in zip(self.schema.layers, self.layer_state, snap["layers"]):
+            for k, v in st["window"].tensors.items():
+                v[slot * ly.window:(slot + 1) * ly.window] = ring[k]
+            for k, v in state.items():
+                st[k][slot].copy_(v)
+        self._seq[slot] = snap["seq"]
+
     def commit(self, slot: int, n_new: int) -> None:
         self._seq[slot] += n_new
 

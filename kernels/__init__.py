@@ -16,6 +16,7 @@ import warnings
 from . import dispatch, formats, quant
 from .dispatch import backends, implementation, register, use_backend
 from .reference import attention as _attention, compress as _compress, entries as _entries, indexer as _indexer
+from .reference import chunk_attention as _chunk_attention
 from .reference import linear as _linear, mhc as _mhc, moe as _moe, norm as _norm, rope as _rope
 from .reference.linear import QWeight
 from .reference.mhc import sinkhorn
@@ -46,6 +47,7 @@ mhc_post = _op("mhc_post", _mhc.mhc_post)
 hc_head = _op("hc_head", _mhc.hc_head)
 sparse_mqa_attention = _op("sparse_mqa_attention", _attention.sparse_mqa_attention)
 decode_attention = _op("decode_attention", _attention.decode_attention)
+chunk_attention = _op("chunk_attention", _chunk_attention.chunk_attention)
 compress_windows = _op("compress_windows", _compress.compress_windows)
 compress_decode = _op("compress_decode", _compress.compress_decode)
 indexer_scores = _op("indexer_scores", _indexer.indexer_scores)
@@ -90,7 +92,8 @@ def _load_gpu_kernels() -> None:
 _load_gpu_kernels()
 
 __all__ = [
-    "ExpertSet", "QWeight", "apply_rope", "backends", "compress_decode", "compress_windows", "decode_attention",
+    "ExpertSet", "QWeight", "apply_rope", "backends", "chunk_attention", "compress_decode", "compress_windows",
+    "decode_attention",
     "dispatch", "entry_rows", "formats", "grouped_linear", "hash_route", "hc_head", "implementation",
     "indexer_scores", "indexer_topk", "linear", "mhc_post", "mhc_pre", "quant", "register",
     "register_triton_kernels", "rms_norm", "rms_norm_rope", "rope_cos_sin", "rope_inv_freq", "router_scores",

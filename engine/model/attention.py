@@ -12,7 +12,9 @@ import torch
 
 from dsv4 import kernels
 from dsv4.kernels import quant
-from dsv4.kernels.reference.indexer import indexer_topk_indices
+from dsv4.kernels import dispatch
+from dsv4.kernels.reference import indexer as _indexer_ref
+from dsv4.kernels.reference.indexer import indexer_topk_indices, topk_entries, topk_merge
 
 from .compressor import compress_decode, compress_step
 from .context import LayerContext
@@ -56,13 +58,44 @@ def _entry_quantiser(faithful: bool, rd: int):
 
 def attention(x: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
     """A chunk: x [S, d] normed input at positions ctx.positions [S], the first being ctx.start (a host
-    int, so no device sync). -> [S, d]."""
+    int, so no device sync). -> [S, d].
+
+    Over the paged cache (a handle with ``entry_store``) the attention and the indexer run key tile by
+    key tile (kernels.chunk_attention, a streaming top-k): memory bounded whatever the context. Other
+    handles (training's whole sequence) take ``_attention_dense``, whose score matrices train/ reads."""
     w, p, spec, cfg, handle, positions, rope, start = (ctx.w, ctx.prefix + ".attn", ctx.spec, ctx.cfg, ctx.handle,
                                                       ctx.positions, ctx.rope, ctx.start)
     faithful = ctx.faithful
     cos, sin = rope.cos_sin(positions, spec.yarn)
     qr, q, kv = _project(x, w, p, cfg, cos, sin, faithful)
+    if not hasattr(handle, "entry_store"):
+        return _attention_dense(x, qr, q, kv, ctx, cos, sin)
+    ring, ring_pos = handle.read_window()
+    handle.write_window(kv, start)
+    entries = rows = select = None
+    m = spec.ratio
+    if m:
+        n = compress_step(x, w, p + ".compressor", handle, start, m, spec.attn == "csa", rope, cfg.rms_norm_eps,
+                          _entry_quantiser(faithful, cfg.qk_rope_head_dim), append=handle.append_entries)
+        entries, rows = handle.entry_store(), handle.entry_rows(0, n)
+        if spec.attn == "csa":
+            iq = _index_quantiser(faithful)
+            compress_step(x, w, p + ".indexer.compressor", handle, start, m, True, rope, cfg.rms_norm_eps, iq,
+                          name="idx", append=handle.append_index_keys)
+            if n > cfg.index_topk:  # else every visible entry is among the top-k
+                select = _indexer_topk_tiles(x, qr, w, p + ".indexer", cfg, handle, rows, positions, m,
+                                             rope.cos_sin(positions, yarn=True), iq)
+    o = kernels.chunk_attention(q, positions, ring, ring_pos, kv, cfg.sliding_window, entries, rows, m, select,
+                                w[p + ".attn_sink"], cfg.head_dim ** -0.5)
+    return _out(o, w, p, cfg, cos, sin)
 
+
+def _attention_dense(x, qr, q, kv, ctx: LayerContext, cos, sin) -> torch.Tensor:
+    """The chunk attention with the whole [S, keys] visibility and indexer score matrices (training:
+    train/trainer.Capture observes sparse_mqa_attention and indexer_topk). Same values as the tiled path."""
+    w, p, spec, cfg, handle, positions, rope, start = (ctx.w, ctx.prefix + ".attn", ctx.spec, ctx.cfg, ctx.handle,
+                                                      ctx.positions, ctx.rope, ctx.start)
+    faithful = ctx.faithful
     # sliding window: ring (before this chunk) + this chunk; key k visible to t iff t-W < k <= t
     ring, ring_pos = handle.read_window()
     keys = torch.cat([ring.to(kv.dtype), kv], 0)
@@ -161,6 +194,40 @@ def _indexer_scores(x, qr, w, p, cfg, keys, cos_sin, iq) -> torch.Tensor:
     q = iq(q)
     weights = kernels.linear(x, w[p + ".weights_proj"]).float() * (Di ** -0.5 * Hi ** -0.5)
     return kernels.indexer_scores(q, keys, weights)
+
+
+# Lightning Indexer tiles: [queries, entries] score tiles of about this many float32 (times the indexer
+# heads when the scores run through the reference, which materialises [queries, heads, entries]).
+SCORE_TILE = 1 << 26
+
+
+def _score_tiles(S: int, heads: int, device: torch.device) -> tuple[int, int]:
+    """(queries, entries) per indexer score tile."""
+    fused = dispatch.mode() != "reference" and \
+        dispatch.implementation("indexer_scores", device.type) is not _indexer_ref.indexer_scores
+    budget = SCORE_TILE if fused else SCORE_TILE // heads
+    qt = min(S, 1024)
+    return qt, max(256, budget // qt)
+
+
+def _indexer_topk_tiles(x, qr, w, p, cfg, handle, rows, positions, ratio, cos_sin, iq) -> torch.Tensor:
+    """Lightning Indexer top-k per query, streamed over entry tiles: [S, index_topk] int64 entry indices
+    (score descending, ties to the lower index; -1 where fewer entries are visible). Keys are read
+    from the cache's index store at ``rows`` [n] one tile at a time; nothing of size [S, n] is kept."""
+    S, Hi, Di, k = x.shape[0], cfg.index_n_heads, cfg.index_head_dim, cfg.index_topk
+    q = iq(kernels.apply_rope(kernels.linear(qr, w[p + ".wq_b"]).view(S, Hi, Di), *cos_sin))
+    weights = kernels.linear(x, w[p + ".weights_proj"]).float() * (Di ** -0.5 * Hi ** -0.5)
+    n = rows.shape[0]
+    qt, et = _score_tiles(S, Hi, x.device)
+    out = []
+    for i0 in range(0, S, qt):
+        t, best = positions[i0:i0 + qt, None], None
+        for e0 in range(0, n, et):
+            e = torch.arange(e0, min(n, e0 + et), device=x.device)
+            scores = kernels.indexer_scores(q[i0:i0 + qt], handle.read_index_keys_at(rows[e]), weights[i0:i0 + qt])
+            best = topk_merge(best, scores, e0, (e[None, :] + 1) * ratio <= t + 1, k)
+        out.append(topk_entries(best))
+    return torch.cat(out)
 
 
 def _indexer_select(x, qr, w, p, cfg, keys, cos_sin, iq, visible) -> torch.Tensor:

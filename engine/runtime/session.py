@@ -1,6 +1,9 @@
-"""Single-request generation: prefill (optionally chunked), decode one token at a time, reset.
+"""Single-request generation: prefill (in chunks), decode one token at a time, reset.
 
 All per-request state lives in a CacheManager slot; a Session only tracks which slot it owns.
+Prefill runs in chunks (``default_prefill_chunk``: sized from the free memory and the model) so its
+memory stays bounded at any prompt length; it reports progress per chunk, and an interrupt
+(Ctrl+C) or error leaves the cache as it was after the last complete chunk (``PrefillInterrupted``).
 """
 
 from __future__ import annotations
@@ -16,14 +19,74 @@ from .decode import DecodeRunner
 from .generate import decode_tokens
 from dsv4.engine.model.model import Model
 
+# Bounds of the automatic prefill chunk (tokens) and the share of the free memory it may use.
+MIN_CHUNK, MAX_CHUNK, MEMORY_SHARE = 128, 16384, 0.5
+
+
+class PrefillInterrupted(KeyboardInterrupt):
+    """Ctrl+C during a prefill: the cache holds the prompt's first ``done`` of ``total`` tokens (the
+    complete chunks; the cut chunk was rolled back). A KeyboardInterrupt, so callers that only catch
+    that still see it; the session stays usable (continue with the rest, or ``reset``)."""
+
+    def __init__(self, done: int, total: int):
+        super().__init__(f"prefill interrupted after {done} of {total} tokens")
+        self.done, self.total = done, total
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free on ``device`` (CUDA: the driver's count plus what torch's allocator holds unused;
+    CPU: MemAvailable)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30
+
+
+def prefill_bytes_per_token(cfg, dtype: torch.dtype) -> int:
+    """Upper estimate of the chunk forward's transient bytes per chunk token, beyond the fixed tiles
+    (attention / indexer tiles and one dequantised weight): the residual streams and mHC copies, the
+    queries [H, D] and their RoPE / attention-output copies, the compressors' float32 C and Z rows,
+    the indexer's queries, and the routed experts' hidden rows (k per token)."""
+    el = max(torch.finfo(dtype).bits // 8, 4)  # much of the chunk forward runs in float32
+    floats = (6 * cfg.hc_mult * cfg.hidden_size + 4 * cfg.num_attention_heads * cfg.head_dim
+              + 3 * cfg.index_n_heads * cfg.index_head_dim + 8 * cfg.head_dim + 2 * cfg.q_lora_rank
+              + 2 * cfg.o_groups * cfg.o_lora_rank + 3 * cfg.num_experts_per_tok * cfg.moe_intermediate_size)
+    return floats * el
+
+
+def fixed_prefill_bytes(cfg) -> int:
+    """The chunk forward's transients that do not grow with the chunk: one weight dequantised to
+    float32 (the largest, the vocabulary head) and the attention / indexer tiles (a few hundred MiB)."""
+    return 4 * cfg.vocab_size * cfg.hidden_size + (1 << 30)
+
+
+def default_prefill_chunk(model: Model, device: torch.device | str | None = None) -> int:
+    """Prefill chunk (tokens) for ``model`` on ``device`` (default: the model's): MEMORY_SHARE of the
+    free memory, less the fixed transients, over the per-token transients; a multiple of 128
+    between MIN_CHUNK and MAX_CHUNK."""
+    dev = torch.device(device or model.device)
+    room = MEMORY_SHARE * free_memory(dev) - fixed_prefill_bytes(model.cfg)
+    n = int(room // prefill_bytes_per_token(model.cfg, model.dtype))
+    return max(MIN_CHUNK, min(MAX_CHUNK, n // 128 * 128))
+
 
 class Session:
     """cuda_graph: decode steps through a captured CUDA graph (engine/decode.py). Default: on for a
-    CUDA model unless the kernels are forced to the torch references (DSV4_KERNELS=reference)."""
+    CUDA model unless the kernels are forced to the torch references (DSV4_KERNELS=reference).
+    prefill_chunk: tokens per prefill chunk (default: default_prefill_chunk, chosen at the first prefill)."""
 
     def __init__(self, model: Model, max_context: int | None = None, cache: CacheManager | None = None,
-                 cuda_graph: bool | None = None):
-        self.model = model
+                 cuda_graph: bool | None = None, prefill_chunk: int | None = None):
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        self.model, self.prefill_chunk = model, prefill_chunk
         cfg = model.cfg
         if cache is None:
             max_context = max_context or min(cfg.max_position_embeddings, 8192)
@@ -43,23 +106,49 @@ class Session:
     def max_context(self) -> int:
         return self.cache.max_context
 
-    def forward(self, token_ids, last_only: bool = False) -> torch.Tensor:
-        """Append tokens to the context; returns their logits [S, vocab] ([1, vocab] if last_only)."""
+    def forward(self, token_ids, last_only: bool = False, head: bool = True) -> torch.Tensor | None:
+        """Append tokens to the context as one chunk; returns their logits [S, vocab] ([1, vocab] if
+        last_only; None without the head)."""
         ids = torch.as_tensor(token_ids, dtype=torch.long).reshape(-1)
         if ids.numel() == 0:
             raise ValueError("no tokens to run")
         self.cache.prepare(self.slot, ids.numel())
         with torch.inference_mode():
-            logits = self.model.forward(ids, self.cache.handles(self.slot), self.seq_len, last_only=last_only)
+            logits = self.model.forward(ids, self.cache.handles(self.slot), self.seq_len, last_only=last_only,
+                                        head=head)
         self.cache.commit(self.slot, ids.numel())
         return logits
 
-    def prefill(self, token_ids, chunk: int | None = None, last_only: bool = True) -> torch.Tensor:
-        """Run a prompt in chunks of ``chunk`` tokens (default: all at once); returns the logits of
-        the last token [vocab] (or of all tokens [S, vocab] with last_only=False)."""
+    def prefill(self, token_ids, chunk: int | None = None, last_only: bool = True,
+                progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        """Run a prompt in chunks of ``chunk`` tokens (default: the session's prefill_chunk, else
+        default_prefill_chunk); returns the logits of the last token [vocab] (or of all tokens
+        [S, vocab] with last_only=False). progress(done, total) is called after every chunk.
+
+        A KeyboardInterrupt (or any error) inside a chunk rolls the cache back to the end of the last
+        complete chunk; an interrupt is raised as PrefillInterrupted(done, total)."""
         ids = torch.as_tensor(token_ids, dtype=torch.long).reshape(-1)
-        chunk = chunk or ids.numel()
-        outs = [self.forward(ids[i:i + chunk], last_only=last_only) for i in range(0, ids.numel(), chunk)]
+        if ids.numel() == 0:
+            raise ValueError("no tokens to run")
+        chunk = chunk or self.prefill_chunk or default_prefill_chunk(self.model)
+        total, done, outs = ids.numel(), 0, []
+        try:
+            for i in range(0, total, chunk):
+                part = ids[i:i + chunk]
+                last = i + chunk >= total
+                saved = self.cache.snapshot(self.slot)
+                try:
+                    out = self.forward(part, last_only=last_only, head=last or not last_only)
+                except BaseException:
+                    self.cache.restore(self.slot, saved)
+                    raise
+                done = i + part.numel()
+                if out is not None:
+                    outs.append(out)
+                if progress is not None:
+                    progress(done, total)
+        except KeyboardInterrupt:
+            raise PrefillInterrupted(done, total) from None
         return outs[-1][-1] if last_only else torch.cat(outs, 0)
 
     def step(self, token: int) -> torch.Tensor:

@@ -36,3 +36,34 @@ def indexer_topk_indices(scores: torch.Tensor, visible: torch.Tensor, k: int) ->
     masked = scores.float().masked_fill(~visible, float("-inf"))
     idx = torch.sort(masked, descending=True, stable=True).indices[:k]
     return idx, visible[idx]
+
+
+# Streaming top-k (bounded memory): the running selection of each query is kept as int64 keys that
+# order (score descending, entry index ascending), so one torch.topk per key tile keeps exactly the
+# choice of the stable sort above, whatever tiles the entries arrive in.
+_NONE = torch.iinfo(torch.int64).min  # the key of "no entry"
+_LOW = 0xFFFFFFFF
+
+
+def _order_keys(scores: torch.Tensor, first: int, visible: torch.Tensor) -> torch.Tensor:
+    """scores [S, T] of entries first..first+T-1 -> int64 keys [S, T]: the float32 score's bits made
+    order-preserving in the high 32 bits, (2^32-1 - entry index) in the low 32; hidden -> _NONE."""
+    bits = (scores.float() + 0.0).view(torch.int32).long()  # + 0.0: -0.0 ties with 0.0
+    ordered = torch.where(bits < 0, -(bits & 0x7FFFFFFF) - 1, bits)  # monotone in the float value
+    idx = torch.arange(first, first + scores.shape[1], device=scores.device)
+    return torch.where(visible, ordered * (_LOW + 1) + (_LOW - idx), torch.full_like(ordered, _NONE))
+
+
+def topk_merge(best: torch.Tensor | None, scores: torch.Tensor, first: int, visible: torch.Tensor,
+               k: int) -> torch.Tensor:
+    """Fold the scores [S, T] of entries first..first+T-1 (visible [S, T] bool) into the running
+    selection best [S, k'] (int64 keys, or None before the first tile). -> [S, min(k, seen)] keys."""
+    keys = _order_keys(scores, first, visible)
+    if best is not None:
+        keys = torch.cat([best, keys], 1)
+    return keys.topk(min(k, keys.shape[1]), dim=1, sorted=True).values
+
+
+def topk_entries(best: torch.Tensor) -> torch.Tensor:
+    """Running selection keys [S, k] -> entry indices [S, k] int64 in selection order (-1: none)."""
+    return torch.where(best == _NONE, torch.full_like(best, -1), _LOW - (best & _LOW))

@@ -8,7 +8,7 @@ one row here.
 
 from __future__ import annotations
 
-from . import attention, compress, elementwise, linear, mhc, moe, router
+from . import attention, compress, elementwise, linear, mhc, moe, prefill_attention, router
 
 KERNELS = {
     "linear": (linear.linear_triton, linear.linear_supported),
@@ -24,6 +24,7 @@ KERNELS = {
     "routed_experts": (moe.routed_experts_triton, moe.routed_experts_supported),
     "store_entry": (attention.store_entry_triton, attention.store_entry_supported),
     "decode_attention": (attention.decode_attention_triton, attention.decode_attention_supported),
+    "chunk_attention": (prefill_attention.chunk_attention_triton, prefill_attention.chunk_attention_supported),
     "compress_decode": (compress.compress_decode_triton, compress.compress_decode_supported),
     "router_scores": (router.router_scores_triton, router.router_scores_supported),
     "router_topk": (router.router_topk_triton, router.router_topk_supported),

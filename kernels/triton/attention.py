@@ -188,7 +188,7 @@ def _attend_split(q_ptr, pos_ptr, ra_ptr, rb_ptr, rs_ptr, ea_ptr, eb_ptr, es_ptr
     Keys 0..W-1 are ring slots, W..W+T-1 the entries rows[0..T-1] (seen where ok). Scores are
     summed over channel chunks of BLOCK_C (every channel block recomputes them: cheap next to
     holding a [BLOCK_H, D] accumulator); the block's max, sum and weighted values are written."""
-    hb, sp, db = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    hb, sp, db = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
     h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
     hm = h < H
     pos = tl.load(pos_ptr)
@@ -223,7 +223,7 @@ def _merge(m_ptr, l_ptr, acc_ptr, sink_ptr, out_ptr, H, NSPLIT: tl.constexpr, D:
            BLOCK_S: tl.constexpr):
     """out[h] = sum_s e^(m_s - M) acc_s / (sum_s e^(m_s - M) l_s + e^(sink - M)), M = max(m_s, sink);
     the splits are visited BLOCK_S at a time."""
-    h = tl.program_id(0)
+    h = tl.program_id(0).to(tl.int64)
     sink = tl.load(sink_ptr + h).to(tl.float32)
     M = sink
     for s0 in range(0, NSPLIT, BLOCK_S):

@@ -19,7 +19,7 @@ def _pool(c_ptr, z_ptr, tc_ptr, tz_ptr, ape_ptr, pc_ptr, pz_ptr, pos_ptr, out_pt
           D: tl.constexpr, WIDTH: tl.constexpr, RATIO: tl.constexpr, OVERLAP: tl.constexpr, BLOCK: tl.constexpr,
           BLOCK_J: tl.constexpr):
     """Pooled entry channels [BLOCK] of program 0..D/BLOCK-1, and this program's share of the state."""
-    d = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    d = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     dm = d < D
     pos = tl.load(pos_ptr)
     k = pos % RATIO

@@ -28,7 +28,7 @@ def _rope(x_ptr, w_ptr, cos_ptr, sin_ptr, y_ptr, H, D, RD, SIGN, eps, NORM: tl.c
           BLOCK: tl.constexpr):
     """Row (s, h) of x [S, H, D]: channels >= D-RD rotate pairwise (even, odd) by position s's angle;
     with NORM, the row is RMS-normalised first (weight w if HAS_W)."""
-    pid = tl.program_id(0)
+    pid = tl.program_id(0).to(tl.int64)
     s = pid // H
     j = tl.arange(0, BLOCK)
     m = j < D
@@ -77,7 +77,7 @@ def rms_norm_rope_triton(x: torch.Tensor, weight: torch.Tensor | None, eps: floa
 
 @triton.jit
 def _swiglu(g_ptr, u_ptr, y_ptr, n, limit, BLOCK: tl.constexpr):
-    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = i < n
     g = tl.minimum(tl.load(g_ptr + i, mask=m, other=0.0).to(tl.float32), limit)
     u = tl.load(u_ptr + i, mask=m, other=0.0).to(tl.float32)
@@ -104,7 +104,7 @@ def swiglu_triton(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.T
 
 @triton.jit
 def _cos_sin(pos_ptr, inv_ptr, cos_ptr, sin_ptr, HALF, RATIO: tl.constexpr, BLOCK: tl.constexpr):
-    s = tl.program_id(0)
+    s = tl.program_id(0).to(tl.int64)
     r = tl.arange(0, BLOCK)
     m = r < HALF
     p = tl.load(pos_ptr + s)
@@ -130,13 +130,13 @@ def rope_cos_sin_triton(positions: torch.Tensor, inv_freq: torch.Tensor, ratio: 
 @triton.jit
 def _entry_rows(pos_ptr, bt_ptr, row_ptr, rows_ptr, ok_ptr, CAP, RATIO: tl.constexpr, EPB: tl.constexpr,
                 BLOCK: tl.constexpr):
-    j = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    j = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     jm = j < CAP
     pos = tl.load(pos_ptr)
     blk = tl.maximum(tl.load(bt_ptr + j // EPB, mask=jm, other=0), 0).to(tl.int64)
     tl.store(rows_ptr + j, blk * EPB + j % EPB, mask=jm)
     tl.store(ok_ptr + j, (j + 1) * RATIO <= pos + 1, mask=jm)
-    if tl.program_id(0) == 0:
+    if tl.program_id(0).to(tl.int64) == 0:
         e = pos // RATIO
         tl.store(row_ptr, tl.maximum(tl.load(bt_ptr + e // EPB), 0).to(tl.int64) * EPB + e % EPB)
 

@@ -75,7 +75,7 @@ def _quant3(v, NG: tl.constexpr):
 @triton.jit
 def _quant3_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, BLOCK: tl.constexpr):
     """Row m of x [M, K] -> q [M, 3, K] int8 and scales [M, K / 32]; grid (cdiv(K, BLOCK), M)."""
-    pid, m = tl.program_id(0), tl.program_id(1)
+    pid, m = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     rk = pid * BLOCK + tl.arange(0, BLOCK)
     km = rk < K
     q0, q1, q2, sc = _quant3(tl.load(x_ptr + m * stride_x + rk, mask=km, other=0.0).to(tl.float32), BLOCK // 32)

@@ -113,7 +113,7 @@ def _gemv_fp8_dense(x_ptr, w_ptr, s_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, st
                     FMT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_PER_SPLIT: tl.constexpr,
                     SPLIT: tl.constexpr):
     """FMT 0: fp8 + ue8m0 block scale, 1: fp8 + float32 block scale, 2: dense (any float dtype)."""
-    pid_n, pid_k, m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid_n, pid_k, m = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = rn < N
     x_row = x_ptr + m * stride_xm + ((pid_n * BLOCK_N) // ROWS_PER_GROUP) * K
@@ -129,7 +129,7 @@ def _gemv_fp4(x_ptr, w_ptr, s_ptr, gs_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, 
               NV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KP: tl.constexpr,
               KP_PER_SPLIT: tl.constexpr, SPLIT: tl.constexpr):
     """Packed e2m1 [N, K/2] with per-G scales [N, K/G]: ue8m0 (NV=0, G=32) or e4m3 x global (NV=1, G=16)."""
-    pid_n, pid_k, m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid_n, pid_k, m = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = rn < N
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)

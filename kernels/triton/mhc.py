@@ -24,7 +24,7 @@ BLOCK_D = 512
 @triton.jit
 def _mix_partials(s_ptr, fn_ptr, part_ptr, ss_ptr, K, P, NMIX: tl.constexpr, MIXP: tl.constexpr,
                   BLOCK_K: tl.constexpr):
-    row, p = tl.program_id(0), tl.program_id(1)
+    row, p = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     rk = p * BLOCK_K + tl.arange(0, BLOCK_K)
     km = rk < K
     x = tl.load(s_ptr + row * K + rk, mask=km, other=0.0).to(tl.float32)
@@ -38,7 +38,7 @@ def _mix_partials(s_ptr, fn_ptr, part_ptr, ss_ptr, K, P, NMIX: tl.constexpr, MIX
 def _pre_epilogue(s_ptr, part_ptr, ss_ptr, base_ptr, scale_ptr, x_ptr, post_ptr, comb_ptr, D, P,
                   norm_eps, hc_eps, ITERS: tl.constexpr, N: tl.constexpr, MIXP: tl.constexpr,
                   PP: tl.constexpr, BLOCK_D: tl.constexpr):
-    row, db = tl.program_id(0), tl.program_id(1)
+    row, db = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     rp = tl.arange(0, PP)
     pm = rp < P
     r = tl.rsqrt(tl.sum(tl.load(ss_ptr + row * P + rp, mask=pm, other=0.0), 0) / (N * D) + norm_eps)
@@ -72,7 +72,7 @@ def _pre_epilogue(s_ptr, part_ptr, ss_ptr, base_ptr, scale_ptr, x_ptr, post_ptr,
 
 @triton.jit
 def _post(out_ptr, s_ptr, post_ptr, comb_ptr, y_ptr, D, N: tl.constexpr, BLOCK_D: tl.constexpr):
-    row, db = tl.program_id(0), tl.program_id(1)
+    row, db = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     ri = tl.arange(0, N)
     rd = db * BLOCK_D + tl.arange(0, BLOCK_D)
     dm = rd < D
@@ -126,7 +126,7 @@ def mhc_post_triton(out, streams, post, comb):
 
 @triton.jit
 def _rms_norm(x_ptr, w_ptr, y_ptr, N, eps, HAS_W: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)
     r = tl.arange(0, BLOCK)
     m = r < N
     x = tl.load(x_ptr + row * N + r, mask=m, other=0.0).to(tl.float32)

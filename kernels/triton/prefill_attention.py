@@ -1,0 +1,175 @@
+"""Triton kernel for kernels.chunk_attention: a prefill chunk's attention, flash-attention style.
+
+One program per (query, block of heads): the heads of one query share every key (shared-KV MQA), so
+the M side of the tensor-core dots is the heads (64 at V4-Flash) and the keys stream through in
+tiles of BLOCK_T with an online softmax (running max, sum and [heads, D] accumulator in registers;
+nothing of size queries x keys exists). Keys, per query t:
+- the window: the ring rows before the chunk and the chunk's own keys t-W+1..t (float / bf16 rows);
+- HCA (select is None): compressed entries 0..(t+1)//m - 1, read from the cache store in its format
+  (FP8 e4m3 + ue8m0 per 64 channels + BF16 RoPE channels, or float32) at rows[e], dequantised in
+  registers;
+- CSA: the indexer's top-k entry indices select[t, :] (-1 = none), read the same way.
+The sink joins the denominator at the end. Dots run on bf16 operands for bf16 queries (FP8 entries
+and BF16 RoPE channels are exact in bf16), else at float32 accuracy (3xTF32; IEEE in the CPU
+interpreter). Index arithmetic is int64 (rows and positions pass 2^31 in long contexts).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from dsv4.kernels.reference.entries import store_kind
+
+from .attention import KIND, _pow2
+
+TILE = {"keys": 32, "warps": 8}
+
+
+@triton.jit
+def _entry_tile(ea_ptr, eb_ptr, es_ptr, rows, tmask, d, D: tl.constexpr, NOPE: tl.constexpr, KIND: tl.constexpr):
+    """Entries at store rows [BLOCK_T] (int64) as float32 [BLOCK_T, BLOCK_D]; 0 where not tmask."""
+    dm = d < D
+    r = rows[:, None]
+    if KIND == 0:
+        nope = d < NOPE
+        m8 = tmask[:, None] & nope[None, :]
+        f8 = tl.load(ea_ptr + r * NOPE + d[None, :], mask=m8, other=0)
+        sc = tl.load(es_ptr + r * (NOPE // 64) + d[None, :] // 64, mask=m8, other=127)
+        k8 = f8.to(tl.float8e4nv, bitcast=True).to(tl.float32) * _pow2(sc.to(tl.int32))
+        rm = tmask[:, None] & ((d >= NOPE) & dm)[None, :]
+        kb = tl.load(eb_ptr + r * (D - NOPE) + (d[None, :] - NOPE), mask=rm, other=0.0).to(tl.float32)
+        return tl.where(nope[None, :], k8, kb)
+    else:
+        return tl.load(ea_ptr + r * D + d[None, :], mask=tmask[:, None] & dm[None, :], other=0.0)
+
+
+@triton.jit
+def _fold(q, k, valid, m, l, acc, scale, BF16: tl.constexpr, PRECISION: tl.constexpr):
+    """One key tile k [BLOCK_T, BLOCK_D] (float32, valid [BLOCK_T]) into the online softmax of
+    q [BLOCK_H, BLOCK_D]: -> (m, l [BLOCK_H], acc [BLOCK_H, BLOCK_D])."""
+    if BF16:
+        kb = k.to(tl.bfloat16)
+        s = tl.dot(q, tl.trans(kb))
+    else:
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+    s = tl.where(valid[None, :], s * scale, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, 1))
+    safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp(s - safe[:, None])
+    alpha = tl.exp(m - safe)
+    l = l * alpha + tl.sum(p, 1)
+    if BF16:
+        pv = tl.dot(p.to(tl.bfloat16), kb)
+    else:
+        pv = tl.dot(p, k, input_precision=PRECISION)
+    return m_new, l, acc * alpha[:, None] + pv
+
+
+@triton.jit
+def _chunk_attention(q_ptr, qpos_ptr, wk_ptr, wpos_ptr, ea_ptr, eb_ptr, es_ptr, rows_ptr, sel_ptr, sink_ptr, out_ptr,
+                     H, WR, n, K, scale,
+                     W: tl.constexpr, RATIO: tl.constexpr, D: tl.constexpr, NOPE: tl.constexpr, KIND: tl.constexpr,
+                     HAS_ENTRIES: tl.constexpr, HAS_SELECT: tl.constexpr, BLOCK_H: tl.constexpr,
+                     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BF16: tl.constexpr, PRECISION: tl.constexpr):
+    """Grid (queries, head blocks). wk: [WR + S, D] window keys (the ring's WR rows, then the chunk's),
+    wpos: their positions (-1: empty); rows: [n] store rows of entries 0..n-1; sel: [S, K] entry ids."""
+    i, hb = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+    hm = h < H
+    d = tl.arange(0, BLOCK_D)
+    dm = d < D
+    H64 = H.to(tl.int64)
+    q = tl.load(q_ptr + (i * H64 + h[:, None]) * D + d[None, :], mask=hm[:, None] & dm[None, :], other=0.0)
+    if BF16:
+        q = q.to(tl.bfloat16)
+    else:
+        q = q.to(tl.float32)
+    t = tl.load(qpos_ptr + i).to(tl.int64)
+    m = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+    # the window: ring rows 0..WR-1, then chunk rows max(0, i-W+1)..i (at offset WR)
+    for j0 in range(0, WR, BLOCK_T):
+        j = j0 + tl.arange(0, BLOCK_T)
+        kp = tl.load(wpos_ptr + j, mask=j < WR, other=-1).to(tl.int64)
+        ok = (j < WR) & (kp >= 0) & (kp <= t) & (kp > t - W)
+        k = tl.load(wk_ptr + j[:, None].to(tl.int64) * D + d[None, :], mask=ok[:, None] & dm[None, :], other=0.0)
+        m, l, acc = _fold(q, k.to(tl.float32), ok, m, l, acc, scale, BF16, PRECISION)
+    lo = tl.maximum(i - W + 1, 0)
+    for j0 in range(lo, i + 1, BLOCK_T):
+        j = j0 + tl.arange(0, BLOCK_T)
+        ok = j <= i
+        k = tl.load(wk_ptr + (WR + j[:, None]) * D + d[None, :], mask=ok[:, None] & dm[None, :], other=0.0)
+        m, l, acc = _fold(q, k.to(tl.float32), ok, m, l, acc, scale, BF16, PRECISION)
+    if HAS_ENTRIES:
+        if HAS_SELECT:
+            for c0 in range(0, K, BLOCK_T):
+                c = c0 + tl.arange(0, BLOCK_T)
+                e = tl.load(sel_ptr + i * K + c, mask=c < K, other=-1).to(tl.int64)
+                ok = e >= 0
+                r = tl.load(rows_ptr + tl.maximum(e, 0), mask=ok, other=0).to(tl.int64)
+                k = _entry_tile(ea_ptr, eb_ptr, es_ptr, r, ok, d, D, NOPE, KIND)
+                m, l, acc = _fold(q, k, ok, m, l, acc, scale, BF16, PRECISION)
+        else:
+            seen = tl.minimum((t + 1) // RATIO, n)
+            for e0 in range(0, seen, BLOCK_T):
+                e = e0 + tl.arange(0, BLOCK_T).to(tl.int64)
+                ok = e < seen
+                r = tl.load(rows_ptr + e, mask=ok, other=0).to(tl.int64)
+                k = _entry_tile(ea_ptr, eb_ptr, es_ptr, r, ok, d, D, NOPE, KIND)
+                m, l, acc = _fold(q, k, ok, m, l, acc, scale, BF16, PRECISION)
+    sink = tl.load(sink_ptr + h, mask=hm, other=0.0).to(tl.float32)
+    top = tl.maximum(m, sink)
+    a = tl.exp(m - top)
+    o = acc * a[:, None] / (l * a + tl.exp(sink - top))[:, None]
+    tl.store(out_ptr + (i * H64 + h[:, None]) * D + d[None, :], o.to(out_ptr.dtype.element_ty),
+             mask=hm[:, None] & dm[None, :])
+
+
+def _precision() -> str:
+    return "ieee" if os.environ.get("TRITON_INTERPRET") == "1" else "tf32x3"
+
+
+def chunk_attention_supported(q, positions, ring, ring_pos, kv, window, entries, rows, ratio, select, sink,
+                              scale) -> bool:
+    """KV entry stores (FP8 or float32), float32 / bf16 queries, no autograd."""
+    return not q.requires_grad and q.dtype in (torch.float32, torch.bfloat16) and (
+        entries is None or store_kind(entries) in ("kv", "f32"))
+
+
+def chunk_attention_triton(q: torch.Tensor, positions: torch.Tensor, ring: torch.Tensor, ring_pos: torch.Tensor,
+                           kv: torch.Tensor, window: int, entries: dict | None, rows, ratio: int, select, sink,
+                           scale: float) -> torch.Tensor:
+    """kernels.chunk_attention (contract: kernels/reference/chunk_attention.py) in one launch."""
+    S, H, D = q.shape
+    bf16 = q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") != "1"
+    wdt = torch.bfloat16 if bf16 else torch.float32
+    wk = torch.cat([ring.to(wdt), kv.to(wdt)], 0).contiguous()
+    wpos = ring_pos.to(torch.int64).contiguous()
+    if entries is None:
+        ea = eb = es = wk
+        kind, nope, n = "f32", D, 0
+        rows = wpos
+    else:
+        kind, n = store_kind(entries), rows.shape[0]
+        if kind == "kv":
+            ea, eb, es, nope = entries["fp8"].view(torch.uint8), entries["bf16"], entries["scales"], entries["fp8"].shape[1]
+        else:
+            ea = eb = es = entries["f32"]
+            nope = D
+        rows = rows.to(torch.int64).contiguous()
+    sel = select.to(torch.int64).contiguous() if select is not None else wpos
+    K = select.shape[1] if select is not None else 0
+    out = torch.empty_like(q)
+    BLOCK_H = max(16, min(64, triton.next_power_of_2(H)))
+    _chunk_attention[(S, triton.cdiv(H, BLOCK_H))](
+        q.contiguous(), positions.to(torch.int64).contiguous(), wk, wpos, ea, eb, es, rows, sel,
+        sink.float().contiguous(), out, H, ring.shape[0], n, K, float(scale),
+        W=window, RATIO=max(ratio, 1), D=D, NOPE=nope, KIND=KIND[kind], HAS_ENTRIES=n > 0,
+        HAS_SELECT=select is not None, BLOCK_H=BLOCK_H, BLOCK_T=TILE["keys"], BLOCK_D=triton.next_power_of_2(D),
+        BF16=bf16, PRECISION=_precision(), num_warps=TILE["warps"])
+    return out
