@@ -214,3 +214,14 @@ def test_builtin_greedy_identical_and_drafts_accepted(builtin):
     dec = SpeculativeDecoder(mtp_session(model, 256, cuda_graph=False))
     assert list(dec.generate(prompt, GREEDY, 32)) == ref
     assert dec.stats.acceptance_rate > 0.3, dec.stats  # a trained MTP block, on real text
+
+
+def test_bench_mtp_decode_reports(tiny_cfg, tiny_tensors):
+    from dsv4.engine.tools.mtp_bench import bench_mtp_decode, projected_tokens_per_s
+
+    model = Model.from_state_dict(tiny_cfg, tiny_tensors)
+    r = bench_mtp_decode(model, list(range(10)), 8, cuda_graph=False, acceptance=0.5)
+    assert r["identical"] and r["mtp_drafted"] >= 1 and r["cuda_graph"] is False
+    assert r["projected_tokens_per_s"] == pytest.approx(projected_tokens_per_s(r["verify_ms"] / 1e3,
+                                                                               r["mtp_step_ms"] / 1e3, 0.5))
+    assert projected_tokens_per_s(0.01, 0.001, 1.0) == pytest.approx(2 / 0.012)
