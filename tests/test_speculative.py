@@ -225,3 +225,32 @@ def test_bench_mtp_decode_reports(tiny_cfg, tiny_tensors):
     assert r["projected_tokens_per_s"] == pytest.approx(projected_tokens_per_s(r["verify_ms"] / 1e3,
                                                                                r["mtp_step_ms"] / 1e3, 0.5))
     assert projected_tokens_per_s(0.01, 0.001, 1.0) == pytest.approx(2 / 0.012)
+
+
+def test_graph_bookkeeping_with_an_eager_stand_in(monkeypatch, tiny_cfg, tiny_tensors):
+    """The graph path's logic on the CPU: capture_graph replaced by a stand-in that 'captures' by
+    running the body and undoing it, and 'replays' by running it again into the same outputs.
+    Catches a body that reads host values fixed at capture, or warm-up writes left in the cache."""
+    from dsv4.engine.runtime import speculative
+
+    def eager_capture(body, undo):
+        out = body()
+        undo()
+        outs = [out] if isinstance(out, torch.Tensor) else list(out)
+
+        def replay():
+            new = body()
+            for o, n in zip(outs, [new] if isinstance(new, torch.Tensor) else new):
+                o.copy_(n)
+        return replay, out
+
+    monkeypatch.setattr(speculative, "capture_graph", eager_capture)
+    model = Model.from_state_dict(tiny_cfg, tiny_tensors)
+    prompt = torch.randint(0, tiny_cfg.vocab_size, (PROMPT,), generator=torch.Generator().manual_seed(3))
+    ref, plain = _plain(model, prompt, NEW, static=True)
+    dec = GuidedDrafts(mtp_session(model, 256, cuda_graph=False), prompt.tolist() + ref, static=True)
+    dec.graph = True
+    assert list(dec.generate(prompt, GREEDY, NEW)) == ref
+    assert set(dec._graphs) == {"verify", "mtp"} and dec.stats.accepted >= 3
+    a, b = _cache_bytes(dec.mgr, tiny_cfg.num_hidden_layers), _cache_bytes(plain.cache, tiny_cfg.num_hidden_layers)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))

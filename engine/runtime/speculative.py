@@ -303,24 +303,30 @@ class SpeculativeDecoder:
         return self._mtp_body()[0]
 
     def _replay(self, name: str, body, handles, positions: tuple):
-        """Replay the CUDA graph of ``body`` (captured at the first call: warm-up runs first, with
-        everything they write at ``positions`` saved and restored) -> fresh copies of its outputs."""
+        """Replay the CUDA graph of ``body`` (captured at the first call, after warm-up runs whose
+        writes at ``positions`` are saved and restored) -> fresh copies of its outputs."""
         if name not in self._graphs:
             saved = [TokenCheckpoint(handles) for _ in positions]
             for ck, p in zip(saved, positions):
                 ck.save(torch.tensor([p], device=self.model.device))
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    body()
-                    for ck in reversed(saved):
-                        ck.restore()
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                out = body()
-            self._graphs[name] = (graph, out)
-        graph, out = self._graphs[name]
-        graph.replay()
+            self._graphs[name] = capture_graph(body, lambda: [ck.restore() for ck in reversed(saved)])
+        replay, out = self._graphs[name]
+        replay()
         return out.clone() if isinstance(out, torch.Tensor) else tuple(o.clone() for o in out)
+
+
+def capture_graph(body, undo) -> tuple:
+    """Capture ``body()`` (device work on static buffers) in a CUDA graph, after two warm-up runs on a
+    side stream (kernels compile; each followed by ``undo()``, which puts back the cache state the
+    run wrote). -> (replay: a callable, the graph's output tensors, overwritten by each replay)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            body()
+            undo()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = body()
+    return graph.replay, out
