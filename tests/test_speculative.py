@@ -254,3 +254,23 @@ def test_graph_bookkeeping_with_an_eager_stand_in(monkeypatch, tiny_cfg, tiny_te
     assert set(dec._graphs) == {"verify", "mtp"} and dec.stats.accepted >= 3
     a, b = _cache_bytes(dec.mgr, tiny_cfg.num_hidden_layers), _cache_bytes(plain.cache, tiny_cfg.num_hidden_layers)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_context_limit_chunked_prefill_and_reset(tiny_cfg, tiny_tensors):
+    """A 40-token context: the last rounds have no room for a draft (one plain step), generation
+    ends with the same tokens and finish reason as plain decoding; a chunked prompt feeds the MTP
+    layer chunk by chunk; after a session reset the decoder starts over (a Sampler is accepted)."""
+    from dsv4.engine.runtime.generate import decode_tokens
+
+    model = Model.from_state_dict(tiny_cfg, tiny_tensors)
+    prompt = torch.randint(0, tiny_cfg.vocab_size, (31,), generator=torch.Generator().manual_seed(9))
+    plain = Session(model, 40, cuda_graph=False)
+    ref = list(decode_tokens(plain, plain.prefill(prompt, chunk=7), Sampler(GREEDY), 30))
+    s = mtp_session(model, 40, cuda_graph=False)
+    dec = SpeculativeDecoder(s)
+    for _ in range(2):
+        before = dec.stats.steps + dec.stats.accepted
+        out = list(dec.decode(dec.prefill(prompt, chunk=7), Sampler(GREEDY), 30))
+        assert out == ref and ref[-1][1] == "context" and dec.seq_len == plain.seq_len == 40
+        assert len(out) == 2 + dec.stats.steps + dec.stats.accepted - before  # the first token, one plain step
+        s.reset()

@@ -38,7 +38,7 @@ from dsv4.cache import CacheManager, CacheSchema
 
 from .generate import Finish, whole_step
 from .rollback import TokenCheckpoint, positioned_handles
-from .sampling import SamplingParams, min_p_mask, top_k_mask, top_p_mask
+from .sampling import Sampler, SamplingParams, min_p_mask, top_k_mask, top_p_mask
 from .session import Session
 
 MTP_PREFILL_ROWS = 512  # MTP prefill rows per call: bounds its [rows, vocab] logits
@@ -151,6 +151,8 @@ class SpeculativeDecoder:
         ids = torch.as_tensor(token_ids, dtype=torch.long).reshape(-1)
         if ids.numel() == 0:
             raise ValueError("no tokens to run")
+        if self.seq_len == 0:  # a new conversation (or the session was reset)
+            self.pending, self.mtp_len = None, 0
         chunk = chunk or ids.numel()
         for i in range(0, ids.numel(), chunk):
             c = ids[i:i + chunk]
@@ -180,21 +182,27 @@ class SpeculativeDecoder:
         self.pending = streams[-1:].clone()
 
     # --------------------------------------------------------------- decode
-    def generate(self, prompt_ids, params: SamplingParams, max_new_tokens: int, stop_ids=frozenset(),
+    def generate(self, prompt_ids, sampler: Sampler | SamplingParams, max_new_tokens: int, stop_ids=frozenset(),
                  chunk: int | None = None, seed: int | None = None) -> Iterator[int]:
         """Prefill ``prompt_ids`` then yield tokens as ``Session.generate`` does."""
         logits = self.prefill(prompt_ids, chunk=chunk)
-        for tok, _ in self.decode(logits, params, max_new_tokens, stop_ids, seed=seed):
+        for tok, _ in self.decode(logits, sampler, max_new_tokens, stop_ids, seed=seed):
             yield tok
 
-    def decode(self, logits: torch.Tensor, params: SamplingParams, max_new_tokens: int, stop_ids=frozenset(),
-               seed: int | None = None) -> Iterator[tuple[int, Finish | None]]:
+    def decode(self, logits: torch.Tensor, sampler: Sampler | SamplingParams, max_new_tokens: int,
+               stop_ids=frozenset(), seed: int | None = None) -> Iterator[tuple[int, Finish | None]]:
         """From the logits [vocab] a prefill left, yield (token, finish) per new token with the
         contract of engine/runtime/generate.decode_tokens (the same finish rules; between yields the
-        cache holds every emitted token but the last). Drafted/accepted counts go to ``stats``."""
+        cache holds every emitted token but the last). Drafted/accepted counts go to ``stats``.
+
+        sampler: a Sampler (its parameters and its seeded generator are used) or SamplingParams
+        (with a generator seeded by ``seed``, or randomly)."""
+        if isinstance(sampler, Sampler):
+            params, gen = sampler.params, sampler.gen
+        else:
+            params, gen = sampler, torch.Generator()
+            gen.manual_seed(seed) if seed is not None else gen.seed()
         params.validate()
-        gen = torch.Generator()
-        gen.manual_seed(seed) if seed is not None else gen.seed()
         tok, n = sample_from(target_probs(logits, params), gen), 0
         while True:
             n += 1
