@@ -85,7 +85,7 @@ def _experts_up(x_ptr, xq_ptr, xs_ptr, ids_ptr, w1_tab, s1_tab, w3_tab, s3_tab, 
     e = tl.load(ids_ptr + j).to(tl.int64)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     valid = rn < I
-    nmask = valid & (e >= 0)  # id -1: another rank's expert, no weight byte is loaded and h[j] = 0
+    nmask = valid & ((rn * 0 + e) >= 0)  # id -1: another rank's expert, no weight byte is loaded and h[j] = 0
     e = tl.maximum(e, 0)
     w1, s1 = _weight_ptrs(w1_tab, s1_tab, e, FMT)
     w3, s3 = _weight_ptrs(w3_tab, s3_tab, e, FMT)
@@ -110,7 +110,7 @@ def _experts_down(h_ptr, hq_ptr, hs_ptr, ids_ptr, wts_ptr, w2_tab, s2_tab, gs2_p
     e = tl.load(ids_ptr + j).to(tl.int64)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     valid = rn < N
-    nmask = valid & (e >= 0)  # id -1: another rank's expert, a zero partial and no weight byte loaded
+    nmask = valid & ((rn * 0 + e) >= 0)  # id -1: another rank's expert, a zero partial and no weight byte loaded
     e = tl.maximum(e, 0)
     w2, s2 = _weight_ptrs(w2_tab, s2_tab, e, FMT)
     if MODE >= 2:

@@ -90,7 +90,7 @@ def plan_shares(cfg: DSV4Config, ranks: int) -> list[RankShare]:
     for a, _ in groups:  # wq_b rows of a group's heads start on an FP8 block (or wq_b is one block)
         if (a * rows_per_group) % FP8_BLOCK and H * cfg.head_dim > FP8_BLOCK:
             raise LayoutError(f"wq_b's rows of {hpg} heads x {cfg.head_dim} do not split on {FP8_BLOCK}-row blocks "
-                              f"over {ranks} ranks (try a rank count dividing {G})")
+                              f"over {ranks} ranks (a group boundary falls inside a block)")
         if (a * cfg.o_lora_rank) % FP8_BLOCK and G * cfg.o_lora_rank > FP8_BLOCK:
             raise LayoutError(f"wo_a/wo_b's {cfg.o_lora_rank} rows per group do not split on {FP8_BLOCK}-row "
                               f"blocks over {ranks} ranks")

@@ -146,7 +146,7 @@ def serve(session: Session, channel: Channel) -> None:
             session.close()
             return
         else:
-            raise RankLost(f"unknown command {op!r} from rank 0")
+            raise ValueError(f"unknown command {op!r} from rank 0")
 
 
 def one_line(rank: int, e: BaseException) -> str:
