@@ -61,9 +61,9 @@ def test_one_shot_json_equals_engine_greedy_loop(ckpt):
     assert out["generated_tokens"] == len(ids) and out["prompt_tokens"] == len(prompt)
 
 
-def test_prompt_from_stdin_prints_the_answer_and_says_it_was_cut(ckpt):
-    r = run(["chat", "--model", str(ckpt), "--temperature", "0", "--max-tokens", "4", "--device", "cpu"],
-            input="hello from stdin\n")
+def test_prompt_from_stdin_prints_the_answer_and_says_it_was_cut(cli_inprocess, ckpt):
+    r = cli_inprocess("chat", "--model", str(ckpt), "--temperature", "0", "--max-tokens", "4", "--device", "cpu",
+                      input="hello from stdin\n")
     assert r.returncode == 0, r.stderr
     tok = Tokenizer.from_dir(ckpt)
     ids = greedy(ckpt, tok.encode(encode_chat([{"role": "user", "content": "hello from stdin"}], thinking=False)), 4)
@@ -76,7 +76,7 @@ def test_prompt_from_stdin_prints_the_answer_and_says_it_was_cut(ckpt):
     assert ("note: the answer was cut at --max-tokens 4" in r.stderr) == cut
 
 
-def test_render_prints_the_exact_prompt_without_weights(ckpt, tmp_path):
+def test_render_prints_the_exact_prompt_without_weights(cli_inprocess, ckpt, tmp_path):
     conv = tmp_path / "conv.json"
     msgs = [{"role": "user", "content": "Weather in Oslo?"},
             {"role": "assistant", "reasoning_content": "Need it.", "tool_calls": [
@@ -89,10 +89,10 @@ def test_render_prints_the_exact_prompt_without_weights(ckpt, tmp_path):
     (tok_only / "tokenizer.json").write_bytes((ckpt / "tokenizer.json").read_bytes())
     want = encode_messages([{"role": "system", "content": "", "tools": tools}] + msgs, "thinking",
                            reasoning_effort="max")
-    r = run(["chat", "--messages", str(conv), "--render", "--think", "--reasoning-effort", "max"])
+    r = run(["chat", "--messages", str(conv), "--render", "--think", "--reasoning-effort", "max"])  # a real process
     assert r.returncode == 0, r.stderr
     assert r.stdout == want and "Need it.</think>" in want  # tools present: the reasoning is kept
-    r = run(["chat", "--model", str(tok_only), "--messages", str(conv), "--render", "--json", "-p", "Thanks"])
+    r = cli_inprocess("chat", "--model", str(tok_only), "--messages", str(conv), "--render", "--json", "-p", "Thanks")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     want = encode_messages([{"role": "system", "content": "", "tools": tools}] + msgs +
@@ -100,15 +100,15 @@ def test_render_prints_the_exact_prompt_without_weights(ckpt, tmp_path):
     assert out == {"prompt": want, "prompt_token_ids": Tokenizer.from_dir(ckpt).encode(want)}
 
 
-def test_messages_json_continues_a_conversation_for_an_agent_loop(ckpt, tmp_path):
+def test_messages_json_continues_a_conversation_for_an_agent_loop(cli_inprocess, ckpt, tmp_path):
     conv = tmp_path / "conv.json"
     msgs = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Time?"},
             {"role": "assistant", "content": "", "tool_calls": [
                 {"id": "t1", "type": "function", "function": {"name": "now", "arguments": "{}"}}]},
             {"role": "tool", "tool_call_id": "t1", "content": "12:00"}]
     conv.write_text(json.dumps(msgs))
-    r = run(["chat", "--model", str(ckpt), "--messages", str(conv), "--json", "--temperature", "0",
-             "--max-tokens", "5", "--device", "cpu"], stdin=subprocess.DEVNULL)
+    r = cli_inprocess("chat", "--model", str(ckpt), "--messages", str(conv), "--json", "--temperature", "0",
+                      "--max-tokens", "5", "--device", "cpu")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     tok = Tokenizer.from_dir(ckpt)
@@ -117,7 +117,7 @@ def test_messages_json_continues_a_conversation_for_an_agent_loop(ckpt, tmp_path
     assert out["message"]["role"] == "assistant" and out["finish_reason"] in ("stop", "length")
     # the loop appends the message and asks again; an assistant-ended file has nothing to answer
     conv.write_text(json.dumps(msgs + [out["message"]]))
-    r = run(["chat", "--model", str(ckpt), "--messages", str(conv), "--json"], stdin=subprocess.DEVNULL)
+    r = cli_inprocess("chat", "--model", str(ckpt), "--messages", str(conv), "--json")
     assert r.returncode == 2 and "ends with a message of role 'assistant'" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -134,26 +134,26 @@ def test_messages_json_continues_a_conversation_for_an_agent_loop(ckpt, tmp_path
     (["--messages", "BAD", "--render"], "messages[0]: a message must be an object, got int"),
     (["--messages", "TOOLCALL", "--render"], "messages[1]: tool_calls[0].function.arguments must be a JSON object"),
 ])
-def test_bad_options_one_line_no_traceback(ckpt, tmp_path, args, message):
+def test_bad_options_one_line_no_traceback(cli_inprocess, ckpt, tmp_path, args, message):
     (tmp_path / "bad.json").write_text("[1, 2]")
     (tmp_path / "call.json").write_text(json.dumps([{"role": "user", "content": "q"}, {"role": "assistant", "tool_calls": [
         {"id": "1", "function": {"name": "f", "arguments": "[1]"}}]}]))
     args = [{"BAD": str(tmp_path / "bad.json"), "TOOLCALL": str(tmp_path / "call.json")}.get(a, a) for a in args]
     if "--model" not in args:
         args = args + ["--model", str(ckpt)]
-    r = run(["chat"] + args)
+    r = cli_inprocess("chat", *args)
     assert r.returncode == 2, r.stderr
     assert message in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
-def test_missing_tokenizer_is_a_clear_error(ckpt, tmp_path):
+def test_missing_tokenizer_is_a_clear_error(cli_inprocess, ckpt, tmp_path):
     import shutil
 
     d = tmp_path / "notok"
     shutil.copytree(ckpt, d)
     (d / "tokenizer.json").unlink()
-    r = run(["chat", "--model", str(d), "-p", "x"])
+    r = cli_inprocess("chat", "--model", str(d), "-p", "x")
     assert r.returncode == 2 and "no tokenizer.json" in r.stderr and "Traceback" not in r.stderr
 
 
