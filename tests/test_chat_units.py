@@ -1,4 +1,5 @@
 """Chat encoding (the DSV4.md summary), output splitting, streaming detokenisation, sampling filters.
+import pytest
 The complete encoding is tested in test_chat_encoding.py, the parser in test_chat_completion.py."""
 
 import torch
@@ -83,3 +84,12 @@ def test_greedy_is_argmax_and_seeded_sampling_reproducible():
     s3 = Sampler(SamplingParams(min_p=0.5), seed=1)
     allowed = set(torch.nonzero(torch.softmax(logits, -1) >= 0.5 * torch.softmax(logits, -1).max()).flatten().tolist())
     assert {s3(logits) for _ in range(30)} <= allowed
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=float("nan")), dict(temperature=float("inf")),
+                                dict(temperature=-0.5), dict(top_p=float("nan")), dict(min_p=float("nan")),
+                                dict(top_k=-1)])
+def test_sampling_params_refuse_non_finite_and_out_of_range(kw):
+    with pytest.raises(ValueError):
+        SamplingParams(**kw).validate()
+    SamplingParams().validate()  # the defaults are valid
