@@ -1,7 +1,7 @@
 """Chat encoding (the DSV4.md summary), output splitting, streaming detokenisation, sampling filters.
-import pytest
 The complete encoding is tested in test_chat_encoding.py, the parser in test_chat_completion.py."""
 
+import pytest
 import torch
 
 from dsv4.engine.runtime.chat import REASONING_EFFORT_MAX, encode_chat
