@@ -274,3 +274,28 @@ def test_context_limit_chunked_prefill_and_reset(tiny_cfg, tiny_tensors):
         assert out == ref and ref[-1][1] == "context" and dec.seq_len == plain.seq_len == 40
         assert len(out) == 2 + dec.stats.steps + dec.stats.accepted - before  # the first token, one plain step
         s.reset()
+
+
+def test_closing_at_an_accepted_draft_rolls_it_back(tiny_cfg, tiny_tensors):
+    """A consumer that stops reading right after an accepted draft was yielded (close(), as the chat
+    does on Ctrl+C) leaves the cache as plain decoding leaves it: every emitted token but the last."""
+    model = Model.from_state_dict(tiny_cfg, tiny_tensors)
+    prompt = torch.randint(0, tiny_cfg.vocab_size, (20,), generator=torch.Generator().manual_seed(8))
+    ref, _ = _plain(model, prompt, 12, static=False)
+    dec = GuidedDrafts(mtp_session(model, 256, cuda_graph=False), prompt.tolist() + ref)
+    it = dec.decode(dec.prefill(prompt), GREEDY, 12)
+    emitted = []
+    for tok, _ in it:
+        emitted.append(tok)
+        if dec.held is not None and len(emitted) > 3:
+            break
+    assert dec.held is not None
+    it.close()
+    assert dec.held is None and dec.seq_len == len(prompt) + len(emitted) - 1
+    assert emitted == ref[:len(emitted)]
+    _, plain = _plain(model, prompt, len(emitted), static=False)
+    a, b = _cache_bytes(dec.mgr, tiny_cfg.num_hidden_layers), _cache_bytes(plain.cache, tiny_cfg.num_hidden_layers)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    # the conversation goes on: the next prompt starts with the last emitted token
+    more = torch.tensor([emitted[-1], 5, 6])
+    assert list(dec.generate(more, GREEDY, 4)) == list(plain.generate(more, Sampler(GREEDY), 4))

@@ -131,6 +131,8 @@ class SpeculativeDecoder:
         self.stats = SpeculativeStats()
         self.pending: torch.Tensor | None = None  # final streams [1, hc, d] at position seq_len - 1
         self.mtp_len = 0  # positions the MTP layer has processed
+        self.backlog: list[tuple] = []  # MTP steps owed: (streams [1, hc, d] at s, token s+1, s)
+        self.held: tuple | None = None  # an accepted draft written but not committed: (h_P, d, P, h_P+1)
         dev, cfg = model.device, model.cfg
         self.tokens = torch.zeros(2, dtype=torch.long, device=dev)
         self.pos = torch.zeros(1, dtype=torch.long, device=dev)
@@ -151,8 +153,9 @@ class SpeculativeDecoder:
         ids = torch.as_tensor(token_ids, dtype=torch.long).reshape(-1)
         if ids.numel() == 0:
             raise ValueError("no tokens to run")
+        self._drop_held()  # a decode abandoned without close()
         if self.seq_len == 0:  # a new conversation (or the session was reset)
-            self.pending, self.mtp_len = None, 0
+            self.pending, self.mtp_len, self.backlog = None, 0, []
         chunk = chunk or ids.numel()
         for i in range(0, ids.numel(), chunk):
             c = ids[i:i + chunk]
@@ -168,6 +171,7 @@ class SpeculativeDecoder:
     def _feed_mtp(self, streams: torch.Tensor, ids: torch.Tensor, start: int) -> None:
         """Run the MTP layer (chunk forward) on the positions this chunk completes: (streams at s,
         token s+1) for s = start-1 .. start+S-2 (the first only when pending)."""
+        self._catch_up_mtp()
         if self.pending is not None:
             hs, nxt, first = torch.cat([self.pending, streams[:-1]]), ids, start - 1
         else:
@@ -181,6 +185,13 @@ class SpeculativeDecoder:
         self.mtp_len = first + hs.shape[0]
         self.pending = streams[-1:].clone()
 
+    def _catch_up_mtp(self) -> None:
+        """Run the MTP steps owed for committed positions (an accepted draft's position)."""
+        for h, t, s in self.backlog:
+            self._mtp_step(h, t, s)
+            self.mtp_len = s + 1
+        self.backlog.clear()
+
     # --------------------------------------------------------------- decode
     def generate(self, prompt_ids, sampler: Sampler | SamplingParams, max_new_tokens: int, stop_ids=frozenset(),
                  chunk: int | None = None, seed: int | None = None) -> Iterator[int]:
@@ -192,8 +203,10 @@ class SpeculativeDecoder:
     def decode(self, logits: torch.Tensor, sampler: Sampler | SamplingParams, max_new_tokens: int,
                stop_ids=frozenset(), seed: int | None = None) -> Iterator[tuple[int, Finish | None]]:
         """From the logits [vocab] a prefill left, yield (token, finish) per new token with the
-        contract of engine/runtime/generate.decode_tokens (the same finish rules; between yields the
-        cache holds every emitted token but the last). Drafted/accepted counts go to ``stats``.
+        contract of engine/runtime/generate.decode_tokens: the same finish rules, and between yields
+        the cache holds every emitted token but the last (an accepted draft is written but held
+        uncommitted until the next token is asked for; if generation stops there, by a finish,
+        close() or Ctrl+C, its writes are rolled back). Drafted/accepted counts go to ``stats``.
 
         sampler: a Sampler (its parameters and its seeded generator are used) or SamplingParams
         (with a generator seeded by ``seed``, or randomly)."""
@@ -204,28 +217,49 @@ class SpeculativeDecoder:
             gen.manual_seed(seed) if seed is not None else gen.seed()
         params.validate()
         tok, n = sample_from(target_probs(logits, params), gen), 0
-        while True:
-            n += 1
-            finish = self._finish(tok, n, max_new_tokens, stop_ids)
-            yield tok, finish
-            if finish is not None:
-                return
-            with whole_step():
-                extra, tok = self._round(tok, n, params, max_new_tokens, stop_ids, gen)
-            for d, fin in extra:
+        try:
+            while True:
                 n += 1
-                yield d, fin
-                if fin is not None:
+                finish = self._finish(tok, n, max_new_tokens, stop_ids)
+                yield tok, finish
+                if finish is not None:
                     return
+                with whole_step():
+                    extra, tok = self._round(tok, n, params, max_new_tokens, stop_ids, gen)
+                for d, fin in extra:
+                    n += 1
+                    yield d, fin
+                    if fin is not None:
+                        return
+                    self._commit_held()
+        finally:
+            self._drop_held()
 
     def _finish(self, tok: int, n: int, max_new_tokens: int, stop_ids) -> Finish | None:
         return (Finish.STOP if tok in stop_ids else Finish.LENGTH if n == max_new_tokens
                 else Finish.CONTEXT if self.seq_len >= self.mgr.max_context else None)
 
+    def _commit_held(self) -> None:
+        """The accepted draft d (written at P+1) joins the context: commit it, owe the MTP step
+        (streams at P, d) at P, and the streams at P+1 become pending."""
+        h0, d, P, h1 = self.held
+        self.mgr.commit(self.slot, 1)
+        self.backlog.append((h0, d, P))
+        self.pending, self.held = h1, None
+
+    def _drop_held(self) -> None:
+        """Roll back a held draft's cache writes (while nothing has been written after them)."""
+        if self.held is not None:
+            if self.seq_len == self.held[2] + 1:
+                self.ckpt.restore()
+            self.held = None
+
     @torch.inference_mode()
     def _round(self, tok: int, n: int, params, max_new_tokens, stop_ids, gen) -> tuple[list, int | None]:
         """One draft-verify round after ``tok`` (the n-th token, emitted, position P = seq_len).
-        -> (the accepted draft with its finish, if any; the next token, None if the draft ended)."""
+        -> (the accepted draft with its finish, if any; the next token, None if the draft ends
+        generation). An accepted draft that does not end it is left held (``self.held``)."""
+        self._catch_up_mtp()
         P = self.seq_len
         q = target_probs(self._mtp_step(self.pending, tok, P - 1), params)
         self.mtp_len = P
@@ -242,20 +276,16 @@ class SpeculativeDecoder:
         self.stats.drafted += 1
         x, ok = accept_or_resample(target_probs(logits[0], params), q, d, gen)
         self.mgr.commit(self.slot, 1)
+        self.pending = streams[:1]
         if not ok:
             self.ckpt.restore()
-            self.pending = streams[:1]
             return [], x
         self.stats.accepted += 1
         fin = self._finish(d, n + 1, max_new_tokens, stop_ids)
         if fin is not None:  # generation ends at d: the cache keeps tok, not d (as plain decoding)
             self.ckpt.restore()
-            self.pending = streams[:1]
             return [(d, fin)], None
-        self.mgr.commit(self.slot, 1)
-        self._mtp_step(streams[:1], d, P)  # keeps the MTP layer in step; its draft is not needed
-        self.mtp_len = P + 1
-        self.pending = streams[1:]
+        self.held = (streams[:1], d, P, streams[1:])
         return [(d, None)], sample_from(target_probs(logits[1], params), gen)
 
     # ------------------------------------------------------- the model steps
