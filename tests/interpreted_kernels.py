@@ -220,6 +220,120 @@ def engine_check():
             print(f"ok engine kernel path, {mode}, {what} {err:.1e}")
 
 
+def _chunk_case(kind, H, D, r, W, S, start, ratio, csa, K=6, n_store=None):
+    """chunk_attention: the Triton kernel against the reference (window ring + chunk keys, HCA or CSA
+    entries in their storage format at scattered rows), positions from ``start``."""
+    from dsv4.kernels.reference.chunk_attention import chunk_attention
+    from dsv4.kernels.reference.entries import write_entries
+    from dsv4.kernels.triton.prefill_attention import chunk_attention_triton
+
+    n = (start + S) // ratio if ratio else 0
+    n = min(n, n_store) if n_store else n  # positions near 2^31: the first n_store entries only
+    q, kv, sink = torch.randn(S, H, D, generator=g), torch.randn(S, D, generator=g), torch.randn(H, generator=g)
+    pos = torch.arange(start, start + S)
+    ring = torch.randn(W, D, generator=g)
+    rp = (start - 1) - torch.remainder(start - 1 - torch.arange(W), W)
+    rp = torch.where(rp >= 0, rp, -1)
+    ent = rows = sel = None
+    if ratio:
+        ent = store(kind, n + 7, D, r)
+        rows = torch.randperm(n + 7, generator=g)[:n]
+        write_entries(ent, rows, torch.randn(n, D, generator=g))
+        if csa:
+            sel = torch.full((S, K), -1, dtype=torch.long)
+            for i in range(S):
+                pick = torch.randperm(min(n, (start + i + 1) // ratio), generator=g)[:K]
+                sel[i, :len(pick)] = pick
+    args = (q, pos, ring, rp, kv, W, ent, rows, ratio, sel, sink, D ** -0.5)
+    close(f"chunk_attention {kind} H={H} D={D} W={W} S={S} start={start} ratio={ratio} csa={csa}",
+          chunk_attention_triton(*args), chunk_attention(*args))
+
+
+def prefill_checks():
+    """The prefill kernels: chunk attention (window, HCA, CSA, SWA-only; positions past 2^31), entry
+    rows of block ids past 2^31 / rows, and the prefill kernel path against the reference path."""
+    for case in [("f32", 4, 96, 32, 16, 40, 0, 4, False), ("kv", 6, 128, 64, 16, 33, 50, 4, True),
+                 ("kv", 2, 80, 16, 16, 21, 300, 128, False), ("f32", 4, 96, 32, 16, 9, 5, 0, False),
+                 ("kv", 20, 128, 64, 8, 5, 40, 4, True)]:
+        _chunk_case(*case)
+    _chunk_case("kv", 4, 128, 64, 8, 6, (1 << 31) - 3, 4, True, n_store=9)
+    from dsv4.kernels.reference.indexer import indexer_scores
+    from dsv4.kernels.triton.prefill_indexer import indexer_scores_triton
+    for S, H, Di, T in [(5, 2, 64, 70), (70, 3, 32, 9), (1, 64, 128, 130)]:
+        q, k, wt = torch.randn(S, H, Di, generator=g), torch.randn(T, Di, generator=g), torch.randn(S, H, generator=g)
+        close(f"indexer_scores S={S} H={H} Di={Di} T={T}", indexer_scores_triton(q, k, wt), indexer_scores(q, k, wt))
+    _chunk_case("f32", 4, 64, 16, 8, 6, (1 << 31) - 3, 128, False, n_store=5)
+    big = (1 << 31) // 32 + 5  # a block whose rows start past 2^31 (ratio 4: 32 entries per block)
+    table = torch.tensor([3, big, 7], dtype=torch.int32)
+    for pos in (40, 95):
+        got = te.entry_rows_triton(torch.tensor([pos]), table, 4, 32, 96)
+        ref = entry_rows(torch.tensor([pos]), table, 4, 32, 96)
+        assert all(torch.equal(a, b) for a, b in zip(got, ref)) and ref[1].max().item() > 1 << 31, pos
+    print("ok entry_rows past 2^31 (equal)")
+    gemm_checks()
+    prefill_engine_check()
+
+
+def gemm_checks():
+    """The prefill GEMM (rows past the GEMVs' MAX_ROWS): FP8 (ue8m0 and float32 scales) and BF16
+    weights, float32 and bf16 rows, ragged shapes; the grouped projection."""
+    from dsv4.kernels.triton import prefill_linear as tpl
+
+    for M, N, K in [(40, 200, 192), (17, 130, 300)]:
+        w = torch.randn(N, K, generator=g) / K ** 0.5
+        q, s = quant.quant_fp8_block(w)
+        for fmt, W in {"fp8": QWeight("fp8", q, s), "fp8-f32": QWeight("fp8", q, quant.ue8m0_to_float(s.view(torch.uint8))),
+                       "bf16": QWeight("dense", w.bfloat16())}.items():
+            for dt in (torch.float32, torch.bfloat16):
+                x = torch.randn(M, K, generator=g).to(dt)
+                assert tpl.linear_supported(x, W)
+                got, ref = tpl.linear_triton(x, W), linear_reference(x.float(), W)
+                if dt == torch.float32:
+                    close(f"gemm {fmt} {M}x{N}x{K} float32", got, ref)
+                else:  # float32 accumulation, then the output to bf16 (the interpreter's cast truncates: 1 ulp)
+                    assert got.dtype == dt and ((got.float() - ref).abs() <= 2 ** -7 * ref.abs() + 1e-6).all()
+                    print(f"ok gemm {fmt} {M}x{N}x{K} bf16 (within one bf16 ulp)")
+    W = QWeight("fp8", *quant.quant_fp8_block(torch.randn(2 * 128, 96, generator=g)))
+    og = torch.randn(20, 2, 96, generator=g)
+    assert tpl.grouped_linear_supported(og, W)
+    close("grouped gemm 2x128x96 S=20", tpl.grouped_linear_triton(og, W), grouped_linear_reference(og, W))
+
+
+def prefill_engine_check():
+    """Prefill through the prefill kernels (registered for the CPU here) against the reference path,
+    both modes: 140 tokens of the tiny SWA/CSA/HCA model in two chunks (CSA entries past index_topk,
+    an HCA entry, the ring wrapped), every token's logits and the cache after it."""
+    from dsv4.engine.model.model import Model
+    from dsv4.engine.runtime.session import Session
+    from dsv4.engine.tools.synthetic import random_tensors, tiny_configs
+    from dsv4.kernels.triton import KERNELS
+
+    for op in PREFILL_OPS:
+        register(op, "triton", KERNELS[op][0], device="cpu", supports=KERNELS[op][1])
+    cfg = tiny_configs()["swa-csa-hca"]
+    tensors = random_tensors(cfg, 2)
+    ids = torch.randint(0, cfg.vocab_size, (140,), generator=torch.Generator().manual_seed(6))
+    for mode, bound in (("exact", 1e-4), ("faithful", 5e-3)):
+        model = Model.from_state_dict(cfg, tensors, mode=mode)
+        out, caches = [], []
+        for backend in ("reference", "auto"):
+            s = Session(model, 256, cuda_graph=False, prefill_chunk=70)
+            dispatch.reset_report()
+            with dispatch.use_backend(backend):
+                out.append(s.prefill(ids, last_only=False))
+            caches.append([h.read_entries() for h in s.cache.handles(s.slot) if h.layer.ratio])
+        ran = dispatch.report()
+        assert all("triton" in ran[op] for op in PREFILL_OPS), ran
+        err = (out[1] - out[0]).abs().max().item() / out[0].abs().max().item()
+        assert err <= bound, f"{mode}: prefill kernel path vs reference path {err:.2e}"
+        for a, b in zip(*caches):
+            assert (a - b).abs().max().item() <= bound * max(b.abs().max().item(), 1e-30), f"{mode}: cache entries"
+        print(f"ok prefill kernel path, {mode} {err:.1e}")
+
+
+PREFILL_OPS = ("chunk_attention", "indexer_scores")
+
+
 if __name__ == "__main__":
     for name in sys.argv[1:] or ("gemv", "elementwise", "engine"):
         globals()[f"{name}_checks" if name != "engine" else "engine_check"]()

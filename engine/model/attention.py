@@ -84,7 +84,7 @@ def attention(x: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
                           name="idx", append=handle.append_index_keys)
             if n > cfg.index_topk:  # else every visible entry is among the top-k
                 select = _indexer_topk_tiles(x, qr, w, p + ".indexer", cfg, handle, rows, positions, m,
-                                             rope.cos_sin(positions, yarn=True), iq)
+                                             rope.cos_sin(positions, yarn=True), iq, faithful)
     o = kernels.chunk_attention(q, positions, ring, ring_pos, kv, cfg.sliding_window, entries, rows, m, select,
                                 w[p + ".attn_sink"], cfg.head_dim ** -0.5)
     return _out(o, w, p, cfg, cos, sin)
@@ -210,12 +210,16 @@ def _score_tiles(S: int, heads: int, device: torch.device) -> tuple[int, int]:
     return qt, max(256, budget // qt)
 
 
-def _indexer_topk_tiles(x, qr, w, p, cfg, handle, rows, positions, ratio, cos_sin, iq) -> torch.Tensor:
+def _indexer_topk_tiles(x, qr, w, p, cfg, handle, rows, positions, ratio, cos_sin, iq, faithful) -> torch.Tensor:
     """Lightning Indexer top-k per query, streamed over entry tiles: [S, index_topk] int64 entry indices
     (score descending, ties to the lower index; -1 where fewer entries are visible). Keys are read
-    from the cache's index store at ``rows`` [n] one tile at a time; nothing of size [S, n] is kept."""
+    from the cache's index store at ``rows`` [n] one tile at a time; nothing of size [S, n] is kept.
+    Faithful mode: q and keys are FP4 values (e2m1 x a power of two), exact in bf16, so they travel
+    as bf16 (the same scores, and bf16 tensor-core dots in the kernel)."""
     S, Hi, Di, k = x.shape[0], cfg.index_n_heads, cfg.index_head_dim, cfg.index_topk
     q = iq(kernels.apply_rope(kernels.linear(qr, w[p + ".wq_b"]).view(S, Hi, Di), *cos_sin))
+    kdt = torch.bfloat16 if faithful else torch.float32
+    q = q.to(kdt)
     weights = kernels.linear(x, w[p + ".weights_proj"]).float() * (Di ** -0.5 * Hi ** -0.5)
     n = rows.shape[0]
     qt, et = _score_tiles(S, Hi, x.device)
@@ -224,7 +228,8 @@ def _indexer_topk_tiles(x, qr, w, p, cfg, handle, rows, positions, ratio, cos_si
         t, best = positions[i0:i0 + qt, None], None
         for e0 in range(0, n, et):
             e = torch.arange(e0, min(n, e0 + et), device=x.device)
-            scores = kernels.indexer_scores(q[i0:i0 + qt], handle.read_index_keys_at(rows[e]), weights[i0:i0 + qt])
+            keys = handle.read_index_keys_at(rows[e]).to(kdt)
+            scores = kernels.indexer_scores(q[i0:i0 + qt], keys, weights[i0:i0 + qt])
             best = topk_merge(best, scores, e0, (e[None, :] + 1) * ratio <= t + 1, k)
         out.append(topk_entries(best))
     return torch.cat(out)

@@ -19,8 +19,9 @@ from .decode import DecodeRunner
 from .generate import decode_tokens
 from dsv4.engine.model.model import Model
 
-# Bounds of the automatic prefill chunk (tokens) and the share of the free memory it may use.
-MIN_CHUNK, MAX_CHUNK, MEMORY_SHARE = 128, 16384, 0.5
+# Bounds of the automatic prefill chunk (tokens), the share of the free memory its transients may
+# use, and the most they may use (the issue's bound: peak <= weights + KV cache + 8 GiB).
+MIN_CHUNK, MAX_CHUNK, MEMORY_SHARE, TRANSIENT_BUDGET = 128, 16384, 0.5, 7 << 30
 
 
 class PrefillInterrupted(KeyboardInterrupt):
@@ -67,12 +68,13 @@ def fixed_prefill_bytes(cfg) -> int:
     return 4 * cfg.vocab_size * cfg.hidden_size + (1 << 30)
 
 
-def default_prefill_chunk(model: Model, device: torch.device | str | None = None) -> int:
-    """Prefill chunk (tokens) for ``model`` on ``device`` (default: the model's): MEMORY_SHARE of the
-    free memory, less the fixed transients, over the per-token transients; a multiple of 128
-    between MIN_CHUNK and MAX_CHUNK."""
+def default_prefill_chunk(model: Model, device: torch.device | str | None = None,
+                          budget: int = TRANSIENT_BUDGET) -> int:
+    """Prefill chunk (tokens) for ``model`` on ``device`` (default: the model's): the transients may
+    take MEMORY_SHARE of the free memory and at most ``budget`` bytes; less the fixed transients,
+    over the per-token ones; a multiple of 128 between MIN_CHUNK and MAX_CHUNK."""
     dev = torch.device(device or model.device)
-    room = MEMORY_SHARE * free_memory(dev) - fixed_prefill_bytes(model.cfg)
+    room = min(MEMORY_SHARE * free_memory(dev), budget) - fixed_prefill_bytes(model.cfg)
     n = int(room // prefill_bytes_per_token(model.cfg, model.dtype))
     return max(MIN_CHUNK, min(MAX_CHUNK, n // 128 * 128))
 

@@ -8,11 +8,11 @@ one row here.
 
 from __future__ import annotations
 
-from . import attention, compress, elementwise, linear, mhc, moe, prefill_attention, router
+from . import attention, compress, elementwise, linear, mhc, moe, prefill_attention, prefill_indexer, prefill_linear, router
 
 KERNELS = {
-    "linear": (linear.linear_triton, linear.linear_supported),
-    "grouped_linear": (linear.grouped_linear_triton, linear.grouped_linear_supported),
+    "linear": (prefill_linear.linear_triton, prefill_linear.linear_supported),  # GEMM for many rows, else GEMV
+    "grouped_linear": (prefill_linear.grouped_linear_triton, prefill_linear.grouped_linear_supported),
     "mhc_pre": (mhc.mhc_pre_triton, mhc.mhc_supported),
     "mhc_post": (mhc.mhc_post_triton, mhc.mhc_post_supported),
     "rms_norm": (mhc.rms_norm_triton, mhc.rms_norm_supported),
@@ -25,6 +25,7 @@ KERNELS = {
     "store_entry": (attention.store_entry_triton, attention.store_entry_supported),
     "decode_attention": (attention.decode_attention_triton, attention.decode_attention_supported),
     "chunk_attention": (prefill_attention.chunk_attention_triton, prefill_attention.chunk_attention_supported),
+    "indexer_scores": (prefill_indexer.indexer_scores_triton, prefill_indexer.indexer_scores_supported),
     "compress_decode": (compress.compress_decode_triton, compress.compress_decode_supported),
     "router_scores": (router.router_scores_triton, router.router_scores_supported),
     "router_topk": (router.router_topk_triton, router.router_topk_supported),

@@ -26,7 +26,9 @@ from dsv4.kernels.reference.entries import store_kind
 
 from .attention import KIND, _pow2
 
-TILE = {"keys": 32, "warps": 8}
+# Heads per program (the M side of the dots; fewer for float32 queries, whose [heads, D] tile and
+# accumulator must both stay in registers at D = 512), keys per tile, warps. Untuned first choice.
+TILE = {"heads_f32": 16, "heads_bf16": 32, "keys": 32, "warps": 8}
 
 
 @triton.jit
@@ -165,7 +167,7 @@ def chunk_attention_triton(q: torch.Tensor, positions: torch.Tensor, ring: torch
     sel = select.to(torch.int64).contiguous() if select is not None else wpos
     K = select.shape[1] if select is not None else 0
     out = torch.empty_like(q)
-    BLOCK_H = max(16, min(64, triton.next_power_of_2(H)))
+    BLOCK_H = max(16, min(TILE["heads_bf16" if bf16 else "heads_f32"], triton.next_power_of_2(H)))
     _chunk_attention[(S, triton.cdiv(H, BLOCK_H))](
         q.contiguous(), positions.to(torch.int64).contiguous(), wk, wpos, ea, eb, es, rows, sel,
         sink.float().contiguous(), out, H, ring.shape[0], n, K, float(scale),

@@ -1,0 +1,173 @@
+"""Long-context prefill on one GPU (#15): time to first token, tokens/s, peak memory beyond the
+weights and the KV cache, and the fraction of the measured bf16 matmul rate, for a synthetic
+V4-Flash cut to its first ``--layers`` layers; projected to the whole model; then decode steps
+through the CUDA graph after the longest prompt.
+
+python3 bench/prefill_long.py [--layers 4] [--prompt-lens 8192,32768,131072,1048576] [--chunk N]
+       [--precision faithful] [--time-limit 240] [--decode-steps 32] [--profile] [--json-out FILE]
+
+FLOPs counted (stated in the output as ``flop_formula``), for a prompt of P tokens:
+- projections: 2 x (each layer's weights touched per token: attention, compressors, indexer,
+  router, shared expert, and k/E of the routed experts) x P, plus the vocabulary head once (prefill
+  returns the last token's logits);
+- attention, per layer, summed over the query positions t = 1..P: 4 x H x D x keys(t) (QK and PV),
+  keys(t) = min(W, t) window keys, + floor(t/128) entries (HCA), + min(topk, floor(t/4)) (CSA);
+- the CSA indexer: 2 x Hi x Di x floor(t/4) per query (its q.k over every visible entry).
+Projection to the whole model: the measured time x (the whole model's FLOPs / the measured model's
+FLOPs), i.e. the measured FLOP rate held (the schedule's CSA/HCA/SWA layers counted by type).
+A prompt length whose prefill passes --time-limit is cut through the prefill's progress callback
+(Session.prefill raises PrefillInterrupted), and its rate is reported over the tokens done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+from dsv4.engine.model.config import DSV4Config
+from dsv4.engine.model.model import Model
+from dsv4.engine.runtime.session import PrefillInterrupted, Session, default_prefill_chunk
+from dsv4.engine.tools.bench import measure_matmul_rate, synthetic_stored
+from dsv4.kernels import QWeight, dispatch
+
+
+def layer_params(model: Model) -> list[int]:
+    """Weights touched per token by each layer's projections (routed experts: k of E)."""
+    cfg, out = model.cfg, []
+    for spec in model.specs:
+        p, n = f"layers.{spec.index}.", 0
+        for name, v in model.w.items():
+            if name.startswith(p) and isinstance(v, QWeight):
+                share = cfg.num_experts_per_tok / cfg.n_routed_experts if ".ffn.experts." in name else 1
+                n += v.shape[0] * v.shape[1] * share
+        out.append(int(n))
+    return out
+
+
+def attention_flops(cfg: DSV4Config, attn: str, P: int) -> int:
+    """Attention (and CSA indexer) FLOPs of one layer of type ``attn`` over a P-token prompt."""
+    t = torch.arange(1, P + 1, dtype=torch.float64)
+    keys = t.clamp(max=cfg.sliding_window)
+    idx = 0.0
+    if attn == "hca":
+        keys = keys + torch.div(t, 128, rounding_mode="floor")
+    elif attn == "csa":
+        e = torch.div(t, 4, rounding_mode="floor")
+        keys = keys + e.clamp(max=cfg.index_topk)
+        idx = 2 * cfg.index_n_heads * cfg.index_head_dim * e.sum().item()
+    return int(4 * cfg.num_attention_heads * cfg.head_dim * keys.sum().item() + idx)
+
+
+def prefill_flops(cfg: DSV4Config, params: list[int], attns: list[str], P: int) -> int:
+    return (2 * sum(params) * P + 2 * cfg.vocab_size * cfg.hidden_size
+            + sum(attention_flops(cfg, a, P) for a in attns))
+
+
+def run_prompt(model: Model, P: int, chunk: int | None, limit: float, decode_steps: int) -> dict:
+    dev = model.device
+    ids = torch.randint(0, model.cfg.vocab_size, (P + decode_steps,), generator=torch.Generator().manual_seed(P))
+    s = Session(model, P + decode_steps, prefill_chunk=chunk)
+    torch.cuda.synchronize(dev)
+    base = torch.cuda.memory_allocated(dev)
+    torch.cuda.reset_peak_memory_stats(dev)
+    dispatch.reset_report()
+    t0 = time.perf_counter()
+
+    def progress(done, total):
+        if time.perf_counter() - t0 > limit:
+            raise KeyboardInterrupt
+        print(f"\r  prefill {done}/{total} tokens, {done / (time.perf_counter() - t0):,.0f} tok/s",
+              end="", file=sys.stderr, flush=True)
+
+    cut = None
+    try:
+        s.prefill(ids[:P], progress=progress)
+    except PrefillInterrupted as e:
+        cut = e.done
+    torch.cuda.synchronize(dev)
+    secs = time.perf_counter() - t0
+    print(file=sys.stderr)
+    r = {"prompt_tokens": P, "chunk": s.prefill_chunk or default_prefill_chunk(model), "seconds": secs,
+         "tokens_done": cut if cut is not None else P, "cut_at_time_limit": cut is not None,
+         "peak_bytes_beyond_weights_and_cache": torch.cuda.max_memory_allocated(dev) - base,
+         "kernels": dispatch.report()}
+    r["tokens_per_s"] = r["tokens_done"] / secs
+    if cut is None:
+        r["time_to_first_token_s"] = secs
+        if decode_steps:
+            times = []
+            for tok in ids[P:].tolist():
+                torch.cuda.synchronize(dev)
+                a = time.perf_counter()
+                s.step(tok)
+                torch.cuda.synchronize(dev)
+                times.append(time.perf_counter() - a)
+            r["decode_ms_per_step_median"] = 1000 * statistics.median(times[2:] or times)
+    s.close()
+    return r
+
+
+def profile_prefill(model: Model, P: int) -> None:
+    """Per-kernel GPU time of one P-token prefill (after a warm-up), the top 25 by total time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ids = torch.randint(0, model.cfg.vocab_size, (P,), generator=torch.Generator().manual_seed(1))
+    Session(model, P).prefill(ids)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        Session(model, P).prefill(ids)
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25), file=sys.stderr)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--prompt-lens", default="8192,32768,131072,1048576")
+    ap.add_argument("--chunk", type=int, default=None, help="prefill chunk (default: default_prefill_chunk)")
+    ap.add_argument("--precision", default="faithful")
+    ap.add_argument("--time-limit", type=float, default=240.0, help="seconds per prompt length")
+    ap.add_argument("--decode-steps", type=int, default=32, help="after the longest prompt")
+    ap.add_argument("--profile", action="store_true", help="per-kernel time of an 8192-token prefill")
+    ap.add_argument("--json-out", default=None)
+    a = ap.parse_args()
+    full = DSV4Config.flash()
+    cfg = full.layer_range(0, a.layers)
+    model = Model.from_state_dict(cfg, synthetic_stored(cfg, "cuda"), mode=a.precision, device="cuda")
+    rate = measure_matmul_rate("cuda")
+    params = layer_params(model)
+    attns = [s.attn for s in model.specs]
+    full_attns = [s.attn for s in full.schedule()]
+    full_params = [round(sum(params) / len(params))] * full.num_hidden_layers
+    lens = [int(x) for x in a.prompt_lens.split(",")]
+    run_prompt(model, 4096, a.chunk, a.time_limit, 0)  # warm-up: compile the kernels
+    if a.profile:
+        profile_prefill(model, 8192)
+    results = []
+    for P in lens:
+        r = run_prompt(model, P, a.chunk, a.time_limit, a.decode_steps if P == max(lens) else 0)
+        done = r["tokens_done"]
+        flops = prefill_flops(cfg, params, attns, done)
+        r.update({"flops": flops, "flop_per_s": flops / r["seconds"], "measured_bf16_matmul_flop_per_s": rate,
+                  "matmul_rate_fraction": flops / r["seconds"] / rate,
+                  "projected_43_layer_ttft_s": r["seconds"] * prefill_flops(full, full_params, full_attns, P) / flops})
+        results.append(r)
+        print(f"P={P:>8}: {'CUT at ' + str(done) + ' tokens, ' if r['cut_at_time_limit'] else ''}"
+              f"{r['seconds']:.2f} s, {r['tokens_per_s']:,.0f} tok/s, {r['matmul_rate_fraction']:.1%} of bf16 "
+              f"matmul rate, peak +{r['peak_bytes_beyond_weights_and_cache'] / 2**30:.2f} GiB, projected "
+              f"43 layers {r['projected_43_layer_ttft_s']:.1f} s"
+              + (f", decode {r['decode_ms_per_step_median']:.2f} ms/step" if "decode_ms_per_step_median" in r else ""))
+    out = {"card": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv),
+           "layers": a.layers, "precision": a.precision, "flop_formula": __doc__.split("FLOPs counted")[1].split(
+               "A prompt length")[0].strip(), "results": results}
+    if a.json_out:
+        with open(a.json_out, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""Triton GEMM for the prefill's dense projections: y = x W^T for many rows, W read in its stored
+format on the tensor cores (the decode GEMVs, kernels/triton/linear.py, keep the few-row case).
+
+Formats: FP8 e4m3 with 128x128 block scales (ue8m0 or float32) and dense BF16. Each program owns a
+[BLOCK_M, BLOCK_N] output tile and steps K by BLOCK_K (which divides 128, so one step lies in one
+scale block): the FP8 tile is widened to bf16 in registers (exact), multiplied on the tensor cores
+(wgmma on Hopper) and scaled per 128-column block before it joins the float32 accumulator. The
+activations are not quantised (exact mode; faithful mode's linears are weight-only too, see
+engine/model/model.py): bf16 rows multiply directly; float32 rows are split into three bf16 parts
+(hi + mid + lo, ~24 bits) so the product keeps float32 accuracy against the reference's float32
+matmul (IEEE float32 dots in Triton's CPU interpreter). Grouped projections (wo_a) run one GEMM per
+group on the group's slice of x and of W.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from dsv4.kernels.reference.linear import QWeight
+
+from . import linear as gemv
+from .linear import MAX_ROWS
+
+TILE = {"m": 128, "n": 128, "k": 64, "warps": 8, "stages": 3}  # untuned first choice
+
+
+@triton.jit
+def _gemm(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, sxm, SB_K, FP8: tl.constexpr, SCALE_U8: tl.constexpr,
+          SPLIT: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+          BLOCK_K: tl.constexpr):
+    """y [M, N] = x [M, K] (row stride sxm) . W [N, K]^T, W FP8 (+ scales [ceil(N/128), SB_K]) or bf16."""
+    pid_m, pid_n = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    mm, nm = rm < M, rn < N
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        km = (k0 + rk) < K
+        x = tl.load(x_ptr + rm[:, None] * sxm + (k0 + rk)[None, :], mask=mm[:, None] & km[None, :], other=0.0)
+        w = tl.load(w_ptr + rn[:, None] * K + (k0 + rk)[None, :], mask=nm[:, None] & km[None, :], other=0)
+        if FP8:
+            w = w.to(tl.float8e4nv, bitcast=True)
+        if IEEE:
+            part = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+        else:
+            wb = tl.trans(w.to(tl.bfloat16))
+            hi = x.to(tl.bfloat16)
+            part = tl.dot(hi, wb)
+            if SPLIT:
+                r = x.to(tl.float32) - hi.to(tl.float32)
+                mid = r.to(tl.bfloat16)
+                part += tl.dot(mid, wb) + tl.dot((r - mid.to(tl.float32)).to(tl.bfloat16), wb)
+        if FP8:
+            s = tl.load(s_ptr + (rn // 128) * SB_K + k0 // 128, mask=nm, other=0)
+            if SCALE_U8:
+                s = (s.to(tl.int32) << 23).to(tl.float32, bitcast=True)
+            acc += part * s[None, :]
+        else:
+            acc += part
+    tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=mm[:, None] & nm[None, :])
+
+
+def _gemm_format(w: QWeight) -> bool:
+    return w.dense is None and not w.data.requires_grad and (
+        w.fmt == "fp8" or (w.fmt == "dense" and w.data.dtype == torch.bfloat16))
+
+
+def gemm_supported(x: torch.Tensor, w: QWeight) -> bool:
+    """More than MAX_ROWS rows of float32 / bf16 x; an FP8 or BF16 weight; no autograd."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    return rows > MAX_ROWS and x.dtype in (torch.float32, torch.bfloat16) and not x.requires_grad and _gemm_format(w)
+
+
+def gemm(x2: torch.Tensor, w: QWeight, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x2 [M, K] (unit column stride) . W^T -> [M, N] in x's dtype (into ``out`` if given)."""
+    M, K = x2.shape
+    N = w.shape[0]
+    y = torch.empty((M, N), device=x2.device, dtype=x2.dtype) if out is None else out
+    fp8 = w.fmt == "fp8"
+    data = w.data.contiguous().view(torch.uint8) if fp8 else w.data.contiguous()
+    scale = w.scale if fp8 else data
+    u8 = fp8 and scale.dtype in (torch.float8_e8m0fnu, torch.uint8)
+    if u8:
+        scale = scale.view(torch.uint8)
+    elif fp8:
+        scale = scale.float()
+    scale = scale.contiguous()
+    ieee = os.environ.get("TRITON_INTERPRET") == "1"
+    t = TILE
+    grid = (triton.cdiv(M, t["m"]), triton.cdiv(N, t["n"]))
+    _gemm[grid](x2, data, scale, y, M, N, K, x2.stride(0), scale.shape[1] if fp8 else 0, FP8=fp8, SCALE_U8=u8,
+                SPLIT=x2.dtype == torch.float32, IEEE=ieee, BLOCK_M=t["m"], BLOCK_N=t["n"], BLOCK_K=t["k"],
+                num_warps=t["warps"], num_stages=t["stages"])
+    return y
+
+
+def gemm_linear(x: torch.Tensor, w: QWeight) -> torch.Tensor:
+    """kernels.linear for many rows: x [..., K] -> [..., N] in x's dtype."""
+    lead = x.shape[:-1]
+    y = gemm(x.reshape(-1, x.shape[-1]).contiguous(), w)
+    return y.reshape(*lead, w.shape[0])
+
+
+def grouped_gemm_supported(og: torch.Tensor, w: QWeight) -> bool:
+    """og [S, G, Kg] with S > MAX_ROWS; each group's R output rows a whole number of 128-row scale blocks."""
+    G = og.shape[1]
+    R = w.shape[0] // G
+    return (og.shape[0] > MAX_ROWS and og.dtype in (torch.float32, torch.bfloat16) and not og.requires_grad
+            and _gemm_format(w) and R % 128 == 0)
+
+
+def grouped_gemm(og: torch.Tensor, w: QWeight) -> torch.Tensor:
+    """kernels.grouped_linear for many rows: og [S, G, Kg], W [G*R, Kg] (group g: rows g*R..) -> [S, G*R]."""
+    S, G, Kg = og.shape
+    R = w.shape[0] // G
+    og = og.contiguous()
+    y = torch.empty((S, G * R), device=og.device, dtype=og.dtype)
+    for g in range(G):
+        rows = slice(g * R, (g + 1) * R)
+        wg = QWeight(w.fmt, w.data[rows], w.scale[g * R // 128:(g + 1) * R // 128] if w.fmt == "fp8" else None)
+        y[:, rows] = gemm(og[:, g, :], wg)
+    return y
+
+
+def linear_triton(x: torch.Tensor, w: QWeight) -> torch.Tensor:
+    """kernels.linear on CUDA: the GEMM for many rows, the decode GEMVs for a few."""
+    return gemm_linear(x, w) if gemm_supported(x, w) else gemv.linear_triton(x, w)
+
+
+def linear_supported(x: torch.Tensor, w: QWeight) -> bool:
+    return gemm_supported(x, w) or gemv.linear_supported(x, w)
+
+
+def grouped_linear_triton(og: torch.Tensor, w: QWeight) -> torch.Tensor:
+    return grouped_gemm(og, w) if grouped_gemm_supported(og, w) else gemv.grouped_linear_triton(og, w)
+
+
+def grouped_linear_supported(og: torch.Tensor, w: QWeight) -> bool:
+    return grouped_gemm_supported(og, w) or gemv.grouped_linear_supported(og, w)
