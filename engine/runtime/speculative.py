@@ -147,16 +147,18 @@ class SpeculativeDecoder:
 
     # -------------------------------------------------------------- prefill
     @torch.inference_mode()
-    def prefill(self, token_ids, chunk: int | None = None) -> torch.Tensor:
-        """Append a prompt (in chunks of ``chunk`` tokens) to the context, feeding the MTP layer too.
-        -> the last token's logits [vocab]."""
+    def prefill(self, token_ids, chunk: int | None = None, progress=None) -> torch.Tensor:
+        """Append a prompt to the context in chunks of ``chunk`` tokens (default: the session's
+        prefill chunk), feeding the MTP layer too. -> the last token's logits [vocab].
+        progress(done, total) is called after every chunk. An error or Ctrl+C inside a chunk leaves
+        the slot half-written: the caller resets the session (as Conversation.send does)."""
         ids = torch.as_tensor(token_ids, dtype=torch.long).reshape(-1)
         if ids.numel() == 0:
             raise ValueError("no tokens to run")
         self._drop_held()  # a decode abandoned without close()
         if self.seq_len == 0:  # a new conversation (or the session was reset)
             self.pending, self.mtp_len, self.backlog = None, 0, []
-        chunk = chunk or ids.numel()
+        chunk = chunk or self._default_chunk() or ids.numel()
         for i in range(0, ids.numel(), chunk):
             c = ids[i:i + chunk]
             start = self.seq_len
@@ -166,7 +168,17 @@ class SpeculativeDecoder:
             logits, streams = self.model.forward(c, self.main, start, last_only=True, return_streams=True)
             self.mgr.commit(self.slot, c.numel())
             self._feed_mtp(streams, c.to(self.model.device), start)
+            if progress is not None:
+                progress(i + c.numel(), ids.numel())
         return logits[-1]
+
+    def _default_chunk(self) -> int | None:
+        """The session's prefill chunk (engine/runtime/session.py), where that session has one."""
+        from . import session
+
+        fixed = getattr(self.session, "prefill_chunk", None)
+        auto = getattr(session, "default_prefill_chunk", None)
+        return fixed or (auto(self.model) if auto is not None else None)
 
     def _feed_mtp(self, streams: torch.Tensor, ids: torch.Tensor, start: int) -> None:
         """Run the MTP layer (chunk forward) on the positions this chunk completes: (streams at s,
