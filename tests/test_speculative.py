@@ -105,7 +105,8 @@ def test_unguided_greedy_identical_with_stop_and_a_second_turn(tiny_cfg, tiny_te
     conversation (the MTP layer is fed the positions in between) and still matches plain decoding."""
     model = Model.from_state_dict(tiny_cfg, tiny_tensors)
     g = torch.Generator().manual_seed(7)
-    p1, p2 = torch.randint(0, tiny_cfg.vocab_size, (20,), generator=g), torch.randint(0, tiny_cfg.vocab_size, (6,), generator=g)
+    p1 = torch.randint(0, tiny_cfg.vocab_size, (20,), generator=g)
+    p2 = torch.randint(0, tiny_cfg.vocab_size, (6,), generator=g)
     plain = Session(model, 256, cuda_graph=False)
     first = list(plain.generate(p1, Sampler(GREEDY), 10))
     stop = {first[6]}
@@ -186,6 +187,9 @@ def test_mtp_step_equals_mtp_forward(tiny_cfg, tiny_tensors):
 def test_stats_and_errors(tiny_cfg, tiny_tensors):
     st = SpeculativeStats(drafted=10, accepted=7, steps=10)
     assert st.as_dict() == {"drafted": 10, "accepted": 7, "steps": 10, "acceptance_rate": 0.7, "tokens_per_step": 1.7}
+    turn = st - SpeculativeStats(drafted=4, accepted=1, steps=4)  # one turn's counts
+    assert (turn.drafted, turn.accepted, turn.steps) == (6, 6, 6) and turn.tokens_per_step == 2.0
+    assert SpeculativeStats().as_dict()["acceptance_rate"] == 0.0
     model = Model.from_state_dict(tiny_cfg, tiny_tensors)
     with pytest.raises(ValueError, match="no MTP layer"):
         SpeculativeDecoder(Session(model, 64, cuda_graph=False))

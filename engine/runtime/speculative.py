@@ -65,6 +65,14 @@ class SpeculativeStats:
     def as_dict(self) -> dict:
         return {**asdict(self), "acceptance_rate": self.acceptance_rate, "tokens_per_step": self.tokens_per_step}
 
+    def copy(self) -> "SpeculativeStats":
+        return SpeculativeStats(self.drafted, self.accepted, self.steps)
+
+    def __sub__(self, before: "SpeculativeStats") -> "SpeculativeStats":
+        """The counts since ``before`` (a copy taken earlier, e.g. at the start of a chat turn)."""
+        return SpeculativeStats(self.drafted - before.drafted, self.accepted - before.accepted,
+                                self.steps - before.steps)
+
 
 # ------------------------------------------------------------------ the sampling rule
 def target_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
