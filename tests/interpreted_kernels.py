@@ -271,7 +271,24 @@ def prefill_checks():
         assert all(torch.equal(a, b) for a, b in zip(got, ref)) and ref[1].max().item() > 1 << 31, pos
     print("ok entry_rows past 2^31 (equal)")
     gemm_checks()
+    grouped_experts_checks()
     prefill_engine_check()
+
+
+def grouped_experts_checks():
+    """The routed experts of a chunk as a grouped GEMM (pairs sorted by expert, FP4 widened in
+    registers, SwiGLU and routing weight fused), float32 and bf16 rows."""
+    from dsv4.kernels.triton.prefill_experts import routed_experts_supported, routed_experts_triton
+
+    for fmt in ("mxfp4", "nvfp4"):
+        for E, inter, d, k, S in [(6, 96, 128, 3, 20), (5, 64, 192, 2, 33)]:
+            es = expert_set(fmt, E, inter, d, g)
+            x = torch.randn(S, d, generator=g) * 4
+            ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(S)])
+            wts = torch.rand(S, k, generator=g)
+            assert routed_experts_supported(x, ids, wts, es, 7.0)
+            close(f"grouped experts {fmt} E={E} {inter}x{d} k={k} S={S}", routed_experts_triton(x, ids, wts, es, 7.0),
+                  routed_experts(x, ids, wts, es, 7.0))
 
 
 def gemm_checks():
@@ -282,8 +299,9 @@ def gemm_checks():
     for M, N, K in [(40, 200, 192), (17, 130, 300)]:
         w = torch.randn(N, K, generator=g) / K ** 0.5
         q, s = quant.quant_fp8_block(w)
-        for fmt, W in {"fp8": QWeight("fp8", q, s), "fp8-f32": QWeight("fp8", q, quant.ue8m0_to_float(s.view(torch.uint8))),
-                       "bf16": QWeight("dense", w.bfloat16())}.items():
+        ws = {"fp8": QWeight("fp8", q, s), "fp8-f32": QWeight("fp8", q, quant.ue8m0_to_float(s.view(torch.uint8))),
+              "bf16": QWeight("dense", w.bfloat16())}
+        for fmt, W in ws.items():
             for dt in (torch.float32, torch.bfloat16):
                 x = torch.randn(M, K, generator=g).to(dt)
                 assert tpl.linear_supported(x, W)

@@ -80,7 +80,8 @@ def test_default_chunk_follows_free_memory(tiny_cfg, tiny_tensors, monkeypatch):
     assert sizes == sorted(sizes) and sizes[0] == session_mod.MIN_CHUNK and sizes[-1] == session_mod.MAX_CHUNK
     assert all(s % 128 == 0 for s in sizes)
     # the transient budget caps it whatever is free: chunk x per-token bytes + fixed bytes <= budget
-    budget = session_mod.fixed_prefill_bytes(tiny_cfg) + 1000 * session_mod.prefill_bytes_per_token(tiny_cfg, model.dtype)
+    per_token = session_mod.prefill_bytes_per_token(tiny_cfg, model.dtype)
+    budget = session_mod.fixed_prefill_bytes(tiny_cfg) + 1000 * per_token
     assert default_prefill_chunk(model, budget=budget) == 896
 
 

@@ -8,7 +8,8 @@ one row here.
 
 from __future__ import annotations
 
-from . import attention, compress, elementwise, linear, mhc, moe, prefill_attention, prefill_indexer, prefill_linear, router
+from . import attention, compress, elementwise, mhc, router
+from . import prefill_attention, prefill_experts, prefill_indexer, prefill_linear
 
 KERNELS = {
     "linear": (prefill_linear.linear_triton, prefill_linear.linear_supported),  # GEMM for many rows, else GEMV
@@ -21,7 +22,7 @@ KERNELS = {
     "swiglu": (elementwise.swiglu_triton, elementwise.swiglu_supported),
     "rope_cos_sin": (elementwise.rope_cos_sin_triton, elementwise.rope_cos_sin_supported),
     "entry_rows": (elementwise.entry_rows_triton, elementwise.entry_rows_supported),
-    "routed_experts": (moe.routed_experts_triton, moe.routed_experts_supported),
+    "routed_experts": (prefill_experts.routed_experts_triton, prefill_experts.routed_experts_supported),
     "store_entry": (attention.store_entry_triton, attention.store_entry_supported),
     "decode_attention": (attention.decode_attention_triton, attention.decode_attention_supported),
     "chunk_attention": (prefill_attention.chunk_attention_triton, prefill_attention.chunk_attention_supported),

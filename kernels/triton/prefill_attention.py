@@ -159,7 +159,8 @@ def chunk_attention_triton(q: torch.Tensor, positions: torch.Tensor, ring: torch
     else:
         kind, n = store_kind(entries), rows.shape[0]
         if kind == "kv":
-            ea, eb, es, nope = entries["fp8"].view(torch.uint8), entries["bf16"], entries["scales"], entries["fp8"].shape[1]
+            ea, eb, es = entries["fp8"].view(torch.uint8), entries["bf16"], entries["scales"]
+            nope = entries["fp8"].shape[1]
         else:
             ea = eb = es = entries["f32"]
             nope = D

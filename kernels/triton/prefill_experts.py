@@ -1,0 +1,208 @@
+"""Triton grouped GEMM for the routed experts of a prefill chunk (kernels.routed_experts, S > 1).
+
+The chunk's (token, slot) pairs are sorted by expert id on the device and cut into tiles of
+BLOCK_M pairs of one expert (a fixed upper bound of tiles, unused ones exit at once: no host sync,
+no per-token or per-expert Python loop). Up: each program gathers its tile's token rows, reads
+w1 / w3 of the tile's expert in the stored FP4 format (MXFP4: e2m1 + ue8m0 per 32; NVFP4: e2m1 +
+e4m3 per 16 + a float32 tensor scale), widens them to bf16 in registers (exact), multiplies on the
+tensor cores, applies the clamped SwiGLU and the pair's routing weight, and writes h [pairs, I].
+Down: h . w2^T per tile into y [pairs, d]; the k results of a token are then summed in slot order.
+float32 rows are split into three bf16 parts (float32 accuracy); IEEE dots in the CPU interpreter.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from dsv4.kernels.reference.moe import ExpertSet
+
+from . import moe as gemv_moe
+from .linear import MAX_ROWS, _e2m1_pairs
+
+TILE = {"m": 64, "n": 128, "k": 64, "warps": 8}  # untuned first choice
+FMT = {"mxfp4": 4, "nvfp4": 5}
+
+
+@triton.jit
+def _fp4_tile(w_ptr, s_ptr, rn, nm, k0, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FMT: tl.constexpr):
+    """Rows rn, columns k0..k0+BLOCK_K of an FP4 expert weight [N, K] as float32 [BLOCK_N, BLOCK_K]
+    (the block scales applied; NVFP4's tensor scale is not: the caller applies it after the dot)."""
+    rp = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+    pm = nm[:, None] & (rp < K // 2)[None, :]
+    lo, hi = _e2m1_pairs(tl.load(w_ptr + rn[:, None] * (K // 2) + rp[None, :], mask=pm, other=0))
+    v = tl.interleave(lo, hi) * 16384.0  # [BLOCK_N, BLOCK_K], e2m1 values (_e2m1_pairs gives them x 2^-14)
+    G: tl.constexpr = 32 if FMT == 4 else 16
+    rg = k0 // G + tl.arange(0, BLOCK_K // G)
+    sm = nm[:, None] & (rg < K // G)[None, :]
+    if FMT == 4:
+        s = (tl.load(s_ptr + rn[:, None] * (K // G) + rg[None, :], mask=sm, other=0).to(tl.int32) << 23).to(
+            tl.float32, bitcast=True)
+    else:
+        s = tl.load(s_ptr + rn[:, None] * (K // G) + rg[None, :], mask=sm, other=0).to(tl.float8e4nv,
+                                                                                       bitcast=True).to(tl.float32)
+    return tl.reshape(tl.reshape(v, [BLOCK_N, BLOCK_K // G, G]) * s[:, :, None], [BLOCK_N, BLOCK_K])
+
+
+@triton.jit
+def _dot_rows(x, w, IEEE: tl.constexpr, SPLIT: tl.constexpr):
+    """x [M, K] . w [N, K]^T at float32 accuracy (w exact in bf16)."""
+    if IEEE:
+        return tl.dot(x.to(tl.float32), tl.trans(w), input_precision="ieee")
+    wb = tl.trans(w.to(tl.bfloat16))
+    hi = x.to(tl.bfloat16)
+    out = tl.dot(hi, wb)
+    if SPLIT:
+        r = x.to(tl.float32) - hi.to(tl.float32)
+        mid = r.to(tl.bfloat16)
+        out += tl.dot(mid, wb) + tl.dot((r - mid.to(tl.float32)).to(tl.bfloat16), wb)
+    return out
+
+
+@triton.jit
+def _tile_rows(tile_e_ptr, tile_lo_ptr, tile_hi_ptr, BLOCK_M: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    e = tl.load(tile_e_ptr + t).to(tl.int64)
+    r = tl.load(tile_lo_ptr + t).to(tl.int64) + tl.arange(0, BLOCK_M)
+    return e, r, r < tl.load(tile_hi_ptr + t)
+
+
+@triton.jit
+def _up(x_ptr, order_ptr, wts_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, w1_tab, s1_tab, g1_ptr, w3_tab, s3_tab,
+        g3_ptr, h_ptr, I, D, limit, K_SEL: tl.constexpr, FMT: tl.constexpr, IEEE: tl.constexpr, SPLIT: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """h[r] = weight(r) * swiglu(w1[e] x_tok(r), w3[e] x_tok(r)) for the tile's sorted pairs r."""
+    e, r, rm = _tile_rows(tile_e_ptr, tile_lo_ptr, tile_hi_ptr, BLOCK_M)
+    if e >= 0:
+        pair = tl.load(order_ptr + r, mask=rm, other=0).to(tl.int64)
+        tok = pair // K_SEL
+        rn = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+        nm = rn < I
+        w1, s1 = gemv_moe._weight_ptrs(w1_tab, s1_tab, e, FMT)
+        w3, s3 = gemv_moe._weight_ptrs(w3_tab, s3_tab, e, FMT)
+        g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + tok[:, None] * D + kk[None, :], mask=rm[:, None] & (kk < D)[None, :], other=0.0)
+            g += _dot_rows(x, _fp4_tile(w1, s1, rn, nm, k0, D, BLOCK_N, BLOCK_K, FMT), IEEE, SPLIT)
+            u += _dot_rows(x, _fp4_tile(w3, s3, rn, nm, k0, D, BLOCK_N, BLOCK_K, FMT), IEEE, SPLIT)
+        if FMT == 5:
+            g = g * tl.load(g1_ptr + e)
+            u = u * tl.load(g3_ptr + e)
+        g = tl.minimum(g, limit)
+        u = tl.minimum(tl.maximum(u, -limit), limit)
+        wt = tl.load(wts_ptr + pair, mask=rm, other=0.0)
+        tl.store(h_ptr + r[:, None] * I + rn[None, :], g * tl.sigmoid(g) * u * wt[:, None],
+                 mask=rm[:, None] & nm[None, :])
+
+
+@triton.jit
+def _down(h_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, w2_tab, s2_tab, g2_ptr, y_ptr, I, D, FMT: tl.constexpr,
+          IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """y[r] = w2[e] h[r] for the tile's sorted pairs r."""
+    e, r, rm = _tile_rows(tile_e_ptr, tile_lo_ptr, tile_hi_ptr, BLOCK_M)
+    if e >= 0:
+        rn = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+        nm = rn < D
+        w2, s2 = gemv_moe._weight_ptrs(w2_tab, s2_tab, e, FMT)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for k0 in range(0, I, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)
+            h = tl.load(h_ptr + r[:, None] * I + kk[None, :], mask=rm[:, None] & (kk < I)[None, :], other=0.0)
+            acc += _dot_rows(h, _fp4_tile(w2, s2, rn, nm, k0, I, BLOCK_N, BLOCK_K, FMT), IEEE, True)
+        if FMT == 5:
+            acc = acc * tl.load(g2_ptr + e)
+        tl.store(y_ptr + r[:, None] * D + rn[None, :], acc, mask=rm[:, None] & nm[None, :])
+
+
+def _tables(experts: ExpertSet, device) -> dict:
+    """Per-expert device addresses of data / scales and the NVFP4 tensor scales, made once."""
+    t = experts.tables
+    if "prefill" not in t:
+        out = {}
+        for name in ("w1", "w3", "w2"):
+            ws = getattr(experts, name)
+            out[name] = torch.tensor([w.data.data_ptr() for w in ws], dtype=torch.int64, device=device)
+            out["s" + name] = torch.tensor([w.scale.data_ptr() for w in ws], dtype=torch.int64, device=device)
+            gs = [w.global_scale.float() if w.global_scale is not None else torch.ones((), device=device) for w in ws]
+            out["g" + name] = torch.stack([g.reshape(()).to(device) for g in gs])
+        t["prefill"] = out
+    return t["prefill"]
+
+
+def schedule(ids: torch.Tensor, n_experts: int, block: int):
+    """Sort the [S, k] (token, slot) pairs by expert (stable) and cut each expert's run into tiles of
+    ``block`` pairs, all on the device. -> (order [S*k] pair ids sorted, tile_e / tile_lo / tile_hi
+    [T] int64: the tile's expert (-1: unused), its first and end positions in ``order``), T a fixed
+    bound (pairs / block + experts)."""
+    flat = ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=n_experts)
+    first = torch.cumsum(counts, 0) - counts
+    tiles = (counts + block - 1) // block
+    ends = torch.cumsum(tiles, 0)
+    T = (flat.numel() + block - 1) // block + n_experts
+    j = torch.arange(T, device=ids.device)
+    e = torch.searchsorted(ends, j, right=True)
+    used = e < n_experts
+    ec = e.clamp(max=n_experts - 1)
+    lo = first[ec] + (j - (ends[ec] - tiles[ec])) * block
+    hi = torch.minimum(lo + block, first[ec] + counts[ec])
+    return order, torch.where(used, ec, -1), lo, hi
+
+
+def grouped_experts_supported(x, ids, weights, experts: ExpertSet, limit: float) -> bool:
+    """More than MAX_ROWS tokens; every expert MXFP4 or NVFP4 (the stored formats), contiguous, with
+    K a multiple of 32; no per-rank expert map; no autograd."""
+    t = experts.tables
+    if "prefill_ok" not in t:
+        ws = experts.w1 + experts.w3 + experts.w2
+        t["prefill_ok"] = (len({w.fmt for w in ws}) == 1 and ws[0].fmt in FMT and all(
+            w.dense is None and w.data.is_contiguous() and w.scale.is_contiguous()
+            and w.data.data_ptr() % 16 == 0 and w.scale.data_ptr() % 16 == 0 for w in ws)
+            and experts.w1[0].shape[1] % 32 == 0 and experts.w2[0].shape[1] % 32 == 0
+            and getattr(experts, "local", None) is None)
+    return x.shape[0] > MAX_ROWS and x.dtype in (torch.float32, torch.bfloat16) and not x.requires_grad \
+        and t["prefill_ok"]
+
+
+def grouped_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, experts: ExpertSet,
+                    limit: float) -> torch.Tensor:
+    """kernels.routed_experts for a chunk (contract: kernels/reference/moe.routed_experts)."""
+    S, D = x.shape
+    k = ids.shape[1]
+    I = experts.w1[0].shape[0]
+    tab = _tables(experts, x.device)
+    t = TILE
+    order, tile_e, lo, hi = schedule(ids.long(), len(experts), t["m"])
+    fmt = FMT[experts.w1[0].fmt]
+    ieee = os.environ.get("TRITON_INTERPRET") == "1"
+    xc = x.contiguous()
+    h = torch.empty((S * k, I), device=x.device, dtype=torch.float32)
+    _up[(tile_e.numel(), triton.cdiv(I, t["n"]))](
+        xc, order, weights.float().contiguous().reshape(-1), tile_e, lo, hi, tab["w1"], tab["sw1"], tab["gw1"],
+        tab["w3"], tab["sw3"], tab["gw3"], h, I, D, float(limit), K_SEL=k, FMT=fmt, IEEE=ieee,
+        SPLIT=x.dtype == torch.float32, BLOCK_M=t["m"], BLOCK_N=t["n"], BLOCK_K=t["k"], num_warps=t["warps"])
+    y = torch.empty((S * k, D), device=x.device, dtype=torch.float32)
+    _down[(tile_e.numel(), triton.cdiv(D, t["n"]))](
+        h, tile_e, lo, hi, tab["w2"], tab["sw2"], tab["gw2"], y, I, D, FMT=fmt, IEEE=ieee, BLOCK_M=t["m"],
+        BLOCK_N=t["n"], BLOCK_K=t["k"], num_warps=t["warps"])
+    out = torch.empty_like(y)
+    out[order] = y  # back to (token, slot) order
+    return out.view(S, k, D).sum(1).to(x.dtype)
+
+
+def routed_experts_triton(x, ids, weights, experts: ExpertSet, limit: float) -> torch.Tensor:
+    """kernels.routed_experts on CUDA: the grouped GEMM for a chunk, the decode kernels for one token."""
+    if grouped_experts_supported(x, ids, weights, experts, limit):
+        return grouped_experts(x, ids, weights, experts, limit)
+    return gemv_moe.routed_experts_triton(x, ids, weights, experts, limit)
+
+
+def routed_experts_supported(x, ids, weights, experts: ExpertSet, limit: float) -> bool:
+    return grouped_experts_supported(x, ids, weights, experts, limit) or \
+        gemv_moe.routed_experts_supported(x, ids, weights, experts, limit)
