@@ -63,6 +63,35 @@ def test_indexer_scores_kernel_matches_reference(S, T):
     assert _rel(fn(q, k, w), indexer_scores(q, k, w)) <= 2e-5
 
 
+@pytest.mark.parametrize("fmt", ["fp8", "bf16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_gemm_matches_reference(fmt, dtype):
+    from dsv4.kernels.reference.linear import linear_reference
+    from kernel_cases import weight
+
+    g = torch.Generator().manual_seed(7)
+    w = weight(fmt, 4096, 4096, g).to("cuda")
+    x = torch.randn(1000, 4096, generator=g).to("cuda", dtype)
+    got, ref = implementation("linear", "cuda")(x, w), linear_reference(x.float(), w)
+    assert got.dtype == dtype
+    assert _rel(got, ref) <= (2e-5 if dtype == torch.float32 else 2 ** -8)
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
+def test_grouped_experts_match_reference(fmt):
+    """Flash expert dimensions (2048 x 4096), 8 experts, 600 tokens x 4 slots."""
+    from dsv4.kernels.reference.moe import routed_experts
+    from kernel_cases import expert_set
+
+    g = torch.Generator().manual_seed(8)
+    es = expert_set(fmt, 8, 2048, 4096, g, device="cuda")
+    x = torch.randn(600, 4096, generator=g).cuda()
+    ids = torch.stack([torch.randperm(8, generator=g)[:4] for _ in range(600)]).cuda()
+    wts = torch.rand(600, 4, generator=g).cuda()
+    got, ref = implementation("routed_experts", "cuda")(x, ids, wts, es, 10.0), routed_experts(x, ids, wts, es, 10.0)
+    assert _rel(got, ref) <= 2e-5
+
+
 def _run(model, ids, prompt, backend, chunk):
     from dsv4.engine.runtime.session import Session
 
@@ -90,7 +119,8 @@ def test_prefill_kernel_path_matches_reference_flash_dims(mode, bound):
     reset_report()
     fast, fast_cache = _run(model, ids, 2600, "auto", 1000)
     ran = report()
-    assert all("triton" in ran[op] for op in ("chunk_attention", "indexer_scores")), ran
+    assert all("triton" in ran[op] for op in ("chunk_attention", "indexer_scores", "linear", "grouped_linear",
+                                              "routed_experts")), ran
     assert _rel(fast[0], ref[0]) <= bound, "prefill logits"
     for a, b in zip(fast_cache, ref_cache):
         assert (a - b).abs().mean().item() <= bound * b.abs().mean().item(), "cache after prefill"

@@ -48,6 +48,14 @@ def _fp4_tile(w_ptr, s_ptr, rn, nm, k0, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.co
 
 
 @triton.jit
+def _ptrs(tab_ptr, stab_ptr, e):
+    """Device addresses of expert e's packed FP4 data and its block scales (uint8)."""
+    w = tl.load(tab_ptr + e).to(tl.pointer_type(tl.uint8))
+    s = tl.load(stab_ptr + e).to(tl.pointer_type(tl.uint8))
+    return tl.multiple_of(w, 16), tl.multiple_of(s, 16)
+
+
+@triton.jit
 def _dot_rows(x, w, IEEE: tl.constexpr, SPLIT: tl.constexpr):
     """x [M, K] . w [N, K]^T at float32 accuracy (w exact in bf16)."""
     if IEEE:
@@ -81,8 +89,8 @@ def _up(x_ptr, order_ptr, wts_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, w1_tab,
         tok = pair // K_SEL
         rn = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         nm = rn < I
-        w1, s1 = gemv_moe._weight_ptrs(w1_tab, s1_tab, e, FMT)
-        w3, s3 = gemv_moe._weight_ptrs(w3_tab, s3_tab, e, FMT)
+        w1, s1 = _ptrs(w1_tab, s1_tab, e)
+        w3, s3 = _ptrs(w3_tab, s3_tab, e)
         g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for k0 in range(0, D, BLOCK_K):
@@ -108,7 +116,7 @@ def _down(h_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, w2_tab, s2_tab, g2_ptr, y
     if e >= 0:
         rn = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         nm = rn < D
-        w2, s2 = gemv_moe._weight_ptrs(w2_tab, s2_tab, e, FMT)
+        w2, s2 = _ptrs(w2_tab, s2_tab, e)
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for k0 in range(0, I, BLOCK_K):
             kk = k0 + tl.arange(0, BLOCK_K)
