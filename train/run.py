@@ -57,6 +57,30 @@ def heldout_windows(convs: list[list[int]], seq_len: int) -> list[list[int]]:
     return [flat[i:i + seq_len] for i in range(0, len(flat) - seq_len + 1, seq_len)]
 
 
+def sync(dev) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def plan_steps(args, dev, params, fixed, plain_s: float, elapsed_s: float, budget_s: float) -> int:
+    """Steps that fit the rest of the time budget: plain steps cost ``plain_s`` (measured), QAT steps
+    add the fake quantisation of every weight (measured here), held-out evaluations ~4 forwards."""
+    sync(dev)
+    t = time.time()
+    reps = 3 if args.qat_from < 1 else 0
+    for _ in range(reps):
+        with torch.no_grad():
+            weights_for_step(params, fixed, True, dev)
+    sync(dev)
+    qat_extra = (time.time() - t) / max(reps, 1)
+    held = 4 * plain_s / 3 / args.held_every  # 4 forwards (~1/3 of a training step each) per held_every steps
+    per = (1 - args.qat_from) * (plain_s + qat_extra) + args.qat_from * plain_s + held
+    total = max(40, 20 + int((budget_s - elapsed_s - (time.time() - t)) / (per * 1.05)))
+    print(f"{plain_s * 1000:.0f} ms/step, QAT +{qat_extra * 1000:.0f} ms -> {total} steps in {args.minutes} min",
+          flush=True)
+    return total
+
+
 def main(argv=None) -> None:
     from dsv4.kernels.dispatch import use_backend
 
@@ -73,7 +97,11 @@ def _main(argv=None) -> None:
     ap.add_argument("--init", type=Path, default=None,
                     help="continue from this checkpoint (its weights and tokenizer) instead of a random init")
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps (default: from --minutes)")
-    ap.add_argument("--minutes", type=float, default=7.0, help="time budget when --steps is not given")
+    ap.add_argument("--minutes", type=float, default=7.0,
+                    help="wall-time budget of the training loop when --steps is not given: the step count is "
+                         "planned from the measured plain and QAT step times, and the loop stops at the budget")
+    ap.add_argument("--shard-mb", type=int, default=12, help="largest safetensors shard written (MiB)")
+    ap.add_argument("--held-every", type=int, default=100, help="held-out loss every N steps (4 windows)")
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--lr", type=float, default=2e-3)
@@ -121,7 +149,7 @@ def _main(argv=None) -> None:
     other = [p for n, p in params.items() if not (p.dim() == 2 and "hc_" not in n) and not n.endswith("gate.bias")]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": other, "weight_decay": 0.0}],
                             lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
-    held_windows = heldout_windows(held_ids, args.seq_len)[:8]
+    held_windows = heldout_windows(held_ids, args.seq_len)[:4]
 
     model = Model(cfg, weights_for_step(params, fixed, False, dev), "exact", dev)
 
@@ -147,13 +175,21 @@ def _main(argv=None) -> None:
     base = len(log["loss"])
     t0 = time.time()
     step = 0
+    budget_s = args.minutes * 60 if args.steps is None else float("inf")
+    t_calib = None
+    stopped_early = False
     while True:
+        if total is None and step == 5:
+            sync(dev)
+            t_calib = time.time()
         if total is None and step == 20:
-            per = (time.time() - t0) / 20
-            total = max(40, int(args.minutes * 60 / (per * 1.08)))
-            print(f"{per * 1000:.0f} ms/step -> {total} steps in {args.minutes} min", flush=True)
+            total = plan_steps(args, dev, params, fixed, (time.time() - t_calib) / 15, time.time() - t0, budget_s)
         planned = total if total is not None else 10 ** 9
         if step >= planned:
+            break
+        if time.time() - t0 > budget_s:  # the plan was optimistic: stop at the budget, keep what was learned
+            print(f"time budget reached at step {step} of {planned}", flush=True)
+            stopped_early, total = True, step
             break
         qat = total is not None and step >= args.qat_from * total
         lr = lr_at(step, total or 5000, args.lr, warmup=100)
@@ -170,7 +206,7 @@ def _main(argv=None) -> None:
         log["loss"].append(main_loss.item())
         log["mtp_loss"].append(mtp_loss.item())
         log["indexer_loss"].append(idx_loss.item())
-        if step % 50 == 0 or step == planned - 1:
+        if step % args.held_every == 0 or step == planned - 1:
             h = held_loss(qat)
             log["heldout"].append([base + step, h])
             print(f"step {step}/{planned} loss {main_loss.item():.3f} mtp {mtp_loss.item():.3f} "
@@ -183,7 +219,7 @@ def _main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     final = {n: p.detach().float().cpu() for n, p in params.items()}
     final.update({n: v.cpu() for n, v in fixed.items()})
-    write_published_checkpoint(cfg, out, tensors=final, max_shard_bytes=6 << 20, tokenizer=False)
+    write_published_checkpoint(cfg, out, tensors=final, max_shard_bytes=args.shard_mb << 20, tokenizer=False)
     tokenizer.save(tk, out, cfg.max_position_embeddings)
     (out / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "do_sample": True,
@@ -193,6 +229,7 @@ def _main(argv=None) -> None:
     (out / "heldout.txt").write_text("".join(held_text)[len(bos):])
     log.update({"config": cfg.to_dict(), "parameters": n_params, "args": {k: str(v) for k, v in vars(args).items()},
                 "train_tokens": n_train, "seq_len": args.seq_len, "total_steps": base + total,
+                "stopped_at_budget": stopped_early, "data_seconds": t0 - t_start,
                 "train_seconds": train_s, "tokens_seen": (base + total) * args.seq_len, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
                 "torch": torch.__version__, "python_stdlib_version": __import__("sys").version.split()[0]})
     log.setdefault("stages", []).append({"steps": total, "args": log["args"], "train_seconds": train_s})
