@@ -41,7 +41,7 @@ def test_gpu_graph_verify_greedy_identical_and_rollback_exact():
     assert dec.static and dec.graph
     out = list(dec.generate(prompt, GREEDY, NEW))
     assert out == ref
-    assert set(dec._graphs) == {"verify", "mtp"}
+    assert set(dec._graphs) == {"verify", "mtp", "mtp-feed"}
     st = dec.stats
     assert st.accepted >= 3 and st.drafted - st.accepted >= 3, st
     torch.cuda.synchronize()

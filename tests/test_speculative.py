@@ -43,9 +43,9 @@ class GuidedDrafts(SpeculativeDecoder):
         super().__init__(session, **kw)
         self.seq = seq
 
-    def _mtp_step(self, streams, next_id, s):
-        logits = super()._mtp_step(streams, next_id, s)
-        if s % 3 and s + 2 < len(self.seq):
+    def _mtp_step(self, streams, next_id, s, head=True):
+        logits = super()._mtp_step(streams, next_id, s, head)
+        if head and s % 3 and s + 2 < len(self.seq):
             logits = torch.full_like(logits, -10.0)
             logits[self.seq[s + 2]] = 10.0
         return logits
@@ -226,9 +226,11 @@ def test_bench_mtp_decode_reports(tiny_cfg, tiny_tensors):
     model = Model.from_state_dict(tiny_cfg, tiny_tensors)
     r = bench_mtp_decode(model, list(range(10)), 8, cuda_graph=False, acceptance=0.5)
     assert r["identical"] and r["mtp_drafted"] >= 1 and r["cuda_graph"] is False
-    assert r["projected_tokens_per_s"] == pytest.approx(projected_tokens_per_s(r["verify_ms"] / 1e3,
-                                                                               r["mtp_step_ms"] / 1e3, 0.5))
+    feed = None if r["mtp_feed_ms"] is None else r["mtp_feed_ms"] / 1e3
+    assert r["projected_tokens_per_s"] == pytest.approx(
+        projected_tokens_per_s(r["verify_ms"] / 1e3, r["mtp_step_ms"] / 1e3, 0.5, feed))
     assert projected_tokens_per_s(0.01, 0.001, 1.0) == pytest.approx(2 / 0.012)
+    assert projected_tokens_per_s(0.01, 0.002, 0.5, 0.001) == pytest.approx(1.5 / 0.0125)
 
 
 def test_graph_bookkeeping_with_an_eager_stand_in(monkeypatch, tiny_cfg, tiny_tensors):
@@ -255,7 +257,7 @@ def test_graph_bookkeeping_with_an_eager_stand_in(monkeypatch, tiny_cfg, tiny_te
     dec = GuidedDrafts(mtp_session(model, 256, cuda_graph=False), prompt.tolist() + ref, static=True)
     dec.graph = True
     assert list(dec.generate(prompt, GREEDY, NEW)) == ref
-    assert set(dec._graphs) == {"verify", "mtp"} and dec.stats.accepted >= 3
+    assert set(dec._graphs) == {"verify", "mtp", "mtp-feed"} and dec.stats.accepted >= 3
     a, b = _cache_bytes(dec.mgr, tiny_cfg.num_hidden_layers), _cache_bytes(plain.cache, tiny_cfg.num_hidden_layers)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
 

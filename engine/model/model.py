@@ -172,13 +172,16 @@ class Model:
             streams = block(streams, self._ctx(p, spec, handles[spec.index], pos, token, rope, None))
         return self._head(streams, ""), streams
 
-    def mtp_step(self, streams: torch.Tensor, next_id: torch.Tensor, pos: torch.Tensor, handle) -> torch.Tensor:
+    def mtp_step(self, streams: torch.Tensor, next_id: torch.Tensor, pos: torch.Tensor, handle,
+                 head: bool = True) -> torch.Tensor:
         """``mtp_forward`` for one position with static shapes (CUDA-graph capturable): streams
         [1, hc_mult, d] the main model's final streams at device position pos [1]; next_id [1] the
-        token at pos+1; handle: the MTP layer's cache handle. -> logits [1, vocab] float32 for pos+2."""
+        token at pos+1; handle: the MTP layer's cache handle. -> logits [1, vocab] float32 for pos+2,
+        or with head=False only the cache update, returning the block's output streams [1, hc_mult, d]
+        (the shared vocabulary head is the largest read of the step)."""
         cfg, w, p = self.cfg, self._step_weights(), "mtp.0"
         e = kernels.rms_norm(w["embed.weight"][next_id].to(self.dtype), w[p + ".enorm.weight"], cfg.rms_norm_eps)
         hs = kernels.rms_norm(streams, w[p + ".hnorm.weight"], cfg.rms_norm_eps)
         x = kernels.linear(e, w[p + ".e_proj"]).unsqueeze(1) + kernels.linear(hs, w[p + ".h_proj"])
         x = block(x, self._ctx(p, cfg.mtp_layer(0), handle, pos, next_id, StepRope(self.rope, pos), None))
-        return self._head(x, p + ".")
+        return self._head(x, p + ".") if head else x

@@ -208,7 +208,7 @@ class SpeculativeDecoder:
     def _catch_up_mtp(self) -> None:
         """Run the MTP steps owed for committed positions (an accepted draft's position)."""
         for h, t, s in self.backlog:
-            self._mtp_step(h, t, s)
+            self._mtp_step(h, t, s, False)  # positional: bench wrappers key on it
             self.mtp_len = s + 1
         self.backlog.clear()
 
@@ -347,18 +347,22 @@ class SpeculativeDecoder:
             logits, streams = self.model.forward(torch.tensor([tok]), self.main, P, return_streams=True)
         return logits[0], streams
 
-    def _mtp_body(self) -> torch.Tensor:
-        return self.model.mtp_step(self.m_streams, self.m_id, self.m_pos, self.mtp)
+    def _mtp_body(self, head: bool = True) -> torch.Tensor:
+        return self.model.mtp_step(self.m_streams, self.m_id, self.m_pos, self.mtp, head=head)
 
-    def _mtp_step(self, streams: torch.Tensor, next_id: int, s: int) -> torch.Tensor:
+    def _mtp_step(self, streams: torch.Tensor, next_id: int, s: int, head: bool = True) -> torch.Tensor | None:
         """The MTP block at position s on (main streams at s [1, hc, d], token s+1) -> draft logits
-        [vocab] for position s+2 (static step; a CUDA graph on CUDA devices)."""
+        [vocab] for position s+2 (static step; a CUDA graph on CUDA devices). head=False: only the
+        MTP cache update (no vocabulary projection), -> None."""
         self.m_streams.copy_(streams)
         self.m_id.fill_(next_id)
         self.m_pos.fill_(s)
+        body = self._mtp_body if head else (lambda: self._mtp_body(head=False))
         if self.graph:
-            return self._replay("mtp", self._mtp_body, [self.mtp], (s,))[0]
-        return self._mtp_body()[0]
+            out = self._replay("mtp" if head else "mtp-feed", body, [self.mtp], (s,))
+        else:
+            out = body()
+        return out[0] if head else None
 
     def _replay(self, name: str, body, handles, positions: tuple):
         """Replay the CUDA graph of ``body`` (captured at the first call, after warm-up runs whose

@@ -4,7 +4,8 @@
   on train/results/heldout.txt): drafted / accepted counts, acceptance rate, tokens per verify step.
 - ``bench_mtp_decode``: plain greedy decoding and MTP decoding of the same prompt, timed per step
   in the same run: ms per token for both (MTP: wall time of all rounds / tokens emitted), the
-  verify round and the MTP step timed on their own, and whether the outputs were identical.
+  verify round and the MTP steps (drafting; cache update only) timed on their own, and whether the
+  outputs were identical.
 - ``projected_tokens_per_s``: the effective rate at a stated acceptance rate from those two
   component times (for a synthetic model, whose random MTP block is never right).
 """
@@ -43,22 +44,30 @@ def mtp_acceptance(model, token_ids: list[int], prompts: int = 4, prompt_len: in
     return {**total.as_dict(), "prompts": prompts, "prompt_tokens": prompt_len, "new_tokens": new_tokens}
 
 
-def projected_tokens_per_s(verify_s: float, mtp_step_s: float, acceptance: float) -> float:
+def projected_tokens_per_s(verify_s: float, mtp_step_s: float, acceptance: float,
+                           mtp_feed_s: float | None = None) -> float:
     """Tokens/s of MTP decoding at acceptance rate ``acceptance`` (0..1): a round emits 1 + a tokens
-    and costs one verify and 1 + a MTP steps (an accepted draft's round feeds the MTP twice)."""
-    return (1 + acceptance) / (verify_s + (1 + acceptance) * mtp_step_s)
+    and costs one verify, one drafting MTP step and, for an accepted draft, one MTP cache update
+    without the vocabulary head (mtp_feed_s; default: a drafting step's time)."""
+    feed = mtp_step_s if mtp_feed_s is None else mtp_feed_s
+    return (1 + acceptance) / (verify_s + mtp_step_s + acceptance * feed)
 
 
 class _Timed:
-    """Wraps a decoder method: calls it and records its seconds (CUDA events on a GPU)."""
+    """Wraps a decoder method: calls it and records (its arguments, its seconds), CUDA events on a GPU."""
 
     def __init__(self, fn, device):
-        self.fn, self.timer, self.times = fn, Timer(device), []
+        self.fn, self.timer, self.calls = fn, Timer(device), []
 
     def __call__(self, *args):
         out = []
-        self.times.append(self.timer(lambda: out.append(self.fn(*args))))
+        self.calls.append((args, self.timer(lambda: out.append(self.fn(*args)))))
         return out[0]
+
+    def median(self, keep=lambda args: True) -> float | None:
+        """Median seconds of the calls whose arguments pass ``keep``, less the first (graph capture)."""
+        times = [t for a, t in self.calls if keep(a)]
+        return statistics.median(times[1:] or times) if times else None
 
 
 def bench_mtp_decode(model, prompt_ids, new_tokens: int, cuda_graph: bool | None = None,
@@ -94,8 +103,9 @@ def bench_mtp_decode(model, prompt_ids, new_tokens: int, cuda_graph: bool | None
         toks.append(out[0][0])
     s.close()
     st = dec.stats
-    verify_s, mtp_s = statistics.median(dec._verify.times[1:] or dec._verify.times), \
-        statistics.median(dec._mtp_step.times[1:] or dec._mtp_step.times)  # the first call captures graphs
+    verify_s = dec._verify.median()
+    mtp_s = dec._mtp_step.median(lambda a: len(a) < 4 or a[3])  # drafting steps (with the head)
+    feed_s = dec._mtp_step.median(lambda a: len(a) >= 4 and not a[3])  # cache updates only (None: none ran)
     plain_s = statistics.median(steps)
     mtp_per_token = sum(rounds[1:]) / max(1, len(rounds) - 1)
     a = st.acceptance_rate if acceptance is None else acceptance
@@ -104,5 +114,6 @@ def bench_mtp_decode(model, prompt_ids, new_tokens: int, cuda_graph: bool | None
             "plain_ms_per_token": plain_s * 1000, "plain_tokens_per_s": 1 / plain_s,
             "mtp_ms_per_token": mtp_per_token * 1000, "effective_tokens_per_s": 1 / mtp_per_token,
             "verify_ms": verify_s * 1000, "mtp_step_ms": mtp_s * 1000,
-            "projected_acceptance": a, "projected_tokens_per_s": projected_tokens_per_s(verify_s, mtp_s, a),
+            "mtp_feed_ms": None if feed_s is None else feed_s * 1000,
+            "projected_acceptance": a, "projected_tokens_per_s": projected_tokens_per_s(verify_s, mtp_s, a, feed_s),
             "cuda_graph": dec.graph}
