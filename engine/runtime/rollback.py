@@ -53,9 +53,12 @@ class TokenCheckpoint:
 
     def __init__(self, handles):
         self.handles = list(handles)
+        if len({h.layer.window for h in self.handles}) > 1:
+            raise ValueError("TokenCheckpoint: the layers' window rings differ in size")
         dev = self.handles[0].mgr.device if self.handles else torch.device("cpu")
         self.ring_row = torch.zeros(1, dtype=torch.long, device=dev)
         self.entry_row = {}  # ratio -> [1] int64 pool row of the token's entry
+        self._by_ratio = {}  # ratio -> one handle of that ratio (one block table per slot)
         self.saved: list[tuple] = []  # (kind, handle index, key, buffer)
         for i, h in enumerate(self.handles):
             for k, v in h.ring_store().items():
@@ -64,6 +67,7 @@ class TokenCheckpoint:
                 self.saved.append(("state", i, j, torch.empty_like(t)))
             if h.layer.ratio:
                 self.entry_row.setdefault(h.layer.ratio, torch.zeros(1, dtype=torch.long, device=dev))
+                self._by_ratio.setdefault(h.layer.ratio, h)
                 for k, v in h.entry_store().items():
                     self.saved.append(("entry", i, k, torch.empty_like(_raw(v[:1]))))
                 if h.layer.overlap:
@@ -87,7 +91,7 @@ class TokenCheckpoint:
             W = self.handles[0].layer.window
             self.ring_row.copy_(torch.remainder(pos, W))
         for ratio, row in self.entry_row.items():
-            h = next(h for h in self.handles if h.layer.ratio == ratio)
+            h = self._by_ratio[ratio]
             epb = h.layer.entries_per_block
             e = pos // ratio
             row.copy_(h.block_row().long()[e // epb].clamp(min=0) * epb + e % epb)
