@@ -49,7 +49,7 @@ class TokenCheckpoint:
     """Saved copies of what one token writes in the given layers' cache (see the module docstring).
 
     handles: LayerHandles of one slot (their storage is read through ring_store, state_tensors,
-    entry_store, index_store and block_row; nothing is allocated after construction)."""
+    entry_store, index_store and block_row; the copies' buffers are allocated here, once)."""
 
     def __init__(self, handles):
         self.handles = list(handles)
