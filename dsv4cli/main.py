@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from . import bench, chat, convert, inspect_cache
+from . import bench, chat, convert, inspect_cache, plan
 from .common import Command, Group
 
 app = typer.Typer(
@@ -15,6 +15,7 @@ app.command("chat", help=chat.HELP, cls=Command)(chat.chat)
 app.command("convert", help=convert.HELP, cls=Command)(convert.convert)
 app.command("inspect-cache", help=inspect_cache.HELP, cls=Command)(inspect_cache.inspect_cache)
 app.add_typer(bench.app, name="bench")
+app.command("plan", help=plan.HELP, cls=Command)(plan.plan)
 
 if __name__ == "__main__":
     app()
