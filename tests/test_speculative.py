@@ -334,3 +334,31 @@ def test_sampled_decoder_keeps_the_target_distribution_end_to_end():
     chi2 = float(((counts - N * p) ** 2 / (N * p)).sum())
     assert chi2 < 30, (counts / N, p)
     assert 0.2 < dec.stats.acceptance_rate < 0.9  # both branches, often
+
+
+def test_conversation_through_the_decoder_answers_like_plain_and_reports_drafts(builtin):
+    """The chat product's path (Conversation.send) with MTP: the same greedy answers over two turns,
+    and each turn's draft counts."""
+    from dsv4.cli.common import builtin_model_dir
+    from dsv4.engine.runtime.conversation import Conversation
+    from dsv4.engine.runtime.tokenizer import Tokenizer
+
+    model, _ = builtin
+    tok = Tokenizer.from_dir(builtin_model_dir())
+
+    def run(spec: bool):
+        session = mtp_session(model, 512, cuda_graph=False) if spec else Session(model, 512, cuda_graph=False)
+        conv = Conversation(session, tok, speculative=SpeculativeDecoder(session) if spec else None)
+        turns = []
+        for q in ("What does json.dumps do?", "What does os.path.join do?"):
+            for turn, _ in conv.send(q, Sampler(GREEDY), 24):
+                pass
+            turns.append(turn)
+        return turns
+
+    plain, mtp = run(False), run(True)
+    assert [t.token_ids for t in mtp] == [t.token_ids for t in plain]
+    assert all(t.mtp is None for t in plain)
+    for t in mtp:
+        assert t.mtp["drafted"] > 0 and 0 <= t.mtp["accepted"] <= t.mtp["drafted"]
+        assert t.mtp["steps"] + t.mtp["accepted"] >= len(t.token_ids) - 1  # every token after the first

@@ -69,15 +69,20 @@ class Turn:
     stats: TurnStats = field(default_factory=TurnStats)
     completion: Completion | None = None  # the parsed output, once the turn ended
     message: dict | None = None  # the assistant message recorded for it
+    mtp: dict | None = None  # MTP drafts of this turn (SpeculativeStats.as_dict), None without MTP
 
 
 ANSWERED_ROLES = ("user", "tool", "developer", "latest_reminder")
 
 
 class Conversation:
+    """speculative: a SpeculativeDecoder over ``session`` (engine/runtime/speculative.py): prefill and
+    decode then go through it (MTP drafts verified by the main model; the same tokens under greedy
+    sampling, the same distribution otherwise)."""
+
     def __init__(self, session, tokenizer: Tokenizer, system: str | None = None, thinking: bool = False,
-                 reasoning_effort: str | None = None, messages: list[dict] | None = None):
-        self.session, self.tok = session, tokenizer
+                 reasoning_effort: str | None = None, messages: list[dict] | None = None, speculative=None):
+        self.session, self.tok, self.speculative = session, tokenizer, speculative
         self.thinking, self.reasoning_effort = thinking, reasoning_effort
         self.messages: list[dict] = list(messages or [])
         if system is not None:
@@ -180,8 +185,10 @@ class Conversation:
             self.cached_ids, common = [], 0
         st.prefilled_tokens = len(ids) - common
         t0 = time.perf_counter()
+        spec = self.speculative
+        before = spec.stats.copy() if spec is not None else None
         try:
-            logits = self.session.prefill(ids[common:])
+            logits = (spec or self.session).prefill(ids[common:])
         except BaseException:  # a prefill cut midway leaves the slot half-written
             self.session.reset()
             self.cached_ids = []
@@ -191,7 +198,11 @@ class Conversation:
         stream = self.tok.stream()
         t1 = time.perf_counter()
         try:
-            for tok, finish in decode_tokens(self.session, logits, sample, max_new_tokens, {self.tok.eos_id}):
+            steps = (spec.decode(logits, sample, max_new_tokens, {self.tok.eos_id}) if spec is not None
+                     else decode_tokens(self.session, logits, sample, max_new_tokens, {self.tok.eos_id}))
+            for tok, finish in steps:
+                if spec is not None:
+                    turn.mtp = (spec.stats - before).as_dict()
                 turn.token_ids.append(tok)
                 st.generated_tokens += 1
                 st.finish = finish
