@@ -253,5 +253,30 @@ def test_a_worker_that_raises_ends_the_run(checkpoints):
     assert "rank 0 went on" not in p.stdout.read()
 
 
+# ------------------------------------------------------------------ dsv4 plan
+def test_plan_counts_what_each_rank_reads(checkpoints, cli_inprocess):
+    import json
+
+    r = cli_inprocess("plan", "--model", checkpoints["two"], "--gpus", "2", "--context", "1k", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert [x["weight_bytes"] for x in out["per_rank"]] == _expected_bytes(checkpoints["two"], TWO, 2)
+    assert out["fits"] is True and out["per_rank"][1]["experts"] == [4, 7]
+
+
+def test_plan_flash_needs_two_h200s(cli_inprocess):
+    import json
+
+    r = cli_inprocess("plan", "--preset", "flash", "--gpus", "auto", "--context", "64k", "--gpu-memory", "141GB",
+                      "--available", "8", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["ranks"] == 2 and out["fits"]  # about 160 GB of weights: one H200 cannot, two can
+    w = [x["weight_bytes"] for x in out["per_rank"]]
+    assert 75e9 < w[0] < 90e9 and w[0] == w[1]
+    r = cli_inprocess("plan", "--preset", "flash", "--gpus", "16")
+    assert r.returncode == 2 and "at most 8" in r.stderr
+
+
 if __name__ == "__main__" and sys.argv[1:] == ["experts"]:
     _interpreted_experts_check()
