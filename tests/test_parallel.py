@@ -253,6 +253,23 @@ def test_a_worker_that_raises_ends_the_run(checkpoints):
     assert "rank 0 went on" not in p.stdout.read()
 
 
+def test_one_rank_alone_runs_its_share():
+    """simulate.rank_model: rank 1 of 2 holds only its experts, heads and vocabulary rows, and its
+    decode step runs alone (no collectives) with whole-vocabulary logits."""
+    from dsv4.engine.runtime.parallel.simulate import rank_model
+
+    torch.set_num_threads(1)
+    m = rank_model(TWO, 1, 2, "cpu", "exact")
+    assert m.cfg.num_attention_heads == 2 and m.cfg.o_groups == 1
+    assert m.w["head"].shape[0] == 48 and m.w["layers.0.attn.wq_b"].shape[0] == 2 * 128
+    held = {int(n.split(".")[4]) for n in m.w if ".ffn.experts." in n}
+    assert held == {4, 5, 6}
+    s = Session(m, max_context=32)
+    logits = s.prefill(PROMPT[:9])
+    assert logits.shape == (TWO.vocab_size,) and torch.isfinite(logits).all()
+    assert s.step(int(logits.argmax())).shape == (TWO.vocab_size,)
+
+
 # ------------------------------------------------------------------ dsv4 plan
 def test_plan_counts_what_each_rank_reads(checkpoints, cli_inprocess):
     import json
