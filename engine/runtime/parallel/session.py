@@ -11,9 +11,13 @@ reads it and ends the run.
 
 from __future__ import annotations
 
+import inspect
 import pickle
+import signal
+import threading
 import time
 import traceback
+from contextlib import contextmanager
 
 import torch
 
@@ -86,7 +90,7 @@ class ParallelSession(Session):
                  ranks: int = 1, stop=None):
         super().__init__(model, max_context=max_context, cuda_graph=cuda_graph)
         self.channel, self.ranks, self._stop = channel, ranks, stop
-        self.closed, self._inner = False, False
+        self.closed, self._inner, self._defer, self._held = False, False, False, False
 
     def forward(self, token_ids, last_only: bool = False, **kw) -> torch.Tensor:
         """Session.forward on every rank (keyword options passed on as they are)."""
@@ -96,24 +100,70 @@ class ParallelSession(Session):
         if ids.numel() == 0:
             raise ValueError("no tokens to run")
         self.cache.prepare(self.slot, ids.numel())  # a context overflow stops here, on rank 0 alone
-        with whole_step():
+        with self._whole():
             self.channel.send(("forward", ids.tolist(), last_only, kw))
-            logits = super().forward(ids, last_only=last_only, **kw)
-            self.channel.forget_sent()
+            logits = self._run(lambda: super(ParallelSession, self).forward(ids, last_only=last_only, **kw))
         return logits
 
     def step(self, token: int) -> torch.Tensor:
         """Session.step on every rank."""
         self.cache.prepare(self.slot, 1)
-        with whole_step():
+        with self._whole():
             self.channel.send(("step", int(token)))
             self._inner = True  # Session.step may run self.forward: the workers do the same by themselves
             try:
-                logits = super().step(token)
+                logits = self._run(lambda: super(ParallelSession, self).step(token))
             finally:
                 self._inner = False
-            self.channel.forget_sent()
         return logits
+
+    def prefill(self, token_ids, *args, **kw):
+        """Session.prefill, whose chunks run on every rank. Ctrl+C during a chunk is held until the
+        chunk is complete and then raised after it is counted (through prefill's progress callback),
+        so every rank keeps the same complete chunks (Session.prefill rolls back an interrupted chunk
+        on rank 0 only, which would leave the ranks apart)."""
+        if "progress" not in inspect.signature(Session.prefill).parameters:
+            return super().prefill(token_ids, *args, **kw)
+        user = kw.pop("progress", None)
+
+        def tick(done, total):
+            if user is not None:
+                user(done, total)
+            if self._held:
+                self._held = False
+                raise KeyboardInterrupt
+
+        self._defer, self._held = True, False
+        try:
+            return super().prefill(token_ids, *args, progress=tick, **kw)
+        finally:
+            self._defer = False
+
+    @contextmanager
+    def _whole(self):
+        """Ctrl+C held while a forward or step runs on every rank; raised after it, or, inside a
+        prefill, after the chunk is counted (``prefill``)."""
+        if self._defer and threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            signal.signal(signal.SIGINT, lambda signum, frame: setattr(self, "_held", True))
+            try:
+                yield
+            finally:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+        else:
+            with whole_step():
+                yield
+
+    def _run(self, fn):
+        """Run rank 0's half of a command; an error after the workers were told ends every rank (the
+        error key: the watchdog prints it and exits), since they are now a step apart from rank 0."""
+        try:
+            out = fn()
+        except BaseException as e:
+            self.channel.store.set(ERROR_KEY, one_line(0, e))
+            raise
+        self.channel.forget_sent()
+        return out
 
     def reset(self) -> None:
         self.channel.send(("reset",))
