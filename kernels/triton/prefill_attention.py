@@ -94,8 +94,9 @@ def _chunk_attention(q_ptr, qpos_ptr, wk_ptr, wpos_ptr, ea_ptr, eb_ptr, es_ptr, 
     m = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
-    # the window: ring rows 0..WR-1, then chunk rows max(0, i-W+1)..i (at offset WR)
-    for j0 in range(0, WR, BLOCK_T):
+    # the window: ring rows 0..WR-1 (all before the chunk, so seen only by queries i <= W-2), then
+    # chunk rows max(0, i-W+1)..i (at offset WR)
+    for j0 in range(0, tl.where(i <= W - 2, WR, 0), BLOCK_T):
         j = j0 + tl.arange(0, BLOCK_T)
         kp = tl.load(wpos_ptr + j, mask=j < WR, other=-1).to(tl.int64)
         ok = (j < WR) & (kp >= 0) & (kp <= t) & (kp > t - W)
