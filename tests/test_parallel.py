@@ -270,6 +270,22 @@ def test_one_rank_alone_runs_its_share():
     assert s.step(int(logits.argmax())).shape == (TWO.vocab_size,)
 
 
+# ------------------------------------------------------------------ CLI glue (dsv4cli/parallel.py)
+def test_rank_options():
+    from dsv4.cli.common import UserError
+    from dsv4.cli.parallel import resolve_ranks
+
+    assert resolve_ranks("cpu", None, 3, None, 64, "exact") == ("cpu", 3)
+    assert resolve_ranks("cpu", None, None, None, 64, "exact") == ("cpu", 1)
+    for device, gpus, ranks, msg in (("auto", None, 2, "add --device cpu"), ("cpu", "2", None, "drop --device cpu"),
+                                     ("cpu", "2", 2, "not both")):
+        with pytest.raises(UserError, match=msg):
+            resolve_ranks(device, gpus, ranks, None, 64, "exact")
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="no CUDA GPU"):
+            resolve_ranks("auto", "2", None, None, 64, "exact")
+
+
 # ------------------------------------------------------------------ dsv4 plan
 def test_plan_counts_what_each_rank_reads(checkpoints, cli_inprocess):
     import json
