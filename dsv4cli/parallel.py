@@ -87,8 +87,8 @@ def open_session(model_dir, precision: str, max_context: int, device: str, ranks
     engine.runtime.session.Session (Conversation and the decode loop take it as they are). The
     model's checkpoint is read by every rank, each its own slices. Errors: UserError with one line
     (a checkpoint or layout problem, a rank that failed to start). ``session.close()`` (also at exit)
-    stops every rank. progress(tensor): called per tensor rank 0 reads."""
-    from dsv4.engine.checkpoint.published import CheckpointError
+    stops every rank. progress(tensor): called per tensor rank 0 reads. A CheckpointError (bad folder,
+    corrupt shard) comes out as it is, before any worker starts."""
     from dsv4.engine.runtime.parallel.launch import ParallelError, RunSpec, from_torchrun, start
     from dsv4.engine.runtime.parallel.layout import LayoutError
 
@@ -104,8 +104,6 @@ def open_session(model_dir, precision: str, max_context: int, device: str, ranks
         raise UserError(f"{model_dir}: {e}") from None
     except ParallelError as e:
         raise UserError(str(e)) from None
-    except CheckpointError:
-        raise
 
 
 def time_decode(session, prompt_len: int, steps: int, warmup: int = 3) -> dict:

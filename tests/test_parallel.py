@@ -141,6 +141,45 @@ def _interpreted_experts_check() -> None:
         print(f"ok experts by rank {fmt} {err:.1e}")
 
 
+# ------------------------------------------------------------------ loading one rank's slices
+@pytest.mark.parametrize("layout", ["published", "converted-nvfp4"])
+def test_each_rank_reads_its_slices(checkpoints, tmp_path, layout):
+    """loader.read_slices for each of 2 ranks, in this process: other ranks' experts are absent,
+    every tensor equals its slice of the whole tensor (FP8 scales by block, NVFP4 experts whole with
+    their tensor scale), and the bytes counted are the bytes returned."""
+    from dsv4.engine.checkpoint.convert import convert_checkpoint
+    from dsv4.engine.checkpoint.loader import read_slices
+
+    path = checkpoints["two"]
+    if layout != "published":
+        path = tmp_path / "nvfp4"
+        convert_checkpoint(checkpoints["two"], path, experts="nvfp4")
+    ck = open_checkpoint(path)
+    whole = ck.load()
+    assert any(t.dtype == torch.float8_e4m3fn for n, t in whole.items() if n.endswith(".scale")) == \
+        (layout != "published")  # NVFP4's e4m3 group scales
+    for share in plan_shares(TWO, 2):
+        got, nbytes = read_slices(ck, lambda n: pick(share, TWO, n))
+        assert nbytes == sum(t.numel() * t.element_size() for t in got.values())
+        e0, e1 = share.experts
+        held = {int(n.split(".")[4]) for n in got if ".ffn.experts." in n}
+        assert held == set(range(e0, e1))
+        assert any(n.endswith(".experts.%d.w1.scale_2" % e0) for n in got) == (layout != "published")
+        for n, t in got.items():
+            w = whole[n]
+            raw = lambda x: x.view(torch.uint8) if x.element_size() == 1 else x  # noqa: E731
+            want = pick(share, TWO, n)
+            if isinstance(want, tuple) and not n.endswith(".scale"):  # a weight's rows / columns
+                dim, a, b = want
+                assert torch.equal(raw(t), raw(w.narrow(dim, a, b - a))), n
+            elif n.endswith(".scale") and isinstance(pick(share, TWO, n[: -len(".scale")] + ".weight"), tuple):
+                dim, a, b = pick(share, TWO, n[: -len(".scale")] + ".weight")  # FP8: the blocks it covers
+                lo, hi = a // FP8_BLOCK, math.ceil(b / FP8_BLOCK)
+                assert torch.equal(raw(t), raw(w.narrow(dim, lo, hi - lo))), n
+            else:
+                assert torch.equal(raw(t), raw(w)), n
+
+
 # ------------------------------------------------------------------ end to end, spawned ranks
 def _greedy(session, steps: int):
     """Prefill PROMPT then ``steps`` greedy steps -> (prefill logits [S, V], per-step logits, tokens)."""
