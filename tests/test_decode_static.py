@@ -20,12 +20,14 @@ from dsv4.engine.runtime.session import Session
 from dsv4.engine.tools.synthetic import random_tensors, tiny_configs
 
 CONFIGS = tiny_configs()
-# tokens per run: 170 decodes across the window ring's wrap and the first HCA close (position 128)
-# with more CSA entries (42) than index_topk; the long version (300: a second wrap and close) is `slow`
-LENGTHS = [pytest.param(170, id="170"), pytest.param(300, id="300", marks=pytest.mark.slow)]
+# (tokens, prompt) per run: the default prefills 100 tokens and decodes positions 100..139 through
+# the static step, across the window ring's wrap and the first HCA close (position 128), ten CSA
+# closes, with more CSA entries (25-35) than index_topk; the long version (a 5-token prompt, then
+# 295 steps: a second wrap and close) is `slow`
+LENGTHS = [pytest.param((140, 100), id="100+40"), pytest.param((300, 5), id="5+295", marks=pytest.mark.slow)]
 
 
-def _both(cfg, mode, n=170, prompt=5):
+def _both(cfg, mode, n=140, prompt=100):
     model = Model.from_state_dict(cfg, random_tensors(cfg, 1), mode=mode)
     ids = torch.randint(0, cfg.vocab_size, (n,), generator=torch.Generator().manual_seed(3))
     a, b = Session(model, n + 8, cuda_graph=False), Session(model, n + 8, cuda_graph=False)
@@ -49,14 +51,14 @@ def test_static_decode_step_equals_forward_exact(name, n):
     """The last case has index_topk >= the slot's entry capacity: the static step then skips the
     indexer's scoring (every closed window is selected), the chunked forward scores and selects all."""
     cfg = CONFIGS["swa-csa-hca"].replace(index_topk=128) if name == "topk-covers-capacity" else CONFIGS[name]
-    errs, agree = _both(cfg, "exact", n)
+    errs, agree = _both(cfg, "exact", *n)
     assert errs.max().item() <= 1e-5 and agree == 1.0
 
 
 @pytest.mark.parametrize("n", LENGTHS)
 @pytest.mark.parametrize("name", ["swa-csa-hca", "hca-csa-swa"])
 def test_static_decode_step_equals_forward_faithful(name, n):
-    errs, agree = _both(CONFIGS[name], "faithful", n)
+    errs, agree = _both(CONFIGS[name], "faithful", *n)
     worst = int(errs.argmax())
     assert errs.max().item() <= 1e-4, f"step {worst}: {errs[worst]:.3g} x max|logit| (a discrete choice flipped?)"
     assert errs.median().item() <= 1e-5

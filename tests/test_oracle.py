@@ -30,11 +30,12 @@ def test_prefill_matches_transformers(name):
     assert err <= 1e-4 * ref.abs().max().item(), err
 
 
-# (prompt, decode steps): the default decodes positions 100..269, so inside the decode loop every
-# HCA entry closes at 128 and 256, the 128-entry window ring wraps twice, and the CSA layers hold more
-# entries (up to 67) than any config's index_topk (5, 8, 16): every path the 510-step version
-# crosses, in a third of the steps. The long version (positions 37..546, four HCA closes) is `slow`.
-DECODE_LENGTHS = [pytest.param(100, 170, id="170steps"),
+# (prompt, decode steps): the default prefills 100 tokens and decodes positions 100..139, so inside
+# the decode loop the first HCA entry closes (128), the 128-entry window ring wraps, ten CSA windows
+# close, and the CSA layers hold more entries (25-35) than any config's index_topk (5, 8, 16): the
+# paths the 510-step version crosses, in 40 steps. The long version (positions 37..546, four HCA
+# closes and wraps) is `slow`.
+DECODE_LENGTHS = [pytest.param(100, 41, id="40steps"),
                   pytest.param(37, 510, id="510steps", marks=pytest.mark.slow)]
 
 
