@@ -21,6 +21,7 @@ from dsv4 import kernels
 from dsv4.cache.pools import EntryStore
 from dsv4.cache.schema import EntryFormat
 from dsv4.kernels import quant
+from dsv4.kernels.reference.entries import read_entries
 from dsv4.engine.model.model import Model
 from dsv4.engine.runtime.session import Session
 from dsv4.engine.tools.synthetic import random_tensors, tiny_configs
@@ -137,29 +138,33 @@ def test_indexer_point_hand_computed():
 @pytest.fixture(scope="module")
 def first_layer_calls():
     """Inputs of the first layer's attention and indexer scoring, in exact and faithful mode, on a
-    config whose layer 0 is CSA (head_dim 80 = 64 FP8 + 16 RoPE, index_head_dim 32)."""
+    config whose layer 0 is CSA (head_dim 80 = 64 FP8 + 16 RoPE, index_head_dim 32); 80 tokens, so
+    20 closed windows, more than index_topk (16): the indexer runs."""
     cfg = tiny_configs()["csa-heavy-plain-rope"]
     tensors = random_tensors(cfg, seed=4)
-    ids = torch.randint(0, cfg.vocab_size, (24,), generator=torch.Generator().manual_seed(2))
+    ids = torch.randint(0, cfg.vocab_size, (80,), generator=torch.Generator().manual_seed(2))
     out = {}
     for mode in ("exact", "faithful"):
         seen = {}
-        attn, scores = kernels.sparse_mqa_attention, kernels.indexer_scores
+        attn, scores = kernels.chunk_attention, kernels.indexer_scores
 
-        def attn_spy(q, keys, *a, **kw):
-            seen.setdefault("keys", keys.clone())
-            return attn(q, keys, *a, **kw)
+        def attn_spy(q, positions, ring, ring_pos, kv, window, store, rows, *a, **kw):
+            # every key the chunk's queries may see: window ring, the chunk's own, compressed entries
+            parts = [ring, kv] + ([read_entries(store, rows)] if store is not None else [])
+            seen.setdefault("keys", torch.cat([t.float() for t in parts]))
+            seen.setdefault("n_entries", 0 if rows is None else rows.shape[0])
+            return attn(q, positions, ring, ring_pos, kv, window, store, rows, *a, **kw)
 
         def scores_spy(q, keys, w):
-            seen.setdefault("iq", q.clone())
-            seen.setdefault("ik", keys.clone())
+            seen.setdefault("iq", q.float().clone())
+            seen.setdefault("ik", keys.float().clone())
             return scores(q, keys, w)
 
-        kernels.sparse_mqa_attention, kernels.indexer_scores = attn_spy, scores_spy
+        kernels.chunk_attention, kernels.indexer_scores = attn_spy, scores_spy
         try:
-            Session(Model.from_state_dict(cfg, tensors, mode=mode), 64).prefill(ids)
+            Session(Model.from_state_dict(cfg, tensors, mode=mode), 128).prefill(ids)
         finally:
-            kernels.sparse_mqa_attention, kernels.indexer_scores = attn, scores
+            kernels.chunk_attention, kernels.indexer_scores = attn, scores
         out[mode] = seen
     return cfg, out
 
@@ -178,4 +183,4 @@ def test_model_indexer_q_and_keys_are_the_fp4_point(first_layer_calls):
         exact, faithful = out["exact"][k], out["faithful"][k]
         assert exact.shape[-1] == cfg.index_head_dim == 32
         assert torch.equal(faithful, quant.indexer_quant_dequant(exact, 32)), k
-    assert out["faithful"]["ik"].shape[0] == 24 // 4  # one key per closed window of 4 tokens
+    assert out["faithful"]["ik"].shape[0] == out["faithful"]["n_entries"] == 80 // 4  # a key per closed window
