@@ -106,6 +106,30 @@ def open_session(model_dir, precision: str, max_context: int, device: str, ranks
         raise UserError(str(e)) from None
 
 
+def load_conversation(model_dir, device: str, precision: str, max_context: int, messages, think, reasoning_effort,
+                      ranks: int):
+    """chat.load_conversation over ``ranks`` processes (device "cpu" or "cuda"): the same (conv, info),
+    the Conversation over rank 0's ParallelSession. chat calls it instead when resolve_ranks gives
+    more than one rank."""
+    from dsv4.engine.runtime.conversation import Conversation
+    from dsv4.engine.runtime.tokenizer import Tokenizer
+
+    from dsv4.engine.model.config import DSV4Config
+
+    tok = Tokenizer.from_dir(model_dir)
+    max_context = min(max_context, DSV4Config.from_pretrained(model_dir).max_position_embeddings)
+    session = open_session(model_dir, precision, max_context, device, ranks)
+    cfg = session.model.cfg
+    if tok.vocab_size > cfg.vocab_size:
+        session.close()
+        raise UserError(f"{model_dir}: tokenizer has {tok.vocab_size} tokens but the model only {cfg.vocab_size}")
+    where = f"{ranks} GPUs" if device != "cpu" else f"{ranks} CPU ranks"
+    info = (f"{Path(model_dir).name} · {cfg.num_hidden_layers} layers · {precision} · {where} · "
+            f"context {session.max_context}")
+    conv = Conversation(session, tok, thinking=think, reasoning_effort=reasoning_effort, messages=messages)
+    return conv, info
+
+
 def time_decode(session, prompt_len: int, steps: int, warmup: int = 3) -> dict:
     """Decode timing over ranks (rank 0's view, which includes the collectives and the command
     channel): prefill a ``prompt_len`` prompt, ``warmup`` steps, then ``steps`` timed steps.

@@ -350,6 +350,35 @@ def test_rank_options():
             resolve_ranks("auto", "2", None, None, 64, "exact")
 
 
+def test_conversation_over_two_ranks_equals_one():
+    """What dsv4 chat --device cpu --ranks 2 runs (dsv4cli/parallel.load_conversation): two greedy
+    turns of the built-in model (the second reusing the cached prefix) give the same tokens as one
+    process."""
+    from dsv4.cli.chat import load_conversation as one_process
+    from dsv4.cli.common import builtin_model_dir
+    from dsv4.cli.parallel import load_conversation
+    from dsv4.engine.runtime.sampling import Sampler, SamplingParams
+
+    torch.set_num_threads(1)
+
+    def turns(conv):
+        out = []
+        for text, n in (("What does json.dumps do?", 16), ("And json.loads?", 8)):
+            for _ in conv.send(text, Sampler(SamplingParams(temperature=0), 0), n):
+                pass
+            out.append(conv.last_turn.token_ids)
+        return out
+
+    d = builtin_model_dir()
+    ref = turns(one_process(d, "cpu", "exact", 256, [], False, None)[0])
+    conv, info = load_conversation(d, "cpu", "exact", 256, [], False, None, 2)
+    try:
+        assert "2 CPU ranks" in info
+        assert turns(conv) == ref
+    finally:
+        conv.session.close()
+
+
 # ------------------------------------------------------------------ dsv4 plan
 def test_plan_counts_what_each_rank_reads(checkpoints, cli_inprocess):
     import json
