@@ -10,7 +10,7 @@ from typing import Optional
 
 import typer
 
-from .common import UserError, builtin_model_dir, check_precision, guard, resolve_device
+from .common import THREADS_OPT_HELP, UserError, apply_threads, builtin_model_dir, check_precision, guard, resolve_device
 
 HELP = """Chat with DeepSeek-V4.
 
@@ -41,9 +41,12 @@ def chat(
     json_out: bool = typer.Option(False, "--json", help="One-shot: print one JSON object (the new assistant message, finish_reason, ids, timings)."),
     hide_reasoning: bool = typer.Option(False, "--hide-reasoning", help="One-shot: do not print the reasoning."),
     history_file: Path = typer.Option(Path.home() / ".dsv4_history", "--history-file", help="REPL input history."),
+    mtp: bool = typer.Option(False, "--mtp/--no-mtp", help="Speculative decoding with the checkpoint's MTP layer: it drafts the next token, the main model verifies it (same greedy output, same sampled distribution). Off by default: the verify is two full decode steps today, so it is slower (see bench decode --mtp)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_OPT_HELP),
 ):
     guard(_chat)(model, prompt, messages, render, system, think, reasoning_effort, temperature, top_p, top_k,
-                 min_p, seed, max_tokens, device, precision, max_context, json_out, hide_reasoning, history_file)
+                 min_p, seed, max_tokens, device, precision, max_context, json_out, hide_reasoning, history_file,
+                 mtp, threads)
 
 
 def check_sampling(params) -> None:
@@ -58,7 +61,8 @@ def check_sampling(params) -> None:
 
 
 def _chat(model, prompt, messages, render, system, think, reasoning_effort, temperature, top_p, top_k, min_p,
-          seed, max_tokens, device, precision, max_context, json_out, hide_reasoning, history_file):
+          seed, max_tokens, device, precision, max_context, json_out, hide_reasoning, history_file, mtp=False,
+          threads=None):
     from dsv4.engine.runtime.chat import ChatFormatError
     from dsv4.engine.runtime.conversation import ConversationError, answerable
     from dsv4.engine.runtime.messages import ConversationFileError, read_conversation
@@ -88,6 +92,10 @@ def _chat(model, prompt, messages, render, system, think, reasoning_effort, temp
         return _render(msgs + ([{"role": "user", "content": prompt}] if prompt is not None else []), think,
                        reasoning_effort, json_out, model_dir)
 
+    if model is not None:
+        from dsv4.engine.checkpoint.published import model_folder
+
+        model_folder(model)  # "not a model folder" before the tokenizer is looked for (--render needs only that)
     interactive = False
     if prompt is None and messages is None:
         if sys.stdin.isatty():
@@ -122,8 +130,9 @@ def _chat(model, prompt, messages, render, system, think, reasoning_effort, temp
         top_p=top_p if top_p is not None else float(gen.get("top_p", 1.0)),
         top_k=top_k if top_k is not None else int(gen.get("top_k", 0)), min_p=min_p)
     check_sampling(params)
+    apply_threads(threads)
     conv, info = load_conversation(model_dir, resolve_device(device), precision, max_context, msgs, think,
-                                   reasoning_effort)
+                                   reasoning_effort, mtp)
     banner = f"dsv4 · {info}" + (" · built-in default model (25M-parameter DeepSeek-V4 trained on Python "
                                  "standard-library docs; ask about Python, e.g. What does json.dumps do?)"
                                  if builtin else "")
@@ -164,7 +173,7 @@ def _render(msgs, think, reasoning_effort, json_out, model_dir):
         sys.stdout.flush()
 
 
-def load_conversation(model_dir, device, precision, max_context, messages, think, reasoning_effort):
+def load_conversation(model_dir, device, precision, max_context, messages, think, reasoning_effort, mtp=False):
     from dsv4.engine.checkpoint.loader import load_model
     from dsv4.engine.runtime.conversation import Conversation
     from dsv4.engine.runtime.session import Session
@@ -175,9 +184,20 @@ def load_conversation(model_dir, device, precision, max_context, messages, think
     if tok.vocab_size > model.cfg.vocab_size:
         raise UserError(f"{model_dir}: tokenizer has {tok.vocab_size} tokens but the model only {model.cfg.vocab_size}")
     max_context = min(max_context, model.cfg.max_position_embeddings)
-    session = Session(model, max_context=max_context)
-    info = f"{Path(model_dir).name} · {model.cfg.num_hidden_layers} layers · {precision} · {device} · context {max_context}"
-    conv = Conversation(session, tok, thinking=think, reasoning_effort=reasoning_effort, messages=messages)
+    spec = None
+    if mtp:
+        from dsv4.engine.runtime.speculative import SpeculativeDecoder, mtp_session
+
+        if not model.has_mtp:
+            raise UserError(f"{model_dir}: this checkpoint has no MTP layer (mtp.0.*): run without --mtp")
+        session = mtp_session(model, max_context)
+        spec = SpeculativeDecoder(session)
+    else:
+        session = Session(model, max_context=max_context)
+    info = (f"{Path(model_dir).name} · {model.cfg.num_hidden_layers} layers · {precision} · {device} · context "
+            f"{max_context}" + (" · MTP drafts" if mtp else ""))
+    conv = Conversation(session, tok, thinking=think, reasoning_effort=reasoning_effort, messages=messages,
+                        speculative=spec)
     return conv, info
 
 
@@ -243,7 +263,7 @@ def one_shot(conv, prompt, params, seed, max_tokens, json_out, hide_reasoning, b
             "prompt_token_ids": turn.prompt_ids, "token_ids": turn.token_ids,
             "prompt_tokens": st.prompt_tokens, "generated_tokens": st.generated_tokens,
             "time_to_first_token_s": round(st.ttft_s, 6), "decode_s": round(st.decode_s, 6),
-            "tokens_per_s": round(st.tokens_per_s, 3),
+            "tokens_per_s": round(st.tokens_per_s, 3), "mtp": turn.mtp,
         }, ensure_ascii=False))
     else:
         for call in msg["tool_calls"]:

@@ -109,6 +109,10 @@ class Repl:
         self.console.print(f"[dim]{st.prompt_tokens} prompt tokens ({st.prefilled_tokens} new) · "
                            f"{st.generated_tokens} generated · first token {st.ttft_s * 1000:.0f} ms · "
                            f"{st.tokens_per_s:.1f} tok/s · {reason} · context {used}/{limit}[/]")
+        if turn.mtp is not None:
+            m = turn.mtp
+            self.console.print(f"[dim]MTP: drafted {m['drafted']}, accepted {m['accepted']} "
+                               f"({m['acceptance_rate']:.0%}), {m['tokens_per_step']:.2f} tokens per step[/]")
         note = finish_notice(turn, self.max_tokens, limit)
         if st.finish_reason == "context":
             self.console.print("[red]The context is full: /reset to start over, or restart with a larger "
@@ -198,6 +202,10 @@ class Repl:
             else:
                 say(f"prompt {st.prompt_tokens} (prefilled {st.prefilled_tokens}) · generated {st.generated_tokens}"
                     f" · TTFT {st.ttft_s * 1000:.1f} ms · {st.tokens_per_s:.2f} tok/s · {st.finish_reason}")
+                m = conv.last_turn.mtp
+                if m is not None:
+                    say(f"MTP: drafted {m['drafted']} · accepted {m['accepted']} ({m['acceptance_rate']:.0%}) · "
+                        f"{m['tokens_per_step']:.2f} tokens per verify step")
         else:
             raise ReplError(f"unknown command {cmd} (try /help)")
         return True

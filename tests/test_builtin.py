@@ -1,12 +1,11 @@
 """The built-in default model (engine/builtin): its format, that it answers on topic, and that
 faithful mode and the NVFP4/FP8 converted checkpoint stay within 5% of exact-mode perplexity."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import run_cli
 
 from dsv4.cli.common import builtin_model_dir
 from dsv4.engine.tools.bench import perplexity
@@ -17,7 +16,6 @@ from dsv4.engine.runtime.tokenizer import SPECIALS, Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 HELDOUT = ROOT / "train" / "results" / "heldout.txt"
-CLI = [sys.executable, "-m", "dsv4.cli.main"]
 
 
 def test_builtin_is_a_small_published_layout_v4():
@@ -38,9 +36,8 @@ def test_builtin_is_a_small_published_layout_v4():
 
 
 def test_chat_answers_json_dumps_on_topic():
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
-    r = subprocess.run(CLI + ["chat", "-p", "What does json.dumps do?", "--temperature", "0", "--max-tokens", "60"],
-                       capture_output=True, text=True, env=env, timeout=1800)  # a hang guard, not a speed check
+    r = run_cli("chat", "-p", "What does json.dumps do?", "--temperature", "0", "--max-tokens", "60",
+                env={"CUDA_VISIBLE_DEVICES": ""})
     assert r.returncode == 0, r.stderr
     assert "built-in default model" in r.stderr  # the banner says which model answers
     text = r.stdout

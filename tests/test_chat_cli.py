@@ -8,7 +8,6 @@ import pty
 import re
 import select
 import subprocess
-import sys
 import time
 
 import pytest
@@ -22,17 +21,12 @@ from dsv4.engine.runtime.session import Session
 from dsv4.engine.tools.synthetic import demo_config
 from dsv4.engine.runtime.tokenizer import Tokenizer
 
-CLI = [sys.executable, "-m", "dsv4.cli.main"]
+from conftest import CLI, run_cli
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     return write_published_checkpoint(demo_config(), tmp_path_factory.mktemp("tiny") / "ck", seed=5)
-
-
-def run(args, **kw):
-    env = dict(os.environ)
-    return subprocess.run(CLI + args, capture_output=True, text=True, env=env, timeout=900, **kw)  # a hang guard only: generous for a loaded machine
 
 
 def greedy(ckpt, prompt_ids, n):
@@ -42,7 +36,7 @@ def greedy(ckpt, prompt_ids, n):
 
 
 def test_one_shot_json_equals_engine_greedy_loop(ckpt):
-    r = run(["chat", "--model", str(ckpt), "-p", "What does json.dumps do?", "--temperature", "0", "--json",
+    r = run_cli(*["chat", "--model", str(ckpt), "-p", "What does json.dumps do?", "--temperature", "0", "--json",
              "--max-tokens", "16", "--device", "cpu"])
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
@@ -89,7 +83,7 @@ def test_render_prints_the_exact_prompt_without_weights(cli_inprocess, ckpt, tmp
     (tok_only / "tokenizer.json").write_bytes((ckpt / "tokenizer.json").read_bytes())
     want = encode_messages([{"role": "system", "content": "", "tools": tools}] + msgs, "thinking",
                            reasoning_effort="max")
-    r = run(["chat", "--messages", str(conv), "--render", "--think", "--reasoning-effort", "max"])  # a real process
+    r = run_cli("chat", "--messages", str(conv), "--render", "--think", "--reasoning-effort", "max")  # a real process
     assert r.returncode == 0, r.stderr
     assert r.stdout == want and "Need it.</think>" in want  # tools present: the reasoning is kept
     r = cli_inprocess("chat", "--model", str(tok_only), "--messages", str(conv), "--render", "--json", "-p", "Thanks")
@@ -123,7 +117,7 @@ def test_messages_json_continues_a_conversation_for_an_agent_loop(cli_inprocess,
 
 @pytest.mark.parametrize("args,message", [
     (["--model", "/no/such/dir", "-p", "x"], "no such folder"),
-    (["-p", "x", "--temperature", "-1"], "temperature must be >= 0"),
+    (["-p", "x", "--temperature", "-1"], "temperature must be a finite number >= 0"),
     (["-p", "x", "--temperature", "nan"], "--temperature nan: use a finite number"),
     (["-p", "x", "--top-p", "0"], "top-p must be in (0, 1]"),
     (["-p", "x", "--precision", "fp4"], "use exact or faithful"),
@@ -145,6 +139,23 @@ def test_bad_options_one_line_no_traceback(cli_inprocess, ckpt, tmp_path, args, 
     assert r.returncode == 2, r.stderr
     assert message in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_not_a_model_folder_is_said_before_the_tokenizer_is_looked_for(cli_inprocess, tmp_path):
+    (tmp_path / "empty").mkdir()
+    r = cli_inprocess("chat", "--model", str(tmp_path / "empty"), "-p", "x")
+    assert r.returncode == 2 and "not a model folder (an empty folder)" in r.stderr and "tokenizer" not in r.stderr
+
+
+def test_mtp_answers_the_same_greedy_tokens_and_reports_its_drafts(cli_inprocess, ckpt):
+    """--mtp: the checkpoint's MTP layer drafts, the main model verifies: the same greedy answer."""
+    args = ("chat", "--model", str(ckpt), "-p", "What does json.dumps do?", "--temperature", "0", "--json",
+            "--max-tokens", "12", "--device", "cpu")
+    plain, mtp = cli_inprocess(*args), cli_inprocess(*args, "--mtp")
+    assert plain.returncode == 0 and mtp.returncode == 0, mtp.stderr
+    a, b = json.loads(plain.stdout), json.loads(mtp.stdout)
+    assert b["token_ids"] == a["token_ids"] and a["mtp"] is None
+    assert b["mtp"]["drafted"] >= 1 and b["mtp"]["steps"] + b["mtp"]["accepted"] >= len(b["token_ids"]) - 1
 
 
 def test_missing_tokenizer_is_a_clear_error(cli_inprocess, ckpt, tmp_path):

@@ -18,7 +18,7 @@ from dsv4.engine.model.model import Model
 from dsv4.engine.runtime.session import Session
 from dsv4.engine.tools.synthetic import demo_config
 
-CLI = [sys.executable, "-m", "dsv4.cli.main"]
+from conftest import run_cli
 # A hang guard, not a deadline: these commands take seconds; the guard only stops a test that would
 # otherwise wait forever, so it is generous enough for a loaded 2-core machine.
 HANG_S = 1800
@@ -31,7 +31,7 @@ def ckpt(tmp_path_factory):
 
 
 def cli(*args):
-    return subprocess.run(CLI + list(args), capture_output=True, text=True, timeout=HANG_S)
+    return run_cli(*args, timeout=HANG_S)
 
 
 def _logits(model, n=200):

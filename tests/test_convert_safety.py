@@ -19,12 +19,13 @@ from dsv4.engine.checkpoint.published import CheckpointError, open_checkpoint, w
 from dsv4.engine.runtime.session import Session
 from dsv4.engine.tools.synthetic import demo_config
 
-CLI = [sys.executable, "-m", "dsv4.cli.main"]
+from conftest import run_cli
+
 HANG_S = 1800  # a hang guard only: each command takes seconds
 
 
 def cli(*args):
-    return subprocess.run(CLI + [str(a) for a in args], capture_output=True, text=True, timeout=HANG_S)
+    return run_cli(*args, timeout=HANG_S)
 
 
 def one_line_error(r, *needles):
