@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 
-from .common import UserError, guard
+from .common import THREADS_OPT_HELP, UserError, apply_threads, guard
 
 HELP = """Convert a DeepSeek-V4 checkpoint (published Hugging Face layout, or BF16 with the same names)
 to this project's layout: routed experts to NVFP4 by default (from MXFP4 the values are kept exactly;
@@ -23,11 +24,13 @@ def convert(
     force: bool = typer.Option(False, "--force", help="Replace DST when it is a previous dsv4 convert output."),
     verify_out: bool = typer.Option(False, "--verify", help="Reload DST and report the max |difference| per format against SRC (0 where lossless)."),
     shard_size: int = typer.Option(1024, "--shard-size-mb", help="Output shard size in MiB (also bounds memory use)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_OPT_HELP),
 ):
-    guard(_convert)(src, dst, experts, dense, force, verify_out, shard_size)
+    guard(_convert)(src, dst, experts, dense, force, verify_out, shard_size, threads)
 
 
-def _convert(src, dst, experts, dense, force, verify_out, shard_size):
+def _convert(src, dst, experts, dense, force, verify_out, shard_size, threads=None):
+    apply_threads(threads)  # on a busy 2-core machine the default torch threads made convert 6x slower
     from rich.console import Console
     from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
                                TransferSpeedColumn)
