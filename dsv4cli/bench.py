@@ -40,7 +40,7 @@ def _check_compare_name(against) -> None:
         raise UserError(f"--compare {against!r}: use reference, transformers or eager")
 
 
-def _load(model, preset, layers, synthetic, device, precision, progress):
+def _load(model, preset, layers, synthetic, device, precision, progress, mtp: bool = False):
     """Validate the model options, then build it. -> (model, full-size config, display name, device)."""
     from dsv4.engine.tools import bench as B
 
@@ -60,7 +60,7 @@ def _load(model, preset, layers, synthetic, device, precision, progress):
         slow = B.cpu_slow_warning(full.layer_range(0, layers or full.num_hidden_layers), device)
         if slow:
             warn(slow)
-        m, full, name = B.synthetic_model(preset, layers, device, precision, progress)
+        m, full, name = B.synthetic_model(preset, layers, device, precision, progress, mtp=mtp)
         return m, full, name, device
     if layers is not None:
         raise UserError("--layers applies to --preset runs (a checkpoint is timed whole)")
@@ -118,22 +118,32 @@ def decode(model: Optional[Path] = MODEL_OPT, preset: Optional[str] = PRESET_OPT
            json_out: Optional[Path] = JSON_OUT_OPT, compare: Optional[str] = COMPARE_OPT,
            cuda_graph: bool = typer.Option(True, "--cuda-graph/--no-cuda-graph", help="On a GPU, replay each decode "
                                            "step from one captured CUDA graph (the default) or run the ordinary "
-                                           "per-token forward, launching kernels one by one.")):
+                                           "per-token forward, launching kernels one by one."),
+           mtp: bool = typer.Option(False, "--mtp", help="Also decode --steps tokens greedily with MTP drafts (the "
+                                    "checkpoint's MTP layer; --synthetic makes one) in the same run: accepted "
+                                    "tokens per verify step, effective tok/s against plain, identical output."),
+           mtp_acceptance: Optional[float] = typer.Option(None, "--mtp-acceptance", help="With --mtp: project "
+                                                          "tok/s at this draft acceptance rate (0-1; default: the "
+                                                          "measured one; random synthetic weights accept ~0).")):
     guard(_decode)(model, preset, layers, synthetic, prompt_len, steps, warmup, device, precision, threads, as_json,
-                   json_out, compare, cuda_graph)
+                   json_out, compare, cuda_graph, mtp, mtp_acceptance)
 
 
 def _decode(model, preset, layers, synthetic, prompt_len, steps, warmup, device, precision, threads, as_json,
-            json_out, compare=None, cuda_graph=True):
+            json_out, compare=None, cuda_graph=True, mtp=False, mtp_acceptance=None):
     from dsv4.engine.tools import bench as B
 
     if prompt_len < 1 or steps < 1 or warmup < 0:
         raise UserError("--prompt-len and --steps must be >= 1, --warmup >= 0")
     if compare == "eager" and not cuda_graph:
         raise UserError("--compare eager with --no-cuda-graph would time the same path twice")
+    if mtp_acceptance is not None and not (mtp and 0 <= mtp_acceptance <= 1):
+        raise UserError("--mtp-acceptance is a rate in [0, 1] and needs --mtp")
     precision, n_threads = _common(threads, precision, compare)
     with Progress("bench decode") as progress:
-        m, full, name, device = _load(model, preset, layers, synthetic, device, precision, progress)
+        m, full, name, device = _load(model, preset, layers, synthetic, device, precision, progress, mtp=mtp)
+        if mtp and not m.has_mtp:
+            raise UserError(f"{name}: no MTP layer (mtp.0.*): run without --mtp")
         _max_context_fits(m, prompt_len + steps + warmup + 8)
         if compare:
             _compare_checked(compare, "decode", m)
@@ -141,6 +151,13 @@ def _decode(model, preset, layers, synthetic, prompt_len, steps, warmup, device,
         if compare:
             progress(f"timing --compare {compare}")
             r.update(B.compare_run(compare, "decode", m, r, prompt_len, steps, warmup))
+        if mtp:
+            from dsv4.engine.tools.mtp_bench import bench_mtp_decode
+
+            progress("timing plain vs MTP greedy decoding")
+            prompt, _ = B._bench_tokens(m.cfg.vocab_size, prompt_len, 1)
+            r.update(bench_mtp_decode(m, prompt.tolist(), steps, cuda_graph=None if cuda_graph else False,
+                                      acceptance=mtp_acceptance))
         progress("measuring memory bandwidth")
         roof = B.decode_roofline(r, B.measure_bandwidth(device), full, precision)
     _emit({"model": name, "precision": str(precision), **r, **roof,

@@ -402,3 +402,21 @@ def test_inspect_cache_model_faithful_rule_names_the_way_out(cli_inprocess, tmp_
     r = cli_inprocess("inspect-cache", "--model", tmp_path / "m", "--context", "1k", "--precision", "exact", "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)[0]["by_type"]["swa"]["bytes_per_entry"]["f32"] == 4 * 80
+
+
+def test_bench_decode_mtp_reports_identical_tokens_and_draft_counts(cli_inprocess):
+    """--mtp on the built-in model (it has a trained MTP layer): plain and MTP greedy decoding in one
+    run give the same tokens; every round emits accepted + 1 tokens."""
+    from dsv4.cli.common import builtin_model_dir
+
+    r = cli_inprocess("bench", "decode", "--model", str(builtin_model_dir()), "--device", "cpu", "--prompt-len", "24",
+                      "--steps", "6", "--warmup", "1", "--mtp", "--mtp-acceptance", "0.5", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["identical"] is True and out["new_tokens"] == 6
+    assert out["mtp_steps"] + out["mtp_accepted"] >= 5 and out["mtp_accepted"] <= out["mtp_drafted"]
+    assert out["projected_acceptance"] == 0.5
+    v, m, f = out["verify_ms"], out["mtp_step_ms"], out["mtp_feed_ms"] or out["mtp_step_ms"]
+    assert out["projected_tokens_per_s"] == pytest.approx(1.5 / ((v + m + 0.5 * f) / 1000), rel=1e-6)
+    bad = cli_inprocess("bench", "decode", "--model", str(builtin_model_dir()), "--mtp-acceptance", "0.5")
+    assert bad.returncode == 2 and "needs --mtp" in bad.stderr

@@ -41,12 +41,13 @@ def _say(progress: Progress | None, msg: str) -> None:
         progress(msg)
 
 
-def synthetic_stored(cfg, device, seed: int = 0) -> dict:
-    """Every tensor of ``cfg`` (no MTP) in its published stored format, random, made on ``device``."""
+def synthetic_stored(cfg, device, seed: int = 0, mtp: bool = False) -> dict:
+    """Every tensor of ``cfg`` (with the MTP layer when ``mtp``) in its published stored format,
+    random, made on ``device``."""
     g = torch.Generator(device=device).manual_seed(seed)
     gcpu = torch.Generator().manual_seed(seed)
     out = {}
-    for name, (kind, shape) in tensor_shapes(cfg, mtp=False).items():
+    for name, (kind, shape) in tensor_shapes(cfg, mtp=mtp).items():
         fmt = published_format(name)
         base = name[: -len(".weight")]
         if fmt == "fp8":
@@ -234,9 +235,11 @@ def active_params_per_token(model: Model) -> int:
 
 
 # ------------------------------------------------------------------ models to time
-def synthetic_model(preset: str, layers: int | None, device, precision, progress: Progress | None = None):
+def synthetic_model(preset: str, layers: int | None, device, precision, progress: Progress | None = None,
+                    mtp: bool = False):
     """The first ``layers`` layers (None: all) of the flash/pro preset with random weights in their
-    published stored formats, made on ``device``. -> (Model, full-size config, display name)."""
+    published stored formats (and the MTP layer when ``mtp``), made on ``device``.
+    -> (Model, full-size config, display name)."""
     full = DSV4Config.preset(preset)
     n = layers or full.num_hidden_layers
     if not 1 <= n <= full.num_hidden_layers:
@@ -244,7 +247,7 @@ def synthetic_model(preset: str, layers: int | None, device, precision, progress
     cfg = full.layer_range(0, n)
     _say(progress, f"making synthetic weights ({n} of {full.num_hidden_layers} {preset} layers, "
                    f"{stored_model_bytes(cfg) / 2**30:.1f} GiB) on {device}")
-    m = Model.from_state_dict(cfg, synthetic_stored(cfg, device), mode=str(precision), device=device)
+    m = Model.from_state_dict(cfg, synthetic_stored(cfg, device, mtp=mtp), mode=str(precision), device=device)
     return m, full, f"synthetic {preset} ({n} of {full.num_hidden_layers} layers)"
 
 
