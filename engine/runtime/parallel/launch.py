@@ -204,10 +204,11 @@ def _device(rank: int, spec: RunSpec) -> torch.device:
 def _join_group(rank: int, spec: RunSpec, store) -> None:
     """The process group (after every rank loaded), and one collective so NCCL's communicator exists
     before the decode step's CUDA graph captures collectives."""
-    backend = "nccl" if spec.device != "cpu" else "gloo"
-    dist.init_process_group(backend, store=dist.PrefixStore("pg", store), rank=rank, world_size=spec.ranks,
-                            timeout=timedelta(seconds=spec.timeout_s))
-    probe = torch.ones(1, device=_device(rank, spec))
+    dev = _device(rank, spec)
+    extra = {"device_id": dev} if dev.type == "cuda" else {}  # NCCL's communicator made now, not lazily
+    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", store=dist.PrefixStore("pg", store), rank=rank,
+                            world_size=spec.ranks, timeout=timedelta(seconds=spec.timeout_s), **extra)
+    probe = torch.ones(1, device=dev)
     dist.all_reduce(probe)
     if probe.item() != spec.ranks:
         raise ParallelError(f"rank {rank}: the process group's first all-reduce gave {probe.item()}")
