@@ -79,3 +79,17 @@ def test_data_split_and_rendering():
     assert {n.split(".")[0] for n in held_names} <= {m.split(".")[0] for m in data.HELDOUT_MODULES}  # held out by module
     text = data.render(train[0])
     assert text.startswith("<｜begin▁of▁sentence｜><｜User｜>") and text.endswith("<｜end▁of▁sentence｜>")
+
+
+def test_time_budget_plans_plain_and_qat_steps():
+    from types import SimpleNamespace
+
+    from dsv4.train.run import plan_steps
+
+    _, params, fixed = _params(7)
+    args = SimpleNamespace(qat_from=1.0, held_every=100, minutes=1.0)
+    per = 0.5 + 4 * 0.5 / 3 / 100  # plain steps and the held-out evaluations' share
+    assert plan_steps(args, torch.device("cpu"), params, fixed, 0.5, 10.0, 100.0) == 20 + int(90 / (per * 1.05))
+    args.qat_from = 0.5  # QAT steps also pay the fake quantisation, measured: fewer steps fit
+    assert 40 <= plan_steps(args, torch.device("cpu"), params, fixed, 0.5, 10.0, 1e4) < 20 + int(9990 / (per * 1.05))
+    assert plan_steps(args, torch.device("cpu"), params, fixed, 0.5, 100.0, 100.0) == 40  # the floor

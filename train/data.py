@@ -167,6 +167,14 @@ def _signature(name: str, obj) -> str:
     return name + sig
 
 
+def _short_repr(v) -> str:
+    try:
+        r = repr(v)
+    except Exception:
+        r = type(v).__name__
+    return re.sub(r" at 0x[0-9a-f]+", "", r)[:30]  # reprs with memory addresses would differ per run
+
+
 def _parameters(obj) -> list[tuple[str, str]] | None:
     """[(name, description)] from the signature (None when it has none)."""
     try:
@@ -182,7 +190,7 @@ def _parameters(obj) -> list[tuple[str, str]] | None:
         elif p.kind is p.VAR_KEYWORD:
             out.append((f"**{p.name}", "any keyword arguments"))
         else:
-            d = "required" if p.default is p.empty else f"default `{re.sub(r' at 0x[0-9a-f]+', '', repr(p.default))[:30]}`"
+            d = "required" if p.default is p.empty else f"default `{_short_repr(p.default)}`"
             if p.kind is p.KEYWORD_ONLY:
                 d += ", keyword-only"
             elif p.kind is p.POSITIONAL_ONLY:

@@ -120,8 +120,10 @@ def build_evalset(seed: int = 0, n_heldout: int = 30, n_first: int = 100, n_howt
 
 
 def heldout_text(seed: int = 0) -> str:
-    """The held-out-module conversations as one text (bos left out: perplexity prepends it)."""
+    """The held-out-module conversations as one text (bos left out: perplexity prepends it), in a
+    seeded random order so that its first tokens cover every held-out module."""
     _, held = data.conversations(seed)
+    random.Random(seed).shuffle(held)
     return "".join(data.render(c) for c in held)[len(BOS):]
 
 
@@ -310,15 +312,16 @@ def main(argv=None) -> dict:
     ap.add_argument("--model", type=Path, required=True, help="model folder (published or converted layout)")
     ap.add_argument("--name", required=True, help="writes train/results/eval_<name>.json")
     ap.add_argument("--out-dir", type=Path, default=RESULTS)
-    ap.add_argument("--ppl-tokens", type=int, default=2048, help="held-out tokens scored for perplexity")
+    ap.add_argument("--ppl-tokens", type=int, default=4096, help="held-out tokens scored for perplexity")
     ap.add_argument("--max-context", type=int, default=1024)
     ap.add_argument("--limit", type=int, default=None, help="at most this many items per metric (a quick run)")
     ap.add_argument("--skip", default="", help="comma-separated metrics to leave out (ppl,names,first,howto,"
                                               "followup,offtopic,mtp,examples)")
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (1: batch-1 decoding is launch-bound, and on a shared machine "
+                         "extra threads only wait on each other)")
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     skip = set(filter(None, args.skip.split(",")))
     es = load_evalset()
     lim = (lambda xs: xs[: args.limit]) if args.limit else (lambda xs: xs)  # noqa: E731
@@ -328,7 +331,8 @@ def main(argv=None) -> dict:
     r = Runner(model, tok, args.max_context)
     held_ids = tok.encode(HELDOUT_TEXT.read_text(encoding="utf-8"))[: args.ppl_tokens]
     res: dict = {"model": str(args.model), "evalset": str(EVALSET.name), "evalset_python": es["python"],
-                 "heldout_modules": es["heldout_modules"], "limit": args.limit}
+                 "heldout_modules": es["heldout_modules"], "limit": args.limit, "threads": args.threads,
+                 "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     timing = {}
 
     def run(key, fn):
