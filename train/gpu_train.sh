@@ -3,7 +3,8 @@
 # (train/data.py: what-does, how-to, which-module, parameters, returns, examples, follow-ups,
 # off-topic) from the shipped model (engine/builtin: its weights, tokenizer and curve), trains for a
 # wall-time budget (MINUTES, default 6.5, of training loop; data building is ~10 s more), QAT on
-# the second half, the MTP layer with it. Then held-out perplexities (exact, faithful, converted).
+# the second half, the MTP layer with it. Then held-out perplexities (exact, faithful, converted),
+# each within what is left of DEADLINE (570 s from the start; the device call's limit is 600 s).
 #
 #   bash train/gpu_train.sh                               # from the repo root, on the GPU machine
 #   DEVICE=cpu STEPS=2 SEQ_LEN=256 bash train/gpu_train.sh # the same pipeline, a few steps, on a CPU
@@ -39,7 +40,13 @@ echo "model files: $n (7 expected), files over 15 MiB: $big"
 [ "$n" -eq 7 ] && [ "$big" -eq 0 ]
 
 # held-out perplexity (exact, faithful, and on the `dsv4 convert` output: NVFP4 experts, FP8 dense)
-dsv4() { timeout "${PPL_TIMEOUT:-75}" python3 -m dsv4.cli.main "$@"; }
+# bounded by what is left of the device call (DEADLINE seconds since the script started, default 570)
+dsv4() {
+  local left=$(( ${DEADLINE:-570} - SECONDS - 5 )) limit=${PPL_TIMEOUT:-75}
+  [ "$left" -lt "$limit" ] && limit=$left
+  if [ "$limit" -lt 15 ]; then echo "skipped (time): dsv4 $1 $2"; return 1; fi
+  timeout "$limit" python3 -m dsv4.cli.main "$@"
+}
 for p in exact faithful; do
   dsv4 bench perplexity --model "$WORK/builtin" --text "$WORK/builtin/heldout.txt" --precision $p --device "$DEVICE" \
     --json-out "$WORK/ppl_$p.json" || echo "perplexity $p failed"
