@@ -60,7 +60,10 @@ def _plan(model, preset, gpus, context, precision, gpu_memory, available, json_o
     tokens = tokens[0]
     if tokens > cfg.max_position_embeddings:
         raise UserError(f"--context {tokens:,}: {name} holds at most {cfg.max_position_embeddings:,} tokens")
-    memory = parse_bytes(gpu_memory).__int__() if gpu_memory else device_memory()
+    try:
+        memory = parse_bytes(gpu_memory) if gpu_memory else device_memory()
+    except UserError:
+        raise UserError(f"--gpu-memory {gpu_memory!r}: use a size like 141GB or 80GiB") from None
     if gpus == "auto":
         pool = available or visible_gpus() or 8
         n = P.fewest_ranks(cfg, tensors, tokens, memory, pool, precision)
