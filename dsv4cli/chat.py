@@ -43,10 +43,12 @@ def chat(
     history_file: Path = typer.Option(Path.home() / ".dsv4_history", "--history-file", help="REPL input history."),
     mtp: bool = typer.Option(False, "--mtp/--no-mtp", help="Speculative decoding with the checkpoint's MTP layer: it drafts the next token, the main model verifies it (same greedy output, same sampled distribution). Off by default: the verify is two full decode steps today, so it is slower (see bench decode --mtp)."),
     threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_OPT_HELP),
+    gpus: Optional[str] = typer.Option(None, "--gpus", help="Split the model over N GPUs of this machine (tensor + expert parallel), or 'auto': the fewest whose memory holds the model and the cache. See dsv4 plan."),
+    ranks: Optional[int] = typer.Option(None, "--ranks", help="With --device cpu: the same split over N CPU processes (gloo)."),
 ):
     guard(_chat)(model, prompt, messages, render, system, think, reasoning_effort, temperature, top_p, top_k,
                  min_p, seed, max_tokens, device, precision, max_context, json_out, hide_reasoning, history_file,
-                 mtp, threads)
+                 mtp, threads, gpus, ranks)
 
 
 def check_sampling(params) -> None:
@@ -62,7 +64,7 @@ def check_sampling(params) -> None:
 
 def _chat(model, prompt, messages, render, system, think, reasoning_effort, temperature, top_p, top_k, min_p,
           seed, max_tokens, device, precision, max_context, json_out, hide_reasoning, history_file, mtp=False,
-          threads=None):
+          threads=None, gpus=None, ranks=None):
     from dsv4.engine.runtime.chat import ChatFormatError
     from dsv4.engine.runtime.conversation import ConversationError, answerable
     from dsv4.engine.runtime.messages import ConversationFileError, read_conversation
@@ -131,8 +133,16 @@ def _chat(model, prompt, messages, render, system, think, reasoning_effort, temp
         top_k=top_k if top_k is not None else int(gen.get("top_k", 0)), min_p=min_p)
     check_sampling(params)
     apply_threads(threads)
-    conv, info = load_conversation(model_dir, resolve_device(device), precision, max_context, msgs, think,
-                                   reasoning_effort, mtp)
+    from .parallel import load_conversation as load_parallel, resolve_ranks
+
+    kind, n_ranks = resolve_ranks(device, gpus, ranks, model_dir, max_context, precision)
+    if n_ranks > 1:
+        if mtp:
+            raise UserError("--mtp runs on one device: drop it, or drop --gpus/--ranks")
+        conv, info = load_parallel(model_dir, kind, precision, max_context, msgs, think, reasoning_effort, n_ranks)
+    else:
+        conv, info = load_conversation(model_dir, resolve_device(kind), precision, max_context, msgs, think,
+                                       reasoning_effort, mtp)
     banner = f"dsv4 · {info}" + (" · built-in default model (25M-parameter DeepSeek-V4 trained on Python "
                                  "standard-library docs; ask about Python, e.g. What does json.dumps do?)"
                                  if builtin else "")
