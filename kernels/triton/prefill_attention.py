@@ -28,7 +28,9 @@ from .attention import KIND, _pow2
 
 # Heads per program (the M side of the dots; fewer for float32 queries, whose [heads, D] tile and
 # accumulator must both stay in registers at D = 512), keys per tile, warps. Untuned first choice.
-TILE = {"heads_f32": 16, "heads_bf16": 32, "keys": 32, "warps": 8}
+# float32 queries (3xTF32 dots) at D = 512 asked for 250 KB of shared memory with 32-key tiles and
+# the default software pipelining (H200, limit 227 KB): they take 16-key tiles, one stage.
+TILE = {"heads_f32": 16, "heads_bf16": 32, "keys": 32, "keys_f32": 16, "stages_f32": 1, "warps": 8}
 
 
 @triton.jit
@@ -174,6 +176,7 @@ def chunk_attention_triton(q: torch.Tensor, positions: torch.Tensor, ring: torch
         q.contiguous(), positions.to(torch.int64).contiguous(), wk, wpos, ea, eb, es, rows, sel,
         sink.float().contiguous(), out, H, ring.shape[0], n, K, float(scale),
         W=window, RATIO=max(ratio, 1), D=D, NOPE=nope, KIND=KIND[kind], HAS_ENTRIES=n > 0,
-        HAS_SELECT=select is not None, BLOCK_H=BLOCK_H, BLOCK_T=TILE["keys"], BLOCK_D=triton.next_power_of_2(D),
-        BF16=bf16, PRECISION=_precision(), num_warps=TILE["warps"])
+        HAS_SELECT=select is not None, BLOCK_H=BLOCK_H, BLOCK_T=TILE["keys" if bf16 else "keys_f32"],
+        BLOCK_D=triton.next_power_of_2(D), BF16=bf16, PRECISION=_precision(), num_warps=TILE["warps"],
+        **({} if bf16 else {"num_stages": TILE["stages_f32"]}))
     return out
