@@ -18,9 +18,10 @@ if [ "$1" = tests ]; then
   timeout 90 $D bench decode --model engine/builtin --device cuda --prompt-len 64 --steps 128 --mtp \
     --json-out $OUT/decode_builtin_mtp.json 2>&1 | grep -E "identical|mtp_|plain|effective|projected" | tee $OUT/mtp.txt
 elif [ "$1" = prefill ]; then
-  timeout 330 python3 bench/prefill_long.py --layers 4 --prompt-lens 8192,32768,131072 --decode-steps 32 \
-    --time-limit 100 --json-out $OUT/prefill_long.json 2>&1 | tail -40 | tee $OUT/prefill.txt
-  timeout 150 python3 bench/simulate_rank.py --preset flash --layers 16 --rank 0/2 --json-out $OUT/simulate_rank_0of2.json \
+  timeout 80 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu_prefill.py -k chunk_attention_kernel \
+    tests/test_gpu.py 2>&1 | tail -12 | tee $OUT/gpu_tests_prefill.txt
+  timeout 300 python3 bench/prefill_long.py --layers 4 --prompt-lens 8192,32768,131072 --decode-steps 32 \
+    --time-limit 90 --json-out $OUT/prefill_long.json 2>&1 | tail -40 | tee $OUT/prefill.txt
+  timeout 140 python3 bench/simulate_rank.py --preset flash --layers 16 --rank 0/2 --json-out $OUT/simulate_rank_0of2.json \
     2>&1 | tail -20 | tee $OUT/simulate.txt
-  timeout 90 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu_prefill.py -k flash_dims 2>&1 | tail -15 | tee $OUT/gpu_prefill_flash.txt
 fi
