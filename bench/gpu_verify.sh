@@ -18,7 +18,7 @@ if [ "$1" = tests ]; then
   timeout 90 $D bench decode --model engine/builtin --device cuda --prompt-len 64 --steps 128 --mtp \
     --json-out $OUT/decode_builtin_mtp.json 2>&1 | grep -E "identical|mtp_|plain|effective|projected" | tee $OUT/mtp.txt
 elif [ "$1" = prefill ]; then
-  timeout 80 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu_prefill.py -k chunk_attention_kernel \
+  timeout 80 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu_prefill.py -k "chunk_attention_kernel or synthetic_flash" \
     tests/test_gpu.py 2>&1 | tail -12 | tee $OUT/gpu_tests_prefill.txt
   timeout 300 python3 bench/prefill_long.py --layers 4 --prompt-lens 8192,32768,131072 --decode-steps 32 \
     --time-limit 90 --json-out $OUT/prefill_long.json 2>&1 | tail -40 | tee $OUT/prefill.txt
