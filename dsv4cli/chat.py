@@ -45,10 +45,11 @@ def chat(
     threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_OPT_HELP),
     gpus: Optional[str] = typer.Option(None, "--gpus", help="Split the model over N GPUs of this machine (tensor + expert parallel), or 'auto': the fewest whose memory holds the model and the cache. See dsv4 plan."),
     ranks: Optional[int] = typer.Option(None, "--ranks", help="With --device cpu: the same split over N CPU processes (gloo)."),
+    prefill_chunk: Optional[int] = typer.Option(None, "--prefill-chunk", help="Prompt tokens per prefill chunk (default: chosen from the free device memory and the model, so memory stays bounded at any prompt length)."),
 ):
     guard(_chat)(model, prompt, messages, render, system, think, reasoning_effort, temperature, top_p, top_k,
                  min_p, seed, max_tokens, device, precision, max_context, json_out, hide_reasoning, history_file,
-                 mtp, threads, gpus, ranks)
+                 mtp, threads, gpus, ranks, prefill_chunk)
 
 
 def check_sampling(params) -> None:
@@ -64,7 +65,7 @@ def check_sampling(params) -> None:
 
 def _chat(model, prompt, messages, render, system, think, reasoning_effort, temperature, top_p, top_k, min_p,
           seed, max_tokens, device, precision, max_context, json_out, hide_reasoning, history_file, mtp=False,
-          threads=None, gpus=None, ranks=None):
+          threads=None, gpus=None, ranks=None, prefill_chunk=None):
     from dsv4.engine.runtime.chat import ChatFormatError
     from dsv4.engine.runtime.conversation import ConversationError, answerable
     from dsv4.engine.runtime.messages import ConversationFileError, read_conversation
@@ -75,6 +76,8 @@ def _chat(model, prompt, messages, render, system, think, reasoning_effort, temp
         raise UserError(f"--max-tokens must be >= 1, got {max_tokens}")
     if max_context < 16:
         raise UserError(f"--max-context must be >= 16, got {max_context}")
+    if prefill_chunk is not None and prefill_chunk < 1:
+        raise UserError(f"--prefill-chunk must be >= 1, got {prefill_chunk}")
     if reasoning_effort not in (None, "high", "max"):
         raise UserError(f"--reasoning-effort {reasoning_effort!r}: use high or max")
     if model is not None and not Path(model).is_dir():
@@ -142,7 +145,8 @@ def _chat(model, prompt, messages, render, system, think, reasoning_effort, temp
         conv, info = load_parallel(model_dir, kind, precision, max_context, msgs, think, reasoning_effort, n_ranks)
     else:
         conv, info = load_conversation(model_dir, resolve_device(kind), precision, max_context, msgs, think,
-                                       reasoning_effort, mtp)
+                                       reasoning_effort, mtp, prefill_chunk)
+    conv.on_prefill = PrefillProgress()
     banner = f"dsv4 · {info}" + (" · built-in default model (25M-parameter DeepSeek-V4 trained on Python "
                                  "standard-library docs; ask about Python, e.g. What does json.dumps do?)"
                                  if builtin else "")
@@ -183,7 +187,8 @@ def _render(msgs, think, reasoning_effort, json_out, model_dir):
         sys.stdout.flush()
 
 
-def load_conversation(model_dir, device, precision, max_context, messages, think, reasoning_effort, mtp=False):
+def load_conversation(model_dir, device, precision, max_context, messages, think, reasoning_effort, mtp=False,
+                      prefill_chunk=None):
     from dsv4.engine.checkpoint.loader import load_model
     from dsv4.engine.runtime.conversation import Conversation
     from dsv4.engine.runtime.session import Session
@@ -200,15 +205,48 @@ def load_conversation(model_dir, device, precision, max_context, messages, think
 
         if not model.has_mtp:
             raise UserError(f"{model_dir}: this checkpoint has no MTP layer (mtp.0.*): run without --mtp")
-        session = mtp_session(model, max_context)
+        session = mtp_session(model, max_context, prefill_chunk=prefill_chunk)
         spec = SpeculativeDecoder(session)
     else:
-        session = Session(model, max_context=max_context)
+        session = Session(model, max_context=max_context, prefill_chunk=prefill_chunk)
     info = (f"{Path(model_dir).name} · {model.cfg.num_hidden_layers} layers · {precision} · {device} · context "
             f"{max_context}" + (" · MTP drafts" if mtp else ""))
     conv = Conversation(session, tok, thinking=think, reasoning_effort=reasoning_effort, messages=messages,
                         speculative=spec)
     return conv, info
+
+
+class PrefillProgress:
+    """The progress line of a long prefill on stderr: tokens done / total and tok/s, shown once a
+    prompt has taken more than ``after_s`` seconds (short prompts print nothing); Ctrl+C stops it
+    between chunks (the conversation then drops the half-read prompt and stays usable)."""
+
+    def __init__(self, after_s: float = 2.0, stream=None):
+        self.after_s, self.stream = after_s, stream or sys.stderr
+        self.t0, self.shown = None, False
+
+    def __call__(self, done: int, total: int) -> None:
+        import time
+
+        now = time.perf_counter()
+        if self.t0 is None or done <= 0:
+            self.t0, self.shown = now, False
+            if done <= 0:
+                return
+        elapsed = now - self.t0
+        if done >= total:
+            if self.shown:
+                self.stream.write("\r\033[K" if self.stream.isatty() else "")
+                self.stream.flush()
+            self.t0 = None
+            return
+        if elapsed < self.after_s:
+            return
+        rate = done / elapsed if elapsed > 0 else 0.0
+        line = f"prefill {done:,}/{total:,} tokens, {rate:,.0f} tok/s (Ctrl+C stops)"
+        self.stream.write(("\r\033[K" + line) if self.stream.isatty() else line + "\n")
+        self.stream.flush()
+        self.shown = True
 
 
 def finish_notice(turn, max_tokens: int, max_context: int) -> str | None:

@@ -289,3 +289,28 @@ def test_repl_two_turns_slash_command_and_ctrl_c(ckpt, tmp_path):
     finally:
         if t.p.poll() is None:
             t.p.kill()
+
+
+def test_prefill_progress_line_and_chunk_option(cli_inprocess, ckpt):
+    """A long prefill shows done/total tokens and tok/s on stderr (after a delay; none for the finished
+    prompt), and --prefill-chunk is checked."""
+    import io
+
+    from dsv4.cli.chat import PrefillProgress
+
+    class Pipe(io.StringIO):
+        def isatty(self):
+            return False
+
+    out = Pipe()
+    p = PrefillProgress(after_s=0.0, stream=out)
+    for done in (0, 128, 256, 300):
+        p(done, 300)
+    lines = out.getvalue().splitlines()
+    assert [ln.split(" tokens")[0] for ln in lines] == ["prefill 128/300", "prefill 256/300"]
+    assert all(ln.endswith("tok/s (Ctrl+C stops)") for ln in lines)
+    r = cli_inprocess("chat", "--model", str(ckpt), "-p", "x", "--prefill-chunk", "0")
+    assert r.returncode == 2 and "--prefill-chunk must be >= 1" in r.stderr
+    r = cli_inprocess("chat", "--model", str(ckpt), "-p", "hello " * 40, "--prefill-chunk", "7", "--temperature", "0",
+                      "--max-tokens", "3", "--device", "cpu", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["generated_tokens"] >= 1

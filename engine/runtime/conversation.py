@@ -83,6 +83,7 @@ class Conversation:
     def __init__(self, session, tokenizer: Tokenizer, system: str | None = None, thinking: bool = False,
                  reasoning_effort: str | None = None, messages: list[dict] | None = None, speculative=None):
         self.session, self.tok, self.speculative = session, tokenizer, speculative
+        self.on_prefill = None  # progress(done, total) after each prefill chunk (the CLI's progress line)
         self.thinking, self.reasoning_effort = thinking, reasoning_effort
         self.messages: list[dict] = list(messages or [])
         if system is not None:
@@ -188,7 +189,11 @@ class Conversation:
         spec = self.speculative
         before = spec.stats.copy() if spec is not None else None
         try:
-            logits = (spec or self.session).prefill(ids[common:])
+            kw = {}
+            if self.on_prefill is not None:
+                self.on_prefill(0, len(ids) - common)  # the prefill starts (progress(done, total) per chunk)
+                kw["progress"] = self.on_prefill
+            logits = (spec or self.session).prefill(ids[common:], **kw)
         except BaseException:  # a prefill cut midway leaves the slot half-written
             self.session.reset()
             self.cached_ids = []

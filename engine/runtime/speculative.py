@@ -106,12 +106,13 @@ def accept_or_resample(p: torch.Tensor, q: torch.Tensor, draft: int, gen: torch.
 
 
 # ------------------------------------------------------------------ the decoder
-def mtp_session(model, max_context: int | None = None, cuda_graph: bool | None = None) -> Session:
+def mtp_session(model, max_context: int | None = None, cuda_graph: bool | None = None,
+                prefill_chunk: int | None = None) -> Session:
     """A Session whose cache also holds the MTP layer (for ``SpeculativeDecoder``)."""
     max_context = max_context or min(model.cfg.max_position_embeddings, 8192)
     cache = CacheManager(CacheSchema.from_config(model.cfg, model.mode, include_mtp=True), max_context,
                          device=model.device)
-    return Session(model, cache=cache, cuda_graph=cuda_graph)
+    return Session(model, cache=cache, cuda_graph=cuda_graph, prefill_chunk=prefill_chunk)
 
 
 class SpeculativeDecoder:
