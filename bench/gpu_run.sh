@@ -24,7 +24,7 @@ timeout 120 python3 bench/profile_decode.py --layers 4 --out $OUT/profile_decode
 [ -n "${PROFILE_LONG:-}" ] && timeout 120 python3 bench/profile_decode.py --layers 4 --prompt-len 8192 --out $OUT/profile_decode_8k.txt 2>&1 | head -40
 [ -z "${SKIP_KERNEL_BENCH:-}" ] && timeout 90 $DSV4 bench kernels --preset flash --compare-reference --json-out $OUT/kernels_flash.json 2>&1 | tail -45
 if [ -z "${SKIP_PPL:-}" ]; then
-  head -c 50000 train/results/heldout.txt > /tmp/held50k.txt
+  head -c 50000 train/results/heldout_modules.txt > /tmp/held50k.txt
   for b in auto reference; do
     DSV4_KERNELS=$b timeout 60 $DSV4 bench perplexity --model engine/builtin --text /tmp/held50k.txt --precision exact \
       --device cuda --chunk 16 --json-out $OUT/ppl_builtin_kernels_$b.json 2>&1 | grep -E "perplexity|tokens"

@@ -15,7 +15,7 @@ from dsv4.engine.checkpoint.loader import load_model
 from dsv4.engine.runtime.tokenizer import SPECIALS, Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-HELDOUT = ROOT / "train" / "results" / "heldout.txt"
+HELDOUT = ROOT / "train" / "results" / "heldout_modules.txt"  # modules never trained on
 
 
 def test_builtin_is_a_small_published_layout_v4():
@@ -58,7 +58,9 @@ def _ppl(model_dir, mode, heldout_ids):
 def test_faithful_and_converted_perplexity_within_5_percent_of_exact(heldout_ids, tmp_path):
     d = builtin_model_dir()
     exact = _ppl(d, "exact", heldout_ids)
-    assert exact < 40, exact  # a trained model: an untrained one scores about the vocabulary size (4096)
+    # a trained model: an untrained one scores about the vocabulary size (4096); this text is about modules
+    # the model never saw (train/results/heldout_modules.txt), where the shipped model scores ~60
+    assert exact < 120, exact
     faithful = _ppl(d, "faithful", heldout_ids)
     convert_checkpoint(d, tmp_path / "nvfp4")  # experts NVFP4, dense FP8
     converted = _ppl(tmp_path / "nvfp4", "exact", heldout_ids)

@@ -206,7 +206,7 @@ def builtin():
     from pathlib import Path
 
     d = builtin_model_dir()
-    text = (Path(__file__).resolve().parents[1] / "train" / "results" / "heldout.txt").read_text(encoding="utf-8")
+    text = (Path(__file__).resolve().parents[1] / "train" / "results" / "heldout_modules.txt").read_text(encoding="utf-8")
     return load_model(d, mode="faithful"), Tokenizer.from_dir(d).encode(text)
 
 

@@ -1,7 +1,7 @@
 """Figures for MTP speculative decoding (engine/runtime/speculative.py), for ``dsv4 bench decode --mtp``.
 
 - ``mtp_acceptance``: greedy speculative generation from windows of real text (the built-in model
-  on train/results/heldout.txt): drafted / accepted counts, acceptance rate, tokens per verify step.
+  on train/results/heldout_modules.txt): drafted / accepted counts, acceptance rate, tokens per verify step.
 - ``bench_mtp_decode``: plain greedy decoding and MTP decoding of the same prompt, timed per step
   in the same run: ms per token for both (MTP: wall time of all rounds / tokens emitted), the
   verify round and the MTP steps (drafting; cache update only) timed on their own, and whether the
