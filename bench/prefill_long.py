@@ -32,7 +32,8 @@ import torch
 from dsv4.engine.model.config import DSV4Config
 from dsv4.engine.model.model import Model
 from dsv4.engine.runtime.session import PrefillInterrupted, Session, default_prefill_chunk
-from dsv4.engine.tools.bench import measure_matmul_rate, synthetic_stored
+from dsv4.engine.tools.bench import measure_matmul_rate
+from dsv4.engine.tools.synthetic import synthetic_stored
 from dsv4.kernels import QWeight, dispatch
 
 

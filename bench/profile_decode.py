@@ -11,7 +11,7 @@ import argparse
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from dsv4.engine.tools.bench import synthetic_stored
+from dsv4.engine.tools.synthetic import synthetic_stored
 from dsv4.engine.model.config import DSV4Config
 from dsv4.engine.runtime.decode import DecodeRunner
 from dsv4.engine.model.model import Model

@@ -184,3 +184,12 @@ def test_memory_report_by_type_and_component(tiny_cfg):
     assert rep["by_type"]["csa"]["fp8"] == 2 * 2 * 32 * (96 - 32)  # 2 layers x 2 blocks x 32 entries x 64 B
     assert rep["by_type"]["csa"]["fp4"] == 2 * 2 * 32 * 32
     assert rep["total"] == sum(t["total"] for t in rep["by_type"].values())
+
+
+def test_session_refuses_a_cache_of_another_precision(tiny_cfg, tiny_tensors):
+    """One source of truth for the entry formats: the cache schema's precision must be the model's."""
+    model = Model.from_state_dict(tiny_cfg, tiny_tensors, mode="faithful")
+    exact_cache = CacheManager(CacheSchema.from_config(tiny_cfg, "exact"), 64)
+    with pytest.raises(CacheError, match="stores exact entries but the model runs faithful"):
+        Session(model, cache=exact_cache)
+    Session(model, cache=CacheManager(CacheSchema.from_config(tiny_cfg, "faithful"), 64))

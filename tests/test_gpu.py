@@ -26,7 +26,8 @@ def test_cuda_engine_matches_cpu_reference_over_256_decode_steps(tiny_cfg, tiny_
 
 
 def test_synthetic_flash_layers_run_on_cuda():
-    from dsv4.engine.tools.bench import bench_decode, synthetic_stored
+    from dsv4.engine.tools.bench import bench_decode
+    from dsv4.engine.tools.synthetic import synthetic_stored
     from dsv4.engine.model.config import DSV4Config
 
     full = DSV4Config.flash()

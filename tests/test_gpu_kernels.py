@@ -266,7 +266,7 @@ def test_kernel_path_matches_reference_path_tiny(tiny_cfg, tiny_tensors):
 
 
 def test_kernel_path_matches_reference_path_flash_dims():
-    from dsv4.engine.tools.bench import synthetic_stored
+    from dsv4.engine.tools.synthetic import synthetic_stored
     from dsv4.engine.model.config import DSV4Config
     from dsv4.engine.model.model import Model
 

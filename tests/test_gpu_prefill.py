@@ -110,7 +110,7 @@ def test_prefill_kernel_path_matches_reference_flash_dims(mode, bound):
     indexer selects; HCA: 20 entries), then 64 decode steps."""
     from dsv4.engine.model.config import DSV4Config
     from dsv4.engine.model.model import Model
-    from dsv4.engine.tools.bench import synthetic_stored
+    from dsv4.engine.tools.synthetic import synthetic_stored
 
     cfg = DSV4Config.flash().layer_range(2, 4)
     model = Model.from_state_dict(cfg, synthetic_stored(cfg, "cuda"), mode=mode, device="cuda")
@@ -134,7 +134,7 @@ def test_long_prefill_memory_stays_bounded():
     from dsv4.engine.model.config import DSV4Config
     from dsv4.engine.model.model import Model
     from dsv4.engine.runtime.session import Session
-    from dsv4.engine.tools.bench import synthetic_stored
+    from dsv4.engine.tools.synthetic import synthetic_stored
 
     cfg = DSV4Config.flash().layer_range(2, 4)
     model = Model.from_state_dict(cfg, synthetic_stored(cfg, "cuda"), mode="faithful", device="cuda")

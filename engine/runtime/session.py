@@ -12,7 +12,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from dsv4.cache import CacheManager, CacheSchema
+from dsv4.cache import CacheError, CacheManager, CacheSchema
 from dsv4.kernels import dispatch
 
 from .decode import DecodeRunner
@@ -93,6 +93,9 @@ class Session:
         if cache is None:
             max_context = max_context or min(cfg.max_position_embeddings, 8192)
             cache = CacheManager(CacheSchema.from_config(cfg, model.mode), max_context, device=model.device)
+        elif cache.schema.mode != model.precision:  # the schema's precision decides the entry formats
+            raise CacheError(f"the cache stores {cache.schema.mode} entries but the model runs {model.precision}: "
+                             "make the cache from the model's precision")
         self.cache = cache
         self.slot = cache.admit_request()
         if cuda_graph is None:

@@ -16,7 +16,6 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
@@ -27,7 +26,7 @@ from dsv4.engine.model.model import Model
 from dsv4.engine.runtime.session import Session
 from dsv4.kernels import dispatch
 from dsv4.engine.checkpoint.shapes import tensor_shapes
-from .synthetic import random_tensor
+from .synthetic import synthetic_stored  # noqa: F401  (bench users build models through it)
 
 Progress = Callable[[str], None]  # receives a short status line ("prefill 512 tokens", "step 3/32")
 
@@ -39,35 +38,6 @@ class BenchError(ValueError):
 def _say(progress: Progress | None, msg: str) -> None:
     if progress is not None:
         progress(msg)
-
-
-def synthetic_stored(cfg, device, seed: int = 0, mtp: bool = False) -> dict:
-    """Every tensor of ``cfg`` (with the MTP layer when ``mtp``) in its published stored format,
-    random, made on ``device``."""
-    g = torch.Generator(device=device).manual_seed(seed)
-    gcpu = torch.Generator().manual_seed(seed)
-    out = {}
-    for name, (kind, shape) in tensor_shapes(cfg, mtp=mtp).items():
-        fmt = published_format(name)
-        base = name[: -len(".weight")]
-        if fmt == "fp8":
-            out[name] = (torch.randn(shape, device=device, generator=g) * 0.5).to(torch.float8_e4m3fn)
-            sshape = (math.ceil(shape[0] / 128), math.ceil(shape[1] / 128))
-            e = torch.randint(118, 124, sshape, device=device, dtype=torch.uint8, generator=g)
-            out[base + ".scale"] = e.view(torch.float8_e8m0fnu)
-        elif fmt == "mxfp4":
-            out[name] = torch.randint(0, 256, (shape[0], shape[1] // 2), device=device, dtype=torch.uint8,
-                                      generator=g).view(torch.float4_e2m1fn_x2)
-            e = torch.randint(119, 123, (shape[0], shape[1] // 32), device=device, dtype=torch.uint8, generator=g)
-            out[base + ".scale"] = e.view(torch.float8_e8m0fnu)
-        elif fmt == "int":
-            V, k = shape
-            out[name] = torch.argsort(torch.rand(V, cfg.n_routed_experts, device=device, generator=g), -1)[:, :k] \
-                .to(torch.int32)
-        else:
-            t = random_tensor(kind, shape, gcpu, torch.float32)
-            out[name] = t.to(device, torch.bfloat16 if fmt == "bf16" else torch.float32)
-    return out
 
 
 def sync(device) -> None:

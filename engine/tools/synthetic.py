@@ -7,9 +7,13 @@ engine/checkpoint/shapes.py; conversion to the published FP8/FP4 layout is engin
 
 from __future__ import annotations
 
+import math
+
 import torch
 
+from dsv4.engine.checkpoint.formats import SCALE, linear_base, published_format
 from dsv4.engine.checkpoint.shapes import tensor_shapes
+from dsv4.kernels.formats import FP8_BLOCK, MXFP4_GROUP
 from dsv4.engine.model.config import DSV4Config
 
 
@@ -70,3 +74,32 @@ def demo_config() -> DSV4Config:
     """The tiny random model the quick start and CLI tests run on: every layer type, the byte
     tokenizer's 262-token vocabulary."""
     return tiny_configs()["swa-csa-hca"].replace(vocab_size=262)
+
+
+def synthetic_stored(cfg, device, seed: int = 0, mtp: bool = False) -> dict:
+    """Every tensor of ``cfg`` (with the MTP layer when ``mtp``) in its published stored format,
+    random, made on ``device``."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    gcpu = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, (kind, shape) in tensor_shapes(cfg, mtp=mtp).items():
+        fmt = published_format(name)
+        base = linear_base(name)
+        if fmt == "fp8":
+            out[name] = (torch.randn(shape, device=device, generator=g) * 0.5).to(torch.float8_e4m3fn)
+            sshape = (math.ceil(shape[0] / FP8_BLOCK), math.ceil(shape[1] / FP8_BLOCK))
+            e = torch.randint(118, 124, sshape, device=device, dtype=torch.uint8, generator=g)
+            out[base + SCALE] = e.view(torch.float8_e8m0fnu)
+        elif fmt == "mxfp4":
+            out[name] = torch.randint(0, 256, (shape[0], shape[1] // 2), device=device, dtype=torch.uint8,
+                                      generator=g).view(torch.float4_e2m1fn_x2)
+            e = torch.randint(119, 123, (shape[0], shape[1] // MXFP4_GROUP), device=device, dtype=torch.uint8, generator=g)
+            out[base + SCALE] = e.view(torch.float8_e8m0fnu)
+        elif fmt == "int":
+            V, k = shape
+            out[name] = torch.argsort(torch.rand(V, cfg.n_routed_experts, device=device, generator=g), -1)[:, :k] \
+                .to(torch.int32)
+        else:
+            t = random_tensor(kind, shape, gcpu, torch.float32)
+            out[name] = t.to(device, torch.bfloat16 if fmt == "bf16" else torch.float32)
+    return out
