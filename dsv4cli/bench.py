@@ -124,13 +124,22 @@ def decode(model: Optional[Path] = MODEL_OPT, preset: Optional[str] = PRESET_OPT
                                     "tokens per verify step, effective tok/s against plain, identical output."),
            mtp_acceptance: Optional[float] = typer.Option(None, "--mtp-acceptance", help="With --mtp: project "
                                                           "tok/s at this draft acceptance rate (0-1; default: the "
-                                                          "measured one; random synthetic weights accept ~0).")):
+                                                          "measured one; random synthetic weights accept ~0)."),
+           gpus: Optional[str] = typer.Option(None, "--gpus", help="With --model: decode over N GPUs (or auto), "
+                                              "the layout of dsv4 plan; timed on rank 0, collectives included."),
+           ranks: Optional[int] = typer.Option(None, "--ranks", help="With --model and --device cpu: over N CPU "
+                                               "processes (gloo)."),
+           simulate_rank: Optional[str] = typer.Option(None, "--simulate-rank", help="With --preset --synthetic on "
+                                                       "a GPU: time rank r of R (r/R, e.g. 0/2) alone, its share of "
+                                                       "the experts, heads and vocabulary, collectives as no-ops; "
+                                                       "predicts the R-GPU step.")):
     guard(_decode)(model, preset, layers, synthetic, prompt_len, steps, warmup, device, precision, threads, as_json,
-                   json_out, compare, cuda_graph, mtp, mtp_acceptance)
+                   json_out, compare, cuda_graph, mtp, mtp_acceptance, gpus, ranks, simulate_rank)
 
 
 def _decode(model, preset, layers, synthetic, prompt_len, steps, warmup, device, precision, threads, as_json,
-            json_out, compare=None, cuda_graph=True, mtp=False, mtp_acceptance=None):
+            json_out, compare=None, cuda_graph=True, mtp=False, mtp_acceptance=None, gpus=None, ranks=None,
+            simulate_rank=None):
     from dsv4.engine.tools import bench as B
 
     if prompt_len < 1 or steps < 1 or warmup < 0:
@@ -139,6 +148,12 @@ def _decode(model, preset, layers, synthetic, prompt_len, steps, warmup, device,
         raise UserError("--compare eager with --no-cuda-graph would time the same path twice")
     if mtp_acceptance is not None and not (mtp and 0 <= mtp_acceptance <= 1):
         raise UserError("--mtp-acceptance is a rate in [0, 1] and needs --mtp")
+    if simulate_rank is not None:
+        return _simulated_rank(preset, layers, synthetic, simulate_rank, prompt_len, steps, device, precision,
+                               threads, as_json, json_out, gpus, ranks, mtp, compare)
+    if gpus is not None or ranks is not None:
+        return _decode_over_ranks(model, prompt_len, steps, warmup, device, precision, threads, as_json, json_out,
+                                  gpus, ranks, mtp, compare)
     precision, n_threads = _common(threads, precision, compare)
     with Progress("bench decode") as progress:
         m, full, name, device = _load(model, preset, layers, synthetic, device, precision, progress, mtp=mtp)
@@ -162,6 +177,59 @@ def _decode(model, preset, layers, synthetic, prompt_len, steps, warmup, device,
         roof = B.decode_roofline(r, B.measure_bandwidth(device), full, precision)
     _emit({"model": name, "precision": str(precision), **r, **roof,
            "environment": B.environment(device, n_threads)}, as_json, json_out)
+
+
+def _decode_over_ranks(model, prompt_len, steps, warmup, device, precision, threads, as_json, json_out, gpus, ranks,
+                       mtp, compare):
+    """bench decode over several ranks: a checkpoint split as dsv4 plan shows, timed on rank 0."""
+    from .parallel import open_session, resolve_ranks, time_decode
+    from dsv4.engine.tools import bench as B
+
+    if model is None:
+        raise UserError("--gpus/--ranks time a checkpoint (--model DIR); for --preset --synthetic use "
+                        "--simulate-rank r/R")
+    if mtp or compare:
+        raise UserError("--mtp and --compare run on one device: drop them, or drop --gpus/--ranks")
+    if not Path(model).is_dir():
+        raise UserError(f"--model {model}: no such folder")
+    precision, n_threads = _common(threads, precision, None)
+    ctx = prompt_len + steps + warmup + 8
+    kind, n = resolve_ranks(device, gpus, ranks, model, ctx, str(precision))
+    with Progress("bench decode") as progress:
+        progress(f"starting {n} ranks")
+        s = open_session(model, str(precision), ctx, kind, n, threads=threads)
+        try:
+            r = time_decode(s, prompt_len, steps, warmup)
+        finally:
+            s.close()
+    _emit({"model": str(model), "precision": str(precision), **r,
+           "environment": B.environment(kind, n_threads)}, as_json, json_out)
+
+
+def _simulated_rank(preset, layers, synthetic, spec, prompt_len, steps, device, precision, threads, as_json,
+                    json_out, gpus, ranks, mtp, compare):
+    """bench decode --simulate-rank r/R: one rank's share of a synthetic preset, timed alone on one GPU."""
+    from dsv4.engine.runtime.parallel.simulate import simulate_rank as simulate
+    from dsv4.engine.tools import bench as B
+
+    try:
+        rank, of = (int(x) for x in spec.split("/"))
+    except ValueError:
+        raise UserError(f"--simulate-rank {spec!r}: use r/R, e.g. 0/2") from None
+    if not 0 <= rank < of:
+        raise UserError(f"--simulate-rank {spec!r}: need 0 <= r < R")
+    if preset is None or not synthetic:
+        raise UserError("--simulate-rank times a synthetic preset: add --preset flash|pro --synthetic")
+    if gpus is not None or ranks is not None or mtp or compare:
+        raise UserError("--simulate-rank runs one rank on one GPU: drop --gpus/--ranks/--mtp/--compare")
+    dev = resolve_device(device)
+    if not dev.startswith("cuda"):
+        raise UserError("--simulate-rank needs a CUDA GPU (it times the CUDA-graph decode step)")
+    precision, n_threads = _common(threads, precision, None)
+    with Progress("bench decode") as progress:
+        r = simulate(preset, layers or 16, rank, of, dev, str(precision), prompt_len, steps, progress=progress)
+    _emit({"model": f"synthetic {preset}, rank {rank} of {of}", "precision": str(precision), **r,
+           "environment": B.environment(dev, n_threads)}, as_json, json_out)
 
 
 def _max_context_fits(m, tokens: int) -> None:

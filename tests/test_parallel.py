@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -406,3 +407,21 @@ def test_plan_flash_needs_two_h200s(cli_inprocess):
 
 if __name__ == "__main__" and sys.argv[1:] == ["experts"]:
     _interpreted_experts_check()
+
+
+def test_bench_decode_over_two_cpu_ranks_and_its_option_errors(cli_inprocess):
+    """dsv4 bench decode --model DIR --device cpu --ranks 2: the built-in model split over two gloo
+    processes, timed on rank 0; the option combinations that cannot work are one-line errors."""
+    from dsv4.cli.common import builtin_model_dir
+
+    d = str(builtin_model_dir())
+    r = cli_inprocess("bench", "decode", "--model", d, "--device", "cpu", "--ranks", "2", "--steps", "3",
+                      "--warmup", "1", "--prompt-len", "12", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["ranks"] == 2 and out["runs"] == 3 and out["ms_per_token"] > 0
+    for args, msg in ((("--preset", "flash", "--synthetic", "--gpus", "2"), "use --simulate-rank"),
+                      (("--preset", "flash", "--synthetic", "--simulate-rank", "2/2"), "need 0 <= r < R"),
+                      (("--model", d, "--ranks", "2", "--device", "cpu", "--mtp"), "run on one device")):
+        bad = cli_inprocess("bench", "decode", *args)
+        assert bad.returncode == 2 and msg in bad.stderr, bad.stderr
