@@ -113,13 +113,7 @@ class Model:
         device (pos = tokens already cached). The same values as ``forward``, but no shape or
         branch depends on the position, so it can be captured in a CUDA graph (engine/decode.py).
         -> logits [1, vocab] float32."""
-        cfg = self.cfg
-        rope = StepRope(self.rope, pos)
-        streams = self.w["embed.weight"][token].to(self.dtype).unsqueeze(1).expand(-1, cfg.hc_mult, -1).contiguous()
-        for spec in self.specs:
-            p = f"layers.{spec.index}"
-            streams = block(streams, self._ctx(p, spec, handles[spec.index], pos, token, rope, None))
-        return self._head(streams, "")
+        return self.static_step(token, pos, handles)[0]
 
     def _fuse(self) -> dict:
         """Stacked linears for the decode step (engine/weights.fuse_rows; the originals become views):

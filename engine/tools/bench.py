@@ -527,19 +527,12 @@ def compare_run(against: str, kind: str, model: Model, ours: dict, prompt_len: i
             **{f"compare_{k}": v for k, v in extra.items()}}
 
 
-def free_memory_bytes(device) -> int | None:
-    """Free memory on ``device`` (CUDA: the driver's count; CPU: MemAvailable), None if unknown."""
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        return torch.cuda.mem_get_info(dev)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
+def free_memory_bytes(device) -> int:
+    """Free memory on ``device`` in bytes (engine/runtime/session.free_memory: CUDA's driver count
+    plus torch's unused reserve, CPU MemAvailable)."""
+    from dsv4.engine.runtime.session import free_memory
+
+    return free_memory(torch.device(device))
 
 
 def _bench_tokens(vocab: int, prompt_len: int, n: int) -> tuple[torch.Tensor, list[int]]:

@@ -83,23 +83,29 @@ def synthetic_stored(cfg, device, seed: int = 0, mtp: bool = False) -> dict:
     gcpu = torch.Generator().manual_seed(seed)
     out = {}
     for name, (kind, shape) in tensor_shapes(cfg, mtp=mtp).items():
-        fmt = published_format(name)
-        base = linear_base(name)
-        if fmt == "fp8":
-            out[name] = (torch.randn(shape, device=device, generator=g) * 0.5).to(torch.float8_e4m3fn)
-            sshape = (math.ceil(shape[0] / FP8_BLOCK), math.ceil(shape[1] / FP8_BLOCK))
-            e = torch.randint(118, 124, sshape, device=device, dtype=torch.uint8, generator=g)
-            out[base + SCALE] = e.view(torch.float8_e8m0fnu)
-        elif fmt == "mxfp4":
-            out[name] = torch.randint(0, 256, (shape[0], shape[1] // 2), device=device, dtype=torch.uint8,
-                                      generator=g).view(torch.float4_e2m1fn_x2)
-            e = torch.randint(119, 123, (shape[0], shape[1] // MXFP4_GROUP), device=device, dtype=torch.uint8, generator=g)
-            out[base + SCALE] = e.view(torch.float8_e8m0fnu)
-        elif fmt == "int":
-            V, k = shape
-            out[name] = torch.argsort(torch.rand(V, cfg.n_routed_experts, device=device, generator=g), -1)[:, :k] \
-                .to(torch.int32)
-        else:
-            t = random_tensor(kind, shape, gcpu, torch.float32)
-            out[name] = t.to(device, torch.bfloat16 if fmt == "bf16" else torch.float32)
+        out.update(stored_random(cfg, name, kind, shape, device, g, gcpu))
     return out
+
+
+def stored_random(cfg, name: str, kind: str, shape: tuple, device, g: torch.Generator,
+                  gcpu: torch.Generator) -> dict:
+    """One published tensor ``name`` of ``shape``, random, in its stored format on ``device``:
+    {name: data} plus its scale for FP8 (ue8m0 per FP8_BLOCK x FP8_BLOCK) and MXFP4 (ue8m0 per
+    MXFP4_GROUP). g: a generator on ``device``; gcpu: one on the CPU (small float tensors)."""
+    fmt, base = published_format(name), linear_base(name)
+    if fmt == "fp8":
+        sshape = (math.ceil(shape[0] / FP8_BLOCK), math.ceil(shape[1] / FP8_BLOCK))
+        e = torch.randint(118, 124, sshape, device=device, dtype=torch.uint8, generator=g)
+        return {name: (torch.randn(shape, device=device, generator=g) * 0.5).to(torch.float8_e4m3fn),
+                base + SCALE: e.view(torch.float8_e8m0fnu)}
+    if fmt == "mxfp4":
+        codes = torch.randint(0, 256, (shape[0], shape[1] // 2), device=device, dtype=torch.uint8, generator=g)
+        e = torch.randint(119, 123, (shape[0], shape[1] // MXFP4_GROUP), device=device, dtype=torch.uint8,
+                          generator=g)
+        return {name: codes.view(torch.float4_e2m1fn_x2), base + SCALE: e.view(torch.float8_e8m0fnu)}
+    if fmt == "int":
+        V, k = shape
+        ids = torch.argsort(torch.rand(V, cfg.n_routed_experts, device=device, generator=g), -1)[:, :k]
+        return {name: ids.to(torch.int32)}
+    t = random_tensor(kind, shape, gcpu, torch.float32)
+    return {name: t.to(device, torch.bfloat16 if fmt == "bf16" else torch.float32)}

@@ -18,12 +18,11 @@ import math
 
 import torch
 
-from dsv4.engine.checkpoint.formats import published_format
 from dsv4.engine.checkpoint.shapes import tensor_shapes
 from dsv4.engine.model.config import DSV4Config
 from dsv4.engine.model.model import Model
 from dsv4.engine.model.weights import build_weights
-from dsv4.engine.tools.synthetic import random_tensor
+from dsv4.engine.tools.synthetic import stored_random
 
 from .comm import NoCollectives
 from .layout import SKIP, local_config, pick, plan_shares
@@ -45,24 +44,7 @@ def rank_synthetic_stored(cfg: DSV4Config, share, device, seed: int = 0) -> dict
         if want is not None:
             dim, a, b = want
             shape = tuple(b - a if i == dim else n for i, n in enumerate(shape))
-        fmt, base = published_format(name), name[: -len(".weight")]
-        if fmt == "fp8":
-            out[name] = (torch.randn(shape, device=device, generator=g) * 0.5).to(torch.float8_e4m3fn)
-            sshape = (math.ceil(shape[0] / 128), math.ceil(shape[1] / 128))
-            out[base + ".scale"] = torch.randint(118, 124, sshape, device=device, dtype=torch.uint8,
-                                                 generator=g).view(torch.float8_e8m0fnu)
-        elif fmt == "mxfp4":
-            out[name] = torch.randint(0, 256, (shape[0], shape[1] // 2), device=device, dtype=torch.uint8,
-                                      generator=g).view(torch.float4_e2m1fn_x2)
-            out[base + ".scale"] = torch.randint(119, 123, (shape[0], shape[1] // 32), device=device,
-                                                 dtype=torch.uint8, generator=g).view(torch.float8_e8m0fnu)
-        elif fmt == "int":
-            V, k = shape
-            out[name] = torch.argsort(torch.rand(V, cfg.n_routed_experts, device=device, generator=g), -1)[:, :k] \
-                .to(torch.int32)
-        else:
-            t = random_tensor(kind, shape, gcpu, torch.float32)
-            out[name] = t.to(device, torch.bfloat16 if fmt == "bf16" else torch.float32)
+        out.update(stored_random(cfg, name, kind, shape, device, g, gcpu))
     return out
 
 
