@@ -8,11 +8,14 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from typer.core import TyperArgument, TyperCommand, TyperGroup
 
-from dsv4.kernels.formats import Precision, PrecisionError
+if TYPE_CHECKING:
+    from dsv4.kernels.formats import Precision
+
 
 
 class UserError(Exception):
@@ -34,6 +37,8 @@ def warn(msg: str) -> None:
 
 def check_precision(precision, option: str = "--precision") -> Precision:
     """The one validation of a precision name given on the command line -> Precision."""
+    from dsv4.kernels.formats import Precision, PrecisionError  # lazily: it imports torch (--render needs none)
+
     try:
         return Precision.parse(precision)
     except PrecisionError:
@@ -155,6 +160,7 @@ def _known_errors() -> tuple:
     from dsv4.engine.runtime.tokenizer import TokenizerError
     from dsv4.engine.tools.bench import BenchError
     from dsv4.kernels.dispatch import KernelError
+    from dsv4.kernels.formats import PrecisionError
 
     return (UserError, CheckpointError, ConfigError, TokenizerError, CacheError, BenchError, PrecisionError,
             KernelError)
@@ -166,13 +172,14 @@ def guard(fn):
 
     @wraps(fn)
     def wrapper(*a, **kw):
-        known = _known_errors()
         try:
             return fn(*a, **kw)
-        except known as e:
-            fail(str(e))
-        except FileNotFoundError as e:
-            fail(f"{e.filename}: no such file or directory")
+        except Exception as e:  # the known types are imported only now: they pull in torch
+            if isinstance(e, FileNotFoundError):
+                fail(f"{e.filename}: no such file or directory")
+            if isinstance(e, _known_errors()):
+                fail(str(e))
+            raise
         except KeyboardInterrupt:
             sys.stderr.write("\ninterrupted\n")
             raise typer.Exit(130)
