@@ -114,6 +114,9 @@ def _chat(model, prompt, messages, render, system, think, reasoning_effort, temp
                 raise UserError("no prompt: pass -p \"...\" or pipe text on stdin")
     elif prompt is None:  # a conversation file: continue it (the REPL when on a terminal)
         interactive = sys.stdin.isatty() and not json_out
+        if not sys.stdin.isatty():
+            piped = sys.stdin.read()
+            prompt = piped if piped.strip() else None  # text piped with --messages is the next user turn
     if prompt is not None:
         prompt = prompt.rstrip("\n")
     # check the conversation before loading any weights
@@ -142,7 +145,8 @@ def _chat(model, prompt, messages, render, system, think, reasoning_effort, temp
     if n_ranks > 1:
         if mtp:
             raise UserError("--mtp runs on one device: drop it, or drop --gpus/--ranks")
-        conv, info = load_parallel(model_dir, kind, precision, max_context, msgs, think, reasoning_effort, n_ranks)
+        conv, info = load_parallel(model_dir, kind, precision, max_context, msgs, think, reasoning_effort, n_ranks,
+                                   threads, prefill_chunk)
     else:
         conv, info = load_conversation(model_dir, resolve_device(kind), precision, max_context, msgs, think,
                                        reasoning_effort, mtp, prefill_chunk)

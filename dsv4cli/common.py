@@ -177,7 +177,11 @@ def guard(fn):
         except Exception as e:  # the known types are imported only now: they pull in torch
             if isinstance(e, FileNotFoundError):
                 fail(f"{e.filename}: no such file or directory")
-            if isinstance(e, _known_errors()):
+            try:
+                known = _known_errors()
+            except Exception as inner:  # e.g. DSV4_KERNELS=bad makes the kernels' import itself fail
+                fail(str(inner) if type(inner).__name__ == type(e).__name__ else str(e))
+            if isinstance(e, known):
                 fail(str(e))
             raise
         except KeyboardInterrupt:

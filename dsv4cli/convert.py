@@ -67,7 +67,9 @@ def _convert(src, dst, experts, dense, force, verify_out, shard_size, threads=No
     console.print(f"wrote {dst} (experts {experts}, dense {dense}, {len(result.formats)} tensors)", highlight=False)
     if experts == "nvfp4":
         rr = result.rerounded_blocks
-        console.print(f"MXFP4 -> NVFP4: {experts_n - len(rr)} of {experts_n} expert tensors bit-exact in value"
+        exact = sum(1 for n, f in result.formats.items() if ".experts." in n and f == experts and n in result.lossless)
+        console.print(f"experts -> NVFP4: {exact} of {experts_n} expert tensors bit-exact in value (lossless from "
+                      "MXFP4; a float source is rounded)"
                       + (f"; {sum(rr.values())} blocks re-rounded in {len(rr)} tensors (exponent span wider than "
                          f"e4m3 holds)" if rr else ""), highlight=False, soft_wrap=True)
         for name, n in sorted(rr.items(), key=lambda kv: -kv[1])[:10]:
@@ -86,4 +88,5 @@ def _convert(src, dst, experts, dense, force, verify_out, shard_size, threads=No
         console.print(f"verified {len(rows)} tensors: {len(rows) - len(bad)} within limits, {len(bad)} above",
                       highlight=False)
         if bad:
-            raise UserError(f"--verify: {len(bad)} tensors exceed their error limit (worst {bad[0].name})")
+            raise UserError(f"--verify: {len(bad)} tensors exceed their error limit (worst "
+                            f"{max(bad, key=lambda r: r.rel).name})")

@@ -107,7 +107,7 @@ def open_session(model_dir, precision: str, max_context: int, device: str, ranks
 
 
 def load_conversation(model_dir, device: str, precision: str, max_context: int, messages, think, reasoning_effort,
-                      ranks: int):
+                      ranks: int, threads: int | None = None, prefill_chunk: int | None = None):
     """chat.load_conversation over ``ranks`` processes (device "cpu" or "cuda"): the same (conv, info),
     the Conversation over rank 0's ParallelSession. chat calls it instead when resolve_ranks gives
     more than one rank."""
@@ -118,7 +118,8 @@ def load_conversation(model_dir, device: str, precision: str, max_context: int, 
 
     tok = Tokenizer.from_dir(model_dir)
     max_context = min(max_context, DSV4Config.from_pretrained(model_dir).max_position_embeddings)
-    session = open_session(model_dir, precision, max_context, device, ranks)
+    session = open_session(model_dir, precision, max_context, device, ranks, threads=threads)
+    session.prefill_chunk = prefill_chunk  # rank 0 cuts the prompt; the workers run its chunks
     cfg = session.model.cfg
     if tok.vocab_size > cfg.vocab_size:
         session.close()

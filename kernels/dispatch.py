@@ -76,9 +76,10 @@ def observing(callbacks: dict[str, Callable]):
     """Within the block, call ``callbacks[op](args, result)`` after every call of each named op (the
     declared way for training to read values inside the forward: the indexer's scores, attention's
     queries and keys, the routers' picks), instead of patching the ops."""
+    unknown = [op for op in callbacks if op not in _REGISTRY]
+    if unknown:
+        raise KernelError(f"unknown op {unknown[0]!r}")
     for op, fn in callbacks.items():
-        if op not in _REGISTRY:
-            raise KernelError(f"unknown op {op!r}")
         _OBSERVERS.setdefault(op, []).append(fn)
     try:
         yield

@@ -314,3 +314,20 @@ def test_prefill_progress_line_and_chunk_option(cli_inprocess, ckpt):
     r = cli_inprocess("chat", "--model", str(ckpt), "-p", "hello " * 40, "--prefill-chunk", "7", "--temperature", "0",
                       "--max-tokens", "3", "--device", "cpu", "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["generated_tokens"] >= 1
+
+
+def test_text_piped_with_a_conversation_file_is_the_next_user_turn(cli_inprocess, ckpt, tmp_path):
+    conv = tmp_path / "c.json"
+    conv.write_text(json.dumps([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]))
+    r = cli_inprocess("chat", "--model", str(ckpt), "--messages", str(conv), "--json", "--temperature", "0",
+                      "--max-tokens", "2", "--device", "cpu", input="and now?\n")
+    assert r.returncode == 0, r.stderr
+    tok = Tokenizer.from_dir(ckpt)
+    want = encode_messages([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                            {"role": "user", "content": "and now?"}], "chat")
+    assert json.loads(r.stdout)["prompt_token_ids"] == tok.encode(want)
+
+
+def test_a_bad_kernel_mode_is_one_line(cli):
+    r = cli("chat", "-p", "x", env={"DSV4_KERNELS": "fast"})
+    assert r.returncode == 2 and r.stderr.strip() == "error: DSV4_KERNELS='fast': use auto or reference"

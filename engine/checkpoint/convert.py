@@ -197,12 +197,14 @@ def plan_convert(src, dst, experts: str = "nvfp4", dense: str = "fp8", force: bo
 @dataclass
 class ConvertResult:
     """dst: the written folder. rerounded_blocks: tensor -> 16-value NVFP4 blocks re-rounded (only
-    tensors with some). removed_stale: partial folders of dead converts that were removed."""
+    tensors with some). removed_stale: partial folders of dead converts that were removed.
+    lossless: the tensors whose every value was kept exactly."""
 
     dst: Path
     formats: dict
     rerounded_blocks: dict
     removed_stale: list[Path]
+    lossless: set = field(default_factory=set)
 
 
 @contextlib.contextmanager
@@ -245,7 +247,7 @@ def convert_checkpoint(src, dst, experts: str = "nvfp4", dense: str = "fp8", for
         except OSError as e:
             raise ConvertError(f"{dst.parent}: cannot write here ({e.strerror or short(e)})") from None
         try:
-            formats, rerounded = _stream(ck, tmp, plan.experts, plan.dense, max_shard_bytes, progress)
+            formats, rerounded, lossless = _stream(ck, tmp, plan.experts, plan.dense, max_shard_bytes, progress)
             for f in COPY_FILES:
                 if (src / f).exists():
                     shutil.copyfile(src / f, tmp / f)
@@ -265,7 +267,7 @@ def convert_checkpoint(src, dst, experts: str = "nvfp4", dense: str = "fp8", for
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-    return ConvertResult(dst, formats, rerounded, removed)
+    return ConvertResult(dst, formats, rerounded, removed, lossless)
 
 
 def _move_into_place(tmp: Path, dst: Path) -> None:
@@ -288,11 +290,11 @@ def _logical_names(ck: Checkpoint) -> list[str]:
     return list(tensor_shapes(ck.config, mtp=any(n.startswith("mtp.") for n in ck.weight_map)))
 
 
-def _stream(ck: Checkpoint, out: Path, experts: str, dense: str, max_shard_bytes: int, progress) -> tuple[dict, dict]:
+def _stream(ck: Checkpoint, out: Path, experts: str, dense: str, max_shard_bytes: int, progress) -> tuple[dict, dict, set]:
     """Write every logical tensor of ``ck`` in its target format into ``out``, reading shard by
     shard. -> (name -> format written, name -> re-rounded NVFP4 blocks for tensors with any)."""
     writer = ShardWriter(out, max_shard_bytes)
-    formats, rerounded = {}, {}
+    formats, rerounded, lossless = {}, {}, set()
     by_shard: dict[str, list[str]] = {}
     for name in _logical_names(ck):
         by_shard.setdefault(ck.weight_map[name], []).append(name)
@@ -304,13 +306,15 @@ def _stream(ck: Checkpoint, out: Path, experts: str, dense: str, max_shard_bytes
             t: Transcoded = transcode(name, stored, fmt)
             writer.add(t.tensors)
             formats[name] = fmt
+            if t.lossless:
+                lossless.add(name)
             if t.rerounded_blocks:
                 rerounded[name] = t.rerounded_blocks
             if progress:
                 progress(sum(x.numel() * x.element_size() for x in stored.values()))
             del stored, t
     writer.finish()
-    return formats, rerounded
+    return formats, rerounded, lossless
 
 
 def _sha256(f: Path) -> str:
