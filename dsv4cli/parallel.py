@@ -78,7 +78,7 @@ def resolve_ranks(device: str, gpus: str | None, ranks: int | None, model_dir, m
         raise UserError(f"--gpus {gpus!r}: use a number or auto") from None
     if not 1 <= n <= have:
         raise UserError(f"--gpus {n}: this machine has {have} visible GPU{'s' if have != 1 else ''}")
-    return "cuda", n
+    return (device if n == 1 and device.startswith("cuda") else "cuda"), n  # one GPU: the one asked for
 
 
 def open_session(model_dir, precision: str, max_context: int, device: str, ranks: int, threads: int | None = None,
