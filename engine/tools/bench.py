@@ -122,12 +122,16 @@ def weight_bytes_split(model: Model) -> dict:
     counted for the num_experts_per_tok of n_routed_experts a token uses), "head_embed": one
     embedding row plus the hc head, final norm and vocabulary head (read whole)}."""
     cfg = model.cfg
+    return _per_token_split(cfg, ((name, _weight_nbytes(name, v, cfg)) for name, v in model.w.items()
+                                  if not name.startswith("mtp.")))
+
+
+def _per_token_split(cfg: DSV4Config, sizes: Iterable[tuple[str, int]]) -> dict:
+    """(tensor name, bytes) pairs -> the bytes one decode token reads, {"layers", "head_embed"}: all of
+    every tensor but the routed experts, of which top-k / n_routed (on average)."""
     parts = {"layers": 0, "head_embed": 0}
     experts = 0
-    for name, v in model.w.items():
-        if name.startswith("mtp."):
-            continue
-        nb = _weight_nbytes(name, v, cfg)
+    for name, nb in sizes:
         if ".ffn.experts." in name:
             experts += nb
         else:
@@ -147,24 +151,18 @@ def published_weight_bytes(cfg: DSV4Config) -> dict:
     linears with one ue8m0 byte per 128x128 block, MXFP4 experts with one ue8m0 byte per 32 inputs,
     BF16 embedding/head/gate/compressor linears, F32 norms and small tensors), computed from the
     config's shapes alone: what a --layers run projects its floor to. -> {"layers", "head_embed"}."""
-    parts = {"layers": 0, "head_embed": 0}
-    experts = 0
-    for name, (_, shape) in tensor_shapes(cfg, mtp=False).items():
+    def stored_bytes(name: str, shape: tuple) -> int:
         fmt = published_format(name)
-        if fmt == "int":
-            continue
+        if fmt == "int":  # the hash routing table is indexed, not read whole
+            return 0
         if fmt in ("fp8", "mxfp4"):  # every stored tensor of these formats is one byte per element
             nb = sum(math.prod(shp) for shp, _ in stored_entries(name, shape, fmt).values())
         else:
             nb = math.prod(shape) * (2 if fmt == "bf16" else 4)
-        if name == "embed.weight":
-            nb //= cfg.vocab_size
-        if ".ffn.experts." in name:
-            experts += nb
-        else:
-            parts["layers" if name.startswith("layers.") else "head_embed"] += nb
-    parts["layers"] += experts * cfg.num_experts_per_tok // cfg.n_routed_experts
-    return parts
+        return nb // cfg.vocab_size if name == "embed.weight" else nb  # one embedding row
+
+    return _per_token_split(cfg, ((name, stored_bytes(name, shape))
+                                  for name, (_, shape) in tensor_shapes(cfg, mtp=False).items()))
 
 
 def kv_read_bytes(layers: Iterable, seq_len: int, index_topk: int) -> int:

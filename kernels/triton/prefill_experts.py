@@ -22,6 +22,7 @@ from dsv4.kernels.reference.moe import ExpertSet
 
 from . import moe as gemv_moe
 from .linear import MAX_ROWS, _e2m1_pairs
+from .prefill_linear import dot_rows
 
 TILE = {"m": 64, "n": 128, "k": 64, "warps": 8}  # untuned first choice
 FMT = {"mxfp4": 4, "nvfp4": 5}
@@ -56,21 +57,6 @@ def _ptrs(tab_ptr, stab_ptr, e):
 
 
 @triton.jit
-def _dot_rows(x, w, IEEE: tl.constexpr, SPLIT: tl.constexpr):
-    """x [M, K] . w [N, K]^T at float32 accuracy (w exact in bf16)."""
-    if IEEE:
-        return tl.dot(x.to(tl.float32), tl.trans(w), input_precision="ieee")
-    wb = tl.trans(w.to(tl.bfloat16))
-    hi = x.to(tl.bfloat16)
-    out = tl.dot(hi, wb)
-    if SPLIT:
-        r = x.to(tl.float32) - hi.to(tl.float32)
-        mid = r.to(tl.bfloat16)
-        out += tl.dot(mid, wb) + tl.dot((r - mid.to(tl.float32)).to(tl.bfloat16), wb)
-    return out
-
-
-@triton.jit
 def _tile_rows(tile_e_ptr, tile_lo_ptr, tile_hi_ptr, BLOCK_M: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     e = tl.load(tile_e_ptr + t).to(tl.int64)
@@ -96,8 +82,8 @@ def _up(x_ptr, order_ptr, wts_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, w1_tab,
         for k0 in range(0, D, BLOCK_K):
             kk = k0 + tl.arange(0, BLOCK_K)
             x = tl.load(x_ptr + tok[:, None] * D + kk[None, :], mask=rm[:, None] & (kk < D)[None, :], other=0.0)
-            g += _dot_rows(x, _fp4_tile(w1, s1, rn, nm, k0, D, BLOCK_N, BLOCK_K, FMT), IEEE, SPLIT)
-            u += _dot_rows(x, _fp4_tile(w3, s3, rn, nm, k0, D, BLOCK_N, BLOCK_K, FMT), IEEE, SPLIT)
+            g += dot_rows(x, _fp4_tile(w1, s1, rn, nm, k0, D, BLOCK_N, BLOCK_K, FMT), IEEE, SPLIT)
+            u += dot_rows(x, _fp4_tile(w3, s3, rn, nm, k0, D, BLOCK_N, BLOCK_K, FMT), IEEE, SPLIT)
         if FMT == 5:
             g = g * tl.load(g1_ptr + e)
             u = u * tl.load(g3_ptr + e)
@@ -121,7 +107,7 @@ def _down(h_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, w2_tab, s2_tab, g2_ptr, y
         for k0 in range(0, I, BLOCK_K):
             kk = k0 + tl.arange(0, BLOCK_K)
             h = tl.load(h_ptr + r[:, None] * I + kk[None, :], mask=rm[:, None] & (kk < I)[None, :], other=0.0)
-            acc += _dot_rows(h, _fp4_tile(w2, s2, rn, nm, k0, I, BLOCK_N, BLOCK_K, FMT), IEEE, True)
+            acc += dot_rows(h, _fp4_tile(w2, s2, rn, nm, k0, I, BLOCK_N, BLOCK_K, FMT), IEEE, True)
         if FMT == 5:
             acc = acc * tl.load(g2_ptr + e)
         tl.store(y_ptr + r[:, None] * D + rn[None, :], acc, mask=rm[:, None] & nm[None, :])

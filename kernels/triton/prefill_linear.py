@@ -29,6 +29,22 @@ TILE = {"m": 128, "n": 128, "k": 64, "warps": 8, "stages": 3}  # untuned first c
 
 
 @triton.jit
+def dot_rows(x, w, IEEE: tl.constexpr, SPLIT: tl.constexpr):
+    """x [M, K] . w [N, K]^T -> [M, N] float32, w exact in bf16 (FP8 / FP4 / BF16 weights): IEEE float32
+    dots, or x as one bf16 part (SPLIT False: bf16 rows) or three (float32 accuracy) on the tensor cores."""
+    if IEEE:
+        return tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+    wb = tl.trans(w.to(tl.bfloat16))
+    hi = x.to(tl.bfloat16)
+    out = tl.dot(hi, wb)
+    if SPLIT:
+        r = x.to(tl.float32) - hi.to(tl.float32)
+        mid = r.to(tl.bfloat16)
+        out += tl.dot(mid, wb) + tl.dot((r - mid.to(tl.float32)).to(tl.bfloat16), wb)
+    return out
+
+
+@triton.jit
 def _gemm(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, sxm, SB_K, FP8: tl.constexpr, SCALE_U8: tl.constexpr,
           SPLIT: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
           BLOCK_K: tl.constexpr):
@@ -45,16 +61,7 @@ def _gemm(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, sxm, SB_K, FP8: tl.constexpr, SCA
         w = tl.load(w_ptr + rn[:, None] * K + (k0 + rk)[None, :], mask=nm[:, None] & km[None, :], other=0)
         if FP8:
             w = w.to(tl.float8e4nv, bitcast=True)
-        if IEEE:
-            part = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
-        else:
-            wb = tl.trans(w.to(tl.bfloat16))
-            hi = x.to(tl.bfloat16)
-            part = tl.dot(hi, wb)
-            if SPLIT:
-                r = x.to(tl.float32) - hi.to(tl.float32)
-                mid = r.to(tl.bfloat16)
-                part += tl.dot(mid, wb) + tl.dot((r - mid.to(tl.float32)).to(tl.bfloat16), wb)
+        part = dot_rows(x, w, IEEE, SPLIT)
         if FP8:
             s = tl.load(s_ptr + (rn // 128) * SB_K + k0 // 128, mask=nm, other=0)
             if SCALE_U8:
