@@ -15,7 +15,7 @@ from collections import ChainMap
 import torch
 
 from dsv4 import kernels
-from dsv4.kernels import ExpertSet, dispatch
+from dsv4.kernels import dispatch
 from dsv4.kernels.formats import Precision
 
 from .attention import stacked_linears as attention_stacks
@@ -25,17 +25,6 @@ from .context import ONE_RANK, Collectives, LayerContext
 from .moe import layer_experts, stacked_linears as moe_stacks
 from .rope import RopeTables, StepRope
 from .weights import build_weights, fuse_rows
-
-
-def _routed_experts(w: dict, p: str, n: int):
-    """The routed experts of the MoE at p; when w holds only some of them (one rank of several, expert
-    parallel), those, with the others' ids mapped to -1 (kernels ExpertSet.local)."""
-    here = [e for e in range(n) if f"{p}.experts.{e}.w1" in w]
-    if len(here) == n:
-        return layer_experts(w, p, n)
-    local = torch.full((n,), -1, dtype=torch.long)
-    local[here] = torch.arange(len(here))
-    return ExpertSet(*([w[f"{p}.experts.{e}.{k}"] for e in here] for k in ("w1", "w3", "w2")), local=local)
 
 
 class Model:
@@ -62,7 +51,7 @@ class Model:
     def w(self, weights: dict) -> None:
         self._w, self._fused = weights, None
         prefixes = [f"layers.{s.index}.ffn" for s in self.specs] + (["mtp.0.ffn"] if "mtp.0.e_proj" in weights else [])
-        self.experts = {p: _routed_experts(weights, p, self.cfg.n_routed_experts) for p in prefixes}
+        self.experts = {p: layer_experts(weights, p, self.cfg.n_routed_experts) for p in prefixes}
 
     @property
     def mode(self) -> Precision:

@@ -9,8 +9,16 @@ from dsv4.kernels import ExpertSet
 
 
 def layer_experts(w: dict, p: str, n_experts: int) -> ExpertSet:
-    """The routed experts of the MoE at prefix p ("layers.i.ffn"), referencing w's weights."""
-    return ExpertSet(*([w[f"{p}.experts.{e}.{n}"] for e in range(n_experts)] for n in ("w1", "w3", "w2")))
+    """The routed experts of the MoE at prefix p ("layers.i.ffn"), referencing w's weights. When w
+    holds only some of them (one rank of several, expert parallel): those, with the other experts'
+    ids mapped to -1 (ExpertSet.local: they add nothing and are never read)."""
+    here = [e for e in range(n_experts) if f"{p}.experts.{e}.w1" in w]
+    sets = ([w[f"{p}.experts.{e}.{k}"] for e in here] for k in ("w1", "w3", "w2"))
+    if len(here) == n_experts:
+        return ExpertSet(*sets)
+    local = torch.full((n_experts,), -1, dtype=torch.long)
+    local[here] = torch.arange(len(here))
+    return ExpertSet(*sets, local=local)
 
 
 def stacked_linears(p: str) -> dict[str, list[str]]:
