@@ -14,6 +14,25 @@ from __future__ import annotations
 import torch
 
 
+def capture_graph(body, undo=lambda: None, warmup: int = 2) -> tuple:
+    """Capture ``body()`` (device work on static buffers) in a CUDA graph, after ``warmup`` runs on a
+    side stream (kernels compile and autotune outside the capture; each run followed by ``undo()``,
+    which puts back the cache state it wrote). The one capture sequence of the engine: the decode
+    step, the MTP verify / draft steps and the benchmarks' head timing all use it.
+    -> (replay: a callable, the graph's output tensors, overwritten by each replay)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            body()
+            undo()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = body()
+    return graph.replay, out
+
+
 class DecodeRunner:
     """Runs decode steps of one cache slot. handles: the slot's per-layer cache handles."""
 
@@ -27,7 +46,7 @@ class DecodeRunner:
             raise ValueError("CUDA-graph decode needs a CUDA device")
         self.token = torch.zeros(1, dtype=torch.long, device=dev)
         self.pos = torch.zeros(1, dtype=torch.long, device=dev)
-        self.graph: torch.cuda.CUDAGraph | None = None
+        self.replay = None  # the captured step (capture_graph), made at the first step
         self.logits: torch.Tensor | None = None
 
     def _state(self) -> list[torch.Tensor]:
@@ -40,17 +59,12 @@ class DecodeRunner:
 
     def _capture(self) -> None:
         saved = [t.clone() for t in self._state()]
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(self.WARMUP):
-                self._run()
-                for t, s in zip(self._state(), saved):
-                    t.copy_(s)
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = self._run()
+
+        def undo():
+            for t, s in zip(self._state(), saved):
+                t.copy_(s)
+
+        self.replay, self.logits = capture_graph(self._run, undo, self.WARMUP)
 
     @torch.inference_mode()
     def step(self, token: int, pos: int) -> torch.Tensor:
@@ -60,7 +74,7 @@ class DecodeRunner:
         self.pos.fill_(pos)
         if not self.graph_enabled:
             return self._run()[0]
-        if self.graph is None:
+        if self.replay is None:
             self._capture()
-        self.graph.replay()
+        self.replay()
         return self.logits[0].clone()

@@ -36,6 +36,7 @@ import torch
 
 from dsv4.cache import CacheManager, CacheSchema
 
+from .decode import capture_graph
 from .generate import Finish, whole_step
 from .rollback import TokenCheckpoint, positioned_handles
 from .sampling import Sampler, SamplingParams, min_p_mask, top_k_mask, top_p_mask
@@ -376,20 +377,3 @@ class SpeculativeDecoder:
         replay, out = self._graphs[name]
         replay()
         return out.clone() if isinstance(out, torch.Tensor) else tuple(o.clone() for o in out)
-
-
-def capture_graph(body, undo) -> tuple:
-    """Capture ``body()`` (device work on static buffers) in a CUDA graph, after two warm-up runs on a
-    side stream (kernels compile; each followed by ``undo()``, which puts back the cache state the
-    run wrote). -> (replay: a callable, the graph's output tensors, overwritten by each replay)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            body()
-            undo()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = body()
-    return graph.replay, out

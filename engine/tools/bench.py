@@ -23,6 +23,7 @@ import torch
 from dsv4.engine.checkpoint.formats import published_format, stored_entries
 from dsv4.engine.model.config import DSV4Config
 from dsv4.engine.model.model import Model
+from dsv4.engine.runtime.decode import capture_graph
 from dsv4.engine.runtime.session import Session
 from dsv4.kernels import dispatch
 from dsv4.engine.checkpoint.shapes import tensor_shapes
@@ -278,18 +279,7 @@ def head_and_embed_seconds(model: Model, runs: int = 20, graph: bool = False) ->
         return h, model._head(streams, "")
 
     with torch.inference_mode():
-        fn = once
-        if graph and dev.type == "cuda":
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(2):  # compile / autotune outside the capture
-                    once()
-            torch.cuda.current_stream().wait_stream(side)
-            cg = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(cg):
-                once()
-            fn = cg.replay
+        fn = capture_graph(once)[0] if graph and dev.type == "cuda" else once
         return median_time(dev, fn, runs)
 
 
