@@ -27,6 +27,9 @@ THREADS_OPT = typer.Option(None, "--threads", help=THREADS_OPT_HELP)
 JSON_OPT = typer.Option(False, "--json", help="Print the results as JSON to stdout (nothing else on stdout).")
 JSON_OUT_OPT = typer.Option(None, "--json-out", help="Also write the results as JSON to FILE.")
 WARMUP_HELP = "Untimed runs before the timed ones."
+GPUS_HELP = ("With --model: {what} over N GPUs (or auto: the fewest GPUs whose memory holds the model and its "
+             "cache), the layout of dsv4 plan; timed on rank 0, collectives included.")
+RANKS_HELP = "With --model and --device cpu: over N CPU processes (gloo)."
 COMPARE_OPT = typer.Option(None, "--compare", help="Also run the same work through 'reference' (the torch "
                            "reference kernels), 'transformers' (its DeepseekV4ForCausalLM with the same weights, "
                            "float32, where it fits in memory) or, for decode on a GPU, 'eager' (no CUDA graph: the "
@@ -89,6 +92,14 @@ def _emit(result: dict, as_json: bool, json_out: Optional[Path]) -> None:
     for k, v in result.items():
         if not isinstance(v, (dict, list)):
             con.print(f"  {k:<36} {_fmt(v)}")
+    if isinstance(result.get("flops_breakdown"), dict):
+        total = result.get("flops") or 1
+        con.print("  flops_breakdown " + ", ".join(f"{k} {v:.4g} ({v / total:.1%})"
+                                                   for k, v in result["flops_breakdown"].items()))
+    if isinstance(result.get("profile"), list):
+        con.print(f"  where the time goes ({result['profile_by']}, self time, one profiled prefill):")
+        for row in result["profile"]:
+            con.print(f"  {row['self_s'] * 1000:10.2f} ms {row['share']:6.1%} {row['calls']:7d}  {row['name'][:100]}")
     if isinstance(result.get("kernels"), dict):
         by_impl: dict[str, list[str]] = {}
         for op, v in result["kernels"].items():
@@ -125,10 +136,8 @@ def decode(model: Optional[Path] = MODEL_OPT, preset: Optional[str] = PRESET_OPT
            mtp_acceptance: Optional[float] = typer.Option(None, "--mtp-acceptance", help="With --mtp: project "
                                                           "tok/s at this draft acceptance rate (0-1; default: the "
                                                           "measured one; random synthetic weights accept ~0)."),
-           gpus: Optional[str] = typer.Option(None, "--gpus", help="With --model: decode over N GPUs (or auto), "
-                                              "the layout of dsv4 plan; timed on rank 0, collectives included."),
-           ranks: Optional[int] = typer.Option(None, "--ranks", help="With --model and --device cpu: over N CPU "
-                                               "processes (gloo)."),
+           gpus: Optional[str] = typer.Option(None, "--gpus", help=GPUS_HELP.format(what="decode")),
+           ranks: Optional[int] = typer.Option(None, "--ranks", help=RANKS_HELP),
            simulate_rank: Optional[str] = typer.Option(None, "--simulate-rank", help="With --preset --synthetic on "
                                                        "a GPU: time rank r of R (r/R, e.g. 0/2) alone, its share of "
                                                        "the experts, heads and vocabulary, collectives as no-ops; "
@@ -150,7 +159,7 @@ def _decode(model, preset, layers, synthetic, prompt_len, steps, warmup, device,
         raise UserError("--mtp-acceptance is a rate in [0, 1] and needs --mtp")
     if simulate_rank is not None:
         return _simulated_rank(preset, layers, synthetic, simulate_rank, prompt_len, steps, device, precision,
-                               threads, as_json, json_out, gpus, ranks, mtp, compare)
+                               threads, as_json, json_out, gpus, ranks, mtp, compare, warmup, cuda_graph)
     if gpus is not None or ranks is not None:
         return _decode_over_ranks(model, prompt_len, steps, warmup, device, precision, threads, as_json, json_out,
                                   gpus, ranks, mtp, compare)
@@ -207,8 +216,9 @@ def _decode_over_ranks(model, prompt_len, steps, warmup, device, precision, thre
 
 
 def _simulated_rank(preset, layers, synthetic, spec, prompt_len, steps, device, precision, threads, as_json,
-                    json_out, gpus, ranks, mtp, compare):
-    """bench decode --simulate-rank r/R: one rank's share of a synthetic preset, timed alone on one GPU."""
+                    json_out, gpus, ranks, mtp, compare, warmup=3, cuda_graph=True):
+    """bench decode --simulate-rank r/R: one rank's share of a synthetic preset, timed alone on one GPU
+    (--warmup steps first; --no-cuda-graph: the eager per-token forward instead of the graph)."""
     from dsv4.engine.runtime.parallel.simulate import simulate_rank as simulate
     from dsv4.engine.tools import bench as B
 
@@ -224,10 +234,11 @@ def _simulated_rank(preset, layers, synthetic, spec, prompt_len, steps, device, 
         raise UserError("--simulate-rank runs one rank on one GPU: drop --gpus/--ranks/--mtp/--compare")
     dev = resolve_device(device)
     if not dev.startswith("cuda"):
-        raise UserError("--simulate-rank needs a CUDA GPU (it times the CUDA-graph decode step)")
+        raise UserError("--simulate-rank needs a CUDA GPU (it predicts the GPU decode step)")
     precision, n_threads = _common(threads, precision, None)
     with Progress("bench decode") as progress:
-        r = simulate(preset, layers or 16, rank, of, dev, str(precision), prompt_len, steps, progress=progress)
+        r = simulate(preset, layers or 16, rank, of, dev, str(precision), prompt_len, steps, warmup=warmup,
+                     cuda_graph=None if cuda_graph else False, progress=progress)
     _emit({"model": f"synthetic {preset}, rank {rank} of {of}", "precision": str(precision), **r,
            "environment": B.environment(dev, n_threads)}, as_json, json_out)
 
@@ -247,41 +258,96 @@ def _compare_checked(compare, kind, m) -> None:
         raise UserError(f"--compare {e}") from None
 
 
-@command("prefill", help="Time the prefill of a prompt (median, p10/p90), with FLOPs against the measured matrix "
-                         "rate.")
+@command("prefill", help="Time the prefill of a prompt (median, p10/p90) through the chunked path dsv4 chat uses: "
+                         "time to first token, tokens/s, peak memory beyond the weights and the KV cache, and FLOPs "
+                         "(linear and expert work plus attention and indexer work at that context, formula in the "
+                         "JSON) against the measured matrix rate.")
 def prefill(model: Optional[Path] = MODEL_OPT, preset: Optional[str] = PRESET_OPT, layers: Optional[int] = LAYERS_OPT,
             synthetic: bool = SYN_OPT,
             prompt_len: int = typer.Option(1024, "--prompt-len", help="Prompt tokens per prefill."),
-            runs: int = typer.Option(5, "--runs", help="Timed prefills (each in a fresh session)."),
+            runs: int = typer.Option(5, "--runs", help="Timed prefills (each in a fresh session; over ranks, "
+                                     "the same session reset)."),
             warmup: int = typer.Option(1, "--warmup", help=WARMUP_HELP), device: str = DEVICE_OPT,
             precision: str = PRECISION_OPT, threads: Optional[int] = THREADS_OPT, as_json: bool = JSON_OPT,
-            json_out: Optional[Path] = JSON_OUT_OPT, compare: Optional[str] = COMPARE_OPT):
+            json_out: Optional[Path] = JSON_OUT_OPT, compare: Optional[str] = COMPARE_OPT,
+            prefill_chunk: Optional[int] = typer.Option(None, "--prefill-chunk", help="Prompt tokens per prefill "
+                                                        "chunk (default: the engine's choice from the free device "
+                                                        "memory and the model, as dsv4 chat makes it)."),
+            profile: bool = typer.Option(False, "--profile", help="After the timed runs, one more prefill under "
+                                         "torch.profiler: the kernels (GPU, by self device time) or torch ops (CPU, "
+                                         "by self CPU time) that took longest, with their share."),
+            gpus: Optional[str] = typer.Option(None, "--gpus", help=GPUS_HELP.format(what="prefill")),
+            ranks: Optional[int] = typer.Option(None, "--ranks", help=RANKS_HELP)):
     guard(_prefill)(model, preset, layers, synthetic, prompt_len, runs, warmup, device, precision, threads, as_json,
-                    json_out, compare)
+                    json_out, compare, prefill_chunk, profile, gpus, ranks)
 
 
 def _prefill(model, preset, layers, synthetic, prompt_len, runs, warmup, device, precision, threads, as_json,
-             json_out, compare=None):
+             json_out, compare=None, prefill_chunk=None, profile=False, gpus=None, ranks=None):
     from dsv4.engine.tools import bench as B
 
     if prompt_len < 1 or runs < 1 or warmup < 0:
         raise UserError("--prompt-len and --runs must be >= 1, --warmup >= 0")
+    if prefill_chunk is not None and prefill_chunk < 1:
+        raise UserError(f"--prefill-chunk must be >= 1, got {prefill_chunk}")
     if compare == "eager":
         raise UserError("--compare eager applies to decode (prefill never uses the CUDA graph)")
+    if gpus is not None or ranks is not None:
+        from .parallel import resolve_ranks
+
+        if model is None or preset is not None:
+            raise UserError("--gpus/--ranks time a checkpoint split over ranks: give --model DIR (not --preset)")
+        if layers is not None:
+            raise UserError("--layers applies to --preset runs (a checkpoint is timed whole)")
+        if compare:
+            raise UserError("--compare runs on one device: drop it, or drop --gpus/--ranks")
+        if not Path(model).is_dir():
+            raise UserError(f"--model {model}: no such folder")
+        device, n = resolve_ranks(device, gpus, ranks, model, prompt_len, str(check_precision(precision)))
+        if n > 1:
+            return _prefill_over_ranks(model, prompt_len, runs, warmup, device, n, precision, threads, as_json,
+                                       json_out, prefill_chunk, profile)
     precision, n_threads = _common(threads, precision, compare)
     with Progress("bench prefill") as progress:
         m, full, name, device = _load(model, preset, layers, synthetic, device, precision, progress)
         _max_context_fits(m, prompt_len)
         if compare:
             _compare_checked(compare, "prefill", m)
-        r = B.bench_prefill(m, prompt_len, runs, warmup, progress=progress)
+        r = B.bench_prefill(m, prompt_len, runs, warmup, chunk=prefill_chunk, profile=profile, progress=progress)
         if compare:
             progress(f"timing --compare {compare}")
-            r.update(B.compare_run(compare, "prefill", m, r, prompt_len, runs, warmup))
+            r.update(B.compare_run(compare, "prefill", m, r, prompt_len, runs, warmup, chunk=r["prefill_chunk"]))
         progress("measuring the matrix rate")
         roof = B.prefill_roofline(r, B.measure_matmul_rate(device), full, m.cfg.num_hidden_layers)
     _emit({"model": name, "precision": str(precision), **r, **roof,
            "environment": B.environment(device, n_threads)}, as_json, json_out)
+
+
+def _prefill_over_ranks(model, prompt_len, runs, warmup, kind, n, precision, threads, as_json, json_out,
+                        prefill_chunk, profile):
+    """bench prefill over ``n`` ranks (device ``kind``, "cpu" or "cuda"): a checkpoint split as dsv4 plan
+    shows, timed on rank 0 through ParallelSession.prefill (each chunk runs on every rank)."""
+    from .parallel import open_session
+    from dsv4.engine.model.config import DSV4Config
+    from dsv4.engine.tools import bench as B
+
+    precision, n_threads = _common(threads, precision, None)
+    cfg = DSV4Config.from_pretrained(model)
+    if prompt_len > cfg.max_position_embeddings:
+        raise UserError(f"--prompt-len needs {prompt_len} positions; the model has {cfg.max_position_embeddings}")
+    with Progress("bench prefill") as progress:
+        progress(f"starting {n} ranks")
+        s = open_session(model, str(precision), prompt_len, kind, n, threads=threads)
+        try:
+            r = B.bench_prefill(s.model, prompt_len, runs, warmup, chunk=prefill_chunk, profile=profile,
+                                progress=progress, open_session=B.reused_session(s), cfg=cfg)
+        finally:
+            s.close()
+        progress("measuring the matrix rate")
+        roof = B.prefill_roofline(r, B.measure_matmul_rate(s.model.device), cfg, cfg.num_hidden_layers, devices=n)
+    _emit({"model": str(model), "precision": str(precision), "ranks": n, **r, **roof,
+           "memory_note": "weight_bytes, cache_bytes and the peaks are rank 0's (its device, its part)",
+           "environment": B.environment(s.model.device, n_threads)}, as_json, json_out)
 
 
 @command("perplexity", help="Perplexity of a text file: bos prepended, every later token scored, windows of "

@@ -250,12 +250,15 @@ def test_bench_prefill_json_flag_and_flops(cli_inprocess, demo_checkpoint):
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)  # --json: nothing but the JSON on stdout
     cfg = demo_config()
-    macs = 0
+    macs = 0  # the linears every token runs (the head: the last token only; the indexer's in its own count)
     for name, (kind, shape) in tensor_shapes(cfg, mtp=False).items():
-        if kind == "lin":
+        if kind in ("lin", "hc") and name not in ("head.weight", "hc_head_fn") and ".indexer.w" not in name:
             share = cfg.num_experts_per_tok / cfg.n_routed_experts if ".experts." in name else 1
             macs += shape[0] * shape[1] * share
-    assert d["flops"] == 2 * round(macs) * 64
+    parts = d["flops_breakdown"]
+    assert parts["linear"] + parts["routed_experts"] == 2 * round(macs) * 64
+    assert parts["head"] == 2 * cfg.vocab_size * cfg.hidden_size + 2 * cfg.hc_mult ** 2 * cfg.hidden_size
+    assert d["flops"] == sum(parts.values()) and parts["attention"] > 0
     assert math.isclose(d["flop_per_s"], d["flops"] / d["median_s"], rel_tol=1e-9)
     assert math.isclose(d["matmul_rate_fraction"], d["flop_per_s"] / d["measured_matmul_flop_per_s"], rel_tol=1e-9)
 

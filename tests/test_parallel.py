@@ -425,3 +425,30 @@ def test_bench_decode_over_two_cpu_ranks_and_its_option_errors(cli_inprocess):
                       (("--model", d, "--ranks", "2", "--device", "cpu", "--mtp"), "run on one device")):
         bad = cli_inprocess("bench", "decode", *args)
         assert bad.returncode == 2 and msg in bad.stderr, bad.stderr
+
+
+def test_bench_prefill_over_two_cpu_ranks(checkpoints, cli_inprocess):
+    """dsv4 bench prefill --model DIR --device cpu --ranks 2: timed on rank 0 through ParallelSession.prefill
+    in --prefill-chunk chunks that run on every rank; the prompt's next token is the single-process
+    engine's (exact mode; the logits themselves are compared over two ranks in the tests above), the
+    FLOPs are the whole model's (not rank 0's part) and --profile profiles rank 0."""
+    from dsv4.engine.tools import bench as B
+
+    path = checkpoints["two"]
+    r = cli_inprocess("bench", "prefill", "--model", path, "--device", "cpu", "--ranks", "2", "--precision", "exact",
+                      "--prompt-len", "150", "--prefill-chunk", "64", "--runs", "2", "--warmup", "1", "--threads", "1",
+                      "--profile", "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["ranks"] == 2 and d["prompt_tokens"] == 150 and d["runs"] == 2 and d["median_s"] > 0
+    assert d["prefill_chunk"] == 64 and d["prefill_chunks"] == 3
+    assert d["flops"] == B.prefill_flops(TWO, 150)["total"]
+    assert math.isclose(d["matmul_rate_fraction"], d["flop_per_s"] / (2 * d["measured_matmul_flop_per_s"]),
+                        rel_tol=1e-9)
+    assert d["profile"] and d["profile_by"] == "cpu ops"
+    torch.set_num_threads(1)
+    prompt, _ = B._bench_tokens(TWO.vocab_size, 150, 0)
+    ref = Session(load_model(path, mode="exact"), max_context=150).prefill(prompt, chunk=64)
+    assert d["greedy_next_token"] == int(ref.argmax())
+    top2 = ref.topk(2).values
+    assert top2[0] - top2[1] > 1e-4 * ref.abs().max(), "a near-tie would make the token check meaningless"

@@ -16,6 +16,7 @@ import platform
 import statistics
 import sys
 import time
+from contextlib import contextmanager
 from typing import Callable, Iterable
 
 import torch
@@ -188,19 +189,110 @@ def kv_bytes_per_token(session: Session) -> int:
                          session.model.cfg.index_topk)
 
 
-def active_params_per_token(model: Model) -> int:
-    """Multiply-accumulate weights touched per token (for prefill FLOPs = 2 x this x tokens)."""
-    from dsv4.kernels import QWeight
+def _floor_sum(n: int, m: int) -> int:
+    """sum of x // m for x = 1..n."""
+    q, r = divmod(n, m)
+    return m * q * (q - 1) // 2 + q * (r + 1)
 
-    cfg, dense, experts = model.cfg, 0, 0
-    for name, v in model.w.items():
-        if name.startswith("mtp.") or not isinstance(v, QWeight):
+
+def _capped_floor_sum(n: int, m: int, cap: int) -> int:
+    """sum of min(x // m, cap) for x = 1..n."""
+    if n < cap * m:
+        return _floor_sum(n, m)
+    return _floor_sum(cap * m - 1, m) + cap * (n - cap * m + 1)
+
+
+def _window_sum(n: int, w: int) -> int:
+    """sum of min(x, w) for x = 1..n."""
+    return n * (n + 1) // 2 if n <= w else w * (w + 1) // 2 + (n - w) * w
+
+
+PREFILL_FLOPS_FORMULA = (
+    "flops = linear + routed_experts + head + attention + indexer, for a P-token prompt from position 0 "
+    "(query t = 0..P-1 sees x = t+1 tokens); a multiply-add is 2 FLOPs. "
+    "linear = 2 x P x (every dense linear and mHC mixing matrix of every layer: attention projections, "
+    "compressors, router gate, shared expert; the indexer's wq_b / weights_proj are in indexer); "
+    "routed_experts = 2 x P x layers x k x 3 x I x d; "
+    "head = 2 x (V x d + hc x hc x d), the last token only (the prefill's logits); "
+    "attention = sum over layers and queries of 4 x H x D x keys(x) (QK and PV over shared-KV MQA keys of "
+    "width D), keys(x) = min(x, W) window keys + c(x) compressed entries, c(x) = 0 (SWA), x // m (HCA, "
+    "every closed entry), min(x // m, topk) (CSA, the indexer's top-k); "
+    "indexer = sum over CSA layers and the queries with n = x // m > topk (the others need no selection) "
+    "of 2 x Hi x Di x n (scores over every causal compressed entry) + 2 x (Hi x Di x q_lora + Hi x d) "
+    "(its query and head-weight projections); elementwise work (norms, RoPE, softmax, pooling, "
+    "quantisation, top-k) is not counted")
+
+
+def prefill_flops(cfg: DSV4Config, tokens: int) -> dict:
+    """FLOPs of a ``tokens``-token prefill from position 0 of ``cfg`` (PREFILL_FLOPS_FORMULA, from the
+    config's shapes and attention schedule alone). -> {"linear", "routed_experts", "head", "attention",
+    "indexer", "total", "attended_keys": {"window", "hca", "csa"} (query-key pairs summed over layers),
+    "indexer_scored_entries" (query-entry pairs summed over CSA layers)}."""
+    P, d = tokens, cfg.hidden_size
+    dense = experts = 0
+    for name, (kind, shape) in tensor_shapes(cfg, mtp=False).items():
+        if kind not in ("lin", "hc") or name in ("head.weight", "hc_head_fn") or \
+                name.endswith((".indexer.wq_b.weight", ".indexer.weights_proj.weight")):
             continue
         if ".ffn.experts." in name:
-            experts += v.shape[0] * v.shape[1]
+            experts += math.prod(shape)
         else:
-            dense += v.shape[0] * v.shape[1]
-    return dense + experts * cfg.num_experts_per_tok // cfg.n_routed_experts
+            dense += math.prod(shape)
+    keys = {"window": 0, "hca": 0, "csa": 0}
+    scored = indexer_queries = 0
+    K = cfg.index_topk
+    for spec in cfg.schedule():
+        keys["window"] += _window_sum(P, cfg.sliding_window)
+        if spec.attn == "hca":
+            keys["hca"] += _floor_sum(P, spec.ratio)
+        elif spec.attn == "csa":
+            m = spec.ratio
+            keys["csa"] += _capped_floor_sum(P, m, K)
+            first = min(P, (K + 1) * m - 1)  # x below (K + 1) * m sees at most K entries
+            scored += _floor_sum(P, m) - _floor_sum(first, m)
+            indexer_queries += P - first
+    Hi, Di = cfg.index_n_heads, cfg.index_head_dim
+    out = {"linear": 2 * P * dense, "routed_experts": 2 * P * experts * cfg.num_experts_per_tok // cfg.n_routed_experts,
+           "head": 2 * (cfg.vocab_size * d + cfg.hc_mult * cfg.hc_mult * d),
+           "attention": 4 * cfg.num_attention_heads * cfg.head_dim * sum(keys.values()),
+           "indexer": 2 * Hi * Di * scored + 2 * indexer_queries * (Hi * Di * cfg.q_lora_rank + Hi * d)}
+    out["total"] = sum(out.values())
+    out.update({"attended_keys": keys, "indexer_scored_entries": scored})
+    return out
+
+
+def prefill_formula_values(cfg: DSV4Config) -> str:
+    """The symbols of PREFILL_FLOPS_FORMULA for ``cfg``."""
+    ratios = sorted({s.ratio for s in cfg.schedule() if s.ratio})
+    kinds = [s.attn for s in cfg.schedule()]
+    return (f"layers={cfg.num_hidden_layers} ({kinds.count('swa')} SWA, {kinds.count('csa')} CSA, "
+            f"{kinds.count('hca')} HCA; m in {ratios}), d={cfg.hidden_size}, H={cfg.num_attention_heads}, "
+            f"D={cfg.head_dim}, W={cfg.sliding_window}, topk={cfg.index_topk}, Hi={cfg.index_n_heads}, "
+            f"Di={cfg.index_head_dim}, q_lora={cfg.q_lora_rank}, k={cfg.num_experts_per_tok} of "
+            f"{cfg.n_routed_experts}, I={cfg.moe_intermediate_size}, V={cfg.vocab_size}, hc={cfg.hc_mult}")
+
+
+def device_bytes(tensors: Iterable) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (torch tensors, or objects such as QWeight
+    whose tensor attributes are counted; views of one storage count once)."""
+    seen, total = set(), 0
+
+    def add(t):
+        nonlocal total
+        st = t.untyped_storage()
+        key = (str(t.device), st.data_ptr())
+        if key not in seen:
+            seen.add(key)
+            total += st.nbytes()
+
+    for v in tensors:
+        if isinstance(v, torch.Tensor):
+            add(v)
+        else:
+            for t in vars(v).values() if hasattr(v, "__dict__") else ():
+                if isinstance(t, torch.Tensor):
+                    add(t)
+    return total
 
 
 # ------------------------------------------------------------------ models to time
@@ -366,40 +458,173 @@ def decode_roofline(r: dict, bandwidth: float, full: DSV4Config, precision) -> d
     return out
 
 
-def prefill_roofline(r: dict, matmul_rate: float, full: DSV4Config, layers: int) -> dict:
-    """A bench_prefill result against the measured matrix rate (FLOP/s); with fewer ``layers`` than
-    ``full``, the prefill time projected to the whole model (per-layer time x its layers)."""
-    out = {"measured_matmul_flop_per_s": matmul_rate, "matmul_rate_fraction": r["flop_per_s"] / matmul_rate}
+def prefill_roofline(r: dict, matmul_rate: float, full: DSV4Config, layers: int, devices: int = 1) -> dict:
+    """A bench_prefill result against the measured matrix rate (FLOP/s; over ``devices`` ranks, against
+    that many times the rate measured on one); with fewer ``layers`` than ``full``, the prefill time
+    projected to the whole model (per-layer time x its layers)."""
+    out = {"measured_matmul_flop_per_s": matmul_rate,
+           "matmul_rate_fraction": r["flop_per_s"] / (matmul_rate * devices)}
+    if devices > 1:
+        out["matmul_rate_note"] = (f"fraction of {devices} x the rate measured on rank 0's device (the whole "
+                                   "prefill's FLOPs over the ranks' summed rate)")
     if layers < full.num_hidden_layers:
         out.update({"projected_full_model_prefill_s": r["ms_per_layer"] * full.num_hidden_layers / 1000,
                     "projection_note": f"PROJECTED: measured per-layer time x {full.num_hidden_layers} layers"})
     return out
 
 
-def bench_prefill(model: Model, prompt_len: int, runs: int = 5, warmup: int = 1,
-                  progress: Progress | None = None) -> dict:
-    """Prefill a ``prompt_len`` prompt ``runs`` times (each in a fresh session) after ``warmup``
-    untimed ones. -> median/p10/p90 seconds, tokens/s, FLOPs (2 x active weights x tokens) and FLOP/s."""
-    dev = model.device
-    prompt, _ = _bench_tokens(model.cfg.vocab_size, prompt_len, 0)
-    timer = Timer(dev)
-    _reset_peak(dev)
+def fresh_sessions(model: Model, max_context: int):
+    """bench_prefill's default ``open_session``: a new Session per run (no decode follows, so no CUDA
+    graph is captured), closed after it. -> callable () -> (session, close)."""
+    def open_session():
+        s = Session(model, max_context=max_context, cuda_graph=False)
+        return s, s.close
+    return open_session
 
-    def once(label):
+
+def reused_session(session):
+    """``open_session`` for bench_prefill over one long-lived session (rank 0's ParallelSession, whose
+    workers cannot be made again per run): reset before each run, never closed here."""
+    def open_session():
+        session.reset()
+        return session, lambda: None
+    return open_session
+
+
+PROFILE_ROWS = 15
+
+
+@contextmanager
+def _quiet_stderr():
+    """File descriptor 2 to /dev/null for a moment (C++ code that prints there unasked)."""
+    import os
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+
+
+def profile_call(fn, device, rows: int = PROFILE_ROWS) -> dict:
+    """Run ``fn`` once under torch.profiler. -> {"profile": the ``rows`` kernels (CUDA: by self device
+    time) or torch ops (CPU: by self CPU time) that took longest, each {"name", "self_s", "share",
+    "calls"} (share of the total self time), "profile_total_s": that total, "profile_by": "device
+    kernels" | "cpu ops", "profiled_wall_s": the profiled call's wall time (the profiler slows it)}."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.device(device).type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sync(device)
+    prof = profile(activities=acts)
+    with _quiet_stderr():  # the profiler's own start line
+        prof.start()
+    try:
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        wall = time.perf_counter() - t
+    finally:
+        with _quiet_stderr():  # and its stop line
+            prof.stop()
+    events = prof.key_averages()
+    if cuda:
+        from torch.autograd import DeviceType
+
+        kernels = [e for e in events if e.device_type == DeviceType.CUDA and e.self_device_time_total > 0]
+        if not kernels:  # older profilers attribute the kernel time to the ops that launched them
+            kernels = [e for e in events if e.self_device_time_total > 0]
+        rows_ = [(e.key, e.self_device_time_total, e.count) for e in kernels]
+    else:
+        rows_ = [(e.key, e.self_cpu_time_total, e.count) for e in events if e.self_cpu_time_total > 0]
+    rows_.sort(key=lambda r: -r[1])
+    total = sum(r[1] for r in rows_) or 1.0
+    return {"profile": [{"name": k, "self_s": us / 1e6, "share": us / total, "calls": n} for k, us, n in rows_[:rows]],
+            "profile_total_s": total / 1e6, "profile_by": "device kernels" if cuda else "cpu ops",
+            "profiled_wall_s": wall}
+
+
+def bench_prefill(model: Model, prompt_len: int, runs: int = 5, warmup: int = 1, chunk: int | None = None,
+                  profile: bool = False, progress: Progress | None = None, open_session=None,
+                  cfg: DSV4Config | None = None) -> dict:
+    """Prefill a ``prompt_len`` prompt ``runs`` times after ``warmup`` untimed ones, through
+    Session.prefill in chunks of ``chunk`` tokens (None: default_prefill_chunk, chosen once with the
+    first session open, as ``dsv4 chat`` would choose it).
+
+    open_session: () -> (session, close) per run (default fresh_sessions: a new Session each time;
+    reused_session for a ParallelSession). cfg: the model whose FLOPs are counted (default: model's;
+    over ranks, the whole model, not rank 0's part). profile: one more prefill under torch.profiler
+    (profile_call's fields).
+
+    -> median/p10/p90 seconds, tokens/s, prefill_chunk, FLOPs (prefill_flops: "flops" the total,
+    "flops_breakdown", "flops_formula") and FLOP/s, greedy_next_token (the argmax of the last run's
+    logits), and memory: weight_bytes and cache_bytes (the model's and one session's tensors),
+    peak_device_bytes (the most allocated during a prefill) and peak_beyond_weights_and_cache_bytes
+    (that peak less what was allocated just before the prefill started: weights, the session's
+    cache and anything else resident); the peaks are None off CUDA."""
+    from dsv4.engine.runtime.session import default_prefill_chunk
+
+    dev = model.device
+    cuda = dev.type == "cuda"
+    cfg = cfg or model.cfg
+    prompt, _ = _bench_tokens(model.cfg.vocab_size, prompt_len, 0)
+    open_session = open_session or fresh_sessions(model, prompt_len)
+    timer = Timer(dev)
+    chosen = chunk
+    mem = {"peak": None, "beyond": None, "cache": None}
+    last = [None]
+
+    def run(s):
+        last[0] = s.prefill(prompt, chunk=chosen)
+
+    def once(label, timed=True):
+        nonlocal chosen
         _say(progress, f"prefill {prompt_len} tokens ({label})")
-        s = Session(model, max_context=prompt_len)
-        t = timer(lambda: s.prefill(prompt))
-        s.close()
-        return t
+        s, close = open_session()
+        try:
+            if chosen is None:
+                chosen = default_prefill_chunk(s.model)
+            mem["cache"] = s.cache.memory_report()["total"]
+            if not timed:
+                return profile_call(lambda: run(s), dev)
+            if cuda:
+                torch.cuda.synchronize(dev)
+                base = torch.cuda.memory_allocated(dev)
+                torch.cuda.reset_peak_memory_stats(dev)
+            t = timer(lambda: run(s))
+            if cuda:
+                peak = torch.cuda.max_memory_allocated(dev)
+                mem["peak"] = max(mem["peak"] or 0, peak)
+                mem["beyond"] = max(mem["beyond"] or 0, peak - base)
+            return t
+        finally:
+            close()
 
     for i in range(warmup):
         once(f"warm-up {i + 1}/{warmup}")
     out = summary([once(f"run {i + 1}/{runs}") for i in range(runs)])
-    flops = 2 * active_params_per_token(model) * prompt_len
-    out.update({"prompt_tokens": prompt_len, "tokens_per_s": prompt_len / out["median_s"],
-                "time_to_first_token_s": out["median_s"], "layers": model.cfg.num_hidden_layers,
-                "ms_per_layer": out["median_s"] * 1000 / model.cfg.num_hidden_layers,
-                "flops": flops, "flop_per_s": flops / out["median_s"], "peak_device_bytes": _peak_bytes(dev)})
+    next_token = int(last[0].argmax())
+    prof = once("profiled", timed=False) if profile else {}
+    f = prefill_flops(cfg, prompt_len)
+    n_layers = model.cfg.num_hidden_layers
+    out.update({"prompt_tokens": prompt_len, "prefill_chunk": chosen,
+                "prefill_chunk_source": "--prefill-chunk" if chunk else "default_prefill_chunk",
+                "prefill_chunks": -(-prompt_len // chosen),
+                "tokens_per_s": prompt_len / out["median_s"], "time_to_first_token_s": out["median_s"],
+                "layers": n_layers, "ms_per_layer": out["median_s"] * 1000 / n_layers,
+                "flops": f["total"], "flop_per_s": f["total"] / out["median_s"],
+                "flops_breakdown": {k: f[k] for k in ("linear", "routed_experts", "head", "attention", "indexer")},
+                "attended_keys": f["attended_keys"], "indexer_scored_entries": f["indexer_scored_entries"],
+                "flops_formula": PREFILL_FLOPS_FORMULA + "; here " + prefill_formula_values(cfg),
+                "greedy_next_token": next_token,
+                "weight_bytes": device_bytes(model.w.values()), "cache_bytes": mem["cache"],
+                "peak_device_bytes": mem["peak"], "peak_beyond_weights_and_cache_bytes": mem["beyond"],
+                **prof})
     return out
 
 
@@ -487,11 +712,13 @@ def check_compare(against: str, kind: str, model: Model) -> None:
                              "(take fewer layers)")
 
 
-def compare_run(against: str, kind: str, model: Model, ours: dict, prompt_len: int, n: int, warmup: int) -> dict:
+def compare_run(against: str, kind: str, model: Model, ours: dict, prompt_len: int, n: int, warmup: int,
+                chunk: int | None = None) -> dict:
     """Time the same work another way: "reference" (the torch reference kernels), "transformers"
     (its DeepseekV4ForCausalLM with the same weights) or "eager" (decode without the CUDA graph).
+    chunk: the prefill chunk of ``ours`` (the reference prefill runs the same chunks).
     -> flat compare_* fields; compare_speed_ratio > 1 means dsv4 is faster."""
-    run = bench_decode if kind == "decode" else bench_prefill
+    run = bench_decode if kind == "decode" else (lambda *a: bench_prefill(*a, chunk=chunk))
     extra = {}
     if against == "reference":
         from dsv4.kernels.dispatch import use_backend

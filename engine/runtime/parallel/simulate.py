@@ -57,9 +57,10 @@ def rank_model(cfg: DSV4Config, rank: int, ranks: int, device="cuda", precision:
 
 def simulate_rank(preset: str = "flash", layers: int = 16, rank: int = 0, ranks: int = 2, device="cuda",
                   precision: str = "faithful", prompt_len: int = 512, steps: int = 64,
-                  allreduce_us: float = 12.0, progress=None) -> dict:
+                  allreduce_us: float = 12.0, progress=None, warmup: int = 3, cuda_graph: bool | None = None) -> dict:
     """Time rank ``rank`` of ``ranks``'s decode step alone (engine/tools/bench.bench_decode on its
-    part) and predict the full model's step over ``ranks`` GPUs. -> bench_decode's fields plus
+    part, ``warmup`` untimed steps first; cuda_graph as bench_decode's: None the CUDA graph, False the
+    eager per-token forward) and predict the full model's step over ``ranks`` GPUs. -> bench_decode's fields plus
     "measured_bandwidth_bytes_per_s", "floor_ms" (this part's bytes per step / bandwidth),
     "floor_ratio", "ms_per_layer", and the projection to the preset's layers: "projected_rank_ms"
     (head/embedding + per-layer x layers), "projected_rank_floor_ms", "collectives" (per step:
@@ -72,7 +73,7 @@ def simulate_rank(preset: str = "flash", layers: int = 16, rank: int = 0, ranks:
     full = DSV4Config.preset(preset)
     cfg = full.layer_range(0, layers)
     model = rank_model(cfg, rank, ranks, device, precision)
-    r = bench_decode(model, prompt_len, steps, progress=progress)
+    r = bench_decode(model, prompt_len, steps, warmup, cuda_graph=cuda_graph, progress=progress)
     bw = measure_bandwidth(device)
     n, N = cfg.num_hidden_layers, full.num_hidden_layers
     step_bytes = r["weight_bytes_per_token"] + r["kv_bytes_per_token"]
