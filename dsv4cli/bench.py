@@ -140,8 +140,9 @@ def decode(model: Optional[Path] = MODEL_OPT, preset: Optional[str] = PRESET_OPT
            ranks: Optional[int] = typer.Option(None, "--ranks", help=RANKS_HELP),
            simulate_rank: Optional[str] = typer.Option(None, "--simulate-rank", help="With --preset --synthetic on "
                                                        "a GPU: time rank r of R (r/R, e.g. 0/2) alone, its share of "
-                                                       "the experts, heads and vocabulary, collectives as no-ops; "
-                                                       "predicts the R-GPU step.")):
+                                                       "the experts, heads and vocabulary, collectives as no-ops "
+                                                       "(--warmup and --no-cuda-graph apply); predicts the R-GPU "
+                                                       "step.")):
     guard(_decode)(model, preset, layers, synthetic, prompt_len, steps, warmup, device, precision, threads, as_json,
                    json_out, compare, cuda_graph, mtp, mtp_acceptance, gpus, ranks, simulate_rank)
 

@@ -16,6 +16,7 @@ import platform
 import statistics
 import sys
 import time
+import warnings
 from contextlib import contextmanager
 from typing import Callable, Iterable
 
@@ -522,7 +523,8 @@ def profile_call(fn, device, rows: int = PROFILE_ROWS) -> dict:
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     sync(device)
     prof = profile(activities=acts)
-    with _quiet_stderr():  # the profiler's own start line
+    with _quiet_stderr(), warnings.catch_warnings():  # the profiler's own start line
+        warnings.simplefilter("ignore")
         prof.start()
     try:
         t = time.perf_counter()
@@ -530,7 +532,8 @@ def profile_call(fn, device, rows: int = PROFILE_ROWS) -> dict:
         sync(device)
         wall = time.perf_counter() - t
     finally:
-        with _quiet_stderr():  # and its stop line
+        with _quiet_stderr(), warnings.catch_warnings():  # its stop line, and a warning about cycles
+            warnings.simplefilter("ignore")
             prof.stop()
     events = prof.key_averages()
     if cuda:
