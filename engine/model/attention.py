@@ -20,8 +20,11 @@ from .compressor import compress_decode, compress_step
 from .context import LayerContext
 
 
-def _project(x, w, p, cfg, cos, sin, faithful):
-    """-> qr [S, q_lora] (the indexer's input), q [S, H, D] and this chunk's KV entries kv [S, D].
+def _project(x, w, p, cfg, cos, sin, faithful, q_bf16):
+    """-> qr [S, q_lora] (the indexer's input), q [S, H, D] and this chunk's KV entries kv [S, D]
+    (kv through the KV entry format when ``faithful``). q_bf16 (faithful mode): the queries are
+    rounded to bf16, as DeepSeek's own inference feeds its attention kernels, so the prefill's
+    attention runs on bf16 tensor-core dots; prefill and decode round them alike.
     wq_a and wkv run as one GEMV where the decode step stacked them (w[p + ".wq_a+wkv"])."""
     S = x.shape[0]
     H, D, rd, eps = cfg.num_attention_heads, cfg.head_dim, cfg.qk_rope_head_dim, cfg.rms_norm_eps
@@ -31,7 +34,7 @@ def _project(x, w, p, cfg, cos, sin, faithful):
         qa, kva = kernels.linear(x, w[p + ".wq_a"]), kernels.linear(x, w[p + ".wkv"])
     qr = kernels.rms_norm(qa, w[p + ".q_norm.weight"], eps)
     q = kernels.linear(qr, w[p + ".wq_b"]).view(S, H, D)
-    q = kernels.rms_norm_rope(q, None, eps, cos, sin)
+    q = kernels.rms_norm_rope(q, None, eps, cos, sin, torch.bfloat16 if q_bf16 else None)
     kv = kernels.rms_norm_rope(kva, w[p + ".kv_norm.weight"], eps, cos, sin)
     if faithful:
         kv = quant.kv_quant_dequant(kv, rd)
@@ -67,7 +70,7 @@ def attention(x: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
                                                       ctx.positions, ctx.rope, ctx.start)
     faithful = ctx.faithful
     cos, sin = rope.cos_sin(positions, spec.yarn)
-    qr, q, kv = _project(x, w, p, cfg, cos, sin, faithful)
+    qr, q, kv = _project(x, w, p, cfg, cos, sin, faithful, faithful)
     if not hasattr(handle, "entry_store"):
         return _attention_dense(x, qr, q, kv, ctx, cos, sin)
     ring, ring_pos = handle.read_window()
@@ -130,7 +133,7 @@ def decode_attention(x: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
     w, p, spec, cfg, handle, pos, rope = ctx.w, ctx.prefix + ".attn", ctx.spec, ctx.cfg, ctx.handle, ctx.positions, ctx.rope
     faithful = ctx.faithful
     cos, sin = rope.at_pos(spec.yarn)
-    qr, q, kv = _project(x, w, p, cfg, cos, sin, faithful=False)  # kv is quantised by its store
+    qr, q, kv = _project(x, w, p, cfg, cos, sin, False, faithful)  # kv is quantised by its store
     ring = handle.ring_store()
     W = cfg.sliding_window
     kernels.store_entry(kv, ring, rope.once(("ring", W), lambda: torch.remainder(pos, W)))

@@ -13,7 +13,7 @@ def sparse_mqa_attention(q: torch.Tensor, kv: torch.Tensor, bias: torch.Tensor, 
 
     q: [S, H, D] queries; kv: [T, D] entries (keys AND values); bias: [S, T] additive mask
     (0 = visible, -inf = hidden); sink: [H] logit that joins the softmax denominator only.
-    Returns [S, H, D] in q's dtype. Computed in float32.
+    Returns [S, H, D] float32 (q may be bf16: faithful mode's queries). Computed in float32.
     """
     logits = torch.einsum("shd,td->sht", q.float(), kv.float()) * scale + bias.float().unsqueeze(1)
     S, H, _ = logits.shape
@@ -21,7 +21,7 @@ def sparse_mqa_attention(q: torch.Tensor, kv: torch.Tensor, bias: torch.Tensor, 
     full = torch.cat([logits, sinks], -1)
     full = full - full.amax(-1, keepdim=True)
     p = torch.softmax(full, -1)[..., :-1]
-    return torch.einsum("sht,td->shd", p, kv.float()).to(q.dtype)
+    return torch.einsum("sht,td->shd", p, kv.float())
 
 
 def ring_valid(pos: torch.Tensor, W: int) -> torch.Tensor:

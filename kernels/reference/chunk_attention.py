@@ -55,10 +55,10 @@ def chunk_attention(q: torch.Tensor, positions: torch.Tensor, ring: torch.Tensor
     0..n-1; ratio: m, entry e visible to t iff (e+1)*m <= t+1. select: None (HCA: every visible entry)
     or [S, K] int64 entry indices per query, -1 = none (CSA: the indexer's top-k, all visible).
     sink: [H] logits joining the denominator only; scale: the score scale.
-    -> [S, H, D] in q's dtype (computed in float32).
+    -> [S, H, D] float32 (q may be bf16: faithful mode's queries).
     """
     S, H, D = q.shape
-    out = torch.empty_like(q)
+    out = torch.empty(q.shape, device=q.device, dtype=torch.float32)
     n = 0 if entries is None else rows.shape[0]
     for i0 in range(0, S, Q_TILE):
         i1 = min(S, i0 + Q_TILE)
@@ -88,5 +88,5 @@ def chunk_attention(q: torch.Tensor, positions: torch.Tensor, ring: torch.Tensor
         sk = sink.float()[None, :]
         top = torch.maximum(m, sk)
         a = torch.exp(m - top)
-        out[i0:i1] = (acc * a[..., None] / (l * a + torch.exp(sk - top))[..., None]).to(q.dtype)
+        out[i0:i1] = acc * a[..., None] / (l * a + torch.exp(sk - top))[..., None]
     return out

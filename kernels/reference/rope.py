@@ -62,7 +62,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: b
 
 
 def rms_norm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, cos: torch.Tensor,
-                  sin: torch.Tensor) -> torch.Tensor:
+                  sin: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """apply_rope(rms_norm(x, weight, eps), cos, sin): x [S, ..., D] normalised over D, then its
-    last 2*cos.shape[-1] channels rotated (one launch on the GPU)."""
-    return apply_rope(rms_norm(x, weight, eps), cos, sin)
+    last 2*cos.shape[-1] channels rotated (one launch on the GPU), computed in x's dtype and
+    returned in ``dtype`` (default: x's; faithful mode's queries are rounded to bf16 here)."""
+    y = apply_rope(rms_norm(x, weight, eps), cos, sin)
+    return y if dtype is None else y.to(dtype)

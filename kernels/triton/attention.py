@@ -203,6 +203,7 @@ def _attend_split(q_ptr, pos_ptr, ra_ptr, rb_ptr, rs_ptr, ea_ptr, eb_ptr, es_ptr
     for c0 in range(0, BLOCK_D, BLOCK_C):
         d = c0 + tl.arange(0, BLOCK_C)
         q = tl.load(q_ptr + h[:, None] * D + d[None, :], mask=hm[:, None] & (d[None, :] < D), other=0.0)
+        q = q.to(tl.float32)
         k = _load_keys(ra_ptr, rb_ptr, rs_ptr, ea_ptr, eb_ptr, es_ptr, in_ring, rows, valid, d, D, NOPE, KIND)
         s += _dot3(q, tl.trans(k), KIND == 0, PRECISION)
     s = tl.where(valid[None, :], s * scale, float("-inf"))
@@ -280,7 +281,7 @@ def decode_attention_triton(q: torch.Tensor, ring: dict, pos: torch.Tensor, entr
     l = torch.empty_like(m)
     acc = torch.empty((nsplit, H, BLOCK_D), device=q.device, dtype=torch.float32)
     _attend_split[(triton.cdiv(H, BLOCK_H), nsplit, BLOCK_D // BLOCK_V)](
-        q.float().contiguous(), pos, ra, rb, rs, ea, eb, es, rows, ok.to(torch.uint8) if entries is not None else ok,
+        q.contiguous(), pos, ra, rb, rs, ea, eb, es, rows, ok.to(torch.uint8) if entries is not None else ok,
         m, l, acc, H, T, float(scale), W=W, D=D, NOPE=nope, KIND=KIND[kind], BLOCK_H=BLOCK_H, BLOCK_T=BLOCK_T,
         BLOCK_C=BLOCK_C, BLOCK_V=BLOCK_V, BLOCK_D=BLOCK_D, PRECISION=_precision(), num_warps=cfg["warps"])
     out = torch.empty((H, D), device=q.device, dtype=torch.float32)

@@ -33,7 +33,7 @@ def _rope(x_ptr, w_ptr, cos_ptr, sin_ptr, y_ptr, H, D, RD, SIGN, eps, NORM: tl.c
     j = tl.arange(0, BLOCK)
     m = j < D
     x = tl.load(x_ptr + pid * D + j, mask=m, other=0.0)
-    dt: tl.constexpr = y_ptr.dtype.element_ty
+    dt: tl.constexpr = x_ptr.dtype.element_ty
     rs = 1.0
     if NORM:
         rs = tl.rsqrt(tl.sum(x.to(tl.float32) * x.to(tl.float32), 0) / D + eps)
@@ -49,10 +49,10 @@ def _rope(x_ptr, w_ptr, cos_ptr, sin_ptr, y_ptr, H, D, RD, SIGN, eps, NORM: tl.c
     tl.store(y_ptr + pid * D + j, tl.where(rot, y, xf).to(y_ptr.dtype.element_ty), mask=m)
 
 
-def _rope_launch(x, weight, eps, cos, sin, inverse: bool, norm: bool) -> torch.Tensor:
+def _rope_launch(x, weight, eps, cos, sin, inverse: bool, norm: bool, dtype=None) -> torch.Tensor:
     S, D = x.shape[0], x.shape[-1]
     x3 = x.reshape(S, -1, D).contiguous()
-    y = torch.empty_like(x3)
+    y = torch.empty(x3.shape, device=x3.device, dtype=dtype or x3.dtype)
     w = weight.contiguous() if weight is not None else x3
     _rope[(x3.shape[0] * x3.shape[1],)](x3, w, cos.float().contiguous(), sin.float().contiguous(), y, x3.shape[1], D,
                                         2 * cos.shape[-1], -1.0 if inverse else 1.0, float(eps), NORM=norm,
@@ -70,9 +70,10 @@ def apply_rope_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inv
 
 
 def rms_norm_rope_triton(x: torch.Tensor, weight: torch.Tensor | None, eps: float, cos: torch.Tensor,
-                         sin: torch.Tensor) -> torch.Tensor:
-    """kernels.rms_norm_rope for CUDA tensors: one launch."""
-    return _rope_launch(x, weight, eps, cos, sin, False, True)
+                         sin: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """kernels.rms_norm_rope for CUDA tensors: one launch (computed in float32, rounded to x's dtype
+    where the reference rounds, stored in ``dtype``)."""
+    return _rope_launch(x, weight, eps, cos, sin, False, True, dtype)
 
 
 @triton.jit
