@@ -59,6 +59,20 @@ def fp8_dequantize(q: torch.Tensor, e: torch.Tensor, group: int) -> torch.Tensor
     return g.reshape(*lead, n)
 
 
+def act_quant_dequant(x: torch.Tensor, block: int = FP8_BLOCK) -> torch.Tensor:
+    """Faithful mode's activations at the input of an FP8 / FP4 linear, as a round trip: each
+    1 x ``block`` slice of the last axis through FP8 e4m3 with one ue8m0 (power-of-two) scale, as
+    DeepSeek's own inference quantises them before its FP8 / FP4 GEMMs. A last slice shorter than
+    ``block`` takes its own scale. x: [..., K] -> same shape and dtype."""
+    K = x.shape[-1]
+    pad = (-K) % block
+    xf = x.float()
+    if pad:
+        xf = torch.nn.functional.pad(xf, (0, pad))
+    q, e = fp8_quantize(xf, block)
+    return fp8_dequantize(q, e, block)[..., :K].to(x.dtype)
+
+
 def kv_quant_dequant(x: torch.Tensor, rope_dim: int, group: int = KV_FP8_GROUP) -> torch.Tensor:
     """The KV entry format the model was trained with, as a round trip.
 

@@ -47,10 +47,17 @@ def gemv_checks():
               "mxfp4": QWeight("mxfp4", *quant.quant_mxfp4(w)), "nvfp4": QWeight("nvfp4", *quant.quant_nvfp4(w))}
         for fmt, W in ws.items():
             close(f"gemv {fmt} {N}x{K} M={M}", tlin.gemv(x, W), linear_reference(x, W))
+            # faithful mode: x's 128-slices through e4m3 in the kernel (a short last slice at K=64)
+            xq = x * torch.logspace(-3, 3, K)  # a wide range, so the per-slice scales differ
+            ref = linear_reference(xq, W, act_quant=True)
+            assert fmt in ("bf16", "f32") or not torch.allclose(ref, linear_reference(xq, W), rtol=1e-4), fmt
+            close(f"gemv act_quant {fmt} {N}x{K} M={M}", tlin.gemv(xq, W, act_quant=True), ref)
     for G, R, Kg, S in [(2, 16, 192, 3), (3, 24, 256, 1)]:
         W = QWeight("fp8", *quant.quant_fp8_block(torch.randn(G * R, Kg, generator=g)))
         og = torch.randn(S, G, Kg, generator=g)
         close(f"grouped {G}x{R}x{Kg}", tlin.grouped_linear_triton(og, W), grouped_linear_reference(og, W))
+        close(f"grouped act_quant {G}x{R}x{Kg}", tlin.grouped_linear_triton(og, W, act_quant=True),
+              grouped_linear_reference(og, W, act_quant=True))
 
 
 def router_checks():
@@ -77,6 +84,9 @@ def experts_checks():
             wts = torch.rand(1, k, generator=g)
             close(f"routed experts {fmt} E={E} {inter}x{d} k={k}", tmoe.routed_experts_triton(x, ids, wts, es, 7.0),
                   routed_experts(x, ids, wts, es, 7.0))
+            close(f"routed experts act_quant {fmt} E={E} {inter}x{d} k={k}",
+                  tmoe.routed_experts_triton(x, ids, wts, es, 7.0, act_quant=True),
+                  routed_experts(x, ids, wts, es, 7.0, act_quant=True))
 
 
 def attention_checks():
@@ -289,6 +299,9 @@ def grouped_experts_checks():
             assert routed_experts_supported(x, ids, wts, es, 7.0)
             close(f"grouped experts {fmt} E={E} {inter}x{d} k={k} S={S}", routed_experts_triton(x, ids, wts, es, 7.0),
                   routed_experts(x, ids, wts, es, 7.0))
+            close(f"grouped experts act_quant {fmt} E={E} {inter}x{d} k={k} S={S}",
+                  routed_experts_triton(x, ids, wts, es, 7.0, act_quant=True),
+                  routed_experts(x, ids, wts, es, 7.0, act_quant=True))
 
 
 def gemm_checks():
@@ -308,6 +321,9 @@ def gemm_checks():
                 got, ref = tpl.linear_triton(x, W), linear_reference(x.float(), W)
                 if dt == torch.float32:
                     close(f"gemm {fmt} {M}x{N}x{K} float32", got, ref)
+                    xq = x * torch.logspace(-3, 3, K)
+                    close(f"gemm act_quant {fmt} {M}x{N}x{K} float32", tpl.linear_triton(xq, W, act_quant=True),
+                          linear_reference(xq, W, act_quant=True))
                 else:  # float32 accumulation, then the output to bf16 (the interpreter's cast truncates: 1 ulp)
                     assert got.dtype == dt and ((got.float() - ref).abs() <= 2 ** -7 * ref.abs() + 1e-6).all()
                     print(f"ok gemm {fmt} {M}x{N}x{K} bf16 (within one bf16 ulp)")
@@ -315,6 +331,8 @@ def gemm_checks():
     og = torch.randn(20, 2, 96, generator=g)
     assert tpl.grouped_linear_supported(og, W)
     close("grouped gemm 2x128x96 S=20", tpl.grouped_linear_triton(og, W), grouped_linear_reference(og, W))
+    close("grouped gemm act_quant 2x128x96 S=20", tpl.grouped_linear_triton(og, W, act_quant=True),
+          grouped_linear_reference(og, W, act_quant=True))
 
 
 def prefill_engine_check():

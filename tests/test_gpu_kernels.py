@@ -36,7 +36,9 @@ def kernels_really_ran():
 @pytest.mark.parametrize("fmt", ["fp8", "fp8-f32", "mxfp4", "nvfp4", "bf16", "f32"])
 @pytest.mark.parametrize("N,K", [(1024, 4096), (4096, 2048), (262, 96), (300, 384)])
 @pytest.mark.parametrize("M", [1, 6])
-def test_gemv_matches_reference(fmt, N, K, M):
+@pytest.mark.parametrize("aq", [False, True])
+def test_gemv_matches_reference(fmt, N, K, M, aq):
+    """aq: faithful mode's e4m3 activations, quantised inside the kernel."""
     g = torch.Generator().manual_seed(N * 7 + K + M)
     if fmt in ("mxfp4", "nvfp4") and K % 32:
         pytest.skip("FP4 formats need K divisible by 32")
@@ -44,17 +46,18 @@ def test_gemv_matches_reference(fmt, N, K, M):
     x = torch.randn(M, K, generator=g).cuda()
     fn = implementation("linear", "cuda")
     assert fn is not linear_reference
-    got, ref = fn(x, w), linear_reference(x, w)
+    got, ref = fn(x, w, act_quant=aq), linear_reference(x, w, act_quant=aq)
     assert got.shape == ref.shape == (M, N)
     assert (got - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
 
 
 @pytest.mark.parametrize("G,R,Kg,S", [(8, 1024, 4096, 1), (2, 16, 192, 3), (3, 24, 256, 2)])
-def test_grouped_linear_matches_reference(G, R, Kg, S):
+@pytest.mark.parametrize("aq", [False, True])
+def test_grouped_linear_matches_reference(G, R, Kg, S, aq):
     g = torch.Generator().manual_seed(G + R + Kg)
     w = weight("fp8", G * R, Kg, g).to("cuda")
     og = torch.randn(S, G, Kg, generator=g).cuda()
-    got, ref = kernels.grouped_linear(og, w), grouped_linear_reference(og, w)
+    got, ref = kernels.grouped_linear(og, w, act_quant=aq), grouped_linear_reference(og, w, act_quant=aq)
     assert got.shape == ref.shape == (S, G * R)
     assert (got - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
 
@@ -114,7 +117,8 @@ def test_swiglu_matches_reference():
 
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("E,inter,d,k", [(16, 2048, 4096, 6), (5, 96, 256, 2)])
-def test_routed_experts_match_reference(fmt, E, inter, d, k):
+@pytest.mark.parametrize("aq", [False, True])
+def test_routed_experts_match_reference(fmt, E, inter, d, k, aq):
     from dsv4.kernels.reference.moe import routed_experts as ref_fn
 
     g = torch.Generator().manual_seed(E + inter + k)
@@ -123,7 +127,7 @@ def test_routed_experts_match_reference(fmt, E, inter, d, k):
     ids = torch.randperm(E, generator=g)[:k].view(1, k).cuda()
     wts = torch.rand(1, k, generator=g).cuda()
     assert implementation("routed_experts", "cuda") is not ref_fn
-    a, b = kernels.routed_experts(x, ids, wts, es, 7.0), ref_fn(x, ids, wts, es, 7.0)
+    a, b = kernels.routed_experts(x, ids, wts, es, 7.0, act_quant=aq), ref_fn(x, ids, wts, es, 7.0, act_quant=aq)
     assert a.shape == b.shape == (1, d)
     assert (a - b).abs().max().item() <= 1e-5 * b.abs().max().item()
 

@@ -64,21 +64,24 @@ def test_indexer_scores_kernel_matches_reference(S, T):
 
 
 @pytest.mark.parametrize("fmt", ["fp8", "bf16"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_prefill_gemm_matches_reference(fmt, dtype):
+@pytest.mark.parametrize("dtype,aq", [(torch.float32, False), (torch.bfloat16, False), (torch.float32, True)])
+def test_prefill_gemm_matches_reference(fmt, dtype, aq):
+    """aq: faithful mode's e4m3 activations (quantised in the kernel, then one bf16 dot: exact
+    products, so the float32 bound)."""
     from dsv4.kernels.reference.linear import linear_reference
     from kernel_cases import weight
 
     g = torch.Generator().manual_seed(7)
     w = weight(fmt, 4096, 4096, g).to("cuda")
     x = torch.randn(1000, 4096, generator=g).to("cuda", dtype)
-    got, ref = implementation("linear", "cuda")(x, w), linear_reference(x.float(), w)
+    got, ref = implementation("linear", "cuda")(x, w, act_quant=aq), linear_reference(x.float(), w, act_quant=aq)
     assert got.dtype == dtype
     assert _rel(got, ref) <= (2e-5 if dtype == torch.float32 else 2 ** -8)
 
 
 @pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
-def test_grouped_experts_match_reference(fmt):
+@pytest.mark.parametrize("aq", [False, True])
+def test_grouped_experts_match_reference(fmt, aq):
     """Flash expert dimensions (2048 x 4096), 8 experts, 600 tokens x 4 slots."""
     from dsv4.kernels.reference.moe import routed_experts
     from kernel_cases import expert_set
@@ -88,7 +91,8 @@ def test_grouped_experts_match_reference(fmt):
     x = torch.randn(600, 4096, generator=g).cuda()
     ids = torch.stack([torch.randperm(8, generator=g)[:4] for _ in range(600)]).cuda()
     wts = torch.rand(600, 4, generator=g).cuda()
-    got, ref = implementation("routed_experts", "cuda")(x, ids, wts, es, 10.0), routed_experts(x, ids, wts, es, 10.0)
+    got = implementation("routed_experts", "cuda")(x, ids, wts, es, 10.0, act_quant=aq)
+    ref = routed_experts(x, ids, wts, es, 10.0, act_quant=aq)
     assert _rel(got, ref) <= 2e-5
 
 

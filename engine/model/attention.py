@@ -20,39 +20,42 @@ from .compressor import compress_decode, compress_step
 from .context import LayerContext
 
 
-def _project(x, w, p, cfg, cos, sin, faithful, q_bf16):
+def _project(x, w, p, cfg, cos, sin, kv_quant, faithful):
     """-> qr [S, q_lora] (the indexer's input), q [S, H, D] and this chunk's KV entries kv [S, D]
-    (kv through the KV entry format when ``faithful``). q_bf16 (faithful mode): the queries are
-    rounded to bf16, as DeepSeek's own inference feeds its attention kernels, so the prefill's
-    attention runs on bf16 tensor-core dots; prefill and decode round them alike.
+    (kv through the KV entry format when ``kv_quant``). faithful: the FP8 linears quantise their
+    inputs (kernels.linear act_quant) and the queries are rounded to bf16, as DeepSeek's own
+    inference feeds its attention kernels, so the prefill's attention runs on bf16 tensor-core
+    dots; prefill and decode round them alike.
     wq_a and wkv run as one GEMV where the decode step stacked them (w[p + ".wq_a+wkv"])."""
     S = x.shape[0]
     H, D, rd, eps = cfg.num_attention_heads, cfg.head_dim, cfg.qk_rope_head_dim, cfg.rms_norm_eps
     if p + ".wq_a+wkv" in w:
-        qa, kva = kernels.linear(x, w[p + ".wq_a+wkv"]).split([w[p + ".wq_a"].shape[0], w[p + ".wkv"].shape[0]], -1)
+        qa, kva = kernels.linear(x, w[p + ".wq_a+wkv"], act_quant=faithful).split(
+            [w[p + ".wq_a"].shape[0], w[p + ".wkv"].shape[0]], -1)
     else:
-        qa, kva = kernels.linear(x, w[p + ".wq_a"]), kernels.linear(x, w[p + ".wkv"])
+        qa, kva = kernels.linear(x, w[p + ".wq_a"], act_quant=faithful), kernels.linear(x, w[p + ".wkv"],
+                                                                                         act_quant=faithful)
     qr = kernels.rms_norm(qa, w[p + ".q_norm.weight"], eps)
-    q = kernels.linear(qr, w[p + ".wq_b"]).view(S, H, D)
-    q = kernels.rms_norm_rope(q, None, eps, cos, sin, torch.bfloat16 if q_bf16 else None)
+    q = kernels.linear(qr, w[p + ".wq_b"], act_quant=faithful).view(S, H, D)
+    q = kernels.rms_norm_rope(q, None, eps, cos, sin, torch.bfloat16 if faithful else None)
     kv = kernels.rms_norm_rope(kva, w[p + ".kv_norm.weight"], eps, cos, sin)
-    if faithful:
+    if kv_quant:
         kv = quant.kv_quant_dequant(kv, rd)
     return qr, q, kv
 
 
-def _attend(q, keys, visible, w, p, cfg, cos, sin) -> torch.Tensor:
+def _attend(q, keys, visible, w, p, cfg, cos, sin, faithful) -> torch.Tensor:
     """Sink attention of q [S, H, D] over keys [T, D] where visible [S, T]; inverse RoPE; wo_a, wo_b."""
     bias = torch.zeros(visible.shape, dtype=torch.float32, device=q.device).masked_fill(~visible, float("-inf"))
     o = kernels.sparse_mqa_attention(q, keys, bias, w[p + ".attn_sink"], cfg.head_dim ** -0.5)  # [S, H, D]
-    return _out(o, w, p, cfg, cos, sin)
+    return _out(o, w, p, cfg, cos, sin, faithful)
 
 
-def _out(o, w, p, cfg, cos, sin) -> torch.Tensor:
+def _out(o, w, p, cfg, cos, sin, faithful) -> torch.Tensor:
     """Attention output o [S, H, D] -> inverse RoPE -> wo_a (grouped) -> wo_b -> [S, d]."""
     o = kernels.apply_rope(o, cos, sin, inverse=True)
-    y = kernels.grouped_linear(o.reshape(o.shape[0], cfg.o_groups, -1), w[p + ".wo_a"])  # [S, G*R]
-    return kernels.linear(y, w[p + ".wo_b"])
+    y = kernels.grouped_linear(o.reshape(o.shape[0], cfg.o_groups, -1), w[p + ".wo_a"], act_quant=faithful)
+    return kernels.linear(y, w[p + ".wo_b"], act_quant=faithful)
 
 
 def _entry_quantiser(faithful: bool, rd: int):
@@ -90,7 +93,7 @@ def attention(x: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
                                              rope.cos_sin(positions, yarn=True), iq, faithful)
     o = kernels.chunk_attention(q, positions, ring, ring_pos, kv, cfg.sliding_window, entries, rows, m, select,
                                 w[p + ".attn_sink"], cfg.head_dim ** -0.5)
-    return _out(o, w, p, cfg, cos, sin)
+    return _out(o, w, p, cfg, cos, sin, faithful)
 
 
 def _attention_dense(x, qr, q, kv, ctx: LayerContext, cos, sin) -> torch.Tensor:
@@ -118,10 +121,11 @@ def _attention_dense(x, qr, q, kv, ctx: LayerContext, cos, sin) -> torch.Tensor:
             compress_step(x, w, p + ".indexer.compressor", handle, start, m, True, rope, cfg.rms_norm_eps, iq,
                           name="idx", append=handle.append_index_keys)
             ent_vis = ent_vis & _indexer_select(x, qr, w, p + ".indexer", cfg, handle.read_index_keys(n), cos_sin=
-                                                rope.cos_sin(positions, yarn=True), iq=iq, visible=ent_vis)
+                                                rope.cos_sin(positions, yarn=True), iq=iq, visible=ent_vis,
+                                                faithful=faithful)
         keys = torch.cat([keys, entries], 0)
         visible = torch.cat([visible, ent_vis], 1)
-    return _attend(q, keys, visible, w, p, cfg, cos, sin)
+    return _attend(q, keys, visible, w, p, cfg, cos, sin, faithful)
 
 
 def decode_attention(x: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
@@ -156,11 +160,11 @@ def decode_attention(x: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
                             store=lambda v: kernels.store_entry(v, istore, row), cz=cz[2:])
             if handle.entry_capacity() > cfg.index_topk:  # else every closed window is among the top-k
                 scores = _indexer_scores(x, qr, w, p + ".indexer", cfg, handle.read_index_keys_at(rows),
-                                         rope.at_pos(True), _index_quantiser(faithful))[0]
+                                         rope.at_pos(True), _index_quantiser(faithful), faithful)[0]
                 idx, ok = indexer_topk_indices(scores, ok, cfg.index_topk)
                 rows = rows[idx]  # attention reads only the selected entries
     o = kernels.decode_attention(q[0], ring, pos, store, rows, ok, w[p + ".attn_sink"], cfg.head_dim ** -0.5)
-    return _out(o[None], w, p, cfg, cos, sin)
+    return _out(o[None], w, p, cfg, cos, sin, faithful)
 
 
 def stacked_linears(p: str, spec) -> dict[str, list[str]]:
@@ -189,11 +193,11 @@ def _index_quantiser(faithful: bool):
     return quant.indexer_quant_dequant if faithful else (lambda e: e)
 
 
-def _indexer_scores(x, qr, w, p, cfg, keys, cos_sin, iq) -> torch.Tensor:
+def _indexer_scores(x, qr, w, p, cfg, keys, cos_sin, iq, faithful) -> torch.Tensor:
     """Lightning Indexer scores [S, T] of each query against the stored keys [T, Di]."""
     S = x.shape[0]
     Hi, Di = cfg.index_n_heads, cfg.index_head_dim
-    q = kernels.apply_rope(kernels.linear(qr, w[p + ".wq_b"]).view(S, Hi, Di), *cos_sin)
+    q = kernels.apply_rope(kernels.linear(qr, w[p + ".wq_b"], act_quant=faithful).view(S, Hi, Di), *cos_sin)
     q = iq(q)
     weights = kernels.linear(x, w[p + ".weights_proj"]).float() * (Di ** -0.5 * Hi ** -0.5)
     return kernels.indexer_scores(q, keys, weights)
@@ -220,7 +224,7 @@ def _indexer_topk_tiles(x, qr, w, p, cfg, handle, rows, positions, ratio, cos_si
     Faithful mode: q and keys are FP4 values (e2m1 x a power of two), exact in bf16, so they travel
     as bf16 (the same scores, and bf16 tensor-core dots in the kernel)."""
     S, Hi, Di, k = x.shape[0], cfg.index_n_heads, cfg.index_head_dim, cfg.index_topk
-    q = iq(kernels.apply_rope(kernels.linear(qr, w[p + ".wq_b"]).view(S, Hi, Di), *cos_sin))
+    q = iq(kernels.apply_rope(kernels.linear(qr, w[p + ".wq_b"], act_quant=faithful).view(S, Hi, Di), *cos_sin))
     kdt = torch.bfloat16 if faithful else torch.float32
     q = q.to(kdt)
     weights = kernels.linear(x, w[p + ".weights_proj"]).float() * (Di ** -0.5 * Hi ** -0.5)
@@ -238,8 +242,9 @@ def _indexer_topk_tiles(x, qr, w, p, cfg, handle, rows, positions, ratio, cos_si
     return torch.cat(out)
 
 
-def _indexer_select(x, qr, w, p, cfg, keys, cos_sin, iq, visible) -> torch.Tensor:
+def _indexer_select(x, qr, w, p, cfg, keys, cos_sin, iq, visible, faithful) -> torch.Tensor:
     """Lightning Indexer: bool [S, T] of the top-index_topk visible entries per query.
 
     keys: [T, Di] the stored indexer keys; visible: [S, T] the entries each query may see."""
-    return kernels.indexer_topk(_indexer_scores(x, qr, w, p, cfg, keys, cos_sin, iq), visible, cfg.index_topk)
+    return kernels.indexer_topk(_indexer_scores(x, qr, w, p, cfg, keys, cos_sin, iq, faithful), visible,
+                                cfg.index_topk)

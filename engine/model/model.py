@@ -4,8 +4,9 @@ Weights come by their published names (see engine/weights.py); all per-request s
 written through cache handles (cache/handles.py). Precision modes:
 - "exact": no quantisation simulation (matches transformers' DeepseekV4 in float32);
 - "faithful": KV entries (window and compressed) through FP8 e4m3 / BF16 RoPE, indexer q and keys
-  through Hadamard + FP4 e2m1, as the model was trained. Linears are weight-only dequantised
-  (activations are not FP8-quantised; see the README for the measured gap).
+  through Hadamard + FP4 e2m1, as the model was trained; the inputs of the FP8 / FP4 linears
+  through e4m3 per 1 x 128 slice with ue8m0 scales and the attention queries rounded to bf16, as
+  DeepSeek's own inference computes (the BF16 linears: compressors, router, head, take them as they are).
 """
 
 from __future__ import annotations
@@ -138,7 +139,9 @@ class Model:
         positions = torch.arange(start, start + ids.shape[0], device=self.device)
         e = kernels.rms_norm(w["embed.weight"][ids].to(self.dtype), w[p + ".enorm.weight"], cfg.rms_norm_eps)
         hs = kernels.rms_norm(streams, w[p + ".hnorm.weight"], cfg.rms_norm_eps)
-        x = kernels.linear(e, w[p + ".e_proj"]).unsqueeze(1) + kernels.linear(hs, w[p + ".h_proj"])
+        aq = self.precision.faithful
+        x = kernels.linear(e, w[p + ".e_proj"], act_quant=aq).unsqueeze(1) + kernels.linear(hs, w[p + ".h_proj"],
+                                                                                              act_quant=aq)
         x = block(x, self._ctx(p, cfg.mtp_layer(0), handle, positions, ids, self.rope, start))
         return self._head(x, p + ".")
 
@@ -165,6 +168,8 @@ class Model:
         cfg, w, p = self.cfg, self._step_weights(), "mtp.0"
         e = kernels.rms_norm(w["embed.weight"][next_id].to(self.dtype), w[p + ".enorm.weight"], cfg.rms_norm_eps)
         hs = kernels.rms_norm(streams, w[p + ".hnorm.weight"], cfg.rms_norm_eps)
-        x = kernels.linear(e, w[p + ".e_proj"]).unsqueeze(1) + kernels.linear(hs, w[p + ".h_proj"])
+        aq = self.precision.faithful
+        x = kernels.linear(e, w[p + ".e_proj"], act_quant=aq).unsqueeze(1) + kernels.linear(hs, w[p + ".h_proj"],
+                                                                                              act_quant=aq)
         x = block(x, self._ctx(p, cfg.mtp_layer(0), handle, pos, next_id, StepRope(self.rope, pos), None))
         return self._head(x, p + ".") if head else x

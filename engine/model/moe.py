@@ -27,15 +27,16 @@ def stacked_linears(p: str) -> dict[str, list[str]]:
     return {p + ".w1+w3": [p + ".w1", p + ".w3"]}
 
 
-def shared_expert(x: torch.Tensor, w: dict, p: str, limit: float) -> torch.Tensor:
+def shared_expert(x: torch.Tensor, w: dict, p: str, limit: float, faithful: bool = False) -> torch.Tensor:
     """w2(swiglu(w1 x, w3 x)) with the clamp, for the always-on expert at p. x: [S, d] -> [S, d].
-    w1 and w3 run as one GEMV where the decode step stacked them (w[p + ".w1+w3"])."""
+    w1 and w3 run as one GEMV where the decode step stacked them (w[p + ".w1+w3"]). faithful: the
+    FP8 linears quantise their inputs (kernels.linear act_quant)."""
     if p + ".w1+w3" in w:
-        g, u = kernels.linear(x, w[p + ".w1+w3"]).chunk(2, -1)
+        g, u = kernels.linear(x, w[p + ".w1+w3"], act_quant=faithful).chunk(2, -1)
     else:
-        g, u = kernels.linear(x, w[p + ".w1"]), kernels.linear(x, w[p + ".w3"])
+        g, u = kernels.linear(x, w[p + ".w1"], act_quant=faithful), kernels.linear(x, w[p + ".w3"], act_quant=faithful)
     h = kernels.swiglu(g, u, limit)
-    return kernels.linear(h, w[p + ".w2"])
+    return kernels.linear(h, w[p + ".w2"], act_quant=faithful)
 
 
 def moe(x: torch.Tensor, ctx) -> torch.Tensor:
@@ -49,5 +50,5 @@ def moe(x: torch.Tensor, ctx) -> torch.Tensor:
         weights, ids = kernels.hash_route(scores, w[p + ".gate.tid2eid"], token_ids, scale)
     else:
         weights, ids = kernels.router_topk(scores, w[p + ".gate.bias"], k, scale)
-    out = kernels.routed_experts(x, ids, weights, routed, cfg.swiglu_limit)
-    return out + shared_expert(x, w, p + ".shared_experts", cfg.swiglu_limit)
+    out = kernels.routed_experts(x, ids, weights, routed, cfg.swiglu_limit, act_quant=ctx.faithful)
+    return out + shared_expert(x, w, p + ".shared_experts", cfg.swiglu_limit, ctx.faithful)

@@ -1,7 +1,9 @@
 """Linear layers over weights kept in their stored formats (dense, FP8 block, MXFP4, NVFP4).
 
-The reference path dequantises the weight and multiplies in float32 (weight-only; activations
-stay in full precision). GPU kernels may replace ``linear`` through the dispatch table.
+The reference path dequantises the weight and multiplies in float32. Activations stay in full
+precision (exact mode) or, with ``act_quant`` (faithful mode), pass through e4m3 per 1 x 128 slice
+before an FP8 / FP4 weight, as DeepSeek's inference does. GPU kernels may replace ``linear``
+through the dispatch table.
 """
 
 from __future__ import annotations
@@ -64,14 +66,24 @@ class QWeight:
         return QWeight(self.fmt, mv(self.data), mv(self.scale), mv(self.global_scale))
 
 
-def linear_reference(x: torch.Tensor, w: QWeight) -> torch.Tensor:
-    """x: [..., in] -> [..., out], in x's dtype (float32 accumulate on CPU)."""
+def quantised_input(x: torch.Tensor, w: QWeight, act_quant: bool) -> torch.Tensor:
+    """x as the linear multiplies it: with act_quant (faithful mode) and a weight stored in FP8 or
+    FP4, each 1 x 128 slice of x's last axis through e4m3 with a ue8m0 scale
+    (quant.act_quant_dequant); else x itself (dense weights, exact mode)."""
+    return quant.act_quant_dequant(x) if act_quant and w.fmt != "dense" else x
+
+
+def linear_reference(x: torch.Tensor, w: QWeight, act_quant: bool = False) -> torch.Tensor:
+    """x: [..., in] -> [..., out], in x's dtype (float32 accumulate on CPU); act_quant: see
+    ``quantised_input``."""
+    x = quantised_input(x, w, act_quant)
     return (x @ w.dequant(x.dtype).t()).to(x.dtype)
 
 
-def grouped_linear_reference(og: torch.Tensor, w: QWeight) -> torch.Tensor:
+def grouped_linear_reference(og: torch.Tensor, w: QWeight, act_quant: bool = False) -> torch.Tensor:
     """Grouped projection (V4's wo_a): og [S, G, Kg]; w [G*R, Kg], rows g*R..(g+1)*R-1 read group g.
-    -> [S, G*R] in og's dtype."""
+    -> [S, G*R] in og's dtype. act_quant: each group's slice quantised on its own (``quantised_input``)."""
     S, G, Kg = og.shape
+    og = quantised_input(og, w, act_quant)
     wa = w.dequant(og.dtype).view(G, -1, Kg)
     return torch.einsum("sgi,gri->sgr", og, wa).reshape(S, -1)

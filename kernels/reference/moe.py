@@ -61,12 +61,14 @@ class ExpertSet:
 
 
 def routed_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, experts: ExpertSet,
-                   limit: float) -> torch.Tensor:
+                   limit: float, act_quant: bool = False) -> torch.Tensor:
     """sum_j weights[s, j] * w2[e] swiglu(w1[e] x_s, w3[e] x_s), e = ids[s, j], clamp ``limit``.
 
     x: [S, d]; ids: [S, k] int; weights: [S, k] float32. -> [S, d] in x's dtype. Experts are
     visited in ascending id order and each one's weighted output is added in x's dtype. With
     ``experts.local`` the ids are mapped to this rank's experts first; -1 (another rank's) is skipped.
+    act_quant (faithful mode): x and the SwiGLU output h go through e4m3 per 1 x 128 slice before
+    the FP8 / FP4 weights (linear.quantised_input); the routing weight multiplies w2's output.
     """
     if experts.local is not None:
         ids = experts.local.to(ids.device)[ids]
@@ -76,7 +78,8 @@ def routed_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, ex
             continue
         rows, slot = torch.where(ids == e)
         xe = x[rows]
-        h = swiglu(linear_reference(xe, experts.w1[e]), linear_reference(xe, experts.w3[e]), limit)
-        y = linear_reference(h, experts.w2[e])
+        h = swiglu(linear_reference(xe, experts.w1[e], act_quant), linear_reference(xe, experts.w3[e], act_quant),
+                   limit)
+        y = linear_reference(h, experts.w2[e], act_quant)
         out.index_add_(0, rows, (y.float() * weights[rows, slot, None]).to(x.dtype))
     return out

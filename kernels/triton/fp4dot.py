@@ -23,6 +23,10 @@ import torch
 import triton
 import triton.language as tl
 
+from dsv4.kernels.quant import act_quant_dequant
+
+from .actquant import fake_quant_vector
+
 STEP = tl.constexpr(254.0)  # weight of the next int8 part
 
 # One 32-bit word of packed e2m1 (8 nibbles, element i in bits 4i..4i+3) against two words of each
@@ -73,12 +77,16 @@ def _quant3(v, NG: tl.constexpr):
 
 
 @triton.jit
-def _quant3_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, BLOCK: tl.constexpr):
-    """Row m of x [M, K] -> q [M, 3, K] int8 and scales [M, K / 32]; grid (cdiv(K, BLOCK), M)."""
+def _quant3_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, BLOCK: tl.constexpr, QX: tl.constexpr):
+    """Row m of x [M, K] -> q [M, 3, K] int8 and scales [M, K / 32]; grid (cdiv(K, BLOCK), M).
+    QX: x's 128-slices through e4m3 first (faithful mode's activations; BLOCK a multiple of 128)."""
     pid, m = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     rk = pid * BLOCK + tl.arange(0, BLOCK)
     km = rk < K
-    q0, q1, q2, sc = _quant3(tl.load(x_ptr + m * stride_x + rk, mask=km, other=0.0).to(tl.float32), BLOCK // 32)
+    v = tl.load(x_ptr + m * stride_x + rk, mask=km, other=0.0).to(tl.float32)
+    if QX:
+        v = fake_quant_vector(v, BLOCK)
+    q0, q1, q2, sc = _quant3(v, BLOCK // 32)
     base = q_ptr + m * 3 * K + rk
     tl.store(base, q0, mask=km)
     tl.store(base + K, q1, mask=km)
@@ -87,13 +95,16 @@ def _quant3_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, BLOCK: tl.constexpr):
     tl.store(s_ptr + m * (K // 32) + rg, sc, mask=rg < K // 32)
 
 
-def quant3(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] (K % 32 == 0) -> (q [M, 3, K] int8, scales [M, K / 32] float32), one launch."""
+def quant3(x: torch.Tensor, act_quant: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] (K % 32 == 0) -> (q [M, 3, K] int8, scales [M, K / 32] float32), one launch;
+    act_quant: of x's values through e4m3 per 128-slice (kernels/quant.act_quant_dequant)."""
     M, K = x.shape
+    if act_quant and K % 128:
+        x, act_quant = act_quant_dequant(x), False  # a short last slice: the reference's rounding, then split
     q = torch.empty((M, 3, K), device=x.device, dtype=torch.int8)
     s = torch.empty((M, K // 32), device=x.device, dtype=torch.float32)
-    block = 256 if K % 256 == 0 else 32
-    _quant3_kernel[(triton.cdiv(K, block), M)](x, q, s, K, x.stride(0), BLOCK=block, num_warps=4)
+    block = 256 if K % 256 == 0 else 128 if act_quant else 32
+    _quant3_kernel[(triton.cdiv(K, block), M)](x, q, s, K, x.stride(0), BLOCK=block, QX=act_quant, num_warps=4)
     return q, s
 
 

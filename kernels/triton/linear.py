@@ -19,6 +19,8 @@ import triton.language as tl
 
 from dsv4.kernels.reference.linear import QWeight
 
+from .actquant import fake_quant_pairs, fake_quant_vector
+
 MAX_ROWS = 16
 TARGET_PROGRAMS = 4 * 132  # ~4 per SM on an H100 / H200
 # K per program step and output rows per program (bench/tune_kernels.py --only gemv)
@@ -60,13 +62,16 @@ def _store_split(acc, out_ptr, part_ptr, cnt_ptr, pid_n, pid_k, m, M, N, rn, nma
 
 @triton.jit
 def _block_step(x_row, w_ptr, s_ptr, rn, nmask, k0, K, SB_K, FMT: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_K: tl.constexpr):
+                BLOCK_K: tl.constexpr, QX: tl.constexpr = False):
     """sum over k in [k0, k0 + BLOCK_K) of W[rn, k] x[k] -> [BLOCK_N] float32, W [N, K] dense (FMT >= 2,
     any float dtype) or FP8 with 128x128 block scales s [N/128, SB_K] (FMT 0: ue8m0, 1: float32);
-    for FP8, k0 is a multiple of 128 and BLOCK_K spans BLOCK_K / 128 scale blocks."""
+    for FP8, k0 is a multiple of 128 and BLOCK_K spans BLOCK_K / 128 scale blocks. QX (faithful
+    mode, FP8 only): x's 128-slices through e4m3 first (kernels/triton/actquant.py)."""
     rk = k0 + tl.arange(0, BLOCK_K)
     kmask = rk < K
     x = tl.load(x_row + rk, mask=kmask, other=0.0).to(tl.float32)
+    if QX:
+        x = fake_quant_vector(x, BLOCK_K)
     w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=nmask[:, None] & kmask[None, :], other=0)
     if FMT >= 2:
         out = tl.sum(w.to(tl.float32) * x[None, :], 1)
@@ -85,10 +90,11 @@ def _block_step(x_row, w_ptr, s_ptr, rn, nmask, k0, K, SB_K, FMT: tl.constexpr, 
 
 @triton.jit
 def _fp4_step(x_row, w_ptr, s_ptr, rn, nmask, kp0, K, NV: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_KP: tl.constexpr):
+              BLOCK_KP: tl.constexpr, QX: tl.constexpr = False):
     """sum over the packed bytes [kp0, kp0 + BLOCK_KP) of W[rn, :] x -> [BLOCK_N] float32 x 2^-14, W
     packed e2m1 [N, K/2] with per-G scales s [N, K/G]: ue8m0 (NV=0, G=32) or e4m3 (NV=1, G=16;
-    the tensor scale is the caller's)."""
+    the tensor scale is the caller's). QX (faithful mode): x's 128-slices through e4m3 first
+    (kp0 a multiple of 64, BLOCK_KP of 64)."""
     G: tl.constexpr = 16 if NV else 32
     NG: tl.constexpr = BLOCK_KP * 2 // G
     KP = K // 2
@@ -97,6 +103,8 @@ def _fp4_step(x_row, w_ptr, s_ptr, rn, nmask, kp0, K, NV: tl.constexpr, BLOCK_N:
     b = tl.load(w_ptr + rn[:, None] * KP + rp[None, :], mask=nmask[:, None] & pmask[None, :], other=0)
     xe = tl.load(x_row + 2 * rp, mask=pmask, other=0.0).to(tl.float32)
     xo = tl.load(x_row + 2 * rp + 1, mask=pmask, other=0.0).to(tl.float32)
+    if QX:
+        xe, xo = fake_quant_pairs(xe, xo, BLOCK_KP)
     lo, hi = _e2m1_pairs(b)
     grp = tl.sum(tl.reshape(lo * xe[None, :] + hi * xo[None, :], [BLOCK_N, NG, G // 2]), 2)  # per scale group
     rg = kp0 * 2 // G + tl.arange(0, NG)
@@ -111,8 +119,9 @@ def _fp4_step(x_row, w_ptr, s_ptr, rn, nmask, kp0, K, NV: tl.constexpr, BLOCK_N:
 @triton.jit
 def _gemv_fp8_dense(x_ptr, w_ptr, s_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, stride_xm, SB_K, ROWS_PER_GROUP,
                     FMT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_PER_SPLIT: tl.constexpr,
-                    SPLIT: tl.constexpr):
-    """FMT 0: fp8 + ue8m0 block scale, 1: fp8 + float32 block scale, 2: dense (any float dtype)."""
+                    SPLIT: tl.constexpr, QX: tl.constexpr):
+    """FMT 0: fp8 + ue8m0 block scale, 1: fp8 + float32 block scale, 2: dense (any float dtype);
+    QX: quantised activations (FP8 only)."""
     pid_n, pid_k, m = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = rn < N
@@ -120,14 +129,14 @@ def _gemv_fp8_dense(x_ptr, w_ptr, s_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, st
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     k_start = pid_k * K_PER_SPLIT
     for kk in range(0, K_PER_SPLIT, BLOCK_K):
-        acc += _block_step(x_row, w_ptr, s_ptr, rn, nmask, k_start + kk, K, SB_K, FMT, BLOCK_N, BLOCK_K)
+        acc += _block_step(x_row, w_ptr, s_ptr, rn, nmask, k_start + kk, K, SB_K, FMT, BLOCK_N, BLOCK_K, QX)
     _store_split(acc, out_ptr, part_ptr, cnt_ptr, pid_n, pid_k, m, M, N, rn, nmask, SPLIT)
 
 
 @triton.jit
 def _gemv_fp4(x_ptr, w_ptr, s_ptr, gs_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, stride_xm,
               NV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KP: tl.constexpr,
-              KP_PER_SPLIT: tl.constexpr, SPLIT: tl.constexpr):
+              KP_PER_SPLIT: tl.constexpr, SPLIT: tl.constexpr, QX: tl.constexpr):
     """Packed e2m1 [N, K/2] with per-G scales [N, K/G]: ue8m0 (NV=0, G=32) or e4m3 x global (NV=1, G=16)."""
     pid_n, pid_k, m = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -135,7 +144,7 @@ def _gemv_fp4(x_ptr, w_ptr, s_ptr, gs_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, 
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     kp_start = pid_k * KP_PER_SPLIT
     for kk in range(0, KP_PER_SPLIT, BLOCK_KP):
-        acc += _fp4_step(x_ptr + m * stride_xm, w_ptr, s_ptr, rn, nmask, kp_start + kk, K, NV, BLOCK_N, BLOCK_KP)
+        acc += _fp4_step(x_ptr + m * stride_xm, w_ptr, s_ptr, rn, nmask, kp_start + kk, K, NV, BLOCK_N, BLOCK_KP, QX)
     acc = acc * 16384.0
     if NV:
         acc = acc * tl.load(gs_ptr)
@@ -156,10 +165,12 @@ def _split(n_prog: int, k_blocks: int) -> tuple[int, int]:
     return per, triton.cdiv(k_blocks, per)
 
 
-def gemv(x: torch.Tensor, w: QWeight, rows_per_group: int | None = None) -> torch.Tensor:
+def gemv(x: torch.Tensor, w: QWeight, rows_per_group: int | None = None, act_quant: bool = False) -> torch.Tensor:
     """x: [M, K_total] (K_total = K x groups when grouped) -> [M, N] float32, M <= MAX_ROWS.
 
-    rows_per_group: rows of W that read the same K-slice of x (grouped projection), None = all."""
+    rows_per_group: rows of W that read the same K-slice of x (grouped projection), None = all.
+    act_quant: faithful mode's e4m3 activations (FP8 / FP4 weights; kernels/reference/linear.py)."""
+    qx = act_quant and w.fmt != "dense"
     M = x.shape[0]
     N, K = w.shape
     x = x.contiguous()
@@ -174,7 +185,7 @@ def gemv(x: torch.Tensor, w: QWeight, rows_per_group: int | None = None) -> torc
         gs = w.global_scale if w.fmt == "nvfp4" else out  # unused pointer for mxfp4
         _gemv_fp4[(triton.cdiv(N, BN), split, M)](
             x, w.data.view(torch.uint8), w.scale.view(torch.uint8), gs, out, part, cnt, M, N, K, x.stride(0),
-            NV=w.fmt == "nvfp4", BLOCK_N=BN, BLOCK_KP=BKP, KP_PER_SPLIT=per * BKP, SPLIT=split, num_warps=4)
+            NV=w.fmt == "nvfp4", BLOCK_N=BN, BLOCK_KP=BKP, KP_PER_SPLIT=per * BKP, SPLIT=split, QX=qx, num_warps=4)
     else:
         BK = GEMV["fp8_block_k" if w.fmt == "fp8" else "dense_block_k"]
         per, split = _split(n_prog, triton.cdiv(K, BK))
@@ -187,7 +198,7 @@ def gemv(x: torch.Tensor, w: QWeight, rows_per_group: int | None = None) -> torc
             fmt, data, s, sbk = 2, w.data, out, 0
         _gemv_fp8_dense[(triton.cdiv(N, BN), split, M)](
             x, data, s, out, part, cnt, M, N, K, x.stride(0), sbk, R,
-            FMT=fmt, BLOCK_N=BN, BLOCK_K=BK, K_PER_SPLIT=per * BK, SPLIT=split, num_warps=GEMV["warps"])
+            FMT=fmt, BLOCK_N=BN, BLOCK_K=BK, K_PER_SPLIT=per * BK, SPLIT=split, QX=qx, num_warps=GEMV["warps"])
     return out
 
 
@@ -207,24 +218,24 @@ def _split_buffers(split: int, M: int, N: int, BN: int, device) -> tuple[torch.T
     return torch.empty((split, M, N), device=device, dtype=torch.float32), cnt
 
 
-def linear_supported(x: torch.Tensor, w: QWeight) -> bool:
+def linear_supported(x: torch.Tensor, w: QWeight, act_quant: bool = False) -> bool:
     """Up to MAX_ROWS rows of x, a weight in its stored format (not a cached dense copy); no autograd."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     return 0 < rows <= MAX_ROWS and w.dense is None and not (x.requires_grad or w.data.requires_grad)
 
 
-def grouped_linear_supported(og: torch.Tensor, w: QWeight) -> bool:
+def grouped_linear_supported(og: torch.Tensor, w: QWeight, act_quant: bool = False) -> bool:
     return 0 < og.shape[0] <= MAX_ROWS and w.dense is None and not (og.requires_grad or w.data.requires_grad)
 
 
-def linear_triton(x: torch.Tensor, w: QWeight) -> torch.Tensor:
+def linear_triton(x: torch.Tensor, w: QWeight, act_quant: bool = False) -> torch.Tensor:
     """kernels.linear for CUDA tensors: the GEMV kernels, up to MAX_ROWS rows."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    return gemv(x2, w).to(x.dtype).reshape(*lead, w.shape[0])
+    return gemv(x2, w, act_quant=act_quant).to(x.dtype).reshape(*lead, w.shape[0])
 
 
-def grouped_linear_triton(og: torch.Tensor, w: QWeight) -> torch.Tensor:
+def grouped_linear_triton(og: torch.Tensor, w: QWeight, act_quant: bool = False) -> torch.Tensor:
     """kernels.grouped_linear for CUDA tensors: og [S, G, Kg] -> [S, G*R]."""
     S, G, Kg = og.shape
-    return gemv(og.reshape(S, G * Kg), w, rows_per_group=w.shape[0] // G).to(og.dtype)
+    return gemv(og.reshape(S, G * Kg), w, rows_per_group=w.shape[0] // G, act_quant=act_quant).to(og.dtype)

@@ -62,25 +62,27 @@ def _weight_ptrs(tab_ptr, stab_ptr, e, FMT: tl.constexpr):
 
 
 @triton.jit
-def _row_dots(x_ptr, w, s, gs, rn, nmask, K: tl.constexpr, FMT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """sum_k W[rn, k] * x[k] over all K for one expert weight W [N, K] -> [BLOCK_N] float32."""
+def _row_dots(x_ptr, w, s, gs, rn, nmask, K: tl.constexpr, FMT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+              QX: tl.constexpr = False):
+    """sum_k W[rn, k] * x[k] over all K for one expert weight W [N, K] -> [BLOCK_N] float32; QX: x's
+    128-slices through e4m3 first (faithful mode; FP8 / FP4 weights, BLOCK_K a multiple of 128)."""
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     if FMT >= 4:
         for k0 in range(0, K // 2, BLOCK_K // 2):
-            acc += _fp4_step(x_ptr, w, s, rn, nmask, k0, K, FMT == 5, BLOCK_N, BLOCK_K // 2)
+            acc += _fp4_step(x_ptr, w, s, rn, nmask, k0, K, FMT == 5, BLOCK_N, BLOCK_K // 2, QX)
         acc = acc * 16384.0
         if FMT == 5:
             acc = acc * gs
     else:
         for k0 in range(0, K, BLOCK_K):
-            acc += _block_step(x_ptr, w, s, rn, nmask, k0, K, (K + 127) // 128, FMT, BLOCK_N, BLOCK_K)
+            acc += _block_step(x_ptr, w, s, rn, nmask, k0, K, (K + 127) // 128, FMT, BLOCK_N, BLOCK_K, QX)
     return acc
 
 
 @triton.jit
 def _experts_up(x_ptr, xq_ptr, xs_ptr, ids_ptr, w1_tab, s1_tab, w3_tab, s3_tab, gs1_ptr, gs3_ptr, h_ptr, I,
                 K: tl.constexpr, limit, FMT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                MODE: tl.constexpr):
+                MODE: tl.constexpr, QX: tl.constexpr):
     pid_n, j = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     e = tl.load(ids_ptr + j).to(tl.int64)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -93,8 +95,8 @@ def _experts_up(x_ptr, xq_ptr, xs_ptr, ids_ptr, w1_tab, s1_tab, w3_tab, s3_tab, 
         g = mx_int_dots(xq_ptr, xs_ptr, w1, s1, rn, nmask, K, BLOCK_N, BLOCK_K, MODE == 2)
         u = mx_int_dots(xq_ptr, xs_ptr, w3, s3, rn, nmask, K, BLOCK_N, BLOCK_K, MODE == 2)
     else:
-        g = _row_dots(x_ptr, w1, s1, tl.load(gs1_ptr + e), rn, nmask, K, FMT, BLOCK_N, BLOCK_K)
-        u = _row_dots(x_ptr, w3, s3, tl.load(gs3_ptr + e), rn, nmask, K, FMT, BLOCK_N, BLOCK_K)
+        g = _row_dots(x_ptr, w1, s1, tl.load(gs1_ptr + e), rn, nmask, K, FMT, BLOCK_N, BLOCK_K, QX)
+        u = _row_dots(x_ptr, w3, s3, tl.load(gs3_ptr + e), rn, nmask, K, FMT, BLOCK_N, BLOCK_K, QX)
     g = tl.minimum(g, limit)
     u = tl.minimum(tl.maximum(u, -limit), limit)
     tl.store(h_ptr + j * I + rn, g * tl.sigmoid(g) * u, mask=valid)
@@ -103,7 +105,7 @@ def _experts_up(x_ptr, xq_ptr, xs_ptr, ids_ptr, w1_tab, s1_tab, w3_tab, s3_tab, 
 @triton.jit
 def _experts_down(h_ptr, hq_ptr, hs_ptr, ids_ptr, wts_ptr, w2_tab, s2_tab, gs2_ptr, out_ptr, part_ptr, cnt_ptr, N,
                   I: tl.constexpr, FMT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                  MODE: tl.constexpr, K_SEL: tl.constexpr):
+                  MODE: tl.constexpr, K_SEL: tl.constexpr, QX: tl.constexpr):
     """out [N] (x's dtype) = sum_j weights[j] * (w2[ids[j]] h[j]); grid (row blocks, K_SEL). The last
     program of a row block to finish adds the K_SEL partials in j order (deterministic)."""
     pid_n, j = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
@@ -116,7 +118,7 @@ def _experts_down(h_ptr, hq_ptr, hs_ptr, ids_ptr, wts_ptr, w2_tab, s2_tab, gs2_p
     if MODE >= 2:
         y = mx_int_dots(hq_ptr + j * 3 * I, hs_ptr + j * (I // 32), w2, s2, rn, nmask, I, BLOCK_N, BLOCK_K, MODE == 2)
     else:
-        y = _row_dots(h_ptr + j * I, w2, s2, tl.load(gs2_ptr + e), rn, nmask, I, FMT, BLOCK_N, BLOCK_K)
+        y = _row_dots(h_ptr + j * I, w2, s2, tl.load(gs2_ptr + e), rn, nmask, I, FMT, BLOCK_N, BLOCK_K, QX)
     _store_split(y * tl.load(wts_ptr + j), out_ptr, part_ptr, cnt_ptr, pid_n, j, 0, 1, N, rn, valid, K_SEL)
 
 
@@ -163,7 +165,8 @@ def _usable(experts: ExpertSet) -> bool:
         w.dense is None and w.data.is_contiguous() for w in ws)
 
 
-def routed_experts_supported(x: torch.Tensor, ids, weights, experts: ExpertSet, limit: float) -> bool:
+def routed_experts_supported(x: torch.Tensor, ids, weights, experts: ExpertSet, limit: float,
+                             act_quant: bool = False) -> bool:
     """One token; experts all in one stored format, contiguous and 16-byte aligned (checked once per
     ExpertSet and kept in its tables); no autograd."""
     t = experts.tables
@@ -173,10 +176,11 @@ def routed_experts_supported(x: torch.Tensor, ids, weights, experts: ExpertSet, 
 
 
 def routed_experts_triton(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, experts: ExpertSet,
-                          limit: float) -> torch.Tensor:
+                          limit: float, act_quant: bool = False) -> torch.Tensor:
     """kernels.routed_experts for one CUDA token (S == 1): two launches (four for MXFP4, with the
     activation splits), ids stay on the device. An id of -1 after ``experts.local`` (another rank's
-    expert) contributes 0 and its programs load no weight."""
+    expert) contributes 0 and its programs load no weight. act_quant (faithful mode): x and h go
+    through e4m3 per 128-slice inside the kernels (or inside the MXFP4 activation splits)."""
     t = experts.tables
     if "w1" not in t:
         for name in ("w1", "w3", "w2"):
@@ -198,14 +202,15 @@ def routed_experts_triton(x: torch.Tensor, ids: torch.Tensor, weights: torch.Ten
     up_k = _mx_block_k(d, cfg["up_block_k"]) if mode else cfg["up_block_k"] if fp4 else 128
     down_k = _mx_block_k(I, cfg["down_block_k"]) if mode else cfg["down_block_k"] if fp4 else 128
     opts = {"num_warps": cfg["warps"], "num_stages": cfg.get("stages", 3)}
-    xq, xsc = quant3(xs.view(1, d)) if mode else (xs, xs)
+    qx = act_quant and fmt not in (2, 3)
+    xq, xsc = quant3(xs.view(1, d), qx) if mode else (xs, xs)
     _experts_up[(triton.cdiv(I, cfg["up_rows"]), k)](
         xs, xq, xsc, ids1, t["w1"][0], t["w1"][1], t["w3"][0], t["w3"][1], t["w1"][2], t["w3"][2], h, I, d,
-        float(limit), FMT=fmt, BLOCK_N=cfg["up_rows"], BLOCK_K=up_k, MODE=mode, **opts)
-    hq, hsc = quant3(h) if mode else (h, h)
+        float(limit), FMT=fmt, BLOCK_N=cfg["up_rows"], BLOCK_K=up_k, MODE=mode, QX=qx, **opts)
+    hq, hsc = quant3(h, qx) if mode else (h, h)
     out = torch.empty((1, d), device=x.device, dtype=x.dtype)
     part, cnt = _split_buffers(k, 1, d, cfg["down_rows"], x.device)
     _experts_down[(triton.cdiv(d, cfg["down_rows"]), k)](
         h, hq, hsc, ids1, weights.reshape(-1).float().contiguous(), t["w2"][0], t["w2"][1], t["w2"][2], out, part,
-        cnt, d, I, FMT=fmt, BLOCK_N=cfg["down_rows"], BLOCK_K=down_k, MODE=mode, K_SEL=k, **opts)
+        cnt, d, I, FMT=fmt, BLOCK_N=cfg["down_rows"], BLOCK_K=down_k, MODE=mode, K_SEL=k, QX=qx, **opts)
     return out

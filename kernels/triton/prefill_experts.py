@@ -5,9 +5,11 @@ BLOCK_M pairs of one expert (a fixed upper bound of tiles, unused ones exit at o
 no per-token or per-expert Python loop). Up: each program gathers its tile's token rows, reads
 w1 / w3 of the tile's expert in the stored FP4 format (MXFP4: e2m1 + ue8m0 per 32; NVFP4: e2m1 +
 e4m3 per 16 + a float32 tensor scale), widens them to bf16 in registers (exact), multiplies on the
-tensor cores, applies the clamped SwiGLU and the pair's routing weight, and writes h [pairs, I].
-Down: h . w2^T per tile into y [pairs, d]; the k results of a token are then summed in slot order.
-float32 rows are split into three bf16 parts (float32 accuracy); IEEE dots in the CPU interpreter.
+tensor cores, applies the clamped SwiGLU and writes h [pairs, I]. Down: h . w2^T per tile, times
+the pair's routing weight, into y [pairs, d]; the k results of a token are then summed in slot
+order. Faithful mode (act_quant): x and h pass through e4m3 per 1 x 128 slice in the kernels (K steps
+of 128), exact in bf16, so one bf16 dot per step; exact mode splits float32 rows into three bf16
+parts (float32 accuracy). IEEE dots in the CPU interpreter.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import triton.language as tl
 from dsv4.kernels.reference.moe import ExpertSet
 
 from . import moe as gemv_moe
+from .actquant import BLOCK as QBLOCK, fake_quant_rows
 from .linear import MAX_ROWS, _e2m1_pairs
 from .prefill_linear import dot_rows
 
@@ -65,10 +68,11 @@ def _tile_rows(tile_e_ptr, tile_lo_ptr, tile_hi_ptr, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _up(x_ptr, order_ptr, wts_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, w1_tab, s1_tab, g1_ptr, w3_tab, s3_tab,
+def _up(x_ptr, order_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, w1_tab, s1_tab, g1_ptr, w3_tab, s3_tab,
         g3_ptr, h_ptr, I, D, limit, K_SEL: tl.constexpr, FMT: tl.constexpr, IEEE: tl.constexpr, SPLIT: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """h[r] = weight(r) * swiglu(w1[e] x_tok(r), w3[e] x_tok(r)) for the tile's sorted pairs r."""
+        QX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """h[r] = swiglu(w1[e] x_tok(r), w3[e] x_tok(r)) for the tile's sorted pairs r (QX: x's
+    128-slices through e4m3 first, BLOCK_K = 128)."""
     e, r, rm = _tile_rows(tile_e_ptr, tile_lo_ptr, tile_hi_ptr, BLOCK_M)
     if e >= 0:
         pair = tl.load(order_ptr + r, mask=rm, other=0).to(tl.int64)
@@ -82,6 +86,8 @@ def _up(x_ptr, order_ptr, wts_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, w1_tab,
         for k0 in range(0, D, BLOCK_K):
             kk = k0 + tl.arange(0, BLOCK_K)
             x = tl.load(x_ptr + tok[:, None] * D + kk[None, :], mask=rm[:, None] & (kk < D)[None, :], other=0.0)
+            if QX:
+                x = fake_quant_rows(x.to(tl.float32))
             g += dot_rows(x, _fp4_tile(w1, s1, rn, nm, k0, D, BLOCK_N, BLOCK_K, FMT), IEEE, SPLIT)
             u += dot_rows(x, _fp4_tile(w3, s3, rn, nm, k0, D, BLOCK_N, BLOCK_K, FMT), IEEE, SPLIT)
         if FMT == 5:
@@ -89,15 +95,15 @@ def _up(x_ptr, order_ptr, wts_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, w1_tab,
             u = u * tl.load(g3_ptr + e)
         g = tl.minimum(g, limit)
         u = tl.minimum(tl.maximum(u, -limit), limit)
-        wt = tl.load(wts_ptr + pair, mask=rm, other=0.0)
-        tl.store(h_ptr + r[:, None] * I + rn[None, :], g * tl.sigmoid(g) * u * wt[:, None],
-                 mask=rm[:, None] & nm[None, :])
+        tl.store(h_ptr + r[:, None] * I + rn[None, :], g * tl.sigmoid(g) * u, mask=rm[:, None] & nm[None, :])
 
 
 @triton.jit
-def _down(h_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, w2_tab, s2_tab, g2_ptr, y_ptr, I, D, FMT: tl.constexpr,
-          IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """y[r] = w2[e] h[r] for the tile's sorted pairs r."""
+def _down(h_ptr, order_ptr, wts_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, w2_tab, s2_tab, g2_ptr, y_ptr, I, D,
+          FMT: tl.constexpr, IEEE: tl.constexpr, QX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+          BLOCK_K: tl.constexpr):
+    """y[r] = weight(r) * (w2[e] h[r]) for the tile's sorted pairs r (QX: h's 128-slices through e4m3
+    first, BLOCK_K = 128)."""
     e, r, rm = _tile_rows(tile_e_ptr, tile_lo_ptr, tile_hi_ptr, BLOCK_M)
     if e >= 0:
         rn = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -107,10 +113,14 @@ def _down(h_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, w2_tab, s2_tab, g2_ptr, y
         for k0 in range(0, I, BLOCK_K):
             kk = k0 + tl.arange(0, BLOCK_K)
             h = tl.load(h_ptr + r[:, None] * I + kk[None, :], mask=rm[:, None] & (kk < I)[None, :], other=0.0)
-            acc += dot_rows(h, _fp4_tile(w2, s2, rn, nm, k0, I, BLOCK_N, BLOCK_K, FMT), IEEE, True)
+            if QX:
+                h = fake_quant_rows(h)
+            acc += dot_rows(h, _fp4_tile(w2, s2, rn, nm, k0, I, BLOCK_N, BLOCK_K, FMT), IEEE, not QX)
         if FMT == 5:
             acc = acc * tl.load(g2_ptr + e)
-        tl.store(y_ptr + r[:, None] * D + rn[None, :], acc, mask=rm[:, None] & nm[None, :])
+        pair = tl.load(order_ptr + r, mask=rm, other=0).to(tl.int64)
+        wt = tl.load(wts_ptr + pair, mask=rm, other=0.0)
+        tl.store(y_ptr + r[:, None] * D + rn[None, :], acc * wt[:, None], mask=rm[:, None] & nm[None, :])
 
 
 def _tables(experts: ExpertSet, device) -> dict:
@@ -149,7 +159,7 @@ def schedule(ids: torch.Tensor, n_experts: int, block: int):
     return order, torch.where(used, ec, -1), lo, hi
 
 
-def grouped_experts_supported(x, ids, weights, experts: ExpertSet, limit: float) -> bool:
+def grouped_experts_supported(x, ids, weights, experts: ExpertSet, limit: float, act_quant: bool = False) -> bool:
     """More than MAX_ROWS tokens; every expert MXFP4 or NVFP4 (the stored formats), contiguous, with
     K a multiple of 32; no per-rank expert map; no autograd."""
     t = experts.tables
@@ -165,7 +175,7 @@ def grouped_experts_supported(x, ids, weights, experts: ExpertSet, limit: float)
 
 
 def grouped_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, experts: ExpertSet,
-                    limit: float) -> torch.Tensor:
+                    limit: float, act_quant: bool = False) -> torch.Tensor:
     """kernels.routed_experts for a chunk (contract: kernels/reference/moe.routed_experts)."""
     S, D = x.shape
     k = ids.shape[1]
@@ -177,26 +187,27 @@ def grouped_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, e
     ieee = os.environ.get("TRITON_INTERPRET") == "1"
     xc = x.contiguous()
     h = torch.empty((S * k, I), device=x.device, dtype=torch.float32)
+    bk = QBLOCK if act_quant else t["k"]
     _up[(tile_e.numel(), triton.cdiv(I, t["n"]))](
-        xc, order, weights.float().contiguous().reshape(-1), tile_e, lo, hi, tab["w1"], tab["sw1"], tab["gw1"],
-        tab["w3"], tab["sw3"], tab["gw3"], h, I, D, float(limit), K_SEL=k, FMT=fmt, IEEE=ieee,
-        SPLIT=x.dtype == torch.float32, BLOCK_M=t["m"], BLOCK_N=t["n"], BLOCK_K=t["k"], num_warps=t["warps"])
+        xc, order, tile_e, lo, hi, tab["w1"], tab["sw1"], tab["gw1"], tab["w3"], tab["sw3"], tab["gw3"], h, I, D,
+        float(limit), K_SEL=k, FMT=fmt, IEEE=ieee, SPLIT=x.dtype == torch.float32 and not act_quant, QX=act_quant,
+        BLOCK_M=t["m"], BLOCK_N=t["n"], BLOCK_K=bk, num_warps=t["warps"])
     y = torch.empty((S * k, D), device=x.device, dtype=torch.float32)
     _down[(tile_e.numel(), triton.cdiv(D, t["n"]))](
-        h, tile_e, lo, hi, tab["w2"], tab["sw2"], tab["gw2"], y, I, D, FMT=fmt, IEEE=ieee, BLOCK_M=t["m"],
-        BLOCK_N=t["n"], BLOCK_K=t["k"], num_warps=t["warps"])
+        h, order, weights.float().contiguous().reshape(-1), tile_e, lo, hi, tab["w2"], tab["sw2"], tab["gw2"], y,
+        I, D, FMT=fmt, IEEE=ieee, QX=act_quant, BLOCK_M=t["m"], BLOCK_N=t["n"], BLOCK_K=bk, num_warps=t["warps"])
     out = torch.empty_like(y)
     out[order] = y  # back to (token, slot) order
     return out.view(S, k, D).sum(1).to(x.dtype)
 
 
-def routed_experts_triton(x, ids, weights, experts: ExpertSet, limit: float) -> torch.Tensor:
+def routed_experts_triton(x, ids, weights, experts: ExpertSet, limit: float, act_quant: bool = False) -> torch.Tensor:
     """kernels.routed_experts on CUDA: the grouped GEMM for a chunk, the decode kernels for one token."""
     if grouped_experts_supported(x, ids, weights, experts, limit):
-        return grouped_experts(x, ids, weights, experts, limit)
-    return gemv_moe.routed_experts_triton(x, ids, weights, experts, limit)
+        return grouped_experts(x, ids, weights, experts, limit, act_quant)
+    return gemv_moe.routed_experts_triton(x, ids, weights, experts, limit, act_quant)
 
 
-def routed_experts_supported(x, ids, weights, experts: ExpertSet, limit: float) -> bool:
+def routed_experts_supported(x, ids, weights, experts: ExpertSet, limit: float, act_quant: bool = False) -> bool:
     return grouped_experts_supported(x, ids, weights, experts, limit) or \
         gemv_moe.routed_experts_supported(x, ids, weights, experts, limit)

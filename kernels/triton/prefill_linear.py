@@ -4,11 +4,12 @@ format on the tensor cores (the decode GEMVs, kernels/triton/linear.py, keep the
 Formats: FP8 e4m3 with 128x128 block scales (ue8m0 or float32) and dense BF16. Each program owns a
 [BLOCK_M, BLOCK_N] output tile and steps K by BLOCK_K (which divides 128, so one step lies in one
 scale block): the FP8 tile is widened to bf16 in registers (exact), multiplied on the tensor cores
-(wgmma on Hopper) and scaled per 128-column block before it joins the float32 accumulator. The
-activations are not quantised (exact mode; faithful mode's linears are weight-only too, see
-engine/model/model.py): bf16 rows multiply directly; float32 rows are split into three bf16 parts
-(hi + mid + lo, ~24 bits) so the product keeps float32 accuracy against the reference's float32
-matmul (IEEE float32 dots in Triton's CPU interpreter). Grouped projections (wo_a) run one GEMM per
+(wgmma on Hopper) and scaled per 128-column block before it joins the float32 accumulator.
+Faithful mode quantises the activations (act_quant: each 1 x 128 slice through e4m3 with a ue8m0
+scale, in the kernel, K steps of 128): the quantised values are exact in bf16, so one bf16 dot per
+step is exact per product. Exact mode keeps them unquantised: bf16 rows multiply directly; float32
+rows are split into three bf16 parts (hi + mid + lo, ~24 bits) so the product keeps float32
+accuracy against the reference's float32 matmul (IEEE float32 dots in Triton's CPU interpreter). Grouped projections (wo_a) run one GEMM per
 group on the group's slice of x and of W.
 """
 
@@ -23,6 +24,7 @@ import triton.language as tl
 from dsv4.kernels.reference.linear import QWeight
 
 from . import linear as gemv
+from .actquant import BLOCK as QBLOCK, fake_quant_rows
 from .linear import MAX_ROWS
 
 TILE = {"m": 128, "n": 128, "k": 64, "warps": 8, "stages": 3}  # untuned first choice
@@ -46,9 +48,11 @@ def dot_rows(x, w, IEEE: tl.constexpr, SPLIT: tl.constexpr):
 
 @triton.jit
 def _gemm(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, sxm, SB_K, FP8: tl.constexpr, SCALE_U8: tl.constexpr,
-          SPLIT: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+          SPLIT: tl.constexpr, IEEE: tl.constexpr, QX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
           BLOCK_K: tl.constexpr):
-    """y [M, N] = x [M, K] (row stride sxm) . W [N, K]^T, W FP8 (+ scales [ceil(N/128), SB_K]) or bf16."""
+    """y [M, N] = x [M, K] (row stride sxm) . W [N, K]^T, W FP8 (+ scales [ceil(N/128), SB_K]) or bf16.
+    QX (faithful mode, BLOCK_K = 128): each x tile row is one 128-slice, through e4m3 first; its
+    values are then exact in bf16, so one bf16 dot is exact per product."""
     pid_m, pid_n = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -58,6 +62,8 @@ def _gemm(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, sxm, SB_K, FP8: tl.constexpr, SCA
     for k0 in range(0, K, BLOCK_K):
         km = (k0 + rk) < K
         x = tl.load(x_ptr + rm[:, None] * sxm + (k0 + rk)[None, :], mask=mm[:, None] & km[None, :], other=0.0)
+        if QX:
+            x = fake_quant_rows(x.to(tl.float32))
         w = tl.load(w_ptr + rn[:, None] * K + (k0 + rk)[None, :], mask=nm[:, None] & km[None, :], other=0)
         if FP8:
             w = w.to(tl.float8e4nv, bitcast=True)
@@ -77,14 +83,15 @@ def _gemm_format(w: QWeight) -> bool:
         w.fmt == "fp8" or (w.fmt == "dense" and w.data.dtype == torch.bfloat16))
 
 
-def gemm_supported(x: torch.Tensor, w: QWeight) -> bool:
+def gemm_supported(x: torch.Tensor, w: QWeight, act_quant: bool = False) -> bool:
     """More than MAX_ROWS rows of float32 / bf16 x; an FP8 or BF16 weight; no autograd."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     return rows > MAX_ROWS and x.dtype in (torch.float32, torch.bfloat16) and not x.requires_grad and _gemm_format(w)
 
 
-def gemm(x2: torch.Tensor, w: QWeight, out: torch.Tensor | None = None) -> torch.Tensor:
-    """x2 [M, K] (unit column stride) . W^T -> [M, N] in x's dtype (into ``out`` if given)."""
+def gemm(x2: torch.Tensor, w: QWeight, out: torch.Tensor | None = None, act_quant: bool = False) -> torch.Tensor:
+    """x2 [M, K] (unit column stride) . W^T -> [M, N] in x's dtype (into ``out`` if given);
+    act_quant: faithful mode's e4m3 activations before an FP8 weight (kernels/reference/linear.py)."""
     M, K = x2.shape
     N = w.shape[0]
     y = torch.empty((M, N), device=x2.device, dtype=x2.dtype) if out is None else out
@@ -98,22 +105,23 @@ def gemm(x2: torch.Tensor, w: QWeight, out: torch.Tensor | None = None) -> torch
         scale = scale.float()
     scale = scale.contiguous()
     ieee = os.environ.get("TRITON_INTERPRET") == "1"
+    qx = act_quant and fp8
     t = TILE
     grid = (triton.cdiv(M, t["m"]), triton.cdiv(N, t["n"]))
     _gemm[grid](x2, data, scale, y, M, N, K, x2.stride(0), scale.shape[1] if fp8 else 0, FP8=fp8, SCALE_U8=u8,
-                SPLIT=x2.dtype == torch.float32, IEEE=ieee, BLOCK_M=t["m"], BLOCK_N=t["n"], BLOCK_K=t["k"],
-                num_warps=t["warps"], num_stages=t["stages"])
+                SPLIT=x2.dtype == torch.float32 and not qx, IEEE=ieee, QX=qx, BLOCK_M=t["m"], BLOCK_N=t["n"],
+                BLOCK_K=QBLOCK if qx else t["k"], num_warps=t["warps"], num_stages=t["stages"])
     return y
 
 
-def gemm_linear(x: torch.Tensor, w: QWeight) -> torch.Tensor:
+def gemm_linear(x: torch.Tensor, w: QWeight, act_quant: bool = False) -> torch.Tensor:
     """kernels.linear for many rows: x [..., K] -> [..., N] in x's dtype."""
     lead = x.shape[:-1]
-    y = gemm(x.reshape(-1, x.shape[-1]).contiguous(), w)
+    y = gemm(x.reshape(-1, x.shape[-1]).contiguous(), w, act_quant=act_quant)
     return y.reshape(*lead, w.shape[0])
 
 
-def grouped_gemm_supported(og: torch.Tensor, w: QWeight) -> bool:
+def grouped_gemm_supported(og: torch.Tensor, w: QWeight, act_quant: bool = False) -> bool:
     """og [S, G, Kg] with S > MAX_ROWS; each group's R output rows a whole number of 128-row scale blocks."""
     G = og.shape[1]
     R = w.shape[0] // G
@@ -121,7 +129,7 @@ def grouped_gemm_supported(og: torch.Tensor, w: QWeight) -> bool:
             and _gemm_format(w) and R % 128 == 0)
 
 
-def grouped_gemm(og: torch.Tensor, w: QWeight) -> torch.Tensor:
+def grouped_gemm(og: torch.Tensor, w: QWeight, act_quant: bool = False) -> torch.Tensor:
     """kernels.grouped_linear for many rows: og [S, G, Kg], W [G*R, Kg] (group g: rows g*R..) -> [S, G*R]."""
     S, G, Kg = og.shape
     R = w.shape[0] // G
@@ -130,22 +138,26 @@ def grouped_gemm(og: torch.Tensor, w: QWeight) -> torch.Tensor:
     for g in range(G):
         rows = slice(g * R, (g + 1) * R)
         wg = QWeight(w.fmt, w.data[rows], w.scale[g * R // 128:(g + 1) * R // 128] if w.fmt == "fp8" else None)
-        y[:, rows] = gemm(og[:, g, :], wg)
+        y[:, rows] = gemm(og[:, g, :], wg, act_quant=act_quant)
     return y
 
 
-def linear_triton(x: torch.Tensor, w: QWeight) -> torch.Tensor:
+def linear_triton(x: torch.Tensor, w: QWeight, act_quant: bool = False) -> torch.Tensor:
     """kernels.linear on CUDA: the GEMM for many rows, the decode GEMVs for a few."""
-    return gemm_linear(x, w) if gemm_supported(x, w) else gemv.linear_triton(x, w)
+    if gemm_supported(x, w):
+        return gemm_linear(x, w, act_quant)
+    return gemv.linear_triton(x, w, act_quant)
 
 
-def linear_supported(x: torch.Tensor, w: QWeight) -> bool:
+def linear_supported(x: torch.Tensor, w: QWeight, act_quant: bool = False) -> bool:
     return gemm_supported(x, w) or gemv.linear_supported(x, w)
 
 
-def grouped_linear_triton(og: torch.Tensor, w: QWeight) -> torch.Tensor:
-    return grouped_gemm(og, w) if grouped_gemm_supported(og, w) else gemv.grouped_linear_triton(og, w)
+def grouped_linear_triton(og: torch.Tensor, w: QWeight, act_quant: bool = False) -> torch.Tensor:
+    if grouped_gemm_supported(og, w):
+        return grouped_gemm(og, w, act_quant)
+    return gemv.grouped_linear_triton(og, w, act_quant)
 
 
-def grouped_linear_supported(og: torch.Tensor, w: QWeight) -> bool:
+def grouped_linear_supported(og: torch.Tensor, w: QWeight, act_quant: bool = False) -> bool:
     return grouped_gemm_supported(og, w) or gemv.grouped_linear_supported(og, w)
