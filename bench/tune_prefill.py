@@ -3,6 +3,8 @@
 python3 bench/tune_prefill.py [--only attention|gemm|experts] [--out FILE]
 attention: kernels.chunk_attention on faithful-mode inputs (bf16 queries, FP8 + BF16 entries) for a
 3328-query chunk at 8k context, SWA / HCA / CSA (top-512), as TFLOP/s of its QK and PV dots.
+gemm: the FP8 prefill GEMM with faithful activations (act_quant) on V4-Flash shapes, 3328 rows.
+experts: the grouped MXFP4 expert GEMM (256 experts, top-6, 3328 tokens), faithful activations.
 Each alternative: one warm-up launch (compiles), then the median of 5 timed launches (CUDA events).
 The chosen shapes live in kernels/triton/prefill_*.TILE.
 """
@@ -87,12 +89,70 @@ def tune_attention() -> list[dict]:
     return out
 
 
+def _alternatives(table: dict, alts: list[dict], run, label: dict, flops: float) -> list[dict]:
+    base, out, ref = dict(table), [], None
+    for alt in alts:
+        table.update(base)
+        table.update(alt)
+        try:
+            y = run()
+            ref = y if ref is None else ref
+            err = ((y - ref).abs().max() / ref.abs().max()).item()
+            t = event_time(run)
+            row = {**label, **alt, "ms": t * 1000, "tflops": flops / t / 1e12, "max_rel_diff": err}
+        except Exception as e:  # out of shared memory / registers for this shape
+            row = {**label, **alt, "error": f"{type(e).__name__}: {str(e)[:120]}"}
+        print(json.dumps(row), flush=True)
+        out.append(row)
+    table.update(base)
+    return out
+
+
+def tune_gemm(M: int = 3328) -> list[dict]:
+    from dsv4.kernels import quant
+    from dsv4.kernels.reference.linear import QWeight
+    from dsv4.kernels.triton import prefill_linear as pl
+
+    alts = [dict(m=m, n=n, warps=w, stages=st) for m, n, w, st in
+            [(128, 128, 8, 3), (128, 128, 4, 3), (128, 256, 8, 3), (64, 128, 4, 4), (128, 64, 4, 4), (128, 128, 8, 4),
+             (64, 256, 8, 3)]]
+    out = []
+    g = torch.Generator(device="cuda").manual_seed(1)
+    for name, N, K in [("wq_b", 32768, 1024), ("wo_b", 4096, 8192), ("wq_a", 1024, 4096), ("shared w1+w3", 4096, 4096)]:
+        w = QWeight("fp8", *quant.quant_fp8_block(torch.randn(N, K, device="cuda", generator=g) / K ** 0.5))
+        x = torch.randn(M, K, device="cuda", generator=g)
+        out += _alternatives(pl.TILE, alts, lambda: pl.gemm(x, w, act_quant=True), {"op": name, "M": M, "N": N, "K": K},
+                             2 * M * N * K)
+    return out
+
+
+def tune_experts(S: int = 3328, E: int = 256, k: int = 6, inter: int = 2048, d: int = 4096) -> list[dict]:
+    from dsv4.kernels import quant
+    from dsv4.kernels.reference.linear import QWeight
+    from dsv4.kernels.reference.moe import ExpertSet
+    from dsv4.kernels.triton import prefill_experts as pe
+
+    g = torch.Generator(device="cuda").manual_seed(2)
+
+    def one(N, K):
+        return QWeight("mxfp4", *quant.quant_mxfp4(torch.randn(N, K, device="cuda", generator=g) / K ** 0.5))
+    es = ExpertSet([one(inter, d) for _ in range(E)], [one(inter, d) for _ in range(E)],
+                   [one(d, inter) for _ in range(E)])
+    x = torch.randn(S, d, device="cuda", generator=g)
+    ids = torch.stack([torch.randperm(E, device="cuda", generator=g)[:k] for _ in range(S)])
+    wts = torch.rand(S, k, device="cuda", generator=g)
+    alts = [dict(m=m, n=n, warps=w) for m, n, w in [(64, 128, 8), (64, 128, 4), (128, 128, 8), (64, 256, 8),
+                                                    (32, 128, 4), (128, 64, 4), (128, 256, 8)]]
+    return _alternatives(pe.TILE, alts, lambda: pe.grouped_experts(x, ids, wts, es, 10.0, act_quant=True),
+                         {"op": "experts mxfp4", "S": S, "E": E, "k": k}, 2 * 3 * S * k * inter * d)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", choices=("attention",), default="attention")
+    ap.add_argument("--only", choices=("attention", "gemm", "experts"), default="attention")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
-    res = tune_attention()
+    res = {"attention": tune_attention, "gemm": tune_gemm, "experts": tune_experts}[a.only]()
     if a.out:
         with open(a.out, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "results": res}, f, indent=1)

@@ -291,7 +291,7 @@ def grouped_experts_checks():
     from dsv4.kernels.triton.prefill_experts import routed_experts_supported, routed_experts_triton
 
     for fmt in ("mxfp4", "nvfp4"):
-        for E, inter, d, k, S in [(6, 96, 128, 3, 20), (5, 64, 192, 2, 33)]:
+        for E, inter, d, k, S in [(6, 96, 128, 3, 20), (5, 64, 192, 2, 33), (4, 256, 128, 2, 17)]:
             es = expert_set(fmt, E, inter, d, g)
             x = torch.randn(S, d, generator=g) * 4
             ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(S)])

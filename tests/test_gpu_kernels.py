@@ -129,7 +129,11 @@ def test_routed_experts_match_reference(fmt, E, inter, d, k, aq):
     assert implementation("routed_experts", "cuda") is not ref_fn
     a, b = kernels.routed_experts(x, ids, wts, es, 7.0, act_quant=aq), ref_fn(x, ids, wts, es, 7.0, act_quant=aq)
     assert a.shape == b.shape == (1, d)
-    assert (a - b).abs().max().item() <= 1e-5 * b.abs().max().item()
+    err = (a - b).abs() / b.abs().max()
+    if not aq:
+        assert err.max().item() <= 1e-5
+    else:  # h is quantised inside: a float32 rounding apart can put an h value across an e4m3
+        assert err.max().item() <= 5e-3  # midpoint (rare), moving the row by ~1e-3; interpreter: 1e-5
 
 
 def _bytes(t):

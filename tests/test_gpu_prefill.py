@@ -93,7 +93,21 @@ def test_grouped_experts_match_reference(fmt, aq):
     wts = torch.rand(600, 4, generator=g).cuda()
     got = implementation("routed_experts", "cuda")(x, ids, wts, es, 10.0, act_quant=aq)
     ref = routed_experts(x, ids, wts, es, 10.0, act_quant=aq)
-    assert _rel(got, ref) <= 2e-5
+    _close_but_flips(got, ref, 2e-5, aq)
+
+
+def _close_but_flips(got, ref, bound, quantised):
+    """|got - ref| <= bound x max|ref|. With quantised activations computed inside the op (the
+    experts' h), an h value within a float32 rounding of an e4m3 midpoint rounds differently in the
+    two, which moves its token's whole output row by ~1e-3: then at most 5% of the rows may pass
+    the bound, none by more than 5e-3 (the interpreter test, tests/interpreted_kernels.py, holds
+    the kernel to 1e-5 on its cases)."""
+    err = (got.float() - ref.float()).abs() / ref.float().abs().max()
+    if not quantised:
+        assert err.max().item() <= bound
+    else:
+        rows = err.reshape(err.shape[0], -1).amax(-1)
+        assert (rows > bound).float().mean().item() <= 0.05 and rows.max().item() <= 5e-3, rows.max().item()
 
 
 def _run(model, ids, prompt, backend, chunk):

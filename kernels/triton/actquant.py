@@ -1,11 +1,13 @@
-"""Faithful mode's activation quantisation inside the GEMM / GEMV / expert kernels (no launch of its
-own): each 1 x 128 slice of an activation row through FP8 e4m3 with one ue8m0 scale, returned as
-the float32 values the reference multiplies (kernels/quant.act_quant_dequant). The rounding runs in
+"""Faithful mode's activation quantisation: each 1 x 128 slice of an activation row through FP8 e4m3
+with one ue8m0 scale, giving the values the reference multiplies (kernels/quant.act_quant_dequant).
+Inside the decode GEMV / expert kernels' K steps (no launch of its own), in the grouped expert
+kernel's epilogue (h), or as one pass over a prefill chunk's rows (``quantise_rows``). The rounding runs in
 float32 arithmetic (attention._round_e4m3), so the CPU interpreter and the GPU give the same values.
 """
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -40,3 +42,24 @@ def fake_quant_pairs(xe, xo, NP: tl.constexpr):
     qe = _round_e4m3(tl.minimum(tl.maximum(ge * inv, -448.0), 448.0)) * sc
     qo = _round_e4m3(tl.minimum(tl.maximum(go * inv, -448.0), 448.0)) * sc
     return tl.reshape(qe, [NP]), tl.reshape(qo, [NP])
+
+
+@triton.jit
+def _quantise_rows(x_ptr, y_ptr, K, sxm, NB: tl.constexpr):
+    """Row m, slices [pid * NB, +NB) of x [M, K] (row stride sxm) -> y [M, K] bf16 (contiguous)."""
+    m, pid = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    k = pid * NB * 128 + tl.arange(0, NB * 128)
+    km = k < K
+    v = tl.load(x_ptr + m * sxm + k, mask=km, other=0.0).to(tl.float32)
+    tl.store(y_ptr + m * K + k, fake_quant_vector(v, NB * 128).to(tl.bfloat16), mask=km)
+
+
+def quantise_rows(x: torch.Tensor) -> torch.Tensor:
+    """x [M, K] (unit column stride) -> bf16 [M, K] holding kernels/quant.act_quant_dequant(x)
+    exactly (an e4m3 value times a power of two fits bf16): the GEMMs then multiply it with one bf16
+    dot per tile, at half the bytes of float32 rows. One launch."""
+    M, K = x.shape
+    y = torch.empty((M, K), device=x.device, dtype=torch.bfloat16)
+    nb = 4 if K >= 512 else 1
+    _quantise_rows[(M, triton.cdiv(K, nb * 128))](x, y, K, x.stride(0), NB=nb, num_warps=4)
+    return y

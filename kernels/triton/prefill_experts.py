@@ -7,9 +7,10 @@ w1 / w3 of the tile's expert in the stored FP4 format (MXFP4: e2m1 + ue8m0 per 3
 e4m3 per 16 + a float32 tensor scale), widens them to bf16 in registers (exact), multiplies on the
 tensor cores, applies the clamped SwiGLU and writes h [pairs, I]. Down: h . w2^T per tile, times
 the pair's routing weight, into y [pairs, d]; the k results of a token are then summed in slot
-order. Faithful mode (act_quant): x and h pass through e4m3 per 1 x 128 slice in the kernels (K steps
-of 128), exact in bf16, so one bf16 dot per step; exact mode splits float32 rows into three bf16
-parts (float32 accuracy). IEEE dots in the CPU interpreter.
+order. Faithful mode (act_quant): x (one pass before, actquant.quantise_rows) and h (in _up's
+epilogue) pass through e4m3 per 1 x 128 slice and travel as bf16 (exact), so one bf16 dot per step;
+exact mode splits float32 rows into three bf16 parts (float32 accuracy). IEEE dots in the CPU
+interpreter.
 """
 
 from __future__ import annotations
@@ -23,11 +24,13 @@ import triton.language as tl
 from dsv4.kernels.reference.moe import ExpertSet
 
 from . import moe as gemv_moe
-from .actquant import BLOCK as QBLOCK, fake_quant_rows
+from .actquant import fake_quant_rows, quantise_rows
 from .linear import MAX_ROWS, _e2m1_pairs
 from .prefill_linear import dot_rows
 
-TILE = {"m": 64, "n": 128, "k": 64, "warps": 8}  # untuned first choice
+# H200, bench/tune_prefill.py --only experts (MXFP4, 256 experts, top-6, 3328 tokens, faithful): 64 pairs x
+# 256 rows, 8 warps, 16.7 ms = 60 TFLOP/s against 20.8 ms for the first choice, 64 x 128 (2026-12-01).
+TILE = {"m": 64, "n": 256, "k": 64, "warps": 8}
 FMT = {"mxfp4": 4, "nvfp4": 5}
 
 
@@ -71,8 +74,9 @@ def _tile_rows(tile_e_ptr, tile_lo_ptr, tile_hi_ptr, BLOCK_M: tl.constexpr):
 def _up(x_ptr, order_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, w1_tab, s1_tab, g1_ptr, w3_tab, s3_tab,
         g3_ptr, h_ptr, I, D, limit, K_SEL: tl.constexpr, FMT: tl.constexpr, IEEE: tl.constexpr, SPLIT: tl.constexpr,
         QX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """h[r] = swiglu(w1[e] x_tok(r), w3[e] x_tok(r)) for the tile's sorted pairs r (QX: x's
-    128-slices through e4m3 first, BLOCK_K = 128)."""
+    """h[r] = swiglu(w1[e] x_tok(r), w3[e] x_tok(r)) for the tile's sorted pairs r. QX: x arrives
+    quantised (bf16 rows, actquant.quantise_rows) and h leaves quantised too, each 128-slice of a
+    row through e4m3 (bf16 values; BLOCK_N a multiple of 128)."""
     e, r, rm = _tile_rows(tile_e_ptr, tile_lo_ptr, tile_hi_ptr, BLOCK_M)
     if e >= 0:
         pair = tl.load(order_ptr + r, mask=rm, other=0).to(tl.int64)
@@ -86,8 +90,6 @@ def _up(x_ptr, order_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, w1_tab, s1_tab, 
         for k0 in range(0, D, BLOCK_K):
             kk = k0 + tl.arange(0, BLOCK_K)
             x = tl.load(x_ptr + tok[:, None] * D + kk[None, :], mask=rm[:, None] & (kk < D)[None, :], other=0.0)
-            if QX:
-                x = fake_quant_rows(x.to(tl.float32))
             g += dot_rows(x, _fp4_tile(w1, s1, rn, nm, k0, D, BLOCK_N, BLOCK_K, FMT), IEEE, SPLIT)
             u += dot_rows(x, _fp4_tile(w3, s3, rn, nm, k0, D, BLOCK_N, BLOCK_K, FMT), IEEE, SPLIT)
         if FMT == 5:
@@ -95,15 +97,18 @@ def _up(x_ptr, order_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, w1_tab, s1_tab, 
             u = u * tl.load(g3_ptr + e)
         g = tl.minimum(g, limit)
         u = tl.minimum(tl.maximum(u, -limit), limit)
-        tl.store(h_ptr + r[:, None] * I + rn[None, :], g * tl.sigmoid(g) * u, mask=rm[:, None] & nm[None, :])
+        h = g * tl.sigmoid(g) * u
+        if QX:
+            h = tl.reshape(fake_quant_rows(tl.reshape(h, [BLOCK_M * BLOCK_N // 128, 128])), [BLOCK_M, BLOCK_N])
+        tl.store(h_ptr + r[:, None] * I + rn[None, :], h.to(h_ptr.dtype.element_ty), mask=rm[:, None] & nm[None, :])
 
 
 @triton.jit
 def _down(h_ptr, order_ptr, wts_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, w2_tab, s2_tab, g2_ptr, y_ptr, I, D,
           FMT: tl.constexpr, IEEE: tl.constexpr, QX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
           BLOCK_K: tl.constexpr):
-    """y[r] = weight(r) * (w2[e] h[r]) for the tile's sorted pairs r (QX: h's 128-slices through e4m3
-    first, BLOCK_K = 128)."""
+    """y[r] = weight(r) * (w2[e] h[r]) for the tile's sorted pairs r (h float32, or bf16 values
+    already quantised by _up: one bf16 dot per step)."""
     e, r, rm = _tile_rows(tile_e_ptr, tile_lo_ptr, tile_hi_ptr, BLOCK_M)
     if e >= 0:
         rn = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -113,8 +118,6 @@ def _down(h_ptr, order_ptr, wts_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, w2_ta
         for k0 in range(0, I, BLOCK_K):
             kk = k0 + tl.arange(0, BLOCK_K)
             h = tl.load(h_ptr + r[:, None] * I + kk[None, :], mask=rm[:, None] & (kk < I)[None, :], other=0.0)
-            if QX:
-                h = fake_quant_rows(h)
             acc += dot_rows(h, _fp4_tile(w2, s2, rn, nm, k0, I, BLOCK_N, BLOCK_K, FMT), IEEE, not QX)
         if FMT == 5:
             acc = acc * tl.load(g2_ptr + e)
@@ -185,17 +188,20 @@ def grouped_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, e
     order, tile_e, lo, hi = schedule(ids.long(), len(experts), t["m"])
     fmt = FMT[experts.w1[0].fmt]
     ieee = os.environ.get("TRITON_INTERPRET") == "1"
-    xc = x.contiguous()
-    h = torch.empty((S * k, I), device=x.device, dtype=torch.float32)
-    bk = QBLOCK if act_quant else t["k"]
+    qx = act_quant and I % 128 == 0 and t["n"] % 128 == 0
+    xc = quantise_rows(x.contiguous()) if act_quant else x.contiguous()
+    h = torch.empty((S * k, I), device=x.device, dtype=torch.bfloat16 if qx else torch.float32)
     _up[(tile_e.numel(), triton.cdiv(I, t["n"]))](
         xc, order, tile_e, lo, hi, tab["w1"], tab["sw1"], tab["gw1"], tab["w3"], tab["sw3"], tab["gw3"], h, I, D,
-        float(limit), K_SEL=k, FMT=fmt, IEEE=ieee, SPLIT=x.dtype == torch.float32 and not act_quant, QX=act_quant,
-        BLOCK_M=t["m"], BLOCK_N=t["n"], BLOCK_K=bk, num_warps=t["warps"])
+        float(limit), K_SEL=k, FMT=fmt, IEEE=ieee, SPLIT=xc.dtype == torch.float32, QX=qx,
+        BLOCK_M=t["m"], BLOCK_N=t["n"], BLOCK_K=t["k"], num_warps=t["warps"])
+    if act_quant and not qx:  # an intermediate size that is no whole number of 128-slices per tile
+        h = quantise_rows(h)
     y = torch.empty((S * k, D), device=x.device, dtype=torch.float32)
     _down[(tile_e.numel(), triton.cdiv(D, t["n"]))](
         h, order, weights.float().contiguous().reshape(-1), tile_e, lo, hi, tab["w2"], tab["sw2"], tab["gw2"], y,
-        I, D, FMT=fmt, IEEE=ieee, QX=act_quant, BLOCK_M=t["m"], BLOCK_N=t["n"], BLOCK_K=bk, num_warps=t["warps"])
+        I, D, FMT=fmt, IEEE=ieee, QX=h.dtype == torch.bfloat16, BLOCK_M=t["m"], BLOCK_N=t["n"], BLOCK_K=t["k"],
+        num_warps=t["warps"])
     out = torch.empty_like(y)
     out[order] = y  # back to (token, slot) order
     return out.view(S, k, D).sum(1).to(x.dtype)

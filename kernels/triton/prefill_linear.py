@@ -5,9 +5,9 @@ Formats: FP8 e4m3 with 128x128 block scales (ue8m0 or float32) and dense BF16. E
 [BLOCK_M, BLOCK_N] output tile and steps K by BLOCK_K (which divides 128, so one step lies in one
 scale block): the FP8 tile is widened to bf16 in registers (exact), multiplied on the tensor cores
 (wgmma on Hopper) and scaled per 128-column block before it joins the float32 accumulator.
-Faithful mode quantises the activations (act_quant: each 1 x 128 slice through e4m3 with a ue8m0
-scale, in the kernel, K steps of 128): the quantised values are exact in bf16, so one bf16 dot per
-step is exact per product. Exact mode keeps them unquantised: bf16 rows multiply directly; float32
+Faithful mode quantises the activations first (act_quant: each 1 x 128 slice through e4m3 with a
+ue8m0 scale, one pass, actquant.quantise_rows): the quantised values are exact in bf16, so one bf16
+dot per step is exact per product. Exact mode keeps them unquantised: bf16 rows multiply directly; float32
 rows are split into three bf16 parts (hi + mid + lo, ~24 bits) so the product keeps float32
 accuracy against the reference's float32 matmul (IEEE float32 dots in Triton's CPU interpreter). Grouped projections (wo_a) run one GEMM per
 group on the group's slice of x and of W.
@@ -24,10 +24,12 @@ import triton.language as tl
 from dsv4.kernels.reference.linear import QWeight
 
 from . import linear as gemv
-from .actquant import BLOCK as QBLOCK, fake_quant_rows
+from .actquant import quantise_rows
 from .linear import MAX_ROWS
 
-TILE = {"m": 128, "n": 128, "k": 64, "warps": 8, "stages": 3}  # untuned first choice
+# H200, bench/tune_prefill.py --only gemm (faithful, 3328 rows): 64 x 256 tiles, 8 warps reach 74-107
+# TFLOP/s on the Flash projections against 59-74 for the first choice, 128 x 128 (2026-12-01).
+TILE = {"m": 64, "n": 256, "k": 64, "warps": 8, "stages": 3}
 
 
 @triton.jit
@@ -48,11 +50,9 @@ def dot_rows(x, w, IEEE: tl.constexpr, SPLIT: tl.constexpr):
 
 @triton.jit
 def _gemm(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, sxm, SB_K, FP8: tl.constexpr, SCALE_U8: tl.constexpr,
-          SPLIT: tl.constexpr, IEEE: tl.constexpr, QX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+          SPLIT: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
           BLOCK_K: tl.constexpr):
-    """y [M, N] = x [M, K] (row stride sxm) . W [N, K]^T, W FP8 (+ scales [ceil(N/128), SB_K]) or bf16.
-    QX (faithful mode, BLOCK_K = 128): each x tile row is one 128-slice, through e4m3 first; its
-    values are then exact in bf16, so one bf16 dot is exact per product."""
+    """y [M, N] = x [M, K] (row stride sxm) . W [N, K]^T, W FP8 (+ scales [ceil(N/128), SB_K]) or bf16."""
     pid_m, pid_n = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -62,8 +62,6 @@ def _gemm(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, sxm, SB_K, FP8: tl.constexpr, SCA
     for k0 in range(0, K, BLOCK_K):
         km = (k0 + rk) < K
         x = tl.load(x_ptr + rm[:, None] * sxm + (k0 + rk)[None, :], mask=mm[:, None] & km[None, :], other=0.0)
-        if QX:
-            x = fake_quant_rows(x.to(tl.float32))
         w = tl.load(w_ptr + rn[:, None] * K + (k0 + rk)[None, :], mask=nm[:, None] & km[None, :], other=0)
         if FP8:
             w = w.to(tl.float8e4nv, bitcast=True)
@@ -105,12 +103,13 @@ def gemm(x2: torch.Tensor, w: QWeight, out: torch.Tensor | None = None, act_quan
         scale = scale.float()
     scale = scale.contiguous()
     ieee = os.environ.get("TRITON_INTERPRET") == "1"
-    qx = act_quant and fp8
+    if act_quant and fp8:  # the quantised rows are exact in bf16: one bf16 dot per tile
+        x2 = quantise_rows(x2)
     t = TILE
     grid = (triton.cdiv(M, t["m"]), triton.cdiv(N, t["n"]))
     _gemm[grid](x2, data, scale, y, M, N, K, x2.stride(0), scale.shape[1] if fp8 else 0, FP8=fp8, SCALE_U8=u8,
-                SPLIT=x2.dtype == torch.float32 and not qx, IEEE=ieee, QX=qx, BLOCK_M=t["m"], BLOCK_N=t["n"],
-                BLOCK_K=QBLOCK if qx else t["k"], num_warps=t["warps"], num_stages=t["stages"])
+                SPLIT=x2.dtype == torch.float32, IEEE=ieee, BLOCK_M=t["m"], BLOCK_N=t["n"], BLOCK_K=t["k"],
+                num_warps=t["warps"], num_stages=t["stages"])
     return y
 
 
