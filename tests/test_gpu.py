@@ -20,7 +20,10 @@ def test_cuda_engine_matches_cpu_reference_over_256_decode_steps(tiny_cfg, tiny_
         la.append(a.step(int(t)))
         lb.append(b.step(int(t)).cpu())
     A, B = torch.stack(la), torch.stack(lb)
-    tol = 1e-3 if mode == "exact" else 2e-2  # TF32-free float32 matmuls differ in summation order
+    # exact: float32 matmuls differ in summation order. faithful: the GPU's prefill attention rounds
+    # its probabilities to bf16 for P.V (the CPU reference keeps float32), and the FP8 / FP4 / e4m3
+    # roundings carry that on: on the CPU, the bf16 P.V alone moves these 256 steps by 2.2e-2.
+    tol = 1e-3 if mode == "exact" else 5e-2
     assert (A - B).abs().max().item() <= tol * A.abs().max().item()
     assert (A.argmax(-1) == B.argmax(-1)).float().mean() > 0.95
 
