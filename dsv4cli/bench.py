@@ -162,8 +162,19 @@ def _decode(model, preset, layers, synthetic, prompt_len, steps, warmup, device,
         return _simulated_rank(preset, layers, synthetic, simulate_rank, prompt_len, steps, device, precision,
                                threads, as_json, json_out, gpus, ranks, mtp, compare, warmup, cuda_graph)
     if gpus is not None or ranks is not None:
-        return _decode_over_ranks(model, prompt_len, steps, warmup, device, precision, threads, as_json, json_out,
-                                  gpus, ranks, mtp, compare)
+        from .parallel import resolve_ranks
+
+        if model is None:
+            raise UserError("--gpus/--ranks time a checkpoint (--model DIR); for --preset --synthetic use "
+                            "--simulate-rank r/R")
+        if not Path(model).is_dir():
+            raise UserError(f"--model {model}: no such folder")
+        ctx = prompt_len + steps + warmup + 8
+        kind, n = resolve_ranks(device, gpus, ranks, model, ctx, str(check_precision(precision)))
+        if n > 1:
+            return _decode_over_ranks(model, prompt_len, steps, warmup, kind, n, precision, threads, as_json,
+                                      json_out, mtp, compare)
+        device = kind  # one rank: the ordinary single-device path, unchanged (--gpus 1)
     precision, n_threads = _common(threads, precision, compare)
     with Progress("bench decode") as progress:
         m, full, name, device = _load(model, preset, layers, synthetic, device, precision, progress, mtp=mtp)
@@ -189,22 +200,17 @@ def _decode(model, preset, layers, synthetic, prompt_len, steps, warmup, device,
            "environment": B.environment(device, n_threads)}, as_json, json_out)
 
 
-def _decode_over_ranks(model, prompt_len, steps, warmup, device, precision, threads, as_json, json_out, gpus, ranks,
-                       mtp, compare):
-    """bench decode over several ranks: a checkpoint split as dsv4 plan shows, timed on rank 0."""
-    from .parallel import open_session, resolve_ranks, time_decode
+def _decode_over_ranks(model, prompt_len, steps, warmup, kind, n, precision, threads, as_json, json_out, mtp,
+                       compare):
+    """bench decode over ``n`` > 1 ranks (device ``kind``, "cpu" or "cuda"): a checkpoint split as
+    dsv4 plan shows, timed on rank 0."""
+    from .parallel import open_session, time_decode
     from dsv4.engine.tools import bench as B
 
-    if model is None:
-        raise UserError("--gpus/--ranks time a checkpoint (--model DIR); for --preset --synthetic use "
-                        "--simulate-rank r/R")
     if mtp or compare:
         raise UserError("--mtp and --compare run on one device: drop them, or drop --gpus/--ranks")
-    if not Path(model).is_dir():
-        raise UserError(f"--model {model}: no such folder")
     precision, n_threads = _common(threads, precision, None)
     ctx = prompt_len + steps + warmup + 8
-    kind, n = resolve_ranks(device, gpus, ranks, model, ctx, str(precision))
     with Progress("bench decode") as progress:
         progress(f"starting {n} ranks")
         s = open_session(model, str(precision), ctx, kind, n, threads=threads)

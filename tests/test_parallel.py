@@ -420,6 +420,12 @@ def test_bench_decode_over_two_cpu_ranks_and_its_option_errors(cli_inprocess):
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["ranks"] == 2 and out["runs"] == 3 and out["ms_per_token"] > 0
+    # one rank is the ordinary single-device path (no worker process, no "ranks" field), --mtp allowed
+    one = cli_inprocess("bench", "decode", "--model", d, "--device", "cpu", "--ranks", "1", "--steps", "2",
+                        "--warmup", "0", "--prompt-len", "12", "--mtp", "--json")
+    assert one.returncode == 0, one.stderr
+    single = json.loads(one.stdout)
+    assert "ranks" not in single and single["ms_per_token"] > 0 and "mtp" in json.dumps(single)
     for args, msg in ((("--preset", "flash", "--synthetic", "--gpus", "2"), "use --simulate-rank"),
                       (("--preset", "flash", "--synthetic", "--simulate-rank", "2/2"), "need 0 <= r < R"),
                       (("--model", d, "--ranks", "2", "--device", "cpu", "--mtp"), "run on one device")):

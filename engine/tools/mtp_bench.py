@@ -107,7 +107,8 @@ def bench_mtp_decode(model, prompt_ids, new_tokens: int, cuda_graph: bool | None
     mtp_s = dec._mtp_step.median(lambda a: len(a) < 4 or a[3])  # drafting steps (with the head)
     feed_s = dec._mtp_step.median(lambda a: len(a) >= 4 and not a[3])  # cache updates only (None: none ran)
     plain_s = statistics.median(steps)
-    mtp_per_token = sum(rounds[1:]) / max(1, len(rounds) - 1)
+    timed = rounds[1:] or rounds  # the first token's round is warm-up when there are others
+    mtp_per_token = sum(timed) / len(timed)
     a = st.acceptance_rate if acceptance is None else acceptance
     return {"prompt_tokens": len(prompt_ids), "new_tokens": new_tokens, "identical": toks == ref,
             **{"mtp_" + k: v for k, v in st.as_dict().items()},
