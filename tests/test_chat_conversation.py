@@ -146,12 +146,13 @@ def test_nothing_to_answer_and_context_full_carry_data_and_change_nothing():
 def test_interrupt_during_prefill_leaves_no_trace():
     s = RecordingSession()
     conv = Conversation(s, TOK)
-    run(conv, "first", Script("one"))
+    first = run(conv, "first", Script("one"))
     before = list(conv.messages)
     s.interrupt_prefill = True
     with pytest.raises(KeyboardInterrupt):
         run(conv, "second", Script("two"))
     assert conv.messages == before and s.ids == [] and conv.cached_ids == []  # half-written slot emptied
+    assert conv.last_turn is first  # /stats still describes the last turn that happened
     s.interrupt_prefill = False
     t = run(conv, "third", Script("three"))
     assert conv.messages[-2]["content"] == "third" and "second" not in TOK.decode(t.prompt_ids)

@@ -175,6 +175,7 @@ class Conversation:
         ids = self.prompt_ids(text)
         if len(ids) >= self.session.max_context:
             raise ContextFull(len(ids), self.session.max_context)
+        previous = self.last_turn
         turn = self.last_turn = Turn(ids, OutputParser(self.thinking and not continuing))
         st = turn.stats
         st.prompt_tokens = len(ids)
@@ -197,6 +198,7 @@ class Conversation:
         except BaseException:  # a prefill cut midway leaves the slot half-written
             self.session.reset()
             self.cached_ids = []
+            self.last_turn = previous  # no turn happened: /stats keeps describing the last one that did
             raise
         self.cached_ids = list(ids)
         st.ttft_s = time.perf_counter() - t0
