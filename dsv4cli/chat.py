@@ -289,6 +289,7 @@ def one_shot(conv, prompt, params, seed, max_tokens, json_out, hide_reasoning, b
         raise UserError(context_full_message(n, conv.session.max_context))
     if not json_out:
         sys.stderr.write(banner + "\n")
+    previous = conv.last_turn  # a prefill cut by Ctrl+C leaves it in place
     gen = conv.send(prompt, sampler, max_tokens)
     try:
         for _, pieces in gen:
@@ -305,7 +306,7 @@ def one_shot(conv, prompt, params, seed, max_tokens, json_out, hide_reasoning, b
         raise UserError(context_full_message(e.prompt_tokens, e.max_context)) from None
     except KeyboardInterrupt:
         gen.close()
-        if conv.last_turn is None or not conv.last_turn.token_ids:
+        if conv.last_turn is previous or not conv.last_turn.token_ids:
             raise  # before the answer began: "interrupted", exit 130
     turn = conv.last_turn
     st, msg = turn.stats, turn.message

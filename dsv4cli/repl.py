@@ -68,6 +68,7 @@ class Repl:
         from dsv4.engine.runtime.conversation import ContextFull, NothingToAnswer
 
         conv = self.conv
+        previous = conv.last_turn  # a prefill cut by Ctrl+C leaves it in place
         gen = conv.send(text, self.sampler, self.max_tokens)
         shown_calls = False
         try:
@@ -87,7 +88,7 @@ class Repl:
             raise ReplError(str(e)) from None
         except KeyboardInterrupt:
             gen.close()
-            if conv.last_turn is None or not conv.last_turn.token_ids:
+            if conv.last_turn is previous or not conv.last_turn.token_ids:
                 self.console.print("\n[yellow]interrupted before the answer began: your message was not added "
                                    "to the conversation[/]")
                 return
