@@ -91,6 +91,7 @@ class Conversation:
         self.last_turn: Turn | None = None
         self.cached_ids: list[int] = []  # the tokens in the cache slot (session.seq_len of them)
         self._seen_text, self._seen_ids = "", []  # the conversation as the model saw it
+        self._ids_memo = None  # (prompt text, seen text, its ids): prompt_ids' last answer
 
     # ------------------------------------------------------------------ the messages
     @property
@@ -157,10 +158,18 @@ class Conversation:
                                reasoning_effort=self.reasoning_effort)
 
     def prompt_ids(self, text: str) -> list[int]:
-        """Token ids of prompt ``text``: the ids the model already saw for the part it saw."""
+        """Token ids of prompt ``text``: the ids the model already saw for the part it saw. The last
+        answer is kept, so a caller that checks a prompt's length before ``send`` (chat -p) does
+        not tokenize it twice."""
+        memo = self._ids_memo
+        if memo is not None and memo[0] == text and memo[1] == self._seen_text:
+            return list(memo[2])
         if self._seen_text and text.startswith(self._seen_text):
-            return self._seen_ids + self.tok.encode(text[len(self._seen_text):])
-        return self.tok.encode(text)
+            ids = self._seen_ids + self.tok.encode(text[len(self._seen_text):])
+        else:
+            ids = self.tok.encode(text)
+        self._ids_memo = (text, self._seen_text, ids)
+        return list(ids)
 
     # ------------------------------------------------------------------ a turn
     def send(self, user_text: str | None, sample: Callable, max_new_tokens: int
