@@ -27,9 +27,10 @@ THREADS_OPT = typer.Option(None, "--threads", help=THREADS_OPT_HELP)
 JSON_OPT = typer.Option(False, "--json", help="Print the results as JSON to stdout (nothing else on stdout).")
 JSON_OUT_OPT = typer.Option(None, "--json-out", help="Also write the results as JSON to FILE.")
 WARMUP_HELP = "Untimed runs before the timed ones."
-GPUS_HELP = ("With --model: {what} over N GPUs (or auto: the fewest GPUs whose memory holds the model and its "
-             "cache), the layout of dsv4 plan; timed on rank 0, collectives included.")
-RANKS_HELP = "With --model and --device cpu: over N CPU processes (gloo)."
+GPUS_HELP = ("{what} over N GPUs of this host, the layout of dsv4 plan, timed on rank 0, collectives included: a "
+             "checkpoint (--model; auto: the fewest GPUs whose memory holds it and its cache), or --preset P "
+             "--synthetic [--layers N], each GPU making only its own slices of the random weights.")
+RANKS_HELP = "With --device cpu: over N CPU processes (gloo), a checkpoint or a synthetic preset as for --gpus."
 COMPARE_OPT = typer.Option(None, "--compare", help="Also run the same work through 'reference' (the torch "
                            "reference kernels), 'transformers' (its DeepseekV4ForCausalLM with the same weights, "
                            "float32, where it fits in memory) or, for decode on a GPU, 'eager' (no CUDA graph: the "
@@ -136,7 +137,7 @@ def decode(model: Optional[Path] = MODEL_OPT, preset: Optional[str] = PRESET_OPT
            mtp_acceptance: Optional[float] = typer.Option(None, "--mtp-acceptance", help="With --mtp: project "
                                                           "tok/s at this draft acceptance rate (0-1; default: the "
                                                           "measured one; random synthetic weights accept ~0)."),
-           gpus: Optional[str] = typer.Option(None, "--gpus", help=GPUS_HELP.format(what="decode")),
+           gpus: Optional[str] = typer.Option(None, "--gpus", help=GPUS_HELP.format(what="Decode")),
            ranks: Optional[int] = typer.Option(None, "--ranks", help=RANKS_HELP),
            simulate_rank: Optional[str] = typer.Option(None, "--simulate-rank", help="With --preset --synthetic on "
                                                        "a GPU: time rank r of R (r/R, e.g. 0/2) alone, its share of "
@@ -162,18 +163,11 @@ def _decode(model, preset, layers, synthetic, prompt_len, steps, warmup, device,
         return _simulated_rank(preset, layers, synthetic, simulate_rank, prompt_len, steps, device, precision,
                                threads, as_json, json_out, gpus, ranks, mtp, compare, warmup, cuda_graph)
     if gpus is not None or ranks is not None:
-        from .parallel import resolve_ranks
-
-        if model is None:
-            raise UserError("--gpus/--ranks time a checkpoint (--model DIR); for --preset --synthetic use "
-                            "--simulate-rank r/R")
-        if not Path(model).is_dir():
-            raise UserError(f"--model {model}: no such folder")
         ctx = prompt_len + steps + warmup + 8
-        kind, n = resolve_ranks(device, gpus, ranks, model, ctx, str(check_precision(precision)))
+        kind, n, model, cfg, _ = _split_target(model, preset, layers, synthetic, device, gpus, ranks, ctx, precision)
         if n > 1:
             return _decode_over_ranks(model, prompt_len, steps, warmup, kind, n, precision, threads, as_json,
-                                      json_out, mtp, compare)
+                                      json_out, mtp, compare, cfg)
         device = kind  # one rank: the ordinary single-device path, unchanged (--gpus 1)
     precision, n_threads = _common(threads, precision, compare)
     with Progress("bench decode") as progress:
@@ -200,10 +194,45 @@ def _decode(model, preset, layers, synthetic, prompt_len, steps, warmup, device,
            "environment": B.environment(device, n_threads)}, as_json, json_out)
 
 
+def _split_target(model, preset, layers, synthetic, device, gpus, ranks, max_context, precision):
+    """--gpus/--ranks: what to split and over how many ranks. -> (kind "cpu" | "cuda", ranks, model
+    folder or None, the synthetic config or None, its whole-model config or None). A checkpoint
+    (--model) is timed whole; a synthetic preset (--preset P --synthetic [--layers N]) is made by
+    every rank, its own slices only. One rank: the caller takes the single-device path."""
+    from .parallel import resolve_ranks
+
+    if model is not None:
+        if preset is not None or layers is not None:
+            raise UserError("give --model DIR or --preset P --synthetic [--layers N], not both "
+                            "(a checkpoint is timed whole)")
+        if not Path(model).is_dir():
+            raise UserError(f"--model {model}: no such folder")
+        kind, n = resolve_ranks(device, gpus, ranks, model, max_context, str(check_precision(precision)))
+        return kind, n, model, None, None
+    if preset is None or not synthetic:
+        raise UserError("--gpus/--ranks need --model DIR, or --preset flash|pro --synthetic")
+    if gpus == "auto":
+        raise UserError("--gpus auto plans a checkpoint (--model DIR); with --preset give the number of GPUs")
+    full = _preset_config(preset)
+    cfg = full.layer_range(0, layers) if layers else full
+    kind, n = resolve_ranks(device, gpus, ranks, None, max_context, str(check_precision(precision)))
+    return kind, n, None, cfg, full
+
+
+def _preset_config(preset: str):
+    from dsv4.engine.model.config import ConfigError, DSV4Config
+
+    try:
+        return DSV4Config.preset(preset)
+    except ConfigError as e:
+        raise UserError(str(e)) from None
+
+
 def _decode_over_ranks(model, prompt_len, steps, warmup, kind, n, precision, threads, as_json, json_out, mtp,
-                       compare):
+                       compare, synthetic=None):
     """bench decode over ``n`` > 1 ranks (device ``kind``, "cpu" or "cuda"): a checkpoint split as
-    dsv4 plan shows, timed on rank 0."""
+    dsv4 plan shows (or the ``synthetic`` config's random weights, each rank making its slices),
+    timed on rank 0."""
     from .parallel import open_session, time_decode
     from dsv4.engine.tools import bench as B
 
@@ -213,12 +242,13 @@ def _decode_over_ranks(model, prompt_len, steps, warmup, kind, n, precision, thr
     ctx = prompt_len + steps + warmup + 8
     with Progress("bench decode") as progress:
         progress(f"starting {n} ranks")
-        s = open_session(model, str(precision), ctx, kind, n, threads=threads)
+        s = open_session(model, str(precision), ctx, kind, n, threads=threads, synthetic=synthetic)
         try:
             r = time_decode(s, prompt_len, steps, warmup)
         finally:
             s.close()
-    _emit({"model": str(model), "precision": str(precision), **r,
+    name = str(model) if synthetic is None else f"synthetic {synthetic.num_hidden_layers}-layer"
+    _emit({"model": name, "precision": str(precision), **r,
            "environment": B.environment(kind, n_threads)}, as_json, json_out)
 
 
@@ -283,7 +313,7 @@ def prefill(model: Optional[Path] = MODEL_OPT, preset: Optional[str] = PRESET_OP
             profile: bool = typer.Option(False, "--profile", help="After the timed runs, one more prefill under "
                                          "torch.profiler: the kernels (GPU, by self device time) or torch ops (CPU, "
                                          "by self CPU time) that took longest, with their share."),
-            gpus: Optional[str] = typer.Option(None, "--gpus", help=GPUS_HELP.format(what="prefill")),
+            gpus: Optional[str] = typer.Option(None, "--gpus", help=GPUS_HELP.format(what="Prefill")),
             ranks: Optional[int] = typer.Option(None, "--ranks", help=RANKS_HELP)):
     guard(_prefill)(model, preset, layers, synthetic, prompt_len, runs, warmup, device, precision, threads, as_json,
                     json_out, compare, prefill_chunk, profile, gpus, ranks)
@@ -300,20 +330,13 @@ def _prefill(model, preset, layers, synthetic, prompt_len, runs, warmup, device,
     if compare == "eager":
         raise UserError("--compare eager applies to decode (prefill never uses the CUDA graph)")
     if gpus is not None or ranks is not None:
-        from .parallel import resolve_ranks
-
-        if model is None or preset is not None:
-            raise UserError("--gpus/--ranks time a checkpoint split over ranks: give --model DIR (not --preset)")
-        if layers is not None:
-            raise UserError("--layers applies to --preset runs (a checkpoint is timed whole)")
         if compare:
             raise UserError("--compare runs on one device: drop it, or drop --gpus/--ranks")
-        if not Path(model).is_dir():
-            raise UserError(f"--model {model}: no such folder")
-        device, n = resolve_ranks(device, gpus, ranks, model, prompt_len, str(check_precision(precision)))
+        device, n, model, cfg, full = _split_target(model, preset, layers, synthetic, device, gpus, ranks, prompt_len,
+                                                    precision)
         if n > 1:
             return _prefill_over_ranks(model, prompt_len, runs, warmup, device, n, precision, threads, as_json,
-                                       json_out, prefill_chunk, profile)
+                                       json_out, prefill_chunk, profile, cfg, full)
     precision, n_threads = _common(threads, precision, compare)
     with Progress("bench prefill") as progress:
         m, full, name, device = _load(model, preset, layers, synthetic, device, precision, progress)
@@ -331,28 +354,31 @@ def _prefill(model, preset, layers, synthetic, prompt_len, runs, warmup, device,
 
 
 def _prefill_over_ranks(model, prompt_len, runs, warmup, kind, n, precision, threads, as_json, json_out,
-                        prefill_chunk, profile):
+                        prefill_chunk, profile, synthetic=None, full=None):
     """bench prefill over ``n`` ranks (device ``kind``, "cpu" or "cuda"): a checkpoint split as dsv4 plan
-    shows, timed on rank 0 through ParallelSession.prefill (each chunk runs on every rank)."""
+    shows (or the ``synthetic`` config, a cut of ``full``, made by every rank, its slices only), timed on
+    rank 0 through ParallelSession.prefill (each chunk runs on every rank)."""
     from .parallel import open_session
     from dsv4.engine.model.config import DSV4Config
     from dsv4.engine.tools import bench as B
 
     precision, n_threads = _common(threads, precision, None)
-    cfg = DSV4Config.from_pretrained(model)
+    cfg = DSV4Config.from_pretrained(model) if synthetic is None else synthetic
+    full = full or cfg
     if prompt_len > cfg.max_position_embeddings:
         raise UserError(f"--prompt-len needs {prompt_len} positions; the model has {cfg.max_position_embeddings}")
     with Progress("bench prefill") as progress:
         progress(f"starting {n} ranks")
-        s = open_session(model, str(precision), prompt_len, kind, n, threads=threads)
+        s = open_session(model, str(precision), prompt_len, kind, n, threads=threads, synthetic=synthetic)
         try:
             r = B.bench_prefill(s.model, prompt_len, runs, warmup, chunk=prefill_chunk, profile=profile,
                                 progress=progress, open_session=B.reused_session(s), cfg=cfg)
         finally:
             s.close()
         progress("measuring the matrix rate")
-        roof = B.prefill_roofline(r, B.measure_matmul_rate(s.model.device), cfg, cfg.num_hidden_layers, devices=n)
-    _emit({"model": str(model), "precision": str(precision), "ranks": n, **r, **roof,
+        roof = B.prefill_roofline(r, B.measure_matmul_rate(s.model.device), full, cfg.num_hidden_layers, devices=n)
+    name = str(model) if synthetic is None else f"synthetic {cfg.num_hidden_layers}-layer"
+    _emit({"model": name, "precision": str(precision), "ranks": n, **r, **roof,
            "memory_note": "weight_bytes, cache_bytes and the peaks are rank 0's (its device, its part)",
            "environment": B.environment(s.model.device, n_threads)}, as_json, json_out)
 

@@ -82,13 +82,14 @@ def resolve_ranks(device: str, gpus: str | None, ranks: int | None, model_dir, m
 
 
 def open_session(model_dir, precision: str, max_context: int, device: str, ranks: int, threads: int | None = None,
-                 progress=None):
+                 progress=None, synthetic=None):
     """Rank 0's session over ``ranks`` processes (spawned here, or torchrun's), a drop-in for
     engine.runtime.session.Session (Conversation and the decode loop take it as they are). The
     model's checkpoint is read by every rank, each its own slices. Errors: UserError with one line
     (a checkpoint or layout problem, a rank that failed to start). ``session.close()`` (also at exit)
     stops every rank. progress(tensor): called per tensor rank 0 reads. A CheckpointError (bad folder,
-    corrupt shard) comes out as it is, before any worker starts."""
+    corrupt shard) comes out as it is, before any worker starts. synthetic: a DSV4Config whose random
+    stored-format weights every rank makes, its own slices only, instead of reading model_dir."""
     from dsv4.engine.runtime.parallel.launch import ParallelError, RunSpec, from_torchrun, start
     from dsv4.engine.runtime.parallel.layout import LayoutError
 
@@ -96,12 +97,13 @@ def open_session(model_dir, precision: str, max_context: int, device: str, ranks
         from .common import default_threads
 
         threads = max(1, default_threads() // ranks)
-    spec = RunSpec(str(Path(model_dir)), ranks, device="cpu" if device == "cpu" else "cuda", mode=str(precision),
-                   max_context=max_context, threads=threads)
+    spec = RunSpec(str(Path(model_dir)) if model_dir is not None else "", ranks,
+                   device="cpu" if device == "cpu" else "cuda", mode=str(precision), max_context=max_context,
+                   threads=threads, synthetic=synthetic)
     try:
         return from_torchrun(spec, progress) or start(spec, progress)
     except LayoutError as e:
-        raise UserError(f"{model_dir}: {e}") from None
+        raise UserError(f"{model_dir or 'the synthetic model'}: {e}") from None
     except ParallelError as e:
         raise UserError(str(e)) from None
 

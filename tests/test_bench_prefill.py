@@ -131,10 +131,10 @@ def test_bench_prefill_option_errors(cli_inprocess, demo_checkpoint):
     d = str(demo_checkpoint)
     for args, msg in (
             (("--model", d, "--device", "cpu", "--prefill-chunk", "0"), "--prefill-chunk must be >= 1"),
-            (("--preset", "flash", "--synthetic", "--gpus", "2"), "give --model DIR"),
-            (("--preset", "flash", "--synthetic", "--device", "cpu", "--ranks", "2"), "give --model DIR"),
+            (("--preset", "flash", "--synthetic", "--gpus", "auto"), "plans a checkpoint"),
+            (("--preset", "flash", "--device", "cpu", "--ranks", "2"), "--preset flash|pro --synthetic"),
             (("--model", d, "--device", "cpu", "--ranks", "2", "--compare", "reference"), "drop it, or drop"),
-            (("--model", d, "--device", "cpu", "--ranks", "2", "--layers", "2"), "applies to --preset"),
+            (("--model", d, "--device", "cpu", "--ranks", "2", "--layers", "2"), "not both"),
             (("--model", d, "--ranks", "2"), "add --device cpu"),
             (("--model", d, "--device", "cpu", "--gpus", "2"), "drop --device cpu"),
             (("--model", d, "--device", "cpu", "--ranks", "0"), "use 1 or more"),

@@ -271,6 +271,32 @@ def test_two_ranks_equal_one_exact_and_read_only_their_slices(checkpoints):
     assert all(r < whole for r in read), (read, whole)
 
 
+def test_synthetic_weights_over_two_ranks_equal_one_process():
+    """RunSpec(synthetic=cfg) (bench --preset --synthetic --gpus N): each rank makes only its own
+    slices of the random stored-format weights, cut from per-tensor seeds, so the two ranks together
+    compute what one process with the whole synthetic model computes; rank 1 makes none of rank 0's
+    experts."""
+    from dsv4.engine.model.model import Model
+    from dsv4.engine.model.weights import build_weights
+    from dsv4.engine.runtime.parallel.launch import RunSpec, start
+    from dsv4.engine.runtime.parallel.simulate import rank_synthetic_stored
+
+    torch.set_num_threads(1)
+    whole = rank_synthetic_stored(TWO, plan_shares(TWO, 1)[0], "cpu")
+    ref = _greedy(Session(Model(TWO, build_weights(whole, "cpu"), "exact"), max_context=160), 16)
+    mine = rank_synthetic_stored(TWO, plan_shares(TWO, 2)[1], "cpu")
+    assert "layers.0.ffn.experts.0.w1.weight" not in mine and "layers.0.ffn.experts.6.w1.weight" in mine
+    assert mine["head.weight"].shape[0] == plan_shares(TWO, 2)[1].vocab[1] - plan_shares(TWO, 2)[1].vocab[0]
+    s = start(RunSpec("", 2, mode="exact", max_context=160, threads=1, timeout_s=60, synthetic=TWO))
+    try:
+        got = _greedy(s, 16)
+    finally:
+        s.close()
+    assert (got[0] - ref[0]).abs().max() <= TOL * ref[0].abs().max(), "prefill logits differ"
+    assert (got[1] - ref[1]).abs().max() <= TOL * ref[1].abs().max(), "decode logits differ"
+    assert got[2] == ref[2]
+
+
 def test_four_ranks_faithful_same_tokens(checkpoints):
     torch.set_num_threads(1)
     path = checkpoints["four"]
@@ -426,7 +452,9 @@ def test_bench_decode_over_two_cpu_ranks_and_its_option_errors(cli_inprocess):
     assert one.returncode == 0, one.stderr
     single = json.loads(one.stdout)
     assert "ranks" not in single and single["ms_per_token"] > 0 and "mtp" in json.dumps(single)
-    for args, msg in ((("--preset", "flash", "--synthetic", "--gpus", "2"), "use --simulate-rank"),
+    for args, msg in ((("--preset", "flash", "--synthetic", "--gpus", "auto"), "plans a checkpoint"),
+                      (("--preset", "flash", "--gpus", "2"), "--preset flash|pro --synthetic"),
+                      (("--model", d, "--preset", "flash", "--ranks", "2", "--device", "cpu"), "not both"),
                       (("--preset", "flash", "--synthetic", "--simulate-rank", "2/2"), "need 0 <= r < R"),
                       (("--model", d, "--ranks", "2", "--device", "cpu", "--mtp"), "run on one device")):
         bad = cli_inprocess("bench", "decode", *args)

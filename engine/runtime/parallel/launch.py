@@ -24,6 +24,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from dsv4.engine.model.config import DSV4Config
+
 from .comm import RankCollectives
 from .layout import plan_shares
 from .rank import RankPart
@@ -41,7 +43,9 @@ class RunSpec:
     """What every rank loads and how it runs. model: checkpoint folder; ranks: processes; device:
     "cpu" (gloo) or "cuda" (NCCL, rank r on GPU r, under torchrun on LOCAL_RANK); mode: precision;
     threads: torch CPU threads per rank (cpu); timeout_s: the longest a collective may wait on another
-    rank; cuda_graph: as Session's (None: on for CUDA)."""
+    rank; cuda_graph: as Session's (None: on for CUDA). synthetic: instead of a checkpoint, random
+    weights of this config in the published formats, each rank making only its own slices
+    (simulate.rank_synthetic_stored: the ranks' parts are one model's); ``model`` is then unused."""
 
     model: str
     ranks: int
@@ -52,14 +56,23 @@ class RunSpec:
     timeout_s: float = 120.0
     cuda_graph: bool | None = None
     dtype: str = "float32"
+    synthetic: DSV4Config | None = None
+
+    def config(self) -> DSV4Config:
+        """The whole model's config (the checkpoint's, or the synthetic one)."""
+        from dsv4.engine.checkpoint.published import open_checkpoint
+
+        return self.synthetic if self.synthetic is not None else open_checkpoint(self.model, validate=False).config
 
 
 def start(spec: RunSpec, progress=None) -> ParallelSession:
     """Rank 0 here, ranks 1..R-1 spawned: -> rank 0's session (close() stops every rank).
     progress(tensor) is called for every tensor rank 0 reads (the one progress bar)."""
-    from dsv4.engine.checkpoint.published import open_checkpoint
+    if spec.synthetic is None:
+        from dsv4.engine.checkpoint.published import open_checkpoint
 
-    plan_shares(open_checkpoint(spec.model).config, spec.ranks)  # LayoutError before any process starts
+        open_checkpoint(spec.model)  # a CheckpointError before any process starts
+    plan_shares(spec.config(), spec.ranks)  # LayoutError before any process starts
     store = dist.TCPStore("127.0.0.1", 0, spec.ranks, True, timeout=timedelta(seconds=spec.timeout_s),
                           wait_for_workers=False)
     ctx = mp.get_context("spawn")
@@ -181,15 +194,26 @@ def _watch(store, procs, stop: _Stopper) -> None:
 def _load(rank: int, spec: RunSpec, progress=None):
     """This rank's part of the model: -> (Model, RankPart)."""
     from dsv4.engine.checkpoint.loader import load_model
-    from dsv4.engine.checkpoint.published import open_checkpoint
 
     device = _device(rank, spec)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     elif spec.threads:
         torch.set_num_threads(spec.threads)
-    shares = plan_shares(open_checkpoint(spec.model, validate=False).config, spec.ranks)
+    cfg = spec.config()
+    shares = plan_shares(cfg, spec.ranks)
     part = RankPart(shares[rank], RankCollectives(shares[rank].vocab_parts))
+    if spec.synthetic is not None:
+        from dsv4.engine.model.model import Model
+        from dsv4.engine.model.weights import build_weights
+
+        from .simulate import rank_synthetic_stored
+
+        tensors = rank_synthetic_stored(cfg, part.share, device)
+        part.bytes_read = sum(t.numel() * t.element_size() for t in tensors.values())  # bytes made, not read
+        model = Model(part.config(cfg), build_weights(tensors, device), spec.mode, device,
+                      getattr(torch, spec.dtype), part.comm)
+        return model, part
     model = load_model(spec.model, mode=spec.mode, device=device, dtype=getattr(torch, spec.dtype),
                        progress=progress, part=part)
     return model, part

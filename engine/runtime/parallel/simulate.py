@@ -15,6 +15,7 @@ command channel (rank 0 -> workers, one store round trip).
 from __future__ import annotations
 
 import math
+import zlib
 
 import torch
 
@@ -23,6 +24,7 @@ from dsv4.engine.model.config import DSV4Config
 from dsv4.engine.model.model import Model
 from dsv4.engine.model.weights import build_weights
 from dsv4.engine.tools.synthetic import stored_random
+from dsv4.kernels.formats import FP8_BLOCK
 
 from .comm import NoCollectives
 from .layout import SKIP, local_config, pick, plan_shares
@@ -30,22 +32,37 @@ from .layout import SKIP, local_config, pick, plan_shares
 CHANNEL_US = 100.0  # one c10d store round trip per decode step (rank 0 -> workers), on one host
 
 
-def rank_synthetic_stored(cfg: DSV4Config, share, device, seed: int = 0) -> dict:
-    """Rank ``share``'s slices of every main-model tensor of ``cfg``, random, in the published stored
-    formats (FP8 e4m3 + ue8m0 128x128 block scales, MXFP4 experts, BF16/F32 small tensors), made on
-    ``device``; other ranks' experts are not made at all."""
-    g = torch.Generator(device=device).manual_seed(seed + share.rank)
-    gcpu = torch.Generator().manual_seed(seed)
+def rank_synthetic_stored(cfg: DSV4Config, share, device, seed: int = 0, mtp: bool = False) -> dict:
+    """Rank ``share``'s slices of every tensor of ``cfg`` (with the MTP layer when ``mtp``), random, in
+    the published stored formats (FP8 e4m3 + ue8m0 128x128 block scales, MXFP4 experts, BF16/F32
+    small tensors), made on ``device``. Each tensor comes from its own seed (``seed`` and its name)
+    and is cut to this rank's slice after it is made, so the R ranks' parts are one model's: together
+    they hold what one rank (R = 1) holds, and a run over R ranks computes what one process does.
+    Other ranks' experts are not made at all."""
+    g, gcpu = torch.Generator(device=device), torch.Generator()
     out = {}
-    for name, (kind, shape) in tensor_shapes(cfg, mtp=False).items():
+    for name, (kind, shape) in tensor_shapes(cfg, mtp=mtp).items():
         want = pick(share, cfg, name)
         if want == SKIP:
             continue
+        s = (seed * 1_000_003 + zlib.crc32(name.encode())) % (1 << 62)
+        g.manual_seed(s)
+        gcpu.manual_seed(s)
+        parts = stored_random(cfg, name, kind, shape, device, g, gcpu)
         if want is not None:
-            dim, a, b = want
-            shape = tuple(b - a if i == dim else n for i, n in enumerate(shape))
-        out.update(stored_random(cfg, name, kind, shape, device, g, gcpu))
+            parts = {k: _cut(v, want, scale=k != name) for k, v in parts.items()}
+        out.update(parts)
     return out
+
+
+def _cut(t: torch.Tensor, want: tuple, scale: bool) -> torch.Tensor:
+    """A stored tensor's part for the logical slice ``want`` = (dim, start, stop): the rows / columns
+    themselves, or (``scale``) the FP8 128x128 block scales that cover them (layout.plan_shares puts
+    the splits of FP8 linears on block boundaries; the split tensors are FP8 or plain)."""
+    dim, a, b = want
+    if scale:
+        a, b = a // FP8_BLOCK, math.ceil(b / FP8_BLOCK)
+    return t.narrow(dim, a, b - a).clone()
 
 
 def rank_model(cfg: DSV4Config, rank: int, ranks: int, device="cuda", precision: str = "faithful") -> Model:
