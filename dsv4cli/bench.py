@@ -21,7 +21,8 @@ LAYERS_OPT = typer.Option(None, "--layers", help="With --preset: use only the fi
                           "also projected to the whole model).")
 SYN_OPT = typer.Option(False, "--synthetic", help="Random weights generated in their stored formats on the device.")
 DEVICE_OPT = typer.Option("auto", "--device", help="cpu, cuda or cuda:N (auto: cuda when available).")
-PRECISION_OPT = typer.Option("faithful", "--precision", help="faithful (FP8 KV, FP4 indexer, as trained) or "
+PRECISION_OPT = typer.Option("faithful", "--precision", help="faithful (FP8 KV, FP4 indexer, as trained; e4m3 "
+                             "inputs to the FP8/FP4 linears and bf16 attention queries, as DeepSeek's inference) or "
                              "exact (no quantisation simulation).")
 THREADS_OPT = typer.Option(None, "--threads", help=THREADS_OPT_HELP)
 JSON_OPT = typer.Option(False, "--json", help="Print the results as JSON to stdout (nothing else on stdout).")

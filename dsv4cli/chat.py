@@ -36,7 +36,8 @@ def chat(
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for reproducible sampling."),
     max_tokens: int = typer.Option(512, "--max-tokens", help="Most tokens to generate per turn."),
     device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto."),
-    precision: str = typer.Option("faithful", "--precision", help="exact or faithful (FP8 KV / FP4 indexer as trained)."),
+    precision: str = typer.Option("faithful", "--precision", help="exact or faithful (FP8 KV / FP4 indexer as "
+                                  "trained; e4m3 linear inputs and bf16 attention queries as DeepSeek's inference)."),
     max_context: int = typer.Option(4096, "--max-context", help="Context length reserved in the KV cache (tokens)."),
     json_out: bool = typer.Option(False, "--json", help="One-shot: print one JSON object (the new assistant message, finish_reason, ids, timings)."),
     hide_reasoning: bool = typer.Option(False, "--hide-reasoning", help="One-shot: do not print the reasoning."),

@@ -30,7 +30,10 @@ class Precision(str, Enum):
     """How the KV cache and the indexer are stored and computed.
 
     EXACT: no quantisation simulation (float32 entries; equals transformers' DeepseekV4).
-    FAITHFUL: FP8 KV / FP4 indexer entries, as the model was trained (the default for real use).
+    FAITHFUL: FP8 KV / FP4 indexer entries, as the model was trained, and DeepSeek's inference
+    numerics: e4m3 (1 x 128, ue8m0) inputs to the FP8 / FP4 linears, bf16 attention queries (the
+    default for real use). Which linears quantise follows how a weight is stored (FP8 / FP4 yes,
+    BF16 no), as in the published checkpoint.
     A ``str`` enum: ``Precision.FAITHFUL == "faithful"``, and it prints as its value."""
 
     EXACT = "exact"

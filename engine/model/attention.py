@@ -25,7 +25,9 @@ def _project(x, w, p, cfg, cos, sin, kv_quant, faithful):
     (kv through the KV entry format when ``kv_quant``). faithful: the FP8 linears quantise their
     inputs (kernels.linear act_quant) and the queries are rounded to bf16, as DeepSeek's own
     inference feeds its attention kernels, so the prefill's attention runs on bf16 tensor-core
-    dots; prefill and decode round them alike.
+    dots; prefill and decode round the queries alike. (The GPU prefill kernel also rounds the
+    attention probabilities to bf16 for P.V, as flash attention does; the references and the decode
+    kernel keep them in float32: kernels/triton/prefill_attention.py.)
     wq_a and wkv run as one GEMV where the decode step stacked them (w[p + ".wq_a+wkv"])."""
     S = x.shape[0]
     H, D, rd, eps = cfg.num_attention_heads, cfg.head_dim, cfg.qk_rope_head_dim, cfg.rms_norm_eps

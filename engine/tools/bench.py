@@ -221,7 +221,9 @@ PREFILL_FLOPS_FORMULA = (
     "indexer = sum over CSA layers and the queries with n = x // m > topk (the others need no selection) "
     "of 2 x Hi x Di x n (scores over every causal compressed entry) + 2 x (Hi x Di x q_lora + Hi x d) "
     "(its query and head-weight projections); elementwise work (norms, RoPE, softmax, pooling, "
-    "quantisation, top-k) is not counted")
+    "quantisation, top-k) is not counted. This is the useful (causal) work: the engine also projects "
+    "every row of a chunk once its CSA layer passes topk entries and scores a query tile against every "
+    "entry before masking, which is not counted")
 
 
 def prefill_flops(cfg: DSV4Config, tokens: int) -> dict:
@@ -467,7 +469,8 @@ def prefill_roofline(r: dict, matmul_rate: float, full: DSV4Config, layers: int,
            "matmul_rate_fraction": r["flop_per_s"] / (matmul_rate * devices)}
     if devices > 1:
         out["matmul_rate_note"] = (f"fraction of {devices} x the rate measured on rank 0's device (the whole "
-                                   "prefill's FLOPs over the ranks' summed rate)")
+                                   "prefill's FLOPs over the ranks' summed rate; CPU ranks share the host's "
+                                   "cores, so there the summed rate overstates what they have)")
     if layers < full.num_hidden_layers:
         out.update({"projected_full_model_prefill_s": r["ms_per_layer"] * full.num_hidden_layers / 1000,
                     "projection_note": f"PROJECTED: measured per-layer time x {full.num_hidden_layers} layers"})
@@ -819,17 +822,18 @@ def bench_linears(model: Model, layers=(2, 3), runs: int = 50) -> list[dict]:
              and (n == "head" or any(n.startswith(f"layers.{i}.") for i in layers))]
     # one routed expert stands for the 6 a token uses (same shapes)
     names = [n for n in names if ".experts." not in n or ".experts.0." in n]
+    aq = model.precision.faithful  # the decode GEMVs as the model runs them (faithful: e4m3 inputs)
     for name in names:
         w = model.w[name]
         N, K = w.shape
         if name.endswith("attn.wo_a"):
             G, op = cfg.o_groups, "grouped_linear"
             x = torch.randn(1, G, K, device=dev)
-            fn = lambda x=x, w=w: kernels.grouped_linear(x, w)  # noqa: E731
+            fn = lambda x=x, w=w: kernels.grouped_linear(x, w, act_quant=aq)  # noqa: E731
         else:
             op = "linear"
             x = torch.randn(1, K, device=dev)
-            fn = lambda x=x, w=w: kernels.linear(x, w)  # noqa: E731
+            fn = lambda x=x, w=w: kernels.linear(x, w, act_quant=aq)  # noqa: E731
         dispatch.reset_report()
         t = median_time(dev, fn, runs)
         nbytes = w.nbytes() + x.numel() * 4 + N * 4

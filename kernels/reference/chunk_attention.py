@@ -55,7 +55,9 @@ def chunk_attention(q: torch.Tensor, positions: torch.Tensor, ring: torch.Tensor
     0..n-1; ratio: m, entry e visible to t iff (e+1)*m <= t+1. select: None (HCA: every visible entry)
     or [S, K] int64 entry indices per query, -1 = none (CSA: the indexer's top-k, all visible).
     sink: [H] logits joining the denominator only; scale: the score scale.
-    -> [S, H, D] float32 (q may be bf16: faithful mode's queries).
+    -> [S, H, D] float32 (q may be bf16: faithful mode's queries). Computed in float32 throughout;
+    the GPU kernel, given bf16 queries, rounds the probabilities to bf16 for P.V (flash-attention
+    style), a difference of about 2^-9 relative per weight that the GPU tests bound.
     """
     S, H, D = q.shape
     out = torch.empty(q.shape, device=q.device, dtype=torch.float32)

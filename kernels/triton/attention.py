@@ -41,7 +41,8 @@ def _pow2_exponent(amax, QMAX: tl.constexpr):
 
 @triton.jit
 def _pow2(e):
-    """2^(e - 127) as float32 for an int32 exponent byte e in 1..254."""
+    """2^(e - 127) as float32 for an int32 exponent byte e in 1..254 (0 gives 0, not 2^-127: the
+    amax floor of _pow2_exponent keeps scales far above it)."""
     return (e << 23).to(tl.float32, bitcast=True)
 
 

@@ -10,7 +10,9 @@ device addresses (int64, one entry per expert, 16-byte aligned), built once.
 Formats (kernels/reference/linear.py): FP8 with 128x128 block scales (ue8m0 or float32), MXFP4, NVFP4 and
 dense BF16/F32; all experts of a set share one format. MXFP4 goes through the integer units
 (kernels/triton/fp4dot.py: e2m1 by byte-permute lookups, dp4a against the activation split into three
-int8 parts, float32-accurate), with one more small launch before each of the two to split x and h.
+int8 parts, float32-accurate), with one more small launch before each of the two to split x and h
+(faithful mode quantises x and h to e4m3 inside that split; a size that is no whole number of
+128-slices quantises them through the torch reference first).
 (tl.dot_scaled, the tensor cores with a bf16 upcast, measured slower: 85 / 33 us against 22 / 10.5 us
 per layer on an H200; bench/results/h200_tune_experts.json, the dot_scaled run in git history.)
 """

@@ -13,6 +13,10 @@ Per sub-layer one all-reduce sums the partials (attention; routed + shared MoE).
 
 FP8 linears keep their 128x128 block scales: a slice of rows (columns) starts on a whole block, or
 lies inside one block, so the slice's local blocks are whole global blocks (``block_parts``).
+Faithful mode quantises a linear's input per 128-slice on each rank: where a split of wo_b's or the
+shared w2's input dimension falls inside a 128-slice (only models whose whole dimension is at most
+128, never V4-Flash or V4-Pro), the ranks pick their own scales for their parts and the result
+differs slightly from one device's (the tests compare such tiny models by their greedy tokens).
 """
 
 from __future__ import annotations
