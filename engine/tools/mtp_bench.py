@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import statistics
 
-
 from dsv4.engine.runtime.sampling import SamplingParams
 from dsv4.engine.runtime.session import Session
 from dsv4.engine.runtime.speculative import SpeculativeDecoder, SpeculativeStats, mtp_session
