@@ -115,15 +115,16 @@ def run_prompt(model: Model, P: int, chunk: int | None, limit: float, decode_ste
 
 
 def profile_prefill(model: Model, P: int) -> None:
-    """Per-kernel GPU time of one P-token prefill (after a warm-up), the top 25 by total time."""
-    from torch.profiler import ProfilerActivity, profile
+    """Per-kernel GPU time of one P-token prefill (after a warm-up), the top 25 by self time
+    (engine/tools/bench.profile_call, what ``dsv4 bench prefill --profile`` reports)."""
+    from dsv4.engine.tools.bench import profile_call
 
     ids = torch.randint(0, model.cfg.vocab_size, (P,), generator=torch.Generator().manual_seed(1))
     Session(model, P).prefill(ids)
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        Session(model, P).prefill(ids)
-        torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25), file=sys.stderr)
+    r = profile_call(lambda: Session(model, P).prefill(ids), model.device, rows=25)
+    for row in r["profile"]:
+        print(f"{row['self_s'] * 1000:10.2f} ms {row['share']:6.1%} {row['calls']:7d}  {row['name'][:100]}",
+              file=sys.stderr)
 
 
 def main() -> None:

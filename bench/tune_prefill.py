@@ -63,32 +63,6 @@ def attention_case(attn: str, S: int = 3328, start: int = 4864, H: int = 64, D: 
     return (q, pos, ring, ring_pos, kv, W, ent, rows, ratio, sel, sink, D ** -0.5), keys * H * D * 4
 
 
-def tune_attention() -> list[dict]:
-    out = []
-    base = dict(pa.TILE)
-    alternatives = [dict(heads_bf16=h, keys=t, warps=w, stages_bf16=st)
-                    for h, t, w, st in [(32, 32, 8, 2), (64, 32, 8, 2), (64, 64, 8, 2), (64, 64, 8, 1), (64, 32, 4, 2),
-                                        (32, 64, 4, 2), (32, 64, 8, 3), (64, 64, 4, 1), (64, 128, 8, 1)]]
-    for attn in ("csa", "hca", "swa"):
-        args, flops = attention_case(attn)
-        ref = None
-        for alt in alternatives:
-            pa.TILE.update(base)
-            pa.TILE.update(alt)
-            try:
-                y = pa.chunk_attention_triton(*args)
-                ref = y if ref is None else ref
-                err = ((y - ref).abs().max() / ref.abs().max()).item()
-                t = event_time(lambda: pa.chunk_attention_triton(*args))
-                row = {"attn": attn, **alt, "ms": t * 1000, "tflops": flops / t / 1e12, "max_rel_diff": err}
-            except Exception as e:  # out of shared memory / registers for this shape
-                row = {"attn": attn, **alt, "error": f"{type(e).__name__}: {str(e)[:120]}"}
-            print(json.dumps(row), flush=True)
-            out.append(row)
-    pa.TILE.update(base)
-    return out
-
-
 def _alternatives(table: dict, alts: list[dict], run, label: dict, flops: float) -> list[dict]:
     base, out, ref = dict(table), [], None
     for alt in alts:
@@ -105,6 +79,18 @@ def _alternatives(table: dict, alts: list[dict], run, label: dict, flops: float)
         print(json.dumps(row), flush=True)
         out.append(row)
     table.update(base)
+    return out
+
+
+def tune_attention() -> list[dict]:
+    alternatives = [dict(heads_bf16=h, keys=t, warps=w, stages_bf16=st)
+                    for h, t, w, st in [(32, 32, 8, 2), (64, 32, 8, 2), (64, 64, 8, 2), (64, 64, 8, 1), (64, 32, 4, 2),
+                                        (32, 64, 4, 2), (32, 64, 8, 3), (64, 64, 4, 1), (64, 128, 8, 1)]]
+    out = []
+    for attn in ("csa", "hca", "swa"):
+        args, flops = attention_case(attn)
+        out += _alternatives(pa.TILE, alternatives, lambda args=args: pa.chunk_attention_triton(*args),
+                             {"attn": attn}, flops)
     return out
 
 

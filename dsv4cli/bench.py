@@ -168,7 +168,7 @@ def _decode(model, preset, layers, synthetic, prompt_len, steps, warmup, device,
         kind, n, model, cfg, _ = _split_target(model, preset, layers, synthetic, device, gpus, ranks, ctx, precision)
         if n > 1:
             return _decode_over_ranks(model, prompt_len, steps, warmup, kind, n, precision, threads, as_json,
-                                      json_out, mtp, compare, cfg)
+                                      json_out, mtp, compare, ctx, cfg)
         device = kind  # one rank: the ordinary single-device path, unchanged (--gpus 1)
     precision, n_threads = _common(threads, precision, compare)
     with Progress("bench decode") as progress:
@@ -230,7 +230,7 @@ def _preset_config(preset: str):
 
 
 def _decode_over_ranks(model, prompt_len, steps, warmup, kind, n, precision, threads, as_json, json_out, mtp,
-                       compare, synthetic=None):
+                       compare, ctx, synthetic=None):
     """bench decode over ``n`` > 1 ranks (device ``kind``, "cpu" or "cuda"): a checkpoint split as
     dsv4 plan shows (or the ``synthetic`` config's random weights, each rank making its slices),
     timed on rank 0."""
@@ -240,7 +240,6 @@ def _decode_over_ranks(model, prompt_len, steps, warmup, kind, n, precision, thr
     if mtp or compare:
         raise UserError("--mtp and --compare run on one device: drop them, or drop --gpus/--ranks")
     precision, n_threads = _common(threads, precision, None)
-    ctx = prompt_len + steps + warmup + 8
     with Progress("bench decode") as progress:
         progress(f"starting {n} ranks")
         s = open_session(model, str(precision), ctx, kind, n, threads=threads, synthetic=synthetic)

@@ -14,11 +14,12 @@ import pytest
 import torch
 
 from dsv4.engine.model.model import Model
-from dsv4.engine.runtime.sampling import Sampler, SamplingParams
+from dsv4.engine.runtime.sampling import SamplingParams
 from dsv4.engine.runtime.session import Session
 from dsv4.engine.runtime.speculative import SpeculativeDecoder, mtp_session
 from dsv4.engine.tools.synthetic import random_tensors, tiny_configs
-from test_speculative import GREEDY, NEW, PROMPT, GuidedDrafts, _cache_bytes
+from test_speculative import (GREEDY, NEW, PROMPT, GuidedDrafts, _cache_bytes, builtin_heldout,
+                              mtp_greedy_matches_plain)
 
 pytestmark = pytest.mark.gpu
 
@@ -52,27 +53,14 @@ def test_gpu_graph_verify_greedy_identical_and_rollback_exact():
 
 @pytest.fixture(scope="module")
 def builtin_cuda():
-    from pathlib import Path
-
-    from dsv4.cli.common import builtin_model_dir
-    from dsv4.engine.checkpoint.loader import load_model
-    from dsv4.engine.runtime.tokenizer import Tokenizer
-
-    d = builtin_model_dir()
-    text = (Path(__file__).resolve().parents[1] / "train" / "results" / "heldout_modules.txt").read_text(encoding="utf-8")
-    return load_model(d, mode="faithful", device="cuda"), Tokenizer.from_dir(d).encode(text)
+    return builtin_heldout("cuda")
 
 
 def test_gpu_builtin_greedy_identical_and_rates(builtin_cuda):
     from dsv4.engine.tools.mtp_bench import bench_mtp_decode
 
     model, ids = builtin_cuda
-    prompt = ids[700:764]
-    plain = Session(model, 256, cuda_graph=True)
-    ref = list(plain.generate(prompt, Sampler(GREEDY), 96))
-    dec = SpeculativeDecoder(mtp_session(model, 256, cuda_graph=True))
-    assert list(dec.generate(prompt, GREEDY, 96)) == ref
-    assert dec.stats.acceptance_rate > 0.3, dec.stats
+    mtp_greedy_matches_plain(model, ids[700:764], 96, cuda_graph=True)
     r = bench_mtp_decode(model, ids[1000:1064], 128)
     print(json.dumps(r, indent=1))
     assert r["identical"] and r["cuda_graph"]

@@ -243,6 +243,13 @@ def _expected_bytes(path, cfg, ranks) -> list[int]:
     return out
 
 
+def _assert_same_run(got, ref) -> None:
+    """Two _greedy results: prefill and decode logits within TOL x max|logit|, the same tokens."""
+    assert (got[0] - ref[0]).abs().max() <= TOL * ref[0].abs().max(), "prefill logits differ"
+    assert (got[1] - ref[1]).abs().max() <= TOL * ref[1].abs().max(), "decode logits differ"
+    assert got[2] == ref[2]
+
+
 def _start(path, ranks, mode):
     from dsv4.engine.runtime.parallel.launch import RunSpec, start
 
@@ -262,10 +269,7 @@ def test_two_ranks_equal_one_exact_and_read_only_their_slices(checkpoints):
     finally:
         s.close()
     assert (again - got[0]).abs().max() <= TOL * got[0].abs().max()
-    scale = ref[0].abs().max()
-    assert (got[0] - ref[0]).abs().max() <= TOL * scale, "prefill logits differ"
-    assert (got[1] - ref[1]).abs().max() <= TOL * ref[1].abs().max(), "decode logits differ"
-    assert got[2] == ref[2]
+    _assert_same_run(got, ref)
     assert read == _expected_bytes(path, TWO, 2)
     whole = sum(Path(path, f).stat().st_size for f in set(open_checkpoint(path).weight_map.values()))
     assert all(r < whole for r in read), (read, whole)
@@ -292,9 +296,7 @@ def test_synthetic_weights_over_two_ranks_equal_one_process():
         got = _greedy(s, 16)
     finally:
         s.close()
-    assert (got[0] - ref[0]).abs().max() <= TOL * ref[0].abs().max(), "prefill logits differ"
-    assert (got[1] - ref[1]).abs().max() <= TOL * ref[1].abs().max(), "decode logits differ"
-    assert got[2] == ref[2]
+    _assert_same_run(got, ref)
 
 
 def test_four_ranks_faithful_same_tokens(checkpoints):

@@ -198,26 +198,37 @@ def test_stats_and_errors(tiny_cfg, tiny_tensors):
         SpeculativeDecoder(mtp_session(no_mtp, 64, cuda_graph=False))
 
 
-@pytest.fixture(scope="module")
-def builtin():
+def builtin_heldout(device: str = "cpu"):
+    """The built-in model (faithful) on ``device`` and the token ids of its held-out text."""
+    from pathlib import Path
+
     from dsv4.cli.common import builtin_model_dir
     from dsv4.engine.checkpoint.loader import load_model
     from dsv4.engine.runtime.tokenizer import Tokenizer
-    from pathlib import Path
 
     d = builtin_model_dir()
     text = (Path(__file__).resolve().parents[1] / "train" / "results" / "heldout_modules.txt").read_text(encoding="utf-8")
-    return load_model(d, mode="faithful"), Tokenizer.from_dir(d).encode(text)
+    return load_model(d, mode="faithful", device=device), Tokenizer.from_dir(d).encode(text)
+
+
+def mtp_greedy_matches_plain(model, prompt, new_tokens: int, cuda_graph: bool) -> SpeculativeDecoder:
+    """Greedy decoding with MTP drafts gives plain greedy decoding's tokens, and a trained MTP
+    block on real text has more than 30% of its drafts accepted. -> the decoder (its stats)."""
+    ref = list(Session(model, 256, cuda_graph=cuda_graph).generate(prompt, Sampler(GREEDY), new_tokens))
+    dec = SpeculativeDecoder(mtp_session(model, 256, cuda_graph=cuda_graph))
+    assert list(dec.generate(prompt, GREEDY, new_tokens)) == ref
+    assert dec.stats.acceptance_rate > 0.3, dec.stats
+    return dec
+
+
+@pytest.fixture(scope="module")
+def builtin():
+    return builtin_heldout("cpu")
 
 
 def test_builtin_greedy_identical_and_drafts_accepted(builtin):
     model, ids = builtin
-    prompt = ids[700:748]
-    plain = Session(model, 256, cuda_graph=False)
-    ref = list(plain.generate(prompt, Sampler(GREEDY), 32))
-    dec = SpeculativeDecoder(mtp_session(model, 256, cuda_graph=False))
-    assert list(dec.generate(prompt, GREEDY, 32)) == ref
-    assert dec.stats.acceptance_rate > 0.3, dec.stats  # a trained MTP block, on real text
+    mtp_greedy_matches_plain(model, ids[700:748], 32, cuda_graph=False)
 
 
 def test_bench_mtp_decode_reports(tiny_cfg, tiny_tensors):

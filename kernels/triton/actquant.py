@@ -17,11 +17,15 @@ BLOCK = 128  # kernels.formats.FP8_BLOCK
 
 
 @triton.jit
+def _through_e4m3(g, e):
+    """g [R, C] float32 through e4m3 with the per-row ue8m0 exponent bytes e [R] (int32)."""
+    return _round_e4m3(tl.minimum(tl.maximum(g * _pow2(254 - e)[:, None], -448.0), 448.0)) * _pow2(e)[:, None]
+
+
+@triton.jit
 def fake_quant_rows(v):
     """v [R, 128] float32, one slice per row -> the same rows through e4m3 x 2^(e-127)."""
-    e = _pow2_exponent(tl.max(tl.abs(v), 1), 448.0)
-    q = _round_e4m3(tl.minimum(tl.maximum(v * _pow2(254 - e)[:, None], -448.0), 448.0))
-    return q * _pow2(e)[:, None]
+    return _through_e4m3(v, _pow2_exponent(tl.max(tl.abs(v), 1), 448.0))
 
 
 @triton.jit
@@ -37,10 +41,7 @@ def fake_quant_pairs(xe, xo, NP: tl.constexpr):
     ge = tl.reshape(xe, [NP // 64, 64])
     go = tl.reshape(xo, [NP // 64, 64])
     e = _pow2_exponent(tl.maximum(tl.max(tl.abs(ge), 1), tl.max(tl.abs(go), 1)), 448.0)
-    inv = _pow2(254 - e)[:, None]
-    sc = _pow2(e)[:, None]
-    qe = _round_e4m3(tl.minimum(tl.maximum(ge * inv, -448.0), 448.0)) * sc
-    qo = _round_e4m3(tl.minimum(tl.maximum(go * inv, -448.0), 448.0)) * sc
+    qe, qo = _through_e4m3(ge, e), _through_e4m3(go, e)
     return tl.reshape(qe, [NP]), tl.reshape(qo, [NP])
 
 
