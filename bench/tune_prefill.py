@@ -3,8 +3,9 @@
 python3 bench/tune_prefill.py [--only attention|gemm|experts] [--out FILE]
 attention: kernels.chunk_attention on faithful-mode inputs (bf16 queries, FP8 + BF16 entries) for a
 3328-query chunk at 8k context, SWA / HCA / CSA (top-512), as TFLOP/s of its QK and PV dots.
-gemm: the FP8 prefill GEMM with faithful activations (act_quant) on V4-Flash shapes, 3328 rows.
-experts: the grouped MXFP4 expert GEMM (256 experts, top-6, 3328 tokens), faithful activations.
+gemm: the FP8 x FP8 prefill GEMM (faithful activations, act_quant) on V4-Flash shapes, 3328 rows.
+experts: the grouped MXFP4 expert GEMM (256 experts, top-6, 3328 tokens), faithful activations,
+with the dots as x . W^T or swapped (W . x^T: the widened weight as the register operand).
 Each alternative: one warm-up launch (compiles), then the median of 5 timed launches (CUDA events).
 The chosen shapes live in kernels/triton/prefill_*.TILE.
 """
@@ -63,8 +64,11 @@ def attention_case(attn: str, S: int = 3328, start: int = 4864, H: int = 64, D: 
     return (q, pos, ring, ring_pos, kv, W, ent, rows, ratio, sel, sink, D ** -0.5), keys * H * D * 4
 
 
-def _alternatives(table: dict, alts: list[dict], run, label: dict, flops: float) -> list[dict]:
-    base, out, ref = dict(table), [], None
+def _alternatives(table: dict, alts: list[dict], run, label: dict, flops: float, oracle=None) -> list[dict]:
+    """Each alternative's time; max_rel_diff: against the torch reference ``oracle()`` if given, else
+    against the first alternative that ran."""
+    base, out = dict(table), []
+    ref = oracle() if oracle is not None else None
     for alt in alts:
         table.update(base)
         table.update(alt)
@@ -96,19 +100,20 @@ def tune_attention() -> list[dict]:
 
 def tune_gemm(M: int = 3328) -> list[dict]:
     from dsv4.kernels import quant
-    from dsv4.kernels.reference.linear import QWeight
+    from dsv4.kernels.reference.linear import QWeight, linear_reference
     from dsv4.kernels.triton import prefill_linear as pl
 
-    alts = [dict(m=m, n=n, warps=w, stages=st) for m, n, w, st in
-            [(128, 128, 8, 3), (128, 128, 4, 3), (128, 256, 8, 3), (64, 128, 4, 4), (128, 64, 4, 4), (128, 128, 8, 4),
-             (64, 256, 8, 3)]]
+    alts = [dict(m=m, n=n, warps=w, stages=st, group=gr) for m, n, w, st, gr in
+            [(128, 128, 8, 4, 8), (128, 128, 4, 4, 8), (128, 256, 8, 3, 8), (256, 128, 8, 3, 8), (64, 128, 4, 5, 8),
+             (128, 64, 4, 5, 8), (128, 128, 8, 3, 1), (64, 256, 8, 4, 8)]]
     out = []
     g = torch.Generator(device="cuda").manual_seed(1)
     for name, N, K in [("wq_b", 32768, 1024), ("wo_b", 4096, 8192), ("wq_a", 1024, 4096), ("shared w1+w3", 4096, 4096)]:
         w = QWeight("fp8", *quant.quant_fp8_block(torch.randn(N, K, device="cuda", generator=g) / K ** 0.5))
         x = torch.randn(M, K, device="cuda", generator=g)
-        out += _alternatives(pl.TILE, alts, lambda: pl.gemm(x, w, act_quant=True), {"op": name, "M": M, "N": N, "K": K},
-                             2 * M * N * K)
+        out += _alternatives(pl.TILE_FP8, alts, lambda: pl.gemm(x, w, act_quant=True),
+                             {"op": name, "M": M, "N": N, "K": K}, 2 * M * N * K,
+                             oracle=lambda: linear_reference(x, w, act_quant=True))
     return out
 
 
@@ -127,8 +132,10 @@ def tune_experts(S: int = 3328, E: int = 256, k: int = 6, inter: int = 2048, d: 
     x = torch.randn(S, d, device="cuda", generator=g)
     ids = torch.stack([torch.randperm(E, device="cuda", generator=g)[:k] for _ in range(S)])
     wts = torch.rand(S, k, device="cuda", generator=g)
-    alts = [dict(m=m, n=n, warps=w) for m, n, w in [(64, 128, 8), (64, 128, 4), (128, 128, 8), (64, 256, 8),
-                                                    (32, 128, 4), (128, 64, 4), (128, 256, 8)]]
+    alts = [dict(m=m, n=n, k=k, warps=w, stages=st, swap=sw) for m, n, k, w, st, sw in
+            [(64, 256, 64, 8, 3, False), (64, 256, 64, 8, 3, True), (64, 128, 64, 4, 3, True), (128, 128, 64, 8, 3, True),
+             (64, 128, 128, 4, 3, True), (128, 256, 64, 8, 2, True), (32, 128, 64, 4, 4, True),
+             (64, 256, 128, 8, 2, True), (128, 128, 64, 8, 4, True)]]
     return _alternatives(pe.TILE, alts, lambda: pe.grouped_experts(x, ids, wts, es, 10.0, act_quant=True),
                          {"op": "experts mxfp4", "S": S, "E": E, "k": k}, 2 * 3 * S * k * inter * d)
 

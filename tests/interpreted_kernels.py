@@ -145,7 +145,7 @@ def compress_checks():
 
 
 def elementwise_checks():
-    for S, n, d in [(1, 4, 512), (3, 4, 48), (2, 2, 96)]:
+    for S, n, d in [(1, 4, 512), (3, 4, 48), (2, 2, 96), (40, 4, 320), (17, 2, 96)]:  # the last two: chunk rows
         st = torch.randn(S, n, d, generator=g)
         fn = torch.randn((2 + n) * n, n * d, generator=g) * 0.02
         base, scale = torch.randn((2 + n) * n, generator=g) * 0.5, 1 + 0.1 * torch.randn(3, generator=g)

@@ -62,7 +62,7 @@ def test_grouped_linear_matches_reference(G, R, Kg, S, aq):
     assert (got - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
 
 
-@pytest.mark.parametrize("S,n,d", [(1, 4, 4096), (5, 4, 4096), (3, 4, 64), (2, 2, 96)])
+@pytest.mark.parametrize("S,n,d", [(1, 4, 4096), (5, 4, 4096), (3, 4, 64), (2, 2, 96), (700, 4, 4096), (33, 2, 96)])
 def test_mhc_pre_and_post_match_reference(S, n, d):
     from dsv4.kernels.reference.mhc import mhc_post as post_ref, mhc_pre as pre_ref
 

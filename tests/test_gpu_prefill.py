@@ -63,11 +63,16 @@ def test_indexer_scores_kernel_matches_reference(S, T):
     assert _rel(fn(q, k, w), indexer_scores(q, k, w)) <= 2e-5
 
 
+FP8_MMA_BOUND = 2e-3  # x max|ref|; measured on the H200: see bench/results/h200_tune_prefill_gemm.json
+
+
 @pytest.mark.parametrize("fmt", ["fp8", "bf16"])
 @pytest.mark.parametrize("dtype,aq", [(torch.float32, False), (torch.bfloat16, False), (torch.float32, True)])
 def test_prefill_gemm_matches_reference(fmt, dtype, aq):
-    """aq: faithful mode's e4m3 activations (quantised in the kernel, then one bf16 dot: exact
-    products, so the float32 bound)."""
+    """aq: faithful mode's e4m3 activations. Before an FP8 weight they multiply on the FP8 tensor
+    cores: exact products, but Hopper's FP8 MMA adds each 128-block's products at reduced precision
+    before the float32 promotion (as in DeepSeek's own FP8 GEMMs), hence its looser bound; before a
+    BF16 weight (no quantisation) the float32 bound."""
     from dsv4.kernels.reference.linear import linear_reference
     from kernel_cases import weight
 
@@ -76,7 +81,7 @@ def test_prefill_gemm_matches_reference(fmt, dtype, aq):
     x = torch.randn(1000, 4096, generator=g).to("cuda", dtype)
     got, ref = implementation("linear", "cuda")(x, w, act_quant=aq), linear_reference(x.float(), w, act_quant=aq)
     assert got.dtype == dtype
-    assert _rel(got, ref) <= (2e-5 if dtype == torch.float32 else 2 ** -8)
+    assert _rel(got, ref) <= (FP8_MMA_BOUND if aq and fmt == "fp8" else 2e-5 if dtype == torch.float32 else 2 ** -8)
 
 
 @pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])

@@ -64,3 +64,31 @@ def quantise_rows(x: torch.Tensor) -> torch.Tensor:
     nb = 4 if K >= 512 else 1
     _quantise_rows[(M, triton.cdiv(K, nb * 128))](x, y, K, x.stride(0), NB=nb, num_warps=4)
     return y
+
+
+@triton.jit
+def _quantise_rows_fp8(x_ptr, q_ptr, e_ptr, K, sxm, NB: tl.constexpr):
+    """Row m, slices [pid * NB, +NB) of x [M, K] -> q [M, K] e4m3 bits (uint8) and the slices'
+    ue8m0 exponent bytes e [M, ceil(K / 128)] (uint8)."""
+    m, pid = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    k = pid * NB * 128 + tl.arange(0, NB * 128)
+    km = k < K
+    v = tl.reshape(tl.load(x_ptr + m * sxm + k, mask=km, other=0.0).to(tl.float32), [NB, 128])
+    e = _pow2_exponent(tl.max(tl.abs(v), 1), 448.0)
+    q = _round_e4m3(tl.minimum(tl.maximum(v * _pow2(254 - e)[:, None], -448.0), 448.0))
+    tl.store(q_ptr + m * K + k, tl.reshape(q, [NB * 128]).to(tl.float8e4nv).to(tl.uint8, bitcast=True), mask=km)
+    nk = (K + 127) // 128
+    s = pid * NB + tl.arange(0, NB)
+    tl.store(e_ptr + m * nk + s, e.to(tl.uint8), mask=s < nk)
+
+
+def quantise_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] (unit column stride) -> (q [M, K] uint8: e4m3 bits, e [M, ceil(K / 128)] uint8:
+    ue8m0 exponent bytes), with q x 2^(e - 127) per 128-slice == kernels/quant.act_quant_dequant(x):
+    faithful mode's activations in the form the FP8 tensor-core GEMM reads (half bf16's bytes). One launch."""
+    M, K = x.shape
+    q = torch.empty((M, K), device=x.device, dtype=torch.uint8)
+    e = torch.empty((M, triton.cdiv(K, BLOCK)), device=x.device, dtype=torch.uint8)
+    nb = 4 if K >= 512 else 1
+    _quantise_rows_fp8[(M, triton.cdiv(K, nb * 128))](x, q, e, K, x.stride(0), NB=nb, num_warps=4)
+    return q, e

@@ -1,8 +1,10 @@
-"""Fused Triton kernels for mHC (manifold-constrained hyper-connections) on a few rows (decode).
+"""Fused Triton kernels for mHC (manifold-constrained hyper-connections), decode rows and prefill chunks.
 
 mhc_pre in two launches instead of ~130 small ones:
   1. split-K partial dot products of the flattened streams with the 24 mixing rows of ``fn``, and
-     partial sums of squares (for the RMS normalisation, applied afterwards: it is linear);
+     partial sums of squares (for the RMS normalisation, applied afterwards: it is linear); one row
+     per program for a few rows (decode), BLOCK_ROWS rows per program for a chunk (float32 dots
+     that read the streams once);
   2. per (row, block of d): reduce the partials, then sigmoid / 2*sigmoid / softmax + 20 Sinkhorn
      iterations on the n x n matrix, all in registers, and the pre-weighted collapse of the streams.
 mhc_post in one launch: post_j * out + sum_i comb[i, j] * stream_i.
@@ -19,6 +21,8 @@ import triton.language as tl
 MAX_ROWS = 16
 BLOCK_K = 128  # 128 programs per row for the 24 mixes at V4 sizes (latency, not bytes, bounds it)
 BLOCK_D = 512
+BLOCK_ROWS = 32  # a chunk's rows per program in the mixing partials; K cut into CHUNK_SPLITS ranges
+CHUNK_SPLITS = 8
 
 
 @triton.jit
@@ -32,6 +36,28 @@ def _mix_partials(s_ptr, fn_ptr, part_ptr, ss_ptr, K, P, NMIX: tl.constexpr, MIX
     f = tl.load(fn_ptr + rj[:, None] * K + rk[None, :], mask=(rj[:, None] < NMIX) & km[None, :], other=0.0)
     tl.store(part_ptr + (row * P + p) * MIXP + rj, tl.sum(f.to(tl.float32) * x[None, :], 1))
     tl.store(ss_ptr + row * P + p, tl.sum(x * x, 0))
+
+
+@triton.jit
+def _mix_partials_rows(s_ptr, fn_ptr, part_ptr, ss_ptr, M, K, P, SPAN, NMIX: tl.constexpr, MIXP: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Rows [pid0 * BLOCK_M, +BLOCK_M) and columns [pid1 * SPAN, +SPAN) of the flattened streams
+    [M, K]: partial mixes part[row, pid1, :NMIX] and sums of squares ss[row, pid1] (float32 dots)."""
+    pid_m, p = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mm = rm < M
+    rj = tl.arange(0, MIXP)
+    acc = tl.zeros([BLOCK_M, MIXP], tl.float32)
+    ss = tl.zeros([BLOCK_M], tl.float32)
+    for k0 in range(0, SPAN, BLOCK_K):
+        rk = p * SPAN + k0 + tl.arange(0, BLOCK_K)
+        km = (rk < K) & (k0 + tl.arange(0, BLOCK_K) < SPAN)
+        x = tl.load(s_ptr + rm[:, None] * K + rk[None, :], mask=mm[:, None] & km[None, :], other=0.0).to(tl.float32)
+        f = tl.load(fn_ptr + rj[:, None] * K + rk[None, :], mask=(rj[:, None] < NMIX) & km[None, :], other=0.0)
+        acc += tl.dot(x, tl.trans(f.to(tl.float32)), input_precision="ieee")
+        ss += tl.sum(x * x, 1)
+    tl.store(part_ptr + (rm[:, None] * P + p) * MIXP + rj[None, :], acc, mask=mm[:, None])
+    tl.store(ss_ptr + rm * P + p, ss, mask=mm)
 
 
 @triton.jit
@@ -86,9 +112,9 @@ def _post(out_ptr, s_ptr, post_ptr, comb_ptr, y_ptr, D, N: tl.constexpr, BLOCK_D
 
 
 def mhc_supported(streams: torch.Tensor, fn_or_out: torch.Tensor, *args) -> bool:
-    """Up to MAX_ROWS rows, a power-of-two stream count >= 2; no autograd (mhc_pre and mhc_post)."""
+    """Any number of rows, a power-of-two stream count >= 2; no autograd (mhc_pre and mhc_post)."""
     S, n, _ = streams.shape
-    return 0 < S <= MAX_ROWS and n & (n - 1) == 0 and n >= 2 and not (streams.requires_grad or fn_or_out.requires_grad)
+    return 0 < S and n & (n - 1) == 0 and n >= 2 and not (streams.requires_grad or fn_or_out.requires_grad)
 
 
 def mhc_post_supported(out: torch.Tensor, streams: torch.Tensor, *args) -> bool:
@@ -103,15 +129,23 @@ def mhc_pre_triton(streams, fn, base, scale, iters: int, hc_eps: float, norm_eps
     mixp = triton.next_power_of_2(nmix)
     P = triton.cdiv(K, BLOCK_K)
     dev = streams.device
+    if S > MAX_ROWS:  # a chunk: BLOCK_ROWS rows per program, K in CHUNK_SPLITS ranges
+        P = min(CHUNK_SPLITS, P)
+        span = triton.cdiv(triton.cdiv(K, P), BLOCK_K) * BLOCK_K
+        P = triton.cdiv(K, span)
     part = torch.empty((S, P, mixp), device=dev, dtype=torch.float32)
     ss = torch.empty((S, P), device=dev, dtype=torch.float32)
-    _mix_partials[(S, P)](streams, fn.contiguous(), part, ss, K, P, NMIX=nmix, MIXP=mixp, BLOCK_K=BLOCK_K)
+    if S > MAX_ROWS:
+        _mix_partials_rows[(triton.cdiv(S, BLOCK_ROWS), P)](streams, fn.contiguous(), part, ss, S, K, P, span,
+                                                            NMIX=nmix, MIXP=mixp, BLOCK_M=BLOCK_ROWS, BLOCK_K=BLOCK_K)
+    else:
+        _mix_partials[(S, P)](streams, fn.contiguous(), part, ss, K, P, NMIX=nmix, MIXP=mixp, BLOCK_K=BLOCK_K)
     x = torch.empty((S, d), device=dev, dtype=streams.dtype)
     post = torch.empty((S, n), device=dev, dtype=torch.float32)
     comb = torch.empty((S, n, n), device=dev, dtype=torch.float32)
     _pre_epilogue[(S, triton.cdiv(d, BLOCK_D))](  # one warp: 20 Sinkhorn rounds of warp-local sums
         streams, part, ss, base.float().contiguous(), scale.float().contiguous(), x, post, comb, d, P,
-        norm_eps, hc_eps, ITERS=iters, N=n, MIXP=mixp, PP=triton.next_power_of_2(P), BLOCK_D=BLOCK_D, num_warps=1)
+        norm_eps, hc_eps, ITERS=iters, N=n, MIXP=mixp, PP=max(2, triton.next_power_of_2(P)), BLOCK_D=BLOCK_D, num_warps=1)
     return x, post, comb
 
 

@@ -26,11 +26,11 @@ from dsv4.kernels.reference.moe import ExpertSet
 from . import moe as gemv_moe
 from .actquant import fake_quant_rows, quantise_rows
 from .linear import MAX_ROWS, _e2m1_pairs
-from .prefill_linear import dot_rows
+from .prefill_linear import dot_rows, dot_rows_t
 
 # H200, bench/tune_prefill.py --only experts (MXFP4, 256 experts, top-6, 3328 tokens, faithful): 64 pairs x
 # 256 rows, 8 warps, 16.7 ms = 60 TFLOP/s against 20.8 ms for the first choice, 64 x 128 (2026-12-01).
-TILE = {"m": 64, "n": 256, "k": 64, "warps": 8}
+TILE = {"m": 64, "n": 256, "k": 64, "warps": 8, "stages": 3, "swap": False}
 FMT = {"mxfp4": 4, "nvfp4": 5}
 
 
@@ -73,10 +73,12 @@ def _tile_rows(tile_e_ptr, tile_lo_ptr, tile_hi_ptr, BLOCK_M: tl.constexpr):
 @triton.jit
 def _up(x_ptr, order_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, w1_tab, s1_tab, g1_ptr, w3_tab, s3_tab,
         g3_ptr, h_ptr, I, D, limit, K_SEL: tl.constexpr, FMT: tl.constexpr, IEEE: tl.constexpr, SPLIT: tl.constexpr,
-        QX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        QX: tl.constexpr, SWAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr):
     """h[r] = swiglu(w1[e] x_tok(r), w3[e] x_tok(r)) for the tile's sorted pairs r. QX: x arrives
     quantised (bf16 rows, actquant.quantise_rows) and h leaves quantised too, each 128-slice of a
-    row through e4m3 (bf16 values; BLOCK_N a multiple of 128)."""
+    row through e4m3 (bf16 values; BLOCK_N a multiple of 128). SWAP: the dots run as W . x^T (the
+    widened weight tile is the tensor cores' register operand), transposed back for the epilogue."""
     e, r, rm = _tile_rows(tile_e_ptr, tile_lo_ptr, tile_hi_ptr, BLOCK_M)
     if e >= 0:
         pair = tl.load(order_ptr + r, mask=rm, other=0).to(tl.int64)
@@ -85,13 +87,24 @@ def _up(x_ptr, order_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, w1_tab, s1_tab, 
         nm = rn < I
         w1, s1 = _ptrs(w1_tab, s1_tab, e)
         w3, s3 = _ptrs(w3_tab, s3_tab, e)
-        g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for k0 in range(0, D, BLOCK_K):
-            kk = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_ptr + tok[:, None] * D + kk[None, :], mask=rm[:, None] & (kk < D)[None, :], other=0.0)
-            g += dot_rows(x, _fp4_tile(w1, s1, rn, nm, k0, D, BLOCK_N, BLOCK_K, FMT), IEEE, SPLIT)
-            u += dot_rows(x, _fp4_tile(w3, s3, rn, nm, k0, D, BLOCK_N, BLOCK_K, FMT), IEEE, SPLIT)
+        if SWAP:
+            gt = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+            ut = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+            for k0 in range(0, D, BLOCK_K):
+                kk = k0 + tl.arange(0, BLOCK_K)
+                x = tl.load(x_ptr + tok[:, None] * D + kk[None, :], mask=rm[:, None] & (kk < D)[None, :], other=0.0)
+                gt += dot_rows_t(x, _fp4_tile(w1, s1, rn, nm, k0, D, BLOCK_N, BLOCK_K, FMT), IEEE, SPLIT)
+                ut += dot_rows_t(x, _fp4_tile(w3, s3, rn, nm, k0, D, BLOCK_N, BLOCK_K, FMT), IEEE, SPLIT)
+            g = tl.trans(gt)
+            u = tl.trans(ut)
+        else:
+            g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            for k0 in range(0, D, BLOCK_K):
+                kk = k0 + tl.arange(0, BLOCK_K)
+                x = tl.load(x_ptr + tok[:, None] * D + kk[None, :], mask=rm[:, None] & (kk < D)[None, :], other=0.0)
+                g += dot_rows(x, _fp4_tile(w1, s1, rn, nm, k0, D, BLOCK_N, BLOCK_K, FMT), IEEE, SPLIT)
+                u += dot_rows(x, _fp4_tile(w3, s3, rn, nm, k0, D, BLOCK_N, BLOCK_K, FMT), IEEE, SPLIT)
         if FMT == 5:
             g = g * tl.load(g1_ptr + e)
             u = u * tl.load(g3_ptr + e)
@@ -105,8 +118,8 @@ def _up(x_ptr, order_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, w1_tab, s1_tab, 
 
 @triton.jit
 def _down(h_ptr, order_ptr, wts_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, w2_tab, s2_tab, g2_ptr, y_ptr, I, D,
-          FMT: tl.constexpr, IEEE: tl.constexpr, QX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-          BLOCK_K: tl.constexpr):
+          FMT: tl.constexpr, IEEE: tl.constexpr, QX: tl.constexpr, SWAP: tl.constexpr, BLOCK_M: tl.constexpr,
+          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """y[r] = weight(r) * (w2[e] h[r]) for the tile's sorted pairs r (h float32, or bf16 values
     already quantised by _up: one bf16 dot per step)."""
     e, r, rm = _tile_rows(tile_e_ptr, tile_lo_ptr, tile_hi_ptr, BLOCK_M)
@@ -114,11 +127,19 @@ def _down(h_ptr, order_ptr, wts_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, w2_ta
         rn = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         nm = rn < D
         w2, s2 = _ptrs(w2_tab, s2_tab, e)
-        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for k0 in range(0, I, BLOCK_K):
-            kk = k0 + tl.arange(0, BLOCK_K)
-            h = tl.load(h_ptr + r[:, None] * I + kk[None, :], mask=rm[:, None] & (kk < I)[None, :], other=0.0)
-            acc += dot_rows(h, _fp4_tile(w2, s2, rn, nm, k0, I, BLOCK_N, BLOCK_K, FMT), IEEE, not QX)
+        if SWAP:
+            acct = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+            for k0 in range(0, I, BLOCK_K):
+                kk = k0 + tl.arange(0, BLOCK_K)
+                h = tl.load(h_ptr + r[:, None] * I + kk[None, :], mask=rm[:, None] & (kk < I)[None, :], other=0.0)
+                acct += dot_rows_t(h, _fp4_tile(w2, s2, rn, nm, k0, I, BLOCK_N, BLOCK_K, FMT), IEEE, not QX)
+            acc = tl.trans(acct)
+        else:
+            acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            for k0 in range(0, I, BLOCK_K):
+                kk = k0 + tl.arange(0, BLOCK_K)
+                h = tl.load(h_ptr + r[:, None] * I + kk[None, :], mask=rm[:, None] & (kk < I)[None, :], other=0.0)
+                acc += dot_rows(h, _fp4_tile(w2, s2, rn, nm, k0, I, BLOCK_N, BLOCK_K, FMT), IEEE, not QX)
         if FMT == 5:
             acc = acc * tl.load(g2_ptr + e)
         pair = tl.load(order_ptr + r, mask=rm, other=0).to(tl.int64)
@@ -193,15 +214,15 @@ def grouped_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, e
     h = torch.empty((S * k, I), device=x.device, dtype=torch.bfloat16 if qx else torch.float32)
     _up[(tile_e.numel(), triton.cdiv(I, t["n"]))](
         xc, order, tile_e, lo, hi, tab["w1"], tab["sw1"], tab["gw1"], tab["w3"], tab["sw3"], tab["gw3"], h, I, D,
-        float(limit), K_SEL=k, FMT=fmt, IEEE=ieee, SPLIT=xc.dtype == torch.float32, QX=qx,
-        BLOCK_M=t["m"], BLOCK_N=t["n"], BLOCK_K=t["k"], num_warps=t["warps"])
+        float(limit), K_SEL=k, FMT=fmt, IEEE=ieee, SPLIT=xc.dtype == torch.float32, QX=qx, SWAP=t["swap"],
+        BLOCK_M=t["m"], BLOCK_N=t["n"], BLOCK_K=t["k"], num_warps=t["warps"], num_stages=t["stages"])
     if act_quant and not qx:  # an intermediate size that is no whole number of 128-slices per tile
         h = quantise_rows(h)
     y = torch.empty((S * k, D), device=x.device, dtype=torch.float32)
     _down[(tile_e.numel(), triton.cdiv(D, t["n"]))](
         h, order, weights.float().contiguous().reshape(-1), tile_e, lo, hi, tab["w2"], tab["sw2"], tab["gw2"], y,
-        I, D, FMT=fmt, IEEE=ieee, QX=h.dtype == torch.bfloat16, BLOCK_M=t["m"], BLOCK_N=t["n"], BLOCK_K=t["k"],
-        num_warps=t["warps"])
+        I, D, FMT=fmt, IEEE=ieee, QX=h.dtype == torch.bfloat16, SWAP=t["swap"], BLOCK_M=t["m"], BLOCK_N=t["n"], BLOCK_K=t["k"],
+        num_warps=t["warps"], num_stages=t["stages"])
     out = torch.empty_like(y)
     out[order] = y  # back to (token, slot) order
     return out.view(S, k, D).sum(1).to(x.dtype)

@@ -24,12 +24,16 @@ import triton.language as tl
 from dsv4.kernels.reference.linear import QWeight
 
 from . import linear as gemv
-from .actquant import quantise_rows
+from .actquant import quantise_rows_fp8
+from .attention import _pow2
 from .linear import MAX_ROWS
 
 # H200, bench/tune_prefill.py --only gemm (faithful, 3328 rows): 64 x 256 tiles, 8 warps reach 74-107
 # TFLOP/s on the Flash projections against 59-74 for the first choice, 128 x 128 (2026-12-01).
 TILE = {"m": 64, "n": 256, "k": 64, "warps": 8, "stages": 3}
+# The FP8 x FP8 GEMM (faithful activations before an FP8 weight): K steps of one 128-scale block;
+# "group": output tiles of that many M-blocks run N-block by N-block (each W tile stays in L2 for them).
+TILE_FP8 = {"m": 128, "n": 128, "warps": 8, "stages": 4, "group": 8}
 
 
 @triton.jit
@@ -45,6 +49,22 @@ def dot_rows(x, w, IEEE: tl.constexpr, SPLIT: tl.constexpr):
         r = x.to(tl.float32) - hi.to(tl.float32)
         mid = r.to(tl.bfloat16)
         out += tl.dot(mid, wb) + tl.dot((r - mid.to(tl.float32)).to(tl.bfloat16), wb)
+    return out
+
+
+@triton.jit
+def dot_rows_t(x, w, IEEE: tl.constexpr, SPLIT: tl.constexpr):
+    """dot_rows transposed: w [N, K] . x [M, K]^T -> [N, M] float32. On the tensor cores the widened
+    weight is the register operand (no trip through shared memory) and x the shared-memory one."""
+    if IEEE:
+        return tl.dot(w.to(tl.float32), tl.trans(x.to(tl.float32)), input_precision="ieee")
+    wb = w.to(tl.bfloat16)
+    hi = x.to(tl.bfloat16)
+    out = tl.dot(wb, tl.trans(hi))
+    if SPLIT:
+        r = x.to(tl.float32) - hi.to(tl.float32)
+        mid = r.to(tl.bfloat16)
+        out += tl.dot(wb, tl.trans(mid)) + tl.dot(wb, tl.trans((r - mid.to(tl.float32)).to(tl.bfloat16)))
     return out
 
 
@@ -76,6 +96,62 @@ def _gemm(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, sxm, SB_K, FP8: tl.constexpr, SCA
     tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=mm[:, None] & nm[None, :])
 
 
+@triton.jit
+def _gemm_fp8(q_ptr, e_ptr, w_ptr, s_ptr, y_ptr, M, N, K, SB_K, SCALE_U8: tl.constexpr, IEEE: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr):
+    """y [M, N] = (q x 2^(e-127)) [M, K] . W [N, K]^T with q e4m3 [M, K], e the rows'
+    ue8m0 bytes per 128-slice [M, ceil(K/128)], W FP8 e4m3 [N, K] with scales [ceil(N/128), SB_K]: one
+    FP8 tensor-core dot per 128-column block (float32 out), scaled by both blocks' scales into the
+    float32 accumulator (as DeepSeek's FP8 GEMMs promote each 128-block's sum). IEEE: float32 dots
+    (the CPU interpreter)."""
+    pid = tl.program_id(0)
+    n_m, n_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    span = GROUP * n_n
+    first = (pid // span) * GROUP
+    rows = tl.minimum(n_m - first, GROUP)
+    pid_m = (first + (pid % span) % rows).to(tl.int64)
+    pid_n = ((pid % span) // rows).to(tl.int64)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, 128)
+    mm, nm = rm < M, rn < N
+    nkb = tl.cdiv(K, 128)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for kb in range(0, nkb):
+        k = kb * 128 + rk
+        km = k < K
+        a = tl.load(q_ptr + rm[:, None] * K + k[None, :], mask=mm[:, None] & km[None, :], other=0.0)
+        w = tl.load(w_ptr + rn[:, None] * K + k[None, :], mask=nm[:, None] & km[None, :], other=0.0)
+        if IEEE:
+            part = tl.dot(a.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+        else:
+            part = tl.dot(a, tl.trans(w))
+        sa = _pow2(tl.load(e_ptr + rm * nkb + kb, mask=mm, other=0).to(tl.int32))
+        sw = tl.load(s_ptr + (rn // 128) * SB_K + kb, mask=nm, other=0)
+        if SCALE_U8:
+            sw = _pow2(sw.to(tl.int32))
+        acc += part * sa[:, None] * sw[None, :]
+    tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=mm[:, None] & nm[None, :])
+
+
+def gemm_fp8(x2: torch.Tensor, w: QWeight, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Faithful mode's FP8 linear for many rows: x2 [M, K] quantised per 1 x 128 slice to e4m3
+    (actquant.quantise_rows_fp8), times the FP8 weight on the FP8 tensor cores -> [M, N] in x's dtype."""
+    M, K = x2.shape
+    N = w.shape[0]
+    y = torch.empty((M, N), device=x2.device, dtype=x2.dtype) if out is None else out
+    q, e = quantise_rows_fp8(x2)
+    scale = w.scale
+    u8 = scale.dtype in (torch.float8_e8m0fnu, torch.uint8)
+    scale = (scale.view(torch.uint8) if u8 else scale.float()).contiguous()
+    t = TILE_FP8
+    grid = (triton.cdiv(M, t["m"]) * triton.cdiv(N, t["n"]),)
+    _gemm_fp8[grid](q.view(torch.float8_e4m3fn), e, w.data.contiguous().view(torch.float8_e4m3fn), scale, y, M, N, K, scale.shape[1], SCALE_U8=u8,
+                    IEEE=os.environ.get("TRITON_INTERPRET") == "1", BLOCK_M=t["m"], BLOCK_N=t["n"], GROUP=t["group"],
+                    num_warps=t["warps"], num_stages=t["stages"])
+    return y
+
+
 def _gemm_format(w: QWeight) -> bool:
     return w.dense is None and not w.data.requires_grad and (
         w.fmt == "fp8" or (w.fmt == "dense" and w.data.dtype == torch.bfloat16))
@@ -90,6 +166,8 @@ def gemm_supported(x: torch.Tensor, w: QWeight, act_quant: bool = False) -> bool
 def gemm(x2: torch.Tensor, w: QWeight, out: torch.Tensor | None = None, act_quant: bool = False) -> torch.Tensor:
     """x2 [M, K] (unit column stride) . W^T -> [M, N] in x's dtype (into ``out`` if given);
     act_quant: faithful mode's e4m3 activations before an FP8 weight (kernels/reference/linear.py)."""
+    if act_quant and w.fmt == "fp8":
+        return gemm_fp8(x2, w, out)
     M, K = x2.shape
     N = w.shape[0]
     y = torch.empty((M, N), device=x2.device, dtype=x2.dtype) if out is None else out
@@ -103,8 +181,6 @@ def gemm(x2: torch.Tensor, w: QWeight, out: torch.Tensor | None = None, act_quan
         scale = scale.float()
     scale = scale.contiguous()
     ieee = os.environ.get("TRITON_INTERPRET") == "1"
-    if act_quant and fp8:  # the quantised rows are exact in bf16: one bf16 dot per tile
-        x2 = quantise_rows(x2)
     t = TILE
     grid = (triton.cdiv(M, t["m"]), triton.cdiv(N, t["n"]))
     _gemm[grid](x2, data, scale, y, M, N, K, x2.stride(0), scale.shape[1] if fp8 else 0, FP8=fp8, SCALE_U8=u8,
