@@ -133,9 +133,8 @@ def tune_experts(S: int = 3328, E: int = 256, k: int = 6, inter: int = 2048, d: 
     ids = torch.stack([torch.randperm(E, device="cuda", generator=g)[:k] for _ in range(S)])
     wts = torch.rand(S, k, device="cuda", generator=g)
     alts = [dict(m=m, n=n, k=k, warps=w, stages=st, swap=sw) for m, n, k, w, st, sw in
-            [(64, 256, 64, 8, 3, False), (64, 256, 64, 8, 3, True), (64, 128, 64, 4, 3, True), (128, 128, 64, 8, 3, True),
-             (64, 128, 128, 4, 3, True), (128, 256, 64, 8, 2, True), (32, 128, 64, 4, 4, True),
-             (64, 256, 128, 8, 2, True), (128, 128, 64, 8, 4, True)]]
+            [(128, 128, 64, 8, 3, True), (64, 256, 64, 8, 3, False), (256, 128, 64, 8, 2, True), (128, 128, 32, 8, 4, True),
+             (128, 64, 64, 4, 3, True), (128, 128, 64, 4, 3, True), (256, 128, 32, 8, 3, True)]]
     return _alternatives(pe.TILE, alts, lambda: pe.grouped_experts(x, ids, wts, es, 10.0, act_quant=True),
                          {"op": "experts mxfp4", "S": S, "E": E, "k": k}, 2 * 3 * S * k * inter * d)
 

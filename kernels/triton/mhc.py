@@ -3,8 +3,8 @@
 mhc_pre in two launches instead of ~130 small ones:
   1. split-K partial dot products of the flattened streams with the 24 mixing rows of ``fn``, and
      partial sums of squares (for the RMS normalisation, applied afterwards: it is linear); one row
-     per program for a few rows (decode), BLOCK_ROWS rows per program for a chunk (float32 dots
-     that read the streams once);
+     per program for a few rows (decode), BLOCK_ROWS rows per program for a chunk (3xTF32
+     tensor-core dots that read the streams once);
   2. per (row, block of d): reduce the partials, then sigmoid / 2*sigmoid / softmax + 20 Sinkhorn
      iterations on the n x n matrix, all in registers, and the pre-weighted collapse of the streams.
 mhc_post in one launch: post_j * out + sum_i comb[i, j] * stream_i.
@@ -12,6 +12,8 @@ Shapes as kernels/mhc.py; n (hc_mult) must be a power of two (4 in V4), else the
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -23,6 +25,10 @@ BLOCK_K = 128  # 128 programs per row for the 24 mixes at V4 sizes (latency, not
 BLOCK_D = 512
 BLOCK_ROWS = 32  # a chunk's rows per program in the mixing partials; K cut into CHUNK_SPLITS ranges
 CHUNK_SPLITS = 8
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
@@ -40,9 +46,11 @@ def _mix_partials(s_ptr, fn_ptr, part_ptr, ss_ptr, K, P, NMIX: tl.constexpr, MIX
 
 @triton.jit
 def _mix_partials_rows(s_ptr, fn_ptr, part_ptr, ss_ptr, M, K, P, SPAN, NMIX: tl.constexpr, MIXP: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+                       BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     """Rows [pid0 * BLOCK_M, +BLOCK_M) and columns [pid1 * SPAN, +SPAN) of the flattened streams
-    [M, K]: partial mixes part[row, pid1, :NMIX] and sums of squares ss[row, pid1] (float32 dots)."""
+    [M, K]: partial mixes part[row, pid1, :NMIX] and sums of squares ss[row, pid1]. PRECISION:
+    "tf32x3" on the GPU (three TF32 tensor-core products, float32-level accuracy: ~2^-22 per product;
+    the FMA path, "ieee", ran 9x slower than the bytes allow on the H200), "ieee" in the interpreter."""
     pid_m, p = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mm = rm < M
@@ -54,7 +62,7 @@ def _mix_partials_rows(s_ptr, fn_ptr, part_ptr, ss_ptr, M, K, P, SPAN, NMIX: tl.
         km = (rk < K) & (k0 + tl.arange(0, BLOCK_K) < SPAN)
         x = tl.load(s_ptr + rm[:, None] * K + rk[None, :], mask=mm[:, None] & km[None, :], other=0.0).to(tl.float32)
         f = tl.load(fn_ptr + rj[:, None] * K + rk[None, :], mask=(rj[:, None] < NMIX) & km[None, :], other=0.0)
-        acc += tl.dot(x, tl.trans(f.to(tl.float32)), input_precision="ieee")
+        acc += tl.dot(x, tl.trans(f.to(tl.float32)), input_precision=PRECISION)
         ss += tl.sum(x * x, 1)
     tl.store(part_ptr + (rm[:, None] * P + p) * MIXP + rj[None, :], acc, mask=mm[:, None])
     tl.store(ss_ptr + rm * P + p, ss, mask=mm)
@@ -137,7 +145,8 @@ def mhc_pre_triton(streams, fn, base, scale, iters: int, hc_eps: float, norm_eps
     ss = torch.empty((S, P), device=dev, dtype=torch.float32)
     if S > MAX_ROWS:
         _mix_partials_rows[(triton.cdiv(S, BLOCK_ROWS), P)](streams, fn.contiguous(), part, ss, S, K, P, span,
-                                                            NMIX=nmix, MIXP=mixp, BLOCK_M=BLOCK_ROWS, BLOCK_K=BLOCK_K)
+                                                            NMIX=nmix, MIXP=mixp, BLOCK_M=BLOCK_ROWS, BLOCK_K=BLOCK_K,
+                                                            PRECISION="ieee" if _interpreted() else "tf32x3")
     else:
         _mix_partials[(S, P)](streams, fn.contiguous(), part, ss, K, P, NMIX=nmix, MIXP=mixp, BLOCK_K=BLOCK_K)
     x = torch.empty((S, d), device=dev, dtype=streams.dtype)

@@ -6,9 +6,11 @@ no per-token or per-expert Python loop). Up: each program gathers its tile's tok
 w1 / w3 of the tile's expert in the stored FP4 format (MXFP4: e2m1 + ue8m0 per 32; NVFP4: e2m1 +
 e4m3 per 16 + a float32 tensor scale), widens them to bf16 in registers (exact), multiplies on the
 tensor cores, applies the clamped SwiGLU and writes h [pairs, I]. Down: h . w2^T per tile, times
-the pair's routing weight, into y [pairs, d]; the k results of a token are then summed in slot
-order. Faithful mode (act_quant): x (one pass before, actquant.quantise_rows) and h (in _up's
-epilogue) pass through e4m3 per 1 x 128 slice and travel as bf16 (exact), so one bf16 dot per step;
+the pair's routing weight, into y [pairs, d] at the pair's (token, slot) place; the k results of a
+token are then summed in slot order. The dots run as W . x^T (TILE "swap"): the widened weight tile
+is the tensor cores' register operand, so it makes no trip through shared memory. Faithful mode
+(act_quant): x (one pass before, actquant.quantise_rows) and h (in _up's epilogue) pass through
+e4m3 per 1 x 128 slice and travel as bf16 (exact), so one bf16 dot per step;
 exact mode splits float32 rows into three bf16 parts (float32 accuracy). IEEE dots in the CPU
 interpreter.
 """
@@ -28,9 +30,10 @@ from .actquant import fake_quant_rows, quantise_rows
 from .linear import MAX_ROWS, _e2m1_pairs
 from .prefill_linear import dot_rows, dot_rows_t
 
-# H200, bench/tune_prefill.py --only experts (MXFP4, 256 experts, top-6, 3328 tokens, faithful): 64 pairs x
-# 256 rows, 8 warps, 16.7 ms = 60 TFLOP/s against 20.8 ms for the first choice, 64 x 128 (2026-12-01).
-TILE = {"m": 64, "n": 256, "k": 64, "warps": 8, "stages": 3, "swap": False}
+# H200, bench/tune_prefill.py --only experts (MXFP4, 256 experts, top-6, 3328 tokens, faithful): the dots
+# swapped (W . x^T), 128 pairs x 128 rows, 8 warps, 3 stages: 8.7 ms = 115 TFLOP/s, against 13.1 ms for
+# the unswapped 64 x 256 chosen before (2026-12-01, h200_tune_prefill_experts.json).
+TILE = {"m": 128, "n": 128, "k": 64, "warps": 8, "stages": 3, "swap": True}
 FMT = {"mxfp4": 4, "nvfp4": 5}
 
 
@@ -120,8 +123,8 @@ def _up(x_ptr, order_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, w1_tab, s1_tab, 
 def _down(h_ptr, order_ptr, wts_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, w2_tab, s2_tab, g2_ptr, y_ptr, I, D,
           FMT: tl.constexpr, IEEE: tl.constexpr, QX: tl.constexpr, SWAP: tl.constexpr, BLOCK_M: tl.constexpr,
           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """y[r] = weight(r) * (w2[e] h[r]) for the tile's sorted pairs r (h float32, or bf16 values
-    already quantised by _up: one bf16 dot per step)."""
+    """y[pair(r)] = weight(r) * (w2[e] h[r]) for the tile's sorted pairs r, stored in (token, slot)
+    order (h float32, or bf16 values already quantised by _up: one bf16 dot per step)."""
     e, r, rm = _tile_rows(tile_e_ptr, tile_lo_ptr, tile_hi_ptr, BLOCK_M)
     if e >= 0:
         rn = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -144,7 +147,7 @@ def _down(h_ptr, order_ptr, wts_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, w2_ta
             acc = acc * tl.load(g2_ptr + e)
         pair = tl.load(order_ptr + r, mask=rm, other=0).to(tl.int64)
         wt = tl.load(wts_ptr + pair, mask=rm, other=0.0)
-        tl.store(y_ptr + r[:, None] * D + rn[None, :], acc * wt[:, None], mask=rm[:, None] & nm[None, :])
+        tl.store(y_ptr + pair[:, None] * D + rn[None, :], acc * wt[:, None], mask=rm[:, None] & nm[None, :])
 
 
 def _tables(experts: ExpertSet, device) -> dict:
@@ -223,9 +226,7 @@ def grouped_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, e
         h, order, weights.float().contiguous().reshape(-1), tile_e, lo, hi, tab["w2"], tab["sw2"], tab["gw2"], y,
         I, D, FMT=fmt, IEEE=ieee, QX=h.dtype == torch.bfloat16, SWAP=t["swap"], BLOCK_M=t["m"], BLOCK_N=t["n"], BLOCK_K=t["k"],
         num_warps=t["warps"], num_stages=t["stages"])
-    out = torch.empty_like(y)
-    out[order] = y  # back to (token, slot) order
-    return out.view(S, k, D).sum(1).to(x.dtype)
+    return y.view(S, k, D).sum(1).to(x.dtype)
 
 
 def routed_experts_triton(x, ids, weights, experts: ExpertSet, limit: float, act_quant: bool = False) -> torch.Tensor:
