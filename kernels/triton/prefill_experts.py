@@ -31,9 +31,9 @@ from .linear import MAX_ROWS, _e2m1_pairs
 from .prefill_linear import dot_rows, dot_rows_t
 
 # H200, bench/tune_prefill.py --only experts (MXFP4, 256 experts, top-6, 3328 tokens, faithful): the dots
-# swapped (W . x^T), 128 pairs x 128 rows, 8 warps, 3 stages: 8.7 ms = 115 TFLOP/s, against 13.1 ms for
-# the unswapped 64 x 256 chosen before (2026-12-01, h200_tune_prefill_experts.json).
-TILE = {"m": 128, "n": 128, "k": 64, "warps": 8, "stages": 3, "swap": True}
+# swapped (W . x^T), 128 pairs x 128 rows, K steps of 32, 8 warps, 4 stages: 8.1 ms = 125 TFLOP/s,
+# against 12.4 ms for the unswapped 64 x 256 chosen before (2026-12-01, h200_tune_prefill_experts.json).
+TILE = {"m": 128, "n": 128, "k": 32, "warps": 8, "stages": 4, "swap": True}
 FMT = {"mxfp4": 4, "nvfp4": 5}
 
 
