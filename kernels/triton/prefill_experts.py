@@ -66,6 +66,22 @@ def _ptrs(tab_ptr, stab_ptr, e):
 
 
 @triton.jit
+def _acc(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SWAP: tl.constexpr):
+    """A float32 accumulator for a tile: [BLOCK_N, BLOCK_M] when the dots run swapped, else [BLOCK_M, BLOCK_N]."""
+    if SWAP:
+        return tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    return tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+
+
+@triton.jit
+def _dot(x, w, IEEE: tl.constexpr, SPLIT: tl.constexpr, SWAP: tl.constexpr):
+    """x [M, K] . w [N, K]^T as [M, N], or swapped as w . x^T [N, M] (dot_rows / dot_rows_t)."""
+    if SWAP:
+        return dot_rows_t(x, w, IEEE, SPLIT)
+    return dot_rows(x, w, IEEE, SPLIT)
+
+
+@triton.jit
 def _tile_rows(tile_e_ptr, tile_lo_ptr, tile_hi_ptr, BLOCK_M: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     e = tl.load(tile_e_ptr + t).to(tl.int64)
@@ -90,24 +106,16 @@ def _up(x_ptr, order_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, w1_tab, s1_tab, 
         nm = rn < I
         w1, s1 = _ptrs(w1_tab, s1_tab, e)
         w3, s3 = _ptrs(w3_tab, s3_tab, e)
+        g = _acc(BLOCK_M, BLOCK_N, SWAP)
+        u = _acc(BLOCK_M, BLOCK_N, SWAP)
+        for k0 in range(0, D, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + tok[:, None] * D + kk[None, :], mask=rm[:, None] & (kk < D)[None, :], other=0.0)
+            g += _dot(x, _fp4_tile(w1, s1, rn, nm, k0, D, BLOCK_N, BLOCK_K, FMT), IEEE, SPLIT, SWAP)
+            u += _dot(x, _fp4_tile(w3, s3, rn, nm, k0, D, BLOCK_N, BLOCK_K, FMT), IEEE, SPLIT, SWAP)
         if SWAP:
-            gt = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-            ut = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-            for k0 in range(0, D, BLOCK_K):
-                kk = k0 + tl.arange(0, BLOCK_K)
-                x = tl.load(x_ptr + tok[:, None] * D + kk[None, :], mask=rm[:, None] & (kk < D)[None, :], other=0.0)
-                gt += dot_rows_t(x, _fp4_tile(w1, s1, rn, nm, k0, D, BLOCK_N, BLOCK_K, FMT), IEEE, SPLIT)
-                ut += dot_rows_t(x, _fp4_tile(w3, s3, rn, nm, k0, D, BLOCK_N, BLOCK_K, FMT), IEEE, SPLIT)
-            g = tl.trans(gt)
-            u = tl.trans(ut)
-        else:
-            g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-            u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-            for k0 in range(0, D, BLOCK_K):
-                kk = k0 + tl.arange(0, BLOCK_K)
-                x = tl.load(x_ptr + tok[:, None] * D + kk[None, :], mask=rm[:, None] & (kk < D)[None, :], other=0.0)
-                g += dot_rows(x, _fp4_tile(w1, s1, rn, nm, k0, D, BLOCK_N, BLOCK_K, FMT), IEEE, SPLIT)
-                u += dot_rows(x, _fp4_tile(w3, s3, rn, nm, k0, D, BLOCK_N, BLOCK_K, FMT), IEEE, SPLIT)
+            g = tl.trans(g)
+            u = tl.trans(u)
         if FMT == 5:
             g = g * tl.load(g1_ptr + e)
             u = u * tl.load(g3_ptr + e)
@@ -130,19 +138,13 @@ def _down(h_ptr, order_ptr, wts_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, w2_ta
         rn = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         nm = rn < D
         w2, s2 = _ptrs(w2_tab, s2_tab, e)
+        acc = _acc(BLOCK_M, BLOCK_N, SWAP)
+        for k0 in range(0, I, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)
+            h = tl.load(h_ptr + r[:, None] * I + kk[None, :], mask=rm[:, None] & (kk < I)[None, :], other=0.0)
+            acc += _dot(h, _fp4_tile(w2, s2, rn, nm, k0, I, BLOCK_N, BLOCK_K, FMT), IEEE, not QX, SWAP)
         if SWAP:
-            acct = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-            for k0 in range(0, I, BLOCK_K):
-                kk = k0 + tl.arange(0, BLOCK_K)
-                h = tl.load(h_ptr + r[:, None] * I + kk[None, :], mask=rm[:, None] & (kk < I)[None, :], other=0.0)
-                acct += dot_rows_t(h, _fp4_tile(w2, s2, rn, nm, k0, I, BLOCK_N, BLOCK_K, FMT), IEEE, not QX)
-            acc = tl.trans(acct)
-        else:
-            acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-            for k0 in range(0, I, BLOCK_K):
-                kk = k0 + tl.arange(0, BLOCK_K)
-                h = tl.load(h_ptr + r[:, None] * I + kk[None, :], mask=rm[:, None] & (kk < I)[None, :], other=0.0)
-                acc += dot_rows(h, _fp4_tile(w2, s2, rn, nm, k0, I, BLOCK_N, BLOCK_K, FMT), IEEE, not QX)
+            acc = tl.trans(acc)
         if FMT == 5:
             acc = acc * tl.load(g2_ptr + e)
         pair = tl.load(order_ptr + r, mask=rm, other=0).to(tl.int64)
