@@ -1,16 +1,19 @@
 """Triton GEMM for the prefill's dense projections: y = x W^T for many rows, W read in its stored
 format on the tensor cores (the decode GEMVs, kernels/triton/linear.py, keep the few-row case).
 
-Formats: FP8 e4m3 with 128x128 block scales (ue8m0 or float32) and dense BF16. Each program owns a
-[BLOCK_M, BLOCK_N] output tile and steps K by BLOCK_K (which divides 128, so one step lies in one
-scale block): the FP8 tile is widened to bf16 in registers (exact), multiplied on the tensor cores
-(wgmma on Hopper) and scaled per 128-column block before it joins the float32 accumulator.
-Faithful mode quantises the activations first (act_quant: each 1 x 128 slice through e4m3 with a
-ue8m0 scale, one pass, actquant.quantise_rows): the quantised values are exact in bf16, so one bf16
-dot per step is exact per product. Exact mode keeps them unquantised: bf16 rows multiply directly; float32
+Formats: FP8 e4m3 with 128x128 block scales (ue8m0 or float32) and dense BF16.
+Faithful mode before an FP8 weight (act_quant): the activations pass through e4m3 per 1 x 128 slice
+with a ue8m0 scale in one pass (actquant.quantise_rows_fp8: e4m3 bytes + exponent bytes), and
+``_gemm_fp8`` multiplies them with the FP8 weight on the FP8 tensor cores, one dot per 128-column
+block (exact products; Hopper adds a block's products at reduced precision), scaled by the row's
+and the weight block's scales into the float32 accumulator, as DeepSeek's own FP8 GEMMs promote.
+Otherwise (exact mode, BF16 weights) ``_gemm``: each program owns a [BLOCK_M, BLOCK_N] output tile
+and steps K by BLOCK_K (which divides 128, so one step lies in one scale block); an FP8 tile is
+widened to bf16 in registers (exact), multiplied on the tensor cores (wgmma on Hopper) and scaled
+per 128-column block before it joins the float32 accumulator; bf16 rows multiply directly, float32
 rows are split into three bf16 parts (hi + mid + lo, ~24 bits) so the product keeps float32
-accuracy against the reference's float32 matmul (IEEE float32 dots in Triton's CPU interpreter). Grouped projections (wo_a) run one GEMM per
-group on the group's slice of x and of W.
+accuracy against the reference's float32 matmul. IEEE float32 dots in Triton's CPU interpreter.
+Grouped projections (wo_a) run one GEMM per group on the group's slice of x and of W.
 """
 
 from __future__ import annotations
