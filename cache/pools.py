@@ -40,8 +40,14 @@ class EntryStore:
         return {k: t.numel() * t.element_size() for k, t in self.tensors.items()}
 
     def write(self, rows: torch.Tensor | slice, x: torch.Tensor) -> None:
-        """Store x [k, dim] at ``rows`` (index tensor [k] or slice)."""
-        entries.write_entries(self.tensors, rows, x)
+        """Store x [k, dim] at ``rows`` (index tensor [k] or slice), quantised to the pool's format:
+        through kernels.store_entry for an index tensor (a quantise-and-store kernel on CUDA)."""
+        if isinstance(rows, torch.Tensor) and x.shape[0]:
+            from dsv4 import kernels  # the kernels package loads its GPU kernels; the cache needs it only here
+
+            kernels.store_entry(x.reshape(-1, x.shape[-1]), self.tensors, rows.reshape(-1))
+        else:
+            entries.write_entries(self.tensors, rows, x)
 
     def read(self, rows: torch.Tensor | slice) -> torch.Tensor:
         """Entries at ``rows`` as float32 [k, dim]."""

@@ -105,6 +105,14 @@ def attention_checks():
                                    b[k].view(torch.uint8) if b[k].dtype == torch.float8_e4m3fn else b[k]) for k in a)
             assert same, f"store_entry {kind} D={D} trial {trial}: bytes differ"
         print(f"ok store_entry {kind} D={D} (bytes equal)")
+        x = torch.randn(4, D, generator=g) * torch.logspace(-2, 2, 4)[:, None]  # a chunk's rows at once
+        a, b = store(kind, 9, D, r), store(kind, 9, D, r)
+        rows = torch.tensor([8, 0, 5, 2])
+        store_entry(x, a, rows)
+        tatt.store_entry_triton(x, b, rows)
+        assert all(torch.equal(a[k].view(torch.uint8) if a[k].dtype == torch.float8_e4m3fn else a[k],
+                               b[k].view(torch.uint8) if b[k].dtype == torch.float8_e4m3fn else b[k]) for k in a)
+        print(f"ok store_entry {kind} D={D} 4 rows (bytes equal)")
     # decode attention over ring + entries in their storage formats
     for kind, H, D, r, W, T, pos in [("kv", 64, 512, 64, 128, 40, 300), ("kv", 6, 128, 64, 16, 9, 5),
                                      ("f32", 4, 96, 32, 16, 0, 40), ("f32", 20, 80, 16, 32, 70, 77)]:
@@ -123,8 +131,28 @@ def attention_checks():
               tatt.decode_attention_triton(q, ring, p, *ent, sink, D ** -0.5), decode_attention(q, ring, p, *ent, sink, D ** -0.5))
 
 
+def compress_windows_checks():
+    """A chunk's window pooling: HCA and CSA, with and without the previous window's series a."""
+    from dsv4.kernels.reference.compress import compress_windows
+
+    for ratio, D, nw, overlap, prev in [(4, 96, 5, True, True), (4, 96, 3, True, False), (8, 40, 4, False, False),
+                                        (128, 64, 2, False, False), (6, 48, 3, True, True)]:
+        width = 2 * D if overlap else D
+        c = torch.randn(nw * ratio, width, generator=g)
+        z = torch.randn(nw * ratio, width, generator=g) * 3
+        pa = (torch.randn(ratio, D, generator=g), torch.randn(ratio, D, generator=g)) if prev else None
+        assert tcomp.compress_windows_supported(c, z, ratio, overlap, pa)
+        got, got_last = tcomp.compress_windows_triton(c, z, ratio, overlap, pa)
+        ref, ref_last = compress_windows(c, z, ratio, overlap, pa)
+        close(f"compress_windows ratio={ratio} D={D} windows={nw} overlap={overlap} prev={prev}", got, ref)
+        assert (got_last is None) == (ref_last is None)
+        if ref_last is not None:
+            assert all(torch.equal(a, b) for a, b in zip(got_last, ref_last))
+
+
 def compress_checks():
     """One token's compressor step: the entry and the state it leaves (tail, series a)."""
+    compress_windows_checks()
     for ratio, D, overlap, rd in [(4, 512, True, 64), (128, 96, False, 32), (4, 64, True, 16), (8, 80, False, 16)]:
         W = 2 * D if overlap else D
         for pos in (0, 2, ratio - 1, 3 * ratio - 1, 5 * ratio + 1):
@@ -338,7 +366,8 @@ def gemm_checks():
 def prefill_engine_check():
     """Prefill through the prefill kernels (registered for the CPU here) against the reference path,
     both modes: 140 tokens of the tiny SWA/CSA/HCA model in two chunks (CSA entries past index_topk,
-    an HCA entry, the ring wrapped), every token's logits and the cache after it."""
+    an HCA entry, the ring wrapped; the window pooling and the entry and window stores through their
+    kernels), every token's logits and the cache after it."""
     from dsv4.engine.model.model import Model
     from dsv4.engine.runtime.session import Session
     from dsv4.engine.tools.synthetic import random_tensors, tiny_configs
@@ -367,7 +396,7 @@ def prefill_engine_check():
         print(f"ok prefill kernel path, {mode} {err:.1e}")
 
 
-PREFILL_OPS = ("chunk_attention", "indexer_scores")
+PREFILL_OPS = ("chunk_attention", "indexer_scores", "compress_windows", "store_entry")
 
 
 if __name__ == "__main__":

@@ -155,6 +155,13 @@ def test_store_entry_writes_the_reference_bytes(kind, D, r):
         kernels.store_entry(x, b, row)
         for k in a:
             assert torch.equal(_bytes(a[k]), _bytes(b[k])), (k, scale)
+    x = (torch.randn(5, D, generator=g) * torch.logspace(-3, 2, 5)[:, None]).cuda()  # a chunk's rows
+    a, b = store(kind, 9, D, r, "cuda"), store(kind, 9, D, r, "cuda")
+    rows = torch.tensor([8, 0, 3, 6, 1], device="cuda")
+    ref_fn(x, a, rows)
+    kernels.store_entry(x, b, rows)
+    for k in a:
+        assert torch.equal(_bytes(a[k]), _bytes(b[k])), (k, "rows")
 
 
 @pytest.mark.parametrize("kind,H,D,W,T,pos", [("kv", 64, 512, 128, 512, 5000), ("kv", 64, 512, 128, 9, 1100),
@@ -199,6 +206,23 @@ def test_compress_decode_matches_reference(ratio, D, overlap):
         assert (a - b).abs().max().item() <= 1e-5 * b.abs().max().item()
         for x, y in zip(a_st, b_st):
             assert x is None or torch.equal(x, y)
+
+
+@pytest.mark.parametrize("ratio,D,overlap,prev", [(4, 512, True, True), (4, 512, True, False), (128, 512, False, False),
+                                                 (4, 128, True, True)])
+def test_compress_windows_matches_reference(ratio, D, overlap, prev):
+    """A prefill chunk's window pooling (1600 tokens)."""
+    from dsv4.kernels.reference.compress import compress_windows as ref_fn
+
+    g = torch.Generator().manual_seed(ratio + D + prev)
+    W = 2 * D if overlap else D
+    n = 1600 // ratio * ratio
+    c, z = torch.randn(n, W, generator=g).cuda(), (3 * torch.randn(n, W, generator=g)).cuda()
+    pa = (torch.randn(ratio, D, generator=g).cuda(), torch.randn(ratio, D, generator=g).cuda()) if prev else None
+    assert implementation("compress_windows", "cuda") is not ref_fn
+    (a, a_last), (b, b_last) = kernels.compress_windows(c, z, ratio, overlap, pa), ref_fn(c, z, ratio, overlap, pa)
+    assert a.shape == b.shape and (a - b).abs().max().item() <= 1e-5 * b.abs().max().item()
+    assert (a_last is None) == (b_last is None) and (a_last is None or all(map(torch.equal, a_last, b_last)))
 
 
 @pytest.mark.parametrize("E,d,k", [(256, 4096, 6), (8, 64, 3)])

@@ -53,7 +53,8 @@ def write_entries(store: dict, rows: torch.Tensor | slice, x: torch.Tensor) -> N
 
 
 def store_entry(x: torch.Tensor, store: dict, row: torch.Tensor) -> None:
-    """Write one entry x [1, D] (float) at row [1] (device int64) of ``store``, quantising it."""
+    """Write entries x [k, D] (float) at rows [k] (device int64) of ``store``, quantising them (a
+    decode step stores one; a prefill chunk its compressed entries and window rows)."""
     write_entries(store, row, x)
 
 

@@ -28,6 +28,7 @@ KERNELS = {
     "chunk_attention": (prefill_attention.chunk_attention_triton, prefill_attention.chunk_attention_supported),
     "indexer_scores": (prefill_indexer.indexer_scores_triton, prefill_indexer.indexer_scores_supported),
     "compress_decode": (compress.compress_decode_triton, compress.compress_decode_supported),
+    "compress_windows": (compress.compress_windows_triton, compress.compress_windows_supported),
     "router_scores": (router.router_scores_triton, router.router_scores_supported),
     "router_topk": (router.router_topk_triton, router.router_topk_supported),
     "hash_route": (router.hash_route_triton, router.hash_route_supported),

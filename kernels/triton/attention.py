@@ -77,8 +77,11 @@ def _e2m1_code(v):
 @triton.jit
 def _store_entry(x_ptr, row_ptr, a_ptr, b_ptr, s_ptr, D: tl.constexpr, NOPE: tl.constexpr,
                  KIND: tl.constexpr, BLOCK: tl.constexpr, NGP: tl.constexpr):
-    """NGP: the number of scale groups rounded up to a power of two."""
-    row = tl.load(row_ptr).to(tl.int64)
+    """Entry i = program 0..k-1: x[i] [D] -> store row row_ptr[i]. NGP: the number of scale groups
+    rounded up to a power of two."""
+    i = tl.program_id(0).to(tl.int64)
+    row = tl.load(row_ptr + i).to(tl.int64)
+    x_ptr += i * D
     if KIND == 0:  # kv: a = fp8 [., NOPE] (as uint8), b = bf16 [., D-NOPE], s = scales [., NOPE/64]
         NG: tl.constexpr = NOPE // 64
         gi = tl.arange(0, NGP)
@@ -112,13 +115,16 @@ def _store_entry(x_ptr, row_ptr, a_ptr, b_ptr, s_ptr, D: tl.constexpr, NOPE: tl.
 
 
 def store_entry_supported(x: torch.Tensor, store: dict, row: torch.Tensor) -> bool:
-    """FP8 KV stores whole 64-channel scale groups, FP4 stores whole 32-groups; no autograd."""
+    """One x row per row index (a tensor); FP8 KV stores whole 64-channel scale groups, FP4 stores
+    whole 32-groups; no autograd."""
     kind, D = store_kind(store), x.shape[-1]
-    return not (x.requires_grad or (kind == "kv" and store["fp8"].shape[1] % 64) or (kind == "fp4" and D % 32))
+    return isinstance(row, torch.Tensor) and x.numel() == row.numel() * D and not (
+        x.requires_grad or (kind == "kv" and store["fp8"].shape[1] % 64) or (kind == "fp4" and D % 32))
 
 
 def store_entry_triton(x: torch.Tensor, store: dict, row: torch.Tensor) -> None:
-    """kernels.store_entry for CUDA tensors: one launch."""
+    """kernels.store_entry for CUDA tensors: x [k, D] at rows [k] (a decode step's one entry, or a
+    prefill chunk's entries and window rows), one launch, one program per entry."""
     kind = store_kind(store)
     D = x.shape[-1]
     xs = x.reshape(-1).contiguous()
@@ -130,7 +136,7 @@ def store_entry_triton(x: torch.Tensor, store: dict, row: torch.Tensor) -> None:
     else:
         nope, a, b, s = D, store["f32"], store["f32"], store["f32"]
     groups = nope // 64 if kind == "kv" else D // 32
-    _store_entry[(1,)](xs, row.reshape(-1), a, b, s, D=D, NOPE=nope, KIND=KIND[kind],
+    _store_entry[(row.numel(),)](xs, row.reshape(-1), a, b, s, D=D, NOPE=nope, KIND=KIND[kind],
                        BLOCK=triton.next_power_of_2(max(D - nope, D if kind == "f32" else 1, 16)),
                        NGP=triton.next_power_of_2(max(groups, 1)))
 

@@ -1,6 +1,9 @@
-"""Triton kernels for one token's compressor step (kernels/compress.compress_decode).
+"""Triton kernels for the compressors: a prefill chunk's window pooling (kernels.compress_windows,
+one launch) and one token's step (kernels.compress_decode).
 
-Two launches instead of ~60 small ones: (1) per block of channels, an online softmax over the
+compress_windows: one program per (window, block of channels), the softmax over the window's
+slots in registers (HCA: ratio slots; CSA: window w-1's series a, then window w's series b).
+compress_decode, two launches instead of ~60 small ones: (1) per block of channels, an online softmax over the
 window's slots (HCA: ratio slots; CSA: the previous window's series a, then this window's series
 b) and that block's share of the state updates (tail row, series a on a close); (2) RMSNorm and
 RoPE on the last rd channels (channel pairs handled as the two columns of a [D/2, 2] tile).
@@ -112,3 +115,68 @@ def compress_decode_triton(c, z, tail_c, tail_z, ape, prev_c, prev_z, norm_w, co
     _finish[(1,)](out, norm_w.float().contiguous(), cos.contiguous(), sin.contiguous(), float(eps), D=D,
                   RD=2 * cos.shape[-1], BLOCK_H=triton.next_power_of_2(D // 2))
     return out
+
+
+@triton.jit
+def _windows(c_ptr, z_ptr, pc_ptr, pz_ptr, out_ptr, D, WIDTH, RATIO, OVERLAP: tl.constexpr, HAS_PREV: tl.constexpr,
+             RP: tl.constexpr, BLOCK: tl.constexpr):
+    """Entry w = program 0, channels [pid1 * BLOCK, +BLOCK): softmax over the slots of z, times c,
+    summed (rows w * RATIO.. of c / z [n, WIDTH]; with OVERLAP the series a slots of window w-1,
+    channels 0..D-1, or of prev (pc / pz [RATIO, D]) for w = 0, and series b, channels D..2D-1)."""
+    w = tl.program_id(0).to(tl.int64)
+    d = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    j = tl.arange(0, RP)
+    m2 = (j < RATIO)[:, None] & (d < D)[None, :]
+    rows = w * RATIO + j
+    off = D if OVERLAP else 0  # series b (or the only series) lives in channels off..off+D-1
+    zb = tl.load(z_ptr + rows[:, None] * WIDTH + off + d[None, :], mask=m2, other=float("-inf"))
+    cb = tl.load(c_ptr + rows[:, None] * WIDTH + off + d[None, :], mask=m2, other=0.0)
+    m = tl.max(zb, 0)
+    if OVERLAP:
+        if w > 0:
+            prow = rows - RATIO
+            za = tl.load(z_ptr + prow[:, None] * WIDTH + d[None, :], mask=m2, other=float("-inf"))
+            ca = tl.load(c_ptr + prow[:, None] * WIDTH + d[None, :], mask=m2, other=0.0)
+        elif HAS_PREV:
+            za = tl.load(pz_ptr + j[:, None] * D + d[None, :], mask=m2, other=float("-inf"))
+            ca = tl.load(pc_ptr + j[:, None] * D + d[None, :], mask=m2, other=0.0)
+        else:
+            za = tl.full([RP, BLOCK], float("-inf"), tl.float32)
+            ca = tl.zeros([RP, BLOCK], tl.float32)
+        m = tl.maximum(m, tl.max(za, 0))
+        ea = tl.exp(za - m[None, :])
+        eb = tl.exp(zb - m[None, :])
+        den = tl.sum(ea, 0) + tl.sum(eb, 0)
+        num = tl.sum(ea * ca, 0) + tl.sum(eb * cb, 0)
+    else:
+        eb = tl.exp(zb - m[None, :])
+        den = tl.sum(eb, 0)
+        num = tl.sum(eb * cb, 0)
+    tl.store(out_ptr + w * D + d, num / den, mask=d < D)
+
+
+def compress_windows_supported(c, z, ratio: int, overlap: bool, prev_a=None) -> bool:
+    """Float32 c / z (the compressor's rows), a whole number of windows; no autograd."""
+    return (c.dtype == z.dtype == torch.float32 and c.shape == z.shape and c.shape[0] % ratio == 0
+            and c.shape[0] > 0 and not (c.requires_grad or z.requires_grad)
+            and (not overlap or c.shape[1] % 2 == 0))
+
+
+def compress_windows_triton(c, z, ratio: int, overlap: bool, prev_a=None):
+    """kernels.compress_windows for CUDA tensors (contract: kernels/reference/compress.compress_windows):
+    one launch over (windows, channel blocks)."""
+    n, width = c.shape
+    nw = n // ratio
+    D = width // 2 if overlap else width
+    c, z = c.contiguous(), z.contiguous()
+    out = torch.empty((nw, D), device=c.device, dtype=torch.float32)
+    has_prev = overlap and prev_a is not None
+    pc, pz = (prev_a[0].float().contiguous(), prev_a[1].float().contiguous()) if has_prev else (c, z)
+    block = 64 if ratio > 32 else 128
+    _windows[(nw, triton.cdiv(D, block))](c, z, pc, pz, out, D, width, ratio, OVERLAP=overlap, HAS_PREV=has_prev,
+                                          RP=triton.next_power_of_2(ratio), BLOCK=block)
+    last = None
+    if overlap:
+        tail = slice(n - ratio, n)
+        last = (c[tail, :D], z[tail, :D])
+    return out, last
