@@ -4,7 +4,7 @@
 #   bash bench/gpu_verify.sh kernels   # tests/test_gpu_kernels.py (every decode kernel, with and without act_quant)
 #   bash bench/gpu_verify.sh engine    # the prefill kernels, the engine on CUDA, MTP, parallel, cache GPU tests
 #   bash bench/gpu_verify.sh figures   # prefill 8k..1M, bench prefill --profile at 8k, decode at 16 layers, MTP
-#   bash bench/gpu_verify.sh prefill   # the prefill GEMM / expert / mHC kernel tests, their tile tunes, the 8k profile
+#   bash bench/gpu_verify.sh prefill   # the prefill GEMM / expert / mHC / pooling / store kernel tests, tile tunes, the 8k profile
 # Run from the repository root on the GPU machine (no install there: bench/dsv4_path.sh puts the
 # source folders on PYTHONPATH as dsv4.*).
 set -o pipefail
@@ -31,7 +31,7 @@ figures)
     --json-out "$OUT/decode_builtin_mtp.json" 2>&1 | grep -E "identical|mtp_|plain|effective|projected" ;;
 prefill)
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-  timeout 150 $T tests/test_gpu_prefill.py tests/test_gpu_kernels.py -k "gemm or experts or mhc" 2>&1 | tail -15 \
+  timeout 150 $T tests/test_gpu_prefill.py tests/test_gpu_kernels.py -k "gemm or experts or mhc or compress_windows or store_entry" 2>&1 | tail -15 \
     | tee "$OUT/gpu_tests_prefill.txt"
   timeout 120 python3 bench/tune_prefill.py --only gemm --out "$OUT/tune_gemm.json" 2>&1 | cut -c1-260 | tail -40
   timeout 150 python3 bench/tune_prefill.py --only experts --out "$OUT/tune_experts.json" 2>&1 | cut -c1-260 | tail -12
