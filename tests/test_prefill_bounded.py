@@ -90,23 +90,23 @@ def test_default_chunk_follows_free_memory(tiny_cfg, tiny_tensors, monkeypatch):
 
 
 def test_default_chunk_on_the_kernel_path(monkeypatch):
-    """On CUDA (kernels not forced to the references) the estimate counts 2-byte transients beside
-    the float32 streams and no dequantised head: V4-Flash gets a larger chunk than on the reference
-    path, and chunk x per-token + fixed bytes stays within the budget on both."""
+    """On CUDA the kernel path's estimate applies unless DSV4_KERNELS=reference forces the
+    references: V4-Flash gets 6400 tokens (the size measured on the H200, peak 3.17 GiB beyond
+    weights + cache at 8k, 4.07 GiB at 1M) against the reference path's 3328. The memory itself is
+    checked on the GPU (tests/test_gpu_prefill.py::test_long_prefill_memory_stays_bounded)."""
     from dsv4.engine.model.config import DSV4Config
     from dsv4.kernels import dispatch
 
     cfg = DSV4Config.flash()
     model = type("M", (), {"cfg": cfg, "dtype": torch.bfloat16, "device": torch.device("cuda")})()
     monkeypatch.setattr(session_mod, "free_memory", lambda dev: 100 << 30)
-    budget = session_mod.TRANSIENT_BUDGET
     chunks = {}
-    for mode, kernels in (("auto", True), ("reference", False)):
+    for mode in ("auto", "reference"):
         with dispatch.use_backend(mode):
-            chunks[kernels] = default_prefill_chunk(model)
-        used = chunks[kernels] * session_mod.prefill_bytes_per_token(cfg, model.dtype, kernels)
-        assert used + session_mod.fixed_prefill_bytes(cfg, kernels) <= budget
-    assert chunks == {True: 6400, False: 3328}
+            chunks[mode] = default_prefill_chunk(model)
+    assert chunks == {"auto": 6400, "reference": 3328}
+    with dispatch.use_backend("auto"):  # the CPU runs the references: their estimate
+        assert default_prefill_chunk(model, device="cpu") == 3328
 
 
 def test_progress_and_an_interrupt_between_chunks(tiny_cfg, tiny_tensors, ids):

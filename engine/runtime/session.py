@@ -55,8 +55,11 @@ def prefill_bytes_per_token(cfg, dtype: torch.dtype, kernels: bool = False) -> i
     (attention / indexer tiles and one dequantised weight): the residual streams and mHC copies, the
     queries [H, D] and their RoPE / attention-output copies, the compressors' float32 C and Z rows,
     the indexer's queries, and the routed experts' hidden rows (k per token). ``kernels``: the GPU
-    kernel path, whose non-stream transients are at most 2 bytes per value (bf16 / FP8 rows; the
-    streams stay float32): H200, 4 Flash layers, 0.53 MB per token measured against 0.82 estimated."""
+    kernel path, which keeps no float32 copies of dequantised weights and writes many of its rows
+    as bf16 / FP8: the streams are counted at 4 bytes per value and the rest at 2. That is an
+    estimate checked by measurement, not a per-tensor bound (some rows, e.g. the experts' outputs,
+    stay float32): H200, 4 Flash layers, faithful, 0.53 MB per token measured against 0.82
+    estimated; the 65k-token GPU test (tests/test_gpu_prefill.py) holds the whole peak under 8 GiB."""
     el = max(torch.finfo(dtype).bits // 8, 4)  # much of the reference's chunk forward runs in float32
     streams = 6 * cfg.hc_mult * cfg.hidden_size
     rest = (4 * cfg.num_attention_heads * cfg.head_dim + 3 * cfg.index_n_heads * cfg.index_head_dim
@@ -68,8 +71,9 @@ def prefill_bytes_per_token(cfg, dtype: torch.dtype, kernels: bool = False) -> i
 def fixed_prefill_bytes(cfg, kernels: bool = False) -> int:
     """The chunk forward's transients that do not grow with the chunk: on the reference path one
     weight dequantised to float32 (the largest, the vocabulary head) and the attention / indexer
-    tiles (a few hundred MiB); on the kernel path (weights read as stored) 2 GiB for the tiles,
-    which grow with the context (H200: 1.7 GB more at a 1M-token context than at 8k)."""
+    tiles (a few hundred MiB); on the kernel path (weights read as stored) 2 GiB for the tiles and
+    what grows with the context (H200, chunks of 6400: peak beyond weights + cache 3.17 GiB at 8k
+    and 4.07 GiB at 1M tokens, against 7.25 GB estimated)."""
     return (2 << 30) if kernels else 4 * cfg.vocab_size * cfg.hidden_size + (1 << 30)
 
 

@@ -1,7 +1,9 @@
 """Faithful mode's activation quantisation: each 1 x 128 slice of an activation row through FP8 e4m3
 with one ue8m0 scale, giving the values the reference multiplies (kernels/quant.act_quant_dequant).
 Inside the decode GEMV / expert kernels' K steps (no launch of its own), in the grouped expert
-kernel's epilogue (h), or as one pass over a prefill chunk's rows (``quantise_rows``). The rounding runs in
+kernel's epilogue (h), or as one pass over a prefill chunk's rows: ``quantise_rows`` (bf16 values, for
+the grouped expert GEMM's bf16 dots) or ``quantise_rows_fp8`` (e4m3 bytes + ue8m0 exponent bytes, for
+the FP8 x FP8 GEMM of the dense FP8 linears). The rounding runs in
 float32 arithmetic (attention._round_e4m3), so the CPU interpreter and the GPU give the same values.
 """
 
@@ -57,8 +59,8 @@ def _quantise_rows(x_ptr, y_ptr, K, sxm, NB: tl.constexpr):
 
 def quantise_rows(x: torch.Tensor) -> torch.Tensor:
     """x [M, K] (unit column stride) -> bf16 [M, K] holding kernels/quant.act_quant_dequant(x)
-    exactly (an e4m3 value times a power of two fits bf16): the GEMMs then multiply it with one bf16
-    dot per tile, at half the bytes of float32 rows. One launch."""
+    exactly (an e4m3 value times a power of two fits bf16): the grouped expert GEMM then multiplies it
+    with one bf16 dot per tile, at half the bytes of float32 rows. One launch."""
     M, K = x.shape
     y = torch.empty((M, K), device=x.device, dtype=torch.bfloat16)
     nb = 4 if K >= 512 else 1

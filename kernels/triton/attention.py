@@ -118,7 +118,7 @@ def store_entry_supported(x: torch.Tensor, store: dict, row: torch.Tensor) -> bo
     """One x row per row index (a tensor); FP8 KV stores whole 64-channel scale groups, FP4 stores
     whole 32-groups; no autograd."""
     kind, D = store_kind(store), x.shape[-1]
-    return isinstance(row, torch.Tensor) and x.numel() == row.numel() * D and not (
+    return isinstance(row, torch.Tensor) and row.device == x.device and x.numel() == row.numel() * D and not (
         x.requires_grad or (kind == "kv" and store["fp8"].shape[1] % 64) or (kind == "fp4" and D % 32))
 
 

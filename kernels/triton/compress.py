@@ -156,10 +156,12 @@ def _windows(c_ptr, z_ptr, pc_ptr, pz_ptr, out_ptr, D, WIDTH, RATIO, OVERLAP: tl
 
 
 def compress_windows_supported(c, z, ratio: int, overlap: bool, prev_a=None) -> bool:
-    """Float32 c / z (the compressor's rows), a whole number of windows; no autograd."""
+    """Float32 c / z (the compressor's rows), a whole number of windows, prev_a [ratio, D] on their
+    device; no autograd."""
     return (c.dtype == z.dtype == torch.float32 and c.shape == z.shape and c.shape[0] % ratio == 0
             and c.shape[0] > 0 and not (c.requires_grad or z.requires_grad)
-            and (not overlap or c.shape[1] % 2 == 0))
+            and (not overlap or (c.shape[1] % 2 == 0 and (prev_a is None or all(
+                t.shape == (ratio, c.shape[1] // 2) and t.device == c.device for t in prev_a)))))
 
 
 def compress_windows_triton(c, z, ratio: int, overlap: bool, prev_a=None):

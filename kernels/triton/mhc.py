@@ -130,7 +130,8 @@ def mhc_post_supported(out: torch.Tensor, streams: torch.Tensor, *args) -> bool:
 
 
 def mhc_pre_triton(streams, fn, base, scale, iters: int, hc_eps: float, norm_eps: float):
-    """Same contract as kernels.mhc.mhc_pre; the fused path for up to MAX_ROWS rows."""
+    """Same contract as kernels.mhc.mhc_pre, any number of rows: one row per program in the mixing
+    partials up to MAX_ROWS rows (decode), BLOCK_ROWS rows per program beyond (a prefill chunk)."""
     S, n, d = streams.shape
     streams = streams.contiguous()
     K, nmix = n * d, (2 + n) * n
