@@ -4,7 +4,7 @@ Inside the decode GEMV / expert kernels' K steps (no launch of its own), in the 
 kernel's epilogue (h), or as one pass over a prefill chunk's rows: ``quantise_rows`` (bf16 values, for
 the grouped expert GEMM's bf16 dots) or ``quantise_rows_fp8`` (e4m3 bytes + ue8m0 exponent bytes, for
 the FP8 x FP8 GEMM of the dense FP8 linears). The rounding runs in
-float32 arithmetic (attention._round_e4m3), so the CPU interpreter and the GPU give the same values.
+float32 arithmetic (attention._e4m3_at), so the CPU interpreter and the GPU give the same values.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention import _pow2, _pow2_exponent, _round_e4m3
+from .attention import _e4m3_at, _pow2, _pow2_exponent
 
 BLOCK = 128  # kernels.formats.FP8_BLOCK
 
@@ -21,7 +21,7 @@ BLOCK = 128  # kernels.formats.FP8_BLOCK
 @triton.jit
 def _through_e4m3(g, e):
     """g [R, C] float32 through e4m3 with the per-row ue8m0 exponent bytes e [R] (int32)."""
-    return _round_e4m3(tl.minimum(tl.maximum(g * _pow2(254 - e)[:, None], -448.0), 448.0)) * _pow2(e)[:, None]
+    return _e4m3_at(g, e) * _pow2(e)[:, None]
 
 
 @triton.jit
@@ -77,7 +77,7 @@ def _quantise_rows_fp8(x_ptr, q_ptr, e_ptr, K, sxm, NB: tl.constexpr):
     km = k < K
     v = tl.reshape(tl.load(x_ptr + m * sxm + k, mask=km, other=0.0).to(tl.float32), [NB, 128])
     e = _pow2_exponent(tl.max(tl.abs(v), 1), 448.0)
-    q = _round_e4m3(tl.minimum(tl.maximum(v * _pow2(254 - e)[:, None], -448.0), 448.0))
+    q = _e4m3_at(v, e)
     tl.store(q_ptr + m * K + k, tl.reshape(q, [NB * 128]).to(tl.float8e4nv).to(tl.uint8, bitcast=True), mask=km)
     nk = (K + 127) // 128
     s = pid * NB + tl.arange(0, NB)

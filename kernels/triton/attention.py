@@ -47,6 +47,13 @@ def _pow2(e):
 
 
 @triton.jit
+def _e4m3_at(g, e):
+    """g [R, C] float32 divided by 2^(e - 127) per row (e [R] int32 ue8m0 bytes), clamped and
+    rounded to e4m3: the stored FP8 values of a 1 x C slice per row (float32, exact in e4m3)."""
+    return _round_e4m3(tl.minimum(tl.maximum(g * _pow2(254 - e)[:, None], -448.0), 448.0))
+
+
+@triton.jit
 def _round_e4m3(v):
     """v (|v| <= 448) rounded to the nearest FP8 e4m3 value, ties to even, in float32 arithmetic
     (so the cast that follows is exact whatever rounding the conversion itself would do)."""
@@ -89,7 +96,7 @@ def _store_entry(x_ptr, row_ptr, a_ptr, b_ptr, s_ptr, D: tl.constexpr, NOPE: tl.
         gm = (gi < NG)[:, None]
         v = tl.load(x_ptr + g, mask=gm, other=0.0).to(tl.float32)
         e = _pow2_exponent(tl.max(tl.abs(v), 1), 448.0)
-        q = _round_e4m3(tl.minimum(tl.maximum(v * _pow2(254 - e)[:, None], -448.0), 448.0))
+        q = _e4m3_at(v, e)
         tl.store(a_ptr + row * NOPE + g, q.to(tl.float8e4nv).to(tl.uint8, bitcast=True), mask=gm)
         tl.store(s_ptr + row * NG + gi, e.to(tl.uint8), mask=gi < NG)
         r = tl.arange(0, BLOCK)
@@ -250,8 +257,15 @@ def _merge(m_ptr, l_ptr, acc_ptr, sink_ptr, out_ptr, H, NSPLIT: tl.constexpr, D:
     tl.store(out_ptr + h * D + d, o / den, mask=d < D)
 
 
+def interpreted() -> bool:
+    """Whether the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1), where they take
+    IEEE float32 dots instead of the tensor-core forms (its bf16 dots are not exact)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def _precision() -> str:
-    return "ieee" if os.environ.get("TRITON_INTERPRET") == "1" else PRECISION
+    """The float32 dots' input_precision: three TF32 products on the GPU, IEEE in the interpreter."""
+    return "ieee" if interpreted() else PRECISION
 
 
 def _parts(store: dict, kind: str):

@@ -13,11 +13,11 @@ Shapes as kernels/mhc.py; n (hc_mult) must be a power of two (4 in V4), else the
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from .attention import _precision
 
 
 MAX_ROWS = 16
@@ -25,10 +25,6 @@ BLOCK_K = 128  # 128 programs per row for the 24 mixes at V4 sizes (latency, not
 BLOCK_D = 512
 BLOCK_ROWS = 32  # a chunk's rows per program in the mixing partials; K cut into CHUNK_SPLITS ranges
 CHUNK_SPLITS = 8
-
-
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
@@ -147,7 +143,7 @@ def mhc_pre_triton(streams, fn, base, scale, iters: int, hc_eps: float, norm_eps
     if S > MAX_ROWS:
         _mix_partials_rows[(triton.cdiv(S, BLOCK_ROWS), P)](streams, fn.contiguous(), part, ss, S, K, P, span,
                                                             NMIX=nmix, MIXP=mixp, BLOCK_M=BLOCK_ROWS, BLOCK_K=BLOCK_K,
-                                                            PRECISION="ieee" if _interpreted() else "tf32x3")
+                                                            PRECISION=_precision())
     else:
         _mix_partials[(S, P)](streams, fn.contiguous(), part, ss, K, P, NMIX=nmix, MIXP=mixp, BLOCK_K=BLOCK_K)
     x = torch.empty((S, d), device=dev, dtype=streams.dtype)

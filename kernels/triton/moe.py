@@ -19,13 +19,13 @@ per layer on an H200; bench/results/h200_tune_experts.json, the dot_scaled run i
 
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from dsv4.kernels.reference.moe import ExpertSet
+from .attention import interpreted
 from .fp4dot import mx_int_dots, quant3
 from .linear import _block_step, _fp4_step, _split_buffers, _store_split
 
@@ -156,7 +156,7 @@ def _mx_mode(fmt: int, I: int, d: int, device: torch.device) -> int:
     3 (the same integer arithmetic in Triton ops) in Triton's CPU interpreter; else 0 (float decode)."""
     if fmt != 4 or I % 32 or d % 32:
         return 0
-    return 3 if os.environ.get("TRITON_INTERPRET") == "1" else 2
+    return 3 if interpreted() else 2
 
 
 def _usable(experts: ExpertSet) -> bool:

@@ -22,7 +22,6 @@ the first choice (32 heads x 32 keys, two stages) took 16.4 / 2.8 / 0.89 ms.
 
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
@@ -30,7 +29,7 @@ import triton.language as tl
 
 from dsv4.kernels.reference.entries import store_kind
 
-from .attention import KIND, _pow2
+from .attention import KIND, _pow2, _precision, interpreted
 
 # Heads per program (the M side of the dots; fewer for float32 queries, whose [heads, D] tile and
 # accumulator must both stay in registers at D = 512), keys per tile, warps, pipeline stages.
@@ -141,10 +140,6 @@ def _chunk_attention(q_ptr, qpos_ptr, wk_ptr, wpos_ptr, ea_ptr, eb_ptr, es_ptr, 
     tl.store(out_ptr + (i * H64 + h[:, None]) * D + d[None, :], o, mask=hm[:, None] & dm[None, :])
 
 
-def _precision() -> str:
-    return "ieee" if os.environ.get("TRITON_INTERPRET") == "1" else "tf32x3"
-
-
 def chunk_attention_supported(q, positions, ring, ring_pos, kv, window, entries, rows, ratio, select, sink,
                               scale) -> bool:
     """KV entry stores (FP8 or float32), float32 / bf16 queries, no autograd."""
@@ -157,7 +152,7 @@ def chunk_attention_triton(q: torch.Tensor, positions: torch.Tensor, ring: torch
                            scale: float) -> torch.Tensor:
     """kernels.chunk_attention (contract: kernels/reference/chunk_attention.py) in one launch."""
     S, H, D = q.shape
-    bf16 = q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") != "1"
+    bf16 = q.dtype == torch.bfloat16 and not interpreted()
     wdt = torch.bfloat16 if bf16 else torch.float32
     wk = torch.cat([ring.to(wdt), kv.to(wdt)], 0).contiguous()
     wpos = ring_pos.to(torch.int64).contiguous()

@@ -17,7 +17,6 @@ interpreter.
 
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
@@ -27,6 +26,7 @@ from dsv4.kernels.reference.moe import ExpertSet
 
 from . import moe as gemv_moe
 from .actquant import fake_quant_rows, quantise_rows
+from .attention import interpreted
 from .linear import MAX_ROWS, _e2m1_pairs
 from .prefill_linear import dot_rows, dot_rows_t
 
@@ -213,7 +213,7 @@ def grouped_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, e
     t = TILE
     order, tile_e, lo, hi = schedule(ids.long(), len(experts), t["m"])
     fmt = FMT[experts.w1[0].fmt]
-    ieee = os.environ.get("TRITON_INTERPRET") == "1"
+    ieee = interpreted()
     qx = act_quant and I % 128 == 0 and t["n"] % 128 == 0
     xc = quantise_rows(x.contiguous()) if act_quant else x.contiguous()
     h = torch.empty((S * k, I), device=x.device, dtype=torch.bfloat16 if qx else torch.float32)

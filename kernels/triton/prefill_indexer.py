@@ -7,11 +7,11 @@ ReLU(q[t, h] . k[s]), one [BLOCK_Q, BLOCK_T] tile per program, the heads folded 
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from .attention import _precision, interpreted
 
 TILE = {"queries": 64, "keys": 64, "warps": 4}
 
@@ -51,11 +51,10 @@ def indexer_scores_triton(q: torch.Tensor, keys: torch.Tensor, weights: torch.Te
     """kernels.indexer_scores in one launch: -> [S, T] float32."""
     S, H, DI = q.shape
     T = keys.shape[0]
-    interp = os.environ.get("TRITON_INTERPRET") == "1"
-    bf16 = q.dtype == torch.bfloat16 and not interp
+    bf16 = q.dtype == torch.bfloat16 and not interpreted()
     out = torch.empty((S, T), device=q.device, dtype=torch.float32)
     grid = (triton.cdiv(S, TILE["queries"]), triton.cdiv(T, TILE["keys"]))
     _indexer_scores[grid](q.contiguous(), keys.contiguous(), weights.float().contiguous(), out, S, T, H, DI=DI,
                           BLOCK_Q=TILE["queries"], BLOCK_T=TILE["keys"], BLOCK_D=max(16, triton.next_power_of_2(DI)),
-                          BF16=bf16, PRECISION="ieee" if interp else "tf32x3", num_warps=TILE["warps"])
+                          BF16=bf16, PRECISION=_precision(), num_warps=TILE["warps"])
     return out

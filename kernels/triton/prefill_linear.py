@@ -18,7 +18,6 @@ Grouped projections (wo_a) run one GEMM per group on the group's slice of x and 
 
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
@@ -28,7 +27,7 @@ from dsv4.kernels.reference.linear import QWeight
 
 from . import linear as gemv
 from .actquant import quantise_rows_fp8
-from .attention import _pow2
+from .attention import _pow2, interpreted
 from .linear import MAX_ROWS
 
 # H200, bench/tune_prefill.py --only gemm (faithful, 3328 rows): 64 x 256 tiles, 8 warps reach 74-107
@@ -150,7 +149,7 @@ def gemm_fp8(x2: torch.Tensor, w: QWeight, out: torch.Tensor | None = None) -> t
     t = TILE_FP8
     grid = (triton.cdiv(M, t["m"]) * triton.cdiv(N, t["n"]),)
     _gemm_fp8[grid](q.view(torch.float8_e4m3fn), e, w.data.contiguous().view(torch.float8_e4m3fn), scale, y, M, N, K, scale.shape[1], SCALE_U8=u8,
-                    IEEE=os.environ.get("TRITON_INTERPRET") == "1", BLOCK_M=t["m"], BLOCK_N=t["n"], GROUP=t["group"],
+                    IEEE=interpreted(), BLOCK_M=t["m"], BLOCK_N=t["n"], GROUP=t["group"],
                     num_warps=t["warps"], num_stages=t["stages"])
     return y
 
@@ -183,7 +182,7 @@ def gemm(x2: torch.Tensor, w: QWeight, out: torch.Tensor | None = None, act_quan
     elif fp8:
         scale = scale.float()
     scale = scale.contiguous()
-    ieee = os.environ.get("TRITON_INTERPRET") == "1"
+    ieee = interpreted()
     t = TILE
     grid = (triton.cdiv(M, t["m"]), triton.cdiv(N, t["n"]))
     _gemm[grid](x2, data, scale, y, M, N, K, x2.stride(0), scale.shape[1] if fp8 else 0, FP8=fp8, SCALE_U8=u8,
