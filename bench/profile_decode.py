@@ -1,12 +1,17 @@
 """Per-kernel GPU time of one decode step (the static step, launched eagerly so every kernel shows).
 
-python3 bench/profile_decode.py [--layers 4] [--prompt-len 1024] [--out FILE]
+python3 bench/profile_decode.py [--layers 4] [--prompt-len 1024] [--out FILE] [--trace] [--cuda-core-gemv]
 Prints the kernels of 5 decode steps of a synthetic V4-Flash model sorted by total GPU time.
+--trace: one step kernel by kernel instead, grouped per layer (a layer starts at its first mHC
+kernel): each layer's kernel count and time, then per kernel (GEMVs by weight shape, with GB/s):
+calls per layer and microseconds, and the CUDA-graph step time against the kernels' sum.
+--cuda-core-gemv: faithful FP8 GEMVs on the CUDA-core kernel instead of the tensor-core one.
 """
 
 from __future__ import annotations
 
 import argparse
+from collections import defaultdict
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -16,6 +21,46 @@ from dsv4.engine.model.config import DSV4Config
 from dsv4.engine.runtime.decode import DecodeRunner
 from dsv4.engine.model.model import Model
 from dsv4.engine.runtime.session import Session
+from dsv4.kernels.triton import gemv_fp8, linear
+
+GEMV_KERNELS = ("_gemv_fp8_dense", "_gemv_fp4", "_gemv_fp8_tc")
+
+
+def kernel_events(prof) -> list[tuple[str, float]]:
+    """(name, microseconds) of every GPU kernel / copy the profile saw, in start order."""
+    ev = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    ev.sort(key=lambda e: e.time_range.start)
+    return [(e.name, e.time_range.elapsed_us()) for e in ev]
+
+
+def trace(events, shapes, layers: int, graph_ms: float) -> str:
+    """The per-layer and per-kernel tables of one step (see the module docstring)."""
+    starts = [i for i, (n, _) in enumerate(events) if n == "_mix_partials"][::2][:layers]
+    bounds = starts + [len(events)]
+    lines, per = [], defaultdict(lambda: [0, 0.0, 0])
+    gi = 0  # GEMV calls seen so far, matched in order with the recorded shapes
+    total = sum(t for _, t in events)
+    lines.append(f"step: {len(events)} kernels, {total:.1f} us of kernel time; CUDA-graph step {graph_ms * 1000:.1f} us")
+    lines.append(f"before the first layer: {len(events[:bounds[0]])} kernels, {sum(t for _, t in events[:bounds[0]]):.1f} us")
+    for li in range(len(starts)):
+        seg = events[bounds[li]:bounds[li + 1]]
+        tail = " (and the head after it)" if li == len(starts) - 1 else ""
+        lines.append(f"layer {li}{tail}: {len(seg)} kernels, {sum(t for _, t in seg):.1f} us")
+    for name, us in events:
+        key, nbytes = name[:60], 0
+        if name in GEMV_KERNELS and gi < len(shapes):
+            (N, K, M, fmt, nbytes), gi = shapes[gi], gi + 1
+            key = f"{name} {fmt} {N}x{K} M={M}"
+        r = per[key]
+        r[0] += 1
+        r[1] += us
+        r[2] += nbytes
+    lines.append(f"{'kernel':70s} {'calls/layer':>11s} {'us/call':>8s} {'us/layer':>9s} {'GB/s':>7s}")
+    n = max(len(starts), 1)
+    for key, (c, us, b) in sorted(per.items(), key=lambda kv: -kv[1][1]):
+        gbs = f"{b / (us * 1e-6) / 1e9:7.0f}" if b else ""
+        lines.append(f"{key:70s} {c / n:11.2f} {us / c:8.2f} {us / n:9.2f} {gbs}")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -23,36 +68,69 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--prompt-len", type=int, default=1024)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--trace", action="store_true")
+    ap.add_argument("--cuda-core-gemv", action="store_true")
     a = ap.parse_args()
+    gemv_fp8.GEMV_FP8["enabled"] = not a.cuda_core_gemv
     full = DSV4Config.flash()
     cfg = full.layer_range(0, a.layers)
     model = Model.from_state_dict(cfg, synthetic_stored(cfg, "cuda"), mode="faithful", device="cuda")
     s = Session(model, a.prompt_len + 64, cuda_graph=False)
-    ids = torch.randint(0, cfg.vocab_size, (a.prompt_len + 16,), generator=torch.Generator().manual_seed(0)).tolist()
+    ids = torch.randint(0, cfg.vocab_size, (a.prompt_len + 40,), generator=torch.Generator().manual_seed(0)).tolist()
     s.prefill(ids[:a.prompt_len])
     r = DecodeRunner(model, s.cache.handles(s.slot), graph=False)
 
-    def step(t):
+    def step(t, runner=r):
         s.cache.prepare(s.slot, 1)
-        r.step(t, s.seq_len)
+        runner.step(t, s.seq_len)
         s.cache.commit(s.slot, 1)
 
     for t in ids[a.prompt_len:a.prompt_len + 3]:
         step(t)
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for t in ids[a.prompt_len + 3:a.prompt_len + 8]:
-            step(t)
+    if a.trace:
+        shapes, inner = [], linear.gemv
+
+        def recording(x, w, rows_per_group=None, act_quant=False):
+            shapes.append((w.shape[0], w.shape[1], x.shape[0], w.fmt + ("+aq" if act_quant else ""), w.nbytes()))
+            return inner(x, w, rows_per_group=rows_per_group, act_quant=act_quant)
+
+        linear.gemv = recording
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            step(ids[a.prompt_len + 3])
+            torch.cuda.synchronize()
+        linear.gemv = inner
+        g = DecodeRunner(model, s.cache.handles(s.slot), graph=True)
+        for t in ids[a.prompt_len + 4:a.prompt_len + 8]:
+            step(t, g)
         torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=60, max_name_column_width=90)
-    total = sum(e.self_device_time_total for e in prof.key_averages()) / 5
-    n = sum(e.count for e in prof.key_averages() if e.self_device_time_total > 0) / 5
-    head = f"{a.layers} layers, prompt {a.prompt_len}: {total / 1000:.3f} ms of kernel time per step, ~{n:.0f} kernels"
-    print(head)
-    print(table)
+        a0, b0 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        times = []
+        for t in ids[a.prompt_len + 8:a.prompt_len + 28]:
+            s.cache.prepare(s.slot, 1)
+            a0.record()
+            g.step(t, s.seq_len)
+            b0.record()
+            b0.synchronize()
+            s.cache.commit(s.slot, 1)
+            times.append(a0.elapsed_time(b0))
+        head = (f"{a.layers} layers, prompt {a.prompt_len}, faithful, "
+                f"{'CUDA-core' if a.cuda_core_gemv else 'tensor-core'} FP8 GEMV")
+        text = head + "\n" + trace(kernel_events(prof), shapes, a.layers, sorted(times)[len(times) // 2])
+    else:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for t in ids[a.prompt_len + 3:a.prompt_len + 8]:
+                step(t)
+            torch.cuda.synchronize()
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=60, max_name_column_width=90)
+        total = sum(e.self_device_time_total for e in prof.key_averages()) / 5
+        n = sum(e.count for e in prof.key_averages() if e.self_device_time_total > 0) / 5
+        text = (f"{a.layers} layers, prompt {a.prompt_len}: {total / 1000:.3f} ms of kernel time per step, "
+                f"~{n:.0f} kernels\n{table}")
+    print(text)
     if a.out:
         with open(a.out, "w") as f:
-            f.write(head + "\n" + table + "\n")
+            f.write(text + "\n")
 
 
 if __name__ == "__main__":

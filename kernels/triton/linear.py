@@ -8,7 +8,8 @@ adds the split-K partials, in split order, in the same launch.
 Decoding happens in registers (FP8 by a bit-cast conversion, e2m1 by placing its bits in an fp16,
 scales by exp2), so the bytes read are the stored bytes. ``_block_step`` / ``_fp4_step`` are one
 K step, shared with the routed-expert kernels (kernels/triton/moe.py). ``grouped`` makes row block g read its own slice of x
-(the V4 grouped output projection wo_a). Used for M <= MAX_ROWS (``linear_supported``).
+(the V4 grouped output projection wo_a). Used for M <= MAX_ROWS (``linear_supported``). Faithful mode
+before an FP8 weight takes the tensor-core GEMV instead (kernels/triton/gemv_fp8.py).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import triton.language as tl
 from dsv4.kernels.reference.linear import QWeight
 
 from .actquant import fake_quant_pairs, fake_quant_vector
+from .gemv_fp8 import gemv_fp8, gemv_fp8_supported
 
 MAX_ROWS = 16
 TARGET_PROGRAMS = 4 * 132  # ~4 per SM on an H100 / H200
@@ -178,7 +180,9 @@ def gemv(x: torch.Tensor, w: QWeight, rows_per_group: int | None = None, act_qua
     BN = _block_n(N, R) if rows_per_group else GEMV["rows"]
     n_prog = triton.cdiv(N, BN) * M
     out = torch.empty((M, N), device=x.device, dtype=torch.float32)
-    if w.fmt in ("mxfp4", "nvfp4"):
+    if gemv_fp8_supported(x, w, qx, rows_per_group):  # faithful FP8: the tensor-core GEMV
+        gemv_fp8(x, w, out, rows_per_group, lambda sp, m, n, bn: _split_buffers(sp, m, n, bn, x.device))
+    elif w.fmt in ("mxfp4", "nvfp4"):
         BKP = 64
         per, split = _split(n_prog, triton.cdiv(K // 2, BKP))
         part, cnt = _split_buffers(split, M, N, BN, x.device)
