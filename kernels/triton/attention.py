@@ -21,6 +21,8 @@ import triton.language as tl
 
 from dsv4.kernels.reference.entries import store_kind
 
+from . import pdl
+
 KIND = {"kv": 0, "fp4": 1, "f32": 2}
 PRECISION = "tf32x3"  # float32 entries: tensor-core dots at about float32 accuracy (three TF32 products)
 # decode_attention tiles: heads and keys per program, channels per score chunk, output channels per
@@ -83,9 +85,10 @@ def _e2m1_code(v):
 
 @triton.jit
 def _store_entry(x_ptr, row_ptr, a_ptr, b_ptr, s_ptr, D: tl.constexpr, NOPE: tl.constexpr,
-                 KIND: tl.constexpr, BLOCK: tl.constexpr, NGP: tl.constexpr):
+                 KIND: tl.constexpr, BLOCK: tl.constexpr, NGP: tl.constexpr, PDL: tl.constexpr):
     """Entry i = program 0..k-1: x[i] [D] -> store row row_ptr[i]. NGP: the number of scale groups
     rounded up to a power of two."""
+    pdl.wait(PDL)
     i = tl.program_id(0).to(tl.int64)
     row = tl.load(row_ptr + i).to(tl.int64)
     x_ptr += i * D
@@ -145,7 +148,7 @@ def store_entry_triton(x: torch.Tensor, store: dict, row: torch.Tensor) -> None:
     groups = nope // 64 if kind == "kv" else D // 32
     _store_entry[(row.numel(),)](xs, row.reshape(-1), a, b, s, D=D, NOPE=nope, KIND=KIND[kind],
                        BLOCK=triton.next_power_of_2(max(D - nope, D if kind == "f32" else 1, 16)),
-                       NGP=triton.next_power_of_2(max(groups, 1)))
+                       NGP=triton.next_power_of_2(max(groups, 1)), **pdl.launch(xs.device))
 
 
 @triton.jit
@@ -197,11 +200,12 @@ def _attend_split(q_ptr, pos_ptr, ra_ptr, rb_ptr, rs_ptr, ea_ptr, eb_ptr, es_ptr
                   m_ptr, l_ptr, acc_ptr, H, T, scale,
                   W: tl.constexpr, D: tl.constexpr, NOPE: tl.constexpr, KIND: tl.constexpr,
                   BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_V: tl.constexpr,
-                  BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+                  BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
     """One block of BLOCK_T keys against BLOCK_H heads; output channels [db * BLOCK_V, +BLOCK_V).
     Keys 0..W-1 are ring slots, W..W+T-1 the entries rows[0..T-1] (seen where ok). Scores are
     summed over channel chunks of BLOCK_C (every channel block recomputes them: cheap next to
     holding a [BLOCK_H, D] accumulator); the block's max, sum and weighted values are written."""
+    pdl.wait(PDL)
     hb, sp, db = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
     h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
     hm = h < H
@@ -235,9 +239,10 @@ def _attend_split(q_ptr, pos_ptr, ra_ptr, rb_ptr, rs_ptr, ea_ptr, eb_ptr, es_ptr
 
 @triton.jit
 def _merge(m_ptr, l_ptr, acc_ptr, sink_ptr, out_ptr, H, NSPLIT: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-           BLOCK_S: tl.constexpr):
+           BLOCK_S: tl.constexpr, PDL: tl.constexpr):
     """out[h] = sum_s e^(m_s - M) acc_s / (sum_s e^(m_s - M) l_s + e^(sink - M)), M = max(m_s, sink);
     the splits are visited BLOCK_S at a time."""
+    pdl.wait(PDL)
     h = tl.program_id(0).to(tl.int64)
     sink = tl.load(sink_ptr + h).to(tl.float32)
     M = sink
@@ -304,7 +309,8 @@ def decode_attention_triton(q: torch.Tensor, ring: dict, pos: torch.Tensor, entr
     _attend_split[(triton.cdiv(H, BLOCK_H), nsplit, BLOCK_D // BLOCK_V)](
         q.contiguous(), pos, ra, rb, rs, ea, eb, es, rows, ok.to(torch.uint8) if entries is not None else ok,
         m, l, acc, H, T, float(scale), W=W, D=D, NOPE=nope, KIND=KIND[kind], BLOCK_H=BLOCK_H, BLOCK_T=BLOCK_T,
-        BLOCK_C=BLOCK_C, BLOCK_V=BLOCK_V, BLOCK_D=BLOCK_D, PRECISION=_precision(), num_warps=cfg["warps"])
+        BLOCK_C=BLOCK_C, BLOCK_V=BLOCK_V, BLOCK_D=BLOCK_D, PRECISION=_precision(), num_warps=cfg["warps"],
+        **pdl.launch(q.device))
     out = torch.empty((H, D), device=q.device, dtype=torch.float32)
-    _merge[(H,)](m, l, acc, sink, out, H, NSPLIT=nsplit, D=D, BLOCK_D=BLOCK_D, BLOCK_S=8)
+    _merge[(H,)](m, l, acc, sink, out, H, NSPLIT=nsplit, D=D, BLOCK_D=BLOCK_D, BLOCK_S=8, **pdl.launch(q.device))
     return out

@@ -15,13 +15,16 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl
+
 
 
 @triton.jit
 def _pool(c_ptr, z_ptr, tc_ptr, tz_ptr, ape_ptr, pc_ptr, pz_ptr, pos_ptr, out_ptr,
           D: tl.constexpr, WIDTH: tl.constexpr, RATIO: tl.constexpr, OVERLAP: tl.constexpr, BLOCK: tl.constexpr,
-          BLOCK_J: tl.constexpr):
+          BLOCK_J: tl.constexpr, PDL: tl.constexpr):
     """Pooled entry channels [BLOCK] of program 0..D/BLOCK-1, and this program's share of the state."""
+    pdl.wait(PDL)
     d = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     dm = d < D
     pos = tl.load(pos_ptr)
@@ -76,9 +79,11 @@ def _pool(c_ptr, z_ptr, tc_ptr, tz_ptr, ape_ptr, pc_ptr, pz_ptr, pos_ptr, out_pt
 
 
 @triton.jit
-def _finish(e_ptr, w_ptr, cos_ptr, sin_ptr, eps, D: tl.constexpr, RD: tl.constexpr, BLOCK_H: tl.constexpr):
+def _finish(e_ptr, w_ptr, cos_ptr, sin_ptr, eps, D: tl.constexpr, RD: tl.constexpr, BLOCK_H: tl.constexpr,
+            PDL: tl.constexpr):
     """RMSNorm, then RoPE on the last RD channels, of the pooled entry in place. Channels are laid
     out as [BLOCK_H, 2]: pair i holds channels 2i and 2i+1."""
+    pdl.wait(PDL)
     i = tl.arange(0, BLOCK_H)
     d = i[:, None] * 2 + tl.arange(0, 2)[None, :]
     dm = d < D
@@ -111,9 +116,9 @@ def compress_decode_triton(c, z, tail_c, tail_z, ape, prev_c, prev_z, norm_w, co
     _pool[(triton.cdiv(D, block),)](
         c.contiguous(), z.contiguous(), tail_c, tail_z, ape.float().contiguous(), prev_c if overlap else tail_c,
         prev_z if overlap else tail_z, pos, out, D=D, WIDTH=width, RATIO=ratio, OVERLAP=overlap, BLOCK=block,
-        BLOCK_J=min(32, triton.next_power_of_2(ratio)))
+        BLOCK_J=min(32, triton.next_power_of_2(ratio)), **pdl.launch(c.device))
     _finish[(1,)](out, norm_w.float().contiguous(), cos.contiguous(), sin.contiguous(), float(eps), D=D,
-                  RD=2 * cos.shape[-1], BLOCK_H=triton.next_power_of_2(D // 2))
+                  RD=2 * cos.shape[-1], BLOCK_H=triton.next_power_of_2(D // 2), **pdl.launch(c.device))
     return out
 
 

@@ -9,6 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl
+
 
 
 @triton.jit
@@ -25,9 +27,10 @@ def _normed(x, rs, w_ptr, idx, mask, NORM: tl.constexpr, HAS_W: tl.constexpr, dt
 
 @triton.jit
 def _rope(x_ptr, w_ptr, cos_ptr, sin_ptr, y_ptr, H, D, RD, SIGN, eps, NORM: tl.constexpr, HAS_W: tl.constexpr,
-          BLOCK: tl.constexpr):
+          BLOCK: tl.constexpr, PDL: tl.constexpr):
     """Row (s, h) of x [S, H, D]: channels >= D-RD rotate pairwise (even, odd) by position s's angle;
     with NORM, the row is RMS-normalised first (weight w if HAS_W)."""
+    pdl.wait(PDL)
     pid = tl.program_id(0).to(tl.int64)
     s = pid // H
     j = tl.arange(0, BLOCK)
@@ -56,7 +59,8 @@ def _rope_launch(x, weight, eps, cos, sin, inverse: bool, norm: bool, dtype=None
     w = weight.contiguous() if weight is not None else x3
     _rope[(x3.shape[0] * x3.shape[1],)](x3, w, cos.float().contiguous(), sin.float().contiguous(), y, x3.shape[1], D,
                                         2 * cos.shape[-1], -1.0 if inverse else 1.0, float(eps), NORM=norm,
-                                        HAS_W=weight is not None, BLOCK=triton.next_power_of_2(D))
+                                        HAS_W=weight is not None, BLOCK=triton.next_power_of_2(D),
+                                        **pdl.launch(x3.device))
     return y.reshape(x.shape)
 
 
@@ -77,7 +81,8 @@ def rms_norm_rope_triton(x: torch.Tensor, weight: torch.Tensor | None, eps: floa
 
 
 @triton.jit
-def _swiglu(g_ptr, u_ptr, y_ptr, n, limit, BLOCK: tl.constexpr):
+def _swiglu(g_ptr, u_ptr, y_ptr, n, limit, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl.wait(PDL)
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = i < n
     g = tl.minimum(tl.load(g_ptr + i, mask=m, other=0.0).to(tl.float32), limit)
@@ -99,12 +104,13 @@ def swiglu_triton(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.T
     g, u = gate.contiguous(), up.contiguous()
     y = torch.empty_like(g)
     n = g.numel()
-    _swiglu[(triton.cdiv(n, 1024),)](g, u, y, n, float(limit), BLOCK=1024)
+    _swiglu[(triton.cdiv(n, 1024),)](g, u, y, n, float(limit), BLOCK=1024, **pdl.launch(g.device))
     return y
 
 
 @triton.jit
-def _cos_sin(pos_ptr, inv_ptr, cos_ptr, sin_ptr, HALF, RATIO: tl.constexpr, BLOCK: tl.constexpr):
+def _cos_sin(pos_ptr, inv_ptr, cos_ptr, sin_ptr, HALF, RATIO: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl.wait(PDL)
     s = tl.program_id(0).to(tl.int64)
     r = tl.arange(0, BLOCK)
     m = r < HALF
@@ -124,13 +130,14 @@ def rope_cos_sin_triton(positions: torch.Tensor, inv_freq: torch.Tensor, ratio: 
     cos = torch.empty((positions.shape[0], half), device=positions.device, dtype=torch.float32)
     sin = torch.empty_like(cos)
     _cos_sin[(positions.shape[0],)](positions, inv_freq.to(positions.device), cos, sin, half, RATIO=ratio,
-                                    BLOCK=triton.next_power_of_2(half))
+                                    BLOCK=triton.next_power_of_2(half), **pdl.launch(positions.device))
     return cos, sin
 
 
 @triton.jit
 def _entry_rows(pos_ptr, bt_ptr, row_ptr, rows_ptr, ok_ptr, CAP, RATIO: tl.constexpr, EPB: tl.constexpr,
-                BLOCK: tl.constexpr):
+                BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl.wait(PDL)
     j = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     jm = j < CAP
     pos = tl.load(pos_ptr)
@@ -153,5 +160,6 @@ def entry_rows_triton(pos: torch.Tensor, block_row: torch.Tensor, ratio: int, pe
     ok = torch.empty(capacity, device=pos.device, dtype=torch.bool)
     block = min(1024, triton.next_power_of_2(max(capacity, 1)))
     _entry_rows[(max(1, triton.cdiv(capacity, block)),)](pos, block_row.contiguous(), row, rows, ok, capacity,
-                                                       RATIO=ratio, EPB=per_block, BLOCK=block)
+                                                       RATIO=ratio, EPB=per_block, BLOCK=block,
+                                                       **pdl.launch(pos.device))
     return row, rows, ok

@@ -25,6 +25,7 @@ import triton.language as tl
 
 from dsv4.kernels.quant import act_quant_dequant
 
+from . import pdl
 from .actquant import fake_quant_vector
 
 STEP = tl.constexpr(254.0)  # weight of the next int8 part
@@ -77,9 +78,10 @@ def _quant3(v, NG: tl.constexpr):
 
 
 @triton.jit
-def _quant3_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, BLOCK: tl.constexpr, QX: tl.constexpr):
+def _quant3_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, BLOCK: tl.constexpr, QX: tl.constexpr, PDL: tl.constexpr):
     """Row m of x [M, K] -> q [M, 3, K] int8 and scales [M, K / 32]; grid (cdiv(K, BLOCK), M).
     QX: x's 128-slices through e4m3 first (faithful mode's activations; BLOCK a multiple of 128)."""
+    pdl.wait(PDL)
     pid, m = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     rk = pid * BLOCK + tl.arange(0, BLOCK)
     km = rk < K
@@ -104,7 +106,8 @@ def quant3(x: torch.Tensor, act_quant: bool = False) -> tuple[torch.Tensor, torc
     q = torch.empty((M, 3, K), device=x.device, dtype=torch.int8)
     s = torch.empty((M, K // 32), device=x.device, dtype=torch.float32)
     block = 256 if K % 256 == 0 else 128 if act_quant else 32
-    _quant3_kernel[(triton.cdiv(K, block), M)](x, q, s, K, x.stride(0), BLOCK=block, QX=act_quant, num_warps=4)
+    _quant3_kernel[(triton.cdiv(K, block), M)](x, q, s, K, x.stride(0), BLOCK=block, QX=act_quant, num_warps=4,
+                                               **pdl.launch(x.device))
     return q, s
 
 

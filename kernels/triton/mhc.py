@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl
 from .attention import _precision
 
 
@@ -29,7 +30,8 @@ CHUNK_SPLITS = 8
 
 @triton.jit
 def _mix_partials(s_ptr, fn_ptr, part_ptr, ss_ptr, K, P, NMIX: tl.constexpr, MIXP: tl.constexpr,
-                  BLOCK_K: tl.constexpr):
+                  BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    pdl.wait(PDL)
     row, p = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     rk = p * BLOCK_K + tl.arange(0, BLOCK_K)
     km = rk < K
@@ -67,7 +69,8 @@ def _mix_partials_rows(s_ptr, fn_ptr, part_ptr, ss_ptr, M, K, P, SPAN, NMIX: tl.
 @triton.jit
 def _pre_epilogue(s_ptr, part_ptr, ss_ptr, base_ptr, scale_ptr, x_ptr, post_ptr, comb_ptr, D, P,
                   norm_eps, hc_eps, ITERS: tl.constexpr, N: tl.constexpr, MIXP: tl.constexpr,
-                  PP: tl.constexpr, BLOCK_D: tl.constexpr):
+                  PP: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+    pdl.wait(PDL)
     row, db = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     rp = tl.arange(0, PP)
     pm = rp < P
@@ -101,7 +104,8 @@ def _pre_epilogue(s_ptr, part_ptr, ss_ptr, base_ptr, scale_ptr, x_ptr, post_ptr,
 
 
 @triton.jit
-def _post(out_ptr, s_ptr, post_ptr, comb_ptr, y_ptr, D, N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _post(out_ptr, s_ptr, post_ptr, comb_ptr, y_ptr, D, N: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+    pdl.wait(PDL)
     row, db = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     ri = tl.arange(0, N)
     rd = db * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -145,13 +149,15 @@ def mhc_pre_triton(streams, fn, base, scale, iters: int, hc_eps: float, norm_eps
                                                             NMIX=nmix, MIXP=mixp, BLOCK_M=BLOCK_ROWS, BLOCK_K=BLOCK_K,
                                                             PRECISION=_precision())
     else:
-        _mix_partials[(S, P)](streams, fn.contiguous(), part, ss, K, P, NMIX=nmix, MIXP=mixp, BLOCK_K=BLOCK_K)
+        _mix_partials[(S, P)](streams, fn.contiguous(), part, ss, K, P, NMIX=nmix, MIXP=mixp, BLOCK_K=BLOCK_K,
+                              **pdl.launch(dev))
     x = torch.empty((S, d), device=dev, dtype=streams.dtype)
     post = torch.empty((S, n), device=dev, dtype=torch.float32)
     comb = torch.empty((S, n, n), device=dev, dtype=torch.float32)
     _pre_epilogue[(S, triton.cdiv(d, BLOCK_D))](  # one warp: 20 Sinkhorn rounds of warp-local sums
         streams, part, ss, base.float().contiguous(), scale.float().contiguous(), x, post, comb, d, P,
-        norm_eps, hc_eps, ITERS=iters, N=n, MIXP=mixp, PP=max(2, triton.next_power_of_2(P)), BLOCK_D=BLOCK_D, num_warps=1)
+        norm_eps, hc_eps, ITERS=iters, N=n, MIXP=mixp, PP=max(2, triton.next_power_of_2(P)), BLOCK_D=BLOCK_D, num_warps=1,
+        **pdl.launch(dev))
     return x, post, comb
 
 
@@ -160,12 +166,14 @@ def mhc_post_triton(out, streams, post, comb):
     S, n, d = streams.shape
     y = torch.empty_like(streams, memory_format=torch.contiguous_format)
     _post[(S, triton.cdiv(d, BLOCK_D))](out.contiguous(), streams.contiguous(), post.float().contiguous(),
-                                        comb.float().contiguous(), y, d, N=n, BLOCK_D=BLOCK_D)
+                                        comb.float().contiguous(), y, d, N=n, BLOCK_D=BLOCK_D,
+                                        **pdl.launch(streams.device))
     return y
 
 
 @triton.jit
-def _rms_norm(x_ptr, w_ptr, y_ptr, N, eps, HAS_W: tl.constexpr, BLOCK: tl.constexpr):
+def _rms_norm(x_ptr, w_ptr, y_ptr, N, eps, HAS_W: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl.wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     r = tl.arange(0, BLOCK)
     m = r < N
@@ -187,5 +195,6 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor | None, eps: float) ->
     x2 = x.reshape(-1, N).contiguous()
     y = torch.empty_like(x2)
     w = weight.contiguous() if weight is not None else x2
-    _rms_norm[(x2.shape[0],)](x2, w, y, N, eps, HAS_W=weight is not None, BLOCK=triton.next_power_of_2(N))
+    _rms_norm[(x2.shape[0],)](x2, w, y, N, eps, HAS_W=weight is not None, BLOCK=triton.next_power_of_2(N),
+                              **pdl.launch(x2.device))
     return y.reshape(x.shape)

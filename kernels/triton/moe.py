@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from dsv4.kernels.reference.moe import ExpertSet
+from . import pdl
 from .attention import interpreted
 from .fp4dot import mx_int_dots, quant3
 from .linear import _block_step, _fp4_step, _split_buffers, _store_split
@@ -84,7 +85,8 @@ def _row_dots(x_ptr, w, s, gs, rn, nmask, K: tl.constexpr, FMT: tl.constexpr, BL
 @triton.jit
 def _experts_up(x_ptr, xq_ptr, xs_ptr, ids_ptr, w1_tab, s1_tab, w3_tab, s3_tab, gs1_ptr, gs3_ptr, h_ptr, I,
                 K: tl.constexpr, limit, FMT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                MODE: tl.constexpr, QX: tl.constexpr):
+                MODE: tl.constexpr, QX: tl.constexpr, PDL: tl.constexpr):
+    pdl.wait(PDL)
     pid_n, j = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     e = tl.load(ids_ptr + j).to(tl.int64)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -107,9 +109,10 @@ def _experts_up(x_ptr, xq_ptr, xs_ptr, ids_ptr, w1_tab, s1_tab, w3_tab, s3_tab, 
 @triton.jit
 def _experts_down(h_ptr, hq_ptr, hs_ptr, ids_ptr, wts_ptr, w2_tab, s2_tab, gs2_ptr, out_ptr, part_ptr, cnt_ptr, N,
                   I: tl.constexpr, FMT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                  MODE: tl.constexpr, K_SEL: tl.constexpr, QX: tl.constexpr):
+                  MODE: tl.constexpr, K_SEL: tl.constexpr, QX: tl.constexpr, PDL: tl.constexpr):
     """out [N] (x's dtype) = sum_j weights[j] * (w2[ids[j]] h[j]); grid (row blocks, K_SEL). The last
     program of a row block to finish adds the K_SEL partials in j order (deterministic)."""
+    pdl.wait(PDL)
     pid_n, j = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     e = tl.load(ids_ptr + j).to(tl.int64)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -208,11 +211,12 @@ def routed_experts_triton(x: torch.Tensor, ids: torch.Tensor, weights: torch.Ten
     xq, xsc = quant3(xs.view(1, d), qx) if mode else (xs, xs)
     _experts_up[(triton.cdiv(I, cfg["up_rows"]), k)](
         xs, xq, xsc, ids1, t["w1"][0], t["w1"][1], t["w3"][0], t["w3"][1], t["w1"][2], t["w3"][2], h, I, d,
-        float(limit), FMT=fmt, BLOCK_N=cfg["up_rows"], BLOCK_K=up_k, MODE=mode, QX=qx, **opts)
+        float(limit), FMT=fmt, BLOCK_N=cfg["up_rows"], BLOCK_K=up_k, MODE=mode, QX=qx, **opts, **pdl.launch(x.device))
     hq, hsc = quant3(h, qx) if mode else (h, h)
     out = torch.empty((1, d), device=x.device, dtype=x.dtype)
     part, cnt = _split_buffers(k, 1, d, cfg["down_rows"], x.device)
     _experts_down[(triton.cdiv(d, cfg["down_rows"]), k)](
         h, hq, hsc, ids1, weights.reshape(-1).float().contiguous(), t["w2"][0], t["w2"][1], t["w2"][2], out, part,
-        cnt, d, I, FMT=fmt, BLOCK_N=cfg["down_rows"], BLOCK_K=down_k, MODE=mode, K_SEL=k, QX=qx, **opts)
+        cnt, d, I, FMT=fmt, BLOCK_N=cfg["down_rows"], BLOCK_K=down_k, MODE=mode, K_SEL=k, QX=qx, **opts,
+        **pdl.launch(x.device))
     return out

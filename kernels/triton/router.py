@@ -9,11 +9,13 @@ import triton
 import triton.language as tl
 
 from dsv4.kernels.reference.linear import QWeight
+from . import pdl
 from .linear import gemv
 
 
 @triton.jit
-def _sqrt_softplus(l_ptr, out_ptr, E, BLOCK: tl.constexpr):
+def _sqrt_softplus(l_ptr, out_ptr, E, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl.wait(PDL)
     e = tl.arange(0, BLOCK)
     m = e < E
     x = tl.load(l_ptr + e, mask=m, other=0.0)
@@ -26,9 +28,10 @@ def _sqrt_softplus(l_ptr, out_ptr, E, BLOCK: tl.constexpr):
 
 @triton.jit
 def _pick(s_ptr, b_ptr, tid_ptr, tok_ptr, w_ptr, ids_ptr, E, scale, K: tl.constexpr, KP: tl.constexpr,
-          HASH: tl.constexpr, BLOCK: tl.constexpr):
+          HASH: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """K experts of one token -> ids [K] int64 and weights [K] = chosen scores / their sum * scale
     (KP = K rounded up to a power of two)."""
+    pdl.wait(PDL)
     e = tl.arange(0, BLOCK)
     m = e < E
     s = tl.load(s_ptr + e, mask=m, other=0.0)
@@ -67,7 +70,7 @@ def router_scores_triton(x: torch.Tensor, gate_weight: torch.Tensor) -> torch.Te
     E = gate_weight.shape[0]
     logits = gemv(x.float(), QWeight("dense", gate_weight))
     out = torch.empty_like(logits)
-    _sqrt_softplus[(1,)](logits, out, E, BLOCK=triton.next_power_of_2(E))
+    _sqrt_softplus[(1,)](logits, out, E, BLOCK=triton.next_power_of_2(E), **pdl.launch(logits.device))
     return out
 
 
@@ -79,7 +82,7 @@ def _launch(scores, bias, tid2eid, token_ids, k: int, scale: float, hash_: bool)
     _pick[(1,)](s, bias if bias is not None else s, tid2eid if tid2eid is not None else s,
                 token_ids if token_ids is not None else s, w, ids, E, float(scale), K=k,
                 KP=triton.next_power_of_2(k), HASH=hash_,
-                BLOCK=triton.next_power_of_2(E))
+                BLOCK=triton.next_power_of_2(E), **pdl.launch(scores.device))
     return w, ids
 
 
