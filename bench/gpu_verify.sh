@@ -5,7 +5,7 @@
 #   bash bench/gpu_verify.sh engine    # the prefill kernels, the engine on CUDA, MTP, parallel, cache GPU tests
 #   bash bench/gpu_verify.sh figures   # prefill 8k..1M, bench prefill --profile at 8k, decode at 16 layers, MTP
 #   bash bench/gpu_verify.sh prefill   # the prefill GEMM / expert / mHC / pooling / store kernel tests, tile tunes, the 8k profile
-#   bash bench/gpu_verify.sh decode    # the GEMV tests, per-kernel traces of a 16-layer step (both FP8 GEMVs), decode at 16 layers, GEMV tune
+#   bash bench/gpu_verify.sh decode    # the decode kernel tests, per-kernel traces of a 16-layer step (PDL on and off), decode at 16 layers
 # Run from the repository root on the GPU machine (no install there: bench/dsv4_path.sh puts the
 # source folders on PYTHONPATH as dsv4.*).
 set -o pipefail
@@ -40,14 +40,13 @@ prefill)
     --json-out "$OUT/prefill8k.json" 2>&1 | tail -25 ;;
 decode)
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-  timeout 120 $T tests/test_gpu_kernels.py -k "gemv or grouped" 2>&1 | tail -8 | tee "$OUT/gpu_tests_gemv.txt"
-  for v in "" --cuda-core-gemv; do
-    timeout 100 python3 bench/profile_decode.py --layers 16 --prompt-len 1024 --trace $v --out "$OUT/trace16$v.txt" \
-      2>&1 | head -60
+  timeout 240 $T tests/test_gpu_kernels.py 2>&1 | tail -8 | tee "$OUT/gpu_tests_kernels.txt"
+  for v in 1 0; do
+    DSV4_PDL=$v timeout 100 python3 bench/profile_decode.py --layers 16 --prompt-len 1024 --trace \
+      --out "$OUT/trace16_pdl$v.txt" 2>&1 | grep -v Warn | head -64
   done
-  timeout 90 $D bench decode --preset flash --layers 16 --synthetic --steps 64 --json-out "$OUT/decode16.json" \
-    2>&1 | grep -E "ms_per|floor|projected|kernels ran"
-  timeout 200 python3 bench/tune_kernels.py --only gemv --out "$OUT/tune_gemv.json" 2>&1 | grep BEST ;;
+  timeout 100 $D bench decode --preset flash --layers 16 --synthetic --steps 64 --json-out "$OUT/decode16.json" \
+    2>&1 | grep -E "ms_per|floor|projected|kernels ran" ;;
 *)
   echo "usage: bash bench/gpu_verify.sh kernels|engine|figures|prefill|decode" >&2; exit 2 ;;
 esac

@@ -1,11 +1,11 @@
 """Per-kernel GPU time of one decode step (the static step, launched eagerly so every kernel shows).
 
-python3 bench/profile_decode.py [--layers 4] [--prompt-len 1024] [--out FILE] [--trace] [--cuda-core-gemv]
+python3 bench/profile_decode.py [--layers 4] [--prompt-len 1024] [--out FILE] [--trace]
 Prints the kernels of 5 decode steps of a synthetic V4-Flash model sorted by total GPU time.
 --trace: one step kernel by kernel instead, grouped per layer (a layer starts at its first mHC
 kernel): each layer's kernel count and time, then per kernel (GEMVs by weight shape, with GB/s):
 calls per layer and microseconds, and the CUDA-graph step time against the kernels' sum.
---cuda-core-gemv: faithful FP8 GEMVs on the CUDA-core kernel instead of the tensor-core one.
+DSV4_PDL=0 in the environment: kernels launched without programmatic dependent launch.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from dsv4.engine.model.config import DSV4Config
 from dsv4.engine.runtime.decode import DecodeRunner
 from dsv4.engine.model.model import Model
 from dsv4.engine.runtime.session import Session
-from dsv4.kernels.triton import gemv_fp8, linear
+from dsv4.kernels.triton import linear, pdl, router
 
-GEMV_KERNELS = ("_gemv_fp8_dense", "_gemv_fp4", "_gemv_fp8_tc")
+GEMV_KERNELS = ("_gemv_fp8_dense", "_gemv_fp4")
 
 
 def kernel_events(prof) -> list[tuple[str, float]]:
@@ -69,9 +69,7 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=1024)
     ap.add_argument("--out", default=None)
     ap.add_argument("--trace", action="store_true")
-    ap.add_argument("--cuda-core-gemv", action="store_true")
     a = ap.parse_args()
-    gemv_fp8.GEMV_FP8["enabled"] = not a.cuda_core_gemv
     full = DSV4Config.flash()
     cfg = full.layer_range(0, a.layers)
     model = Model.from_state_dict(cfg, synthetic_stored(cfg, "cuda"), mode="faithful", device="cuda")
@@ -95,11 +93,11 @@ def main() -> None:
             shapes.append((w.shape[0], w.shape[1], x.shape[0], w.fmt + ("+aq" if act_quant else ""), w.nbytes()))
             return inner(x, w, rows_per_group=rows_per_group, act_quant=act_quant)
 
-        linear.gemv = recording
+        linear.gemv = router.gemv = recording
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             step(ids[a.prompt_len + 3])
             torch.cuda.synchronize()
-        linear.gemv = inner
+        linear.gemv = router.gemv = inner
         g = DecodeRunner(model, s.cache.handles(s.slot), graph=True)
         for t in ids[a.prompt_len + 4:a.prompt_len + 8]:
             step(t, g)
@@ -115,7 +113,7 @@ def main() -> None:
             s.cache.commit(s.slot, 1)
             times.append(a0.elapsed_time(b0))
         head = (f"{a.layers} layers, prompt {a.prompt_len}, faithful, "
-                f"{'CUDA-core' if a.cuda_core_gemv else 'tensor-core'} FP8 GEMV")
+                f"PDL {'on' if pdl.on(torch.device('cuda')) else 'off'}")
         text = head + "\n" + trace(kernel_events(prof), shapes, a.layers, sorted(times)[len(times) // 2])
     else:
         with profile(activities=[ProfilerActivity.CUDA]) as prof:

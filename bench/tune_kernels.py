@@ -99,16 +99,14 @@ def tune_experts(fmt: str, E: int, k: int, rows, block_ks, warps, mode: int = 0)
 def tune_gemv() -> list[dict]:
     """Time the decode GEMVs on the V4-Flash faithful shapes (act_quant, one row) with weights cold in
     L2: each timed call reads the next of enough weight copies to exceed 256 MB, as a decode step
-    reads each layer's weights once. The CUDA-core kernel (triton_linear.GEMV) against the tensor-core
-    FP8 GEMV's tile settings (gemv_fp8.GEMV_FP8), on the FP8 shapes; BF16 ones on the CUDA cores."""
-    from dsv4.kernels.triton import gemv_fp8 as tg
+    reads each layer's weights once; for each tile setting of triton_linear.GEMV."""
     from dsv4.kernels.triton import linear as tl_
     gen = torch.Generator(device="cuda").manual_seed(0)
     fp8 = {"wq_a+wkv": (1536, 4096, None), "wq_b": (32768, 1024, None), "wo_a": (8192, 4096, 1024),
            "wo_b": (4096, 8192, None), "shared_w1+w3": (4096, 4096, None), "shared_w2": (4096, 2048, None),
            "indexer_wq_b": (8192, 1024, None)}
     dense = {"compressor+": (1024, 4096), "head": (129280, 4096)}
-    out, keep, keep_tc = [], dict(tl_.GEMV), dict(tg.GEMV_FP8)
+    out, keep = [], dict(tl_.GEMV)
 
     def timed(name, N, K, ws, x, R, **info):
         it = iter(range(10 ** 9))
@@ -125,18 +123,9 @@ def tune_gemv() -> list[dict]:
                       torch.randint(118, 124, (N // 128, K // 128), device="cuda", dtype=torch.uint8, generator=gen))
               for _ in range(copies)]
         x = torch.randn(1, K * (N // R if R else 1), device="cuda", generator=gen)
-        tg.GEMV_FP8["enabled"] = False
         for bk, nw in itertools.product((512, 1024), (4, 8)):
             tl_.GEMV.update(rows=32, warps=nw, fp8_block_k=bk)
-            timed(name, N, K, ws, x, R, kernel="cuda-core", block_k=bk, warps=nw)
-        tg.GEMV_FP8["enabled"] = True
-        for rows, target, (nw, st) in itertools.product((64, 128), (132, 264, 528), ((4, 2), (4, 4), (8, 3))):
-            if rows == 64 and nw == 8:
-                continue
-            tg.GEMV_FP8.update(rows=rows, target=target, warps=nw, stages=st)
-            timed(name, N, K, ws, x, R, kernel="tensor-core", rows=rows, target=target, warps=nw, stages=st)
-        tg.GEMV_FP8.clear()
-        tg.GEMV_FP8.update(keep_tc)
+            timed(name, N, K, ws, x, R, kernel="gemv", block_k=bk, warps=nw)
         del ws
     for name, (N, K) in dense.items():
         copies = max(2, -(-(256 << 20) // (2 * N * K)))
@@ -145,13 +134,13 @@ def tune_gemv() -> list[dict]:
         x = torch.randn(1, K, device="cuda", generator=gen)
         for rows, bk, nw in itertools.product((16, 32, 64), (256, 512), (4,)):
             tl_.GEMV.update(rows=rows, warps=nw, dense_block_k=bk)
-            timed(name, N, K, ws, x, None, kernel="cuda-core", rows=rows, block_k=bk, warps=nw)
+            timed(name, N, K, ws, x, None, kernel="gemv", rows=rows, block_k=bk, warps=nw)
         del ws
     tl_.GEMV.clear()
     tl_.GEMV.update(keep)
     best = {}
     for r in out:
-        key = (r["weight"], r["kernel"])
+        key = r["weight"]
         if key not in best or r["us"] < best[key]["us"]:
             best[key] = r
     for r in best.values():
