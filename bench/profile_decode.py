@@ -6,6 +6,8 @@ Prints the kernels of 5 decode steps of a synthetic V4-Flash model sorted by tot
 kernel): each layer's kernel count and time, then per kernel (GEMVs by weight shape, with GB/s):
 calls per layer and microseconds, and the CUDA-graph step time against the kernels' sum.
 DSV4_PDL=0 in the environment: kernels launched without programmatic dependent launch.
+--compare-pdl 0,1,0,1: the CUDA-graph step time (median of 30) with PDL off (0) and on (1) in the
+order given (DSV4_PDL, kernels/triton/pdl.py), one graph captured per entry.
 """
 
 from __future__ import annotations
@@ -69,12 +71,16 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=1024)
     ap.add_argument("--out", default=None)
     ap.add_argument("--trace", action="store_true")
+    ap.add_argument("--compare-pdl", default=None, metavar="SETTINGS")
     a = ap.parse_args()
+    settings = a.compare_pdl.split(",") if a.compare_pdl else []
     full = DSV4Config.flash()
     cfg = full.layer_range(0, a.layers)
     model = Model.from_state_dict(cfg, synthetic_stored(cfg, "cuda"), mode="faithful", device="cuda")
-    s = Session(model, a.prompt_len + 64, cuda_graph=False)
-    ids = torch.randint(0, cfg.vocab_size, (a.prompt_len + 40,), generator=torch.Generator().manual_seed(0)).tolist()
+    extra = 40 * len(settings)
+    s = Session(model, a.prompt_len + 64 + extra, cuda_graph=False)
+    ids = torch.randint(0, cfg.vocab_size, (a.prompt_len + 40 + extra,),
+                        generator=torch.Generator().manual_seed(0)).tolist()
     s.prefill(ids[:a.prompt_len])
     r = DecodeRunner(model, s.cache.handles(s.slot), graph=False)
 
@@ -86,7 +92,38 @@ def main() -> None:
     for t in ids[a.prompt_len:a.prompt_len + 3]:
         step(t)
     torch.cuda.synchronize()
-    if a.trace:
+
+    def graph_ms(runner, toks) -> float:
+        """Median CUDA-graph step time (ms) over toks (the first 4 warm up)."""
+        for t in toks[:4]:
+            step(t, runner)
+        torch.cuda.synchronize()
+        a0, b0 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        times = []
+        for t in toks[4:]:
+            s.cache.prepare(s.slot, 1)
+            a0.record()
+            runner.step(t, s.seq_len)
+            b0.record()
+            b0.synchronize()
+            s.cache.commit(s.slot, 1)
+            times.append(a0.elapsed_time(b0))
+        return sorted(times)[len(times) // 2]
+
+    if settings:
+        import os
+
+        rows, at = [], a.prompt_len + 3
+        for st in settings:
+            os.environ["DSV4_PDL"] = st
+            g = DecodeRunner(model, s.cache.handles(s.slot), graph=True)
+            ms = graph_ms(g, ids[at:at + 34])
+            at += 34
+            rows.append(f"DSV4_PDL={st} graph step {ms * 1000:8.1f} us")
+            print(rows[-1], flush=True)
+            del g
+        text = f"{a.layers} layers, prompt {a.prompt_len}, faithful\n" + "\n".join(rows)
+    elif a.trace:
         shapes, inner = [], linear.gemv
 
         def recording(x, w, rows_per_group=None, act_quant=False):
@@ -99,22 +136,10 @@ def main() -> None:
             torch.cuda.synchronize()
         linear.gemv = router.gemv = inner
         g = DecodeRunner(model, s.cache.handles(s.slot), graph=True)
-        for t in ids[a.prompt_len + 4:a.prompt_len + 8]:
-            step(t, g)
-        torch.cuda.synchronize()
-        a0, b0 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        times = []
-        for t in ids[a.prompt_len + 8:a.prompt_len + 28]:
-            s.cache.prepare(s.slot, 1)
-            a0.record()
-            g.step(t, s.seq_len)
-            b0.record()
-            b0.synchronize()
-            s.cache.commit(s.slot, 1)
-            times.append(a0.elapsed_time(b0))
+        ms = graph_ms(g, ids[a.prompt_len + 4:a.prompt_len + 28])
         head = (f"{a.layers} layers, prompt {a.prompt_len}, faithful, "
                 f"PDL {'on' if pdl.on(torch.device('cuda')) else 'off'}")
-        text = head + "\n" + trace(kernel_events(prof), shapes, a.layers, sorted(times)[len(times) // 2])
+        text = head + "\n" + trace(kernel_events(prof), shapes, a.layers, ms)
     else:
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for t in ids[a.prompt_len + 3:a.prompt_len + 8]:

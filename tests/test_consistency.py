@@ -6,9 +6,18 @@ import torch
 from dsv4.engine.model.model import Model
 from dsv4.engine.runtime.session import Session
 
-# exact: float rounding only. faithful: the same, but a rounding difference of 1 ulp can move a
-# value across an FP8/FP4 rounding boundary, so the bound is looser (measured max ~2e-4 relative).
+# exact: float rounding only, so every logit agrees to 1e-5 of the largest.
+# faithful: the same rounding differences, but one ulp can move a value across an FP8/FP4 rounding
+# boundary, and a near-tie in the FP4 indexer's or a router's choice can flip, moving that token a
+# lot (the discrete effects the faithful-vs-exact test below describes). How often that happens
+# depends on the CPU's kernels: with vectorised kernels (AVX2/AVX-512) the worst token here moves
+# 3e-4 of the largest logit, with ATEN_CPU_CAPABILITY=default 1.3% (median 4e-4, 10 of 200 tokens
+# past 1e-3). So faithful mode bounds the typical token tightly and the rare flipped one loosely;
+# a chunking bug (a wrong position, a missed cache entry) moves most tokens by far more than either.
 TOL = {"exact": 1e-5, "faithful": 5e-3}
+FAITHFUL_MEDIAN = 2e-3  # median token; measured <= 4.4e-4
+FAITHFUL_SHARE = 0.85  # share of tokens within TOL["faithful"]; measured >= 0.95
+FAITHFUL_WORST = 0.25  # a flipped near-tie; measured <= 1.3%; the faithful-vs-exact gap allows 1/2
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +36,14 @@ def test_chunked_prefill_equals_full(tiny_cfg, tiny_tensors, ids, mode, n):
     scale = full.abs().max().item()
     for chunk in (1, 3, 128):
         out = Session(model, 512).prefill(ids, chunk=chunk, last_only=False)
-        err = (out - full).abs().max().item()
-        assert err <= TOL[mode] * scale, (chunk, err)
+        rel = (out - full).abs().amax(-1) / scale  # [tokens]
+        if mode == "exact":
+            assert rel.max() <= TOL[mode], (chunk, rel.max().item())
+            continue
+        within = (rel <= TOL[mode]).float().mean().item()
+        assert rel.median() <= FAITHFUL_MEDIAN, (chunk, rel.median().item())
+        assert within >= FAITHFUL_SHARE, (chunk, within)
+        assert rel.max() <= FAITHFUL_WORST, (chunk, rel.max().item())
 
 
 def test_faithful_differs_from_exact_and_gap_is_bounded(tiny_cfg, tiny_tensors, ids):

@@ -62,15 +62,6 @@ def _store_split(acc, out_ptr, part_ptr, cnt_ptr, pid_n, pid_k, m, M, N, rn, nma
 
 
 @triton.jit
-def _prefetch_slice(w_ptr, rn, N, row_len, c0, SPAN: tl.constexpr, LINE: tl.constexpr, LINES: tl.constexpr):
-    """L2 prefetch of W's rows rn, columns [c0, c0 + SPAN) (row length row_len elements, LINE elements
-    per 128-byte line, LINES = the slice's lines rounded up to a power of two), addresses clamped
-    into the slice and W."""
-    rc = tl.minimum(c0 + tl.arange(0, LINES) * LINE, tl.minimum(c0 + SPAN, row_len) - 1)
-    pdl.prefetch_l2(w_ptr + tl.minimum(rn, N - 1)[:, None] * row_len + rc[None, :])
-
-
-@triton.jit
 def _block_step(x_row, w_ptr, s_ptr, rn, nmask, k0, K, SB_K, FMT: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_K: tl.constexpr, QX: tl.constexpr = False):
     """sum over k in [k0, k0 + BLOCK_K) of W[rn, k] x[k] -> [BLOCK_N] float32, W [N, K] dense (FMT >= 2,
@@ -129,17 +120,13 @@ def _fp4_step(x_row, w_ptr, s_ptr, rn, nmask, kp0, K, NV: tl.constexpr, BLOCK_N:
 @triton.jit
 def _gemv_fp8_dense(x_ptr, w_ptr, s_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, stride_xm, SB_K, ROWS_PER_GROUP,
                     FMT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_PER_SPLIT: tl.constexpr,
-                    SPLIT: tl.constexpr, QX: tl.constexpr, LINE: tl.constexpr, LINES: tl.constexpr,
-                    PDL: tl.constexpr):
+                    SPLIT: tl.constexpr, QX: tl.constexpr, PDL: tl.constexpr):
     """FMT 0: fp8 + ue8m0 block scale, 1: fp8 + float32 block scale, 2: dense (any float dtype);
-    QX: quantised activations (FP8 only). PDL: the weight slice is prefetched into L2 while the
-    previous kernel finishes (LINE: W elements per 128 bytes)."""
+    QX: quantised activations (FP8 only)."""
     pid_n, pid_k, m = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = rn < N
     k_start = pid_k * K_PER_SPLIT
-    if PDL:
-        _prefetch_slice(w_ptr, rn, N, K, k_start, K_PER_SPLIT, LINE, LINES)
     pdl.wait(PDL)
     x_row = x_ptr + m * stride_xm + ((pid_n * BLOCK_N) // ROWS_PER_GROUP) * K
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -151,15 +138,12 @@ def _gemv_fp8_dense(x_ptr, w_ptr, s_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, st
 @triton.jit
 def _gemv_fp4(x_ptr, w_ptr, s_ptr, gs_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, stride_xm,
               NV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KP: tl.constexpr,
-              KP_PER_SPLIT: tl.constexpr, SPLIT: tl.constexpr, QX: tl.constexpr, LINES: tl.constexpr,
-              PDL: tl.constexpr):
+              KP_PER_SPLIT: tl.constexpr, SPLIT: tl.constexpr, QX: tl.constexpr, PDL: tl.constexpr):
     """Packed e2m1 [N, K/2] with per-G scales [N, K/G]: ue8m0 (NV=0, G=32) or e4m3 x global (NV=1, G=16)."""
     pid_n, pid_k, m = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = rn < N
     kp_start = pid_k * KP_PER_SPLIT
-    if PDL:
-        _prefetch_slice(w_ptr, rn, N, K // 2, kp_start, KP_PER_SPLIT, 128, LINES)
     pdl.wait(PDL)
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     for kk in range(0, KP_PER_SPLIT, BLOCK_KP):
@@ -168,11 +152,6 @@ def _gemv_fp4(x_ptr, w_ptr, s_ptr, gs_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, 
     if NV:
         acc = acc * tl.load(gs_ptr)
     _store_split(acc, out_ptr, part_ptr, cnt_ptr, pid_n, pid_k, m, M, N, rn, nmask, SPLIT)
-
-
-def _lines(span: int, line: int) -> int:
-    """128-byte lines of a span of ``span`` elements (``line`` per line), rounded up to a power of two."""
-    return triton.next_power_of_2(triton.cdiv(span, line))
 
 
 def _block_n(n_rows: int, rows_per_group: int) -> int:
@@ -210,7 +189,7 @@ def gemv(x: torch.Tensor, w: QWeight, rows_per_group: int | None = None, act_qua
         _gemv_fp4[(triton.cdiv(N, BN), split, M)](
             x, w.data.view(torch.uint8), w.scale.view(torch.uint8), gs, out, part, cnt, M, N, K, x.stride(0),
             NV=w.fmt == "nvfp4", BLOCK_N=BN, BLOCK_KP=BKP, KP_PER_SPLIT=per * BKP, SPLIT=split, QX=qx, num_warps=4,
-            LINES=_lines(per * BKP, 128), **pdl.launch(x.device))
+            **pdl.launch(x.device))
     else:
         BK = GEMV["fp8_block_k" if w.fmt == "fp8" else "dense_block_k"]
         per, split = _split(n_prog, triton.cdiv(K, BK))
@@ -224,7 +203,6 @@ def gemv(x: torch.Tensor, w: QWeight, rows_per_group: int | None = None, act_qua
         _gemv_fp8_dense[(triton.cdiv(N, BN), split, M)](
             x, data, s, out, part, cnt, M, N, K, x.stride(0), sbk, R,
             FMT=fmt, BLOCK_N=BN, BLOCK_K=BK, K_PER_SPLIT=per * BK, SPLIT=split, QX=qx, num_warps=GEMV["warps"],
-            LINE=128 // data.element_size(), LINES=_lines(per * BK, 128 // data.element_size()),
             **pdl.launch(x.device))
     return out
 
