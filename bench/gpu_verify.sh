@@ -6,6 +6,7 @@
 #   bash bench/gpu_verify.sh figures   # prefill 8k..1M, bench prefill --profile at 8k, decode at 16 layers, MTP
 #   bash bench/gpu_verify.sh prefill   # the prefill GEMM / expert / mHC / pooling / store kernel tests, tile tunes, the 8k profile
 #   bash bench/gpu_verify.sh decode    # the decode kernel tests, per-kernel traces of a 16-layer step (PDL on and off), decode at 16 layers
+#   bash bench/gpu_verify.sh tune      # cold-L2 tunes of the decode GEMVs and routed experts, the graph step with PDL off / on
 # Run from the repository root on the GPU machine (no install there: bench/dsv4_path.sh puts the
 # source folders on PYTHONPATH as dsv4.*).
 set -o pipefail
@@ -47,6 +48,12 @@ decode)
   done
   timeout 100 $D bench decode --preset flash --layers 16 --synthetic --steps 64 --json-out "$OUT/decode16.json" \
     2>&1 | grep -E "ms_per|floor|projected|kernels ran" ;;
+tune)
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+  timeout 200 python3 bench/tune_kernels.py --only gemv --out "$OUT/tune_gemv.json" 2>&1 | grep BEST
+  timeout 150 python3 bench/tune_kernels.py --only experts --out "$OUT/tune_experts.json" 2>&1 | grep BEST
+  timeout 120 python3 bench/profile_decode.py --layers 16 --prompt-len 1024 --compare-pdl 0,1,0,1 \
+    --out "$OUT/compare_pdl.txt" 2>&1 | grep -v Warn | tail -6 ;;
 *)
-  echo "usage: bash bench/gpu_verify.sh kernels|engine|figures|prefill|decode" >&2; exit 2 ;;
+  echo "usage: bash bench/gpu_verify.sh kernels|engine|figures|prefill|decode|tune" >&2; exit 2 ;;
 esac

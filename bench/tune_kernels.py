@@ -1,9 +1,9 @@
 """Time tile-shape alternatives of the decode kernels at V4-Flash dimensions on a GPU.
 
-python3 bench/tune_kernels.py [--out FILE]
+python3 bench/tune_kernels.py [--only experts|gemv|attention] [--out FILE]
 Each alternative is launched 20 times inside a CUDA graph (no host launch cost in the figure);
 prints microseconds per launch and the bytes/s of the weights it reads. The chosen shapes live in
-kernels/triton_moe.CONFIG and kernels/triton_attention / triton_compress.
+kernels/triton/moe.py CONFIG, kernels/triton/linear.py GEMV and kernels/triton/attention.py.
 """
 
 from __future__ import annotations
@@ -57,8 +57,9 @@ def experts(fmt: str, E: int, inter: int, d: int) -> ExpertSet:
                      [one(d, inter) for _ in range(E)])
 
 
-def tune_experts(fmt: str, E: int, k: int, rows, block_ks, warps, mode: int = 0) -> list[dict]:
-    """Time _experts_up / _experts_down at Flash sizes for each tile shape; mode as in triton_moe."""
+def tune_experts(fmt: str, E: int, k: int, rows, block_ks, warps, mode: int = 0, pipes=(0,)) -> list[dict]:
+    """Time _experts_up / _experts_down at Flash sizes for each tile shape and pipe setting (the
+    MXFP4 integer path's next-step weight load before this step's sums); mode as in moe.py."""
     inter, d = 2048, 4096
     es = experts(fmt, E, inter, d)
     x = torch.randn(1, d, device="cuda")
@@ -70,25 +71,30 @@ def tune_experts(fmt: str, E: int, k: int, rows, block_ks, warps, mode: int = 0)
     h = torch.randn(k, inter, device="cuda")
     xq, xs = quant3(x)
     hq, hs = quant3(h)
-    part = torch.empty(k, d, device="cuda")
+    y = torch.empty(1, d, device="cuda")
     one = es.w1[0].nbytes()
     out = []
-    for kind, r, bk, nw in itertools.product(("up", "down"), rows, block_ks, warps):
-        if code < 4 and bk != 128:
+    part, cnt = tm._split_buffers(k, 1, d, min(rows), x.device)
+    sets = torch.randperm(E, device="cuda")[:E // k * k].view(-1, k)  # a new set per call: weights cold in L2
+    nxt = itertools.count()
+    for kind, r, bk, nw, pp in itertools.product(("up", "down"), rows, block_ks, warps, pipes):
+        if (code < 4 and bk != 128) or (pp and mode < 2):
             continue
+        opts = {"FMT": code, "BLOCK_N": r, "BLOCK_K": bk, "MODE": mode, "QX": False, "PIPE": pp, "PDL": False,
+                "num_warps": nw}
         if kind == "up":
-            fn = lambda r=r, bk=bk, nw=nw: tm._experts_up[(triton.cdiv(inter, r), k)](  # noqa: E731
-                x, xq, xs, ids, t["w1"][0], t["w1"][1], t["w3"][0], t["w3"][1], t["w1"][2], t["w3"][2], h, inter, d,
-                10.0, FMT=code, BLOCK_N=r, BLOCK_K=bk, MODE=mode, num_warps=nw)
+            fn = lambda o=opts, r=r: tm._experts_up[(triton.cdiv(inter, r), k)](  # noqa: E731
+                x, xq, xs, sets[next(nxt) % len(sets)], t["w1"][0], t["w1"][1], t["w3"][0], t["w3"][1], t["w1"][2], t["w3"][2], h, inter, d,
+                10.0, **o)
             nbytes = 2 * k * one
         else:
-            fn = lambda r=r, bk=bk, nw=nw: tm._experts_down[(triton.cdiv(d, r), k)](  # noqa: E731
-                h, hq, hs, ids, wts, t["w2"][0], t["w2"][1], t["w2"][2], part, d, inter,
-                FMT=code, BLOCK_N=r, BLOCK_K=bk, MODE=mode, num_warps=nw)
+            fn = lambda o=opts, r=r: tm._experts_down[(triton.cdiv(d, r), k)](  # noqa: E731
+                h, hq, hs, sets[next(nxt) % len(sets)], wts, t["w2"][0], t["w2"][1], t["w2"][2], y, part, cnt, d, inter,
+                K_SEL=k, **o)
             nbytes = k * one
         s = graph_time(fn)
         out.append({"kernel": f"experts_{kind}", "format": fmt, "mode": mode, "experts": k, "rows": r,
-                    "block_k": bk, "warps": nw, "us": s * 1e6, "GB_per_s": nbytes / s / 1e9})
+                    "block_k": bk, "warps": nw, "pipe": pp, "us": s * 1e6, "GB_per_s": nbytes / s / 1e9})
         print(json.dumps(out[-1]))
     quant = graph_time(lambda: quant3(x))
     out.append({"kernel": "quant3", "K": d, "us": quant * 1e6})
@@ -99,7 +105,8 @@ def tune_experts(fmt: str, E: int, k: int, rows, block_ks, warps, mode: int = 0)
 def tune_gemv() -> list[dict]:
     """Time the decode GEMVs on the V4-Flash faithful shapes (act_quant, one row) with weights cold in
     L2: each timed call reads the next of enough weight copies to exceed 256 MB, as a decode step
-    reads each layer's weights once; for each tile setting of triton_linear.GEMV."""
+    reads each layer's weights once; for each tile setting of linear.GEMV (pipe: the next K step's
+    weight tile loaded before this step's is reduced)."""
     from dsv4.kernels.triton import linear as tl_
     gen = torch.Generator(device="cuda").manual_seed(0)
     fp8 = {"wq_a+wkv": (1536, 4096, None), "wq_b": (32768, 1024, None), "wo_a": (8192, 4096, 1024),
@@ -123,9 +130,9 @@ def tune_gemv() -> list[dict]:
                       torch.randint(118, 124, (N // 128, K // 128), device="cuda", dtype=torch.uint8, generator=gen))
               for _ in range(copies)]
         x = torch.randn(1, K * (N // R if R else 1), device="cuda", generator=gen)
-        for bk, nw in itertools.product((512, 1024), (4, 8)):
-            tl_.GEMV.update(rows=32, warps=nw, fp8_block_k=bk)
-            timed(name, N, K, ws, x, R, kernel="gemv", block_k=bk, warps=nw)
+        for bk, nw, pp in itertools.product((256, 512, 1024), (4, 8), (0, 1)):
+            tl_.GEMV.update(rows=32, warps=nw, fp8_block_k=bk, pipe=pp)
+            timed(name, N, K, ws, x, R, kernel="gemv", block_k=bk, warps=nw, pipe=pp)
         del ws
     for name, (N, K) in dense.items():
         copies = max(2, -(-(256 << 20) // (2 * N * K)))
@@ -140,7 +147,7 @@ def tune_gemv() -> list[dict]:
     tl_.GEMV.update(keep)
     best = {}
     for r in out:
-        key = r["weight"]
+        key = (r["weight"], r.get("pipe", 0))
         if key not in best or r["us"] < best[key]["us"]:
             best[key] = r
     for r in best.values():
@@ -181,13 +188,13 @@ def main() -> None:
             with open(a.out, "w") as f:
                 json.dump({"all": res, "card": torch.cuda.get_device_name()}, f, indent=1)
         return
-    res = tune_experts("mxfp4", 256, 6, (16,), (256, 512), (4,), mode=0)  # float decode on the CUDA cores
-    res += tune_experts("mxfp4", 256, 6, (8, 16, 32), (256, 512, 1024), (4, 8), mode=2)  # dp4a
+    res = tune_experts("mxfp4", 256, 6, (16,), (512,), (4,), mode=0)  # float decode on the CUDA cores
+    res += tune_experts("mxfp4", 256, 6, (16, 32), (512, 1024), (4, 8), mode=2, pipes=(0, 1))  # dp4a
     best = {}
     for r in res:
         if "mode" not in r:
             continue
-        key = (r["kernel"], r["format"], r["mode"], r["experts"])
+        key = (r["kernel"], r["format"], r["mode"], r["experts"], r.get("pipe", 0))
         if key not in best or r["us"] < best[key]["us"]:
             best[key] = r
     for r in best.values():
