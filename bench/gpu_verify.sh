@@ -7,6 +7,7 @@
 #   bash bench/gpu_verify.sh prefill   # the prefill GEMM / expert / mHC / pooling / store kernel tests, tile tunes, the 8k profile
 #   bash bench/gpu_verify.sh decode    # the decode kernel tests, per-kernel traces of a 16-layer step (PDL on and off), decode at 16 layers
 #   bash bench/gpu_verify.sh tune      # cold-L2 tunes of the decode GEMVs and routed experts, the graph step with PDL off / on
+#   bash bench/gpu_verify.sh attention # decode attention tile sweep, the GEMV and attention kernel tests
 # Run from the repository root on the GPU machine (no install there: bench/dsv4_path.sh puts the
 # source folders on PYTHONPATH as dsv4.*).
 set -o pipefail
@@ -54,6 +55,10 @@ tune)
   timeout 150 python3 bench/tune_kernels.py --only experts --out "$OUT/tune_experts.json" 2>&1 | grep BEST
   timeout 120 python3 bench/profile_decode.py --layers 16 --prompt-len 1024 --compare-pdl 0,1,0,1 \
     --out "$OUT/compare_pdl.txt" 2>&1 | grep -v Warn | tail -6 ;;
+attention)
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+  timeout 240 python3 bench/tune_kernels.py --only attention --out "$OUT/tune_attention.json" 2>&1 | grep BEST
+  timeout 200 $T tests/test_gpu_kernels.py -k "gemv or grouped or attention" 2>&1 | tail -4 | tee "$OUT/gpu_tests_gemv.txt" ;;
 *)
-  echo "usage: bash bench/gpu_verify.sh kernels|engine|figures|prefill|decode|tune" >&2; exit 2 ;;
+  echo "usage: bash bench/gpu_verify.sh kernels|engine|figures|prefill|decode|tune|attention" >&2; exit 2 ;;
 esac

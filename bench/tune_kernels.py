@@ -57,9 +57,9 @@ def experts(fmt: str, E: int, inter: int, d: int) -> ExpertSet:
                      [one(d, inter) for _ in range(E)])
 
 
-def tune_experts(fmt: str, E: int, k: int, rows, block_ks, warps, mode: int = 0, pipes=(0,)) -> list[dict]:
-    """Time _experts_up / _experts_down at Flash sizes for each tile shape and pipe setting (the
-    MXFP4 integer path's next-step weight load before this step's sums); mode as in moe.py."""
+def tune_experts(fmt: str, E: int, k: int, rows, block_ks, warps, mode: int = 0) -> list[dict]:
+    """Time _experts_up / _experts_down at Flash sizes for each tile shape, a new set of k of the E
+    experts per call (weights cold in L2, as in decode); mode as in moe.py."""
     inter, d = 2048, 4096
     es = experts(fmt, E, inter, d)
     x = torch.randn(1, d, device="cuda")
@@ -77,11 +77,10 @@ def tune_experts(fmt: str, E: int, k: int, rows, block_ks, warps, mode: int = 0,
     part, cnt = tm._split_buffers(k, 1, d, min(rows), x.device)
     sets = torch.randperm(E, device="cuda")[:E // k * k].view(-1, k)  # a new set per call: weights cold in L2
     nxt = itertools.count()
-    for kind, r, bk, nw, pp in itertools.product(("up", "down"), rows, block_ks, warps, pipes):
-        if (code < 4 and bk != 128) or (pp and mode < 2):
+    for kind, r, bk, nw in itertools.product(("up", "down"), rows, block_ks, warps):
+        if code < 4 and bk != 128:
             continue
-        opts = {"FMT": code, "BLOCK_N": r, "BLOCK_K": bk, "MODE": mode, "QX": False, "PIPE": pp, "PDL": False,
-                "num_warps": nw}
+        opts = {"FMT": code, "BLOCK_N": r, "BLOCK_K": bk, "MODE": mode, "QX": False, "PDL": False, "num_warps": nw}
         if kind == "up":
             fn = lambda o=opts, r=r: tm._experts_up[(triton.cdiv(inter, r), k)](  # noqa: E731
                 x, xq, xs, sets[next(nxt) % len(sets)], t["w1"][0], t["w1"][1], t["w3"][0], t["w3"][1], t["w1"][2], t["w3"][2], h, inter, d,
@@ -94,7 +93,7 @@ def tune_experts(fmt: str, E: int, k: int, rows, block_ks, warps, mode: int = 0,
             nbytes = k * one
         s = graph_time(fn)
         out.append({"kernel": f"experts_{kind}", "format": fmt, "mode": mode, "experts": k, "rows": r,
-                    "block_k": bk, "warps": nw, "pipe": pp, "us": s * 1e6, "GB_per_s": nbytes / s / 1e9})
+                    "block_k": bk, "warps": nw, "us": s * 1e6, "GB_per_s": nbytes / s / 1e9})
         print(json.dumps(out[-1]))
     quant = graph_time(lambda: quant3(x))
     out.append({"kernel": "quant3", "K": d, "us": quant * 1e6})
@@ -105,8 +104,7 @@ def tune_experts(fmt: str, E: int, k: int, rows, block_ks, warps, mode: int = 0,
 def tune_gemv() -> list[dict]:
     """Time the decode GEMVs on the V4-Flash faithful shapes (act_quant, one row) with weights cold in
     L2: each timed call reads the next of enough weight copies to exceed 256 MB, as a decode step
-    reads each layer's weights once; for each tile setting of linear.GEMV (pipe: the next K step's
-    weight tile loaded before this step's is reduced)."""
+    reads each layer's weights once; for each tile setting of linear.GEMV."""
     from dsv4.kernels.triton import linear as tl_
     gen = torch.Generator(device="cuda").manual_seed(0)
     fp8 = {"wq_a+wkv": (1536, 4096, None), "wq_b": (32768, 1024, None), "wo_a": (8192, 4096, 1024),
@@ -114,6 +112,7 @@ def tune_gemv() -> list[dict]:
            "indexer_wq_b": (8192, 1024, None)}
     dense = {"compressor+": (1024, 4096), "head": (129280, 4096)}
     out, keep = [], dict(tl_.GEMV)
+    tl_.GEMV["short_k"] = 0  # every shape takes the swept fp8_block_k / warps
 
     def timed(name, N, K, ws, x, R, **info):
         it = iter(range(10 ** 9))
@@ -130,9 +129,9 @@ def tune_gemv() -> list[dict]:
                       torch.randint(118, 124, (N // 128, K // 128), device="cuda", dtype=torch.uint8, generator=gen))
               for _ in range(copies)]
         x = torch.randn(1, K * (N // R if R else 1), device="cuda", generator=gen)
-        for bk, nw, pp in itertools.product((256, 512, 1024), (4, 8), (0, 1)):
-            tl_.GEMV.update(rows=32, warps=nw, fp8_block_k=bk, pipe=pp)
-            timed(name, N, K, ws, x, R, kernel="gemv", block_k=bk, warps=nw, pipe=pp)
+        for bk, nw in itertools.product((256, 512, 1024), (4, 8)):
+            tl_.GEMV.update(rows=32, warps=nw, fp8_block_k=bk)
+            timed(name, N, K, ws, x, R, kernel="gemv", block_k=bk, warps=nw)
         del ws
     for name, (N, K) in dense.items():
         copies = max(2, -(-(256 << 20) // (2 * N * K)))
@@ -147,7 +146,7 @@ def tune_gemv() -> list[dict]:
     tl_.GEMV.update(keep)
     best = {}
     for r in out:
-        key = (r["weight"], r.get("pipe", 0))
+        key = r["weight"]
         if key not in best or r["us"] < best[key]["us"]:
             best[key] = r
     for r in best.values():
@@ -155,25 +154,39 @@ def tune_gemv() -> list[dict]:
     return out
 
 
-def tune_attention(T: int) -> dict:
+def tune_attention(T: int) -> list[dict]:
     """Time kernels.decode_attention (both launches) at Flash sizes: 64 heads of 512 channels (448
-    FP8 + 64 BF16 RoPE), a 128-slot ring and T selected entries; with its error against the reference."""
+    FP8 + 64 BF16 RoPE), a 128-slot ring and T selected entries, for each tile setting of
+    attention.ATTENTION (keys per program, channels per score chunk, output channels per program,
+    warps); with each one's error against the reference."""
     from dsv4.cache.pools import EntryStore
     from dsv4.cache.schema import EntryFormat
+    from dsv4.kernels.reference.attention import decode_attention
+    from dsv4.kernels.reference.entries import write_entries
     from dsv4.kernels.triton import attention as ta
     H, D, W = 64, 512, 128
-    ring, pool = EntryStore(W, EntryFormat(D, 64, "kv"), "cuda"), EntryStore(max(T, 1), EntryFormat(D, 64, "kv"), "cuda")
-    ring.write(slice(None), torch.randn(W, D, device="cuda"))
-    pool.write(slice(None), torch.randn(max(T, 1), D, device="cuda"))
+    ring, pool = (EntryStore(n, EntryFormat(D, 64, "kv"), "cuda").tensors for n in (W, max(T, 1)))
+    write_entries(ring, slice(None), torch.randn(W, D, device="cuda"))
+    write_entries(pool, slice(None), torch.randn(max(T, 1), D, device="cuda"))
     q, sink = torch.randn(H, D, device="cuda"), torch.randn(H, device="cuda")
     pos = torch.tensor([5000], device="cuda")
     rows, ok = torch.randperm(max(T, 1), device="cuda")[:T], torch.ones(T, dtype=torch.bool, device="cuda")
-    ent = (pool.tensors, rows, ok) if T else (None, None, None)
-    ref = ta.decode_attention_reference(q, ring.tensors, pos, *ent, sink, D ** -0.5)
-    fn = lambda: ta.decode_attention_triton(q, ring.tensors, pos, *ent, sink, D ** -0.5)  # noqa: E731
-    err = ((fn() - ref).abs().max() / ref.abs().max()).item()
-    out = {"kernel": "decode_attention", "entries": T, "us": graph_time(fn) * 1e6, "rel_err": err}
-    print(json.dumps(out))
+    ent = (pool, rows, ok) if T else (None, None, None)
+    ref = decode_attention(q, ring, pos, *ent, sink, D ** -0.5)
+    fn = lambda: ta.decode_attention_triton(q, ring, pos, *ent, sink, D ** -0.5)  # noqa: E731
+    keep, out = dict(ta.ATTENTION), []
+    for keys, chunk, values, warps in itertools.product((16, 32), (32, 64), (64, 128, 256), (4, 8)):
+        ta.ATTENTION.update(keys=keys, chunk=chunk, values=values, warps=warps)
+        try:
+            err = ((fn() - ref).abs().max() / ref.abs().max()).item()
+        except triton.runtime.errors.OutOfResources as e:  # a tile too large for the SM
+            print(f"skipped keys={keys} chunk={chunk} values={values} warps={warps}: {e}")
+            continue
+        out.append({"kernel": "decode_attention", "entries": T, "keys": keys, "chunk": chunk, "values": values,
+                    "warps": warps, "us": graph_time(fn) * 1e6, "rel_err": err})
+        print(json.dumps(out[-1]))
+    ta.ATTENTION.clear()
+    ta.ATTENTION.update(keep)
     return out
 
 
@@ -182,19 +195,27 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--only", choices=("experts", "attention", "gemv"), default=None)
     a = ap.parse_args()
+    if a.only == "attention":
+        res = [r for T in (512, 256, 16) for r in tune_attention(T)]
+        total = {}
+        for r in res:
+            key = (r["keys"], r["chunk"], r["values"], r["warps"])
+            total[key] = total.get(key, 0.0) + r["us"]
+        for key, us in sorted(total.items(), key=lambda kv: kv[1])[:5]:
+            print("BEST keys/chunk/values/warps", key, f"{us:.1f} us summed over 512, 256, 16 entries")
     if a.only in ("attention", "gemv"):
-        res = [tune_attention(T) for T in (512, 256, 16)] if a.only == "attention" else tune_gemv()
+        res = res if a.only == "attention" else tune_gemv()
         if a.out:
             with open(a.out, "w") as f:
                 json.dump({"all": res, "card": torch.cuda.get_device_name()}, f, indent=1)
         return
     res = tune_experts("mxfp4", 256, 6, (16,), (512,), (4,), mode=0)  # float decode on the CUDA cores
-    res += tune_experts("mxfp4", 256, 6, (16, 32), (512, 1024), (4, 8), mode=2, pipes=(0, 1))  # dp4a
+    res += tune_experts("mxfp4", 256, 6, (16, 32), (512, 1024), (4, 8), mode=2)  # dp4a
     best = {}
     for r in res:
         if "mode" not in r:
             continue
-        key = (r["kernel"], r["format"], r["mode"], r["experts"], r.get("pipe", 0))
+        key = (r["kernel"], r["format"], r["mode"], r["experts"])
         if key not in best or r["us"] < best[key]["us"]:
             best[key] = r
     for r in best.values():

@@ -26,10 +26,12 @@ from . import pdl
 KIND = {"kv": 0, "fp4": 1, "f32": 2}
 PRECISION = "tf32x3"  # float32 entries: tensor-core dots at about float32 accuracy (three TF32 products)
 # decode_attention tiles: heads and keys per program, channels per score chunk, output channels per
-# program. H100, 64 heads x 512: 29 us for 512 entries, 18 us for 16, where the previous design (16
-# heads x all 512 channels per program, 3xTF32, register spills) took 46 / 24 us
-# (bench/results/h100_tune_attention.json; the previous design's run in git history).
-ATTENTION = {"heads": 64, "keys": 16, "chunk": 32, "values": 64, "warps": 4}
+# program. H200, 64 heads x 512, both launches: 23.2 / 19.1 / 18.0 us for 512 / 256 / 16 entries
+# (bench/tune_kernels.py --only attention, bench/results/h200_tune_attention.json), where 32-channel
+# chunks and 64 output channels per program, the chunk loop not unrolled, took 30.2 / 22.5 / 17.8 us
+# (and on the H100 29 / 18 us for 512 / 16 entries; the design before that, 16 heads x all 512
+# channels per program with register spills, 46 / 24 us).
+ATTENTION = {"heads": 64, "keys": 16, "chunk": 64, "values": 256, "warps": 4}
 
 
 @triton.jit
@@ -196,6 +198,17 @@ def _dot3(a, b, EXACT_B: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _score_chunk(q_ptr, h, hm, c0, ra_ptr, rb_ptr, rs_ptr, ea_ptr, eb_ptr, es_ptr, in_ring, rows, valid,
+                 D: tl.constexpr, NOPE: tl.constexpr, KIND: tl.constexpr, BLOCK_C: tl.constexpr,
+                 PRECISION: tl.constexpr):
+    """Scores [BLOCK_H, BLOCK_T] over channels [c0, c0 + BLOCK_C): q[h] . key."""
+    d = c0 + tl.arange(0, BLOCK_C)
+    q = tl.load(q_ptr + h[:, None] * D + d[None, :], mask=hm[:, None] & (d[None, :] < D), other=0.0).to(tl.float32)
+    k = _load_keys(ra_ptr, rb_ptr, rs_ptr, ea_ptr, eb_ptr, es_ptr, in_ring, rows, valid, d, D, NOPE, KIND)
+    return _dot3(q, tl.trans(k), KIND == 0, PRECISION)
+
+
+@triton.jit
 def _attend_split(q_ptr, pos_ptr, ra_ptr, rb_ptr, rs_ptr, ea_ptr, eb_ptr, es_ptr, rows_ptr, ok_ptr,
                   m_ptr, l_ptr, acc_ptr, H, T, scale,
                   W: tl.constexpr, D: tl.constexpr, NOPE: tl.constexpr, KIND: tl.constexpr,
@@ -218,12 +231,9 @@ def _attend_split(q_ptr, pos_ptr, ra_ptr, rb_ptr, rs_ptr, ea_ptr, eb_ptr, es_ptr
     valid = (in_ring & (held >= 0)) | (ent & (tl.load(ok_ptr + te, mask=ent, other=0) != 0))
     rows = tl.where(in_ring, t, tl.load(rows_ptr + te, mask=ent, other=0))
     s = tl.zeros([BLOCK_H, BLOCK_T], tl.float32)
-    for c0 in range(0, BLOCK_D, BLOCK_C):
-        d = c0 + tl.arange(0, BLOCK_C)
-        q = tl.load(q_ptr + h[:, None] * D + d[None, :], mask=hm[:, None] & (d[None, :] < D), other=0.0)
-        q = q.to(tl.float32)
-        k = _load_keys(ra_ptr, rb_ptr, rs_ptr, ea_ptr, eb_ptr, es_ptr, in_ring, rows, valid, d, D, NOPE, KIND)
-        s += _dot3(q, tl.trans(k), KIND == 0, PRECISION)
+    for c0 in tl.static_range(0, BLOCK_D, BLOCK_C):  # unrolled: later chunks' loads issue ahead of the dots
+        s += _score_chunk(q_ptr, h, hm, c0, ra_ptr, rb_ptr, rs_ptr, ea_ptr, eb_ptr, es_ptr, in_ring, rows, valid,
+                          D, NOPE, KIND, BLOCK_C, PRECISION)
     s = tl.where(valid[None, :], s * scale, float("-inf"))
     m = tl.max(s, 1)
     p = tl.exp(s - tl.where(m == float("-inf"), 0.0, m)[:, None])

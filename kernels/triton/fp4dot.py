@@ -120,26 +120,16 @@ def _nibble_values(n):
 
 
 @triton.jit
-def _w_part(w, rn, nmask, k0, K: tl.constexpr, BLOCK_K: tl.constexpr, ASM: tl.constexpr):
-    """The stored bytes of W[rn, k0:k0+BLOCK_K] (w: the uint8 base of W [N, K / 2]): int32 words
-    [BLOCK_N, BLOCK_K / 8] for ASM, else uint8 [BLOCK_N, BLOCK_K / 2]; 0 where masked."""
-    if ASM:
-        rw = k0 // 8 + tl.arange(0, BLOCK_K // 8)
-        words = tl.load(w.to(tl.pointer_type(tl.int32)) + rn[:, None] * (K // 8) + rw[None, :], mask=nmask[:, None],
-                        other=0)
-    else:
-        rp = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-        words = tl.load(w + rn[:, None] * (K // 2) + rp[None, :], mask=nmask[:, None], other=0)
-    return words
-
-
-@triton.jit
-def _group_sums(words, xq, k0, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ASM: tl.constexpr):
+def _group_sums(w, xq, rn, nmask, k0, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                ASM: tl.constexpr):
     """Integer sums G_p [BLOCK_N, BLOCK_K / 32] (p = 0, 1, 2) of 2 * e2m1(W[rn, k0:k0+BLOCK_K]) times
-    activation part p, per 32-group. words: _w_part(W, ...); xq: int8 parts [3, K]."""
+    activation part p, per 32-group. w: the uint8 base of W [N, K / 2]; xq: int8 parts [3, K]."""
     NG: tl.constexpr = BLOCK_K // 32
     if ASM:
         NW: tl.constexpr = BLOCK_K // 8
+        rw = k0 // 8 + tl.arange(0, NW)
+        words = tl.load(w.to(tl.pointer_type(tl.int32)) + rn[:, None] * (K // 8) + rw[None, :],
+                        mask=nmask[:, None], other=0)
         xw = tl.multiple_of(xq.to(tl.pointer_type(tl.int32)), 4) + k0 // 4 + tl.arange(0, 2 * NW)
         a0, b0 = _word_pairs(xw, BLOCK_N, NW)
         a1, b1 = _word_pairs(xw + K // 4, BLOCK_N, NW)
@@ -151,7 +141,7 @@ def _group_sums(words, xq, k0, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: 
         g2 = tl.sum(tl.reshape(d2, [BLOCK_N, NG, 4]), 2)
     else:
         rp = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-        b = words.to(tl.int32)
+        b = tl.load(w + rn[:, None] * (K // 2) + rp[None, :], mask=nmask[:, None], other=0).to(tl.int32)
         lo = _nibble_values(b & 15)
         hi = _nibble_values(b >> 4)
         g0 = _pair_sums(lo, hi, xq, rp, BLOCK_N, NG)
@@ -175,33 +165,17 @@ def _pair_sums(lo, hi, xq, rp, BLOCK_N: tl.constexpr, NG: tl.constexpr):
 
 
 @triton.jit
-def _mx_step(words, xq, xs, s, rn, nmask, k0, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-             ASM: tl.constexpr):
-    """One K step of mx_int_dots on its loaded weight bytes -> [BLOCK_N] float32."""
-    NG: tl.constexpr = BLOCK_K // 32
-    g0, g1, g2 = _group_sums(words, xq, k0, K, BLOCK_N, BLOCK_K, ASM)
-    rg = k0 // 32 + tl.arange(0, NG)
-    sc = tl.load(s + rn[:, None] * (K // 32) + rg[None, :], mask=nmask[:, None], other=0)
-    f = tl.exp2(sc.to(tl.float32) - 128.0) * tl.load(xs + rg)[None, :]
-    inner = g0.to(tl.float32) + (g1.to(tl.float32) + g2.to(tl.float32) * (1.0 / STEP)) * (1.0 / STEP)
-    return tl.sum(inner * f, 1)
-
-
-@triton.jit
 def mx_int_dots(xq, xs, w, s, rn, nmask, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                ASM: tl.constexpr, PIPE: tl.constexpr = False):
+                ASM: tl.constexpr):
     """sum_k W[rn, k] x[k] -> [BLOCK_N] float32 for MXFP4 W (uint8 base w [N, K/2], ue8m0 scales s
-    [N, K/32]) and x given as quant3 parts xq (int8 [3, K]) and scales xs ([K / 32]); K % BLOCK_K == 0.
-    PIPE: the next step's weight bytes are loaded before this step's are reduced."""
+    [N, K/32]) and x given as quant3 parts xq (int8 [3, K]) and scales xs ([K / 32]); K % BLOCK_K == 0."""
+    NG: tl.constexpr = BLOCK_K // 32
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    if PIPE:
-        words = _w_part(w, rn, nmask, 0, K, BLOCK_K, ASM)
-        for k0 in range(0, K, BLOCK_K):
-            nxt = _w_part(w, rn, nmask & (k0 + BLOCK_K < K), k0 + BLOCK_K, K, BLOCK_K, ASM)
-            acc += _mx_step(words, xq, xs, s, rn, nmask, k0, K, BLOCK_N, BLOCK_K, ASM)
-            words = nxt
-    else:
-        for k0 in range(0, K, BLOCK_K):
-            words = _w_part(w, rn, nmask, k0, K, BLOCK_K, ASM)
-            acc += _mx_step(words, xq, xs, s, rn, nmask, k0, K, BLOCK_N, BLOCK_K, ASM)
+    for k0 in range(0, K, BLOCK_K):
+        g0, g1, g2 = _group_sums(w, xq, rn, nmask, k0, K, BLOCK_N, BLOCK_K, ASM)
+        rg = k0 // 32 + tl.arange(0, NG)
+        sc = tl.load(s + rn[:, None] * (K // 32) + rg[None, :], mask=nmask[:, None], other=0)
+        f = tl.exp2(sc.to(tl.float32) - 128.0) * tl.load(xs + rg)[None, :]
+        inner = g0.to(tl.float32) + (g1.to(tl.float32) + g2.to(tl.float32) * (1.0 / STEP)) * (1.0 / STEP)
+        acc += tl.sum(inner * f, 1)
     return acc

@@ -24,8 +24,11 @@ from .actquant import fake_quant_pairs, fake_quant_vector
 
 MAX_ROWS = 16
 TARGET_PROGRAMS = 4 * 132  # ~4 per SM on an H100 / H200
-# K per program step and output rows per program (bench/tune_kernels.py --only gemv)
-GEMV = {"fp8_block_k": 512, "dense_block_k": 256, "rows": 32, "warps": 4, "pipe": 0}  # H100: bench/results/h100_tune_gemv.json
+# K per program step, output rows per program and warps (bench/tune_kernels.py --only gemv); FP8
+# weights with K <= short_k take fp8_short_block_k / short_warps (H200, cold L2, faithful: wq_b
+# 11.7 vs 12.2 us, indexer wq_b 4.7 vs 5.9, shared w2 5.8 vs 6.1; bench/results/h200_tune_gemv.json)
+GEMV = {"fp8_block_k": 512, "dense_block_k": 256, "rows": 32, "warps": 4,
+        "short_k": 2048, "fp8_short_block_k": 1024, "short_warps": 8}
 
 
 @triton.jit
@@ -62,24 +65,18 @@ def _store_split(acc, out_ptr, part_ptr, cnt_ptr, pid_n, pid_k, m, M, N, rn, nma
 
 
 @triton.jit
-def _w_tile(w_ptr, rn, nmask, k0, K, BLOCK_K: tl.constexpr):
-    """W[rn, k0:k0 + BLOCK_K] as stored ([BLOCK_N, BLOCK_K], W [N, K] row-major; 0 where masked)."""
+def _block_step(x_row, w_ptr, s_ptr, rn, nmask, k0, K, SB_K, FMT: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr, QX: tl.constexpr = False):
+    """sum over k in [k0, k0 + BLOCK_K) of W[rn, k] x[k] -> [BLOCK_N] float32, W [N, K] dense (FMT >= 2,
+    any float dtype) or FP8 with 128x128 block scales s [N/128, SB_K] (FMT 0: ue8m0, 1: float32);
+    for FP8, k0 is a multiple of 128 and BLOCK_K spans BLOCK_K / 128 scale blocks. QX (faithful
+    mode, FP8 only): x's 128-slices through e4m3 first (kernels/triton/actquant.py)."""
     rk = k0 + tl.arange(0, BLOCK_K)
-    return tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=nmask[:, None] & (rk < K)[None, :], other=0)
-
-
-@triton.jit
-def _block_dot(w, x_row, s_ptr, rn, nmask, k0, K, SB_K, FMT: tl.constexpr, BLOCK_N: tl.constexpr,
-               BLOCK_K: tl.constexpr, QX: tl.constexpr = False):
-    """sum over k in [k0, k0 + BLOCK_K) of w[:, k - k0] x[k] -> [BLOCK_N] float32, w = _w_tile(W, ...)
-    of W [N, K] dense (FMT >= 2, any float dtype) or FP8 with 128x128 block scales s [N/128, SB_K]
-    (FMT 0: ue8m0, 1: float32); for FP8, k0 is a multiple of 128 and BLOCK_K spans BLOCK_K / 128
-    scale blocks. QX (faithful mode, FP8 only): x's 128-slices through e4m3 first
-    (kernels/triton/actquant.py)."""
-    rk = k0 + tl.arange(0, BLOCK_K)
-    x = tl.load(x_row + rk, mask=rk < K, other=0.0).to(tl.float32)
+    kmask = rk < K
+    x = tl.load(x_row + rk, mask=kmask, other=0.0).to(tl.float32)
     if QX:
         x = fake_quant_vector(x, BLOCK_K)
+    w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=nmask[:, None] & kmask[None, :], other=0)
     if FMT >= 2:
         out = tl.sum(w.to(tl.float32) * x[None, :], 1)
     else:
@@ -93,14 +90,6 @@ def _block_dot(w, x_row, s_ptr, rn, nmask, k0, K, SB_K, FMT: tl.constexpr, BLOCK
             s = tl.exp2(s.to(tl.float32) - 127.0)
         out = tl.sum(blk * s, 1)
     return out
-
-
-@triton.jit
-def _block_step(x_row, w_ptr, s_ptr, rn, nmask, k0, K, SB_K, FMT: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_K: tl.constexpr, QX: tl.constexpr = False):
-    """One K step, loaded and reduced: _block_dot(_w_tile(W, ...), ...)."""
-    w = _w_tile(w_ptr, rn, nmask, k0, K, BLOCK_K)
-    return _block_dot(w, x_row, s_ptr, rn, nmask, k0, K, SB_K, FMT, BLOCK_N, BLOCK_K, QX)
 
 
 @triton.jit
@@ -134,10 +123,9 @@ def _fp4_step(x_row, w_ptr, s_ptr, rn, nmask, kp0, K, NV: tl.constexpr, BLOCK_N:
 @triton.jit
 def _gemv_fp8_dense(x_ptr, w_ptr, s_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, stride_xm, SB_K, ROWS_PER_GROUP,
                     FMT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_PER_SPLIT: tl.constexpr,
-                    SPLIT: tl.constexpr, QX: tl.constexpr, PIPE: tl.constexpr, PDL: tl.constexpr):
+                    SPLIT: tl.constexpr, QX: tl.constexpr, PDL: tl.constexpr):
     """FMT 0: fp8 + ue8m0 block scale, 1: fp8 + float32 block scale, 2: dense (any float dtype);
-    QX: quantised activations (FP8 only). PIPE: the next K step's W tile is loaded before this
-    step's is reduced (two tiles in registers, the load's latency behind the arithmetic)."""
+    QX: quantised activations (FP8 only)."""
     pid_n, pid_k, m = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = rn < N
@@ -145,15 +133,8 @@ def _gemv_fp8_dense(x_ptr, w_ptr, s_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, st
     pdl.wait(PDL)
     x_row = x_ptr + m * stride_xm + ((pid_n * BLOCK_N) // ROWS_PER_GROUP) * K
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    if PIPE:
-        w = _w_tile(w_ptr, rn, nmask, k_start, K, BLOCK_K)
-        for kk in range(0, K_PER_SPLIT, BLOCK_K):
-            nxt = _w_tile(w_ptr, rn, nmask & (kk + BLOCK_K < K_PER_SPLIT), k_start + kk + BLOCK_K, K, BLOCK_K)
-            acc += _block_dot(w, x_row, s_ptr, rn, nmask, k_start + kk, K, SB_K, FMT, BLOCK_N, BLOCK_K, QX)
-            w = nxt
-    else:
-        for kk in range(0, K_PER_SPLIT, BLOCK_K):
-            acc += _block_step(x_row, w_ptr, s_ptr, rn, nmask, k_start + kk, K, SB_K, FMT, BLOCK_N, BLOCK_K, QX)
+    for kk in range(0, K_PER_SPLIT, BLOCK_K):
+        acc += _block_step(x_row, w_ptr, s_ptr, rn, nmask, k_start + kk, K, SB_K, FMT, BLOCK_N, BLOCK_K, QX)
     _store_split(acc, out_ptr, part_ptr, cnt_ptr, pid_n, pid_k, m, M, N, rn, nmask, SPLIT)
 
 
@@ -213,7 +194,9 @@ def gemv(x: torch.Tensor, w: QWeight, rows_per_group: int | None = None, act_qua
             NV=w.fmt == "nvfp4", BLOCK_N=BN, BLOCK_KP=BKP, KP_PER_SPLIT=per * BKP, SPLIT=split, QX=qx, num_warps=4,
             **pdl.launch(x.device))
     else:
-        BK = GEMV["fp8_block_k" if w.fmt == "fp8" else "dense_block_k"]
+        short = w.fmt == "fp8" and K <= GEMV["short_k"]
+        BK = GEMV["fp8_short_block_k" if short else "fp8_block_k" if w.fmt == "fp8" else "dense_block_k"]
+        warps = GEMV["short_warps" if short else "warps"]
         per, split = _split(n_prog, triton.cdiv(K, BK))
         part, cnt = _split_buffers(split, M, N, BN, x.device)
         if w.fmt == "fp8":
@@ -224,8 +207,7 @@ def gemv(x: torch.Tensor, w: QWeight, rows_per_group: int | None = None, act_qua
             fmt, data, s, sbk = 2, w.data, out, 0
         _gemv_fp8_dense[(triton.cdiv(N, BN), split, M)](
             x, data, s, out, part, cnt, M, N, K, x.stride(0), sbk, R,
-            FMT=fmt, BLOCK_N=BN, BLOCK_K=BK, K_PER_SPLIT=per * BK, SPLIT=split, QX=qx, num_warps=GEMV["warps"],
-            PIPE=GEMV["pipe"],
+            FMT=fmt, BLOCK_N=BN, BLOCK_K=BK, K_PER_SPLIT=per * BK, SPLIT=split, QX=qx, num_warps=warps,
             **pdl.launch(x.device))
     return out
 

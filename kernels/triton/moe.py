@@ -85,7 +85,7 @@ def _row_dots(x_ptr, w, s, gs, rn, nmask, K: tl.constexpr, FMT: tl.constexpr, BL
 @triton.jit
 def _experts_up(x_ptr, xq_ptr, xs_ptr, ids_ptr, w1_tab, s1_tab, w3_tab, s3_tab, gs1_ptr, gs3_ptr, h_ptr, I,
                 K: tl.constexpr, limit, FMT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                MODE: tl.constexpr, QX: tl.constexpr, PIPE: tl.constexpr, PDL: tl.constexpr):
+                MODE: tl.constexpr, QX: tl.constexpr, PDL: tl.constexpr):
     pdl.wait(PDL)
     pid_n, j = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     e = tl.load(ids_ptr + j).to(tl.int64)
@@ -96,8 +96,8 @@ def _experts_up(x_ptr, xq_ptr, xs_ptr, ids_ptr, w1_tab, s1_tab, w3_tab, s3_tab, 
     w1, s1 = _weight_ptrs(w1_tab, s1_tab, e, FMT)
     w3, s3 = _weight_ptrs(w3_tab, s3_tab, e, FMT)
     if MODE >= 2:  # MXFP4 through dp4a (2: inline PTX, 3: the same in Triton ops); K % BLOCK_K == 0
-        g = mx_int_dots(xq_ptr, xs_ptr, w1, s1, rn, nmask, K, BLOCK_N, BLOCK_K, MODE == 2, PIPE)
-        u = mx_int_dots(xq_ptr, xs_ptr, w3, s3, rn, nmask, K, BLOCK_N, BLOCK_K, MODE == 2, PIPE)
+        g = mx_int_dots(xq_ptr, xs_ptr, w1, s1, rn, nmask, K, BLOCK_N, BLOCK_K, MODE == 2)
+        u = mx_int_dots(xq_ptr, xs_ptr, w3, s3, rn, nmask, K, BLOCK_N, BLOCK_K, MODE == 2)
     else:
         g = _row_dots(x_ptr, w1, s1, tl.load(gs1_ptr + e), rn, nmask, K, FMT, BLOCK_N, BLOCK_K, QX)
         u = _row_dots(x_ptr, w3, s3, tl.load(gs3_ptr + e), rn, nmask, K, FMT, BLOCK_N, BLOCK_K, QX)
@@ -109,8 +109,7 @@ def _experts_up(x_ptr, xq_ptr, xs_ptr, ids_ptr, w1_tab, s1_tab, w3_tab, s3_tab, 
 @triton.jit
 def _experts_down(h_ptr, hq_ptr, hs_ptr, ids_ptr, wts_ptr, w2_tab, s2_tab, gs2_ptr, out_ptr, part_ptr, cnt_ptr, N,
                   I: tl.constexpr, FMT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                  MODE: tl.constexpr, K_SEL: tl.constexpr, QX: tl.constexpr, PIPE: tl.constexpr,
-                  PDL: tl.constexpr):
+                  MODE: tl.constexpr, K_SEL: tl.constexpr, QX: tl.constexpr, PDL: tl.constexpr):
     """out [N] (x's dtype) = sum_j weights[j] * (w2[ids[j]] h[j]); grid (row blocks, K_SEL). The last
     program of a row block to finish adds the K_SEL partials in j order (deterministic)."""
     pdl.wait(PDL)
@@ -122,8 +121,7 @@ def _experts_down(h_ptr, hq_ptr, hs_ptr, ids_ptr, wts_ptr, w2_tab, s2_tab, gs2_p
     e = tl.maximum(e, 0)
     w2, s2 = _weight_ptrs(w2_tab, s2_tab, e, FMT)
     if MODE >= 2:
-        y = mx_int_dots(hq_ptr + j * 3 * I, hs_ptr + j * (I // 32), w2, s2, rn, nmask, I, BLOCK_N, BLOCK_K, MODE == 2,
-                        PIPE)
+        y = mx_int_dots(hq_ptr + j * 3 * I, hs_ptr + j * (I // 32), w2, s2, rn, nmask, I, BLOCK_N, BLOCK_K, MODE == 2)
     else:
         y = _row_dots(h_ptr + j * I, w2, s2, tl.load(gs2_ptr + e), rn, nmask, I, FMT, BLOCK_N, BLOCK_K, QX)
     _store_split(y * tl.load(wts_ptr + j), out_ptr, part_ptr, cnt_ptr, pid_n, j, 0, 1, N, rn, valid, K_SEL)
@@ -208,7 +206,7 @@ def routed_experts_triton(x: torch.Tensor, ids: torch.Tensor, weights: torch.Ten
     fp4 = fmt >= 4  # an FP8 / dense step stays inside one 128-wide scale block
     up_k = _mx_block_k(d, cfg["up_block_k"]) if mode else cfg["up_block_k"] if fp4 else 128
     down_k = _mx_block_k(I, cfg["down_block_k"]) if mode else cfg["down_block_k"] if fp4 else 128
-    opts = {"num_warps": cfg["warps"], "num_stages": cfg.get("stages", 3), "PIPE": cfg.get("pipe", 0)}
+    opts = {"num_warps": cfg["warps"], "num_stages": cfg.get("stages", 3)}
     qx = act_quant and fmt not in (2, 3)
     xq, xsc = quant3(xs.view(1, d), qx) if mode else (xs, xs)
     _experts_up[(triton.cdiv(I, cfg["up_rows"]), k)](
