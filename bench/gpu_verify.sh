@@ -5,7 +5,7 @@
 #   bash bench/gpu_verify.sh engine    # the prefill kernels, the engine on CUDA, MTP, parallel, cache GPU tests
 #   bash bench/gpu_verify.sh figures   # prefill 8k..1M, bench prefill --profile at 8k, decode at 16 layers, MTP
 #   bash bench/gpu_verify.sh prefill   # the prefill GEMM / expert / mHC / pooling / store kernel tests, tile tunes, the 8k profile
-#   bash bench/gpu_verify.sh decode    # the decode kernel tests, per-kernel traces of a 16-layer step (PDL on and off), decode at 16 layers
+#   bash bench/gpu_verify.sh decode    # the decode kernel and engine tests, decode at 16 layers at 1k and 64k, a 16-layer step's per-kernel trace
 #   bash bench/gpu_verify.sh tune      # cold-L2 tunes of the decode GEMVs and routed experts, the graph step with PDL off / on
 #   bash bench/gpu_verify.sh attention # decode attention tile sweep, the GEMV and attention kernel tests
 # Run from the repository root on the GPU machine (no install there: bench/dsv4_path.sh puts the
@@ -42,13 +42,14 @@ prefill)
     --json-out "$OUT/prefill8k.json" 2>&1 | tail -25 ;;
 decode)
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-  timeout 240 $T tests/test_gpu_kernels.py 2>&1 | tail -8 | tee "$OUT/gpu_tests_kernels.txt"
-  for v in 1 0; do
-    DSV4_PDL=$v timeout 100 python3 bench/profile_decode.py --layers 16 --prompt-len 1024 --trace \
-      --out "$OUT/trace16_pdl$v.txt" 2>&1 | grep -v Warn | head -64
+  timeout 200 $T tests/test_gpu_kernels.py 2>&1 | tail -4 | tee "$OUT/gpu_tests_kernels.txt"
+  timeout 120 $T tests/test_gpu.py tests/test_gpu_speculative.py 2>&1 | tail -4 | tee "$OUT/gpu_tests_engine.txt"
+  for p in 1024 65536; do
+    timeout 150 $D bench decode --preset flash --layers 16 --synthetic --prompt-len $p --steps 64 \
+      --json-out "$OUT/decode16_$p.json" 2>&1 | grep -E "ms_per|floor|projected|per.layer"
   done
-  timeout 100 $D bench decode --preset flash --layers 16 --synthetic --steps 64 --json-out "$OUT/decode16.json" \
-    2>&1 | grep -E "ms_per|floor|projected|kernels ran" ;;
+  timeout 100 python3 bench/profile_decode.py --layers 16 --prompt-len 1024 --trace --out "$OUT/trace16.txt" \
+    2>&1 | grep -v Warn | head -70 ;;
 tune)
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
   timeout 200 python3 bench/tune_kernels.py --only gemv --out "$OUT/tune_gemv.json" 2>&1 | grep BEST
