@@ -5,7 +5,7 @@
 #   bash bench/gpu_verify.sh engine    # the prefill kernels, the engine on CUDA, MTP, parallel, cache GPU tests
 #   bash bench/gpu_verify.sh figures   # prefill 8k..1M, bench prefill --profile at 8k, decode at 16 layers, MTP
 #   bash bench/gpu_verify.sh prefill   # the prefill GEMM / expert / mHC / pooling / store kernel tests, tile tunes, the 8k profile
-#   bash bench/gpu_verify.sh decode    # the decode kernel and engine tests, decode at 16 layers at 1k and 64k, a 16-layer step's per-kernel trace
+#   bash bench/gpu_verify.sh decode    # the decode kernel and engine tests, decode at 16 layers at 1k and 64k, the step with and without the side stream, a 16-layer step's per-kernel trace
 #   bash bench/gpu_verify.sh tune      # cold-L2 tunes of the decode GEMVs and routed experts, the graph step with PDL off / on
 #   bash bench/gpu_verify.sh attention # decode attention tile sweep, the GEMV and attention kernel tests
 # Run from the repository root on the GPU machine (no install there: bench/dsv4_path.sh puts the
@@ -42,19 +42,22 @@ prefill)
     --json-out "$OUT/prefill8k.json" 2>&1 | tail -25 ;;
 decode)
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-  timeout 200 $T tests/test_gpu_kernels.py 2>&1 | tail -4 | tee "$OUT/gpu_tests_kernels.txt"
-  timeout 120 $T tests/test_gpu.py tests/test_gpu_speculative.py 2>&1 | tail -4 | tee "$OUT/gpu_tests_engine.txt"
+  timeout 150 $T tests/test_gpu_kernels.py 2>&1 | tail -4 | tee "$OUT/gpu_tests_kernels.txt"
+  timeout 100 python3 bench/profile_decode.py --layers 16 --prompt-len 1024 \
+    --compare DSV4_OVERLAP=0,DSV4_OVERLAP=1,DSV4_OVERLAP=0,DSV4_OVERLAP=1,DSV4_PDL=0+DSV4_OVERLAP=0 \
+    --out "$OUT/compare_overlap.txt" 2>&1 | grep -v Warn | tail -7
   for p in 1024 65536; do
-    timeout 150 $D bench decode --preset flash --layers 16 --synthetic --prompt-len $p --steps 64 \
+    timeout 120 $D bench decode --preset flash --layers 16 --synthetic --prompt-len $p --steps 64 \
       --json-out "$OUT/decode16_$p.json" 2>&1 | grep -E "ms_per|floor|projected|per.layer"
   done
-  timeout 100 python3 bench/profile_decode.py --layers 16 --prompt-len 1024 --trace --out "$OUT/trace16.txt" \
+  timeout 90 $T tests/test_gpu.py tests/test_gpu_speculative.py 2>&1 | tail -4 | tee "$OUT/gpu_tests_engine.txt"
+  timeout 80 python3 bench/profile_decode.py --layers 16 --prompt-len 1024 --trace --out "$OUT/trace16.txt" \
     2>&1 | grep -v Warn | head -70 ;;
 tune)
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
   timeout 200 python3 bench/tune_kernels.py --only gemv --out "$OUT/tune_gemv.json" 2>&1 | grep BEST
   timeout 150 python3 bench/tune_kernels.py --only experts --out "$OUT/tune_experts.json" 2>&1 | grep BEST
-  timeout 120 python3 bench/profile_decode.py --layers 16 --prompt-len 1024 --compare-pdl 0,1,0,1 \
+  timeout 120 python3 bench/profile_decode.py --layers 16 --prompt-len 1024 --compare DSV4_PDL=0,DSV4_PDL=1,DSV4_PDL=0,DSV4_PDL=1 \
     --out "$OUT/compare_pdl.txt" 2>&1 | grep -v Warn | tail -6 ;;
 attention)
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"

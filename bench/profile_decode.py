@@ -6,8 +6,10 @@ Prints the kernels of 5 decode steps of a synthetic V4-Flash model sorted by tot
 kernel): each layer's kernel count and time, then per kernel (GEMVs by weight shape, with GB/s):
 calls per layer and microseconds, and the CUDA-graph step time against the kernels' sum.
 DSV4_PDL=0 in the environment: kernels launched without programmatic dependent launch.
---compare-pdl 0,1,0,1: the CUDA-graph step time (median of 30) with PDL off (0) and on (1) in the
-order given (DSV4_PDL, kernels/triton/pdl.py), one graph captured per entry.
+--compare DSV4_PDL=0,DSV4_PDL=1,DSV4_OVERLAP=0+DSV4_PDL=0: the CUDA-graph step time (median of 30)
+under each setting in the order given, one graph captured per setting; a setting is VAR=VALUE
+assignments joined by '+', each applied on top of the starting environment (DSV4_PDL:
+kernels/triton/pdl.py, DSV4_OVERLAP: kernels/streams.py).
 """
 
 from __future__ import annotations
@@ -71,9 +73,12 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=1024)
     ap.add_argument("--out", default=None)
     ap.add_argument("--trace", action="store_true")
-    ap.add_argument("--compare-pdl", default=None, metavar="SETTINGS")
+    ap.add_argument("--compare", default=None, metavar="SETTINGS")
     a = ap.parse_args()
-    settings = a.compare_pdl.split(",") if a.compare_pdl else []
+    settings = a.compare.split(",") if a.compare else []
+    for st in settings:
+        if not all(v.count("=") == 1 and v.split("=")[0] for v in st.split("+")):
+            ap.error(f"--compare: {st!r} is not VAR=VALUE[+VAR=VALUE...]")
     full = DSV4Config.flash()
     cfg = full.layer_range(0, a.layers)
     model = Model.from_state_dict(cfg, synthetic_stored(cfg, "cuda"), mode="faithful", device="cuda")
@@ -113,13 +118,15 @@ def main() -> None:
     if settings:
         import os
 
-        rows, at = [], a.prompt_len + 3
+        rows, at, start = [], a.prompt_len + 3, dict(os.environ)
         for st in settings:
-            os.environ["DSV4_PDL"] = st
+            os.environ.clear()
+            os.environ.update(start)
+            os.environ.update(v.split("=") for v in st.split("+"))
             g = DecodeRunner(model, s.cache.handles(s.slot), graph=True)
             ms = graph_ms(g, ids[at:at + 34])
             at += 34
-            rows.append(f"DSV4_PDL={st} graph step {ms * 1000:8.1f} us")
+            rows.append(f"{st:40s} graph step {ms * 1000:8.1f} us")
             print(rows[-1], flush=True)
             del g
         text = f"{a.layers} layers, prompt {a.prompt_len}, faithful\n" + "\n".join(rows)

@@ -356,3 +356,30 @@ def test_rms_norm_rope_matches_reference(shape, rd):
         a, b = kernels.rms_norm_rope(x, w, 1e-6, ang.cos(), ang.sin()), ref_fn(x, w, 1e-6, ang.cos(), ang.sin())
         assert (a - b).abs().max().item() <= 1e-5 * b.abs().max().item()
 
+
+
+@pytest.mark.parametrize("graph", [False, True])
+def test_shared_expert_on_the_side_stream_changes_nothing(monkeypatch, graph):
+    """The MoE's shared expert on the side stream (kernels/streams.py), beside the router and the
+    routed experts: the same logits, bit for bit, as all on one stream, eager and captured."""
+    from dsv4.engine.model.config import DSV4Config
+    from dsv4.engine.model.model import Model
+    from dsv4.engine.runtime.session import Session
+    from dsv4.engine.tools.synthetic import synthetic_stored
+    from dsv4.kernels import streams
+
+    cfg = DSV4Config.flash().layer_range(2, 4)
+    model = Model.from_state_dict(cfg, synthetic_stored(cfg, "cuda"), mode="faithful", device="cuda")
+    ids = torch.randint(0, cfg.vocab_size, (72,), generator=torch.Generator().manual_seed(5)).tolist()
+
+    def run(overlap: str) -> torch.Tensor:
+        monkeypatch.setenv("DSV4_OVERLAP", overlap)
+        s = Session(model, 256, cuda_graph=graph)
+        out = [s.prefill(ids[:40])] + [s.step(t) for t in ids[40:]]
+        return torch.stack(out).float().cpu()
+
+    streams._SIDE.clear()
+    on = run("1")
+    assert streams._SIDE, "the decode steps never forked onto the side stream"
+    off = run("0")
+    assert torch.equal(on, off)

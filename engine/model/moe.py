@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from dsv4 import kernels
-from dsv4.kernels import ExpertSet
+from dsv4.kernels import ExpertSet, streams
 
 
 def layer_experts(w: dict, p: str, n_experts: int) -> ExpertSet:
@@ -41,7 +41,27 @@ def shared_expert(x: torch.Tensor, w: dict, p: str, limit: float, faithful: bool
 
 def moe(x: torch.Tensor, ctx) -> torch.Tensor:
     """x: [S, d] normed -> [S, d]: the routed experts (ctx.experts; hash routing by ctx.token_ids [S])
-    plus the shared expert. The expert ids stay on the device (no host read)."""
+    plus the shared expert. The expert ids stay on the device (no host read). On a GPU, for a few
+    rows, the shared expert runs on the side stream (kernels/streams.py), beside the router and
+    the routed experts."""
+    w, p, cfg = ctx.w, ctx.prefix + ".ffn", ctx.cfg
+    side = streams.side(x)
+    if side is None:
+        return _routed(x, ctx) + shared_expert(x, w, p + ".shared_experts", cfg.swiglu_limit, ctx.faithful)
+    main = torch.cuda.current_stream(x.device)
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        shared = shared_expert(x, w, p + ".shared_experts", cfg.swiglu_limit, ctx.faithful)
+    out = _routed(x, ctx)
+    main.wait_stream(side)
+    # shared was allocated on the side stream and is freed here, before the main stream's sum has
+    # run: its block returns to the side stream's pool, and the side stream's next work starts
+    # with a wait on the main stream (above), so the sum is done before the block is reused.
+    return out + shared
+
+
+def _routed(x: torch.Tensor, ctx) -> torch.Tensor:
+    """The router and the routed experts of moe(): x [S, d] -> [S, d]."""
     w, p, spec, cfg, token_ids, routed = ctx.w, ctx.prefix + ".ffn", ctx.spec, ctx.cfg, ctx.token_ids, ctx.experts
     gate = w[p + ".gate"]
     scores = kernels.router_scores(x, gate.data if gate.fmt == "dense" and gate.dense is None else gate.dequant())
@@ -50,5 +70,4 @@ def moe(x: torch.Tensor, ctx) -> torch.Tensor:
         weights, ids = kernels.hash_route(scores, w[p + ".gate.tid2eid"], token_ids, scale)
     else:
         weights, ids = kernels.router_topk(scores, w[p + ".gate.bias"], k, scale)
-    out = kernels.routed_experts(x, ids, weights, routed, cfg.swiglu_limit, act_quant=ctx.faithful)
-    return out + shared_expert(x, w, p + ".shared_experts", cfg.swiglu_limit, ctx.faithful)
+    return kernels.routed_experts(x, ids, weights, routed, cfg.swiglu_limit, act_quant=ctx.faithful)

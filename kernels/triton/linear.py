@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from dsv4.kernels import streams
 from dsv4.kernels.reference.linear import QWeight
 
 from . import pdl
@@ -217,12 +218,14 @@ _COUNTS: dict = {}
 
 def _split_buffers(split: int, M: int, N: int, BN: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Split-K partials [split, M, N] and the per-tile arrival counts (int32, kept zero between
-    calls: the last program of each tile resets its count). One count buffer per device, grown
-    when needed (a decode step's warm-up grows it before any CUDA-graph capture)."""
+    calls: the last program of each tile resets its count). One count buffer per device and stream
+    lane (kernels/streams.py: kernels on the side stream may run beside the main stream's), grown
+    when needed (a decode step's warm-up grows them before any CUDA-graph capture)."""
     tiles = M * triton.cdiv(N, BN)
-    cnt = _COUNTS.get(device)
+    key = (device, streams.lane(device) if device.type == "cuda" else 0)
+    cnt = _COUNTS.get(key)
     if cnt is None or cnt.numel() < tiles:
-        cnt = _COUNTS[device] = torch.zeros(max(tiles, 1 << 16), dtype=torch.int32, device=device)
+        cnt = _COUNTS[key] = torch.zeros(max(tiles, 1 << 16), dtype=torch.int32, device=device)
     if split == 1:
         return cnt, cnt  # unused
     return torch.empty((split, M, N), device=device, dtype=torch.float32), cnt
