@@ -44,13 +44,13 @@ decode)
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
   timeout 150 $T tests/test_gpu_kernels.py 2>&1 | tail -4 | tee "$OUT/gpu_tests_kernels.txt"
   timeout 100 python3 bench/profile_decode.py --layers 16 --prompt-len 1024 \
-    --compare DSV4_OVERLAP=0,DSV4_OVERLAP=1,DSV4_OVERLAP=0,DSV4_OVERLAP=1,DSV4_PDL=0+DSV4_OVERLAP=0 \
-    --out "$OUT/compare_overlap.txt" 2>&1 | grep -v Warn | tail -7
-  for p in 1024 65536; do
-    timeout 120 $D bench decode --preset flash --layers 16 --synthetic --prompt-len $p --steps 64 \
-      --json-out "$OUT/decode16_$p.json" 2>&1 | grep -E "ms_per|floor|projected|per.layer"
-  done
+    --compare DSV4_OVERLAP=0,DSV4_OVERLAP=1,DSV4_OVERLAP=moe,DSV4_OVERLAP=compressor,DSV4_OVERLAP=0,DSV4_OVERLAP=1,DSV4_PDL=0+DSV4_OVERLAP=0 \
+    --out "$OUT/compare_overlap.txt" 2>&1 | grep -v Warn | tail -8
+  timeout 100 $D bench decode --preset flash --layers 16 --synthetic --prompt-len 1024 --steps 64 \
+    --json-out "$OUT/decode16_1024.json" 2>&1 | grep -E "ms_per|floor|projected|per.layer"
   timeout 90 $T tests/test_gpu.py tests/test_gpu_speculative.py 2>&1 | tail -4 | tee "$OUT/gpu_tests_engine.txt"
+  timeout 120 $D bench decode --preset flash --layers 16 --synthetic --prompt-len 65536 --steps 64 \
+    --json-out "$OUT/decode16_65536.json" 2>&1 | grep -E "ms_per|floor|projected|per.layer"
   timeout 80 python3 bench/profile_decode.py --layers 16 --prompt-len 1024 --trace --out "$OUT/trace16.txt" \
     2>&1 | grep -v Warn | head -70 ;;
 tune)

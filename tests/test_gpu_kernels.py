@@ -359,9 +359,10 @@ def test_rms_norm_rope_matches_reference(shape, rd):
 
 
 @pytest.mark.parametrize("graph", [False, True])
-def test_shared_expert_on_the_side_stream_changes_nothing(monkeypatch, graph):
-    """The MoE's shared expert on the side stream (kernels/streams.py), beside the router and the
-    routed experts: the same logits, bit for bit, as all on one stream, eager and captured."""
+def test_side_stream_changes_nothing(monkeypatch, graph):
+    """The MoE's shared expert and a compressed layer's compressors on the side stream
+    (kernels/streams.py, layers 2-3: CSA and HCA): the same logits, bit for bit, as all on one
+    stream, eager and captured."""
     from dsv4.engine.model.config import DSV4Config
     from dsv4.engine.model.model import Model
     from dsv4.engine.runtime.session import Session

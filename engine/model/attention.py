@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from dsv4 import kernels
-from dsv4.kernels import quant
+from dsv4.kernels import quant, streams
 from dsv4.kernels import dispatch
 from dsv4.kernels.reference import indexer as _indexer_ref
 from dsv4.kernels.reference.indexer import indexer_topk_indices, topk_entries, topk_merge
@@ -139,12 +139,8 @@ def decode_attention(x: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
     w, p, spec, cfg, handle, pos, rope = ctx.w, ctx.prefix + ".attn", ctx.spec, ctx.cfg, ctx.handle, ctx.positions, ctx.rope
     faithful = ctx.faithful
     cos, sin = rope.at_pos(spec.yarn)
-    qr, q, kv = _project(x, w, p, cfg, cos, sin, False, faithful)  # kv is quantised by its store
-    ring = handle.ring_store()
-    W = cfg.sliding_window
-    kernels.store_entry(kv, ring, rope.once(("ring", W), lambda: torch.remainder(pos, W)))
-
     store, rows, ok = None, None, None
+    side = streams.side(x, "compressor") if spec.ratio else None
     if spec.ratio:
         m, eps = spec.ratio, cfg.rms_norm_eps
         store = handle.entry_store()
@@ -152,21 +148,40 @@ def decode_attention(x: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
         # entry being written, the rows of all entries and which of them have closed (one launch)
         row, rows, ok = rope.once(("entries", m), lambda: kernels.entry_rows(
             pos, handle.block_row(), m, handle.layer.entries_per_block, handle.entry_capacity()))
-        cz = _compressor_inputs(x, w, p, spec)
-        compress_decode(x, w, p + ".compressor", handle, pos, m, spec.attn == "csa", rope, eps, lambda e: e,
-                        store=lambda v: kernels.store_entry(v, store, row), cz=cz[:2])
-        if spec.attn == "csa":
-            istore = handle.index_store()
-            compress_decode(x, w, p + ".indexer.compressor", handle, pos, m, True, rope, eps,
-                            quant.hadamard_transform if faithful else (lambda e: e), name="idx",
-                            store=lambda v: kernels.store_entry(v, istore, row), cz=cz[2:])
-            if handle.entry_capacity() > cfg.index_topk:  # else every closed window is among the top-k
-                scores = _indexer_scores(x, qr, w, p + ".indexer", cfg, handle.read_index_keys_at(rows),
-                                         rope.at_pos(True), _index_quantiser(faithful), faithful)[0]
-                idx, ok = indexer_topk_indices(scores, ok, cfg.index_topk)
-                rows = rows[idx]  # attention reads only the selected entries
+        if side is not None:  # the compressors read only x: beside the projections, joined before attention
+            main = torch.cuda.current_stream(x.device)
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                _compress_decode(x, w, p, spec, handle, pos, rope, eps, faithful, store, row)
+        else:
+            _compress_decode(x, w, p, spec, handle, pos, rope, eps, faithful, store, row)
+    qr, q, kv = _project(x, w, p, cfg, cos, sin, False, faithful)  # kv is quantised by its store
+    ring = handle.ring_store()
+    W = cfg.sliding_window
+    kernels.store_entry(kv, ring, rope.once(("ring", W), lambda: torch.remainder(pos, W)))
+    if side is not None:
+        main.wait_stream(side)  # tensors the side stream made are reused there only after its next wait
+    if spec.attn == "csa" and handle.entry_capacity() > cfg.index_topk:  # else every closed window is in the top-k
+        scores = _indexer_scores(x, qr, w, p + ".indexer", cfg, handle.read_index_keys_at(rows),
+                                 rope.at_pos(True), _index_quantiser(faithful), faithful)[0]
+        idx, ok = indexer_topk_indices(scores, ok, cfg.index_topk)
+        rows = rows[idx]  # attention reads only the selected entries
     o = kernels.decode_attention(q[0], ring, pos, store, rows, ok, w[p + ".attn_sink"], cfg.head_dim ** -0.5)
     return _out(o[None], w, p, cfg, cos, sin, faithful)
+
+
+def _compress_decode(x, w, p, spec, handle, pos, rope, eps, faithful, store, row) -> None:
+    """decode_attention's compressors: the entry (and, CSA, the indexer key) of the window holding
+    pos, stored at ``row`` once the window closes (engine/model/compressor.compress_decode)."""
+    m = spec.ratio
+    cz = _compressor_inputs(x, w, p, spec)
+    compress_decode(x, w, p + ".compressor", handle, pos, m, spec.attn == "csa", rope, eps, lambda e: e,
+                    store=lambda v: kernels.store_entry(v, store, row), cz=cz[:2])
+    if spec.attn == "csa":
+        istore = handle.index_store()
+        compress_decode(x, w, p + ".indexer.compressor", handle, pos, m, True, rope, eps,
+                        quant.hadamard_transform if faithful else (lambda e: e), name="idx",
+                        store=lambda v: kernels.store_entry(v, istore, row), cz=cz[2:])
 
 
 def stacked_linears(p: str, spec) -> dict[str, list[str]]:

@@ -45,7 +45,7 @@ def moe(x: torch.Tensor, ctx) -> torch.Tensor:
     rows, the shared expert runs on the side stream (kernels/streams.py), beside the router and
     the routed experts."""
     w, p, cfg = ctx.w, ctx.prefix + ".ffn", ctx.cfg
-    side = streams.side(x)
+    side = streams.side(x, "moe")
     if side is None:
         return _routed(x, ctx) + shared_expert(x, w, p + ".shared_experts", cfg.swiglu_limit, ctx.faithful)
     main = torch.cuda.current_stream(x.device)
