@@ -129,6 +129,8 @@ def main() -> None:
             rows.append(f"{st:40s} graph step {ms * 1000:8.1f} us")
             print(rows[-1], flush=True)
             del g
+        os.environ.clear()
+        os.environ.update(start)
         text = f"{a.layers} layers, prompt {a.prompt_len}, faithful\n" + "\n".join(rows)
     elif a.trace:
         shapes, inner = [], linear.gemv

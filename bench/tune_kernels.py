@@ -175,18 +175,20 @@ def tune_attention(T: int) -> list[dict]:
     ref = decode_attention(q, ring, pos, *ent, sink, D ** -0.5)
     fn = lambda: ta.decode_attention_triton(q, ring, pos, *ent, sink, D ** -0.5)  # noqa: E731
     keep, out = dict(ta.ATTENTION), []
-    for keys, chunk, values, warps in itertools.product((16, 32), (32, 64), (64, 128, 256), (4, 8)):
-        ta.ATTENTION.update(keys=keys, chunk=chunk, values=values, warps=warps)
-        try:
-            err = ((fn() - ref).abs().max() / ref.abs().max()).item()
-        except triton.runtime.errors.OutOfResources as e:  # a tile too large for the SM
-            print(f"skipped keys={keys} chunk={chunk} values={values} warps={warps}: {e}")
-            continue
-        out.append({"kernel": "decode_attention", "entries": T, "keys": keys, "chunk": chunk, "values": values,
-                    "warps": warps, "us": graph_time(fn) * 1e6, "rel_err": err})
-        print(json.dumps(out[-1]))
-    ta.ATTENTION.clear()
-    ta.ATTENTION.update(keep)
+    try:
+        for keys, chunk, values, warps in itertools.product((16, 32), (32, 64), (64, 128, 256), (4, 8)):
+            ta.ATTENTION.update(keys=keys, chunk=chunk, values=values, warps=warps)
+            try:
+                err = ((fn() - ref).abs().max() / ref.abs().max()).item()
+            except triton.runtime.errors.OutOfResources as e:  # a tile too large for the SM
+                print(f"skipped keys={keys} chunk={chunk} values={values} warps={warps}: {e}")
+                continue
+            out.append({"kernel": "decode_attention", "entries": T, "keys": keys, "chunk": chunk, "values": values,
+                        "warps": warps, "us": graph_time(fn) * 1e6, "rel_err": err})
+            print(json.dumps(out[-1]))
+    finally:
+        ta.ATTENTION.clear()
+        ta.ATTENTION.update(keep)
     return out
 
 

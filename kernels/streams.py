@@ -7,8 +7,8 @@ shared expert beside the router and the routed experts: they read the same input
 the sum) and "compressor" (a compressed layer's compressors, which read only the layer input, beside
 the query / KV projections). Split-K kernels launched on the side stream count their arrivals in
 their own buffer (``lane``), so they may run while split-K kernels on the main stream do. Off (None)
-on the CPU and for more than MAX_ROWS rows (a prefill chunk fills the GPU alone). DSV4_OVERLAP: 1
-(default) every site, 0 none, or a comma-separated list of sites.
+on the CPU, for more than MAX_ROWS rows (a prefill chunk fills the GPU alone) and with autograd on.
+DSV4_OVERLAP: 1 (default) every site, 0 none, or a comma-separated list of sites.
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ SITES = ("moe", "compressor")
 def side(x: torch.Tensor, site: str) -> torch.cuda.Stream | None:
     """The side stream of x's device for the work of ``site`` (one of SITES) on x ([rows, ...]), or
     None where overlap is off."""
-    want = os.environ.get("DSV4_OVERLAP", "1")
+    want = os.environ.get("DSV4_OVERLAP", "1").replace(" ", "")
     on = want == "1" or site in want.split(",")
-    if x.device.type != "cuda" or x.shape[0] > MAX_ROWS or not on:
+    if x.device.type != "cuda" or x.shape[0] > MAX_ROWS or not on or torch.is_grad_enabled():
         return None
     if x.device not in _SIDE:
         _SIDE[x.device] = torch.cuda.Stream(x.device)

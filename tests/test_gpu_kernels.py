@@ -361,26 +361,45 @@ def test_rms_norm_rope_matches_reference(shape, rd):
 @pytest.mark.parametrize("graph", [False, True])
 def test_side_stream_changes_nothing(monkeypatch, graph):
     """The MoE's shared expert and a compressed layer's compressors on the side stream
-    (kernels/streams.py, layers 2-3: CSA and HCA): the same logits, bit for bit, as all on one
-    stream, eager and captured."""
+    (kernels/streams.py; layers 2-3: CSA and HCA): the same logits, bit for bit, as all on one
+    stream, over static decode steps eager and captured. The steps cross an HCA window's close
+    (position 127) and the cache holds more entries than the indexer's top-k, so the indexer reads
+    keys the side stream stored."""
     from dsv4.engine.model.config import DSV4Config
     from dsv4.engine.model.model import Model
+    from dsv4.engine.runtime.decode import DecodeRunner
     from dsv4.engine.runtime.session import Session
     from dsv4.engine.tools.synthetic import synthetic_stored
     from dsv4.kernels import streams
 
     cfg = DSV4Config.flash().layer_range(2, 4)
     model = Model.from_state_dict(cfg, synthetic_stored(cfg, "cuda"), mode="faithful", device="cuda")
-    ids = torch.randint(0, cfg.vocab_size, (72,), generator=torch.Generator().manual_seed(5)).tolist()
+    ids = torch.randint(0, cfg.vocab_size, (140,), generator=torch.Generator().manual_seed(5)).tolist()
+    forked, side = [], streams.side
+
+    def recording(x, site):
+        st = side(x, site)
+        if st is not None:
+            forked.append(site)
+        return st
+
+    monkeypatch.setattr(streams, "side", recording)
 
     def run(overlap: str) -> torch.Tensor:
         monkeypatch.setenv("DSV4_OVERLAP", overlap)
-        s = Session(model, 256, cuda_graph=graph)
-        out = [s.prefill(ids[:40])] + [s.step(t) for t in ids[40:]]
+        s = Session(model, 4096, cuda_graph=False)
+        assert s.cache.entry_capacity(4) > cfg.index_topk
+        out = [s.prefill(ids[:100])]
+        r = DecodeRunner(model, s.cache.handles(s.slot), graph=graph)
+        for t in ids[100:]:
+            s.cache.prepare(s.slot, 1)
+            out.append(r.step(t, s.seq_len))
+            s.cache.commit(s.slot, 1)
         return torch.stack(out).float().cpu()
 
-    streams._SIDE.clear()
     on = run("1")
-    assert streams._SIDE, "the decode steps never forked onto the side stream"
+    assert {"moe", "compressor"} <= set(forked), forked
+    forked.clear()
     off = run("0")
+    assert not forked
     assert torch.equal(on, off)
