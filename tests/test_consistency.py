@@ -17,7 +17,7 @@ from dsv4.engine.runtime.session import Session
 TOL = {"exact": 1e-5, "faithful": 5e-3}
 FAITHFUL_MEDIAN = 2e-3  # median token; measured <= 4.4e-4
 FAITHFUL_SHARE = 0.85  # share of tokens within TOL["faithful"]; measured >= 0.95
-FAITHFUL_WORST = 0.25  # a flipped near-tie; measured <= 1.3%; the faithful-vs-exact gap allows 1/2
+FAITHFUL_WORST = 0.05  # a flipped near-tie; measured <= 1.3% (CI-like CPU kernels), 0.7% on CI itself
 
 
 @pytest.fixture(scope="module")
