@@ -76,6 +76,8 @@ def main() -> None:
     ap.add_argument("--compare", default=None, metavar="SETTINGS")
     a = ap.parse_args()
     settings = a.compare.split(",") if a.compare else []
+    if settings and a.trace:
+        ap.error("--compare and --trace are two separate runs: pick one")
     for st in settings:
         if not all(v.count("=") == 1 and v.split("=")[0] for v in st.split("+")):
             ap.error(f"--compare: {st!r} is not VAR=VALUE[+VAR=VALUE...]")
