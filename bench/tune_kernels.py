@@ -83,8 +83,8 @@ def tune_experts(fmt: str, E: int, k: int, rows, block_ks, warps, mode: int = 0)
         opts = {"FMT": code, "BLOCK_N": r, "BLOCK_K": bk, "MODE": mode, "QX": False, "PDL": False, "num_warps": nw}
         if kind == "up":
             fn = lambda o=opts, r=r: tm._experts_up[(triton.cdiv(inter, r), k)](  # noqa: E731
-                x, xq, xs, sets[next(nxt) % len(sets)], t["w1"][0], t["w1"][1], t["w3"][0], t["w3"][1], t["w1"][2], t["w3"][2], h, inter, d,
-                10.0, **o)
+                x, xq, xs, sets[next(nxt) % len(sets)], t["w1"][0], t["w1"][1], t["w3"][0], t["w3"][1], t["w1"][2],
+                t["w3"][2], h, inter, d, 10.0, **o)
             nbytes = 2 * k * one
         else:
             fn = lambda o=opts, r=r: tm._experts_down[(triton.cdiv(d, r), k)](  # noqa: E731

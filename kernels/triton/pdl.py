@@ -4,17 +4,17 @@ A decode step is a chain of about 38 kernels per layer, each reading what the on
 Launched plainly, a kernel is scheduled only once the previous one has finished, and in the CUDA
 graph that costs about 1 us per kernel (H200, a 16-layer step of 605 kernels: the graph took 633 us
 longer than the kernels' sum; profile of 2026-12-01 in git history). Launched with PDL
-(``launch(...)``), a kernel's programs may be scheduled while the previous kernel still runs; each program first waits for it (``wait``:
-griddepcontrol.wait, the previous grid complete and its writes visible), then lets the next kernel
-be scheduled (griddepcontrol.launch_dependents). Every read and write of the step's data comes
-after the wait, so memory sees the plain launches' order; the order is transitive, as every
-kernel in the chain waits before it finishes.
+(``launch(...)``), a kernel's programs may be scheduled while the previous kernel still runs; each
+program first waits for it (``wait``: griddepcontrol.wait, the previous grid complete and its writes
+visible), then lets the next kernel be scheduled (griddepcontrol.launch_dependents). Every read and
+write of the step's data comes after the wait, so memory sees the plain launches' order; the order
+is transitive, as every kernel in the chain waits before it finishes.
 
 Measured on the H200 (16 Flash layers, prompt 1024, faithful, CUDA-graph step, bench/profile_decode.py
 --compare DSV4_PDL=0,DSV4_PDL=1): 3345 us plain, 3177 / 3144 us with PDL; on 2026-12-02 3400 / 3401
 us plain, 3179 / 3178 us with PDL, and in the final code with the side stream off 3433 us plain,
-3222 / 3210 us with PDL (bench/results/h200_decode_overlap_pdl.txt). Two variants measured no better and are not
-kept: the trigger left implicit (the next kernel scheduled as this one's programs exit, 3376 us), and
+3222 / 3210 us with PDL (bench/results/h200_decode_overlap_pdl.txt). Two variants measured no
+better and are not kept: the trigger left implicit (the next kernel scheduled as this one's programs exit, 3376 us), and
 GEMVs prefetching the first 8 / 32 lines of their weight rows into L2 before the wait (3259 / 3503
 us; the prefetch competes with the running kernel for bandwidth; prefetching whole slices, the
 earlier design, took 3760 us against 3526 us plain).
