@@ -217,8 +217,9 @@ def test_decode_roofline_and_projection_follow_their_definitions():
 
 
 # ----------------------------------------------------------------- bench: CLI runs
-def test_bench_decode_on_cpu(cli_inprocess, demo_checkpoint, tmp_path):
+def test_bench_decode_on_cpu(cli_inprocess, demo_checkpoint, tmp_path, monkeypatch):
     out = tmp_path / "r.json"
+    monkeypatch.setenv("DSV4_OVERLAP", "0")  # recorded with the result, as every DSV4_* setting
     r = cli_inprocess("bench", "decode", "--model", demo_checkpoint, "--device", "cpu", "--prompt-len", "150", "--steps", "4",
             "--warmup", "2", "--threads", "1", "--json-out", out)
     assert r.returncode == 0, r.stderr
@@ -226,6 +227,7 @@ def test_bench_decode_on_cpu(cli_inprocess, demo_checkpoint, tmp_path):
     d = json.loads(out.read_text())
     assert d["p10_s"] <= d["median_s"] <= d["p90_s"] and d["runs"] == 4
     assert d["environment"]["torch_threads"] == 1 and d["environment"]["command"].startswith("dsv4 bench decode")
+    assert d["environment"]["dsv4_settings"].get("DSV4_OVERLAP") == "0"
     layers, head = _hand_weight_bytes(demo_config())
     assert d["head_embed_bytes_per_token"] == head
     assert abs(d["layer_weight_bytes_per_token"] - layers) <= 4

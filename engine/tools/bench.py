@@ -658,18 +658,27 @@ def perplexity(model: Model, token_ids: list[int], bos_id: int, max_context: int
 
 def environment(device, threads: int | None = None) -> dict:
     """Where and when a result was measured: date (UTC), the command line, versions, host, the card
-    (GPU name, or the CPU model and its core counts) and the torch CPU threads used."""
+    (GPU name, or the CPU model and its core counts), the torch CPU threads used, the DSV4_*
+    settings in the environment (DSV4_PDL, DSV4_OVERLAP, ...: they change how kernels launch) and,
+    on a GPU, whether the kernels launched with PDL."""
+    import os
+
     env = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "command": " ".join(["dsv4"] + sys.argv[1:]), "python": platform.python_version(),
            "torch": torch.__version__, "device": str(device), "host": platform.node(),
-           "torch_threads": torch.get_num_threads() if threads is None else threads}
+           "torch_threads": torch.get_num_threads() if threads is None else threads,
+           "dsv4_settings": {k: v for k, v in sorted(os.environ.items()) if k.startswith("DSV4_")}}
     if str(device).startswith("cuda"):
         env["card"] = torch.cuda.get_device_name(device)
         env["cuda"] = torch.version.cuda
+        try:
+            from dsv4.kernels.triton import pdl
+
+            env["pdl"] = pdl.on(torch.device(device))
+        except ImportError:  # no Triton: the torch reference ran, nothing launched with PDL
+            env["pdl"] = False
     else:
         env["card"] = _cpu_model() or platform.processor() or platform.machine()
-        import os
-
         env["logical_cpus"] = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         if hasattr(os, "getloadavg"):
             env["load_average_1min"] = round(os.getloadavg()[0], 2)
