@@ -197,16 +197,17 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--only", choices=("experts", "attention", "gemv"), default=None)
     a = ap.parse_args()
-    if a.only == "attention":
-        res = [r for T in (512, 256, 16) for r in tune_attention(T)]
-        total = {}
-        for r in res:
-            key = (r["keys"], r["chunk"], r["values"], r["warps"])
-            total[key] = total.get(key, 0.0) + r["us"]
-        for key, us in sorted(total.items(), key=lambda kv: kv[1])[:5]:
-            print("BEST keys/chunk/values/warps", key, f"{us:.1f} us summed over 512, 256, 16 entries")
     if a.only in ("attention", "gemv"):
-        res = res if a.only == "attention" else tune_gemv()
+        if a.only == "gemv":
+            res = tune_gemv()
+        else:
+            res = [r for T in (512, 256, 16) for r in tune_attention(T)]
+            total = {}
+            for r in res:
+                key = (r["keys"], r["chunk"], r["values"], r["warps"])
+                total[key] = total.get(key, 0.0) + r["us"]
+            for key, us in sorted(total.items(), key=lambda kv: kv[1])[:5]:
+                print("BEST keys/chunk/values/warps", key, f"{us:.1f} us summed over 512, 256, 16 entries")
         if a.out:
             with open(a.out, "w") as f:
                 json.dump({"all": res, "card": torch.cuda.get_device_name()}, f, indent=1)

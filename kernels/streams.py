@@ -36,6 +36,22 @@ def side(x: torch.Tensor, site: str) -> torch.cuda.Stream | None:
     return _SIDE[x.device]
 
 
+def beside(side: torch.cuda.Stream | None, fn):
+    """Run fn() on ``side`` after the current stream's work so far (inline when side is None).
+    -> (fn's result, join): join() makes the current stream wait for that work.
+
+    What fn allocates comes from the side stream's pool and may be freed once the current stream
+    has used it, before that use has run: the block is reused only by later side-stream work, which
+    starts with this wait on the current stream, so the use is done by then."""
+    if side is None:
+        return fn(), lambda: None
+    main = torch.cuda.current_stream(side.device)
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        out = fn()
+    return out, lambda: main.wait_stream(side)
+
+
 def lane(device: torch.device) -> int:
     """1 while the current stream is ``device``'s side stream, else 0."""
     s = _SIDE.get(device)

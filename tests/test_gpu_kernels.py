@@ -357,7 +357,6 @@ def test_rms_norm_rope_matches_reference(shape, rd):
         assert (a - b).abs().max().item() <= 1e-5 * b.abs().max().item()
 
 
-
 @pytest.mark.parametrize("graph", [False, True])
 def test_side_stream_changes_nothing(monkeypatch, graph):
     """The MoE's shared expert and a compressed layer's compressors on the side stream

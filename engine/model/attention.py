@@ -139,8 +139,7 @@ def decode_attention(x: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
     w, p, spec, cfg, handle, pos, rope = ctx.w, ctx.prefix + ".attn", ctx.spec, ctx.cfg, ctx.handle, ctx.positions, ctx.rope
     faithful = ctx.faithful
     cos, sin = rope.at_pos(spec.yarn)
-    store, rows, ok = None, None, None
-    side = streams.side(x, "compressor") if spec.ratio else None
+    store, rows, ok, join = None, None, None, (lambda: None)
     if spec.ratio:
         m, eps = spec.ratio, cfg.rms_norm_eps
         store = handle.entry_store()
@@ -148,19 +147,14 @@ def decode_attention(x: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
         # entry being written, the rows of all entries and which of them have closed (one launch)
         row, rows, ok = rope.once(("entries", m), lambda: kernels.entry_rows(
             pos, handle.block_row(), m, handle.layer.entries_per_block, handle.entry_capacity()))
-        if side is not None:  # the compressors read only x: beside the projections, joined before attention
-            main = torch.cuda.current_stream(x.device)
-            side.wait_stream(main)
-            with torch.cuda.stream(side):
-                _compress_decode(x, w, p, spec, handle, pos, rope, eps, faithful, store, row)
-        else:
-            _compress_decode(x, w, p, spec, handle, pos, rope, eps, faithful, store, row)
+        # the compressors read only x: beside the projections, joined before the indexer and attention
+        _, join = streams.beside(streams.side(x, "compressor"), lambda: _compress_decode(
+            x, w, p, spec, handle, pos, rope, eps, faithful, store, row))
     qr, q, kv = _project(x, w, p, cfg, cos, sin, False, faithful)  # kv is quantised by its store
     ring = handle.ring_store()
     W = cfg.sliding_window
     kernels.store_entry(kv, ring, rope.once(("ring", W), lambda: torch.remainder(pos, W)))
-    if side is not None:
-        main.wait_stream(side)  # tensors the side stream made are reused there only after its next wait
+    join()
     if spec.attn == "csa" and handle.entry_capacity() > cfg.index_topk:  # else every closed window is in the top-k
         scores = _indexer_scores(x, qr, w, p + ".indexer", cfg, handle.read_index_keys_at(rows),
                                  rope.at_pos(True), _index_quantiser(faithful), faithful)[0]

@@ -45,18 +45,10 @@ def moe(x: torch.Tensor, ctx) -> torch.Tensor:
     rows, the shared expert runs on the side stream (kernels/streams.py), beside the router and
     the routed experts."""
     w, p, cfg = ctx.w, ctx.prefix + ".ffn", ctx.cfg
-    side = streams.side(x, "moe")
-    if side is None:
-        return _routed(x, ctx) + shared_expert(x, w, p + ".shared_experts", cfg.swiglu_limit, ctx.faithful)
-    main = torch.cuda.current_stream(x.device)
-    side.wait_stream(main)
-    with torch.cuda.stream(side):
-        shared = shared_expert(x, w, p + ".shared_experts", cfg.swiglu_limit, ctx.faithful)
+    shared, join = streams.beside(streams.side(x, "moe"), lambda: shared_expert(
+        x, w, p + ".shared_experts", cfg.swiglu_limit, ctx.faithful))
     out = _routed(x, ctx)
-    main.wait_stream(side)
-    # shared was allocated on the side stream and is freed here, before the main stream's sum has
-    # run: its block returns to the side stream's pool, and the side stream's next work starts
-    # with a wait on the main stream (above), so the sum is done before the block is reused.
+    join()
     return out + shared
 
 
