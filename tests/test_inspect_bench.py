@@ -425,3 +425,21 @@ def test_bench_decode_mtp_reports_identical_tokens_and_draft_counts(cli_inproces
     assert out["projected_tokens_per_s"] == pytest.approx(1.5 / ((v + m + 0.5 * f) / 1000), rel=1e-6)
     bad = cli_inprocess("bench", "decode", "--model", str(builtin_model_dir()), "--mtp-acceptance", "0.5")
     assert bad.returncode == 2 and "needs --mtp" in bad.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--compare", "DSV4_PDL"], "is not VAR=VALUE"),
+    (["--compare", "DSV4_PDL=0+=1"], "is not VAR=VALUE"),
+    (["--compare", "DSV4_PDL=0", "--trace"], "--compare and --trace are two separate runs"),
+])
+def test_profile_decode_refuses_bad_settings_before_any_work(args, message, tmp_path):
+    """bench/profile_decode.py --compare: a malformed setting (or --trace beside it) is one usage
+    line and exit 2, before a model is built or a GPU is asked for (so it runs here on the CPU)."""
+    import pathlib
+    import subprocess
+    import sys
+
+    script = pathlib.Path(__file__).resolve().parents[1] / "bench" / "profile_decode.py"
+    r = subprocess.run([sys.executable, str(script), *args], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and message in r.stderr.strip().splitlines()[-1], r.stderr
