@@ -52,6 +52,7 @@ compress_windows = _op("compress_windows", _compress.compress_windows)
 compress_decode = _op("compress_decode", _compress.compress_decode)
 indexer_scores = _op("indexer_scores", _indexer.indexer_scores)
 indexer_topk = _op("indexer_topk", _indexer.indexer_topk)
+indexer_select_decode = _op("indexer_select_decode", _indexer.indexer_select_decode)
 router_scores = _op("router_scores", _moe.router_scores)
 router_topk = _op("router_topk", _moe.router_topk)
 hash_route = _op("hash_route", _moe.hash_route)
@@ -95,7 +96,7 @@ __all__ = [
     "ExpertSet", "QWeight", "apply_rope", "backends", "chunk_attention", "compress_decode", "compress_windows",
     "decode_attention",
     "dispatch", "entry_rows", "formats", "grouped_linear", "hash_route", "hc_head", "implementation",
-    "indexer_scores", "indexer_topk", "linear", "mhc_post", "mhc_pre", "quant", "register",
+    "indexer_scores", "indexer_select_decode", "indexer_topk", "linear", "mhc_post", "mhc_pre", "quant", "register",
     "register_triton_kernels", "rms_norm", "rms_norm_rope", "rope_cos_sin", "rope_inv_freq", "router_scores",
     "router_topk", "routed_experts", "sinkhorn", "sparse_mqa_attention", "store_entry", "swiglu", "use_backend",
 ]

@@ -4,7 +4,10 @@ Every op has a torch ``reference`` implementation (the oracle). A faster impleme
 for a device type (``register(op, "triton", fn, device="cuda", supports=pred)``); a call runs it
 when its inputs live on that device and ``supports(*args)`` accepts them, else the reference. The
 mode comes from ``DSV4_KERNELS`` (``auto``, the default, or ``reference``, which forces the oracle
-everywhere) and can be changed for tests with ``use_backend``.
+everywhere) and can be changed for tests with ``use_backend``. ``DSV4_REFERENCE_OPS`` names ops
+(separated by commas or colons) that run their reference whatever the mode: to isolate one kernel
+when chasing a wrong result, or to time a kernel against its reference in the same process (read
+at each call, so a CUDA graph captured after changing it follows it).
 
 What ran is counted per op and implementation (``report``; ``dsv4 bench`` prints it), and a GPU
 kernel module that failed to import is recorded with its cause (``unavailable``): on CUDA that is
@@ -54,7 +57,7 @@ def register(op: str, name: str, fn: Callable, device: str | None = None,
 def choose(op: str, device_type: str, args: tuple = (), kwargs: dict | None = None) -> Impl:
     """The implementation a call of ``op`` with these arguments runs (not recorded)."""
     impls = _REGISTRY[op]
-    if _state["mode"] != "reference":
+    if _state["mode"] != "reference" and op not in forced_reference():
         for impl in impls[:-1]:
             if impl.device == device_type and (impl.supports is None or impl.supports(*args, **(kwargs or {}))):
                 return impl
@@ -121,8 +124,18 @@ def unavailable() -> dict[str, str]:
     return dict(_UNAVAILABLE)
 
 
+def forced_reference() -> set[str]:
+    """The ops DSV4_REFERENCE_OPS sends to their reference."""
+    names = os.environ.get("DSV4_REFERENCE_OPS", "").replace(":", ",").split(",")
+    return {o.strip() for o in names if o.strip()}
+
+
 def require_kernels(device_type: str) -> None:
-    """Raise if the fast kernels for ``device_type`` failed to load and the mode wants them."""
+    """Raise if the fast kernels for ``device_type`` failed to load and the mode wants them, or if
+    DSV4_REFERENCE_OPS names an op that does not exist."""
+    unknown = sorted(o for o in forced_reference() if o not in _REGISTRY)
+    if unknown:
+        raise KernelError(f"DSV4_REFERENCE_OPS names unknown op {unknown[0]!r}; ops: {', '.join(ops())}")
     if _state["mode"] != "reference" and device_type in _UNAVAILABLE:
         raise KernelError(f"the {device_type} kernels failed to load ({_UNAVAILABLE[device_type]}); fix the "
                           "install, or set DSV4_KERNELS=reference to run the (much slower) torch references")

@@ -25,7 +25,7 @@ from dsv4.kernels.reference.moe import hash_route, router_scores, router_topk  #
 from dsv4.kernels.reference.attention import decode_attention  # noqa: E402
 from dsv4.kernels.reference.entries import entry_rows, store_entry  # noqa: E402
 from dsv4.kernels.reference.moe import routed_experts  # noqa: E402
-from kernel_cases import FORMATS, expert_set, store  # noqa: E402
+from kernel_cases import FORMATS, expert_set, index_select_case, store  # noqa: E402
 
 g = torch.Generator().manual_seed(0)
 BOUND = 1e-5
@@ -129,6 +129,23 @@ def attention_checks():
         ent = (pool, rows, ok) if T else (None, None, None)
         close(f"decode_attention {kind} H={H} D={D} W={W} T={T} pos={pos}",
               tatt.decode_attention_triton(q, ring, p, *ent, sink, D ** -0.5), decode_attention(q, ring, p, *ent, sink, D ** -0.5))
+
+
+def indexer_checks():
+    """The decode indexer (scores over keys in their stored format, radix top-k): the same entries in
+    the same order as the reference, ties included; the select program's steps made small so the
+    entries take several of them."""
+    from dsv4.kernels.reference.indexer import indexer_select_decode
+    from dsv4.kernels.triton import decode_indexer as tdi
+
+    tdi.SELECT["block"] = 32
+    for kind, H, Di, n, k, vis in [("fp4", 4, 64, 150, 16, 120), ("fp4", 3, 32, 90, 8, 5), ("f32", 5, 48, 77, 12, 77),
+                                   ("f32", 2, 16, 40, 39, 40)]:
+        args = index_select_case(kind, H, Di, n, k, vis, g)
+        got, ref = tdi.indexer_select_decode_triton(*args), indexer_select_decode(*args)
+        assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1]), \
+            f"indexer_select_decode {kind} n={n} k={k}: {got[0].tolist()} vs {ref[0].tolist()}"
+        print(f"ok indexer_select_decode {kind} H={H} Di={Di} n={n} k={k} visible={vis} (equal)")
 
 
 def compress_windows_checks():
@@ -252,7 +269,7 @@ def engine_check():
             err = (fast - ref).abs().max().item() / ref.abs().max().item()
             ran = dispatch.report()
             assert not static or all("triton" in ran[op] for op in ("linear", "mhc_pre", "decode_attention",
-                                                                    "routed_experts")), ran
+                                                                    "routed_experts", "indexer_select_decode")), ran
             what = "static decode step" if static else "decode"
             assert err <= bound, f"{mode}: kernel path ({what}) vs reference path over 4 steps: {err:.2e}"
             print(f"ok engine kernel path, {mode}, {what} {err:.1e}")

@@ -36,3 +36,29 @@ def store(kind: str, rows: int, D: int, r: int, device="cpu") -> dict:
     """An empty entry store (kernels/entries.py layout) of ``rows`` entries of D channels, r of them
     RoPE: kind "kv", "fp4" or "f32"."""
     return EntryStore(rows, EntryFormat(D, r, kind), device).tensors
+
+
+def index_select_case(kind: str, H: int, Di: int, n: int, k: int, visible: int, g: torch.Generator,
+                      device="cpu") -> tuple:
+    """Arguments of kernels.indexer_select_decode (q [H, Di], weights [H], store, rows [n], ok [n], k)
+    whose scores are exact in any summation order, so the kernel must choose exactly the reference's
+    entries: FP4 queries and keys (kind "fp4") or small integers (kind "f32"), power-of-two head
+    weights of both signs. Ties on purpose: a run of entries share one key, others are zero (score
+    0). Entries sit at scattered pool rows; the first ``visible`` may be seen."""
+    if kind == "fp4":
+        q = quant.fp4_quant_dequant(torch.randn(H, Di, generator=g))
+        keys = torch.randn(n, Di, generator=g)
+    else:
+        q = torch.randint(-3, 4, (H, Di), generator=g).float()
+        keys = torch.randint(-3, 4, (n, Di), generator=g).float()
+    keys[n // 3: n // 3 + 5] = keys[n // 2]  # equal keys: equal scores, taken lowest entry first
+    keys[torch.randperm(n, generator=g)[: n // 4]] = 0.0
+    sign = torch.where(torch.rand(H, generator=g) < 0.3, -1.0, 1.0)
+    weights = sign * torch.exp2(torch.randint(-2, 3, (H,), generator=g).float())
+    st = EntryStore(n + 11, EntryFormat(Di, 0, kind), "cpu").tensors
+    rows = torch.randperm(n + 11, generator=g)[:n]
+    from dsv4.kernels.reference.entries import write_entries
+    write_entries(st, rows, keys)
+    ok = torch.arange(n) < visible
+    to = lambda t: t.to(device)  # noqa: E731
+    return to(q), to(weights), {name: to(t) for name, t in st.items()}, to(rows), to(ok), k

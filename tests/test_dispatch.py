@@ -36,6 +36,20 @@ def test_the_supported_call_runs_the_kernel_else_the_reference_and_both_are_reco
     assert dispatch.choose("rms_norm", "cuda", (x8, None, 1e-6)).name == "reference"  # registered for cpu only
 
 
+def test_reference_ops_env_sends_named_ops_to_their_reference(fake_cpu_kernel, monkeypatch, tiny_cfg, tiny_tensors):
+    x8 = torch.randn(3, 8)
+    monkeypatch.setenv("DSV4_REFERENCE_OPS", "swiglu: rms_norm")
+    assert not torch.equal(kernels.rms_norm(x8, None, 1e-6), torch.full_like(x8, 7.0))
+    monkeypatch.setenv("DSV4_REFERENCE_OPS", "swiglu")
+    assert torch.equal(kernels.rms_norm(x8, None, 1e-6), torch.full_like(x8, 7.0))
+    assert dispatch.report()["rms_norm"] == {"reference": 1, "fake": 1}
+    from dsv4.engine.model.model import Model
+
+    monkeypatch.setenv("DSV4_REFERENCE_OPS", "rms_norm,rms_nrom")
+    with pytest.raises(dispatch.KernelError, match="unknown op 'rms_nrom'"):
+        Model.from_state_dict(tiny_cfg, tiny_tensors)
+
+
 def test_unknown_kernel_mode_is_refused():
     with pytest.raises(dispatch.KernelError, match="use auto or reference"):
         with dispatch.use_backend("fast"):

@@ -15,7 +15,7 @@ import torch
 from dsv4 import kernels
 from dsv4.kernels.dispatch import implementation, use_backend
 from dsv4.kernels.reference.linear import grouped_linear_reference, linear_reference
-from kernel_cases import FORMATS, expert_set, store, weight
+from kernel_cases import FORMATS, expert_set, index_select_case, store, weight
 
 pytestmark = pytest.mark.gpu
 
@@ -200,6 +200,20 @@ def test_decode_attention_matches_reference(kind, H, D, W, T, pos):
     assert implementation("decode_attention", "cuda") is not ref_fn
     a, b = kernels.decode_attention(q, ring, p, *ent, sink, D ** -0.5), ref_fn(q, ring, p, *ent, sink, D ** -0.5)
     assert (a - b).abs().max().item() <= 1e-5 * b.abs().max().item()
+
+
+@pytest.mark.parametrize("kind,H,Di,n,k,visible", [("fp4", 64, 128, 16400, 512, 16000), ("fp4", 64, 128, 4100, 512, 300),
+                                                     ("fp4", 64, 128, 262144, 512, 262144), ("f32", 3, 64, 700, 16, 650)])
+def test_indexer_select_decode_chooses_the_reference_entries(kind, H, Di, n, k, visible):
+    """Flash's indexer at 64k and 1M tokens of context (16k / 256k CSA entries, top 512), with fewer
+    visible entries than k, and exact mode's float32 keys: the same pool rows in the same order."""
+    from dsv4.kernels.reference.indexer import indexer_select_decode as ref_fn
+
+    args = index_select_case(kind, H, Di, n, k, visible, torch.Generator().manual_seed(n + k), "cuda")
+    assert implementation("indexer_select_decode", "cuda") is not ref_fn
+    (rows, ok), (ref_rows, ref_ok) = kernels.indexer_select_decode(*args), ref_fn(*args)
+    assert torch.equal(rows, ref_rows) and torch.equal(ok, ref_ok)
+    assert ok.sum().item() == min(k, visible)
 
 
 @pytest.mark.parametrize("ratio,D,overlap", [(4, 512, True), (128, 512, False), (4, 128, True)])

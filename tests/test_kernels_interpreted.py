@@ -17,7 +17,7 @@ ROOT = SCRIPT.parents[1]
 
 
 @pytest.mark.parametrize("group", ["gemv", "router", "experts", "attention", "compress", "elementwise", "engine",
-                                   "prefill"])
+                                   "prefill", "indexer"])
 def test_triton_kernels_match_references_in_the_interpreter(group):
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT), CUDA_VISIBLE_DEVICES="")
     r = subprocess.run([sys.executable, str(SCRIPT), group], capture_output=True, text=True, env=env, timeout=1800)  # a hang guard

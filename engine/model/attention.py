@@ -14,7 +14,7 @@ from dsv4 import kernels
 from dsv4.kernels import quant, streams
 from dsv4.kernels import dispatch
 from dsv4.kernels.reference import indexer as _indexer_ref
-from dsv4.kernels.reference.indexer import indexer_topk_indices, topk_entries, topk_merge
+from dsv4.kernels.reference.indexer import topk_entries, topk_merge
 
 from .compressor import compress_decode, compress_step
 from .context import LayerContext
@@ -156,10 +156,10 @@ def decode_attention(x: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
     kernels.store_entry(kv, ring, rope.once(("ring", W), lambda: torch.remainder(pos, W)))
     join()
     if spec.attn == "csa" and handle.entry_capacity() > cfg.index_topk:  # else every closed window is in the top-k
-        scores = _indexer_scores(x, qr, w, p + ".indexer", cfg, handle.read_index_keys_at(rows),
-                                 rope.at_pos(True), _index_quantiser(faithful), faithful)[0]
-        idx, ok = indexer_topk_indices(scores, ok, cfg.index_topk)
-        rows = rows[idx]  # attention reads only the selected entries
+        q_i, weights = _indexer_query(x, qr, w, p + ".indexer", cfg, rope.at_pos(True), _index_quantiser(faithful),
+                                      faithful)
+        # attention reads only the selected entries
+        rows, ok = kernels.indexer_select_decode(q_i[0], weights[0], handle.index_store(), rows, ok, cfg.index_topk)
     o = kernels.decode_attention(q[0], ring, pos, store, rows, ok, w[p + ".attn_sink"], cfg.head_dim ** -0.5)
     return _out(o[None], w, p, cfg, cos, sin, faithful)
 
@@ -204,13 +204,19 @@ def _index_quantiser(faithful: bool):
     return quant.indexer_quant_dequant if faithful else (lambda e: e)
 
 
-def _indexer_scores(x, qr, w, p, cfg, keys, cos_sin, iq, faithful) -> torch.Tensor:
-    """Lightning Indexer scores [S, T] of each query against the stored keys [T, Di]."""
+def _indexer_query(x, qr, w, p, cfg, cos_sin, iq, faithful) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lightning Indexer queries [S, Hi, Di] (rotated, and quantised by iq) and head weights [S, Hi]
+    float32 (scaled by Di^-1/2 Hi^-1/2)."""
     S = x.shape[0]
     Hi, Di = cfg.index_n_heads, cfg.index_head_dim
     q = kernels.apply_rope(kernels.linear(qr, w[p + ".wq_b"], act_quant=faithful).view(S, Hi, Di), *cos_sin)
-    q = iq(q)
     weights = kernels.linear(x, w[p + ".weights_proj"]).float() * (Di ** -0.5 * Hi ** -0.5)
+    return iq(q), weights
+
+
+def _indexer_scores(x, qr, w, p, cfg, keys, cos_sin, iq, faithful) -> torch.Tensor:
+    """Lightning Indexer scores [S, T] of each query against the stored keys [T, Di]."""
+    q, weights = _indexer_query(x, qr, w, p, cfg, cos_sin, iq, faithful)
     return kernels.indexer_scores(q, keys, weights)
 
 
@@ -234,11 +240,10 @@ def _indexer_topk_tiles(x, qr, w, p, cfg, handle, rows, positions, ratio, cos_si
     from the cache's index store at ``rows`` [n] one tile at a time; nothing of size [S, n] is kept.
     Faithful mode: q and keys are FP4 values (e2m1 x a power of two), exact in bf16, so they travel
     as bf16 (the same scores, and bf16 tensor-core dots in the kernel)."""
-    S, Hi, Di, k = x.shape[0], cfg.index_n_heads, cfg.index_head_dim, cfg.index_topk
-    q = iq(kernels.apply_rope(kernels.linear(qr, w[p + ".wq_b"], act_quant=faithful).view(S, Hi, Di), *cos_sin))
+    S, Hi, k = x.shape[0], cfg.index_n_heads, cfg.index_topk
+    q, weights = _indexer_query(x, qr, w, p, cfg, cos_sin, iq, faithful)
     kdt = torch.bfloat16 if faithful else torch.float32
     q = q.to(kdt)
-    weights = kernels.linear(x, w[p + ".weights_proj"]).float() * (Di ** -0.5 * Hi ** -0.5)
     n = rows.shape[0]
     qt, et = _score_tiles(S, Hi, x.device)
     out = []

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .entries import read_entries
+
 
 def indexer_scores(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """score[t, s] = sum_h weights[t, h] * ReLU(q[t, h] . keys[s]).
@@ -67,3 +69,15 @@ def topk_merge(best: torch.Tensor | None, scores: torch.Tensor, first: int, visi
 def topk_entries(best: torch.Tensor) -> torch.Tensor:
     """Running selection keys [S, k] -> entry indices [S, k] int64 in selection order (-1: none)."""
     return torch.where(best == _NONE, torch.full_like(best, -1), _LOW - (best & _LOW))
+
+
+def indexer_select_decode(q: torch.Tensor, weights: torch.Tensor, store: dict, rows: torch.Tensor,
+                          ok: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decode token's Lightning Indexer over the cache: q [H, Di] (already quantised and rotated
+    in faithful mode), weights [H] (already scaled), the key store (kernels/reference/entries: FP4
+    or float32), rows [n] int64 the pool rows of entries 0..n-1, ok [n] bool which of them the token
+    may see. -> (the k chosen entries' pool rows [k] int64 in selection order, whether each is
+    visible [k] bool): the choice and order of indexer_topk_indices over indexer_scores."""
+    keys = read_entries(store, rows)
+    idx, seen = indexer_topk_indices(indexer_scores(q[None], keys, weights[None])[0], ok, k)
+    return rows[idx], seen

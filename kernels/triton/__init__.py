@@ -8,7 +8,7 @@ one row here.
 
 from __future__ import annotations
 
-from . import attention, compress, elementwise, mhc, router
+from . import attention, compress, decode_indexer, elementwise, mhc, router
 from . import prefill_attention, prefill_experts, prefill_indexer, prefill_linear
 
 KERNELS = {
@@ -27,6 +27,8 @@ KERNELS = {
     "decode_attention": (attention.decode_attention_triton, attention.decode_attention_supported),
     "chunk_attention": (prefill_attention.chunk_attention_triton, prefill_attention.chunk_attention_supported),
     "indexer_scores": (prefill_indexer.indexer_scores_triton, prefill_indexer.indexer_scores_supported),
+    "indexer_select_decode": (decode_indexer.indexer_select_decode_triton,
+                              decode_indexer.indexer_select_decode_supported),
     "compress_decode": (compress.compress_decode_triton, compress.compress_decode_supported),
     "compress_windows": (compress.compress_windows_triton, compress.compress_windows_supported),
     "router_scores": (router.router_scores_triton, router.router_scores_supported),
