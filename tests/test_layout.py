@@ -64,4 +64,29 @@ def test_hugging_face_kernels_beside_dsv4_when_installed(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     theirs, ours = r.stdout.split()
-    assert not Path(theirs).resolve().is_relative_to(ROOT) and Path(ours).resolve().is_relative_to(ROOT)
+    # theirs may sit under ROOT (a .venv inside the checkout), never in the checkout's own folder
+    assert Path(theirs).resolve().parent != ROOT / "kernels"
+    assert Path(ours).resolve().parent == ROOT / "kernels"
+
+
+def test_transformers_imports_from_the_checkout_root():
+    """Run from the checkout root (the root first on sys.path, as under ``python -m pytest``), the
+    checkout's kernels/ folder would shadow Hugging Face's ``kernels``, which transformers imports:
+    hf.transformers_names keeps the root off the path while transformers loads."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        distribution("kernels")
+        distribution("transformers")
+    except PackageNotFoundError:
+        pytest.skip("needs transformers with Hugging Face's kernels installed")
+    code = ("import kernels as wrong; print(wrong.__file__);"
+            "from dsv4.engine.tools.hf import transformers_names;"
+            "transformers_names('DeepseekV4ForCausalLM', 'DynamicCache');"
+            "import sys; print(sys.modules['kernels'].__file__)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    before, after = r.stdout.split()
+    # without the guard the first import is the checkout's folder and transformers fails to load
+    assert Path(before).resolve().parent == ROOT / "kernels"
+    assert Path(after).resolve().parent != ROOT / "kernels"

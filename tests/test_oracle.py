@@ -7,7 +7,7 @@ from conftest import import_or_skip
 from dsv4.engine.model.model import Model
 from dsv4.engine.runtime.session import Session
 from dsv4.engine.tools.synthetic import random_tensors, tiny_configs
-from dsv4.engine.tools.hf import build_hf_model, stable_topk
+from dsv4.engine.tools.hf import build_hf_model, stable_topk, transformers_names
 
 import_or_skip("transformers")  # skipped without it, a failure in CI (CI=true)
 CONFIGS = tiny_configs()
@@ -42,8 +42,7 @@ DECODE_LENGTHS = [pytest.param(100, 41, id="40steps"),
 @pytest.mark.parametrize("prompt,steps", DECODE_LENGTHS)
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_decode_matches_transformers(name, prompt, steps):
-    from transformers import DynamicCache
-
+    (DynamicCache,) = transformers_names("DynamicCache")
     cfg, model, hf = _setup(name)
     ids = torch.randint(0, cfg.vocab_size, (prompt + steps,), generator=torch.Generator().manual_seed(5))
     refs, ours = [], []

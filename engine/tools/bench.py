@@ -715,9 +715,12 @@ def check_compare(against: str, kind: str, model: Model) -> None:
         raise BenchError("eager needs a CUDA device (decode on the CPU never uses a CUDA graph)")
     if against == "transformers":
         try:
-            from transformers import DeepseekV4ForCausalLM  # noqa: F401
-        except ImportError:
-            raise BenchError("transformers needs transformers >= 5.23 (pip install 'transformers>=5.23')") from None
+            from .hf import transformers_names
+
+            transformers_names("DeepseekV4ForCausalLM")
+        except ImportError as e:
+            raise BenchError(f"transformers needs transformers >= 5.23 (pip install 'transformers>=5.23'); "
+                             f"importing it failed: {e}") from None
         from .hf import float32_bytes
 
         need, free = 2 * float32_bytes(model.cfg), free_memory_bytes(model.device)
@@ -776,9 +779,9 @@ def hf_decode(hf, model: Model, prompt_len: int, steps: int, warmup: int = 3) ->
     """transformers' model through the same work as bench_decode: prefill, then timed single-token
     steps with its own cache. Also the largest |logit| difference from this engine on the prompt
     (checked in a separate untimed pass with indexer ties broken to the lower index, as here)."""
-    from transformers import DynamicCache
+    from .hf import stable_topk, transformers_names
 
-    from .hf import stable_topk
+    (DynamicCache,) = transformers_names("DynamicCache")
 
     dev = model.device
     prompt, toks = _bench_tokens(model.cfg.vocab_size, prompt_len, steps + warmup)
@@ -801,7 +804,9 @@ def hf_decode(hf, model: Model, prompt_len: int, steps: int, warmup: int = 3) ->
 
 
 def hf_prefill(hf, model: Model, prompt_len: int, runs: int = 5, warmup: int = 1) -> dict:
-    from transformers import DynamicCache
+    from .hf import transformers_names
+
+    (DynamicCache,) = transformers_names("DynamicCache")
 
     dev = model.device
     prompt, _ = _bench_tokens(model.cfg.vocab_size, prompt_len, 0)

@@ -5,12 +5,54 @@ from __future__ import annotations
 
 import contextlib
 import re
+import sys
+from pathlib import Path
 
 import torch
 
+# The checkout root: its top-level ``kernels/`` folder is this project's (installed as dsv4.kernels),
+# but where the root itself is on sys.path (``python -m ...`` or ``python -m pytest`` run from it) it
+# shadows Hugging Face's ``kernels`` distribution, which transformers >= 5.25 imports.
+_CHECKOUT = Path(__file__).resolve().parents[2]
+
+
+def _is_checkout(entry: str) -> bool:
+    try:
+        return Path(entry or ".").resolve() == _CHECKOUT
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _checkout_off_path():
+    """While importing transformers: the checkout root off sys.path, and a ``kernels`` module that
+    was wrongly taken from the checkout's folder forgotten, so ``import kernels`` finds the real one."""
+    saved = list(sys.path)
+    sys.path[:] = [e for e in sys.path if not _is_checkout(e)]
+    wrong = sys.modules.get("kernels")
+    if wrong is not None and Path(getattr(wrong, "__file__", "") or "/").resolve().parent == _CHECKOUT / "kernels":
+        for name in [n for n in sys.modules if n == "kernels" or n.startswith("kernels.")]:
+            del sys.modules[name]
+    try:
+        yield
+    finally:
+        sys.path[:] = saved
+
+
+def transformers_names(*names: str) -> tuple:
+    """``from transformers import <names>`` (raises ImportError as that would), immune to the
+    checkout's ``kernels/`` folder shadowing Hugging Face's ``kernels``. -> the objects, in order."""
+    with _checkout_off_path():
+        import transformers
+
+        try:
+            return tuple(getattr(transformers, n) for n in names)
+        except AttributeError as e:
+            raise ImportError(f"transformers {transformers.__version__} has no {e.name}") from None
+
 
 def hf_config(cfg):
-    from transformers import DeepseekV4Config
+    (DeepseekV4Config,) = transformers_names("DeepseekV4Config")
 
     return DeepseekV4Config(
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, moe_intermediate_size=cfg.moe_intermediate_size,
@@ -89,7 +131,7 @@ def hf_state_dict(cfg, tensors: dict) -> dict:
 
 def build_hf_model(cfg, tensors: dict, device="cpu"):
     """tensors: published name -> float tensor (logical weights). -> float32 model in eval mode."""
-    from transformers import DeepseekV4ForCausalLM
+    (DeepseekV4ForCausalLM,) = transformers_names("DeepseekV4ForCausalLM")
 
     torch.manual_seed(0)
     with torch.device(device):
