@@ -25,7 +25,7 @@ from dsv4.kernels.reference.moe import hash_route, router_scores, router_topk  #
 from dsv4.kernels.reference.attention import decode_attention  # noqa: E402
 from dsv4.kernels.reference.entries import entry_rows, store_entry  # noqa: E402
 from dsv4.kernels.reference.moe import routed_experts  # noqa: E402
-from kernel_cases import FORMATS, expert_set, index_select_case, store  # noqa: E402
+from kernel_cases import FORMATS, expert_set, index_select_case, indexer_quant_mismatch, store  # noqa: E402
 
 g = torch.Generator().manual_seed(0)
 BOUND = 1e-5
@@ -146,6 +146,16 @@ def indexer_checks():
         assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1]), \
             f"indexer_select_decode {kind} n={n} k={k}: {got[0].tolist()} vs {ref[0].tolist()}"
         print(f"ok indexer_select_decode {kind} H={H} Di={Di} n={n} k={k} visible={vis} (equal)")
+    from dsv4.kernels.triton import indexer_quant as tiq
+
+    for shape, dtype in [((1, 64, 128), torch.float32), ((70, 3, 64), torch.bfloat16), ((5, 32), torch.float32)]:
+        x = torch.randn(shape, generator=g).to(dtype) * 3
+        assert tiq.indexer_quant_supported(x)
+        got = tiq.indexer_quant_triton(x)
+        assert got.shape == x.shape and got.dtype == x.dtype
+        problem = indexer_quant_mismatch(got, x)
+        assert problem is None, problem
+        print(f"ok indexer_quant {tuple(shape)} {dtype} (equal but for borderline roundings)")
 
 
 def compress_windows_checks():
@@ -268,8 +278,9 @@ def engine_check():
             fast = run(model, "auto", static)
             err = (fast - ref).abs().max().item() / ref.abs().max().item()
             ran = dispatch.report()
-            assert not static or all("triton" in ran[op] for op in ("linear", "mhc_pre", "decode_attention",
-                                                                    "routed_experts", "indexer_select_decode")), ran
+            ops = ("linear", "mhc_pre", "decode_attention", "routed_experts", "indexer_select_decode")
+            ops += ("indexer_quant",) if mode == "faithful" else ()
+            assert not static or all("triton" in ran[op] for op in ops), ran
             what = "static decode step" if static else "decode"
             assert err <= bound, f"{mode}: kernel path ({what}) vs reference path over 4 steps: {err:.2e}"
             print(f"ok engine kernel path, {mode}, {what} {err:.1e}")

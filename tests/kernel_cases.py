@@ -62,3 +62,31 @@ def index_select_case(kind: str, H: int, Di: int, n: int, k: int, visible: int, 
     ok = torch.arange(n) < visible
     to = lambda t: t.to(device)  # noqa: E731
     return to(q), to(weights), {name: to(t) for name, t in st.items()}, to(rows), to(ok), k
+
+
+def indexer_quant_mismatch(got: torch.Tensor, x: torch.Tensor, max_fraction: float = 1e-3) -> str | None:
+    """None when ``got`` (a kernel's kernels.indexer_quant of x [..., Di]) equals the reference
+    except at borderline roundings, else what is wrong. Borderline: the rotated value (float64)
+    within 1e-5 of an e2m1 rounding midpoint at its group's scale, or the group's amax / 6 within
+    1e-5 of a power of two (float32 sums in another order may round either way there); at most
+    ``max_fraction`` of the values may differ."""
+    ref = quant.indexer_quant_dequant(x.cpu()).float()
+    diff = got.cpu().float() != ref
+    if not diff.any():
+        return None
+    d = x.shape[-1]
+    signs = torch.sign(quant.hadamard_matrix(d).double())
+    y = (x.cpu().double().reshape(-1, d) @ signs / d ** 0.5).reshape(-1, 32)
+    ratio = y.abs().amax(1).clamp(min=2.0 ** -100) / 6.0
+    l2 = torch.log2(ratio)
+    group_edge = (l2 - l2.round()).abs() < 1e-5
+    v = y.abs() / torch.exp2(torch.ceil(l2 - 1e-9))[:, None]
+    mids = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0], dtype=torch.float64)
+    near_mid = ((v[..., None] - mids).abs().amin(-1) < 1e-5 * v.clamp(min=1.0))
+    borderline = (near_mid | group_edge[:, None]).reshape(diff.shape)
+    if (diff & ~borderline).any():
+        i = (diff & ~borderline).nonzero()[0].tolist()
+        return f"indexer_quant differs at {i}: {got.cpu().float()[tuple(i)].item()} vs {ref[tuple(i)].item()}"
+    if diff.float().mean().item() > max_fraction:
+        return f"indexer_quant: {diff.float().mean().item():.2e} of the values differ (borderline, but too many)"
+    return None

@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from dsv4 import kernels
+from dsv4.kernels import quant
 from dsv4.kernels.dispatch import implementation, use_backend
 from dsv4.kernels.reference.linear import grouped_linear_reference, linear_reference
-from kernel_cases import FORMATS, expert_set, index_select_case, store, weight
+from kernel_cases import FORMATS, expert_set, index_select_case, indexer_quant_mismatch, store, weight
 
 pytestmark = pytest.mark.gpu
 
@@ -214,6 +215,19 @@ def test_indexer_select_decode_chooses_the_reference_entries(kind, H, Di, n, k, 
     (rows, ok), (ref_rows, ref_ok) = kernels.indexer_select_decode(*args), ref_fn(*args)
     assert torch.equal(rows, ref_rows) and torch.equal(ok, ref_ok)
     assert ok.sum().item() == min(k, visible)
+
+
+@pytest.mark.parametrize("shape,dtype", [((1, 64, 128), torch.float32), ((1, 64, 128), torch.bfloat16),
+                                         ((6400, 64, 128), torch.bfloat16), ((33, 64), torch.float32)])
+def test_indexer_quant_matches_reference(shape, dtype):
+    """Faithful mode's indexer query path (Hadamard, FP4 round trip) in one launch: a decode token's
+    64 heads and a prefill chunk's; equal to the reference but for borderline roundings."""
+    x = (torch.randn(shape, generator=torch.Generator().manual_seed(shape[0])) * 2).to(dtype)
+    assert implementation("indexer_quant", "cuda") is not quant.indexer_quant_dequant
+    got = kernels.indexer_quant(x.cuda())
+    assert got.shape == x.shape and got.dtype == x.dtype
+    problem = indexer_quant_mismatch(got, x)
+    assert problem is None, problem
 
 
 @pytest.mark.parametrize("ratio,D,overlap", [(4, 512, True), (128, 512, False), (4, 128, True)])

@@ -201,7 +201,7 @@ def _compressor_inputs(x, w, p, spec) -> tuple:
 
 
 def _index_quantiser(faithful: bool):
-    return quant.indexer_quant_dequant if faithful else (lambda e: e)
+    return kernels.indexer_quant if faithful else (lambda e: e)
 
 
 def _indexer_query(x, qr, w, p, cfg, cos_sin, iq, faithful) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,7 +8,7 @@ one row here.
 
 from __future__ import annotations
 
-from . import attention, compress, decode_indexer, elementwise, mhc, router
+from . import attention, compress, decode_indexer, elementwise, indexer_quant, mhc, router
 from . import prefill_attention, prefill_experts, prefill_indexer, prefill_linear
 
 KERNELS = {
@@ -29,6 +29,7 @@ KERNELS = {
     "indexer_scores": (prefill_indexer.indexer_scores_triton, prefill_indexer.indexer_scores_supported),
     "indexer_select_decode": (decode_indexer.indexer_select_decode_triton,
                               decode_indexer.indexer_select_decode_supported),
+    "indexer_quant": (indexer_quant.indexer_quant_triton, indexer_quant.indexer_quant_supported),
     "compress_decode": (compress.compress_decode_triton, compress.compress_decode_supported),
     "compress_windows": (compress.compress_windows_triton, compress.compress_windows_supported),
     "router_scores": (router.router_scores_triton, router.router_scores_supported),
