@@ -138,9 +138,9 @@ def indexer_checks():
     from dsv4.kernels.reference.indexer import indexer_select_decode
     from dsv4.kernels.triton import decode_indexer as tdi
 
-    tdi.SELECT["block"] = 32
+    tdi.SELECT["entries"] = 32  # several programs per radix pass, ties across them
     for kind, H, Di, n, k, vis in [("fp4", 4, 64, 150, 16, 120), ("fp4", 3, 32, 90, 8, 5), ("f32", 5, 48, 77, 12, 77),
-                                   ("f32", 2, 16, 40, 39, 40)]:
+                                   ("f32", 2, 16, 40, 39, 40), ("fp4", 4, 64, 100, 40, 30)]:  # last: hidden ties span programs
         args = index_select_case(kind, H, Di, n, k, vis, g)
         got, ref = tdi.indexer_select_decode_triton(*args), indexer_select_decode(*args)
         assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1]), \

@@ -204,10 +204,12 @@ def test_decode_attention_matches_reference(kind, H, D, W, T, pos):
 
 
 @pytest.mark.parametrize("kind,H,Di,n,k,visible", [("fp4", 64, 128, 16400, 512, 16000), ("fp4", 64, 128, 4100, 512, 300),
-                                                     ("fp4", 64, 128, 262144, 512, 262144), ("f32", 3, 64, 700, 16, 650)])
+                                                     ("fp4", 64, 128, 262144, 512, 262144), ("f32", 3, 64, 700, 16, 650),
+                                                     ("fp4", 64, 128, 16400, 2500, 1000)])
 def test_indexer_select_decode_chooses_the_reference_entries(kind, H, Di, n, k, visible):
     """Flash's indexer at 64k and 1M tokens of context (16k / 256k CSA entries, top 512), with fewer
-    visible entries than k, and exact mode's float32 keys: the same pool rows in the same order."""
+    visible entries than k, and exact mode's float32 keys: the same pool rows in the same order. The
+    last case takes 1500 hidden entries (ties), from the first two programs of the radix passes."""
     from dsv4.kernels.reference.indexer import indexer_select_decode as ref_fn
 
     args = index_select_case(kind, H, Di, n, k, visible, torch.Generator().manual_seed(n + k), "cuda")

@@ -1,17 +1,23 @@
 """Triton kernels for kernels.indexer_select_decode: one decode token's Lightning Indexer over the
 cache, keys read in their stored format, the top-k chosen on the GPU with no sort of all entries.
 
-Two launches:
+Six launches, each program waiting for the launch before (no host sync, CUDA-graph safe):
 - ``_order_scores``, one program per BLOCK_T entries: gathers the entries' keys at their pool rows
   (FP4 e2m1 codes widened in registers with their ue8m0 scales, or float32), scores them against all
   indexer heads with one tensor-core dot ([heads, Di] x [Di, BLOCK_T]; FP4 values are exact in bf16,
   so the faithful dots are exact products summed in float32), folds the heads (ReLU, weight, sum)
   and writes each entry's score as an order-preserving int32 (hidden entries: the code of -inf).
-- ``_select``, one program: an exact radix select of the k-th largest code (four 8-bit passes over
-  the int32 codes, each a histogram of the codes that still match), then one pass in entry order
-  that takes every code above it and, of the codes equal to it, the lowest entries, and a bitonic
-  sort of the k chosen (score descending, entry ascending: the order of the reference's stable
-  sort). Writes the chosen entries' pool rows and whether each is visible.
+- ``_radix_pass`` x 3, many programs each: an exact radix select of the k-th largest code, 11 + 11 +
+  10 bits, each level a histogram of the digit over the codes matching the levels before, summed
+  into a global histogram by atomics; every program derives the digits so far from those.
+- ``_compact``, many programs: every code above the k-th largest, and of the codes equal to it the
+  lowest entries (ties before a program counted from the last level's per-program histograms),
+  written as (code, entry) keys to slots taken from an atomic counter.
+- ``_order_chosen``, one program: a bitonic sort of the k keys (score descending, entry ascending:
+  the order of the reference's stable sort); writes their pool rows and whether each is visible.
+The first design, one program doing the whole select in steps of 2048 codes, took 84 us at 16k
+entries on the H100 (bench/results/h100_profile_decode_64k.txt) and grew with n; here the passes
+spread over n / 2048 programs.
 
 Reads n x (Di/2 + Di/32) bytes of keys and 4 x n x 4 bytes of codes: at 64k tokens of context (16k
 CSA entries) about 1.2 MB, where the torch path widened every key to float32 (8 MB) and sorted all
@@ -30,7 +36,8 @@ from . import pdl
 from .attention import _pow2, _precision, interpreted
 
 SCORE = {"entries": 64, "warps": 8}  # entries per scoring program, its warps (4 warps: 255 registers and spills)
-SELECT = {"block": 2048, "warps": 16}  # codes per step of the select program, its warps
+SELECT = {"entries": 2048, "warps": 8, "sort_warps": 4}  # codes per radix-pass program, its warps; the sort's
+WORK = 5121  # the radix levels' histograms (2048 + 2048 + 1024 bins) and the slot counter, int32 (< 8192)
 _NEG_INF_CODE = -(0x7F800000) - 1  # the order code of -inf: below every finite score
 
 
@@ -44,10 +51,13 @@ def _e2m1(code):
 
 
 @triton.jit
-def _order_scores(q_ptr, w_ptr, codes_ptr, scales_ptr, f32_ptr, rows_ptr, ok_ptr, out_ptr, n, H, DI,
-                  FP4: tl.constexpr, BF16: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+def _order_scores(q_ptr, w_ptr, codes_ptr, scales_ptr, f32_ptr, rows_ptr, ok_ptr, out_ptr, work_ptr, n, H, DI,
+                  WORK: tl.constexpr, FP4: tl.constexpr, BF16: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
                   PRECISION: tl.constexpr, PDL: tl.constexpr):
     pdl.wait(PDL)
+    if tl.program_id(0) == 0:  # the select's histograms and slot counter start at zero
+        w = tl.arange(0, 8192)
+        tl.store(work_ptr + w, tl.zeros_like(w), mask=w < WORK)
     j = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     jm = j < n
     row = tl.load(rows_ptr + j, mask=jm, other=0).to(tl.int64)
@@ -76,46 +86,96 @@ def _order_scores(q_ptr, w_ptr, codes_ptr, scales_ptr, f32_ptr, rows_ptr, ok_ptr
 
 
 @triton.jit
-def _select(code_ptr, rows_ptr, scratch_ptr, out_rows_ptr, out_ok_ptr, n, k, BLOCK: tl.constexpr,
-            K_PAD: tl.constexpr, PDL: tl.constexpr):
+def _unsigned(code):
+    """Order codes (int32) -> the same order as unsigned values in an int64 (0 .. 2^32 - 1)."""
+    return (code ^ -2147483648).to(tl.int64) & 0xFFFFFFFF
+
+
+@triton.jit
+def _digit(hist_ptr, need, NB: tl.constexpr):
+    """From a histogram [NB] of the digit at one radix level (of the codes matching the digits
+    above): the digit of the need-th largest code, and how many of the codes with that digit are
+    still needed."""
+    bins = tl.arange(0, NB)
+    hist = tl.load(hist_ptr + bins)
+    at_least = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist  # codes with digit >= bin
+    digit = tl.max(tl.where(at_least >= need, bins, -1), 0)
+    return digit, need - tl.sum(tl.where(bins > digit, hist, 0), 0)
+
+
+@triton.jit
+def _threshold(work_ptr, k, LEVELS: tl.constexpr):
+    """The top LEVELS digits (11, 11, 10 bits) of the k-th largest code as an unsigned prefix, and how
+    many codes equal to it on those bits are needed, from the histograms of the levels before."""
+    prefix = tl.zeros([], tl.int64)
+    need = tl.zeros([], tl.int32) + k
+    if LEVELS >= 1:
+        d, need = _digit(work_ptr, need, 2048)
+        prefix = d.to(tl.int64)
+    if LEVELS >= 2:
+        d, need = _digit(work_ptr + 2048, need, 2048)
+        prefix = prefix * 2048 + d
+    if LEVELS >= 3:
+        d, need = _digit(work_ptr + 4096, need, 1024)
+        prefix = prefix * 1024 + d
+    return prefix, need
+
+
+@triton.jit
+def _radix_pass(code_ptr, work_ptr, local_ptr, n, k, LEVEL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    """Histogram of radix digit LEVEL (bits 31-21, 20-10, 9-0 of the unsigned code) over this
+    program's BLOCK codes that match the digits found by the levels before, added into the level's
+    global histogram (work); the last level also keeps each program's own (local) for the ties."""
     pdl.wait(PDL)
-    offs = tl.arange(0, BLOCK)
-    bins = tl.arange(0, 256)
-    prefix = tl.zeros([], tl.int64)  # the high bits of the k-th largest (unsigned) code found so far
-    need = tl.zeros([], tl.int32) + k  # how many of the codes matching prefix still to take
-    for p in tl.static_range(4):
-        hist = tl.zeros([256], tl.int32)
-        for b in range(0, n, BLOCK):
-            j = b + offs
-            jm = j < n
-            u = (tl.load(code_ptr + j, mask=jm, other=0) ^ -2147483648).to(tl.int64) & 0xFFFFFFFF
-            match = jm
-            if p > 0:
-                match = match & ((u >> (32 - 8 * p)) == prefix)
-            lane_digit = tl.where(match, (u >> (24 - 8 * p)) & 255, 0).to(tl.int32)
-            # the non-matching lanes were counted in bin 0: take them out again
-            hist += tl.histogram(lane_digit, 256) - tl.where(bins == 0, BLOCK - tl.sum(match.to(tl.int32), 0), 0)
-        at_least = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist  # codes with digit >= bin
-        digit = tl.max(tl.where(at_least >= need, bins, -1), 0)
-        need -= tl.sum(tl.where(bins > digit, hist, 0), 0)
-        prefix = prefix * 256 + digit
-    # take the codes above the k-th largest, and of those equal to it the lowest ``need`` entries
-    taken = tl.zeros([], tl.int32)
-    ties = tl.zeros([], tl.int32)
-    for b in range(0, n, BLOCK):
-        j = b + offs
-        jm = j < n
-        c = tl.load(code_ptr + j, mask=jm, other=0)
-        u = (c ^ -2147483648).to(tl.int64) & 0xFFFFFFFF
-        eq = jm & (u == prefix)
-        tie_rank = ties + tl.cumsum(eq.to(tl.int32), 0) - 1
-        sel = (jm & (u > prefix)) | (eq & (tie_rank < need))
-        slot = taken + tl.cumsum(sel.to(tl.int32), 0) - 1
-        key = c.to(tl.int64) * 4294967296 + (4294967295 - j.to(tl.int64))  # score desc, entry asc
-        tl.store(scratch_ptr + slot, key, mask=sel)
-        taken += tl.sum(sel.to(tl.int32), 0)
-        ties += tl.sum(eq.to(tl.int32), 0)
-    tl.debug_barrier()  # the scratch writes of every warp visible to the loads below
+    pid = tl.program_id(0).to(tl.int64)
+    j = pid * BLOCK + tl.arange(0, BLOCK)
+    u = _unsigned(tl.load(code_ptr + j, mask=j < n, other=0))
+    prefix, need = _threshold(work_ptr, k, LEVEL)
+    SHIFT: tl.constexpr = 21 if LEVEL == 0 else (10 if LEVEL == 1 else 0)
+    NB: tl.constexpr = 1024 if LEVEL == 2 else 2048
+    match = j < n
+    if LEVEL > 0:
+        match = match & ((u >> (SHIFT + (11 if LEVEL == 1 else 10))) == prefix)
+    digit = tl.where(match, (u >> SHIFT) & (NB - 1), 0).to(tl.int32)
+    bins = tl.arange(0, NB)
+    # the lanes that do not match were counted in bin 0: take them out again
+    hist = tl.histogram(digit, NB) - tl.where(bins == 0, BLOCK - tl.sum(match.to(tl.int32), 0), 0)
+    tl.atomic_add(work_ptr + LEVEL * 2048 + bins, hist, mask=hist != 0, sem="relaxed")
+    if LEVEL == 2:
+        tl.store(local_ptr + pid * 1024 + bins, hist)
+
+
+@triton.jit
+def _compact(code_ptr, work_ptr, local_ptr, scratch_ptr, n, k, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    """Write the keys (code, entry) of this program's chosen entries to scratch slots from a global
+    counter: every code above the k-th largest, and of the codes equal to it the lowest entries
+    (the ties in the programs before are counted from their local histograms)."""
+    pdl.wait(PDL)
+    pid = tl.program_id(0)
+    thr, need = _threshold(work_ptr, k, 3)
+    d = (thr & 1023).to(tl.int32)
+    before = tl.zeros([], tl.int32)
+    for b in range(0, pid, 1024):  # ties in the programs before this one
+        i = b + tl.arange(0, 1024)
+        before += tl.sum(tl.load(local_ptr + i.to(tl.int64) * 1024 + d, mask=i < pid, other=0), 0)
+    j = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    jm = j < n
+    c = tl.load(code_ptr + j, mask=jm, other=0)
+    u = _unsigned(c)
+    eq = jm & (u == thr)
+    sel = (jm & (u > thr)) | (eq & (before + tl.cumsum(eq.to(tl.int32), 0) - 1 < need))
+    count = tl.sum(sel.to(tl.int32), 0)
+    base = tl.atomic_add(work_ptr + 5120, count, sem="relaxed")
+    slot = base + tl.cumsum(sel.to(tl.int32), 0) - 1
+    key = c.to(tl.int64) * 4294967296 + (4294967295 - j)  # score descending, then entry ascending
+    tl.store(scratch_ptr + slot, key, mask=sel)
+
+
+@triton.jit
+def _order_chosen(scratch_ptr, rows_ptr, out_rows_ptr, out_ok_ptr, k, K_PAD: tl.constexpr, PDL: tl.constexpr):
+    """Sort the k chosen keys (score descending, entry ascending: the reference's stable order) and
+    write their pool rows and visibility."""
+    pdl.wait(PDL)
     i = tl.arange(0, K_PAD)
     im = i < k
     key = tl.sort(tl.load(scratch_ptr + i, mask=im, other=-9223372036854775808), descending=True)
@@ -146,14 +206,25 @@ def indexer_select_decode_triton(q: torch.Tensor, weights: torch.Tensor, store: 
     keys = store["fp4"] if fp4 else store["f32"]
     scales = store["scales"] if fp4 else keys
     codes = torch.empty(n, device=dev, dtype=torch.int32)
+    work = torch.empty(WORK, device=dev, dtype=torch.int32)
     _order_scores[(triton.cdiv(n, SCORE["entries"]),)](
-        q, weights.float().contiguous(), keys, scales, keys, rows, ok, codes, n, H, DI, FP4=fp4, BF16=bf16,
+        q, weights.float().contiguous(), keys, scales, keys, rows, ok, codes, work, n, H, DI, WORK=WORK, FP4=fp4, BF16=bf16,
         BLOCK_H=max(16, triton.next_power_of_2(H)), BLOCK_D=max(16, triton.next_power_of_2(DI)), BLOCK_T=SCORE["entries"],
         PRECISION=_precision(), num_warps=SCORE["warps"], **pdl.launch(dev))
+    # the select: three radix levels (each a histogram over all codes, of the codes matching the
+    # levels before), the chosen keys compacted, then sorted. work: the levels' histograms (2048 +
+    # 2048 + 1024 bins) and the slot counter, zeroed by the scoring kernel's first program
+    blocks = triton.cdiv(n, SELECT["entries"])
+    local = torch.empty((blocks, 1024), device=dev, dtype=torch.int32)
     K_PAD = max(16, triton.next_power_of_2(k))
     scratch = torch.empty(K_PAD, device=dev, dtype=torch.int64)
+    for level in range(3):
+        _radix_pass[(blocks,)](codes, work, local, n, k, LEVEL=level, BLOCK=SELECT["entries"],
+                               num_warps=SELECT["warps"], **pdl.launch(dev))
+    _compact[(blocks,)](codes, work, local, scratch, n, k, BLOCK=SELECT["entries"], num_warps=SELECT["warps"],
+                        **pdl.launch(dev))
     out_rows = torch.empty(k, device=dev, dtype=torch.int64)
     out_ok = torch.empty(k, device=dev, dtype=torch.bool)
-    _select[(1,)](codes, rows, scratch, out_rows, out_ok, n, k, BLOCK=SELECT["block"], K_PAD=K_PAD,
-                  num_warps=SELECT["warps"], **pdl.launch(dev))
+    _order_chosen[(1,)](scratch, rows, out_rows, out_ok, k, K_PAD=K_PAD, num_warps=SELECT["sort_warps"],
+                        **pdl.launch(dev))
     return out_rows, out_ok
