@@ -8,7 +8,8 @@
 #   bash bench/gpu_verify.sh decode    # the decode kernel and engine tests, decode at 16 layers at 1k and 64k, the step with and without the side stream, a 16-layer step's per-kernel trace
 #   bash bench/gpu_verify.sh tune      # cold-L2 tunes of the decode GEMVs and routed experts, the graph step with PDL off / on
 #   bash bench/gpu_verify.sh attention # decode attention tile sweep, the GEMV and attention kernel tests
-#   bash bench/gpu_verify.sh indexer   # the decode indexer's tests, the 64k step with its kernels and their references, decode at 16 layers at 64k, a 64k trace
+#   bash bench/gpu_verify.sh indexer-tune  # the decode indexer's GPU tests, the engine's, the indexer's tile tune
+#   bash bench/gpu_verify.sh indexer   # the 64k step with the indexer kernels and their references, decode at 16 layers at 64k, a 64k trace
 # Run from the repository root on the GPU machine (no install there: bench/dsv4_path.sh puts the
 # source folders on PYTHONPATH as dsv4.*).
 set -o pipefail
@@ -64,11 +65,14 @@ attention)
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
   timeout 240 python3 bench/tune_kernels.py --only attention --out "$OUT/tune_attention.json" 2>&1 | grep BEST
   timeout 200 $T tests/test_gpu_kernels.py -k "gemv or grouped or attention" 2>&1 | tail -4 | tee "$OUT/gpu_tests_gemv.txt" ;;
-indexer)
+indexer-tune)
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
   timeout 100 $T tests/test_gpu_kernels.py -k "indexer or side_stream or decode_attention or store_entry" 2>&1 | tail -4 \
     | tee "$OUT/gpu_tests_indexer.txt"
   timeout 120 $T tests/test_gpu.py tests/test_gpu_speculative.py 2>&1 | tail -4 | tee "$OUT/gpu_tests_engine.txt"
+  timeout 200 python3 bench/tune_kernels.py --only indexer --out "$OUT/tune_indexer.json" 2>&1 | grep -E "BEST|quant|skipped" ;;
+indexer)
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
   timeout 150 python3 bench/profile_decode.py --layers 16 --prompt-len 65536 \
     --compare DSV4_REFERENCE_OPS=indexer_select_decode:indexer_quant,DSV4_REFERENCE_OPS=indexer_quant,DSV4_REFERENCE_OPS=,DSV4_REFERENCE_OPS=indexer_select_decode:indexer_quant,DSV4_REFERENCE_OPS= \
     --out "$OUT/compare_indexer.txt" 2>&1 | grep -v Warn | tail -7
@@ -77,5 +81,5 @@ indexer)
   timeout 100 python3 bench/profile_decode.py --layers 16 --prompt-len 65536 --trace --out "$OUT/trace16_64k.txt" \
     2>&1 | grep -v Warn | head -60 ;;
 *)
-  echo "usage: bash bench/gpu_verify.sh kernels|engine|figures|prefill|decode|tune|attention|indexer" >&2; exit 2 ;;
+  echo "usage: bash bench/gpu_verify.sh kernels|engine|figures|prefill|decode|tune|attention|indexer-tune|indexer" >&2; exit 2 ;;
 esac

@@ -1,6 +1,6 @@
 """Time tile-shape alternatives of the decode kernels at V4-Flash dimensions on a GPU.
 
-python3 bench/tune_kernels.py [--only experts|gemv|attention] [--out FILE]
+python3 bench/tune_kernels.py [--only experts|gemv|attention|indexer] [--out FILE]
 Each alternative is launched 20 times inside a CUDA graph (no host launch cost in the figure);
 prints microseconds per launch and the bytes/s of the weights it reads. The chosen shapes live in
 kernels/triton/moe.py CONFIG, kernels/triton/linear.py GEMV and kernels/triton/attention.py.
@@ -192,14 +192,71 @@ def tune_attention(T: int) -> list[dict]:
     return out
 
 
+def tune_indexer() -> list[dict]:
+    """Time kernels.indexer_select_decode (scores, radix select, sort: every launch) for Flash's
+    indexer (64 heads x 128, FP4 keys, top 512) at 64k and 1M tokens of context (16400 / 262144 CSA
+    entries), for each setting of decode_indexer.SCORE (entries per program, warps) and then of
+    SELECT (codes per radix-pass program, warps, the sort's warps); each result checked against the
+    reference's rows. Also kernels.indexer_quant for one token's 64 heads against its reference."""
+    from dsv4.cache.pools import EntryStore
+    from dsv4.cache.schema import EntryFormat
+    from dsv4.kernels import quant
+    from dsv4.kernels.reference.entries import write_entries
+    from dsv4.kernels.reference.indexer import indexer_select_decode
+    from dsv4.kernels.triton import decode_indexer as tdi, indexer_quant as tiq
+    H, Di, k, out = 64, 128, 512, []
+    x = torch.randn(1, H, Di, device="cuda")
+    for name, fn in (("indexer_quant", lambda: tiq.indexer_quant_triton(x)),
+                     ("indexer_quant reference", lambda: quant.indexer_quant_dequant(x))):
+        out.append({"kernel": name, "rows": H, "us": graph_time(fn) * 1e6})
+        print(json.dumps(out[-1]))
+    keep_score, keep_select = dict(tdi.SCORE), dict(tdi.SELECT)
+    for n in (16400, 262144):
+        store = EntryStore(n + 7, EntryFormat(Di, 0, "fp4"), "cuda").tensors
+        rows = torch.randperm(n + 7, device="cuda")[:n]
+        write_entries(store, rows, torch.randn(n, Di, device="cuda"))
+        q = quant.fp4_quant_dequant(torch.randn(H, Di, device="cuda"))
+        w = torch.randn(H, device="cuda") * H ** -0.5
+        ok = torch.ones(n, dtype=torch.bool, device="cuda")
+        ref = indexer_select_decode(q, w, store, rows, ok, k)[0]
+        fn = lambda: tdi.indexer_select_decode_triton(q, w, store, rows, ok, k)  # noqa: E731
+        sweeps = [("SCORE", dict(entries=e, warps=wp)) for e, wp in itertools.product((32, 64, 128), (4, 8))]
+        sweeps += [("SELECT", dict(entries=e, warps=wp, sort_warps=sw))
+                   for e, wp, sw in itertools.product((1024, 2048, 4096), (4, 8), (4, 8))]
+        try:
+            for table, setting in sweeps:
+                getattr(tdi, table).update(setting)
+                try:
+                    same = torch.equal(fn()[0], ref)
+                except triton.runtime.errors.OutOfResources as e:
+                    print(f"skipped {table} {setting}: {e}")
+                    continue
+                out.append({"kernel": "indexer_select_decode", "n": n, "table": table, **setting,
+                            "us": graph_time(fn) * 1e6, "same_rows": same})
+                print(json.dumps(out[-1]))
+                tdi.SCORE.update(keep_score)
+                tdi.SELECT.update(keep_select)
+        finally:
+            tdi.SCORE.update(keep_score)
+            tdi.SELECT.update(keep_select)
+    for n in (16400, 262144):
+        for table in ("SCORE", "SELECT"):
+            rs = [r for r in out if r.get("n") == n and r.get("table") == table and r["same_rows"]]
+            if rs:
+                print("BEST", json.dumps(min(rs, key=lambda r: r["us"])))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
-    ap.add_argument("--only", choices=("experts", "attention", "gemv"), default=None)
+    ap.add_argument("--only", choices=("experts", "attention", "gemv", "indexer"), default=None)
     a = ap.parse_args()
-    if a.only in ("attention", "gemv"):
+    if a.only in ("attention", "gemv", "indexer"):
         if a.only == "gemv":
             res = tune_gemv()
+        elif a.only == "indexer":
+            res = tune_indexer()
         else:
             res = [r for T in (512, 256, 16) for r in tune_attention(T)]
             total = {}
