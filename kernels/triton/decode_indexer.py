@@ -36,8 +36,11 @@ from dsv4.kernels.reference.entries import store_kind
 from . import pdl
 from .attention import _pow2, _precision, interpreted
 
-SCORE = {"entries": 64, "warps": 8}  # entries per scoring program, its warps (4 warps: 255 registers and spills)
-SELECT = {"entries": 2048, "warps": 8, "sort_warps": 4}  # codes per radix-pass program, its warps; the sort's
+# Tiles from bench/tune_kernels.py --only indexer (H200, bench/results/h200_tune_indexer.json; the
+# whole op in a CUDA graph, 16400 / 262144 entries): 128 entries on 4 warps per scoring program 31.2 /
+# 118 us against 32.3 / 157 us for 64 on 8; the select's settings move the total by under 3 us.
+SCORE = {"entries": 128, "warps": 4}  # entries per scoring program, its warps
+SELECT = {"entries": 1024, "warps": 4, "sort_warps": 8}  # codes per radix-pass program, its warps; the sort's
 WORK = 1025  # the four radix levels' histograms (256 bins each) and the slot counter, int32 (< 2048)
 _NEG_INF_CODE = -(0x7F800000) - 1  # the order code of -inf: below every finite score
 
