@@ -97,7 +97,8 @@ __all__ = [
     "ExpertSet", "QWeight", "apply_rope", "backends", "chunk_attention", "compress_decode", "compress_windows",
     "decode_attention",
     "dispatch", "entry_rows", "formats", "grouped_linear", "hash_route", "hc_head", "implementation",
-    "indexer_scores", "indexer_select_decode", "indexer_topk", "linear", "mhc_post", "mhc_pre", "quant", "register",
+    "indexer_quant", "indexer_scores", "indexer_select_decode", "indexer_topk", "linear", "mhc_post", "mhc_pre",
+    "quant", "register",
     "register_triton_kernels", "rms_norm", "rms_norm_rope", "rope_cos_sin", "rope_inv_freq", "router_scores",
     "router_topk", "routed_experts", "sinkhorn", "sparse_mqa_attention", "store_entry", "swiglu", "use_backend",
 ]

@@ -41,8 +41,8 @@ from .attention import _pow2, _precision, interpreted
 # 118 us against 32.3 / 157 us for 64 on 8; the select's settings move the total by under 3 us.
 SCORE = {"entries": 128, "warps": 4}  # entries per scoring program, its warps
 SELECT = {"entries": 1024, "warps": 4, "sort_warps": 8}  # codes per radix-pass program, its warps; the sort's
+MAX_K = 4096  # the most entries chosen (V4: 512 for Flash, 1024 for Pro): one program sorts them
 WORK = 1025  # the four radix levels' histograms (256 bins each) and the slot counter, int32 (< 2048)
-_NEG_INF_CODE = -(0x7F800000) - 1  # the order code of -inf: below every finite score
 
 
 @triton.jit
@@ -56,8 +56,8 @@ def _e2m1(code):
 
 @triton.jit
 def _order_scores(q_ptr, w_ptr, codes_ptr, scales_ptr, f32_ptr, rows_ptr, ok_ptr, out_ptr, work_ptr, n, H, DI,
-                  WORK: tl.constexpr, FP4: tl.constexpr, BF16: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
-                  PRECISION: tl.constexpr, PDL: tl.constexpr):
+                  WORK: tl.constexpr, FP4: tl.constexpr, BF16: tl.constexpr, BLOCK_H: tl.constexpr,
+                  BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
     pdl.wait(PDL)
     if tl.program_id(0) == 0:  # the select's histograms and slot counter start at zero
         w = tl.arange(0, 2048)
@@ -185,15 +185,15 @@ def _order_chosen(scratch_ptr, rows_ptr, out_rows_ptr, out_ok_ptr, k, K_PAD: tl.
 def indexer_select_decode_supported(q: torch.Tensor, weights: torch.Tensor, store: dict, rows: torch.Tensor,
                                     ok: torch.Tensor, k: int) -> bool:
     """One query [H, Di] over more than k entries of an FP4 (whole 32-groups) or float32 key store;
-    fewer than 2^31 entries; no autograd."""
+    fewer than 2^31 entries; k up to MAX_K (one program sorts the chosen); no autograd."""
     kind, n = store_kind(store), rows.shape[0]
-    return (q.dim() == 2 and kind in ("fp4", "f32") and 0 < k < n < 2 ** 31 and not q.requires_grad
+    return (q.dim() == 2 and kind in ("fp4", "f32") and 0 < k < n < 2 ** 31 and k <= MAX_K and not q.requires_grad
             and not (kind == "fp4" and q.shape[1] % 32))
 
 
 def indexer_select_decode_triton(q: torch.Tensor, weights: torch.Tensor, store: dict, rows: torch.Tensor,
                                  ok: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """kernels.indexer_select_decode for CUDA tensors: two launches, nothing read to the host."""
+    """kernels.indexer_select_decode for CUDA tensors: seven launches, nothing read to the host."""
     H, DI = q.shape
     n = rows.shape[0]
     fp4 = store_kind(store) == "fp4"
@@ -205,9 +205,9 @@ def indexer_select_decode_triton(q: torch.Tensor, weights: torch.Tensor, store: 
     codes = torch.empty(n, device=dev, dtype=torch.int32)
     work = torch.empty(WORK, device=dev, dtype=torch.int32)
     _order_scores[(triton.cdiv(n, SCORE["entries"]),)](
-        q, weights.float().contiguous(), keys, scales, keys, rows, ok, codes, work, n, H, DI, WORK=WORK, FP4=fp4, BF16=bf16,
-        BLOCK_H=max(16, triton.next_power_of_2(H)), BLOCK_D=max(16, triton.next_power_of_2(DI)), BLOCK_T=SCORE["entries"],
-        PRECISION=_precision(), num_warps=SCORE["warps"], **pdl.launch(dev))
+        q, weights.float().contiguous(), keys, scales, keys, rows, ok, codes, work, n, H, DI, WORK=WORK, FP4=fp4,
+        BF16=bf16, BLOCK_H=max(16, triton.next_power_of_2(H)), BLOCK_D=max(16, triton.next_power_of_2(DI)),
+        BLOCK_T=SCORE["entries"], PRECISION=_precision(), num_warps=SCORE["warps"], **pdl.launch(dev))
     # the select: four radix levels (each a histogram over all codes, of the codes matching the
     # levels before), the chosen keys compacted, then sorted. work: the levels' histograms (4 x 256
     # bins) and the slot counter, zeroed by the scoring kernel's first program
