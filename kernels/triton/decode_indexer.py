@@ -208,9 +208,17 @@ def indexer_select_decode_triton(q: torch.Tensor, weights: torch.Tensor, store: 
         q, weights.float().contiguous(), keys, scales, keys, rows, ok, codes, work, n, H, DI, WORK=WORK, FP4=fp4,
         BF16=bf16, BLOCK_H=max(16, triton.next_power_of_2(H)), BLOCK_D=max(16, triton.next_power_of_2(DI)),
         BLOCK_T=SCORE["entries"], PRECISION=_precision(), num_warps=SCORE["warps"], **pdl.launch(dev))
-    # the select: four radix levels (each a histogram over all codes, of the codes matching the
-    # levels before), the chosen keys compacted, then sorted. work: the levels' histograms (4 x 256
-    # bins) and the slot counter, zeroed by the scoring kernel's first program
+    return select_top_codes(codes, rows, k, work)
+
+
+def select_top_codes(codes: torch.Tensor, rows: torch.Tensor, k: int, work: torch.Tensor) -> tuple[torch.Tensor,
+                                                                                                 torch.Tensor]:
+    """The select: the k largest of codes [n] int32 (order codes; the code of -inf marks a hidden
+    entry), ties to the lowest entries, in the reference's order -> (rows at them [k] int64, visible
+    [k] bool). Four radix levels (each a histogram over all codes, of the codes matching the levels
+    before), the chosen keys compacted, then sorted. work [WORK] int32 must hold zeros (the levels'
+    histograms, 4 x 256 bins, and the slot counter, which ends at k)."""
+    n, dev = codes.shape[0], codes.device
     blocks = triton.cdiv(n, SELECT["entries"])
     local = torch.empty((blocks, 256), device=dev, dtype=torch.int32)
     K_PAD = max(16, triton.next_power_of_2(k))
