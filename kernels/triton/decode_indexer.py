@@ -17,11 +17,11 @@ Seven launches, each program waiting for the launch before (no host sync, CUDA-g
 - ``_order_chosen``, one program: a bitonic sort of the k keys (score descending, entry ascending:
   the order of the reference's stable sort); writes their pool rows and whether each is visible.
 The first design, one program doing the whole select in steps of 2048 codes, took 84 us at 16k
-entries on the H100 (bench/results/h100_profile_decode_64k.txt) and grew with n; here the passes
-spread over n / 2048 programs.
+entries on the H100 and grew with n; here the passes spread over n / SELECT["entries"] programs
+(the whole op: 31 us at 16400 entries, 118 us at 262144 on the H200).
 
-Reads n x (Di/2 + Di/32) bytes of keys and 4 x n x 4 bytes of codes: at 64k tokens of context (16k
-CSA entries) about 1.2 MB, where the torch path widened every key to float32 (8 MB) and sorted all
+Reads n x (Di/2 + Di/32) bytes of keys and 5 x n x 4 bytes of codes: at 64k tokens of context (16k
+CSA entries) about 1.4 MB, where the torch path widened every key to float32 (8 MB) and sorted all
 scores. Contract as kernels/reference/indexer.indexer_select_decode.
 """
 
