@@ -209,7 +209,7 @@ def test_decode_attention_matches_reference(kind, H, D, W, T, pos):
 def test_indexer_select_decode_chooses_the_reference_entries(kind, H, Di, n, k, visible):
     """Flash's indexer at 64k and 1M tokens of context (16k / 256k CSA entries, top 512), with fewer
     visible entries than k, and exact mode's float32 keys: the same pool rows in the same order. The
-    last case takes 1500 hidden entries (ties), from the first two programs of the radix passes."""
+    last case takes 1500 hidden entries (ties), from several programs of the radix passes."""
     from dsv4.kernels.reference.indexer import indexer_select_decode as ref_fn
 
     args = index_select_case(kind, H, Di, n, k, visible, torch.Generator().manual_seed(n + k), "cuda")
