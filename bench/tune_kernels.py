@@ -224,7 +224,9 @@ def tune_indexer() -> list[dict]:
         sweeps += [("SELECT", dict(entries=e, warps=wp, sort_warps=sw))
                    for e, wp, sw in itertools.product((1024, 2048, 4096), (4, 8), (4, 8))]
         try:
-            for table, setting in sweeps:
+            for table, setting in sweeps:  # one table varied at a time, the other at its default
+                tdi.SCORE.update(keep_score)
+                tdi.SELECT.update(keep_select)
                 getattr(tdi, table).update(setting)
                 try:
                     same = torch.equal(fn()[0], ref)
@@ -234,8 +236,6 @@ def tune_indexer() -> list[dict]:
                 out.append({"kernel": "indexer_select_decode", "n": n, "table": table, **setting,
                             "us": graph_time(fn) * 1e6, "same_rows": same})
                 print(json.dumps(out[-1]))
-                tdi.SCORE.update(keep_score)
-                tdi.SELECT.update(keep_select)
         finally:
             tdi.SCORE.update(keep_score)
             tdi.SELECT.update(keep_select)
