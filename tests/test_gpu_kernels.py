@@ -110,7 +110,8 @@ def test_rms_norm_matches_reference(shape, weighted):
     assert (a - b).abs().max().item() <= 1e-5 * b.abs().max().item()
 
 
-@pytest.mark.parametrize("shape,rd", [((1, 64, 512), 64), ((3, 4, 96), 32), ((2, 512), 64), ((5, 2, 80), 16)])
+@pytest.mark.parametrize("shape,rd", [((1, 64, 512), 64), ((3, 4, 96), 32), ((2, 512), 64), ((5, 2, 80), 16),
+                                      ((999, 64, 512), 64), ((777, 64, 128), 64)])  # prefill: query heads, indexer
 @pytest.mark.parametrize("inverse", [False, True])
 def test_apply_rope_matches_reference(shape, rd, inverse):
     from dsv4.kernels.reference.rope import apply_rope as ref_fn
@@ -374,7 +375,7 @@ def test_step_tables_match_reference():
         assert all(torch.equal(a, b) for a, b in zip(got, ref))
 
 
-@pytest.mark.parametrize("shape,rd", [((1, 64, 512), 64), ((1, 512), 64), ((3, 4, 96), 32)])
+@pytest.mark.parametrize("shape,rd", [((1, 64, 512), 64), ((1, 512), 64), ((3, 4, 96), 32), ((999, 512), 64)])
 def test_rms_norm_rope_matches_reference(shape, rd):
     from dsv4.kernels.reference.rope import rms_norm_rope as ref_fn
 
