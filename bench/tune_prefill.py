@@ -4,7 +4,7 @@ python3 bench/tune_prefill.py [--only attention|gemm|experts] [--out FILE]
 attention: kernels.chunk_attention on faithful-mode inputs (bf16 queries, FP8 + BF16 entries) for a
 3328-query chunk at 8k context, SWA / HCA / CSA (top-512), as TFLOP/s of its QK and PV dots.
 gemm: the FP8 x FP8 prefill GEMM (faithful activations, act_quant) on V4-Flash shapes, 3328 rows.
-experts: the grouped MXFP4 expert GEMM (256 experts, top-6, 3328 tokens), faithful activations,
+experts: the grouped MXFP4 expert GEMM (256 experts, top-6, a 6400-token chunk), faithful activations,
 with the dots as x . W^T or swapped (W . x^T: the widened weight as the register operand).
 Each alternative: one warm-up launch (compiles), then the median of 5 timed launches (CUDA events).
 The chosen shapes live in kernels/triton/prefill_*.TILE.
@@ -117,7 +117,8 @@ def tune_gemm(M: int = 3328) -> list[dict]:
     return out
 
 
-def tune_experts(S: int = 3328, E: int = 256, k: int = 6, inter: int = 2048, d: int = 4096) -> list[dict]:
+def tune_experts(S: int = 6400, E: int = 256, k: int = 6, inter: int = 2048, d: int = 4096) -> list[dict]:
+    """S: the default prefill chunk at 8k on the H200 (bench prefill's prefill_chunk)."""
     from dsv4.kernels import quant
     from dsv4.kernels.reference.linear import QWeight
     from dsv4.kernels.reference.moe import ExpertSet
@@ -132,11 +133,12 @@ def tune_experts(S: int = 3328, E: int = 256, k: int = 6, inter: int = 2048, d: 
     x = torch.randn(S, d, device="cuda", generator=g)
     ids = torch.stack([torch.randperm(E, device="cuda", generator=g)[:k] for _ in range(S)])
     wts = torch.rand(S, k, device="cuda", generator=g)
-    alts = [dict(m=m, n=n, k=k, warps=w, stages=st, swap=sw) for m, n, k, w, st, sw in
-            [(128, 128, 64, 8, 3, True), (64, 256, 64, 8, 3, False), (256, 128, 64, 8, 2, True), (128, 128, 32, 8, 4, True),
-             (128, 64, 64, 4, 3, True), (128, 128, 64, 4, 3, True), (256, 128, 32, 8, 3, True)]]
+    alts = [dict(m=m, n=n, k=bk, warps=w, stages=st, swap=sw, asm=a) for m, n, bk, w, st, sw, a in
+            [(128, 128, 32, 8, 4, True, False), (128, 128, 32, 8, 4, True, True), (128, 128, 64, 8, 3, True, True),
+             (64, 128, 32, 8, 4, True, True), (64, 128, 64, 8, 3, True, True), (128, 64, 32, 4, 4, True, True),
+             (64, 256, 32, 8, 3, False, True), (128, 128, 32, 8, 3, True, True), (128, 256, 32, 8, 3, True, True)]]
     return _alternatives(pe.TILE, alts, lambda: pe.grouped_experts(x, ids, wts, es, 10.0, act_quant=True),
-                         {"op": "experts mxfp4", "S": S, "E": E, "k": k}, 2 * 3 * S * k * inter * d)
+                         {"op": "experts mxfp4", "S": S, "E": E, "topk": k}, 2 * 3 * S * k * inter * d)
 
 
 def main() -> None:

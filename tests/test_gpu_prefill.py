@@ -98,7 +98,29 @@ def test_grouped_experts_match_reference(fmt, aq):
     wts = torch.rand(600, 4, generator=g).cuda()
     got = implementation("routed_experts", "cuda")(x, ids, wts, es, 10.0, act_quant=aq)
     ref = routed_experts(x, ids, wts, es, 10.0, act_quant=aq)
+    assert es.tables["prefill"]["one_mul"] == (fmt == "mxfp4")  # every scale byte <= 128: one multiply
     _close_but_flips(got, ref, 2e-5, aq)
+
+
+def test_grouped_experts_extreme_block_scales():
+    """MXFP4 scale bytes past 128 (block scales of 4 and more: the widening's two-multiply form) and 1
+    (weights near 2^-126), against the reference's float32 dequantisation."""
+    from dsv4.kernels.reference.moe import routed_experts
+    from kernel_cases import expert_set
+
+    g = torch.Generator().manual_seed(9)
+    es = expert_set("mxfp4", 4, 256, 512, g, device="cuda")
+    for w in (es.w1[0], es.w3[0], es.w2[1]):
+        w.scale.view(torch.uint8).add_(14)  # x 2^14
+    es.w3[2].scale.view(torch.uint8)[:, :3] = 1
+    x = torch.randn(600, 512, generator=g).cuda() / 64
+    ids = torch.stack([torch.randperm(4, generator=g)[:2] for _ in range(600)]).cuda()
+    wts = torch.rand(600, 2, generator=g).cuda()
+    got = implementation("routed_experts", "cuda")(x, ids, wts, es, 1e9)
+    ref = routed_experts(x, ids, wts, es, 1e9)
+    assert es.tables["prefill"]["one_mul"] is False
+    assert max(int(w.scale.view(torch.uint8).max()) for w in es.w1 + es.w3 + es.w2) > 128
+    assert _rel(got, ref) <= 2e-5
 
 
 def _close_but_flips(got, ref, bound, quantised):

@@ -33,28 +33,78 @@ from .prefill_linear import dot_rows, dot_rows_t
 # H200, bench/tune_prefill.py --only experts (MXFP4, 256 experts, top-6, 3328 tokens, faithful): the dots
 # swapped (W . x^T), 128 pairs x 128 rows, K steps of 32, 8 warps, 4 stages: 8.1 ms = 125 TFLOP/s,
 # against 12.4 ms for the unswapped 64 x 256 chosen before (2026-12-01, h200_tune_prefill_experts.json).
-TILE = {"m": 128, "n": 128, "k": 32, "warps": 8, "stages": 4, "swap": True}
+# asm: widen FP4 with the inline-PTX WIDEN_* (False: the float32 Triton ops, as before 2026-12-07).
+TILE = {"m": 128, "n": 128, "k": 32, "warps": 8, "stages": 4, "swap": True, "asm": True}
 FMT = {"mxfp4": 4, "nvfp4": 5}
 
 
+# One packed e2m1 byte ($2, as a u32) -> its two values as bf16 ($0 low nibble, $1 high). v = b | b << 12
+# puts the high nibble at the top lane's bits 0-3; each lane's magnitude bits go to bf16 bits 6-8
+# and its sign to bit 15, which reads as 2^-126 x e2m1 (the subnormal 0.5 included). A bf16x2
+# multiply by $3 = (m, m), m = 2^126 x the block scale (MXFP4 with every scale byte <= 128:
+# m = 2^(s-1), exact), gives the weights; or two (by 2^126, then by $3 = the scale) where m would
+# not fit bf16. One byte per call (pack 1) keeps the op free to take the tensor cores' operand
+# layout, so no widened tile is reshuffled through shared memory.
+_WIDEN = """{{
+.reg .b32 v, a, b;
+mul.lo.u32 v, $2, 4097;
+shl.b32 a, v, 6;
+and.b32 a, a, 0x01C001C0;
+shl.b32 b, v, 12;
+lop3.b32 a, b, 0x80008000, a, 0xEA;
+{pre}mul.rn.bf16x2 a, a, $3;
+mov.b32 {{$0, $1}}, a;
+}}"""
+WIDEN_ONE_MUL = tl.constexpr(_WIDEN.format(pre=""))
+WIDEN_TWO_MUL = tl.constexpr(_WIDEN.format(pre="mov.b32 b, 0x7E807E80;\nmul.rn.bf16x2 a, a, b;\n"))
+
+
 @triton.jit
-def _fp4_tile(w_ptr, s_ptr, rn, nm, k0, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FMT: tl.constexpr):
-    """Rows rn, columns k0..k0+BLOCK_K of an FP4 expert weight [N, K] as float32 [BLOCK_N, BLOCK_K]
-    (the block scales applied; NVFP4's tensor scale is not: the caller applies it after the dot)."""
-    rp = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-    pm = nm[:, None] & (rp < K // 2)[None, :]
-    lo, hi = _e2m1_pairs(tl.load(w_ptr + rn[:, None] * (K // 2) + rp[None, :], mask=pm, other=0))
-    v = tl.interleave(lo, hi) * 16384.0  # [BLOCK_N, BLOCK_K], e2m1 values (_e2m1_pairs gives them x 2^-14)
+def _scales(s_ptr, rn, nm, k0, K, BLOCK_K: tl.constexpr, FMT: tl.constexpr):
+    """The raw block scales (uint8: ue8m0 or e4m3 bits) of rows rn, columns k0..k0+BLOCK_K of an
+    FP4 weight [N, K], as [BLOCK_N, BLOCK_K / group]; zero past K (loaded one step ahead)."""
     G: tl.constexpr = 32 if FMT == 4 else 16
     rg = k0 // G + tl.arange(0, BLOCK_K // G)
-    sm = nm[:, None] & (rg < K // G)[None, :]
+    return tl.load(s_ptr + rn[:, None] * (K // G) + rg[None, :], mask=nm[:, None] & (rg < K // G)[None, :], other=0)
+
+
+@triton.jit
+def _fp4_tile(w_ptr, sc, rn, nm, k0, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FMT: tl.constexpr,
+              ASM: tl.constexpr, ONE_MUL: tl.constexpr):
+    """Rows rn, columns k0..k0+BLOCK_K of an FP4 expert weight [N, K] with its raw block scales sc
+    (_scales), the block scales applied (NVFP4's tensor scale is not: the caller applies it after
+    the dot), as bf16 [BLOCK_N, BLOCK_K] (exact: at most 5 significant bits). ASM: from packed bf16x2
+    integer ops and one or two multiplies per two values (WIDEN_*); else from float32 Triton ops (the
+    CPU interpreter, where inline assembly cannot run)."""
+    rp = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+    pm = nm[:, None] & (rp < K // 2)[None, :]
+    b = tl.load(w_ptr + rn[:, None] * (K // 2) + rp[None, :], mask=pm, other=0)
+    G: tl.constexpr = 32 if FMT == 4 else 16
+    if ASM:
+        if FMT == 4:
+            si = sc.to(tl.int32)
+            if ONE_MUL:  # 2^126 x 2^(s-127): bf16 exponent field s + 126 <= 254
+                m = (si + 126) << 7
+            else:  # 2^(s-127); s = 0 is the subnormal 2^-127
+                m = (si << 7) + (si == 0).to(tl.int32) * 64
+        else:
+            m = sc.to(tl.float8e4nv, bitcast=True).to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        m = m * 65537  # the bf16 multiplier in both halves of a word
+        mb = tl.reshape(tl.broadcast_to(m[:, :, None], [BLOCK_N, BLOCK_K // G, G // 2]), [BLOCK_N, BLOCK_K // 2])
+        if ONE_MUL:
+            lo, hi = tl.inline_asm_elementwise(WIDEN_ONE_MUL, "=h,=h,r,r", [b.to(tl.int32), mb],
+                                               dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=1)
+        else:
+            lo, hi = tl.inline_asm_elementwise(WIDEN_TWO_MUL, "=h,=h,r,r", [b.to(tl.int32), mb],
+                                               dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=1)
+        return tl.interleave(lo, hi)
+    lo, hi = _e2m1_pairs(b)
+    v = tl.interleave(lo, hi) * 16384.0  # [BLOCK_N, BLOCK_K], e2m1 values (_e2m1_pairs gives them x 2^-14)
     if FMT == 4:
-        s = (tl.load(s_ptr + rn[:, None] * (K // G) + rg[None, :], mask=sm, other=0).to(tl.int32) << 23).to(
-            tl.float32, bitcast=True)
+        s = (sc.to(tl.int32) << 23).to(tl.float32, bitcast=True)
     else:
-        s = tl.load(s_ptr + rn[:, None] * (K // G) + rg[None, :], mask=sm, other=0).to(tl.float8e4nv,
-                                                                                       bitcast=True).to(tl.float32)
-    return tl.reshape(tl.reshape(v, [BLOCK_N, BLOCK_K // G, G]) * s[:, :, None], [BLOCK_N, BLOCK_K])
+        s = sc.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+    return tl.reshape(tl.reshape(v, [BLOCK_N, BLOCK_K // G, G]) * s[:, :, None], [BLOCK_N, BLOCK_K]).to(tl.bfloat16)
 
 
 @triton.jit
@@ -69,16 +119,20 @@ def _ptrs(tab_ptr, stab_ptr, e):
 def _acc(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SWAP: tl.constexpr):
     """A float32 accumulator for a tile: [BLOCK_N, BLOCK_M] when the dots run swapped, else [BLOCK_M, BLOCK_N]."""
     if SWAP:
-        return tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-    return tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    return acc
 
 
 @triton.jit
 def _dot(x, w, IEEE: tl.constexpr, SPLIT: tl.constexpr, SWAP: tl.constexpr):
     """x [M, K] . w [N, K]^T as [M, N], or swapped as w . x^T [N, M] (dot_rows / dot_rows_t)."""
     if SWAP:
-        return dot_rows_t(x, w, IEEE, SPLIT)
-    return dot_rows(x, w, IEEE, SPLIT)
+        out = dot_rows_t(x, w, IEEE, SPLIT)
+    else:
+        out = dot_rows(x, w, IEEE, SPLIT)
+    return out
 
 
 @triton.jit
@@ -92,7 +146,7 @@ def _tile_rows(tile_e_ptr, tile_lo_ptr, tile_hi_ptr, BLOCK_M: tl.constexpr):
 @triton.jit
 def _up(x_ptr, order_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, w1_tab, s1_tab, g1_ptr, w3_tab, s3_tab,
         g3_ptr, h_ptr, I, D, limit, K_SEL: tl.constexpr, FMT: tl.constexpr, IEEE: tl.constexpr, SPLIT: tl.constexpr,
-        QX: tl.constexpr, SWAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        QX: tl.constexpr, SWAP: tl.constexpr, ASM: tl.constexpr, ONE_MUL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr):
     """h[r] = swiglu(w1[e] x_tok(r), w3[e] x_tok(r)) for the tile's sorted pairs r. QX: x arrives
     quantised (bf16 rows, actquant.quantise_rows) and h leaves quantised too, each 128-slice of a
@@ -108,11 +162,17 @@ def _up(x_ptr, order_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, w1_tab, s1_tab, 
         w3, s3 = _ptrs(w3_tab, s3_tab, e)
         g = _acc(BLOCK_M, BLOCK_N, SWAP)
         u = _acc(BLOCK_M, BLOCK_N, SWAP)
-        for k0 in range(0, D, BLOCK_K):
+        c1 = _scales(s1, rn, nm, 0, D, BLOCK_K, FMT)
+        c3 = _scales(s3, rn, nm, 0, D, BLOCK_K, FMT)
+        for k0 in range(0, D, BLOCK_K):  # the next step's scales load while this step runs
+            n1 = _scales(s1, rn, nm, k0 + BLOCK_K, D, BLOCK_K, FMT)
+            n3 = _scales(s3, rn, nm, k0 + BLOCK_K, D, BLOCK_K, FMT)
             kk = k0 + tl.arange(0, BLOCK_K)
             x = tl.load(x_ptr + tok[:, None] * D + kk[None, :], mask=rm[:, None] & (kk < D)[None, :], other=0.0)
-            g += _dot(x, _fp4_tile(w1, s1, rn, nm, k0, D, BLOCK_N, BLOCK_K, FMT), IEEE, SPLIT, SWAP)
-            u += _dot(x, _fp4_tile(w3, s3, rn, nm, k0, D, BLOCK_N, BLOCK_K, FMT), IEEE, SPLIT, SWAP)
+            g += _dot(x, _fp4_tile(w1, c1, rn, nm, k0, D, BLOCK_N, BLOCK_K, FMT, ASM, ONE_MUL), IEEE, SPLIT, SWAP)
+            u += _dot(x, _fp4_tile(w3, c3, rn, nm, k0, D, BLOCK_N, BLOCK_K, FMT, ASM, ONE_MUL), IEEE, SPLIT, SWAP)
+            c1 = n1
+            c3 = n3
         if SWAP:
             g = tl.trans(g)
             u = tl.trans(u)
@@ -129,7 +189,7 @@ def _up(x_ptr, order_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, w1_tab, s1_tab, 
 
 @triton.jit
 def _down(h_ptr, order_ptr, wts_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, w2_tab, s2_tab, g2_ptr, y_ptr, I, D,
-          FMT: tl.constexpr, IEEE: tl.constexpr, QX: tl.constexpr, SWAP: tl.constexpr, BLOCK_M: tl.constexpr,
+          FMT: tl.constexpr, IEEE: tl.constexpr, QX: tl.constexpr, SWAP: tl.constexpr, ASM: tl.constexpr, ONE_MUL: tl.constexpr, BLOCK_M: tl.constexpr,
           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """y[pair(r)] = weight(r) * (w2[e] h[r]) for the tile's sorted pairs r, stored in (token, slot)
     order (h float32, or bf16 values already quantised by _up: one bf16 dot per step)."""
@@ -139,10 +199,14 @@ def _down(h_ptr, order_ptr, wts_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, w2_ta
         nm = rn < D
         w2, s2 = _ptrs(w2_tab, s2_tab, e)
         acc = _acc(BLOCK_M, BLOCK_N, SWAP)
+        c2 = _scales(s2, rn, nm, 0, I, BLOCK_K, FMT)
         for k0 in range(0, I, BLOCK_K):
+            n2 = _scales(s2, rn, nm, k0 + BLOCK_K, I, BLOCK_K, FMT)
             kk = k0 + tl.arange(0, BLOCK_K)
             h = tl.load(h_ptr + r[:, None] * I + kk[None, :], mask=rm[:, None] & (kk < I)[None, :], other=0.0)
-            acc += _dot(h, _fp4_tile(w2, s2, rn, nm, k0, I, BLOCK_N, BLOCK_K, FMT), IEEE, not QX, SWAP)
+            acc += _dot(h, _fp4_tile(w2, c2, rn, nm, k0, I, BLOCK_N, BLOCK_K, FMT, ASM, ONE_MUL), IEEE, not QX,
+                        SWAP)
+            c2 = n2
         if SWAP:
             acc = tl.trans(acc)
         if FMT == 5:
@@ -163,6 +227,9 @@ def _tables(experts: ExpertSet, device) -> dict:
             out["s" + name] = torch.tensor([w.scale.data_ptr() for w in ws], dtype=torch.int64, device=device)
             gs = [w.global_scale.float() if w.global_scale is not None else torch.ones((), device=device) for w in ws]
             out["g" + name] = torch.stack([g.reshape(()).to(device) for g in gs])
+        # MXFP4 with every scale byte <= 128 (scales <= 2): one bf16 multiply per two widened values
+        out["one_mul"] = experts.w1[0].fmt == "mxfp4" and torch.stack(
+            [w.scale.view(torch.uint8).max() for w in experts.w1 + experts.w3 + experts.w2]).max().item() <= 128
         t["prefill"] = out
     return t["prefill"]
 
@@ -220,13 +287,15 @@ def grouped_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, e
     _up[(tile_e.numel(), triton.cdiv(I, t["n"]))](
         xc, order, tile_e, lo, hi, tab["w1"], tab["sw1"], tab["gw1"], tab["w3"], tab["sw3"], tab["gw3"], h, I, D,
         float(limit), K_SEL=k, FMT=fmt, IEEE=ieee, SPLIT=xc.dtype == torch.float32, QX=qx, SWAP=t["swap"],
+        ASM=t["asm"] and not ieee, ONE_MUL=tab["one_mul"],
         BLOCK_M=t["m"], BLOCK_N=t["n"], BLOCK_K=t["k"], num_warps=t["warps"], num_stages=t["stages"])
     if act_quant and not qx:  # an intermediate size that is no whole number of 128-slices per tile
         h = quantise_rows(h)
     y = torch.empty((S * k, D), device=x.device, dtype=torch.float32)
     _down[(tile_e.numel(), triton.cdiv(D, t["n"]))](
         h, order, weights.float().contiguous().reshape(-1), tile_e, lo, hi, tab["w2"], tab["sw2"], tab["gw2"], y,
-        I, D, FMT=fmt, IEEE=ieee, QX=h.dtype == torch.bfloat16, SWAP=t["swap"], BLOCK_M=t["m"], BLOCK_N=t["n"], BLOCK_K=t["k"],
+        I, D, FMT=fmt, IEEE=ieee, QX=h.dtype == torch.bfloat16, SWAP=t["swap"], ASM=t["asm"] and not ieee,
+        ONE_MUL=tab["one_mul"], BLOCK_M=t["m"], BLOCK_N=t["n"], BLOCK_K=t["k"],
         num_warps=t["warps"], num_stages=t["stages"])
     return y.view(S, k, D).sum(1).to(x.dtype)
 
