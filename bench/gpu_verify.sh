@@ -79,7 +79,7 @@ experts)
   timeout 240 python3 bench/tune_prefill.py --only experts --out "$OUT/tune_experts.json" 2>&1 | cut -c1-300 | tail -12
   (cd bench && timeout 60 python3 rope_rows.py 2>&1 | tail -4)
   timeout 90 $D bench prefill --preset flash --layers 4 --synthetic --prompt-len 8192 --runs 3 --profile \
-    --json-out "$OUT/prefill8k.json" 2>&1 | grep -E "tok/s|fraction|_up|_down|_rope|peak|matmul" | head -12 ;;
+    --json-out "$OUT/prefill8k.json" 2>&1 | tail -26 ;;
 indexer)
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
   timeout 150 python3 bench/profile_decode.py --layers 16 --prompt-len 65536 \
