@@ -133,10 +133,12 @@ def tune_experts(S: int = 6400, E: int = 256, k: int = 6, inter: int = 2048, d: 
     x = torch.randn(S, d, device="cuda", generator=g)
     ids = torch.stack([torch.randperm(E, device="cuda", generator=g)[:k] for _ in range(S)])
     wts = torch.rand(S, k, device="cuda", generator=g)
-    alts = [dict(m=m, n=n, k=bk, warps=w, stages=st, swap=sw, asm=a) for m, n, bk, w, st, sw, a in
-            [(128, 128, 32, 8, 4, True, False), (128, 128, 32, 8, 4, True, True), (128, 128, 64, 8, 3, True, True),
-             (64, 128, 32, 8, 4, True, True), (64, 128, 64, 8, 3, True, True), (128, 64, 32, 4, 4, True, True),
-             (64, 256, 32, 8, 3, False, True), (128, 128, 32, 8, 3, True, True), (128, 256, 32, 8, 3, True, True)]]
+    alts = [dict(m=m, n=n, k=bk, warps=w, stages=st, swap=sw, asm=a, words=wd) for m, n, bk, w, st, sw, a, wd in
+            [(128, 128, 32, 8, 4, True, False, False), (128, 128, 32, 8, 4, True, True, False),
+             (128, 128, 32, 8, 4, True, True, True), (64, 128, 32, 8, 4, True, True, False),
+             (64, 128, 32, 8, 4, True, True, True), (128, 128, 64, 8, 3, True, True, False),
+             (64, 128, 64, 8, 3, True, True, False), (128, 64, 32, 4, 4, True, True, False),
+             (64, 256, 32, 8, 3, False, True, False), (128, 128, 32, 8, 3, True, True, False)]]
     return _alternatives(pe.TILE, alts, lambda: pe.grouped_experts(x, ids, wts, es, 10.0, act_quant=True),
                          {"op": "experts mxfp4", "S": S, "E": E, "topk": k}, 2 * 3 * S * k * inter * d)
 

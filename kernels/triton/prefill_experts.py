@@ -33,8 +33,9 @@ from .prefill_linear import dot_rows, dot_rows_t
 # H200, bench/tune_prefill.py --only experts (MXFP4, 256 experts, top-6, 3328 tokens, faithful): the dots
 # swapped (W . x^T), 128 pairs x 128 rows, K steps of 32, 8 warps, 4 stages: 8.1 ms = 125 TFLOP/s,
 # against 12.4 ms for the unswapped 64 x 256 chosen before (2026-12-01, h200_tune_prefill_experts.json).
-# asm: widen FP4 with the inline-PTX WIDEN_* (False: the float32 Triton ops, as before 2026-12-07).
-TILE = {"m": 128, "n": 128, "k": 32, "warps": 8, "stages": 4, "swap": True, "asm": True}
+# asm: widen FP4 with the inline-PTX WIDEN_* (False: the float32 Triton ops, as before 2026-12-07);
+# words: block scales read as 32-bit words (pipelined; see _scales) where K allows, else as bytes.
+TILE = {"m": 128, "n": 128, "k": 32, "warps": 8, "stages": 4, "swap": True, "asm": True, "words": False}
 FMT = {"mxfp4": 4, "nvfp4": 5}
 
 
@@ -60,18 +61,35 @@ WIDEN_TWO_MUL = tl.constexpr(_WIDEN.format(pre="mov.b32 b, 0x7E807E80;\nmul.rn.b
 
 
 @triton.jit
-def _scales(s_ptr, rn, nm, k0, K, BLOCK_K: tl.constexpr, FMT: tl.constexpr):
-    """The raw block scales (uint8: ue8m0 or e4m3 bits) of rows rn, columns k0..k0+BLOCK_K of an
-    FP4 weight [N, K], as [BLOCK_N, BLOCK_K / group]; zero past K (loaded one step ahead)."""
+def _scales(s_ptr, rn, nm, k0, K, BLOCK_K: tl.constexpr, FMT: tl.constexpr, WORDS: tl.constexpr):
+    """The raw block scales (uint8 values as int32: ue8m0 or e4m3 bits) of rows rn, columns
+    k0..k0+BLOCK_K of an FP4 weight [N, K], as [BLOCK_N, BLOCK_K / group]. WORDS (K / group a
+    multiple of 4): read as the aligned 32-bit words that hold them, wide enough for the software
+    pipeline's asynchronous copies (byte loads stay synchronous, their latency in every step)."""
     G: tl.constexpr = 32 if FMT == 4 else 16
-    rg = k0 // G + tl.arange(0, BLOCK_K // G)
-    return tl.load(s_ptr + rn[:, None] * (K // G) + rg[None, :], mask=nm[:, None] & (rg < K // G)[None, :], other=0)
+    NG: tl.constexpr = BLOCK_K // G
+    if not WORDS:
+        rg = k0 // G + tl.arange(0, NG)
+        out = tl.load(s_ptr + rn[:, None] * (K // G) + rg[None, :], mask=nm[:, None] & (rg < K // G)[None, :],
+                      other=0).to(tl.int32)
+    elif NG >= 4:
+        rw = k0 // G // 4 + tl.arange(0, NG // 4)
+        wd = tl.load(s_ptr.to(tl.pointer_type(tl.int32)) + rn[:, None] * (K // G // 4) + rw[None, :],
+                     mask=nm[:, None] & (rw < K // G // 4)[None, :], other=0)
+        out = tl.reshape(tl.join(tl.join(wd & 255, (wd >> 16) & 255), tl.join((wd >> 8) & 255, (wd >> 24) & 255)),
+                         [wd.shape[0], NG])
+    else:
+        wd = tl.load(s_ptr.to(tl.pointer_type(tl.int32)) + rn[:, None] * (K // G // 4) + (k0 // G // 4),
+                     mask=nm[:, None], other=0)
+        sh = ((k0 // G) % 4) * 8 + tl.arange(0, NG) * 8
+        out = (wd >> sh[None, :]) & 255
+    return out
 
 
 @triton.jit
 def _fp4_tile(w_ptr, sc, rn, nm, k0, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FMT: tl.constexpr,
               ASM: tl.constexpr, ONE_MUL: tl.constexpr):
-    """Rows rn, columns k0..k0+BLOCK_K of an FP4 expert weight [N, K] with its raw block scales sc
+    """Rows rn, columns k0..k0+BLOCK_K of an FP4 expert weight [N, K] with its raw block scales sc (int32)
     (_scales), the block scales applied (NVFP4's tensor scale is not: the caller applies it after
     the dot), as bf16 [BLOCK_N, BLOCK_K] (exact: at most 5 significant bits). ASM: from packed bf16x2
     integer ops and one or two multiplies per two values (WIDEN_*); else from float32 Triton ops (the
@@ -88,7 +106,7 @@ def _fp4_tile(w_ptr, sc, rn, nm, k0, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.const
             else:  # 2^(s-127); s = 0 is the subnormal 2^-127
                 m = (si << 7) + (si == 0).to(tl.int32) * 64
         else:
-            m = sc.to(tl.float8e4nv, bitcast=True).to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+            m = sc.to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
         m = m * 65537  # the bf16 multiplier in both halves of a word
         mb = tl.reshape(tl.broadcast_to(m[:, :, None], [BLOCK_N, BLOCK_K // G, G // 2]), [BLOCK_N, BLOCK_K // 2])
         if ONE_MUL:
@@ -103,7 +121,7 @@ def _fp4_tile(w_ptr, sc, rn, nm, k0, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.const
     if FMT == 4:
         s = (sc.to(tl.int32) << 23).to(tl.float32, bitcast=True)
     else:
-        s = sc.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+        s = sc.to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32)
     return tl.reshape(tl.reshape(v, [BLOCK_N, BLOCK_K // G, G]) * s[:, :, None], [BLOCK_N, BLOCK_K]).to(tl.bfloat16)
 
 
@@ -146,7 +164,7 @@ def _tile_rows(tile_e_ptr, tile_lo_ptr, tile_hi_ptr, BLOCK_M: tl.constexpr):
 @triton.jit
 def _up(x_ptr, order_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, w1_tab, s1_tab, g1_ptr, w3_tab, s3_tab,
         g3_ptr, h_ptr, I, D, limit, K_SEL: tl.constexpr, FMT: tl.constexpr, IEEE: tl.constexpr, SPLIT: tl.constexpr,
-        QX: tl.constexpr, SWAP: tl.constexpr, ASM: tl.constexpr, ONE_MUL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        QX: tl.constexpr, SWAP: tl.constexpr, ASM: tl.constexpr, ONE_MUL: tl.constexpr, WORDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr):
     """h[r] = swiglu(w1[e] x_tok(r), w3[e] x_tok(r)) for the tile's sorted pairs r. QX: x arrives
     quantised (bf16 rows, actquant.quantise_rows) and h leaves quantised too, each 128-slice of a
@@ -162,17 +180,13 @@ def _up(x_ptr, order_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, w1_tab, s1_tab, 
         w3, s3 = _ptrs(w3_tab, s3_tab, e)
         g = _acc(BLOCK_M, BLOCK_N, SWAP)
         u = _acc(BLOCK_M, BLOCK_N, SWAP)
-        c1 = _scales(s1, rn, nm, 0, D, BLOCK_K, FMT)
-        c3 = _scales(s3, rn, nm, 0, D, BLOCK_K, FMT)
-        for k0 in range(0, D, BLOCK_K):  # the next step's scales load while this step runs
-            n1 = _scales(s1, rn, nm, k0 + BLOCK_K, D, BLOCK_K, FMT)
-            n3 = _scales(s3, rn, nm, k0 + BLOCK_K, D, BLOCK_K, FMT)
+        for k0 in range(0, D, BLOCK_K):
+            c1 = _scales(s1, rn, nm, k0, D, BLOCK_K, FMT, WORDS)
+            c3 = _scales(s3, rn, nm, k0, D, BLOCK_K, FMT, WORDS)
             kk = k0 + tl.arange(0, BLOCK_K)
             x = tl.load(x_ptr + tok[:, None] * D + kk[None, :], mask=rm[:, None] & (kk < D)[None, :], other=0.0)
             g += _dot(x, _fp4_tile(w1, c1, rn, nm, k0, D, BLOCK_N, BLOCK_K, FMT, ASM, ONE_MUL), IEEE, SPLIT, SWAP)
             u += _dot(x, _fp4_tile(w3, c3, rn, nm, k0, D, BLOCK_N, BLOCK_K, FMT, ASM, ONE_MUL), IEEE, SPLIT, SWAP)
-            c1 = n1
-            c3 = n3
         if SWAP:
             g = tl.trans(g)
             u = tl.trans(u)
@@ -189,7 +203,7 @@ def _up(x_ptr, order_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, w1_tab, s1_tab, 
 
 @triton.jit
 def _down(h_ptr, order_ptr, wts_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, w2_tab, s2_tab, g2_ptr, y_ptr, I, D,
-          FMT: tl.constexpr, IEEE: tl.constexpr, QX: tl.constexpr, SWAP: tl.constexpr, ASM: tl.constexpr, ONE_MUL: tl.constexpr, BLOCK_M: tl.constexpr,
+          FMT: tl.constexpr, IEEE: tl.constexpr, QX: tl.constexpr, SWAP: tl.constexpr, ASM: tl.constexpr, ONE_MUL: tl.constexpr, WORDS: tl.constexpr, BLOCK_M: tl.constexpr,
           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """y[pair(r)] = weight(r) * (w2[e] h[r]) for the tile's sorted pairs r, stored in (token, slot)
     order (h float32, or bf16 values already quantised by _up: one bf16 dot per step)."""
@@ -199,14 +213,12 @@ def _down(h_ptr, order_ptr, wts_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, w2_ta
         nm = rn < D
         w2, s2 = _ptrs(w2_tab, s2_tab, e)
         acc = _acc(BLOCK_M, BLOCK_N, SWAP)
-        c2 = _scales(s2, rn, nm, 0, I, BLOCK_K, FMT)
         for k0 in range(0, I, BLOCK_K):
-            n2 = _scales(s2, rn, nm, k0 + BLOCK_K, I, BLOCK_K, FMT)
+            c2 = _scales(s2, rn, nm, k0, I, BLOCK_K, FMT, WORDS)
             kk = k0 + tl.arange(0, BLOCK_K)
             h = tl.load(h_ptr + r[:, None] * I + kk[None, :], mask=rm[:, None] & (kk < I)[None, :], other=0.0)
             acc += _dot(h, _fp4_tile(w2, c2, rn, nm, k0, I, BLOCK_N, BLOCK_K, FMT, ASM, ONE_MUL), IEEE, not QX,
                         SWAP)
-            c2 = n2
         if SWAP:
             acc = tl.trans(acc)
         if FMT == 5:
@@ -280,6 +292,7 @@ def grouped_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, e
     t = TILE
     order, tile_e, lo, hi = schedule(ids.long(), len(experts), t["m"])
     fmt = FMT[experts.w1[0].fmt]
+    group = 32 if fmt == 4 else 16
     ieee = interpreted()
     qx = act_quant and I % 128 == 0 and t["n"] % 128 == 0
     xc = quantise_rows(x.contiguous()) if act_quant else x.contiguous()
@@ -287,7 +300,7 @@ def grouped_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, e
     _up[(tile_e.numel(), triton.cdiv(I, t["n"]))](
         xc, order, tile_e, lo, hi, tab["w1"], tab["sw1"], tab["gw1"], tab["w3"], tab["sw3"], tab["gw3"], h, I, D,
         float(limit), K_SEL=k, FMT=fmt, IEEE=ieee, SPLIT=xc.dtype == torch.float32, QX=qx, SWAP=t["swap"],
-        ASM=t["asm"] and not ieee, ONE_MUL=tab["one_mul"],
+        ASM=t["asm"] and not ieee, ONE_MUL=tab["one_mul"], WORDS=t["words"] and D // group % 4 == 0,
         BLOCK_M=t["m"], BLOCK_N=t["n"], BLOCK_K=t["k"], num_warps=t["warps"], num_stages=t["stages"])
     if act_quant and not qx:  # an intermediate size that is no whole number of 128-slices per tile
         h = quantise_rows(h)
@@ -295,7 +308,7 @@ def grouped_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, e
     _down[(tile_e.numel(), triton.cdiv(D, t["n"]))](
         h, order, weights.float().contiguous().reshape(-1), tile_e, lo, hi, tab["w2"], tab["sw2"], tab["gw2"], y,
         I, D, FMT=fmt, IEEE=ieee, QX=h.dtype == torch.bfloat16, SWAP=t["swap"], ASM=t["asm"] and not ieee,
-        ONE_MUL=tab["one_mul"], BLOCK_M=t["m"], BLOCK_N=t["n"], BLOCK_K=t["k"],
+        ONE_MUL=tab["one_mul"], WORDS=t["words"] and I // group % 4 == 0, BLOCK_M=t["m"], BLOCK_N=t["n"], BLOCK_K=t["k"],
         num_warps=t["warps"], num_stages=t["stages"])
     return y.view(S, k, D).sum(1).to(x.dtype)
 
