@@ -364,8 +364,8 @@ def grouped_experts_checks():
     for tile, cases in [({}, [(6, 96, 128, 3, 20), (5, 64, 192, 2, 33), (4, 256, 128, 2, 17)]),
                         # block scales read as 32-bit words: one word per 32-column step, or 4 words'
                         # bytes unpacked per 128-column step (d = 128, I = 256; I = 96 stays on bytes)
-                        (dict(words=True), [(4, 256, 128, 2, 17)]), (dict(words=True, k=128), [(6, 96, 128, 3, 20),
-                                                                                              (4, 256, 128, 2, 17)])]:
+                        (dict(words=True), [(4, 256, 128, 2, 17)]),
+                        (dict(words=True, k=128), [(6, 96, 128, 3, 20), (4, 256, 128, 2, 17)])]:
         pe.TILE.update(keep, **tile)
         try:
             _grouped_expert_cases(cases, routed_experts_supported, routed_experts_triton, str(tile or ""))
@@ -381,8 +381,8 @@ def _grouped_expert_cases(cases, routed_experts_supported, routed_experts_triton
             ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(S)])
             wts = torch.rand(S, k, generator=g)
             assert routed_experts_supported(x, ids, wts, es, 7.0)
-            close(f"grouped experts {fmt} E={E} {inter}x{d} k={k} S={S} {label}", routed_experts_triton(x, ids, wts, es, 7.0),
-                  routed_experts(x, ids, wts, es, 7.0))
+            close(f"grouped experts {fmt} E={E} {inter}x{d} k={k} S={S} {label}",
+                  routed_experts_triton(x, ids, wts, es, 7.0), routed_experts(x, ids, wts, es, 7.0))
             close(f"grouped experts act_quant {fmt} E={E} {inter}x{d} k={k} S={S} {label}",
                   routed_experts_triton(x, ids, wts, es, 7.0, act_quant=True),
                   routed_experts(x, ids, wts, es, 7.0, act_quant=True))

@@ -34,7 +34,8 @@ from .prefill_linear import dot_rows, dot_rows_t
 # swapped (W . x^T), 128 pairs x 128 rows, K steps of 32, 8 warps, 4 stages: 8.1 ms = 125 TFLOP/s,
 # against 12.4 ms for the unswapped 64 x 256 chosen before (2026-12-01, h200_tune_prefill_experts.json).
 # asm: widen FP4 with the inline-PTX WIDEN_* (False: the float32 Triton ops, as before 2026-12-07);
-# words: block scales read as 32-bit words (pipelined; see _scales) where K allows, else as bytes.
+# words: block scales read as 32-bit words where K allows (the pipeline copies them ahead, but on Triton
+# 3.6 the widened tile then takes a trip through shared memory), else as bytes in the step.
 TILE = {"m": 128, "n": 128, "k": 32, "warps": 8, "stages": 4, "swap": True, "asm": True, "words": False}
 FMT = {"mxfp4": 4, "nvfp4": 5}
 
@@ -106,7 +107,8 @@ def _fp4_tile(w_ptr, sc, rn, nm, k0, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.const
             else:  # 2^(s-127); s = 0 is the subnormal 2^-127
                 m = (si << 7) + (si == 0).to(tl.int32) * 64
         else:
-            m = sc.to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+            m = sc.to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.bfloat16).to(tl.int16, bitcast=True)
+            m = m.to(tl.int32) & 0xFFFF
         m = m * 65537  # the bf16 multiplier in both halves of a word
         mb = tl.reshape(tl.broadcast_to(m[:, :, None], [BLOCK_N, BLOCK_K // G, G // 2]), [BLOCK_N, BLOCK_K // 2])
         if ONE_MUL:
@@ -164,8 +166,8 @@ def _tile_rows(tile_e_ptr, tile_lo_ptr, tile_hi_ptr, BLOCK_M: tl.constexpr):
 @triton.jit
 def _up(x_ptr, order_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, w1_tab, s1_tab, g1_ptr, w3_tab, s3_tab,
         g3_ptr, h_ptr, I, D, limit, K_SEL: tl.constexpr, FMT: tl.constexpr, IEEE: tl.constexpr, SPLIT: tl.constexpr,
-        QX: tl.constexpr, SWAP: tl.constexpr, ASM: tl.constexpr, ONE_MUL: tl.constexpr, WORDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr):
+        QX: tl.constexpr, SWAP: tl.constexpr, ASM: tl.constexpr, ONE_MUL: tl.constexpr, WORDS: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """h[r] = swiglu(w1[e] x_tok(r), w3[e] x_tok(r)) for the tile's sorted pairs r. QX: x arrives
     quantised (bf16 rows, actquant.quantise_rows) and h leaves quantised too, each 128-slice of a
     row through e4m3 (bf16 values; BLOCK_N a multiple of 128). SWAP: the dots run as W . x^T (the
@@ -203,8 +205,9 @@ def _up(x_ptr, order_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, w1_tab, s1_tab, 
 
 @triton.jit
 def _down(h_ptr, order_ptr, wts_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, w2_tab, s2_tab, g2_ptr, y_ptr, I, D,
-          FMT: tl.constexpr, IEEE: tl.constexpr, QX: tl.constexpr, SWAP: tl.constexpr, ASM: tl.constexpr, ONE_MUL: tl.constexpr, WORDS: tl.constexpr, BLOCK_M: tl.constexpr,
-          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+          FMT: tl.constexpr, IEEE: tl.constexpr, QX: tl.constexpr, SWAP: tl.constexpr, ASM: tl.constexpr,
+          ONE_MUL: tl.constexpr, WORDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+          BLOCK_K: tl.constexpr):
     """y[pair(r)] = weight(r) * (w2[e] h[r]) for the tile's sorted pairs r, stored in (token, slot)
     order (h float32, or bf16 values already quantised by _up: one bf16 dot per step)."""
     e, r, rm = _tile_rows(tile_e_ptr, tile_lo_ptr, tile_hi_ptr, BLOCK_M)
@@ -308,8 +311,8 @@ def grouped_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, e
     _down[(tile_e.numel(), triton.cdiv(D, t["n"]))](
         h, order, weights.float().contiguous().reshape(-1), tile_e, lo, hi, tab["w2"], tab["sw2"], tab["gw2"], y,
         I, D, FMT=fmt, IEEE=ieee, QX=h.dtype == torch.bfloat16, SWAP=t["swap"], ASM=t["asm"] and not ieee,
-        ONE_MUL=tab["one_mul"], WORDS=t["words"] and I // group % 4 == 0, BLOCK_M=t["m"], BLOCK_N=t["n"], BLOCK_K=t["k"],
-        num_warps=t["warps"], num_stages=t["stages"])
+        ONE_MUL=tab["one_mul"], WORDS=t["words"] and I // group % 4 == 0, BLOCK_M=t["m"], BLOCK_N=t["n"],
+        BLOCK_K=t["k"], num_warps=t["warps"], num_stages=t["stages"])
     return y.view(S, k, D).sum(1).to(x.dtype)
 
 
