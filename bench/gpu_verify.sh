@@ -9,7 +9,7 @@
 #   bash bench/gpu_verify.sh tune      # cold-L2 tunes of the decode GEMVs and routed experts, the graph step with PDL off / on
 #   bash bench/gpu_verify.sh attention # decode attention tile sweep, the GEMV and attention kernel tests
 #   bash bench/gpu_verify.sh indexer-tune  # the decode indexer's GPU tests, the engine's, the indexer's tile tune
-#   bash bench/gpu_verify.sh experts   # the prefill expert / RoPE kernel tests, the expert GEMM tile tune, RoPE rows, the 8k profile
+#   bash bench/gpu_verify.sh experts   # the prefill expert / RoPE kernel tests, the expert GEMM tile tune, RoPE rows
 #   bash bench/gpu_verify.sh prefill-final  # the prefill GPU tests (engine included), RoPE / expert kernel tests, prefill 8k-128k, the 8k profile
 #   bash bench/gpu_verify.sh indexer   # the 64k step with the indexer kernels and their references, decode at 16 layers at 64k, a 64k trace
 # Run from the repository root on the GPU machine (no install there: bench/dsv4_path.sh puts the
@@ -78,9 +78,7 @@ experts)
   timeout 150 $T tests/test_gpu_prefill.py tests/test_gpu_kernels.py -k "experts or rope" 2>&1 | tail -6 \
     | tee "$OUT/gpu_tests_experts.txt"
   timeout 240 python3 bench/tune_prefill.py --only experts --out "$OUT/tune_experts.json" 2>&1 | cut -c1-300 | tail -12
-  (cd bench && timeout 60 python3 rope_rows.py 2>&1 | tail -4)
-  timeout 90 $D bench prefill --preset flash --layers 4 --synthetic --prompt-len 8192 --runs 3 --profile \
-    --json-out "$OUT/prefill8k.json" 2>&1 | tail -26 ;;
+  (cd bench && timeout 60 python3 rope_rows.py 2>&1 | tail -4) ;;
 prefill-final)
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
   timeout 200 $T tests/test_gpu_prefill.py -k "not long_prefill" 2>&1 | tail -6 | tee "$OUT/gpu_tests_prefill.txt"
