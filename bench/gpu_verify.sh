@@ -11,6 +11,7 @@
 #   bash bench/gpu_verify.sh indexer-tune  # the decode indexer's GPU tests, the engine's, the indexer's tile tune
 #   bash bench/gpu_verify.sh experts   # the prefill expert / RoPE kernel tests, the expert GEMM tile tune, RoPE rows
 #   bash bench/gpu_verify.sh prefill-final  # the prefill GPU tests (engine included), RoPE / expert kernel tests, prefill 8k-128k, the 8k profile
+#   bash bench/gpu_verify.sh experts-all  # experts + prefill-final in one call: the tune's fastest tile put into TILE first
 #   bash bench/gpu_verify.sh indexer   # the 64k step with the indexer kernels and their references, decode at 16 layers at 64k, a 64k trace
 # Run from the repository root on the GPU machine (no install there: bench/dsv4_path.sh puts the
 # source folders on PYTHONPATH as dsv4.*).
@@ -86,6 +87,17 @@ prefill-final)
   timeout 150 python3 bench/prefill_long.py --layers 4 --prompt-lens 8192,32768,131072 --time-limit 60 \
     --json-out "$OUT/prefill_long.json" 2>&1 | grep -v "prefill .*tok/s" | tail -8
   timeout 80 $D bench prefill --preset flash --layers 4 --synthetic --prompt-len 8192 --runs 3 --profile \
+    --json-out "$OUT/prefill8k.json" 2>&1 | tail -26 ;;
+experts-all)
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+  timeout 180 python3 bench/tune_prefill.py --only experts --out "$OUT/tune_experts.json" 2>&1 | cut -c1-300 | tail -12
+  python3 bench/pick_tile.py "$OUT/tune_experts.json" kernels/triton/prefill_experts.py | tee "$OUT/chosen_tile.txt"
+  timeout 140 $T tests/test_gpu_prefill.py -k "experts or kernel_path_matches" 2>&1 | tail -5 | tee "$OUT/gpu_tests_prefill.txt"
+  timeout 50 $T tests/test_gpu_kernels.py -k "rope or experts" 2>&1 | tail -4 | tee "$OUT/gpu_tests_rope_experts.txt"
+  (cd bench && timeout 30 python3 rope_rows.py 2>&1 | tail -4)
+  timeout 100 python3 bench/prefill_long.py --layers 4 --prompt-lens 8192,32768,131072 --time-limit 60 \
+    --json-out "$OUT/prefill_long.json" 2>&1 | grep -v "prefill .*tok/s" | tail -8
+  timeout 60 $D bench prefill --preset flash --layers 4 --synthetic --prompt-len 8192 --runs 3 --profile \
     --json-out "$OUT/prefill8k.json" 2>&1 | tail -26 ;;
 indexer)
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
