@@ -137,8 +137,7 @@ def tune_experts(S: int = 6400, E: int = 256, k: int = 6, inter: int = 2048, d: 
             [(128, 128, 32, 8, 4, True, False, False), (128, 128, 32, 8, 4, True, True, False),
              (128, 128, 32, 8, 4, True, True, True), (64, 128, 32, 8, 4, True, True, False),
              (64, 128, 32, 8, 4, True, True, True), (128, 128, 64, 8, 3, True, True, False),
-             (64, 128, 64, 8, 3, True, True, False), (128, 64, 32, 4, 4, True, True, False),
-             (64, 256, 32, 8, 3, False, True, False), (128, 128, 32, 8, 3, True, True, False)]]
+             (64, 128, 64, 8, 3, True, True, False)]]
     return _alternatives(pe.TILE, alts, lambda: pe.grouped_experts(x, ids, wts, es, 10.0, act_quant=True),
                          {"op": "experts mxfp4", "S": S, "E": E, "topk": k}, 2 * 3 * S * k * inter * d)
 
