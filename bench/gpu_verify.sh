@@ -90,11 +90,11 @@ prefill-final)
     --json-out "$OUT/prefill8k.json" 2>&1 | tail -26 ;;
 experts-all)
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-  timeout 110 python3 bench/tune_prefill.py --only experts --out "$OUT/tune_experts.json" 2>&1 | cut -c1-300 | tail -12
+  timeout 95 python3 bench/tune_prefill.py --only experts --out "$OUT/tune_experts.json" 2>&1 | cut -c1-300 | tail -12
   python3 bench/pick_tile.py "$OUT/tune_experts.json" kernels/triton/prefill_experts.py | tee "$OUT/chosen_tile.txt"
-  timeout 100 $T tests/test_gpu_prefill.py -k "experts or kernel_path_matches" 2>&1 | tail -5 | tee "$OUT/gpu_tests_prefill.txt"
-  timeout 30 $T tests/test_gpu_kernels.py -k "rope or experts" 2>&1 | tail -4 | tee "$OUT/gpu_tests_rope_experts.txt"
-  timeout 50 $D bench prefill --preset flash --layers 4 --synthetic --prompt-len 8192 --runs 3 --profile \
+  timeout 90 $T tests/test_gpu_prefill.py -k "experts or kernel_path_matches" 2>&1 | tail -5 | tee "$OUT/gpu_tests_prefill.txt"
+  timeout 25 $T tests/test_gpu_kernels.py -k "rope or experts" 2>&1 | tail -4 | tee "$OUT/gpu_tests_rope_experts.txt"
+  timeout 45 $D bench prefill --preset flash --layers 4 --synthetic --prompt-len 8192 --runs 3 --profile \
     --json-out "$OUT/prefill8k.json" 2>&1 | tail -26 ;;
 indexer)
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
