@@ -12,6 +12,7 @@
 #   bash bench/gpu_verify.sh experts   # the prefill expert / RoPE kernel tests, the expert GEMM tile tune, RoPE rows
 #   bash bench/gpu_verify.sh prefill-final  # the prefill GPU tests (engine included), RoPE / expert kernel tests, prefill 8k-128k, the 8k profile
 #   bash bench/gpu_verify.sh experts-all  # experts + prefill-final in one call: the tune's fastest tile put into TILE first
+#   bash bench/gpu_verify.sh experts-min  # the expert tune (TUNE_FEW=1: 4 shapes), the fastest into TILE, the expert and RoPE kernel tests
 #   bash bench/gpu_verify.sh indexer   # the 64k step with the indexer kernels and their references, decode at 16 layers at 64k, a 64k trace
 # Run from the repository root on the GPU machine (no install there: bench/dsv4_path.sh puts the
 # source folders on PYTHONPATH as dsv4.*).
@@ -96,6 +97,11 @@ experts-all)
   timeout 25 $T tests/test_gpu_kernels.py -k "rope or experts" 2>&1 | tail -4 | tee "$OUT/gpu_tests_rope_experts.txt"
   timeout 45 $D bench prefill --preset flash --layers 4 --synthetic --prompt-len 8192 --runs 3 --profile \
     --json-out "$OUT/prefill8k.json" 2>&1 | tail -26 ;;
+experts-min)
+  TUNE_FEW=1 timeout 70 python3 bench/tune_prefill.py --only experts --out "$OUT/tune_experts.json" 2>&1 | cut -c1-300 | tail -6
+  python3 bench/pick_tile.py "$OUT/tune_experts.json" kernels/triton/prefill_experts.py | tee "$OUT/chosen_tile.txt"
+  timeout 60 $T tests/test_gpu_prefill.py tests/test_gpu_kernels.py -k "experts or rope" 2>&1 | tail -5 \
+    | tee "$OUT/gpu_tests_experts.txt" ;;
 indexer)
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
   timeout 150 python3 bench/profile_decode.py --layers 16 --prompt-len 65536 \
