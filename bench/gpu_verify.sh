@@ -9,7 +9,7 @@
 #   bash bench/gpu_verify.sh tune      # cold-L2 tunes of the decode GEMVs and routed experts, the graph step with PDL off / on
 #   bash bench/gpu_verify.sh attention # decode attention tile sweep, the GEMV and attention kernel tests
 #   bash bench/gpu_verify.sh indexer-tune  # the decode indexer's GPU tests, the engine's, the indexer's tile tune
-#   bash bench/gpu_verify.sh experts   # the prefill expert / RoPE kernel tests, the expert GEMM tile tune, RoPE rows
+#   bash bench/gpu_verify.sh experts   # the prefill expert / RoPE kernel tests, the expert GEMM tile tune
 #   bash bench/gpu_verify.sh prefill-final  # the prefill GPU tests (engine included), RoPE / expert kernel tests, prefill 8k-128k, the 8k profile
 #   bash bench/gpu_verify.sh experts-all  # experts + prefill-final in one call: the tune's fastest tile put into TILE first
 #   bash bench/gpu_verify.sh experts-min  # the expert tune (TUNE_FEW=1: 4 shapes), the fastest into TILE, the expert and RoPE kernel tests
@@ -79,8 +79,7 @@ experts)
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
   timeout 150 $T tests/test_gpu_prefill.py tests/test_gpu_kernels.py -k "experts or rope" 2>&1 | tail -6 \
     | tee "$OUT/gpu_tests_experts.txt"
-  timeout 240 python3 bench/tune_prefill.py --only experts --out "$OUT/tune_experts.json" 2>&1 | cut -c1-300 | tail -12
-  (cd bench && timeout 60 python3 rope_rows.py 2>&1 | tail -4) ;;
+  timeout 240 python3 bench/tune_prefill.py --only experts --out "$OUT/tune_experts.json" 2>&1 | cut -c1-300 | tail -12 ;;
 prefill-final)
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
   timeout 200 $T tests/test_gpu_prefill.py -k "not long_prefill" 2>&1 | tail -6 | tee "$OUT/gpu_tests_prefill.txt"
