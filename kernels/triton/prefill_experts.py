@@ -35,8 +35,8 @@ from .prefill_linear import dot_rows, dot_rows_t
 # against 12.4 ms for the unswapped 64 x 256 chosen before (2026-12-01, h200_tune_prefill_experts.json).
 # asm: widen FP4 with the inline-PTX WIDEN_* instead of float32 Triton ops. Off until it has run on a
 # GPU: written 2026-12-07 and compiled for sm_90 with Triton 3.6 and 3.9 (main loop of _up 205 SASS
-# lines against 368, no shared-memory trip for the widened tile, asynchronous wgmma kept), its integer
-# recipe emulated in Python over every byte and scale byte (exact), but the device machine could not be
+# lines against 368, no shared-memory trip for the widened tile, asynchronous wgmma kept), its PTX run
+# by tests/test_widen_ptx.py over every byte and scale byte (exact), but the device machine could not be
 # started that session. bench/gpu_verify.sh experts-min tells whether it is right and faster
 # (tests/test_gpu_prefill.py's expert tests and the tune's A/B, the faster tile put into TILE).
 # words: block scales read as 32-bit words where K allows (the pipeline copies them ahead, but on Triton
