@@ -84,9 +84,20 @@ def test_prefill_gemm_matches_reference(fmt, dtype, aq):
     assert _rel(got, ref) <= (FP8_MMA_BOUND if aq and fmt == "fp8" else 2e-5 if dtype == torch.float32 else 2 ** -8)
 
 
+@pytest.fixture(params=[False, True], ids=["f32-widen", "ptx-widen"])
+def widen(request):
+    """Both FP4 widenings of the expert kernel (prefill_experts.TILE["asm"]), whichever is the default."""
+    from dsv4.kernels.triton import prefill_experts as pe
+
+    keep = pe.TILE["asm"]
+    pe.TILE["asm"] = request.param
+    yield request.param
+    pe.TILE["asm"] = keep
+
+
 @pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
 @pytest.mark.parametrize("aq", [False, True])
-def test_grouped_experts_match_reference(fmt, aq):
+def test_grouped_experts_match_reference(fmt, aq, widen):
     """Flash expert dimensions (2048 x 4096), 8 experts, 600 tokens x 4 slots."""
     from dsv4.kernels.reference.moe import routed_experts
     from kernel_cases import expert_set
@@ -102,9 +113,9 @@ def test_grouped_experts_match_reference(fmt, aq):
     _close_but_flips(got, ref, 2e-5, aq)
 
 
-def test_grouped_experts_extreme_block_scales():
-    """MXFP4 scale bytes past 128 (block scales of 4 and more: the widening's two-multiply form) and 1
-    (weights near 2^-126), against the reference's float32 dequantisation."""
+def test_grouped_experts_extreme_block_scales(widen):
+    """MXFP4 scale bytes past 128 (block scales of 4 and more: the PTX widening's two-multiply form)
+    and 1 (weights near 2^-126), against the reference's float32 dequantisation."""
     from dsv4.kernels.reference.moe import routed_experts
     from kernel_cases import expert_set
 
