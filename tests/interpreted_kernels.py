@@ -148,7 +148,7 @@ def indexer_checks():
         print(f"ok indexer_select_decode {kind} H={H} Di={Di} n={n} k={k} visible={vis} (equal)")
     # the select alone on hand-made codes: runs of equal codes across programs, hidden entries (the code
     # of -inf) and both signs; exactly k slots taken (a wrong tie count would take more)
-    neg_inf = -(0x7F800000) - 1
+    neg_inf = tdi.NEG_INF_CODE.value
     for n, k in [(200, 50), (333, 100), (97, 96)]:
         codes = torch.randint(-3, 4, (n,), generator=g, dtype=torch.int32) * 1000
         codes[torch.rand(n, generator=g) < 0.2] = neg_inf
@@ -157,7 +157,8 @@ def indexer_checks():
         got_rows, got_ok = tdi.select_top_codes(codes, rows, k, work)
         order = torch.sort(codes.long(), descending=True, stable=True).indices[:k]
         assert torch.equal(got_rows, rows[order]) and torch.equal(got_ok, codes[order] != neg_inf), (n, k)
-        assert work[1024].item() == k, f"select took {work[1024].item()} slots for k={k}"
+        taken = work[tdi.COUNTER.value].item()
+        assert taken == k, f"select took {taken} slots for k={k}"
         print(f"ok select_top_codes n={n} k={k} (equal, {k} slots)")
     from dsv4.kernels.triton import indexer_quant as tiq
 

@@ -42,7 +42,11 @@ from .attention import _pow2, _precision, interpreted
 SCORE = {"entries": 128, "warps": 4}  # entries per scoring program, its warps
 SELECT = {"entries": 1024, "warps": 4, "sort_warps": 8}  # codes per radix-pass program, its warps; the sort's
 MAX_K = 4096  # the most entries chosen (V4: 512 for Flash, 1024 for Pro): one program sorts them
-WORK = 1025  # the four radix levels' histograms (256 bins each) and the slot counter, int32 (< 2048)
+# work [WORK] int32: the four radix levels' histograms (256 bins each), then the slot counter
+COUNTER = tl.constexpr(4 * 256)  # index of the slot counter in work
+WORK = COUNTER.value + 1
+WORK_PAD = tl.constexpr(triton.next_power_of_2(WORK))  # the zeroing's block
+NEG_INF_CODE = tl.constexpr(-0x7F800000 - 1)  # the order code of -inf (hidden entries): below all
 
 
 @triton.jit
@@ -60,7 +64,7 @@ def _order_scores(q_ptr, w_ptr, codes_ptr, scales_ptr, f32_ptr, rows_ptr, ok_ptr
                   BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
     pdl.wait(PDL)
     if tl.program_id(0) == 0:  # the select's histograms and slot counter start at zero
-        w = tl.arange(0, 2048)
+        w = tl.arange(0, WORK_PAD)
         tl.store(work_ptr + w, tl.zeros_like(w), mask=w < WORK)
     j = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     jm = j < n
@@ -86,7 +90,7 @@ def _order_scores(q_ptr, w_ptr, codes_ptr, scales_ptr, f32_ptr, rows_ptr, ok_ptr
     bits = score.to(tl.int32, bitcast=True)
     code = tl.where(bits < 0, -(bits & 0x7FFFFFFF) - 1, bits)  # monotone in the score
     seen = tl.load(ok_ptr + j, mask=jm, other=0) != 0
-    tl.store(out_ptr + j, tl.where(seen, code, -(0x7F800000) - 1), mask=jm)
+    tl.store(out_ptr + j, tl.where(seen, code, NEG_INF_CODE), mask=jm)
 
 
 @triton.jit
@@ -162,7 +166,7 @@ def _compact(code_ptr, work_ptr, local_ptr, scratch_ptr, n, k, BLOCK: tl.constex
     eq = jm & (u == thr)
     sel = (jm & (u > thr)) | (eq & (before + tl.cumsum(eq.to(tl.int32), 0) - 1 < need))
     count = tl.sum(sel.to(tl.int32), 0)
-    base = tl.atomic_add(work_ptr + 1024, count, sem="relaxed")
+    base = tl.atomic_add(work_ptr + COUNTER, count, sem="relaxed")
     slot = base + tl.cumsum(sel.to(tl.int32), 0) - 1
     key = c.to(tl.int64) * 4294967296 + (4294967295 - j)  # score descending, then entry ascending
     tl.store(scratch_ptr + slot, key, mask=sel)
@@ -177,7 +181,7 @@ def _order_chosen(scratch_ptr, rows_ptr, out_rows_ptr, out_ok_ptr, k, K_PAD: tl.
     im = i < k
     key = tl.sort(tl.load(scratch_ptr + i, mask=im, other=-9223372036854775808), descending=True)
     entry = 4294967295 - (key & 4294967295)
-    seen = (key >> 32) != -(0x7F800000) - 1
+    seen = (key >> 32) != NEG_INF_CODE
     tl.store(out_rows_ptr + i, tl.load(rows_ptr + entry, mask=im, other=0), mask=im)
     tl.store(out_ok_ptr + i, seen, mask=im)
 
