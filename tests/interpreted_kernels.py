@@ -359,7 +359,6 @@ def grouped_experts_checks():
     """The routed experts of a chunk as a grouped GEMM (pairs sorted by expert, FP4 widened in
     registers, SwiGLU and routing weight fused), float32 and bf16 rows."""
     from dsv4.kernels.triton import prefill_experts as pe
-    from dsv4.kernels.triton.prefill_experts import routed_experts_supported, routed_experts_triton
 
     keep = dict(pe.TILE)
     for tile, cases in [({}, [(6, 96, 128, 3, 20), (5, 64, 192, 2, 33), (4, 256, 128, 2, 17)]),
@@ -369,23 +368,23 @@ def grouped_experts_checks():
                         (dict(words=True, k=128), [(6, 96, 128, 3, 20), (4, 256, 128, 2, 17)])]:
         pe.TILE.update(keep, **tile)
         try:
-            _grouped_expert_cases(cases, routed_experts_supported, routed_experts_triton, str(tile or ""))
+            _grouped_expert_cases(pe, cases, str(tile or ""))
         finally:
             pe.TILE.update(keep)
 
 
-def _grouped_expert_cases(cases, routed_experts_supported, routed_experts_triton, label):
+def _grouped_expert_cases(pe, cases, label):
     for fmt in ("mxfp4", "nvfp4"):
         for E, inter, d, k, S in cases:
             es = expert_set(fmt, E, inter, d, g)
             x = torch.randn(S, d, generator=g) * 4
             ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(S)])
             wts = torch.rand(S, k, generator=g)
-            assert routed_experts_supported(x, ids, wts, es, 7.0)
+            assert pe.routed_experts_supported(x, ids, wts, es, 7.0)
             close(f"grouped experts {fmt} E={E} {inter}x{d} k={k} S={S} {label}",
-                  routed_experts_triton(x, ids, wts, es, 7.0), routed_experts(x, ids, wts, es, 7.0))
+                  pe.routed_experts_triton(x, ids, wts, es, 7.0), routed_experts(x, ids, wts, es, 7.0))
             close(f"grouped experts act_quant {fmt} E={E} {inter}x{d} k={k} S={S} {label}",
-                  routed_experts_triton(x, ids, wts, es, 7.0, act_quant=True),
+                  pe.routed_experts_triton(x, ids, wts, es, 7.0, act_quant=True),
                   routed_experts(x, ids, wts, es, 7.0, act_quant=True))
 
 
