@@ -116,12 +116,8 @@ def _fp4_tile(w_ptr, sc, rn, nm, k0, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.const
             m = m.to(tl.int32) & 0xFFFF
         m = m * 65537  # the bf16 multiplier in both halves of a word
         mb = tl.reshape(tl.broadcast_to(m[:, :, None], [BLOCK_N, BLOCK_K // G, G // 2]), [BLOCK_N, BLOCK_K // 2])
-        if ONE_MUL:
-            lo, hi = tl.inline_asm_elementwise(WIDEN_ONE_MUL, "=h,=h,r,r", [b.to(tl.int32), mb],
-                                               dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=1)
-        else:
-            lo, hi = tl.inline_asm_elementwise(WIDEN_TWO_MUL, "=h,=h,r,r", [b.to(tl.int32), mb],
-                                               dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=1)
+        lo, hi = tl.inline_asm_elementwise(WIDEN_ONE_MUL if ONE_MUL else WIDEN_TWO_MUL, "=h,=h,r,r",
+                                           [b.to(tl.int32), mb], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=1)
         return tl.interleave(lo, hi)
     lo, hi = _e2m1_pairs(b)
     v = tl.interleave(lo, hi) * 16384.0  # [BLOCK_N, BLOCK_K], e2m1 values (_e2m1_pairs gives them x 2^-14)
