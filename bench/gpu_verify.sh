@@ -13,6 +13,7 @@
 #   bash bench/gpu_verify.sh prefill-final  # the prefill GPU tests (engine included), RoPE / expert kernel tests, prefill 8k-128k, the 8k profile
 #   bash bench/gpu_verify.sh experts-all  # experts + prefill-final in one call: the tune's fastest tile put into TILE first
 #   bash bench/gpu_verify.sh experts-min  # the expert tune (TUNE_FEW=1: 4 shapes), the fastest into TILE, the expert and RoPE kernel tests
+#   bash bench/gpu_verify.sh mtp       # the MTP GPU tests (batched verify) and GEMV row tests, bench decode --mtp (built-in; 16 synthetic layers at 0.8)
 #   bash bench/gpu_verify.sh indexer   # the 64k step with the indexer kernels and their references, decode at 16 layers at 64k, a 64k trace
 # Run from the repository root on the GPU machine (no install there: bench/dsv4_path.sh puts the
 # source folders on PYTHONPATH as dsv4.*).
@@ -101,6 +102,13 @@ experts-min)
   python3 bench/pick_tile.py "$OUT/tune_experts.json" kernels/triton/prefill_experts.py | tee "$OUT/chosen_tile.txt"
   timeout 60 $T tests/test_gpu_prefill.py tests/test_gpu_kernels.py -k "experts or rope" 2>&1 | tail -5 \
     | tee "$OUT/gpu_tests_experts.txt" ;;
+mtp)
+  timeout 200 $T tests/test_gpu_speculative.py tests/test_gpu_kernels.py -k "speculative or gemv or verify or builtin or sampled" \
+    -s 2>&1 | grep -E "passed|failed|Error|assert|identical|ms_per|tokens_per" | tail -30 | tee "$OUT/gpu_tests_mtp.txt"
+  timeout 100 $D bench decode --model engine/builtin --device cuda --prompt-len 64 --steps 128 --mtp \
+    --json-out "$OUT/decode_builtin_mtp.json" 2>&1 | grep -E "identical|mtp_|plain|effective|projected|verify"
+  timeout 150 $D bench decode --preset flash --layers 16 --synthetic --steps 64 --mtp --mtp-acceptance 0.8 \
+    --json-out "$OUT/decode16_mtp.json" 2>&1 | grep -E "ms_per|floor|identical|mtp_|plain|effective|projected|verify" ;;
 indexer)
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
   timeout 150 python3 bench/profile_decode.py --layers 16 --prompt-len 65536 \
@@ -111,5 +119,5 @@ indexer)
   timeout 100 python3 bench/profile_decode.py --layers 16 --prompt-len 65536 --trace --out "$OUT/trace16_64k.txt" \
     2>&1 | grep -v Warn | head -60 ;;
 *)
-  echo "usage: bash bench/gpu_verify.sh kernels|engine|figures|prefill|decode|tune|attention|indexer-tune|indexer" >&2; exit 2 ;;
+  echo "usage: bash bench/gpu_verify.sh kernels|engine|figures|prefill|decode|tune|attention|indexer-tune|indexer|experts|experts-min|experts-all|prefill-final|mtp" >&2; exit 2 ;;
 esac

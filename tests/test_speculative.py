@@ -70,14 +70,18 @@ def _plain(model, prompt, n, static):
     return out, s
 
 
-def _cache_bytes(mgr, layers: int) -> list[torch.Tensor]:
-    """Every stored tensor of the first ``layers`` cache layers (all slots), as bytes."""
+def _cache_tensors(mgr, layers: int) -> list[torch.Tensor]:
+    """Every stored tensor of the first ``layers`` cache layers (all slots)."""
     out = []
     for st in mgr.layer_state[:layers]:
         for v in st.values():
-            tensors = v.values() if isinstance(v, dict) else v.tensors.values() if hasattr(v, "tensors") else [v]
-            out += [t.contiguous().view(torch.uint8) for t in tensors]
+            out += list(v.values() if isinstance(v, dict) else v.tensors.values() if hasattr(v, "tensors") else [v])
     return out
+
+
+def _cache_bytes(mgr, layers: int) -> list[torch.Tensor]:
+    """Every stored tensor of the first ``layers`` cache layers (all slots), as bytes."""
+    return [t.contiguous().view(torch.uint8) for t in _cache_tensors(mgr, layers)]
 
 
 @pytest.mark.parametrize("static,mode", [(False, "exact"), (True, "faithful"), (True, "exact"), (False, "faithful")],
@@ -373,3 +377,92 @@ def test_conversation_through_the_decoder_answers_like_plain_and_reports_drafts(
     for t in mtp:
         assert t.mtp["drafted"] > 0 and 0 <= t.mtp["accepted"] <= t.mtp["drafted"]
         assert t.mtp["steps"] + t.mtp["accepted"] >= len(t.token_ids) - 1  # every token after the first
+
+
+# ------------------------------------------------------------------ the batched verify (one step of 2)
+def _cache_snapshot(mgr) -> list[torch.Tensor]:
+    """Copies of every cache tensor (all layers, the MTP layer's too)."""
+    return [t.clone() for t in _cache_bytes(mgr, len(mgr.layer_state))]
+
+
+def _session_at(model, prompt):
+    s = Session(model, 256, cuda_graph=False)
+    s.prefill(prompt)
+    return s
+
+
+@pytest.mark.parametrize("mode", ["exact", "faithful"])
+def test_batched_static_step_equals_two_one_token_steps(mode):
+    """Model.static_step on [tok, d] gives both positions the logits and streams two one-token
+    static steps give (to float rounding: the CPU's matmuls round a row differently beside
+    another), at positions that wrap the window ring (128) and close CSA and HCA windows. Token
+    order matters there: if d's ring row were written before tok's attention, tok at P would lose
+    the key at P + 1 - W it still sees, and its logits would move far past rounding."""
+    cfg = tiny_configs()["swa-csa-hca"]
+    model = Model.from_state_dict(cfg, random_tensors(cfg, 1), mode=mode)
+    g = torch.Generator().manual_seed(5)
+    prompt = torch.randint(0, cfg.vocab_size, (125,), generator=g)
+    one, two = _session_at(model, prompt), _session_at(model, prompt)
+    h1, h2 = one.cache.handles(one.slot), two.cache.handles(two.slot)
+    for P in range(125, 133):  # P = 127: tok closes the HCA window; the ring wraps at 128
+        toks = torch.randint(0, cfg.vocab_size, (2,), generator=g)
+        pos = torch.tensor([P])
+        for s in (one, two):
+            s.cache.prepare(s.slot, 2)
+        l0, s0 = model.static_step(toks[:1], pos, h1)
+        l1, s1 = model.static_step(toks[1:], pos + 1, h1)
+        lb, sb = model.static_step(toks, pos, h2)
+        ref = torch.cat([l0, l1])
+        assert lb.shape == ref.shape and (lb - ref).abs().max() <= 1e-4 * ref.abs().max(), P
+        assert torch.allclose(sb, torch.cat([s0, s1]), rtol=1e-4, atol=1e-4), P
+        for s in (one, two):
+            s.cache.commit(s.slot, 1)  # keep tok only; d's writes are overwritten by the next tok
+        for a, b in zip(h1, h2):  # the window rings agree (to rounding) after every step
+            ra, rb = a.read_window(), b.read_window()
+            assert torch.equal(ra[1], rb[1]) and torch.allclose(ra[0].float(), rb[0].float(), rtol=2e-2, atol=2e-2)
+
+
+def test_batched_verify_greedy_identical(tiny_cfg, tiny_tensors):
+    """The batched verify (forced on the CPU) decodes plain greedy decoding's tokens, with drafts
+    accepted and rejected, across the ring wrap and the HCA close."""
+    cfg = tiny_configs()["swa-csa-hca"]
+    model = Model.from_state_dict(cfg, random_tensors(cfg, 1), mode="faithful")
+    prompt = torch.randint(0, cfg.vocab_size, (PROMPT,), generator=torch.Generator().manual_seed(3))
+    ref, _ = _plain(model, prompt, NEW, static=True)
+    dec = GuidedDrafts(mtp_session(model, 256, cuda_graph=False), prompt.tolist() + ref, static=True, batched=True)
+    assert dec.batched and not SpeculativeDecoder(mtp_session(model, 64, cuda_graph=False), static=True).batched
+    assert list(dec.generate(prompt, GREEDY, NEW)) == ref
+    st = dec.stats
+    assert st.accepted >= 3 and st.drafted - st.accepted >= 3 and dec.seq_len == PROMPT + NEW - 1, st
+
+
+@pytest.mark.parametrize("P", [126, 127, 131])
+def test_batched_verify_rollback_keeps_exactly_what_tok_wrote(P):
+    """After a batched verify of (tok, d) and the rollback of d, the cache holds exactly what tok
+    wrote, whatever d was (two drafts, byte-equal caches), and differs from the cache before the
+    rollback (d's writes were there). P = 126: d closes the HCA window (entry written, compressor
+    state reset); 127: d starts a window and wraps the ring; 131: d closes a CSA window."""
+    cfg = tiny_configs()["swa-csa-hca"]
+    model = Model.from_state_dict(cfg, random_tensors(cfg, 1), mode="faithful")
+    prompt = torch.randint(0, cfg.vocab_size, (P,), generator=torch.Generator().manual_seed(P))
+    tok, n = int(prompt[-1]), cfg.num_hidden_layers
+    one = _session_at(model, prompt[:-1])  # tok by a one-token static step: the reference
+    one.cache.prepare(one.slot, 1)
+    model.static_step(prompt[-1:], torch.tensor([P - 1]), one.cache.handles(one.slot))
+    after = []
+    for d in (3, 11):
+        dec = SpeculativeDecoder(mtp_session(model, 256, cuda_graph=False), static=True, batched=True)
+        dec.prefill(prompt[:-1])
+        dec.mgr.prepare(dec.slot, 2)
+        assert dec.seq_len == P - 1
+        dec._verify(tok, d, P - 1)
+        written = _cache_snapshot(dec.mgr)
+        dec.ckpt.restore()
+        after.append(_cache_snapshot(dec.mgr))
+        assert any(not torch.equal(a, b) for a, b in zip(written, after[-1]))
+        # the float tensors (compressor state, BF16 RoPE parts, scales) hold what tok wrote, to rounding
+        for a, b in zip(_cache_tensors(dec.mgr, n), _cache_tensors(one.cache, n)):
+            if a.dtype.is_floating_point and a.element_size() > 1:
+                tol = 1e-3 if a.element_size() > 2 else 2e-2  # bf16: a rounding is 2^-8 relative
+                assert torch.allclose(a.float(), b.float(), rtol=tol, atol=tol)
+    assert all(torch.equal(a, b) for a, b in zip(*after))

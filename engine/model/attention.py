@@ -131,49 +131,74 @@ def _attention_dense(x, qr, q, kv, ctx: LayerContext, cos, sin) -> torch.Tensor:
 
 
 def decode_attention(x: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
-    """One token, x: [1, d], at the device position ctx.positions [1] (ctx.rope is the step's
-    StepRope). -> [1, d].
+    """S tokens of a static step, x: [S, d], at the consecutive device positions ctx.positions [S]
+    (ctx.rope is the step's StepRope). -> [S, d].
 
     Entries are quantised once, by the store (kernels.store_entry), and attention reads the cache
-    in its storage formats (kernels.decode_attention)."""
-    w, p, spec, cfg, handle, pos, rope = ctx.w, ctx.prefix + ".attn", ctx.spec, ctx.cfg, ctx.handle, ctx.positions, ctx.rope
-    faithful = ctx.faithful
+    in its storage formats (kernels.decode_attention). The projections run for all S rows at once
+    (each weight read once); then token by token, in order, its compressors, its window-ring row,
+    its indexer selection and its attention, so that token i sees the cache exactly as a one-token
+    step at its position would (token i's ring row would overwrite a row token i-1 still sees).
+    Before token i >= 1 writes, ctx.before_token(i) is called. One token: the compressors run on
+    the side stream beside the projections."""
+    w, p, spec, cfg, handle, rope = ctx.w, ctx.prefix + ".attn", ctx.spec, ctx.cfg, ctx.handle, ctx.rope
+    faithful, S, eps = ctx.faithful, x.shape[0], cfg.rms_norm_eps
     cos, sin = rope.at_pos(spec.yarn)
-    store, rows, ok, join = None, None, None, (lambda: None)
-    if spec.ratio:
-        m, eps = spec.ratio, cfg.rms_norm_eps
-        store = handle.entry_store()
-        # the same for every layer of this ratio in the step (one block table per slot): the row of the
-        # entry being written, the rows of all entries and which of them have closed (one launch)
-        row, rows, ok = rope.once(("entries", m), lambda: kernels.entry_rows(
-            pos, handle.block_row(), m, handle.layer.entries_per_block, handle.entry_capacity()))
+    join = lambda: None  # noqa: E731
+    if spec.ratio and S == 1:
+        _entry_rows(handle, rope, spec.ratio)  # on this stream, before the side stream reads them
         # the compressors read only x: beside the projections, joined before the indexer and attention
         _, join = streams.beside(streams.side(x, "compressor"), lambda: _compress_decode(
-            x, w, p, spec, handle, pos, rope, eps, faithful, store, row))
+            x, w, p, spec, handle, rope, eps, faithful))
     qr, q, kv = _project(x, w, p, cfg, cos, sin, False, faithful)  # kv is quantised by its store
-    ring = handle.ring_store()
-    W = cfg.sliding_window
-    kernels.store_entry(kv, ring, rope.once(("ring", W), lambda: torch.remainder(pos, W)))
-    join()
-    if spec.attn == "csa" and handle.entry_capacity() > cfg.index_topk:  # else every closed window is in the top-k
+    cz = _compressor_inputs(x, w, p, spec) if spec.ratio and S > 1 else ()
+    select = spec.attn == "csa" and handle.entry_capacity() > cfg.index_topk  # else every closed window is in the top-k
+    if select:
         q_i, weights = _indexer_query(x, qr, w, p + ".indexer", cfg, rope.at_pos(True), _index_quantiser(faithful),
                                       faithful)
-        # attention reads only the selected entries
-        rows, ok = kernels.indexer_select_decode(q_i[0], weights[0], handle.index_store(), rows, ok, cfg.index_topk)
-    o = kernels.decode_attention(q[0], ring, pos, store, rows, ok, w[p + ".attn_sink"], cfg.head_dim ** -0.5)
-    return _out(o[None], w, p, cfg, cos, sin, faithful)
+    ring, W = handle.ring_store(), cfg.sliding_window
+    out = []
+    for i in range(S):
+        r = rope.token(i)
+        if i and ctx.before_token is not None:
+            ctx.before_token(i)
+        if spec.ratio and S > 1:
+            _compress_decode(x[i:i + 1], w, p, spec, handle, r, eps, faithful, tuple(t[i:i + 1] for t in cz))
+        kernels.store_entry(kv[i:i + 1], ring, r.once(("ring", W), lambda: torch.remainder(r.pos, W)))
+        join()
+        store = rows = ok = None
+        if spec.ratio:
+            store, rows, ok = handle.entry_store(), *_entry_rows(handle, r, spec.ratio)[1:]
+        if select:  # attention reads only the selected entries
+            rows, ok = kernels.indexer_select_decode(q_i[i], weights[i], handle.index_store(), rows, ok,
+                                                     cfg.index_topk)
+        out.append(kernels.decode_attention(q[i], ring, r.pos, store, rows, ok, w[p + ".attn_sink"],
+                                            cfg.head_dim ** -0.5))
+    return _out(torch.stack(out), w, p, cfg, cos, sin, faithful)
 
 
-def _compress_decode(x, w, p, spec, handle, pos, rope, eps, faithful, store, row) -> None:
-    """decode_attention's compressors: the entry (and, CSA, the indexer key) of the window holding
-    pos, stored at ``row`` once the window closes (engine/model/compressor.compress_decode)."""
-    m = spec.ratio
-    cz = _compressor_inputs(x, w, p, spec)
-    compress_decode(x, w, p + ".compressor", handle, pos, m, spec.attn == "csa", rope, eps, lambda e: e,
+def _entry_rows(handle, r, m: int):
+    """(row of the entry being written, rows of all entries, which of them have closed) for the
+    token of StepRope r: the same for every layer of ratio m in the step (one block table per
+    slot), so made once (one launch)."""
+    return r.once(("entries", m), lambda: kernels.entry_rows(
+        r.pos, handle.block_row(), m, handle.layer.entries_per_block, handle.entry_capacity()))
+
+
+def _compress_decode(x, w, p, spec, handle, r, eps, faithful, cz=()) -> None:
+    """decode_attention's compressors for one token (x [1, d], StepRope r): the entry (and, CSA,
+    the indexer key) of the window holding its position, stored at its entry row once the window
+    closes (engine/model/compressor.compress_decode). cz: the (c, z) pairs of the main compressor
+    and then the indexer's, from the stacked GEMV, or () (computed here)."""
+    m, pos = spec.ratio, r.pos
+    cz = cz or _compressor_inputs(x, w, p, spec)
+    row = _entry_rows(handle, r, m)[0]
+    store = handle.entry_store()
+    compress_decode(x, w, p + ".compressor", handle, pos, m, spec.attn == "csa", r, eps, lambda e: e,
                     store=lambda v: kernels.store_entry(v, store, row), cz=cz[:2])
     if spec.attn == "csa":
         istore = handle.index_store()
-        compress_decode(x, w, p + ".indexer.compressor", handle, pos, m, True, rope, eps,
+        compress_decode(x, w, p + ".indexer.compressor", handle, pos, m, True, r, eps,
                         quant.hadamard_transform if faithful else (lambda e: e), name="idx",
                         store=lambda v: kernels.store_entry(v, istore, row), cz=cz[2:])
 

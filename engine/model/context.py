@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 
@@ -85,7 +85,9 @@ class LayerContext:
     experts: the layer's routed ExpertSet (engine/model/moe.layer_experts); comm: the collectives
     that turn this rank's partial sub-layer outputs into the whole ones (ONE_RANK: identities). On
     one rank of several, cfg is the rank-local config (its heads and output groups) and w holds
-    this rank's slices (engine/runtime/parallel/layout.py)."""
+    this rank's slices (engine/runtime/parallel/layout.py). before_token: in a static step of
+    several tokens, called with i before the i-th token (i >= 1) writes this layer's cache (MTP's
+    batched verify saves what the draft will overwrite: engine/runtime/speculative.py)."""
 
     cfg: DSV4Config
     w: Mapping
@@ -99,6 +101,7 @@ class LayerContext:
     start: int | None
     experts: ExpertSet
     comm: Collectives = ONE_RANK
+    before_token: Callable[[int], None] | None = None
 
     @property
     def static(self) -> bool:

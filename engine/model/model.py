@@ -59,9 +59,9 @@ class Model:
         """The precision (a str enum: compares equal to "exact" / "faithful")."""
         return self.precision
 
-    def _ctx(self, p: str, spec, handle, positions, token_ids, rope, start) -> LayerContext:
+    def _ctx(self, p: str, spec, handle, positions, token_ids, rope, start, before_token=None) -> LayerContext:
         return LayerContext(self.cfg, self._step_weights() if start is None else self.w, p, spec, handle, positions,
-                            token_ids, rope, self.precision, start, self.experts[p + ".ffn"], self.comm)
+                            token_ids, rope, self.precision, start, self.experts[p + ".ffn"], self.comm, before_token)
 
     def _step_weights(self):
         """The weights with the decode step's stacked linears (built at the first step)."""
@@ -146,16 +146,23 @@ class Model:
         return self._head(x, p + ".")
 
     # ------------------------------------------------ speculative decoding (engine/runtime/speculative.py)
-    def static_step(self, token: torch.Tensor, pos: torch.Tensor, handles) -> tuple[torch.Tensor, torch.Tensor]:
-        """``decode_forward`` that also returns the final residual streams [1, hc_mult, d] (the MTP
-        block's input). The same ops in the same order, so the logits [1, vocab] float32 are
-        decode_forward's bit for bit; token [1], pos [1] int64 on the model's device."""
+    def static_step(self, token: torch.Tensor, pos: torch.Tensor, handles,
+                    before_token=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``decode_forward`` for S consecutive tokens, also returning the final residual streams
+        [S, hc_mult, d] (the MTP block's input). token [S] int64, pos [1] int64 (the first token's
+        position) on the model's device; S is static (MTP's batched verify runs tok and its draft).
+        S = 1: the same ops in the same order as decode_forward, so the logits [1, vocab] float32 are
+        its bits. S > 1: the linears, norms and mHC run on all rows at once (on a GPU each row gets
+        the bits it gets alone: the kernels compute rows independently), and the cache reads and
+        writes token by token (engine/model/attention.decode_attention); before token i >= 1
+        writes layer l's cache, before_token(l, i) is called. -> logits [S, vocab] float32, streams."""
         cfg = self.cfg
-        rope = StepRope(self.rope, pos)
+        rope = StepRope(self.rope, pos, token.shape[0])
         streams = self.w["embed.weight"][token].to(self.dtype).unsqueeze(1).expand(-1, cfg.hc_mult, -1).contiguous()
         for spec in self.specs:
             p = f"layers.{spec.index}"
-            streams = block(streams, self._ctx(p, spec, handles[spec.index], pos, token, rope, None))
+            hook = None if before_token is None else (lambda i, layer=spec.index: before_token(layer, i))
+            streams = block(streams, self._ctx(p, spec, handles[spec.index], rope.positions, token, rope, None, hook))
         return self._head(streams, ""), streams
 
     def mtp_step(self, streams: torch.Tensor, next_id: torch.Tensor, pos: torch.Tensor, handle,

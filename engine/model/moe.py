@@ -53,8 +53,16 @@ def moe(x: torch.Tensor, ctx) -> torch.Tensor:
 
 
 def _routed(x: torch.Tensor, ctx) -> torch.Tensor:
-    """The router and the routed experts of moe(): x [S, d] -> [S, d]."""
-    w, p, spec, cfg, token_ids, routed = ctx.w, ctx.prefix + ".ffn", ctx.spec, ctx.cfg, ctx.token_ids, ctx.experts
+    """The router and the routed experts of moe(): x [S, d] -> [S, d]. A static step of several
+    tokens (MTP's batched verify) routes token by token, through the one-token kernels, so that
+    each token gets the bits a one-token step gives it."""
+    if ctx.static and x.shape[0] > 1:
+        return torch.cat([_route(x[i:i + 1], ctx, ctx.token_ids[i:i + 1]) for i in range(x.shape[0])])
+    return _route(x, ctx, ctx.token_ids)
+
+
+def _route(x: torch.Tensor, ctx, token_ids: torch.Tensor) -> torch.Tensor:
+    w, p, spec, cfg, routed = ctx.w, ctx.prefix + ".ffn", ctx.spec, ctx.cfg, ctx.experts
     gate = w[p + ".gate"]
     scores = kernels.router_scores(x, gate.data if gate.fmt == "dense" and gate.dense is None else gate.dequant())
     k, scale = cfg.num_experts_per_tok, cfg.routed_scaling_factor

@@ -23,12 +23,16 @@ class RopeTables:
 
 class StepRope:
     """The cos/sin one decode step needs, made once per step and shared by all layers: at the
-    token's position pos [1] (device) for each RoPE kind, and at the first position of the window
-    the token falls in, per compression ratio. ``once`` keeps other per-step values that every
-    layer of a kind would otherwise recompute (cache rows of the token's entry, visibility masks)."""
+    step's positions for each RoPE kind, and per token at the first position of the window it
+    falls in, per compression ratio. ``once`` keeps other per-step values that every layer of a
+    kind would otherwise recompute (cache rows of the token's entry, visibility masks).
 
-    def __init__(self, tables: RopeTables, pos: torch.Tensor):
-        self.tables, self.pos = tables, pos
+    pos: [1] int64 device position of the step's first token; count: tokens in the step, at
+    positions pos .. pos + count - 1 (MTP's batched verify runs 2). ``token(i)`` is the StepRope of
+    the i-th token alone (count 1; itself when the step has one token)."""
+
+    def __init__(self, tables: RopeTables, pos: torch.Tensor, count: int = 1):
+        self.tables, self.pos, self.count = tables, pos, count
         self._cache: dict = {}
 
     def once(self, key, make):
@@ -37,9 +41,25 @@ class StepRope:
             self._cache[key] = make()
         return self._cache[key]
 
+    @property
+    def positions(self) -> torch.Tensor:
+        """[count] int64: the step's positions on the device."""
+        if self.count == 1:
+            return self.pos
+        return self.once("positions", lambda: self.pos + torch.arange(self.count, device=self.pos.device))
+
+    def token(self, i: int) -> "StepRope":
+        """The i-th token's StepRope (position pos + i), made once per step."""
+        if self.count == 1:
+            return self
+        return self.once(("token", i), lambda: StepRope(self.tables, self.positions[i:i + 1]))
+
     def at_pos(self, yarn: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.once(("pos", yarn), lambda: self.tables.cos_sin(self.pos, yarn))
+        """cos, sin [count, rd/2] at the step's positions."""
+        return self.once(("pos", yarn), lambda: self.tables.cos_sin(self.positions, yarn))
 
     def at_window(self, ratio: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """YaRN cos/sin [1, rd/2] at (pos // ratio) * ratio (compressed entries)."""
+        """YaRN cos/sin [1, rd/2] at (pos // ratio) * ratio (compressed entries; one token's step)."""
+        if self.count != 1:
+            raise ValueError("at_window is per token: use StepRope.token(i)")
         return self.once(("window", ratio), lambda: self.tables.cos_sin(self.pos, True, ratio))

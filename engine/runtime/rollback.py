@@ -9,6 +9,8 @@ static decode step):
 ``TokenCheckpoint.save(pos)`` copies exactly those locations (pos: device tensor [1], the token's
 position, read on the device: no host sync, fixed shapes, so it can sit inside a captured CUDA
 graph) and ``restore()`` writes them back, bit for bit. The copies are preallocated once.
+``locate(pos)`` then ``save_layer(i)`` per layer does the same one layer at a time (inside a step
+of several tokens, between the tokens' writes to that layer).
 
 ``PositionedHandle`` is a LayerHandle whose ``seq_len`` the caller sets: the chunk forward reads a
 layer's "tokens before this call" from it, so a token can be run at position t before the manager
@@ -84,9 +86,10 @@ class TokenCheckpoint:
         store = h.entry_store() if kind == "entry" else h.index_store()
         return _raw(store[key]), self.entry_row[h.layer.ratio]
 
-    def save(self, pos: torch.Tensor) -> None:
-        """Copy what a token at device position pos [1] int64 will write. The slot's blocks for
-        pos must be allocated (CacheManager.prepare)."""
+    def locate(self, pos: torch.Tensor) -> None:
+        """Find the rows a token at device position pos [1] int64 writes (the window ring row and,
+        per ratio, its entry's pool row). The slot's blocks for pos must be allocated
+        (CacheManager.prepare)."""
         if self.handles:
             W = self.handles[0].layer.window
             self.ring_row.copy_(torch.remainder(pos, W))
@@ -95,9 +98,23 @@ class TokenCheckpoint:
             epb = h.layer.entries_per_block
             e = pos // ratio
             row.copy_(h.block_row().long()[e // epb].clamp(min=0) * epb + e % epb)
+
+    def save_layer(self, i: int) -> None:
+        """Copy what the located token will write in the i-th handle's layer (after ``locate``);
+        MTP's batched verify saves each layer just before the draft writes it."""
+        for kind, j, key, buf in self.saved:
+            if j == i:
+                self._copy_out(kind, j, key, buf)
+
+    def save(self, pos: torch.Tensor) -> None:
+        """Copy what a token at device position pos [1] int64 will write, in every layer."""
+        self.locate(pos)
         for kind, i, key, buf in self.saved:
-            t, row = self._target(kind, i, key)
-            buf.copy_(t if row is None else t.index_select(0, row))
+            self._copy_out(kind, i, key, buf)
+
+    def _copy_out(self, kind: str, i: int, key, buf: torch.Tensor) -> None:
+        t, row = self._target(kind, i, key)
+        buf.copy_(t if row is None else t.index_select(0, row))
 
     def restore(self) -> None:
         """Write the saved copies back (the cache as it was before the token)."""

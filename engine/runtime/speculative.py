@@ -12,15 +12,18 @@ model's final streams at P-1 (``pending``):
    is sampled from norm(max(0, p - q)) (1 token). Greedy (temperature 0) is the one-hot case:
    accept iff d is the argmax, else emit the argmax.
 
-Why two single-token steps and not one 2-token forward: each of them is exactly the step plain
-decoding runs (``Model.static_step`` is ``decode_forward`` plus the streams, captured in a CUDA graph
-when the session decodes through one; the one-token chunk forward otherwise), so every logit equals
-plain decoding's bit for bit and greedy output is identical by construction, not up to float
-rounding of other reduction shapes; and the rollback is the save/restore of one token's writes.
-On a GPU the verify pair (and the checkpoint between them) is one CUDA graph and the MTP step
-another. The cost: the verify reads the weights twice, so a round costs about two plain steps
-(see engine/tools/mtp_bench.py for the measured and projected figures); a batched 2-token step
-reads them once and needs ``decode_attention`` generalised to S tokens (engine/model/attention.py).
+The verify is one static step of both tokens (``Model.static_step`` with token [2]; ``batched``,
+the default on a GPU): the linears, norms and mHC run on both rows at once, so each weight is read
+from HBM once (the GEMV grid runs a tile's rows together: the second row reads it from L2), and the
+cache reads and writes go token by token, tok's before d's, the checkpoint taking each layer's
+copy of what d will overwrite just before d writes it. The GPU kernels compute every row from that
+row alone, and the router and routed experts run per token there, so each logit is the bits plain
+decoding gives it: greedy output and the cache stay identical to plain decoding's by construction.
+The CPU's torch matmuls round a row differently when another row runs beside it, so there (and
+with ``batched=False``) the verify is the pair of one-token steps plain decoding runs, with the
+checkpoint between them (identical bits, the weights read twice). Without a static step
+(``static=False``) the verify is the one-token chunk forward, twice. On a GPU the verify (and the
+checkpoint) is one CUDA graph and the MTP step another; engine/tools/mtp_bench.py has the figures.
 
 The MTP layer's cache is the session cache's extra layer (``mtp_session`` builds it with
 ``CacheSchema.from_config(..., include_mtp=True)``); it is fed every position the main model
@@ -123,9 +126,10 @@ class SpeculativeDecoder:
 
     static: verify through ``Model.static_step`` (as plain decode does with a DecodeRunner; captured
     in CUDA graphs on a CUDA device) or through the one-token chunk forward. Default: as the session
-    decodes (static iff it has a DecodeRunner)."""
+    decodes (static iff it has a DecodeRunner). batched: the static verify as one step of both
+    tokens (default: on CUDA devices) rather than two one-token steps (see the module docstring)."""
 
-    def __init__(self, session: Session, static: bool | None = None):
+    def __init__(self, session: Session, static: bool | None = None, batched: bool | None = None):
         model, mgr = session.model, session.cache
         if not model.has_mtp:
             raise ValueError("this checkpoint has no MTP layer (mtp.0.*): decode without --mtp")
@@ -135,6 +139,7 @@ class SpeculativeDecoder:
         self.session, self.model, self.mgr, self.slot = session, model, mgr, session.slot
         self.static = session.runner is not None if static is None else static
         self.graph = self.static and model.device.type == "cuda"
+        self.batched = self.static and (model.device.type == "cuda" if batched is None else batched)
         handles = positioned_handles(mgr, self.slot)
         self.main, self.mtp = handles[:n], handles[n]
         self.ckpt = TokenCheckpoint(self.main)
@@ -312,8 +317,13 @@ class SpeculativeDecoder:
 
     # ------------------------------------------------------- the model steps
     def _verify_body(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The static verify pair on the device buffers (tokens [2], pos [1]) -> logits [2, vocab],
-        streams [2, hc, d]; the checkpoint saves position pos+1 between the two steps."""
+        """The static verify on the device buffers (tokens [2], pos [1]) -> logits [2, vocab],
+        streams [2, hc, d]; the checkpoint saves what position pos+1 writes just before it is
+        written (per layer inside the batched step, between the two steps otherwise)."""
+        if self.batched:
+            self.ckpt.locate(self.pos + 1)
+            return self.model.static_step(self.tokens, self.pos, self.main,
+                                          before_token=lambda layer, i: self.ckpt.save_layer(layer))
         l0, h0 = self.model.static_step(self.tokens[:1], self.pos, self.main)
         pos1 = self.pos + 1
         self.ckpt.save(pos1)

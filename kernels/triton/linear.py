@@ -4,7 +4,10 @@ Formats (kernels/reference/linear.py QWeight): FP8 e4m3 with 128x128 block scale
 (e2m1 pairs, low nibble first, ue8m0 scale per 32), NVFP4 (e2m1, e4m3 scale per 16, float32 tensor
 scale), and dense BF16/F32. Each program reduces a BLOCK_N x K-slice tile of W (split-K when the
 rows alone would not fill the GPU), accumulating in float32; the last program of each output tile
-adds the split-K partials, in split order, in the same launch.
+adds the split-K partials, in split order, in the same launch. The grid's fastest axis is the row
+of x: the programs of all rows for one W tile are launched together, so for a few rows (MTP's
+batched verify) W comes from HBM once and from L2 for the other rows; each row's sums do not
+depend on M (a row's result is the same bits whatever rows run beside it).
 Decoding happens in registers (FP8 by a bit-cast conversion, e2m1 by placing its bits in an fp16,
 scales by exp2), so the bytes read are the stored bytes. ``_block_step`` / ``_fp4_step`` are one
 K step, shared with the routed-expert kernels (kernels/triton/moe.py). ``grouped`` makes row block g read its own slice of x
@@ -46,16 +49,18 @@ def _e2m1_pairs(b):
 
 
 @triton.jit
-def _store_split(acc, out_ptr, part_ptr, cnt_ptr, pid_n, pid_k, m, M, N, rn, nmask, SPLIT: tl.constexpr):
+def _store_split(acc, out_ptr, part_ptr, cnt_ptr, pid_n, pid_k, m, M, N, rn, nmask, SPLIT: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
     """Write this program's [BLOCK_N] result. With split-K, partials go to part [SPLIT, M, N]; the
     last program of an output tile to arrive (an atomic count per tile) adds them in split order
-    (deterministic) and resets the count, so no second launch is needed."""
+    (deterministic) and resets the count, so no second launch is needed. The counts are indexed
+    [M, cdiv(N, BLOCK_N)], whatever the grid's order."""
     if SPLIT == 1:
         tl.store(out_ptr + m * N + rn, acc, mask=nmask)
     else:
         tl.store(part_ptr + (pid_k * M + m) * N + rn, acc, mask=nmask)
         tl.debug_barrier()  # every thread's partial is written before the count moves
-        tile = cnt_ptr + m * tl.num_programs(0) + pid_n
+        tile = cnt_ptr + m * tl.cdiv(N, BLOCK_N) + pid_n
         if tl.atomic_add(tile, 1, sem="acq_rel") == SPLIT - 1:
             tl.debug_barrier()
             tot = tl.zeros_like(acc)
@@ -127,7 +132,7 @@ def _gemv_fp8_dense(x_ptr, w_ptr, s_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, st
                     SPLIT: tl.constexpr, QX: tl.constexpr, PDL: tl.constexpr):
     """FMT 0: fp8 + ue8m0 block scale, 1: fp8 + float32 block scale, 2: dense (any float dtype);
     QX: quantised activations (FP8 only)."""
-    pid_n, pid_k, m = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
+    m, pid_n, pid_k = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = rn < N
     k_start = pid_k * K_PER_SPLIT
@@ -136,7 +141,7 @@ def _gemv_fp8_dense(x_ptr, w_ptr, s_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, st
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     for kk in range(0, K_PER_SPLIT, BLOCK_K):
         acc += _block_step(x_row, w_ptr, s_ptr, rn, nmask, k_start + kk, K, SB_K, FMT, BLOCK_N, BLOCK_K, QX)
-    _store_split(acc, out_ptr, part_ptr, cnt_ptr, pid_n, pid_k, m, M, N, rn, nmask, SPLIT)
+    _store_split(acc, out_ptr, part_ptr, cnt_ptr, pid_n, pid_k, m, M, N, rn, nmask, SPLIT, BLOCK_N)
 
 
 @triton.jit
@@ -144,7 +149,7 @@ def _gemv_fp4(x_ptr, w_ptr, s_ptr, gs_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, 
               NV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KP: tl.constexpr,
               KP_PER_SPLIT: tl.constexpr, SPLIT: tl.constexpr, QX: tl.constexpr, PDL: tl.constexpr):
     """Packed e2m1 [N, K/2] with per-G scales [N, K/G]: ue8m0 (NV=0, G=32) or e4m3 x global (NV=1, G=16)."""
-    pid_n, pid_k, m = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
+    m, pid_n, pid_k = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = rn < N
     kp_start = pid_k * KP_PER_SPLIT
@@ -155,7 +160,7 @@ def _gemv_fp4(x_ptr, w_ptr, s_ptr, gs_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, 
     acc = acc * 16384.0
     if NV:
         acc = acc * tl.load(gs_ptr)
-    _store_split(acc, out_ptr, part_ptr, cnt_ptr, pid_n, pid_k, m, M, N, rn, nmask, SPLIT)
+    _store_split(acc, out_ptr, part_ptr, cnt_ptr, pid_n, pid_k, m, M, N, rn, nmask, SPLIT, BLOCK_N)
 
 
 def _block_n(n_rows: int, rows_per_group: int) -> int:
@@ -190,7 +195,7 @@ def gemv(x: torch.Tensor, w: QWeight, rows_per_group: int | None = None, act_qua
         per, split = _split(n_prog, triton.cdiv(K // 2, BKP))
         part, cnt = _split_buffers(split, M, N, BN, x.device)
         gs = w.global_scale if w.fmt == "nvfp4" else out  # unused pointer for mxfp4
-        _gemv_fp4[(triton.cdiv(N, BN), split, M)](
+        _gemv_fp4[(M, triton.cdiv(N, BN), split)](
             x, w.data.view(torch.uint8), w.scale.view(torch.uint8), gs, out, part, cnt, M, N, K, x.stride(0),
             NV=w.fmt == "nvfp4", BLOCK_N=BN, BLOCK_KP=BKP, KP_PER_SPLIT=per * BKP, SPLIT=split, QX=qx, num_warps=4,
             **pdl.launch(x.device))
@@ -206,7 +211,7 @@ def gemv(x: torch.Tensor, w: QWeight, rows_per_group: int | None = None, act_qua
             fmt, data, sbk = (1 if f32 else 0), w.data.view(torch.uint8), w.scale.shape[1]
         else:
             fmt, data, s, sbk = 2, w.data, out, 0
-        _gemv_fp8_dense[(triton.cdiv(N, BN), split, M)](
+        _gemv_fp8_dense[(M, triton.cdiv(N, BN), split)](
             x, data, s, out, part, cnt, M, N, K, x.stride(0), sbk, R,
             FMT=fmt, BLOCK_N=BN, BLOCK_K=BK, K_PER_SPLIT=per * BK, SPLIT=split, QX=qx, num_warps=warps,
             **pdl.launch(x.device))

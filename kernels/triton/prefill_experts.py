@@ -33,15 +33,15 @@ from .prefill_linear import dot_rows, dot_rows_t
 # H200, bench/tune_prefill.py --only experts (MXFP4, 256 experts, top-6, 3328 tokens, faithful): the dots
 # swapped (W . x^T), 128 pairs x 128 rows, K steps of 32, 8 warps, 4 stages: 8.1 ms = 125 TFLOP/s,
 # against 12.4 ms for the unswapped 64 x 256 chosen before (2026-12-01, h200_tune_prefill_experts.json).
-# asm: widen FP4 with the inline-PTX WIDEN_* instead of float32 Triton ops. Off until it has run on a
-# GPU: written 2026-12-07 and compiled for sm_90 with Triton 3.6 and 3.9 (main loop of _up 205 SASS
-# lines against 368, no shared-memory trip for the widened tile, asynchronous wgmma kept), its PTX run
-# by tests/test_widen_ptx.py over every byte and scale byte (exact), but the device machine could not be
-# started that session. bench/gpu_verify.sh experts-min tells whether it is right and faster
-# (tests/test_gpu_prefill.py's expert tests and the tune's A/B, the faster tile put into TILE).
+# asm: widen FP4 with the inline-PTX WIDEN_* instead of float32 Triton ops (main loop of _up 205 SASS
+# lines against 368 on sm_90, no shared-memory trip for the widened tile, asynchronous wgmma kept; its
+# PTX run by tests/test_widen_ptx.py over every byte and scale byte). H100, 2026-12-07,
+# TUNE_FEW=1 bench/tune_prefill.py --only experts at 6400 tokens: 15.3 ms (126 TFLOP/s) for the float32
+# widening at 128 x 128, 13.4 ms (144) with asm, 12.0 ms (161) with asm at 64-pair tiles (126 registers:
+# two programs per SM), the same bits as the float32 widening (max_rel_diff 0.0).
 # words: block scales read as 32-bit words where K allows (the pipeline copies them ahead, but on Triton
 # 3.6 the widened tile then takes a trip through shared memory), else as bytes in the step.
-TILE = {"m": 128, "n": 128, "k": 32, "warps": 8, "stages": 4, "swap": True, "asm": False, "words": False}
+TILE = {"m": 64, "n": 128, "k": 32, "warps": 8, "stages": 4, "swap": True, "asm": True, "words": False}
 FMT = {"mxfp4": 4, "nvfp4": 5}
 
 
