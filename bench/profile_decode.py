@@ -10,6 +10,8 @@ DSV4_PDL=0 in the environment: kernels launched without programmatic dependent l
 under each setting in the order given, one graph captured per setting; a setting is VAR=VALUE
 assignments joined by '+', each applied on top of the starting environment (DSV4_PDL:
 kernels/triton/pdl.py, DSV4_OVERLAP: kernels/streams.py).
+--tokens 2: the default table for the static step of 2 tokens (MTP's batched verify,
+Model.static_step), per step; compare with --tokens 1 (the plain step) from the same command line.
 """
 
 from __future__ import annotations
@@ -74,7 +76,12 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--trace", action="store_true")
     ap.add_argument("--compare", default=None, metavar="SETTINGS")
+    ap.add_argument("--tokens", type=int, default=1, help="tokens per static step (2: MTP's batched verify)")
     a = ap.parse_args()
+    if a.tokens != 1 and (a.trace or a.compare):
+        ap.error("--tokens goes with the default table only")
+    if not 1 <= a.tokens <= 16:
+        ap.error("--tokens: 1 to 16")
     settings = a.compare.split(",") if a.compare else []
     if settings and a.trace:
         ap.error("--compare and --trace are two separate runs: pick one")
@@ -92,6 +99,13 @@ def main() -> None:
     r = DecodeRunner(model, s.cache.handles(s.slot), graph=False)
 
     def step(t, runner=r):
+        if a.tokens > 1:  # the static step of several tokens, eager (engine/runtime/speculative.py's verify)
+            s.cache.prepare(s.slot, a.tokens)
+            with torch.inference_mode():
+                model.static_step(torch.full((a.tokens,), t, device="cuda"),
+                                  torch.tensor([s.seq_len], device="cuda"), s.cache.handles(s.slot))
+            s.cache.commit(s.slot, a.tokens)
+            return
         s.cache.prepare(s.slot, 1)
         runner.step(t, s.seq_len)
         s.cache.commit(s.slot, 1)
@@ -159,7 +173,7 @@ def main() -> None:
         table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=60, max_name_column_width=90)
         total = sum(e.self_device_time_total for e in prof.key_averages()) / 5
         n = sum(e.count for e in prof.key_averages() if e.self_device_time_total > 0) / 5
-        text = (f"{a.layers} layers, prompt {a.prompt_len}: {total / 1000:.3f} ms of kernel time per step, "
+        text = (f"{a.layers} layers, prompt {a.prompt_len}, {a.tokens} token(s) per step: {total / 1000:.3f} ms of kernel time per step, "
                 f"~{n:.0f} kernels\n{table}")
     print(text)
     if a.out:
