@@ -6,7 +6,8 @@ import torch
 
 from dsv4.engine.runtime.chat import REASONING_EFFORT_MAX, encode_chat
 from dsv4.engine.runtime.completion import OutputParser
-from dsv4.engine.runtime.sampling import Sampler, SamplingParams, min_p_mask, top_k_mask, top_p_mask
+from dsv4.engine.runtime import sampling
+from dsv4.engine.runtime.sampling import Sampler, SamplingParams, draw, min_p_mask, top_k_mask, top_p_mask
 from dsv4.engine.runtime.tokenizer import Tokenizer, build_byte_tokenizer
 
 B, E, U, A = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"
@@ -71,6 +72,42 @@ def test_sampling_masks():
     assert top_p_mask(probs, 0.7).tolist() == [False, True, True, False]
     assert top_p_mask(probs, 0.5).tolist() == [False, True, False, False]
     assert min_p_mask(probs, 0.5).tolist() == [False, True, True, False]
+
+
+def _top_p_by_full_sort(probs, p):
+    sp, order = torch.sort(probs, descending=True)
+    mask = torch.zeros(probs.numel(), dtype=torch.bool)
+    mask[order] = torch.cumsum(sp, 0) - sp < p
+    return mask
+
+
+def test_top_p_from_candidates_equals_the_full_sort():
+    """top-p over the most likely TOP_P_CANDIDATES tokens keeps the set the full sort keeps, whether
+    the set lies inside the candidates (peaked distributions, small p) or not (the fallback)."""
+    g = torch.Generator().manual_seed(1)
+    sizes = []
+    for spread in (8.0, 4.0, 0.01):
+        probs = torch.softmax(torch.randn(50000, generator=g) * spread, -1)
+        for p in (0.05, 0.5, 0.9, 0.99):
+            got = top_p_mask(probs, p)
+            assert torch.equal(got, _top_p_by_full_sort(probs, p)), (spread, p)
+            sizes.append(int(got.sum()))
+    assert min(sizes) <= sampling.TOP_P_CANDIDATES < max(sizes)  # both paths ran
+
+
+def test_draw_follows_the_distribution_and_never_a_zero():
+    """The inverse-CDF draw: frequencies match probs (chi-square, 5 cells) over 20000 draws of a
+    vector with zeros between, at the ends, and unnormalised; a zero-probability token never comes."""
+    probs = torch.tensor([0.0, 0.5, 0.0, 0.0, 1.0, 0.25, 0.0, 2.0, 0.25, 0.0])
+    g = torch.Generator().manual_seed(3)
+    n = 20000
+    counts = torch.bincount(torch.tensor([draw(probs, g) for _ in range(n)]), minlength=10).float()
+    assert counts[probs == 0].sum() == 0
+    expected = probs / probs.sum() * n
+    nz = probs > 0
+    chi2 = float(((counts[nz] - expected[nz]) ** 2 / expected[nz]).sum())
+    assert chi2 < 18.5  # 4 degrees of freedom, p = 0.001
+    assert draw(torch.nn.functional.one_hot(torch.tensor(7), 129280).float(), g) == 7
 
 
 def test_greedy_is_argmax_and_seeded_sampling_reproducible():

@@ -2,7 +2,8 @@
 
 - Tiny model (faithful): greedy output equals plain graph decoding token for token across the ring
   wrap and the HCA close, with drafts accepted and rejected, and the cache afterwards is
-  byte-identical to plain decoding's (the rollback inside/after the graphs is exact).
+  byte-identical to plain decoding's (the batched verify gives each token its one-token bits; the
+  rollback inside/after the graphs is exact).
 - Built-in model: greedy identity over 96 tokens from real text, drafts accepted; the plain and MTP
   decode rates are printed (``-s`` shows them).
 - Sampled decoding runs through the graphs and is reproducible with a seed.
@@ -39,10 +40,10 @@ def test_gpu_graph_verify_greedy_identical_and_rollback_exact():
     prompt = torch.randint(0, cfg.vocab_size, (PROMPT,), generator=torch.Generator().manual_seed(3))
     ref, plain = _plain_graph(model, prompt, NEW)
     dec = GuidedDrafts(mtp_session(model, 256, cuda_graph=True), prompt.tolist() + ref)
-    assert dec.static and dec.graph
+    assert dec.static and dec.graph and dec.batched  # the verify is one step of both tokens
     out = list(dec.generate(prompt, GREEDY, NEW))
     assert out == ref
-    assert set(dec._graphs) == {"verify", "mtp", "mtp-feed"}
+    assert set(dec._graphs) == {"verify", "mtp", "mtp-feed", "restore"}
     st = dec.stats
     assert st.accepted >= 3 and st.drafted - st.accepted >= 3, st
     torch.cuda.synchronize()

@@ -50,8 +50,11 @@ def _raw(t: torch.Tensor) -> torch.Tensor:
 class TokenCheckpoint:
     """Saved copies of what one token writes in the given layers' cache (see the module docstring).
 
-    handles: LayerHandles of one slot (their storage is read through ring_store, state_tensors,
-    entry_store, index_store and block_row; the copies' buffers are allocated here, once)."""
+    handles: LayerHandles of one slot. Their storage (ring_store, state_tensors, entry_store,
+    index_store: views of the cache's preallocated tensors, written in place) is looked up once,
+    here, with the copies' buffers. Per layer a save is one gather (index_select into its buffer)
+    per row tensor and one multi-tensor copy for the compressor state; a restore the scatters and
+    one multi-tensor copy for every layer's state."""
 
     def __init__(self, handles):
         self.handles = list(handles)
@@ -61,30 +64,19 @@ class TokenCheckpoint:
         self.ring_row = torch.zeros(1, dtype=torch.long, device=dev)
         self.entry_row = {}  # ratio -> [1] int64 pool row of the token's entry
         self._by_ratio = {}  # ratio -> one handle of that ratio (one block table per slot)
-        self.saved: list[tuple] = []  # (kind, handle index, key, buffer)
-        for i, h in enumerate(self.handles):
-            for k, v in h.ring_store().items():
-                self.saved.append(("ring", i, k, torch.empty_like(_raw(v[:1]))))
-            for j, t in enumerate(h.state_tensors()):
-                self.saved.append(("state", i, j, torch.empty_like(t)))
+        self.rows: list[list[tuple]] = []  # per handle: (cache tensor, its row index [1], saved row)
+        self.states: list[tuple[list, list]] = []  # per handle: (state tensors, their copies)
+        for h in self.handles:
+            rows = [(_raw(v), self.ring_row) for v in h.ring_store().values()]
             if h.layer.ratio:
-                self.entry_row.setdefault(h.layer.ratio, torch.zeros(1, dtype=torch.long, device=dev))
+                row = self.entry_row.setdefault(h.layer.ratio, torch.zeros(1, dtype=torch.long, device=dev))
                 self._by_ratio.setdefault(h.layer.ratio, h)
-                for k, v in h.entry_store().items():
-                    self.saved.append(("entry", i, k, torch.empty_like(_raw(v[:1]))))
+                rows += [(_raw(v), row) for v in h.entry_store().values()]
                 if h.layer.overlap:
-                    for k, v in h.index_store().items():
-                        self.saved.append(("index", i, k, torch.empty_like(_raw(v[:1]))))
-
-    def _target(self, kind: str, i: int, key):
-        """(tensor, row index [1] or None for a whole-tensor copy) of one saved location."""
-        h = self.handles[i]
-        if kind == "ring":
-            return _raw(h.ring_store()[key]), self.ring_row
-        if kind == "state":
-            return h.state_tensors()[key], None
-        store = h.entry_store() if kind == "entry" else h.index_store()
-        return _raw(store[key]), self.entry_row[h.layer.ratio]
+                    rows += [(_raw(v), row) for v in h.index_store().values()]
+            self.rows.append([(t, r, torch.empty_like(t[:1])) for t, r in rows])
+            state = h.state_tensors()
+            self.states.append((state, [torch.empty_like(t) for t in state]))
 
     def locate(self, pos: torch.Tensor) -> None:
         """Find the rows a token at device position pos [1] int64 writes (the window ring row and,
@@ -102,25 +94,23 @@ class TokenCheckpoint:
     def save_layer(self, i: int) -> None:
         """Copy what the located token will write in the i-th handle's layer (after ``locate``);
         MTP's batched verify saves each layer just before the draft writes it."""
-        for kind, j, key, buf in self.saved:
-            if j == i:
-                self._copy_out(kind, j, key, buf)
+        for t, row, buf in self.rows[i]:
+            torch.index_select(t, 0, row, out=buf)
+        state, bufs = self.states[i]
+        if state:
+            torch._foreach_copy_(bufs, state)
 
     def save(self, pos: torch.Tensor) -> None:
         """Copy what a token at device position pos [1] int64 will write, in every layer."""
         self.locate(pos)
-        for kind, i, key, buf in self.saved:
-            self._copy_out(kind, i, key, buf)
-
-    def _copy_out(self, kind: str, i: int, key, buf: torch.Tensor) -> None:
-        t, row = self._target(kind, i, key)
-        buf.copy_(t if row is None else t.index_select(0, row))
+        for i in range(len(self.handles)):
+            self.save_layer(i)
 
     def restore(self) -> None:
         """Write the saved copies back (the cache as it was before the token)."""
-        for kind, i, key, buf in self.saved:
-            t, row = self._target(kind, i, key)
-            if row is None:
-                t.copy_(buf)
-            else:
+        for rows in self.rows:
+            for t, row, buf in rows:
                 t.index_copy_(0, row, buf)
+        state = [t for s, _ in self.states for t in s]
+        if state:
+            torch._foreach_copy_(state, [b for _, bufs in self.states for b in bufs])

@@ -33,21 +33,57 @@ def top_k_mask(logits: torch.Tensor, k: int) -> torch.Tensor:
     return logits >= torch.topk(logits, k).values[-1]
 
 
+# top-p looks at this many of the most likely tokens first (a partial sort: ~0.8 ms at a 129k
+# vocabulary on one CPU core, against ~11 ms for the full sort it falls back to when they hold less
+# than p of the mass, e.g. a flat distribution)
+TOP_P_CANDIDATES = 1024
+
+
 def top_p_mask(probs: torch.Tensor, p: float) -> torch.Tensor:
-    """Smallest set of most likely tokens whose probability sums to >= p (always >= 1 token)."""
+    """Smallest set of most likely tokens whose probability sums to >= p (always >= 1 token).
+    probs: [vocab] float32 (CPU)."""
     if p >= 1:
         return torch.ones_like(probs, dtype=torch.bool)
-    sp, order = torch.sort(probs, descending=True)
-    before = torch.cumsum(sp, 0) - sp  # mass strictly before each token
-    keep_sorted = before < p
-    mask = torch.zeros_like(keep_sorted)
-    mask[order] = keep_sorted
+    n = probs.numel()
+    sp, order = torch.topk(probs, min(TOP_P_CANDIDATES, n))  # descending
+    mass = torch.cumsum(sp, 0)
+    if sp.numel() < n and float(mass[-1]) < p:  # the set reaches past the candidates
+        sp, order = torch.sort(probs, descending=True)
+        mass = torch.cumsum(sp, 0)
+    keep = (mass - sp) < p  # the mass strictly before each token (every later one is dropped)
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[order] = keep
     return mask
 
 
 def min_p_mask(probs: torch.Tensor, min_p: float) -> torch.Tensor:
     """Tokens with probability >= min_p * max probability."""
     return probs >= min_p * probs.max()
+
+
+def distribution(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution a token is drawn from: logits [vocab] -> probs [vocab] float32 (CPU), after
+    temperature, top-k, top-p and min-p; temperature 0: one-hot at the argmax (greedy)."""
+    logits = logits.detach().float().cpu()
+    if params.temperature == 0:
+        return torch.nn.functional.one_hot(torch.argmax(logits), logits.numel()).float()
+    logits = logits / params.temperature
+    logits = logits.masked_fill(~top_k_mask(logits, params.top_k), float("-inf"))
+    probs = torch.softmax(logits, -1)
+    probs = probs * (top_p_mask(probs, params.top_p) & min_p_mask(probs, params.min_p))
+    return probs / probs.sum()
+
+
+def draw(probs: torch.Tensor, gen: torch.Generator) -> int:
+    """One token from probs [vocab] (>= 0, not necessarily normalised; a one-hot gives its index):
+    by inverting the float64 cumulative sum at a uniform draw of ``gen`` (~0.3 ms at a 129k
+    vocabulary, where torch.multinomial takes ~3.3 ms). A zero-probability token is never drawn."""
+    cdf = torch.cumsum(probs.double(), 0)
+    x = float(torch.rand((), dtype=torch.float64, generator=gen)) * float(cdf[-1])
+    i = int(torch.searchsorted(cdf, torch.tensor([x], dtype=torch.float64), right=True))
+    if i >= probs.numel():  # x rounded up to the total: the last token with mass
+        i = int(torch.nonzero(probs).max())
+    return i
 
 
 class Sampler:
@@ -62,14 +98,6 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor) -> int:
         """logits: [vocab] -> token id."""
-        p = self.params
-        logits = logits.detach().float().cpu()
-        if p.temperature == 0:
-            return int(torch.argmax(logits))
-        logits = logits / p.temperature
-        mask = top_k_mask(logits, p.top_k)
-        logits = logits.masked_fill(~mask, float("-inf"))
-        probs = torch.softmax(logits, -1)
-        mask = top_p_mask(probs, p.top_p) & min_p_mask(probs, p.min_p)
-        probs = probs * mask
-        return int(torch.multinomial(probs / probs.sum(), 1, generator=self.gen))
+        if self.params.temperature == 0:
+            return int(torch.argmax(logits.detach().float().cpu()))
+        return draw(distribution(logits, self.params), self.gen)

@@ -42,7 +42,7 @@ from dsv4.cache import CacheManager, CacheSchema
 from .decode import capture_graph
 from .generate import Finish, whole_step
 from .rollback import TokenCheckpoint, positioned_handles
-from .sampling import Sampler, SamplingParams, min_p_mask, top_k_mask, top_p_mask
+from .sampling import Sampler, SamplingParams, distribution, draw
 from .session import Session
 
 MTP_PREFILL_ROWS = 512  # MTP prefill rows per call: bounds its [rows, vocab] logits
@@ -82,19 +82,12 @@ class SpeculativeStats:
 def target_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """The distribution ``Sampler`` draws from: logits [vocab] -> probs [vocab] float32 (CPU).
     temperature 0: one-hot at the argmax (greedy)."""
-    logits = logits.detach().float().cpu()
-    if params.temperature == 0:
-        return torch.nn.functional.one_hot(torch.argmax(logits), logits.numel()).float()
-    logits = logits / params.temperature
-    logits = logits.masked_fill(~top_k_mask(logits, params.top_k), float("-inf"))
-    probs = torch.softmax(logits, -1)
-    probs = probs * (top_p_mask(probs, params.top_p) & min_p_mask(probs, params.min_p))
-    return probs / probs.sum()
+    return distribution(logits, params)
 
 
 def sample_from(probs: torch.Tensor, gen: torch.Generator) -> int:
-    """One draw from probs [vocab] (a one-hot gives its index)."""
-    return int(torch.multinomial(probs, 1, generator=gen))
+    """One draw from probs [vocab] (a one-hot gives its index), as Sampler draws."""
+    return draw(probs, gen)
 
 
 def accept_or_resample(p: torch.Tensor, q: torch.Tensor, draft: int, gen: torch.Generator) -> tuple[int, bool]:
@@ -278,7 +271,7 @@ class SpeculativeDecoder:
         """Roll back a held draft's cache writes (while nothing has been written after them)."""
         if self.held is not None:
             if self.seq_len == self.held[2] + 1:
-                self.ckpt.restore()
+                self._restore()
             self.held = None
 
     @torch.inference_mode()
@@ -305,12 +298,12 @@ class SpeculativeDecoder:
         self.mgr.commit(self.slot, 1)
         self.pending = streams[:1]
         if not ok:
-            self.ckpt.restore()
+            self._restore()
             return [], x
         self.stats.accepted += 1
         fin = self._finish(d, n + 1, max_new_tokens, stop_ids)
         if fin is not None:  # generation ends at d: the cache keeps tok, not d (as plain decoding)
-            self.ckpt.restore()
+            self._restore()
             return [(d, fin)], None
         self.held = (streams[:1], d, P, streams[1:])
         return [(d, None)], sample_from(target_probs(logits[1], params), gen)
@@ -358,6 +351,18 @@ class SpeculativeDecoder:
                 h.at = P
             logits, streams = self.model.forward(torch.tensor([tok]), self.main, P, return_streams=True)
         return logits[0], streams
+
+    @torch.inference_mode()
+    def _restore(self) -> None:
+        """Roll the draft's cache writes back (ckpt.restore: a few copies per layer), replayed as
+        one CUDA graph on a GPU (captured at the first rollback; restoring is idempotent, so the
+        warm-up runs are rollbacks too)."""
+        if not self.graph:
+            self.ckpt.restore()
+            return
+        if "restore" not in self._graphs:
+            self._graphs["restore"] = capture_graph(self.ckpt.restore, lambda: None)
+        self._graphs["restore"][0]()
 
     def _mtp_body(self, head: bool = True) -> torch.Tensor:
         return self.model.mtp_step(self.m_streams, self.m_id, self.m_pos, self.mtp, head=head)
