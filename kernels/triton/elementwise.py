@@ -11,6 +11,7 @@ import triton.language as tl
 
 from . import pdl
 
+ROPE_ROWS, ROPE_TILE = 16, 4096  # rows per RoPE program: up to 16, at most 4096 elements per program
 
 
 @triton.jit
@@ -26,41 +27,47 @@ def _normed(x, rs, w_ptr, idx, mask, NORM: tl.constexpr, HAS_W: tl.constexpr, dt
 
 
 @triton.jit
-def _rope(x_ptr, w_ptr, cos_ptr, sin_ptr, y_ptr, H, D, RD, SIGN, eps, NORM: tl.constexpr, HAS_W: tl.constexpr,
-          BLOCK: tl.constexpr, PDL: tl.constexpr):
-    """Row (s, h) of x [S, H, D]: channels >= D-RD rotate pairwise (even, odd) by position s's angle;
-    with NORM, the row is RMS-normalised first (weight w if HAS_W)."""
+def _rope(x_ptr, w_ptr, cos_ptr, sin_ptr, y_ptr, R, H, D, RD, SIGN, eps, NORM: tl.constexpr, HAS_W: tl.constexpr,
+          ROWS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    """Rows i = (s, h) of x [S, H, D] (R = S x H rows, ROWS per program): channels >= D-RD rotate
+    pairwise (even, odd) by position s's angle; with NORM, each row is RMS-normalised first (weight w
+    if HAS_W)."""
     pdl.wait(PDL)
-    pid = tl.program_id(0).to(tl.int64)
-    s = pid // H
+    i = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    im = i < R
+    s = i // H
     j = tl.arange(0, BLOCK)
-    m = j < D
-    x = tl.load(x_ptr + pid * D + j, mask=m, other=0.0)
+    m = im[:, None] & (j < D)[None, :]
+    row = x_ptr + i[:, None] * D
+    x = tl.load(row + j[None, :], mask=m, other=0.0)
     dt: tl.constexpr = x_ptr.dtype.element_ty
-    rs = 1.0
+    rs = tl.full([ROWS], 1.0, tl.float32)
     if NORM:
-        rs = tl.rsqrt(tl.sum(x.to(tl.float32) * x.to(tl.float32), 0) / D + eps)
+        rs = tl.rsqrt(tl.sum(x.to(tl.float32) * x.to(tl.float32), 1) / D + eps)
     lo = D - RD
-    rot = (j >= lo) & m
-    r = tl.where(rot, j - lo, 0)
-    partner = tl.load(x_ptr + pid * D + lo + (r ^ 1), mask=rot, other=0.0).to(tl.float32)
-    partner = _normed(partner, rs, w_ptr, lo + (r ^ 1), rot, NORM, HAS_W, dt)
-    c = tl.load(cos_ptr + s * (RD // 2) + r // 2, mask=rot, other=1.0)
-    sn = tl.load(sin_ptr + s * (RD // 2) + r // 2, mask=rot, other=0.0) * SIGN
-    xf = _normed(x.to(tl.float32), rs, w_ptr, j, m, NORM, HAS_W, dt)
+    rot = (j >= lo)[None, :] & m
+    r = tl.where(j >= lo, j - lo, 0)[None, :]
+    partner = tl.load(row + lo + (r ^ 1), mask=rot, other=0.0).to(tl.float32)
+    partner = _normed(partner, rs[:, None], w_ptr, lo + (r ^ 1), rot, NORM, HAS_W, dt)
+    c = tl.load(cos_ptr + s[:, None] * (RD // 2) + r // 2, mask=rot, other=1.0)
+    sn = tl.load(sin_ptr + s[:, None] * (RD // 2) + r // 2, mask=rot, other=0.0) * SIGN
+    xf = _normed(x.to(tl.float32), rs[:, None], w_ptr, j[None, :], m, NORM, HAS_W, dt)
     y = tl.where((r & 1) == 0, xf * c - partner * sn, xf * c + partner * sn)
-    tl.store(y_ptr + pid * D + j, tl.where(rot, y, xf).to(y_ptr.dtype.element_ty), mask=m)
+    tl.store(y_ptr + i[:, None] * D + j[None, :], tl.where(rot, y, xf).to(y_ptr.dtype.element_ty), mask=m)
 
 
 def _rope_launch(x, weight, eps, cos, sin, inverse: bool, norm: bool, dtype=None) -> torch.Tensor:
+    """One launch over all S x H rows, several rows per program (a prefill chunk's query heads are
+    ~400k rows of 512 channels: one row per program left the kernel launch-bound)."""
     S, D = x.shape[0], x.shape[-1]
     x3 = x.reshape(S, -1, D).contiguous()
     y = torch.empty(x3.shape, device=x3.device, dtype=dtype or x3.dtype)
     w = weight.contiguous() if weight is not None else x3
-    _rope[(x3.shape[0] * x3.shape[1],)](x3, w, cos.float().contiguous(), sin.float().contiguous(), y, x3.shape[1], D,
-                                        2 * cos.shape[-1], -1.0 if inverse else 1.0, float(eps), NORM=norm,
-                                        HAS_W=weight is not None, BLOCK=triton.next_power_of_2(D),
-                                        **pdl.launch(x3.device))
+    R, block = x3.shape[0] * x3.shape[1], triton.next_power_of_2(D)
+    rows = max(1, min(ROPE_ROWS, ROPE_TILE // block, triton.next_power_of_2(R)))
+    _rope[(triton.cdiv(R, rows),)](x3, w, cos.float().contiguous(), sin.float().contiguous(), y, R, x3.shape[1], D,
+                                   2 * cos.shape[-1], -1.0 if inverse else 1.0, float(eps), NORM=norm,
+                                   HAS_W=weight is not None, ROWS=rows, BLOCK=block, **pdl.launch(x3.device))
     return y.reshape(x.shape)
 
 
