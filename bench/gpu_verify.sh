@@ -15,6 +15,7 @@
 #   bash bench/gpu_verify.sh experts-min  # the expert tune (TUNE_FEW=1: 4 shapes), the fastest into TILE, the expert and RoPE kernel tests
 #   bash bench/gpu_verify.sh mtp       # the MTP GPU tests (batched verify) and GEMV row tests, bench decode --mtp (built-in; 16 synthetic layers at 0.8)
 #   bash bench/gpu_verify.sh experts-figures  # expert/RoPE GPU tests, 8k profile, prefill 8k-128k, decode profile of 1- and 2-token steps, kernel-path test
+#   bash bench/gpu_verify.sh final     # RoPE rows A/B, engine + MTP + decode kernel GPU tests, bench decode --mtp (built-in, 16 layers), the 8k profile
 #   bash bench/gpu_verify.sh indexer   # the 64k step with the indexer kernels and their references, decode at 16 layers at 64k, a 64k trace
 # Run from the repository root on the GPU machine (no install there: bench/dsv4_path.sh puts the
 # source folders on PYTHONPATH as dsv4.*).
@@ -121,6 +122,18 @@ experts-figures)
   for n in 1 2; do timeout 50 python3 bench/profile_decode.py --layers 16 --prompt-len 1024 --tokens $n \
     --out "$OUT/profile_decode_tokens$n.txt" 2>&1 | head -3; done
   timeout 80 $T tests/test_gpu_prefill.py -k "kernel_path_matches" 2>&1 | tail -3 | tee "$OUT/gpu_tests_kernel_path.txt" ;;
+final)
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+  timeout 40 python3 bench/rope_rows.py 2>&1 | tee "$OUT/rope_rows.txt"
+  timeout 170 $T tests/test_gpu.py tests/test_gpu_speculative.py tests/test_gpu_kernels.py \
+    -k "speculative or cuda_engine or synthetic_flash or rope or mhc or gemv or store_entry or decode_attention" 2>&1 | tail -4 \
+    | tee "$OUT/gpu_tests_final.txt"
+  timeout 60 $D bench decode --model engine/builtin --device cuda --prompt-len 64 --steps 128 --mtp \
+    --json-out "$OUT/decode_builtin_mtp.json" 2>&1 | grep -E "identical|mtp_|plain|effective|projected|verify"
+  timeout 100 $D bench decode --preset flash --layers 16 --synthetic --steps 64 --mtp --mtp-acceptance 0.8 \
+    --json-out "$OUT/decode16_mtp.json" 2>&1 | grep -E "ms_per|floor_ratio|identical|mtp_|plain|effective|projected|verify"
+  timeout 60 $D bench prefill --preset flash --layers 4 --synthetic --prompt-len 8192 --runs 3 --profile \
+    --json-out "$OUT/prefill8k.json" 2>&1 | tail -22 ;;
 indexer)
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
   timeout 150 python3 bench/profile_decode.py --layers 16 --prompt-len 65536 \
@@ -131,5 +144,5 @@ indexer)
   timeout 100 python3 bench/profile_decode.py --layers 16 --prompt-len 65536 --trace --out "$OUT/trace16_64k.txt" \
     2>&1 | grep -v Warn | head -60 ;;
 *)
-  echo "usage: bash bench/gpu_verify.sh kernels|engine|figures|prefill|decode|tune|attention|indexer-tune|indexer|experts|experts-min|experts-all|prefill-final|mtp|experts-figures" >&2; exit 2 ;;
+  echo "usage: bash bench/gpu_verify.sh kernels|engine|figures|prefill|decode|tune|attention|indexer-tune|indexer|experts|experts-min|experts-all|prefill-final|mtp|experts-figures|final" >&2; exit 2 ;;
 esac
