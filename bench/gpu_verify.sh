@@ -125,7 +125,7 @@ experts-figures)
 final)
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
   timeout 40 python3 bench/rope_rows.py 2>&1 | tee "$OUT/rope_rows.txt"
-  timeout 170 $T tests/test_gpu.py tests/test_gpu_speculative.py tests/test_gpu_kernels.py \
+  timeout 200 $T tests/test_gpu.py tests/test_gpu_speculative.py tests/test_gpu_kernels.py \
     -k "speculative or cuda_engine or synthetic_flash or rope or mhc or gemv or store_entry or decode_attention" 2>&1 | tail -4 \
     | tee "$OUT/gpu_tests_final.txt"
   timeout 60 $D bench decode --model engine/builtin --device cuda --prompt-len 64 --steps 128 --mtp \
