@@ -174,7 +174,7 @@ def decode_attention(x: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
                                                      cfg.index_topk)
         out.append(kernels.decode_attention(q[i], ring, r.pos, store, rows, ok, w[p + ".attn_sink"],
                                             cfg.head_dim ** -0.5))
-    return _out(torch.stack(out), w, p, cfg, cos, sin, faithful)
+    return _out(out[0][None] if S == 1 else torch.stack(out), w, p, cfg, cos, sin, faithful)
 
 
 def _entry_rows(handle, r, m: int):
