@@ -84,6 +84,45 @@ experts)
     | tee "$OUT/gpu_tests_experts.txt"
   timeout 240 python3 bench/tune_prefill.py --only experts --out "$OUT/tune_experts.json" 2>&1 | cut -c1-300 | tail -12 ;;
 prefill-final)
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+  timeout 200 $T tests/test_gpu_prefill.py -k "not long_prefill" 2>&1 | tail -6 | tee "$OUT/gpu_tests_prefill.txt"
+  timeout 100 $T tests/test_gpu_kernels.py -k "rope or experts" 2>&1 | tail -4 | tee "$OUT/gpu_tests_rope_experts.txt"
+  timeout 150 python3 bench/prefill_long.py --layers 4 --prompt-lens 8192,32768,131072 --time-limit 60 \
+    --json-out "$OUT/prefill_long.json" 2>&1 | grep -v "prefill .*tok/s" | tail -8
+  timeout 80 $D bench prefill --preset flash --layers 4 --synthetic --prompt-len 8192 --runs 3 --profile \
+    --json-out "$OUT/prefill8k.json" 2>&1 | tail -26 ;;
+experts-all)
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+  timeout 95 python3 bench/tune_prefill.py --only experts --out "$OUT/tune_experts.json" 2>&1 | cut -c1-300 | tail -12
+  python3 bench/pick_tile.py "$OUT/tune_experts.json" kernels/triton/prefill_experts.py | tee "$OUT/chosen_tile.txt"
+  timeout 90 $T tests/test_gpu_prefill.py -k "experts or kernel_path_matches" 2>&1 | tail -5 | tee "$OUT/gpu_tests_prefill.txt"
+  timeout 25 $T tests/test_gpu_kernels.py -k "rope or experts" 2>&1 | tail -4 | tee "$OUT/gpu_tests_rope_experts.txt"
+  timeout 45 $D bench prefill --preset flash --layers 4 --synthetic --prompt-len 8192 --runs 3 --profile \
+    --json-out "$OUT/prefill8k.json" 2>&1 | tail -26 ;;
+experts-min)
+  TUNE_FEW=1 timeout 70 python3 bench/tune_prefill.py --only experts --out "$OUT/tune_experts.json" 2>&1 | cut -c1-300 | tail -6
+  python3 bench/pick_tile.py "$OUT/tune_experts.json" kernels/triton/prefill_experts.py | tee "$OUT/chosen_tile.txt"
+  timeout 60 $T tests/test_gpu_prefill.py tests/test_gpu_kernels.py -k "experts or rope" 2>&1 | tail -5 \
+    | tee "$OUT/gpu_tests_experts.txt" ;;
+mtp)
+  timeout 200 $T tests/test_gpu_speculative.py tests/test_gpu_kernels.py -k "speculative or gemv or verify or builtin or sampled" \
+    -s 2>&1 | grep -E "passed|failed|Error|assert|identical|ms_per|tokens_per" | tail -30 | tee "$OUT/gpu_tests_mtp.txt"
+  timeout 100 $D bench decode --model engine/builtin --device cuda --prompt-len 64 --steps 128 --mtp \
+    --json-out "$OUT/decode_builtin_mtp.json" 2>&1 | grep -E "identical|mtp_|plain|effective|projected|verify"
+  timeout 150 $D bench decode --preset flash --layers 16 --synthetic --steps 64 --mtp --mtp-acceptance 0.8 \
+    --json-out "$OUT/decode16_mtp.json" 2>&1 | grep -E "ms_per|floor|identical|mtp_|plain|effective|projected|verify" ;;
+experts-figures)
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+  timeout 150 $T tests/test_gpu_prefill.py tests/test_gpu_kernels.py -k "experts or rope" 2>&1 | tail -5 \
+    | tee "$OUT/gpu_tests_experts.txt"
+  timeout 70 $D bench prefill --preset flash --layers 4 --synthetic --prompt-len 8192 --runs 3 --profile \
+    --json-out "$OUT/prefill8k.json" 2>&1 | tail -24
+  timeout 130 python3 bench/prefill_long.py --layers 4 --prompt-lens 8192,32768,131072 --time-limit 60 \
+    --json-out "$OUT/prefill_long.json" 2>&1 | grep -v "prefill .*tok/s" | tail -8
+  for n in 1 2; do timeout 50 python3 bench/profile_decode.py --layers 16 --prompt-len 1024 --tokens $n \
+    --out "$OUT/profile_decode_tokens$n.txt" 2>&1 | head -3; done
+  timeout 80 $T tests/test_gpu_prefill.py -k "kernel_path_matches" 2>&1 | tail -3 | tee "$OUT/gpu_tests_kernel_path.txt" ;;
+final)
   nvidia-smi --query-gpu=name --format=csv,noheader | tee "$OUT/gpu.txt"
   timeout 30 python3 bench/rope_rows.py 2>&1 | tee "$OUT/rope_rows.txt"
   timeout 120 $T tests/test_gpu_speculative.py tests/test_gpu_kernels.py -k "speculative or rope" 2>&1 | tail -4 \

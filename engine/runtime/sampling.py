@@ -51,7 +51,7 @@ def top_p_mask(probs: torch.Tensor, p: float) -> torch.Tensor:
         sp, order = torch.sort(probs, descending=True)
         mass = torch.cumsum(sp, 0)
     keep = (mass - sp) < p  # the mass strictly before each token (every later one is dropped)
-    mask = torch.zeros(n, dtype=torch.bool)
+    mask = torch.zeros_like(probs, dtype=torch.bool)
     mask[order] = keep
     return mask
 
@@ -79,6 +79,8 @@ def draw(probs: torch.Tensor, gen: torch.Generator) -> int:
     by inverting the float64 cumulative sum at a uniform draw of ``gen`` (~0.3 ms at a 129k
     vocabulary, where torch.multinomial takes ~3.3 ms). A zero-probability token is never drawn."""
     cdf = torch.cumsum(probs.double(), 0)
+    if not float(cdf[-1]) > 0:
+        raise ValueError("no token has a positive probability to draw from")
     x = float(torch.rand((), dtype=torch.float64, generator=gen)) * float(cdf[-1])
     i = int(torch.searchsorted(cdf, torch.tensor([x], dtype=torch.float64), right=True))
     if i >= probs.numel():  # x rounded up to the total: the last token with mass

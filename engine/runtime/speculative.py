@@ -147,7 +147,7 @@ class SpeculativeDecoder:
         self.m_streams = torch.zeros(1, cfg.hc_mult, cfg.hidden_size, dtype=model.dtype, device=dev)
         self.m_id = torch.zeros(1, dtype=torch.long, device=dev)
         self.m_pos = torch.zeros(1, dtype=torch.long, device=dev)
-        self._graphs: dict = {}  # "verify" / "mtp" -> (CUDAGraph, outputs)
+        self._graphs: dict = {}  # "verify" / "mtp" / "mtp-feed" / "restore" -> (replay, outputs)
 
     @property
     def seq_len(self) -> int:

@@ -189,6 +189,8 @@ def gemv(x: torch.Tensor, w: QWeight, rows_per_group: int | None = None, act_qua
     R = rows_per_group or N
     BN = _block_n(N, R) if rows_per_group else GEMV["rows"]
     n_prog = triton.cdiv(N, BN)  # per row: the split, and so each row's sums, do not depend on M
+    if n_prog > 65535:  # the grid's y axis
+        raise ValueError(f"gemv: {n_prog} output tiles of {BN} rows pass the grid's 65535")
     out = torch.empty((M, N), device=x.device, dtype=torch.float32)
     if w.fmt in ("mxfp4", "nvfp4"):
         BKP = 64
