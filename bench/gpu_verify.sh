@@ -16,6 +16,7 @@
 #   bash bench/gpu_verify.sh mtp       # the MTP GPU tests (batched verify) and GEMV row tests, bench decode --mtp (built-in; 16 synthetic layers at 0.8)
 #   bash bench/gpu_verify.sh experts-figures  # expert/RoPE GPU tests, 8k profile, prefill 8k-128k, decode profile of 1- and 2-token steps, kernel-path test
 #   bash bench/gpu_verify.sh final     # RoPE rows A/B, MTP and RoPE GPU tests, bench decode --mtp at 16 layers, the 8k profile
+#   bash bench/gpu_verify.sh check     # the smallest: the MTP and RoPE GPU tests, the RoPE rows A/B
 #   bash bench/gpu_verify.sh indexer   # the 64k step with the indexer kernels and their references, decode at 16 layers at 64k, a 64k trace
 # Run from the repository root on the GPU machine (no install there: bench/dsv4_path.sh puts the
 # source folders on PYTHONPATH as dsv4.*).
@@ -131,6 +132,11 @@ final)
     --json-out "$OUT/decode16_mtp.json" 2>&1 | grep -E "ms_per|floor_ratio|identical|mtp_|plain|effective|projected|verify"
   timeout 50 $D bench prefill --preset flash --layers 4 --synthetic --prompt-len 8192 --runs 3 --profile \
     --json-out "$OUT/prefill8k.json" 2>&1 | tail -22 ;;
+check)
+  nvidia-smi --query-gpu=name --format=csv,noheader | tee "$OUT/gpu.txt"
+  timeout 110 $T tests/test_gpu_speculative.py tests/test_gpu_kernels.py -k "speculative or rope" 2>&1 | tail -4 \
+    | tee "$OUT/gpu_tests_check.txt"
+  timeout 20 python3 bench/rope_rows.py 2>&1 | tee "$OUT/rope_rows.txt" ;;
 indexer)
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
   timeout 150 python3 bench/profile_decode.py --layers 16 --prompt-len 65536 \
@@ -141,5 +147,5 @@ indexer)
   timeout 100 python3 bench/profile_decode.py --layers 16 --prompt-len 65536 --trace --out "$OUT/trace16_64k.txt" \
     2>&1 | grep -v Warn | head -60 ;;
 *)
-  echo "usage: bash bench/gpu_verify.sh kernels|engine|figures|prefill|decode|tune|attention|indexer-tune|indexer|experts|experts-min|experts-all|prefill-final|mtp|experts-figures|final" >&2; exit 2 ;;
+  echo "usage: bash bench/gpu_verify.sh kernels|engine|figures|prefill|decode|tune|attention|indexer-tune|indexer|experts|experts-min|experts-all|prefill-final|mtp|experts-figures|final|check" >&2; exit 2 ;;
 esac
