@@ -136,22 +136,29 @@ def decode_attention(x: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
 
     Entries are quantised once, by the store (kernels.store_entry), and attention reads the cache
     in its storage formats (kernels.decode_attention). The projections run for all S rows at once
-    (each weight read once); then token by token, in order, its compressors, its window-ring row,
-    its indexer selection and its attention, so that token i sees the cache exactly as a one-token
-    step at its position would (token i's ring row would overwrite a row token i-1 still sees).
-    Before token i >= 1 writes, ctx.before_token(i) is called. One token: the compressors run on
-    the side stream beside the projections."""
+    (each weight read once); the cache reads and writes go token by token, so that token i sees the
+    cache exactly as a one-token step at its position would (token i's ring row would overwrite a
+    row token i-1 still sees). Token i's compressors (one-row GEMVs, as a one-token step runs them)
+    run on the side stream: token 0's beside the projections, token i's beside token i-1's indexer
+    and attention (they write only entries token i-1 cannot see yet), after ctx.before_token(i),
+    which is called before token i >= 1 writes anything; token i's ring row waits for both."""
     w, p, spec, cfg, handle, rope = ctx.w, ctx.prefix + ".attn", ctx.spec, ctx.cfg, ctx.handle, ctx.rope
     faithful, S, eps = ctx.faithful, x.shape[0], cfg.rms_norm_eps
+    side = streams.side(x, "compressor")
+
+    def writes(i: int):
+        """Token i's cache writes other than its ring row: the hook, then its compressors."""
+        r = rope.token(i)
+        if i and ctx.before_token is not None:
+            ctx.before_token(i)
+        if spec.ratio:
+            _compress_decode(x[i:i + 1], w, p, spec, handle, r, eps, faithful)
+
     cos, sin = rope.at_pos(spec.yarn)
-    join = lambda: None  # noqa: E731
-    if spec.ratio and S == 1:
-        _entry_rows(handle, rope, spec.ratio)  # on this stream, before the side stream reads them
-        # the compressors read only x: beside the projections, joined before the indexer and attention
-        _, join = streams.beside(streams.side(x, "compressor"), lambda: _compress_decode(
-            x, w, p, spec, handle, rope, eps, faithful))
+    if spec.ratio:
+        _entry_rows(handle, rope.token(0), spec.ratio)  # on this stream, before the side stream reads them
+    _, join = streams.beside(side, lambda: writes(0)) if spec.ratio else (None, lambda: None)
     qr, q, kv = _project(x, w, p, cfg, cos, sin, False, faithful)  # kv is quantised by its store
-    cz = _compressor_inputs(x, w, p, spec) if spec.ratio and S > 1 else ()
     select = spec.attn == "csa" and handle.entry_capacity() > cfg.index_topk  # else every closed window is in the top-k
     if select:
         q_i, weights = _indexer_query(x, qr, w, p + ".indexer", cfg, rope.at_pos(True), _index_quantiser(faithful),
@@ -160,12 +167,13 @@ def decode_attention(x: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
     out = []
     for i in range(S):
         r = rope.token(i)
-        if i and ctx.before_token is not None:
-            ctx.before_token(i)
-        if spec.ratio and S > 1:
-            _compress_decode(x[i:i + 1], w, p, spec, handle, r, eps, faithful, tuple(t[i:i + 1] for t in cz))
+        if i:
+            join()  # token i's hook and compressors are done: its ring row may be overwritten
         kernels.store_entry(kv[i:i + 1], ring, r.once(("ring", W), lambda: torch.remainder(r.pos, W)))
-        join()
+        if not i:
+            join()
+        if i + 1 < S:
+            _, join = streams.beside(side, lambda: writes(i + 1))
         store = rows = ok = None
         if spec.ratio:
             store, rows, ok = handle.entry_store(), *_entry_rows(handle, r, spec.ratio)[1:]
