@@ -15,7 +15,7 @@
 #   bash bench/gpu_verify.sh experts-min  # the expert tune (TUNE_FEW=1: 4 shapes), the fastest into TILE, the expert and RoPE kernel tests
 #   bash bench/gpu_verify.sh mtp       # the MTP GPU tests (batched verify) and GEMV row tests, bench decode --mtp (built-in; 16 synthetic layers at 0.8)
 #   bash bench/gpu_verify.sh experts-figures  # expert/RoPE GPU tests, 8k profile, prefill 8k-128k, decode profile of 1- and 2-token steps, kernel-path test
-#   bash bench/gpu_verify.sh final     # RoPE rows A/B, MTP and RoPE GPU tests, bench decode --mtp at 16 layers, the 8k profile
+#   bash bench/gpu_verify.sh final     # MTP and RoPE GPU tests, bench decode --mtp at 16 layers, the RoPE rows A/B
 #   bash bench/gpu_verify.sh check     # the smallest: the MTP and RoPE GPU tests, the RoPE rows A/B
 #   bash bench/gpu_verify.sh indexer   # the 64k step with the indexer kernels and their references, decode at 16 layers at 64k, a 64k trace
 # Run from the repository root on the GPU machine (no install there: bench/dsv4_path.sh puts the
@@ -125,13 +125,11 @@ experts-figures)
   timeout 80 $T tests/test_gpu_prefill.py -k "kernel_path_matches" 2>&1 | tail -3 | tee "$OUT/gpu_tests_kernel_path.txt" ;;
 final)
   nvidia-smi --query-gpu=name --format=csv,noheader | tee "$OUT/gpu.txt"
-  timeout 30 python3 bench/rope_rows.py 2>&1 | tee "$OUT/rope_rows.txt"
-  timeout 120 $T tests/test_gpu_speculative.py tests/test_gpu_kernels.py -k "speculative or rope" 2>&1 | tail -4 \
+  timeout 110 $T tests/test_gpu_speculative.py tests/test_gpu_kernels.py -k "speculative or rope" 2>&1 | tail -4 \
     | tee "$OUT/gpu_tests_final.txt"
-  timeout 90 $D bench decode --preset flash --layers 16 --synthetic --steps 64 --mtp --mtp-acceptance 0.8 \
-    --json-out "$OUT/decode16_mtp.json" 2>&1 | grep -E "ms_per|floor_ratio|identical|mtp_|plain|effective|projected|verify"
-  timeout 50 $D bench prefill --preset flash --layers 4 --synthetic --prompt-len 8192 --runs 3 --profile \
-    --json-out "$OUT/prefill8k.json" 2>&1 | tail -22 ;;
+  timeout 80 $D bench decode --preset flash --layers 16 --synthetic --steps 48 --mtp --mtp-acceptance 0.8 \
+    --json-out "$OUT/decode16_mtp.json" 2>&1 | grep -E "ms_per_token|layer_floor_ratio|identical|mtp_|plain|effective|projected_tok|verify"
+  timeout 20 python3 bench/rope_rows.py 2>&1 | tee "$OUT/rope_rows.txt" ;;
 check)
   nvidia-smi --query-gpu=name --format=csv,noheader | tee "$OUT/gpu.txt"
   timeout 110 $T tests/test_gpu_speculative.py tests/test_gpu_kernels.py -k "speculative or rope" 2>&1 | tail -4 \
