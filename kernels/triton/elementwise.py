@@ -11,7 +11,11 @@ import triton.language as tl
 
 from . import pdl
 
-ROPE_ROWS, ROPE_TILE = 16, 4096  # rows per RoPE program: up to 16, at most 4096 elements per program
+# rows per RoPE program: up to ROPE_ROWS, at most ROPE_TILE elements per program, for more than
+# ROPE_ONE_ROW rows (a decode step's heads stay one row per program). H100, bench/rope_rows.py:
+# a 6400-token chunk's indexer heads (6400 x 64 x 128) 494 -> 113 us, its query heads (x 512) 493 ->
+# 489 us; one decode token's 64 query heads 1.3 us with one row per program, 3.7 us with 16.
+ROPE_ROWS, ROPE_TILE, ROPE_ONE_ROW = 16, 4096, 1024
 
 
 @triton.jit
@@ -64,7 +68,7 @@ def _rope_launch(x, weight, eps, cos, sin, inverse: bool, norm: bool, dtype=None
     y = torch.empty(x3.shape, device=x3.device, dtype=dtype or x3.dtype)
     w = weight.contiguous() if weight is not None else x3
     R, block = x3.shape[0] * x3.shape[1], triton.next_power_of_2(D)
-    rows = max(1, min(ROPE_ROWS, ROPE_TILE // block, triton.next_power_of_2(R)))
+    rows = 1 if R <= ROPE_ONE_ROW else max(1, min(ROPE_ROWS, ROPE_TILE // block))
     _rope[(triton.cdiv(R, rows),)](x3, w, cos.float().contiguous(), sin.float().contiguous(), y, R, x3.shape[1], D,
                                    2 * cos.shape[-1], -1.0 if inverse else 1.0, float(eps), NORM=norm,
                                    HAS_W=weight is not None, ROWS=rows, BLOCK=block, **pdl.launch(x3.device))
