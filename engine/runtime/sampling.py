@@ -41,7 +41,7 @@ TOP_P_CANDIDATES = 1024
 
 def top_p_mask(probs: torch.Tensor, p: float) -> torch.Tensor:
     """Smallest set of most likely tokens whose probability sums to >= p (always >= 1 token).
-    probs: [vocab] float32 (CPU)."""
+    probs: [vocab] float32."""
     if p >= 1:
         return torch.ones_like(probs, dtype=torch.bool)
     n = probs.numel()
@@ -62,9 +62,10 @@ def min_p_mask(probs: torch.Tensor, min_p: float) -> torch.Tensor:
 
 
 def distribution(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """The distribution a token is drawn from: logits [vocab] -> probs [vocab] float32 (CPU), after
-    temperature, top-k, top-p and min-p; temperature 0: one-hot at the argmax (greedy)."""
-    logits = logits.detach().float().cpu()
+    """The distribution a token is drawn from: logits [vocab] -> probs [vocab] float32 on the logits'
+    device (a GPU's logits stay there: no copy of the vocabulary to the host), after temperature,
+    top-k, top-p and min-p; temperature 0: one-hot at the argmax (greedy)."""
+    logits = logits.detach().float()
     if params.temperature == 0:
         return torch.nn.functional.one_hot(torch.argmax(logits), logits.numel()).float()
     logits = logits / params.temperature
@@ -75,14 +76,15 @@ def distribution(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 
 
 def draw(probs: torch.Tensor, gen: torch.Generator) -> int:
-    """One token from probs [vocab] (>= 0, not necessarily normalised; a one-hot gives its index):
-    by inverting the float64 cumulative sum at a uniform draw of ``gen`` (~0.3 ms at a 129k
-    vocabulary, where torch.multinomial takes ~3.3 ms). A zero-probability token is never drawn."""
+    """One token from probs [vocab] (>= 0, not necessarily normalised; a one-hot gives its index), on
+    probs' device: by inverting the float64 cumulative sum at a uniform draw of ``gen`` (a CPU
+    generator; ~0.3 ms at a 129k vocabulary on one CPU core, where torch.multinomial takes ~3.3 ms).
+    A zero-probability token is never drawn."""
     cdf = torch.cumsum(probs.double(), 0)
     if not float(cdf[-1]) > 0:
         raise ValueError("no token has a positive probability to draw from")
     x = float(torch.rand((), dtype=torch.float64, generator=gen)) * float(cdf[-1])
-    i = int(torch.searchsorted(cdf, torch.tensor([x], dtype=torch.float64), right=True))
+    i = int(torch.searchsorted(cdf, torch.tensor([x], dtype=torch.float64, device=cdf.device), right=True))
     if i >= probs.numel():  # x rounded up to the total: the last token with mass
         i = int(torch.nonzero(probs).max())
     return i
@@ -99,7 +101,7 @@ class Sampler:
             self.gen.seed()
 
     def __call__(self, logits: torch.Tensor) -> int:
-        """logits: [vocab] -> token id."""
+        """logits: [vocab] (any device: the work runs where they are) -> token id."""
         if self.params.temperature == 0:
-            return int(torch.argmax(logits.detach().float().cpu()))
+            return int(torch.argmax(logits.detach()))
         return draw(distribution(logits, self.params), self.gen)

@@ -80,8 +80,8 @@ class SpeculativeStats:
 
 # ------------------------------------------------------------------ the sampling rule
 def target_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """The distribution ``Sampler`` draws from: logits [vocab] -> probs [vocab] float32 (CPU).
-    temperature 0: one-hot at the argmax (greedy)."""
+    """The distribution ``Sampler`` draws from: logits [vocab] -> probs [vocab] float32 on the
+    logits' device. temperature 0: one-hot at the argmax (greedy)."""
     return distribution(logits, params)
 
 
