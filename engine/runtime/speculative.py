@@ -13,8 +13,9 @@ model's final streams at P-1 (``pending``):
    accept iff d is the argmax, else emit the argmax.
 
 The verify is one static step of both tokens (``Model.static_step`` with token [2]; ``batched``,
-the default on a GPU): the linears, norms and mHC run on both rows at once, so each weight is read
-from HBM once (the GEMV grid runs a tile's rows together: the second row reads it from L2), and the
+the default on a GPU): the linears, norms and mHC run on both rows at once, so each weight streams
+from HBM about once (the GEMV grid runs a tile's rows together: the second row mostly finds it in L2;
+H100, 16 Flash layers: the step's GEMVs take 1.21x a one-token step's), and the
 cache reads and writes go token by token, tok's before d's, the checkpoint taking each layer's
 copy of what d will overwrite just before d writes it. The GPU kernels compute every row from that
 row alone, and the router and routed experts run per token there, so each logit is the bits plain
