@@ -197,6 +197,8 @@ def test_stats_and_errors(tiny_cfg, tiny_tensors):
     model = Model.from_state_dict(tiny_cfg, tiny_tensors)
     with pytest.raises(ValueError, match="no MTP layer"):
         SpeculativeDecoder(Session(model, 64, cuda_graph=False))
+    with pytest.raises(ValueError, match="batched verify is a static step"):
+        SpeculativeDecoder(mtp_session(model, 64, cuda_graph=False), static=False, batched=True)
     no_mtp = Model.from_state_dict(tiny_cfg, random_tensors(tiny_cfg, 1, mtp=False))
     with pytest.raises(ValueError, match="has no MTP layer"):
         SpeculativeDecoder(mtp_session(no_mtp, 64, cuda_graph=False))

@@ -133,6 +133,8 @@ class SpeculativeDecoder:
         self.session, self.model, self.mgr, self.slot = session, model, mgr, session.slot
         self.static = session.runner is not None if static is None else static
         self.graph = self.static and model.device.type == "cuda"
+        if batched and not self.static:
+            raise ValueError("the batched verify is a static step: it needs static=True (a session with a DecodeRunner)")
         self.batched = self.static and (model.device.type == "cuda" if batched is None else batched)
         handles = positioned_handles(mgr, self.slot)
         self.main, self.mtp = handles[:n], handles[n]
