@@ -42,7 +42,7 @@ def chat(
     json_out: bool = typer.Option(False, "--json", help="One-shot: print one JSON object (the new assistant message, finish_reason, ids, timings)."),
     hide_reasoning: bool = typer.Option(False, "--hide-reasoning", help="One-shot: do not print the reasoning."),
     history_file: Path = typer.Option(Path.home() / ".dsv4_history", "--history-file", help="REPL input history."),
-    mtp: bool = typer.Option(False, "--mtp/--no-mtp", help="Speculative decoding with the checkpoint's MTP layer: it drafts the next token, the main model verifies it and the draft in one step (same greedy output, same sampled distribution). Off by default: that step still costs ~1.8x a plain one, so it is slower (see bench decode --mtp)."),
+    mtp: bool = typer.Option(False, "--mtp/--no-mtp", help="Speculative decoding with the checkpoint's MTP layer: it drafts the next token, the main model verifies it and the draft in one step (same greedy output, same sampled distribution). Off by default: that step still costs ~1.6x a plain one, so it is slower (see bench decode --mtp)."),
     threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_OPT_HELP),
     gpus: Optional[str] = typer.Option(None, "--gpus", help="Split the model over N GPUs of this machine (tensor + expert parallel), or 'auto': the fewest whose memory holds the model and the cache. See dsv4 plan."),
     ranks: Optional[int] = typer.Option(None, "--ranks", help="With --device cpu: the same split over N CPU processes (gloo)."),
