@@ -110,6 +110,17 @@ def test_draw_follows_the_distribution_and_never_a_zero():
     assert draw(torch.nn.functional.one_hot(torch.tensor(7), 129280).float(), g) == 7
 
 
+@pytest.mark.parametrize("u,want", [(0.0, 2), (0.5, 4), (1.0 - 2 ** -53, 4)])
+def test_draw_at_the_ends_of_the_unit_interval(monkeypatch, u, want):
+    """A uniform draw of exactly 0 picks the first token with mass, not a zero before it; one just
+    below 1 the last token with mass, not a zero after it; all zeros is an error."""
+    monkeypatch.setattr(sampling.torch, "rand", lambda *a, **k: torch.tensor(u, dtype=torch.float64))
+    probs = torch.tensor([0.0, 0.0, 0.5, 0.0, 0.5, 0.0])
+    with pytest.raises(ValueError, match="no token has a positive probability"):
+        draw(torch.zeros(4), torch.Generator())
+    assert draw(probs, torch.Generator()) == want
+
+
 def test_greedy_is_argmax_and_seeded_sampling_reproducible():
     logits = torch.randn(50, generator=torch.Generator().manual_seed(0))
     assert Sampler(SamplingParams(temperature=0))(logits) == int(logits.argmax())
