@@ -15,10 +15,10 @@ import torch
 
 from dsv4.engine.model.model import Model
 from dsv4.engine.runtime.decode import DecodeRunner
-from dsv4.engine.runtime.sampling import Sampler, SamplingParams
+from dsv4.engine.runtime.sampling import Sampler, SamplingParams, distribution
 from dsv4.engine.runtime.session import Session
 from dsv4.engine.runtime.speculative import (SpeculativeDecoder, SpeculativeStats, accept_or_resample,
-                                             mtp_session, target_probs)
+                                             mtp_session)
 from dsv4.engine.tools.synthetic import random_tensors, tiny_configs
 
 GREEDY = SamplingParams(temperature=0)
@@ -149,13 +149,13 @@ def test_rejection_sampling_keeps_the_target_distribution():
 
 def test_greedy_rule_is_the_argmax():
     logits = torch.tensor([0.1, 2.0, -1.0, 1.9])
-    p = target_probs(logits, GREEDY)
+    p = distribution(logits, GREEDY)
     assert p.tolist() == [0, 1, 0, 0]
     gen = torch.Generator().manual_seed(0)
-    assert accept_or_resample(p, target_probs(torch.tensor([0.0, 5.0, 0.0, 0.0]), GREEDY), 1, gen) == (1, True)
-    assert accept_or_resample(p, target_probs(torch.tensor([0.0, 0.0, 0.0, 5.0]), GREEDY), 3, gen) == (1, False)
+    assert accept_or_resample(p, distribution(torch.tensor([0.0, 5.0, 0.0, 0.0]), GREEDY), 1, gen) == (1, True)
+    assert accept_or_resample(p, distribution(torch.tensor([0.0, 0.0, 0.0, 5.0]), GREEDY), 3, gen) == (1, False)
     # sampled parameters: the masks of Sampler apply (top-k 2 leaves tokens 1 and 3)
-    pk = target_probs(logits, SamplingParams(temperature=1.0, top_k=2))
+    pk = distribution(logits, SamplingParams(temperature=1.0, top_k=2))
     assert pk[0] == 0 and pk[2] == 0 and abs(float(pk.sum()) - 1) < 1e-6
 
 

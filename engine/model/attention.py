@@ -193,13 +193,12 @@ def _entry_rows(handle, r, m: int):
         r.pos, handle.block_row(), m, handle.layer.entries_per_block, handle.entry_capacity()))
 
 
-def _compress_decode(x, w, p, spec, handle, r, eps, faithful, cz=()) -> None:
+def _compress_decode(x, w, p, spec, handle, r, eps, faithful) -> None:
     """decode_attention's compressors for one token (x [1, d], StepRope r): the entry (and, CSA,
     the indexer key) of the window holding its position, stored at its entry row once the window
-    closes (engine/model/compressor.compress_decode). cz: the (c, z) pairs of the main compressor
-    and then the indexer's, from the stacked GEMV, or () (computed here)."""
+    closes (engine/model/compressor.compress_decode)."""
     m, pos = spec.ratio, r.pos
-    cz = cz or _compressor_inputs(x, w, p, spec)
+    cz = _compressor_inputs(x, w, p, spec)
     row = _entry_rows(handle, r, m)[0]
     store = handle.entry_store()
     compress_decode(x, w, p + ".compressor", handle, pos, m, spec.attn == "csa", r, eps, lambda e: e,

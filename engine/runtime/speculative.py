@@ -79,18 +79,8 @@ class SpeculativeStats:
                                 self.steps - before.steps)
 
 
-# ------------------------------------------------------------------ the sampling rule
-def target_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """The distribution ``Sampler`` draws from: logits [vocab] -> probs [vocab] float32 on the
-    logits' device. temperature 0: one-hot at the argmax (greedy)."""
-    return distribution(logits, params)
-
-
-def sample_from(probs: torch.Tensor, gen: torch.Generator) -> int:
-    """One draw from probs [vocab] (a one-hot gives its index), as Sampler draws."""
-    return draw(probs, gen)
-
-
+# ------------------------------------------------------------------ the sampling rule (the
+# distribution and the draw are sampling.py's, as plain decoding's)
 def accept_or_resample(p: torch.Tensor, q: torch.Tensor, draft: int, gen: torch.Generator) -> tuple[int, bool]:
     """Speculative sampling for a draft drawn from q: keep it with probability min(1, p/q), else draw
     from norm(max(0, p - q)). p, q: [vocab] probabilities. -> (token, accepted); the token is
@@ -100,7 +90,7 @@ def accept_or_resample(p: torch.Tensor, q: torch.Tensor, draft: int, gen: torch.
         return draft, True
     residual = (p - q).clamp(min=0)
     total = float(residual.sum())
-    return sample_from(residual / total if total > 0 else p, gen), False
+    return draw(residual / total if total > 0 else p, gen), False
 
 
 # ------------------------------------------------------------------ the decoder
@@ -239,7 +229,7 @@ class SpeculativeDecoder:
             params, gen = sampler, torch.Generator()
             gen.manual_seed(seed) if seed is not None else gen.seed()
         params.validate()
-        tok, n = sample_from(target_probs(logits, params), gen), 0
+        tok, n = draw(distribution(logits, params), gen), 0
         try:
             while True:
                 n += 1
@@ -284,20 +274,20 @@ class SpeculativeDecoder:
         generation). An accepted draft that does not end it is left held (``self.held``)."""
         self._catch_up_mtp()
         P = self.seq_len
-        q = target_probs(self._mtp_step(self.pending, tok, P - 1), params)
+        q = distribution(self._mtp_step(self.pending, tok, P - 1), params)
         self.mtp_len = P
         if self.mgr.remaining(self.slot) < 2:  # no room for a draft: one plain step
             self.mgr.prepare(self.slot, 1)
             logits, streams = self._single(tok, P)
             self.mgr.commit(self.slot, 1)
             self.pending = streams
-            return [], sample_from(target_probs(logits, params), gen)
-        d = sample_from(q, gen)
+            return [], draw(distribution(logits, params), gen)
+        d = draw(q, gen)
         self.mgr.prepare(self.slot, 2)
         logits, streams = self._verify(tok, d, P)
         self.stats.steps += 1
         self.stats.drafted += 1
-        x, ok = accept_or_resample(target_probs(logits[0], params), q, d, gen)
+        x, ok = accept_or_resample(distribution(logits[0], params), q, d, gen)
         self.mgr.commit(self.slot, 1)
         self.pending = streams[:1]
         if not ok:
@@ -309,7 +299,7 @@ class SpeculativeDecoder:
             self._restore()
             return [(d, fin)], None
         self.held = (streams[:1], d, P, streams[1:])
-        return [(d, None)], sample_from(target_probs(logits[1], params), gen)
+        return [(d, None)], draw(distribution(logits[1], params), gen)
 
     # ------------------------------------------------------- the model steps
     def _verify_body(self) -> tuple[torch.Tensor, torch.Tensor]:
