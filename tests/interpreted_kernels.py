@@ -38,6 +38,14 @@ def close(name, got, ref):
 
 
 def gemv_checks():
+    # more output tiles than the grid's y axis holds: one clear error before any launch
+    try:
+        tlin.gemv(torch.zeros(1, 1), QWeight("dense", torch.zeros(65536 * 32 + 1, 1)))
+    except ValueError as e:
+        assert "pass the grid's 65535" in str(e), e
+    else:
+        raise AssertionError("gemv launched a grid past 65535 tiles")
+    print("ok gemv refuses a grid past 65535 tiles")
     for N, K, M in [(262, 64, 1), (300, 384, 3), (96, 256, 2)]:
         w = torch.randn(N, K, generator=g) / K ** 0.5
         x = torch.randn(M, K, generator=g)
