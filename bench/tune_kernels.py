@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import signal
+import sys
 
 import torch
 import triton
@@ -57,9 +59,11 @@ def experts(fmt: str, E: int, inter: int, d: int) -> ExpertSet:
                      [one(d, inter) for _ in range(E)])
 
 
-def tune_experts(fmt: str, E: int, k: int, rows, block_ks, warps, mode: int = 0) -> list[dict]:
+def tune_experts(fmt: str, E: int, k: int, rows, block_ks, warps, mode: int = 0,
+                 variants=((False, False),)) -> list[dict]:
     """Time _experts_up / _experts_down at Flash sizes for each tile shape, a new set of k of the E
-    experts per call (weights cold in L2, as in decode); mode as in moe.py."""
+    experts per call (weights cold in L2, as in decode); mode as in moe.py; variants: (PAIR,
+    PREFETCH) settings (moe._experts_up; PAIR does not apply to down)."""
     inter, d = 2048, 4096
     es = experts(fmt, E, inter, d)
     x = torch.randn(1, d, device="cuda")
@@ -77,11 +81,13 @@ def tune_experts(fmt: str, E: int, k: int, rows, block_ks, warps, mode: int = 0)
     part, cnt = tm._split_buffers(k, 1, d, min(rows), x.device)
     sets = torch.randperm(E, device="cuda")[:E // k * k].view(-1, k)  # a new set per call: weights cold in L2
     nxt = itertools.count()
-    for kind, r, bk, nw in itertools.product(("up", "down"), rows, block_ks, warps):
-        if code < 4 and bk != 128:
+    for kind, r, bk, nw, (pair, prefetch) in itertools.product(("up", "down"), rows, block_ks, warps, variants):
+        if code < 4 and bk != 128 or kind == "down" and pair:
             continue
-        opts = {"FMT": code, "BLOCK_N": r, "BLOCK_K": bk, "MODE": mode, "QX": False, "PDL": False, "num_warps": nw}
+        opts = {"FMT": code, "BLOCK_N": r, "BLOCK_K": bk, "MODE": mode, "QX": False, "PDL": False, "num_warps": nw,
+                "PREFETCH": prefetch}
         if kind == "up":
+            opts["PAIR"] = pair
             fn = lambda o=opts, r=r: tm._experts_up[(triton.cdiv(inter, r), k)](  # noqa: E731
                 x, xq, xs, sets[next(nxt) % len(sets)], t["w1"][0], t["w1"][1], t["w3"][0], t["w3"][1], t["w1"][2],
                 t["w3"][2], h, inter, d, 10.0, **o)
@@ -93,7 +99,8 @@ def tune_experts(fmt: str, E: int, k: int, rows, block_ks, warps, mode: int = 0)
             nbytes = k * one
         s = graph_time(fn)
         out.append({"kernel": f"experts_{kind}", "format": fmt, "mode": mode, "experts": k, "rows": r,
-                    "block_k": bk, "warps": nw, "us": s * 1e6, "GB_per_s": nbytes / s / 1e9})
+                    "block_k": bk, "warps": nw, "pair": pair, "prefetch": prefetch, "us": s * 1e6,
+                    "GB_per_s": nbytes / s / 1e9})
         print(json.dumps(out[-1]))
     quant = graph_time(lambda: quant3(x))
     out.append({"kernel": "quant3", "K": d, "us": quant * 1e6})
@@ -101,56 +108,79 @@ def tune_experts(fmt: str, E: int, k: int, rows, block_ks, warps, mode: int = 0)
     return out
 
 
-def tune_gemv() -> list[dict]:
+# GEMV settings compared by tune_gemv (each updates linear.GEMV; the rest stays at its defaults)
+GEMV_ALTERNATIVES = [{}, {"prefetch": 1}, {"prefetch": 2}, {"prefetch": 1, "fp8_block_k": 256, "warps": 8},
+                     {"programs": 8 * 132}, {"mma": True}, {"mma": True, "mma_stages": 3},
+                     {"mma": True, "mma_rows": 128, "mma_warps": 8}, {"mma": True, "programs": 8 * 132}]
+
+
+def tune_gemv(alternatives=None, out: list | None = None) -> list[dict]:
     """Time the decode GEMVs on the V4-Flash faithful shapes (act_quant, one row) with weights cold in
     L2: each timed call reads the next of enough weight copies to exceed 256 MB, as a decode step
-    reads each layer's weights once; for each tile setting of linear.GEMV."""
+    reads each layer's weights once; for each setting of linear.GEMV in ``alternatives`` (default
+    GEMV_ALTERNATIVES), with its largest error against the reference (x max|reference|). Rows are
+    appended to ``out`` as they come (main writes them even when a timeout stops the run)."""
+    from dsv4.kernels.reference.linear import linear_reference
     from dsv4.kernels.triton import linear as tl_
     gen = torch.Generator(device="cuda").manual_seed(0)
     fp8 = {"wq_a+wkv": (1536, 4096, None), "wq_b": (32768, 1024, None), "wo_a": (8192, 4096, 1024),
            "wo_b": (4096, 8192, None), "shared_w1+w3": (4096, 4096, None), "shared_w2": (4096, 2048, None),
            "indexer_wq_b": (8192, 1024, None)}
-    dense = {"compressor+": (1024, 4096), "head": (129280, 4096)}
-    out, keep = [], dict(tl_.GEMV)
-    tl_.GEMV["short_k"] = 0  # every shape takes the swept fp8_block_k / warps
+    dense = {"compressor+": (1024, 4096), "router": (256, 4096)}
+    out = [] if out is None else out
+    keep = dict(tl_.GEMV)
 
-    def timed(name, N, K, ws, x, R, **info):
+    def timed(name, N, K, ws, x, R, alt):
+        tl_.GEMV.clear()
+        tl_.GEMV.update(keep, **alt)
+        w0 = ws[0]
+        got = tl_.gemv(x, w0, rows_per_group=R, act_quant=True)
+        if R is None:
+            ref = linear_reference(x, w0, act_quant=True)
+        else:  # the grouped projection: group g's rows read slice g of x
+            G = N // R
+            ref = torch.cat([linear_reference(x[:, g * K:(g + 1) * K],
+                                              type(w0)(w0.fmt, w0.data[g * R:(g + 1) * R],
+                                                       w0.scale[g * R // 128:(g + 1) * R // 128]
+                                                       if w0.scale is not None else None), act_quant=True)
+                             for g in range(G)], 1)
+        err = ((got - ref).abs().max() / ref.abs().max()).item()
         it = iter(range(10 ** 9))
         n = len(ws)
         fn = (lambda: tl_.gemv(x, ws[next(it) % n], rows_per_group=R, act_quant=True))
         t = graph_time(fn, n=max(n, 8))
-        out.append({"weight": name, "N": N, "K": K, **info, "us": t * 1e6,
-                    "GB_per_s": ws[0].nbytes() / t / 1e9})
-        print(json.dumps(out[-1]))
+        out.append({"weight": name, "N": N, "K": K, **alt, "us": t * 1e6, "GB_per_s": w0.nbytes() / t / 1e9,
+                    "max_rel_err": err})
+        print(json.dumps(out[-1]), flush=True)
 
-    for name, (N, K, R) in fp8.items():
-        copies = max(2, -(-(256 << 20) // (N * K)))
-        ws = [QWeight("fp8", (torch.randn(N, K, device="cuda", generator=gen) * 0.3).to(torch.float8_e4m3fn),
-                      torch.randint(118, 124, (N // 128, K // 128), device="cuda", dtype=torch.uint8, generator=gen))
-              for _ in range(copies)]
-        x = torch.randn(1, K * (N // R if R else 1), device="cuda", generator=gen)
-        for bk, nw in itertools.product((256, 512, 1024), (4, 8)):
-            tl_.GEMV.update(rows=32, warps=nw, fp8_block_k=bk)
-            timed(name, N, K, ws, x, R, kernel="gemv", block_k=bk, warps=nw)
-        del ws
-    for name, (N, K) in dense.items():
-        copies = max(2, -(-(256 << 20) // (2 * N * K)))
-        ws = [QWeight("dense", torch.randn(N, K, device="cuda", generator=gen).to(torch.bfloat16), None)
-              for _ in range(copies)]
-        x = torch.randn(1, K, device="cuda", generator=gen)
-        for rows, bk, nw in itertools.product((16, 32, 64), (256, 512), (4,)):
-            tl_.GEMV.update(rows=rows, warps=nw, dense_block_k=bk)
-            timed(name, N, K, ws, x, None, kernel="gemv", rows=rows, block_k=bk, warps=nw)
-        del ws
-    tl_.GEMV.clear()
-    tl_.GEMV.update(keep)
-    best = {}
+    try:
+        for name, (N, K, R) in fp8.items():
+            copies = max(2, -(-(256 << 20) // (N * K)))
+            ws = [QWeight("fp8", (torch.randn(N, K, device="cuda", generator=gen) * 0.3).to(torch.float8_e4m3fn),
+                          torch.randint(118, 124, (N // 128, K // 128), device="cuda", dtype=torch.uint8,
+                                        generator=gen))
+                  for _ in range(copies)]
+            x = torch.randn(1, K * (N // R if R else 1), device="cuda", generator=gen)
+            for alt in alternatives or GEMV_ALTERNATIVES:
+                timed(name, N, K, ws, x, R, alt)
+            del ws
+        for name, (N, K) in dense.items():
+            copies = max(2, -(-(256 << 20) // (2 * N * K)))
+            ws = [QWeight("dense", torch.randn(N, K, device="cuda", generator=gen).to(torch.bfloat16), None)
+                  for _ in range(copies)]
+            x = torch.randn(1, K, device="cuda", generator=gen)
+            for alt in [a for a in alternatives or GEMV_ALTERNATIVES if not a.get("mma")]:
+                timed(name, N, K, ws, x, None, alt)
+            del ws
+    finally:
+        tl_.GEMV.clear()
+        tl_.GEMV.update(keep)
+    total = {}
     for r in out:
-        key = r["weight"]
-        if key not in best or r["us"] < best[key]["us"]:
-            best[key] = r
-    for r in best.values():
-        print("BEST", json.dumps(r))
+        key = json.dumps({k: v for k, v in r.items() if k not in ("weight", "N", "K", "us", "GB_per_s", "max_rel_err")})
+        total[key] = total.get(key, 0.0) + r["us"]
+    for key, us in sorted(total.items(), key=lambda kv: kv[1]):
+        print(f"TOTAL {us:8.1f} us  {key}")
     return out
 
 
@@ -252,10 +282,18 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--only", choices=("experts", "attention", "gemv", "indexer"), default=None)
     a = ap.parse_args()
-    if a.only in ("attention", "gemv", "indexer"):
-        if a.only == "gemv":
-            res = tune_gemv()
-        elif a.only == "indexer":
+    if a.only == "gemv":  # a long sweep: what ran is written even when a timeout (SIGTERM) stops it
+        res = []
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(124))
+        try:
+            tune_gemv(out=res)
+        finally:
+            if a.out:
+                with open(a.out, "w") as f:
+                    json.dump({"all": res, "card": torch.cuda.get_device_name()}, f, indent=1)
+        return
+    if a.only in ("attention", "indexer"):
+        if a.only == "indexer":
             res = tune_indexer()
         else:
             res = [r for T in (512, 256, 16) for r in tune_attention(T)]
@@ -269,13 +307,13 @@ def main() -> None:
             with open(a.out, "w") as f:
                 json.dump({"all": res, "card": torch.cuda.get_device_name()}, f, indent=1)
         return
-    res = tune_experts("mxfp4", 256, 6, (16,), (512,), (4,), mode=0)  # float decode on the CUDA cores
-    res += tune_experts("mxfp4", 256, 6, (16, 32), (512, 1024), (4, 8), mode=2)  # dp4a
+    res = tune_experts("mxfp4", 256, 6, (32,), (1024,), (4, 8), mode=2,  # dp4a
+                       variants=((False, False), (True, False), (False, True), (True, True)))
     best = {}
     for r in res:
         if "mode" not in r:
             continue
-        key = (r["kernel"], r["format"], r["mode"], r["experts"])
+        key = (r["kernel"], r["format"], r["mode"], r["experts"])  # the fastest per kernel
         if key not in best or r["us"] < best[key]["us"]:
             best[key] = r
     for r in best.values():

@@ -25,14 +25,20 @@ from dsv4.kernels.reference.linear import QWeight
 
 from . import pdl
 from .actquant import fake_quant_pairs, fake_quant_vector
+from .attention import _e4m3_at, _pow2, _pow2_exponent, interpreted
 
 MAX_ROWS = 16
-TARGET_PROGRAMS = 4 * 132  # ~4 per SM on an H100 / H200
 # K per program step, output rows per program and warps (bench/tune_kernels.py --only gemv); FP8
 # weights with K <= short_k take fp8_short_block_k / short_warps (H200, cold L2, faithful: wq_b
-# 11.7 vs 12.2 us, indexer wq_b 4.7 vs 5.9, shared w2 5.8 vs 6.1; bench/results/h200_tune_gemv.json)
+# 11.7 vs 12.2 us, indexer wq_b 4.7 vs 5.9, shared w2 5.8 vs 6.1; bench/results/h200_tune_gemv.json).
+# programs: split-K aims at about this many programs per row of x (~4 per SM on an H100 / H200);
+# prefetch: _gemv_fp8_dense / _gemv_fp4's PREFETCH (0: load then compute; 1: the next step's weights
+# in flight during this step's arithmetic; 2: and the first tile's loads before the PDL wait).
+# mma: faithful mode's FP8 GEMVs on the FP8 tensor cores (_gemv_fp8_mma, mma_rows rows of W per
+# program, software-pipelined in mma_stages stages) instead of float32 FMAs.
 GEMV = {"fp8_block_k": 512, "dense_block_k": 256, "rows": 32, "warps": 4,
-        "short_k": 2048, "fp8_short_block_k": 1024, "short_warps": 8}
+        "short_k": 2048, "fp8_short_block_k": 1024, "short_warps": 8, "programs": 4 * 132, "prefetch": 0,
+        "mma": False, "mma_rows": 64, "mma_warps": 4, "mma_stages": 4}
 
 
 @triton.jit
@@ -71,31 +77,87 @@ def _store_split(acc, out_ptr, part_ptr, cnt_ptr, pid_n, pid_k, m, M, N, rn, nma
 
 
 @triton.jit
-def _block_step(x_row, w_ptr, s_ptr, rn, nmask, k0, K, SB_K, FMT: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_K: tl.constexpr, QX: tl.constexpr = False):
-    """sum over k in [k0, k0 + BLOCK_K) of W[rn, k] x[k] -> [BLOCK_N] float32, W [N, K] dense (FMT >= 2,
-    any float dtype) or FP8 with 128x128 block scales s [N/128, SB_K] (FMT 0: ue8m0, 1: float32);
-    for FP8, k0 is a multiple of 128 and BLOCK_K spans BLOCK_K / 128 scale blocks. QX (faithful
-    mode, FP8 only): x's 128-slices through e4m3 first (kernels/triton/actquant.py)."""
+def _block_load(w_ptr, s_ptr, rn, nmask, k0, k_end, K, SB_K, FMT: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr):
+    """The loads of one ``_block_step``: W[rn, k0:k0+BLOCK_K] as stored (0 at k >= k_end, which
+    loads nothing) and, for FP8 (k0 a multiple of 128), its block scales [BLOCK_N, BLOCK_K / 128] as
+    stored; for dense W the second value is the tile again (unused)."""
     rk = k0 + tl.arange(0, BLOCK_K)
-    kmask = rk < K
-    x = tl.load(x_row + rk, mask=kmask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=nmask[:, None] & (rk < k_end)[None, :], other=0)
+    if FMT >= 2:
+        s = w
+    else:
+        NB: tl.constexpr = BLOCK_K // 128
+        sb = k0 // 128 + tl.arange(0, NB)
+        s = tl.load(s_ptr + (rn // 128)[:, None] * SB_K + sb[None, :], mask=nmask[:, None] & (sb < SB_K)[None, :],
+                    other=0)
+    return w, s
+
+
+@triton.jit
+def _block_math(x_row, w, s, k0, K, FMT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                QX: tl.constexpr):
+    """The arithmetic of one ``_block_step`` on a tile from ``_block_load`` -> [BLOCK_N] float32."""
+    rk = k0 + tl.arange(0, BLOCK_K)
+    x = tl.load(x_row + rk, mask=rk < K, other=0.0).to(tl.float32)
     if QX:
         x = fake_quant_vector(x, BLOCK_K)
-    w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=nmask[:, None] & kmask[None, :], other=0)
     if FMT >= 2:
         out = tl.sum(w.to(tl.float32) * x[None, :], 1)
     else:
         NB: tl.constexpr = BLOCK_K // 128
         prod = w.to(tl.float8e4nv, bitcast=True).to(tl.float32) * x[None, :]
         blk = tl.reshape(tl.sum(tl.reshape(prod, [BLOCK_N, NB, 128]), 2), [BLOCK_N, NB])
-        sb = k0 // 128 + tl.arange(0, NB)
-        s = tl.load(s_ptr + (rn // 128)[:, None] * SB_K + sb[None, :], mask=nmask[:, None] & (sb < SB_K)[None, :],
-                    other=0)
         if FMT == 0:
             s = tl.exp2(s.to(tl.float32) - 127.0)
         out = tl.sum(blk * s, 1)
     return out
+
+
+@triton.jit
+def _block_step(x_row, w_ptr, s_ptr, rn, nmask, k0, K, SB_K, FMT: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr, QX: tl.constexpr = False):
+    """sum over k in [k0, k0 + BLOCK_K) of W[rn, k] x[k] -> [BLOCK_N] float32, W [N, K] dense (FMT >= 2,
+    any float dtype) or FP8 with 128x128 block scales s [N/128, SB_K] (FMT 0: ue8m0, 1: float32);
+    for FP8, k0 is a multiple of 128 and BLOCK_K spans BLOCK_K / 128 scale blocks. QX (faithful
+    mode, FP8 only): x's 128-slices through e4m3 first (kernels/triton/actquant.py)."""
+    w, s = _block_load(w_ptr, s_ptr, rn, nmask, k0, K, K, SB_K, FMT, BLOCK_N, BLOCK_K)
+    return _block_math(x_row, w, s, k0, K, FMT, BLOCK_N, BLOCK_K, QX)
+
+
+@triton.jit
+def _fp4_load(w_ptr, s_ptr, rn, nmask, kp0, kp_end, K, NV: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_KP: tl.constexpr):
+    """The loads of one ``_fp4_step``: packed bytes [BLOCK_N, BLOCK_KP] from kp0 (0 at kp >= kp_end,
+    which loads nothing) and their raw group scales [BLOCK_N, BLOCK_KP * 2 / G]."""
+    G: tl.constexpr = 16 if NV else 32
+    NG: tl.constexpr = BLOCK_KP * 2 // G
+    rp = kp0 + tl.arange(0, BLOCK_KP)
+    b = tl.load(w_ptr + rn[:, None] * (K // 2) + rp[None, :], mask=nmask[:, None] & (rp < kp_end)[None, :], other=0)
+    rg = kp0 * 2 // G + tl.arange(0, NG)
+    s = tl.load(s_ptr + rn[:, None] * (K // G) + rg[None, :], mask=nmask[:, None] & (rg[None, :] < K // G), other=0)
+    return b, s
+
+
+@triton.jit
+def _fp4_math(x_row, b, s, kp0, K, NV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KP: tl.constexpr,
+              QX: tl.constexpr):
+    """The arithmetic of one ``_fp4_step`` on a tile from ``_fp4_load`` -> [BLOCK_N] float32 x 2^-14."""
+    G: tl.constexpr = 16 if NV else 32
+    NG: tl.constexpr = BLOCK_KP * 2 // G
+    rp = kp0 + tl.arange(0, BLOCK_KP)
+    pmask = rp < K // 2
+    xe = tl.load(x_row + 2 * rp, mask=pmask, other=0.0).to(tl.float32)
+    xo = tl.load(x_row + 2 * rp + 1, mask=pmask, other=0.0).to(tl.float32)
+    if QX:
+        xe, xo = fake_quant_pairs(xe, xo, BLOCK_KP)
+    lo, hi = _e2m1_pairs(b)
+    grp = tl.sum(tl.reshape(lo * xe[None, :] + hi * xo[None, :], [BLOCK_N, NG, G // 2]), 2)  # per scale group
+    if NV:
+        s = s.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+    else:
+        s = tl.exp2(s.to(tl.float32) - 127.0)
+    return tl.sum(grp * s, 1)
 
 
 @triton.jit
@@ -105,62 +167,138 @@ def _fp4_step(x_row, w_ptr, s_ptr, rn, nmask, kp0, K, NV: tl.constexpr, BLOCK_N:
     packed e2m1 [N, K/2] with per-G scales s [N, K/G]: ue8m0 (NV=0, G=32) or e4m3 (NV=1, G=16;
     the tensor scale is the caller's). QX (faithful mode): x's 128-slices through e4m3 first
     (kp0 a multiple of 64, BLOCK_KP of 64)."""
-    G: tl.constexpr = 16 if NV else 32
-    NG: tl.constexpr = BLOCK_KP * 2 // G
-    KP = K // 2
-    rp = kp0 + tl.arange(0, BLOCK_KP)
-    pmask = rp < KP
-    b = tl.load(w_ptr + rn[:, None] * KP + rp[None, :], mask=nmask[:, None] & pmask[None, :], other=0)
-    xe = tl.load(x_row + 2 * rp, mask=pmask, other=0.0).to(tl.float32)
-    xo = tl.load(x_row + 2 * rp + 1, mask=pmask, other=0.0).to(tl.float32)
-    if QX:
-        xe, xo = fake_quant_pairs(xe, xo, BLOCK_KP)
-    lo, hi = _e2m1_pairs(b)
-    grp = tl.sum(tl.reshape(lo * xe[None, :] + hi * xo[None, :], [BLOCK_N, NG, G // 2]), 2)  # per scale group
-    rg = kp0 * 2 // G + tl.arange(0, NG)
-    s = tl.load(s_ptr + rn[:, None] * (K // G) + rg[None, :], mask=nmask[:, None] & (rg[None, :] < K // G), other=0)
-    if NV:
-        s = s.to(tl.float8e4nv, bitcast=True).to(tl.float32)
-    else:
-        s = tl.exp2(s.to(tl.float32) - 127.0)
-    return tl.sum(grp * s, 1)
+    b, s = _fp4_load(w_ptr, s_ptr, rn, nmask, kp0, K // 2, K, NV, BLOCK_N, BLOCK_KP)
+    return _fp4_math(x_row, b, s, kp0, K, NV, BLOCK_N, BLOCK_KP, QX)
 
 
 @triton.jit
 def _gemv_fp8_dense(x_ptr, w_ptr, s_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, stride_xm, SB_K, ROWS_PER_GROUP,
                     FMT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_PER_SPLIT: tl.constexpr,
-                    SPLIT: tl.constexpr, QX: tl.constexpr, PDL: tl.constexpr):
+                    SPLIT: tl.constexpr, QX: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr):
     """FMT 0: fp8 + ue8m0 block scale, 1: fp8 + float32 block scale, 2: dense (any float dtype);
-    QX: quantised activations (FP8 only)."""
+    QX: quantised activations (FP8 only). PREFETCH 1: each step's weight loads are issued before the
+    previous step's arithmetic (two tiles in flight per program); 2: the same, and the first tile's
+    loads go before the PDL wait (weights are no kernel's output); 0: load, then compute."""
     m, pid_n, pid_k = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = rn < N
     k_start = pid_k * K_PER_SPLIT
-    pdl.wait(PDL)
-    x_row = x_ptr + m * stride_xm + ((pid_n * BLOCK_N) // ROWS_PER_GROUP) * K
+    k_end = tl.minimum(k_start + K_PER_SPLIT, K)
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for kk in range(0, K_PER_SPLIT, BLOCK_K):
-        acc += _block_step(x_row, w_ptr, s_ptr, rn, nmask, k_start + kk, K, SB_K, FMT, BLOCK_N, BLOCK_K, QX)
+    if PREFETCH:
+        if PREFETCH == 1:
+            pdl.wait(PDL)
+        w, s = _block_load(w_ptr, s_ptr, rn, nmask, k_start, k_end, K, SB_K, FMT, BLOCK_N, BLOCK_K)
+        if PREFETCH == 2:  # the weights are no kernel's output: the first tile's loads may precede the wait
+            pdl.wait(PDL)
+        x_row = x_ptr + m * stride_xm + ((pid_n * BLOCK_N) // ROWS_PER_GROUP) * K
+        for kk in range(0, K_PER_SPLIT, BLOCK_K):
+            wn, sn = _block_load(w_ptr, s_ptr, rn, nmask, k_start + kk + BLOCK_K, k_end, K, SB_K, FMT, BLOCK_N,
+                                 BLOCK_K)
+            acc += _block_math(x_row, w, s, k_start + kk, K, FMT, BLOCK_N, BLOCK_K, QX)
+            w, s = wn, sn
+    else:
+        pdl.wait(PDL)
+        x_row = x_ptr + m * stride_xm + ((pid_n * BLOCK_N) // ROWS_PER_GROUP) * K
+        for kk in range(0, K_PER_SPLIT, BLOCK_K):
+            acc += _block_step(x_row, w_ptr, s_ptr, rn, nmask, k_start + kk, K, SB_K, FMT, BLOCK_N, BLOCK_K, QX)
     _store_split(acc, out_ptr, part_ptr, cnt_ptr, pid_n, pid_k, m, M, N, rn, nmask, SPLIT, BLOCK_N)
 
 
 @triton.jit
 def _gemv_fp4(x_ptr, w_ptr, s_ptr, gs_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, stride_xm,
               NV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KP: tl.constexpr,
-              KP_PER_SPLIT: tl.constexpr, SPLIT: tl.constexpr, QX: tl.constexpr, PDL: tl.constexpr):
+              KP_PER_SPLIT: tl.constexpr, SPLIT: tl.constexpr, QX: tl.constexpr, PREFETCH: tl.constexpr,
+              PDL: tl.constexpr):
     """Packed e2m1 [N, K/2] with per-G scales [N, K/G]: ue8m0 (NV=0, G=32) or e4m3 x global (NV=1, G=16)."""
     m, pid_n, pid_k = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = rn < N
     kp_start = pid_k * KP_PER_SPLIT
-    pdl.wait(PDL)
+    kp_end = tl.minimum(kp_start + KP_PER_SPLIT, K // 2)
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for kk in range(0, KP_PER_SPLIT, BLOCK_KP):
-        acc += _fp4_step(x_ptr + m * stride_xm, w_ptr, s_ptr, rn, nmask, kp_start + kk, K, NV, BLOCK_N, BLOCK_KP, QX)
+    if PREFETCH:
+        if PREFETCH == 1:
+            pdl.wait(PDL)
+        b, s = _fp4_load(w_ptr, s_ptr, rn, nmask, kp_start, kp_end, K, NV, BLOCK_N, BLOCK_KP)
+        if PREFETCH == 2:
+            pdl.wait(PDL)
+        for kk in range(0, KP_PER_SPLIT, BLOCK_KP):
+            bn, sn = _fp4_load(w_ptr, s_ptr, rn, nmask, kp_start + kk + BLOCK_KP, kp_end, K, NV, BLOCK_N, BLOCK_KP)
+            acc += _fp4_math(x_ptr + m * stride_xm, b, s, kp_start + kk, K, NV, BLOCK_N, BLOCK_KP, QX)
+            b, s = bn, sn
+    else:
+        pdl.wait(PDL)
+        for kk in range(0, KP_PER_SPLIT, BLOCK_KP):
+            acc += _fp4_step(x_ptr + m * stride_xm, w_ptr, s_ptr, rn, nmask, kp_start + kk, K, NV, BLOCK_N, BLOCK_KP,
+                             QX)
     acc = acc * 16384.0
     if NV:
         acc = acc * tl.load(gs_ptr)
     _store_split(acc, out_ptr, part_ptr, cnt_ptr, pid_n, pid_k, m, M, N, rn, nmask, SPLIT, BLOCK_N)
+
+
+@triton.jit
+def _store_split_rows(acc, out_ptr, part_ptr, cnt_ptr, pid_n, pid_k, M, N, rn, nmask, rm, mm, SPLIT: tl.constexpr):
+    """``_store_split`` for a program holding every row of x: acc [BLOCK_N, BLOCK_M] is out[rm, rn]^T;
+    one arrival count per output tile (cnt[pid_n]); partials added in split order."""
+    offs = rm[None, :] * N + rn[:, None]
+    msk = nmask[:, None] & mm[None, :]
+    if SPLIT == 1:
+        tl.store(out_ptr + offs, acc, mask=msk)
+    else:
+        tl.store(part_ptr + pid_k * M * N + offs, acc, mask=msk)
+        tl.debug_barrier()
+        tile = cnt_ptr + pid_n
+        if tl.atomic_add(tile, 1, sem="acq_rel") == SPLIT - 1:
+            tl.debug_barrier()
+            tot = tl.zeros_like(acc)
+            for sp in range(0, SPLIT):
+                tot += tl.load(part_ptr + sp * M * N + offs, mask=msk, other=0.0, cache_modifier=".cg")
+            tl.store(out_ptr + offs, tot, mask=msk)
+            tl.atomic_xchg(tile, 0)
+
+
+@triton.jit
+def _gemv_fp8_mma(x_ptr, w_ptr, s_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, stride_xm, SB_K, ROWS_PER_GROUP,
+                  SCALE_U8: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, K_PER_SPLIT: tl.constexpr,
+                  SPLIT: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr):
+    """Faithful mode's FP8 GEMV on the FP8 tensor cores: out [M, N] = (x quantised per 1 x 128 slice
+    to e4m3 x 2^(e-127)) . W^T, W FP8 e4m3 [N, K] with 128 x 128 block scales [ceil(N/128), SB_K]
+    (ue8m0 bytes with SCALE_U8, else float32). One program per (BLOCK_N rows of W, K split) holds
+    all M <= BLOCK_M rows of x: per 128-column step it quantises their slices in registers, takes
+    one W tile [BLOCK_N, 128] . q^T [128, BLOCK_M] dot (exact products, Hopper's FP8 MMA adds the
+    block's at reduced precision, as prefill_linear._gemm_fp8 and DeepSeek's FP8 GEMMs do) and
+    scales it by the weight block's and each row's slice scale into the float32 accumulator. A
+    row's result does not depend on the other rows (its own column of every dot and its own
+    scales). The loads of W feed the dot directly, so Triton's software pipeline keeps several
+    tiles in flight. IEEE: float32 dots (the CPU interpreter)."""
+    pid_n, pid_k = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = rn < N
+    rm = tl.arange(0, BLOCK_M)
+    mm = rm < M
+    k_start = pid_k * K_PER_SPLIT
+    rk = tl.arange(0, 128)
+    pdl.wait(PDL)
+    x_row = x_ptr + ((pid_n * BLOCK_N) // ROWS_PER_GROUP) * K + rm[:, None] * stride_xm
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    for kk in range(0, K_PER_SPLIT, 128):
+        k = k_start + kk + rk
+        km = k < K
+        w = tl.load(w_ptr + rn[:, None] * K + k[None, :], mask=nmask[:, None] & km[None, :], other=0.0)
+        xv = tl.load(x_row + k[None, :], mask=mm[:, None] & km[None, :], other=0.0).to(tl.float32)
+        e = _pow2_exponent(tl.max(tl.abs(xv), 1), 448.0)
+        q = _e4m3_at(xv, e)
+        if IEEE:
+            part = tl.dot(w.to(tl.float32), tl.trans(q), input_precision="ieee")
+        else:
+            part = tl.dot(w, tl.trans(q.to(tl.float8e4nv)))
+        sw = tl.load(s_ptr + (rn // 128) * SB_K + (k_start + kk) // 128, mask=nmask, other=0)
+        if SCALE_U8:
+            sw = _pow2(sw.to(tl.int32))
+        acc += part * sw[:, None] * _pow2(e)[None, :]
+    _store_split_rows(acc, out_ptr, part_ptr, cnt_ptr, pid_n, pid_k, M, N, rn, nmask, rm, mm, SPLIT)
 
 
 def _block_n(n_rows: int, rows_per_group: int) -> int:
@@ -171,8 +309,8 @@ def _block_n(n_rows: int, rows_per_group: int) -> int:
 
 
 def _split(n_prog: int, k_blocks: int) -> tuple[int, int]:
-    """-> (blocks of K per program, number of K splits) so that about TARGET_PROGRAMS run."""
-    want = max(1, min(k_blocks, triton.cdiv(TARGET_PROGRAMS, max(n_prog, 1))))
+    """-> (blocks of K per program, number of K splits) so that about GEMV["programs"] run."""
+    want = max(1, min(k_blocks, triton.cdiv(GEMV["programs"], max(n_prog, 1))))
     per = triton.cdiv(k_blocks, want)
     return per, triton.cdiv(k_blocks, per)
 
@@ -192,15 +330,26 @@ def gemv(x: torch.Tensor, w: QWeight, rows_per_group: int | None = None, act_qua
     if n_prog > 65535:  # the grid's y axis
         raise ValueError(f"gemv: {n_prog} output tiles of {BN} rows pass the grid's 65535")
     out = torch.empty((M, N), device=x.device, dtype=torch.float32)
-    if w.fmt in ("mxfp4", "nvfp4"):
+    BNM = GEMV["mma_rows"]
+    if qx and w.fmt == "fp8" and GEMV["mma"] and (rows_per_group is None or R % BNM == 0):
+        n_tiles = triton.cdiv(N, BNM)
+        per, split = _split(n_tiles, triton.cdiv(K, 128))
+        part, cnt = _split_buffers(split, M, N, BNM, x.device)
+        u8 = w.scale.dtype != torch.float32
+        _gemv_fp8_mma[(n_tiles, split)](
+            x, w.data.view(torch.float8_e4m3fn), w.scale.view(torch.uint8) if u8 else w.scale, out, part, cnt, M, N, K,
+            x.stride(0), w.scale.shape[1], R, SCALE_U8=u8, BLOCK_N=BNM, BLOCK_M=MAX_ROWS, K_PER_SPLIT=per * 128,
+            SPLIT=split, IEEE=interpreted(), num_warps=GEMV["mma_warps"], num_stages=GEMV["mma_stages"],
+            **pdl.launch(x.device))
+    elif w.fmt in ("mxfp4", "nvfp4"):
         BKP = 64
         per, split = _split(n_prog, triton.cdiv(K // 2, BKP))
         part, cnt = _split_buffers(split, M, N, BN, x.device)
         gs = w.global_scale if w.fmt == "nvfp4" else out  # unused pointer for mxfp4
         _gemv_fp4[(M, triton.cdiv(N, BN), split)](
             x, w.data.view(torch.uint8), w.scale.view(torch.uint8), gs, out, part, cnt, M, N, K, x.stride(0),
-            NV=w.fmt == "nvfp4", BLOCK_N=BN, BLOCK_KP=BKP, KP_PER_SPLIT=per * BKP, SPLIT=split, QX=qx, num_warps=4,
-            **pdl.launch(x.device))
+            NV=w.fmt == "nvfp4", BLOCK_N=BN, BLOCK_KP=BKP, KP_PER_SPLIT=per * BKP, SPLIT=split, QX=qx,
+            PREFETCH=GEMV["prefetch"], num_warps=4, **pdl.launch(x.device))
     else:
         short = w.fmt == "fp8" and K <= GEMV["short_k"]
         BK = GEMV["fp8_short_block_k" if short else "fp8_block_k" if w.fmt == "fp8" else "dense_block_k"]
@@ -215,8 +364,8 @@ def gemv(x: torch.Tensor, w: QWeight, rows_per_group: int | None = None, act_qua
             fmt, data, s, sbk = 2, w.data, out, 0
         _gemv_fp8_dense[(M, triton.cdiv(N, BN), split)](
             x, data, s, out, part, cnt, M, N, K, x.stride(0), sbk, R,
-            FMT=fmt, BLOCK_N=BN, BLOCK_K=BK, K_PER_SPLIT=per * BK, SPLIT=split, QX=qx, num_warps=warps,
-            **pdl.launch(x.device))
+            FMT=fmt, BLOCK_N=BN, BLOCK_K=BK, K_PER_SPLIT=per * BK, SPLIT=split, QX=qx,
+            PREFETCH=GEMV["prefetch"], num_warps=warps, **pdl.launch(x.device))
     return out
 
 

@@ -1,0 +1,81 @@
+"""Run a dsv4 command with the fastest settings of a decode tune applied in-process (no source edit).
+
+python3 bench/run_tuned.py [--gemv TUNE_GEMV.json] [--experts TUNE_EXPERTS.json] [--show] -- DSV4 ARGS...
+--gemv: bench/tune_kernels.py --only gemv output; the alternative with the least time summed over
+  the Flash weights, among those within the tensor-core FP8 bound (2e-3 x max|ref|) on every weight,
+  updates kernels/triton/linear.GEMV.
+--experts: bench/tune_kernels.py --only experts output; for each (warps, prefetch) the fastest up
+  and down tiles, the pair with the least summed time updates moe.CONFIG["mx"]["many"].
+Prints the settings applied, then runs ``dsv4 ARGS`` (the CLI) in this process. For one device call
+that tunes and then measures with the winners; copy the printed settings into the source by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+BOUND = 2e-3  # tests/test_gpu_prefill.py FP8_MMA_BOUND
+
+
+def best_gemv(rows: list[dict]) -> dict:
+    """The GEMV alternative (its settings dict) with the least summed time; {} if none."""
+    meta = ("weight", "N", "K", "us", "GB_per_s", "max_rel_err")
+    total, bad = {}, set()
+    for r in rows:
+        key = json.dumps({k: v for k, v in r.items() if k not in meta}, sort_keys=True)
+        total[key] = total.get(key, 0.0) + r["us"]
+        if not r.get("max_rel_err", 0.0) <= BOUND:
+            bad.add(key)
+    ok = {k: v for k, v in total.items() if k not in bad}
+    return json.loads(min(ok, key=ok.get)) if ok else {}
+
+
+def best_experts(rows: list[dict]) -> dict:
+    """CONFIG["mx"]["many"] updates from the dp4a (mode 2) rows: the fastest up and down per
+    (warps, prefetch), the combination with the least summed time."""
+    rows = [r for r in rows if r.get("mode") == 2 and r.get("experts", 0) >= 4]
+    best = {}
+    for w, p in {(r["warps"], r["prefetch"]) for r in rows}:
+        up = [r for r in rows if r["kernel"] == "experts_up" and (r["warps"], r["prefetch"]) == (w, p)]
+        down = [r for r in rows if r["kernel"] == "experts_down" and (r["warps"], r["prefetch"]) == (w, p)]
+        if up and down:
+            u, d = min(up, key=lambda r: r["us"]), min(down, key=lambda r: r["us"])
+            best[(w, p)] = (u["us"] + d["us"], u, d)
+    if not best:
+        return {}
+    _, u, d = min(best.values(), key=lambda t: t[0])
+    return {"up_rows": u["rows"], "up_block_k": u["block_k"], "down_rows": d["rows"], "down_block_k": d["block_k"],
+            "warps": u["warps"], "pair": u["pair"], "prefetch": u["prefetch"]}
+
+
+def main(argv: list[str]) -> None:
+    if "--" not in argv:
+        raise SystemExit("usage: run_tuned.py [--gemv FILE] [--experts FILE] -- DSV4 ARGS...")
+    cut = argv.index("--")
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--gemv")
+    ap.add_argument("--experts")
+    a = ap.parse_args(argv[:cut])
+    from dsv4.kernels.triton import linear, moe
+
+    try:
+        if a.gemv:
+            g = best_gemv(json.load(open(a.gemv))["all"])
+            linear.GEMV.update(g)
+            print("GEMV settings:", json.dumps(g), flush=True)
+        if a.experts:
+            e = best_experts(json.load(open(a.experts))["all"])
+            moe.CONFIG["mx"]["many"].update(e)
+            print("CONFIG['mx']['many'] settings:", json.dumps(e), flush=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise SystemExit(f"run_tuned: cannot read a tune result: {e}") from None
+    from dsv4.cli.main import app
+
+    sys.argv = ["dsv4", *argv[cut + 1:]]
+    app()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
