@@ -1,13 +1,15 @@
 """Time tile-shape alternatives of the prefill kernels at V4-Flash dimensions on a GPU.
 
-python3 bench/tune_prefill.py [--only attention|gemm|experts] [--out FILE]
+python3 bench/tune_prefill.py [--only attention|gemm|experts|mhc] [--out FILE]
 attention: kernels.chunk_attention on faithful-mode inputs (bf16 queries, FP8 + BF16 entries) for a
 3328-query chunk at 8k context, SWA / HCA / CSA (top-512), as TFLOP/s of its QK and PV dots.
 gemm: the FP8 x FP8 prefill GEMM (faithful activations, act_quant) on V4-Flash shapes, 3328 rows.
 experts: the grouped MXFP4 expert GEMM (256 experts, top-6, a 6400-token chunk), faithful activations,
 with the dots as x . W^T or swapped (W . x^T: the widened weight as the register operand).
+mhc: mHC pre's mixing partials for a 6400-row chunk of bf16 streams (n = 4, d = 4096: 210 MB read),
+fn split in three bf16 parts, against the 3xTF32 float32 path they took before (split False).
 Each alternative: one warm-up launch (compiles), then the median of 5 timed launches (CUDA events).
-The chosen shapes live in kernels/triton/prefill_*.TILE.
+The chosen shapes live in kernels/triton/prefill_*.TILE and kernels/triton/mhc.TILE.
 """
 
 from __future__ import annotations
@@ -65,9 +67,10 @@ def attention_case(attn: str, S: int = 3328, start: int = 4864, H: int = 64, D: 
     return (q, pos, ring, ring_pos, kv, W, ent, rows, ratio, sel, sink, D ** -0.5), keys * H * D * 4
 
 
-def _alternatives(table: dict, alts: list[dict], run, label: dict, flops: float, oracle=None) -> list[dict]:
-    """Each alternative's time; max_rel_diff: against the torch reference ``oracle()`` if given, else
-    against the first alternative that ran."""
+def _alternatives(table: dict, alts: list[dict], run, label: dict, flops: float, oracle=None,
+                  timed=None) -> list[dict]:
+    """Each alternative's time (of ``timed()`` if given, else of ``run()``); max_rel_diff of ``run()``:
+    against the torch reference ``oracle()`` if given, else against the first alternative that ran."""
     base, out = dict(table), []
     ref = oracle() if oracle is not None else None
     for alt in alts:
@@ -77,7 +80,7 @@ def _alternatives(table: dict, alts: list[dict], run, label: dict, flops: float,
             y = run()
             ref = y if ref is None else ref
             err = ((y - ref).abs().max() / ref.abs().max()).item()
-            t = event_time(run)
+            t = event_time(timed or run)
             row = {**label, **alt, "ms": t * 1000, "tflops": flops / t / 1e12, "max_rel_diff": err}
         except Exception as e:  # out of shared memory / registers for this shape
             row = {**label, **alt, "error": f"{type(e).__name__}: {str(e)[:120]}"}
@@ -145,12 +148,38 @@ def tune_experts(S: int = 6400, E: int = 256, k: int = 6, inter: int = 2048, d: 
                          {"op": "experts mxfp4", "S": S, "E": E, "topk": k}, 2 * 3 * S * k * inter * d)
 
 
+def tune_mhc(S: int = 6400, n: int = 4, d: int = 4096) -> list[dict]:
+    """Times kernels.triton.mhc.chunk_partials (the split of fn included); max_rel_diff: mhc_pre's
+    post and comb (float32) against the reference's (x is bf16: its last-bit roundings would hide
+    the mixes' error). The first alternative is the path and shapes before the split."""
+    from dsv4.kernels.reference.mhc import mhc_pre
+    from dsv4.kernels.triton import mhc as tm
+
+    g = torch.Generator(device="cuda").manual_seed(3)
+    streams = torch.randn(S, n, d, device="cuda", generator=g).bfloat16()
+    fn = torch.randn((2 + n) * n, n * d, device="cuda", generator=g) * 0.02
+    base = torch.randn((2 + n) * n, device="cuda", generator=g) * 0.5
+    scale = 1 + 0.1 * torch.randn(3, device="cuda", generator=g)
+    args = (streams, fn, base, scale, 20, 1e-6, 1e-6)
+
+    def post_comb(out):
+        return torch.cat([out[1].reshape(S, -1), out[2].reshape(S, -1)], 1)
+    alts = [dict(split=False, rows=32, k=128, splits=8, warps=4, stages=3)] + [
+        dict(split=True, rows=r, k=k, splits=sp, warps=w, stages=st) for r, k, sp, w, st in
+        [(128, 64, 5, 8, 3), (128, 64, 10, 8, 3), (128, 64, 5, 8, 4), (128, 64, 5, 4, 3), (64, 64, 13, 4, 4),
+         (64, 128, 5, 4, 3), (128, 128, 13, 8, 3), (256, 64, 26, 8, 3)]]
+    return _alternatives(tm.TILE, alts, lambda: post_comb(tm.mhc_pre_triton(*args)),
+                         {"op": "mhc chunk partials", "S": S, "n": n, "d": d}, 2 * S * n * d * (2 + n) * n,
+                         oracle=lambda: post_comb(mhc_pre(*args)),
+                         timed=lambda: tm.chunk_partials(streams.reshape(S, n * d), fn))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", choices=("attention", "gemm", "experts"), default="attention")
+    ap.add_argument("--only", choices=("attention", "gemm", "experts", "mhc"), default="attention")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
-    res = {"attention": tune_attention, "gemm": tune_gemm, "experts": tune_experts}[a.only]()
+    res = {"attention": tune_attention, "gemm": tune_gemm, "experts": tune_experts, "mhc": tune_mhc}[a.only]()
     if a.out:
         with open(a.out, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "results": res}, f, indent=1)

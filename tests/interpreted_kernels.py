@@ -60,6 +60,43 @@ def gemv_checks():
             ref = linear_reference(xq, W, act_quant=True)
             assert fmt in ("bf16", "f32") or not torch.allclose(ref, linear_reference(xq, W), rtol=1e-4), fmt
             close(f"gemv act_quant {fmt} {N}x{K} M={M}", tlin.gemv(xq, W, act_quant=True), ref)
+    # the prefetching loops (next step's weights in flight; 2: the first tile before the PDL wait), with
+    # several K steps per program and a ragged last split: 4 programs over 3 row tiles
+    N, K, M = 96, 640, 2
+    w, x = torch.randn(N, K, generator=g) / K ** 0.5, torch.randn(M, K, generator=g) * torch.logspace(-2, 2, K)
+    ws = {"fp8": QWeight("fp8", *quant.quant_fp8_block(w)), "bf16": QWeight("dense", w.bfloat16()),
+          "mxfp4": QWeight("mxfp4", *quant.quant_mxfp4(w)), "nvfp4": QWeight("nvfp4", *quant.quant_nvfp4(w))}
+    keep = dict(tlin.GEMV)
+    try:
+        for prefetch, programs in [(1, 4), (2, 4), (1, 1)]:
+            tlin.GEMV.update(prefetch=prefetch, programs=programs, fp8_block_k=128, fp8_short_block_k=128,
+                             dense_block_k=64)
+            for fmt, W in ws.items():
+                close(f"gemv prefetch={prefetch} programs={programs} {fmt} act_quant {N}x{K} M={M}",
+                      tlin.gemv(x, W, act_quant=True), linear_reference(x, W, act_quant=True))
+    finally:
+        tlin.GEMV.clear()
+        tlin.GEMV.update(keep)
+    # faithful mode's FP8 GEMV on the tensor cores (IEEE dots here): ue8m0 and float32 block scales,
+    # ragged N and K, a split K, several rows, and the grouped projection (64-row tiles in a group)
+    keep = dict(tlin.GEMV)
+    try:
+        tlin.GEMV.update(mma=True, programs=8)
+        for N, K, M in [(200, 640, 3), (64, 200, 1)]:
+            w = torch.randn(N, K, generator=g) / K ** 0.5
+            x = torch.randn(M, K, generator=g) * torch.logspace(-2, 2, K)
+            q, s = quant.quant_fp8_block(w)
+            for name, W in (("ue8m0", QWeight("fp8", q, s)),
+                            ("f32", QWeight("fp8", q, quant.ue8m0_to_float(s.view(torch.uint8))))):
+                close(f"gemv mma {name} {N}x{K} M={M}", tlin.gemv(x, W, act_quant=True),
+                      linear_reference(x, W, act_quant=True))
+        W = QWeight("fp8", *quant.quant_fp8_block(torch.randn(2 * 128, 256, generator=g)))
+        og = torch.randn(2, 2, 256, generator=g)
+        close("grouped mma 2x128x256", tlin.grouped_linear_triton(og, W, act_quant=True),
+              grouped_linear_reference(og, W, act_quant=True))
+    finally:
+        tlin.GEMV.clear()
+        tlin.GEMV.update(keep)
     for G, R, Kg, S in [(2, 16, 192, 3), (3, 24, 256, 1), (3, 48, 384, 2)]:
         W = QWeight("fp8", *quant.quant_fp8_block(torch.randn(G * R, Kg, generator=g)))
         og = torch.randn(S, G, Kg, generator=g)
@@ -95,6 +132,22 @@ def experts_checks():
             close(f"routed experts act_quant {fmt} E={E} {inter}x{d} k={k}",
                   tmoe.routed_experts_triton(x, ids, wts, es, 7.0, act_quant=True),
                   routed_experts(x, ids, wts, es, 7.0, act_quant=True))
+    # MXFP4 through the integer units: w1 / w3 streamed together (pair), loads a step ahead
+    # (prefetch), several K steps per program
+    es = expert_set("mxfp4", 6, 96, 256, g)
+    x = torch.randn(1, 256, generator=g) * 4
+    ids, wts = torch.tensor([[4, 1, 3]]), torch.rand(1, 3, generator=g)
+    cfg = tmoe.CONFIG["mx"]["one"]
+    keep = dict(cfg)
+    try:
+        for pair, prefetch in [(True, False), (False, True), (True, True)]:
+            cfg.update(pair=pair, prefetch=prefetch, up_block_k=64, down_block_k=32)
+            close(f"routed experts mxfp4 pair={pair} prefetch={prefetch}",
+                  tmoe.routed_experts_triton(x, ids, wts, es, 7.0, act_quant=True),
+                  routed_experts(x, ids, wts, es, 7.0, act_quant=True))
+    finally:
+        cfg.clear()
+        cfg.update(keep)
 
 
 def attention_checks():
@@ -231,6 +284,23 @@ def elementwise_checks():
             close(f"mhc_pre {part} {S}x{n}x{d}", a, b)
         out = torch.randn(S, d, generator=g)
         close(f"mhc_post {S}x{n}x{d}", tm.mhc_post_triton(out, st, ref[1], ref[2]), mhc_post(out, st, ref[1], ref[2]))
+    for S, n, d in [(40, 4, 300), (17, 2, 96)]:  # bf16 chunk rows: fn split in bf16 hi, mid, lo; a ragged last K range
+        st = torch.randn(S, n, d, generator=g).bfloat16()
+        fn = torch.randn((2 + n) * n, n * d, generator=g) * 0.02
+        base, scale = torch.randn((2 + n) * n, generator=g) * 0.5, 1 + 0.1 * torch.randn(3, generator=g)
+        x, post, comb = tm.mhc_pre_triton(st, fn, base, scale, 20, 1e-6, 1e-6)
+        ref = mhc_pre(st, fn, base, scale, 20, 1e-6, 1e-6)
+        close(f"mhc_pre post {S}x{n}x{d} bf16", post, ref[1])
+        close(f"mhc_pre comb {S}x{n}x{d} bf16", comb, ref[2])
+        # x: float32 sums rounded once to bf16 (the interpreter's cast truncates: one ulp)
+        assert x.dtype == torch.bfloat16 and ((x.float() - ref[0].float()).abs() <= 2 ** -7 * ref[0].float().abs()).all()
+        print(f"ok mhc_pre x {S}x{n}x{d} bf16 (within one bf16 ulp)")
+        # the mixes at float32 level, within 2^-22 of sum |x * fn| (fn's lo part left out: ~2^-19)
+        flat = st.reshape(S, n * d).double()
+        part, _ = tm.chunk_partials(st.reshape(S, n * d), fn)
+        err = (part.sum(1)[:, :fn.shape[0]] - flat @ fn.double().t()).abs() / (flat.abs() @ fn.double().abs().t())
+        assert err.max().item() <= 2 ** -22, err.max().item()
+        print(f"ok mhc chunk mixes {S}x{n}x{d} bf16 {err.max().item():.1e}")
     for shape in [(3, 100), (2, 2, 96)]:
         x, w = torch.randn(*shape, generator=g) * 3, torch.randn(shape[-1], generator=g)
         close(f"rms_norm {shape}", tm.rms_norm_triton(x, w, 1e-6), rms_norm(x, w, 1e-6))

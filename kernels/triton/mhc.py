@@ -1,10 +1,19 @@
 """Fused Triton kernels for mHC (manifold-constrained hyper-connections), decode rows and prefill chunks.
 
-mhc_pre in two launches instead of ~130 small ones:
-  1. split-K partial dot products of the flattened streams with the 24 mixing rows of ``fn``, and
-     partial sums of squares (for the RMS normalisation, applied afterwards: it is linear); one row
-     per program for a few rows (decode), BLOCK_ROWS rows per program for a chunk (3xTF32
-     tensor-core dots that read the streams once);
+mhc_pre in two launches instead of ~130 small ones (three for a chunk of bf16 streams):
+  1. split-K partial dot products of the flattened streams [S, K = n*d] with the 24 mixing rows of
+     ``fn`` [24, K], and partial sums of squares (for the RMS normalisation, applied afterwards: it
+     is linear), all float32; one row per program for a few rows (decode), a tile of rows per
+     program for a chunk (tensor-core dots that read the streams once, ``chunk_partials``):
+     - bf16 streams (faithful mode) are exact in bf16, so only fn needs more bits: a small launch
+       splits fn into three bf16 parts hi + mid + lo (~24 bits together; [3, 24, K], 2.25 MB at
+       V4 sizes, made per call: not kept per weight), and one bf16 dot per K step, x [rows, k] . [hi; mid; lo; 0]^T
+       [k, 4 x 32] (each part's 24 rows padded to 32 columns), gives the three products exactly
+       (bf16 x bf16, float32 accumulation) from the tile as loaded; the column groups are summed
+       at the end. Before, these streams took the float32 path below (an H100 8k-token prefill:
+       478 us a call for a 6400-row chunk, where reading its 210 MB takes ~80 us); the new path's
+       GPU timing is pending (bench/tune_prefill.py --only mhc times both);
+     - float32 streams (exact mode): the tile converted to float32, 3xTF32 dots;
   2. per (row, block of d): reduce the partials, then sigmoid / 2*sigmoid / softmax + 20 Sinkhorn
      iterations on the n x n matrix, all in registers, and the pre-weighted collapse of the streams.
 mhc_post in one launch: post_j * out + sum_i comb[i, j] * stream_i.
@@ -24,8 +33,15 @@ from .attention import _precision
 MAX_ROWS = 16
 BLOCK_K = 128  # 128 programs per row for the 24 mixes at V4 sizes (latency, not bytes, bounds it)
 BLOCK_D = 512
-BLOCK_ROWS = 32  # a chunk's rows per program in the mixing partials; K cut into CHUNK_SPLITS ranges
-CHUNK_SPLITS = 8
+# a chunk's mixing partials (more than MAX_ROWS rows): rows per program, K columns per step, K cut
+# into "splits" ranges (more for a short chunk: at least MIN_PROGRAMS programs, at most the decode
+# path's cdiv(K, BLOCK_K) ranges), warps, pipeline stages. TILE: bf16 streams, fn split in three
+# bf16 parts ("split": False takes them through the float32 path instead: the A/B of
+# bench/tune_prefill.py --only mhc; TILE's shapes not yet tuned); TILE_F32: float32 streams.
+TILE = {"split": True, "rows": 128, "k": 64, "splits": 5, "warps": 8, "stages": 3}
+TILE_F32 = {"rows": 32, "k": 128, "splits": 8, "warps": 4, "stages": 3}
+MIN_PROGRAMS = 132  # one per SM of an H100 / H200
+SPLIT_BLOCK = 1024
 
 
 @triton.jit
@@ -43,26 +59,52 @@ def _mix_partials(s_ptr, fn_ptr, part_ptr, ss_ptr, K, P, NMIX: tl.constexpr, MIX
 
 
 @triton.jit
-def _mix_partials_rows(s_ptr, fn_ptr, part_ptr, ss_ptr, M, K, P, SPAN, NMIX: tl.constexpr, MIXP: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+def _split_fn(fn_ptr, f_ptr, N, BLOCK: tl.constexpr):
+    """fn (N values) -> f [3, N] bf16: hi, mid, lo with hi + mid + lo = fn to ~2^-24 relative (each
+    part the bf16 rounding of what the parts before leave, exact in float32)."""
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = i < N
+    r = tl.load(fn_ptr + i, mask=m, other=0.0).to(tl.float32)
+    hi = r.to(tl.bfloat16)
+    r -= hi.to(tl.float32)
+    mid = r.to(tl.bfloat16)
+    tl.store(f_ptr + i, hi, mask=m)
+    tl.store(f_ptr + N + i, mid, mask=m)
+    tl.store(f_ptr + 2 * N + i, (r - mid.to(tl.float32)).to(tl.bfloat16), mask=m)
+
+
+@triton.jit
+def _mix_partials_rows(s_ptr, f_ptr, part_ptr, ss_ptr, M, K, P, SPAN, NMIX: tl.constexpr, MIXP: tl.constexpr,
+                       GROUPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     """Rows [pid0 * BLOCK_M, +BLOCK_M) and columns [pid1 * SPAN, +SPAN) of the flattened streams
-    [M, K]: partial mixes part[row, pid1, :NMIX] and sums of squares ss[row, pid1]. PRECISION:
-    "tf32x3" on the GPU (three TF32 tensor-core products, float32-level accuracy: ~2^-22 per product;
-    the FMA path, "ieee", ran 9x slower than the bytes allow on the H200), "ieee" in the interpreter."""
+    [M, K]: partial mixes part[row, pid1, :MIXP] and sums of squares ss[row, pid1], float32.
+    GROUPS 1: f is fn [NMIX, K], the dots at PRECISION ("tf32x3" on the GPU: three TF32 products,
+    float32-level accuracy; the FMA path, "ieee", ran 9x slower than the bytes allow on the H200).
+    GROUPS 4: bf16 streams and f = fn split in bf16 hi, mid, lo [3, NMIX, K], part g's rows as the
+    dot's columns [g * MIXP, +NMIX) (zeros past them, and a fourth group of zeros pads N to a power
+    of two): one bf16 tensor-core dot per step gives the three exact products of the streams' tile,
+    float32-accumulated, and the groups are summed at the end. PRECISION "ieee" (the interpreter,
+    whose bf16 dot is not exact): the same bf16 values multiplied as float32."""
     pid_m, p = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mm = rm < M
-    rj = tl.arange(0, MIXP)
-    acc = tl.zeros([BLOCK_M, MIXP], tl.float32)
+    g, j = tl.arange(0, GROUPS * MIXP) // MIXP, tl.arange(0, GROUPS * MIXP) % MIXP  # part, mix
+    fm = (g < 3) & (j < NMIX)
+    acc = tl.zeros([BLOCK_M, GROUPS * MIXP], tl.float32)
     ss = tl.zeros([BLOCK_M], tl.float32)
     for k0 in range(0, SPAN, BLOCK_K):
         rk = p * SPAN + k0 + tl.arange(0, BLOCK_K)
         km = (rk < K) & (k0 + tl.arange(0, BLOCK_K) < SPAN)
-        x = tl.load(s_ptr + rm[:, None] * K + rk[None, :], mask=mm[:, None] & km[None, :], other=0.0).to(tl.float32)
-        f = tl.load(fn_ptr + rj[:, None] * K + rk[None, :], mask=(rj[:, None] < NMIX) & km[None, :], other=0.0)
-        acc += tl.dot(x, tl.trans(f.to(tl.float32)), input_precision=PRECISION)
-        ss += tl.sum(x * x, 1)
-    tl.store(part_ptr + (rm[:, None] * P + p) * MIXP + rj[None, :], acc, mask=mm[:, None])
+        x = tl.load(s_ptr + rm[:, None] * K + rk[None, :], mask=mm[:, None] & km[None, :], other=0.0)
+        f = tl.load(f_ptr + (g * NMIX + j)[:, None] * K + rk[None, :], mask=fm[:, None] & km[None, :], other=0.0)
+        xf = x.to(tl.float32)
+        if GROUPS == 1 or PRECISION == "ieee":
+            acc += tl.dot(xf, tl.trans(f.to(tl.float32)), input_precision=PRECISION)
+        else:
+            acc += tl.dot(x, tl.trans(f))
+        ss += tl.sum(xf * xf, 1)
+    mix = tl.sum(tl.reshape(acc, [BLOCK_M, GROUPS, MIXP]), 1)
+    tl.store(part_ptr + (rm[:, None] * P + p) * MIXP + tl.arange(0, MIXP)[None, :], mix, mask=mm[:, None])
     tl.store(ss_ptr + rm * P + p, ss, mask=mm)
 
 
@@ -129,28 +171,47 @@ def mhc_post_supported(out: torch.Tensor, streams: torch.Tensor, *args) -> bool:
     return mhc_supported(streams, out)
 
 
+def chunk_partials(flat: torch.Tensor, fn: torch.Tensor):
+    """A chunk's mixing partials: flat streams [S, K], fn [NMIX, K] -> part [S, P, MIXP] and ss
+    [S, P] float32 over P ranges of K (shapes from TILE for bf16 streams, else TILE_F32)."""
+    S, K = flat.shape
+    nmix = fn.shape[0]
+    mixp = triton.next_power_of_2(nmix)
+    bf16 = flat.dtype == torch.bfloat16
+    t, split = (TILE, TILE["split"]) if bf16 else (TILE_F32, False)
+    rows = triton.cdiv(S, t["rows"])
+    P = min(triton.cdiv(K, BLOCK_K), max(t["splits"], triton.cdiv(MIN_PROGRAMS, rows)))
+    span = triton.cdiv(triton.cdiv(K, P), t["k"]) * t["k"]
+    P = triton.cdiv(K, span)
+    part = torch.empty((S, P, mixp), device=flat.device, dtype=torch.float32)
+    ss = torch.empty((S, P), device=flat.device, dtype=torch.float32)
+    fn = fn.contiguous()
+    f = torch.empty((3, nmix, K), device=flat.device, dtype=torch.bfloat16) if split else fn
+    if split:
+        _split_fn[(triton.cdiv(nmix * K, SPLIT_BLOCK),)](fn, f, nmix * K, BLOCK=SPLIT_BLOCK)
+    _mix_partials_rows[(rows, P)](flat, f, part, ss, S, K, P, span, NMIX=nmix, MIXP=mixp,
+                                  GROUPS=4 if split else 1, BLOCK_M=t["rows"], BLOCK_K=t["k"], PRECISION=_precision(),
+                                  num_warps=t["warps"], num_stages=t["stages"])
+    return part, ss
+
+
 def mhc_pre_triton(streams, fn, base, scale, iters: int, hc_eps: float, norm_eps: float):
     """Same contract as kernels.mhc.mhc_pre, any number of rows: one row per program in the mixing
-    partials up to MAX_ROWS rows (decode), BLOCK_ROWS rows per program beyond (a prefill chunk)."""
+    partials up to MAX_ROWS rows (decode), a tile of rows per program beyond (a prefill chunk)."""
     S, n, d = streams.shape
     streams = streams.contiguous()
     K, nmix = n * d, (2 + n) * n
     mixp = triton.next_power_of_2(nmix)
-    P = triton.cdiv(K, BLOCK_K)
     dev = streams.device
-    if S > MAX_ROWS:  # a chunk: BLOCK_ROWS rows per program, K in CHUNK_SPLITS ranges
-        P = min(CHUNK_SPLITS, P)
-        span = triton.cdiv(triton.cdiv(K, P), BLOCK_K) * BLOCK_K
-        P = triton.cdiv(K, span)
-    part = torch.empty((S, P, mixp), device=dev, dtype=torch.float32)
-    ss = torch.empty((S, P), device=dev, dtype=torch.float32)
     if S > MAX_ROWS:
-        _mix_partials_rows[(triton.cdiv(S, BLOCK_ROWS), P)](streams, fn.contiguous(), part, ss, S, K, P, span,
-                                                            NMIX=nmix, MIXP=mixp, BLOCK_M=BLOCK_ROWS, BLOCK_K=BLOCK_K,
-                                                            PRECISION=_precision())
+        part, ss = chunk_partials(streams.reshape(S, K), fn)
     else:
+        P = triton.cdiv(K, BLOCK_K)
+        part = torch.empty((S, P, mixp), device=dev, dtype=torch.float32)
+        ss = torch.empty((S, P), device=dev, dtype=torch.float32)
         _mix_partials[(S, P)](streams, fn.contiguous(), part, ss, K, P, NMIX=nmix, MIXP=mixp, BLOCK_K=BLOCK_K,
                               **pdl.launch(dev))
+    P = part.shape[1]
     x = torch.empty((S, d), device=dev, dtype=streams.dtype)
     post = torch.empty((S, n), device=dev, dtype=torch.float32)
     comb = torch.empty((S, n, n), device=dev, dtype=torch.float32)
