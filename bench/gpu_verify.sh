@@ -17,6 +17,7 @@
 #   bash bench/gpu_verify.sh experts-figures  # expert/RoPE GPU tests, 8k profile, prefill 8k-128k, decode profile of 1- and 2-token steps, kernel-path test
 #   bash bench/gpu_verify.sh final     # MTP and RoPE GPU tests, bench decode --mtp at 16 layers, the RoPE rows A/B
 #   bash bench/gpu_verify.sh gemv      # GEMV / expert / MTP / RoPE GPU tests, the decode GEMV and expert tunes, decode at 16 layers tuned and as committed, the mHC tune
+#   bash bench/gpu_verify.sh decode-final  # kernel / engine / MTP GPU tests, decode at 16 layers at 1k and 64k, the per-kernel profile, the 8k prefill profile
 #   bash bench/gpu_verify.sh check     # the smallest: the MTP and RoPE GPU tests, the RoPE rows A/B
 #   bash bench/gpu_verify.sh indexer   # the 64k step with the indexer kernels and their references, decode at 16 layers at 64k, a 64k trace
 # Run from the repository root on the GPU machine (no install there: bench/dsv4_path.sh puts the
@@ -142,6 +143,17 @@ gemv)
     | grep -E "settings|ms_per|floor|per.layer"
   if grep -q '"mhc"' bench/tune_prefill.py; then
     timeout 50 python3 bench/tune_prefill.py --only mhc --out "$OUT/tune_mhc.json" 2>&1 | cut -c1-220 | tail -12; fi ;;
+decode-final)
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+  timeout 200 $T tests/test_gpu_kernels.py tests/test_gpu.py tests/test_gpu_speculative.py 2>&1 | tail -8 \
+    | tee "$OUT/gpu_tests_decode.txt"
+  timeout 80 $D bench decode --preset flash --layers 16 --synthetic --steps 64 --json-out "$OUT/decode16_1024.json" \
+    2>&1 | grep -E "ms_per|floor|per.layer"
+  timeout 110 $D bench decode --preset flash --layers 16 --synthetic --prompt-len 65536 --steps 64 \
+    --json-out "$OUT/decode16_65536.json" 2>&1 | grep -E "ms_per|floor|per.layer"
+  timeout 60 python3 bench/profile_decode.py --layers 16 --prompt-len 1024 --out "$OUT/profile_decode.txt" 2>&1 | head -3
+  timeout 70 $D bench prefill --preset flash --layers 4 --synthetic --prompt-len 8192 --runs 3 --profile \
+    --json-out "$OUT/prefill8k.json" 2>&1 | tail -22 ;;
 check)
   nvidia-smi --query-gpu=name --format=csv,noheader | tee "$OUT/gpu.txt"
   timeout 110 $T tests/test_gpu_speculative.py tests/test_gpu_kernels.py -k "speculative or rope" 2>&1 | tail -4 \

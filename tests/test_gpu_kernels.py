@@ -49,7 +49,15 @@ def test_gemv_matches_reference(fmt, N, K, M, aq):
     assert fn is not linear_reference
     got, ref = fn(x, w, act_quant=aq), linear_reference(x, w, act_quant=aq)
     assert got.shape == ref.shape == (M, N)
-    assert (got - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
+    assert (got - ref).abs().max().item() <= _gemv_bound(fmt, aq) * ref.abs().max().item()
+
+
+def _gemv_bound(fmt: str, aq: bool) -> float:
+    """1e-5 (float32 summation order), or FP8_MMA_BOUND for faithful FP8 GEMVs when they run on the
+    FP8 tensor cores (linear.GEMV["mma"]; see the gemv_mma fixture)."""
+    from dsv4.kernels.triton import linear as tlin
+
+    return 2e-3 if aq and fmt.startswith("fp8") and tlin.GEMV["mma"] else 1e-5
 
 
 @pytest.fixture(params=[False, True], ids=["fma", "mma"])
@@ -105,7 +113,7 @@ def test_grouped_linear_matches_reference(G, R, Kg, S, aq):
     og = torch.randn(S, G, Kg, generator=g).cuda()
     got, ref = kernels.grouped_linear(og, w, act_quant=aq), grouped_linear_reference(og, w, act_quant=aq)
     assert got.shape == ref.shape == (S, G * R)
-    assert (got - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
+    assert (got - ref).abs().max().item() <= _gemv_bound("fp8", aq) * ref.abs().max().item()
 
 
 @pytest.mark.parametrize("M", [1, 2, 16])
@@ -121,7 +129,7 @@ def test_gemv_rows_are_independent(M):
     for m in range(M):
         assert torch.equal(fn(x[m:m + 1], w, act_quant=True)[0], both[m])
     ref = linear_reference(x, w, act_quant=True)
-    assert (both - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
+    assert (both - ref).abs().max().item() <= _gemv_bound("fp8", True) * ref.abs().max().item()
 
 
 @pytest.mark.parametrize("S,n,d,dtype", [(1, 4, 4096, torch.float32), (5, 4, 4096, torch.float32),
