@@ -2,8 +2,8 @@
 
 python3 bench/run_tuned.py [--gemv TUNE_GEMV.json] [--experts TUNE_EXPERTS.json] [--show] -- DSV4 ARGS...
 --gemv: bench/tune_kernels.py --only gemv output; the alternative with the least time summed over
-  the Flash weights, among those within the tensor-core FP8 bound (2e-3 x max|ref|) on every weight,
-  updates kernels/triton/linear.GEMV.
+  the Flash weights (best_gemv), among those within the tensor-core FP8 bound (2e-3 x max|ref|) on
+  every weight, updates kernels/triton/linear.GEMV.
 --experts: bench/tune_kernels.py --only experts output; for each (warps, prefetch) the fastest up
   and down tiles, the pair with the least summed time updates moe.CONFIG["mx"]["many"].
 Prints the settings applied, then runs ``dsv4 ARGS`` (the CLI) in this process. For one device call
@@ -20,16 +20,20 @@ BOUND = 2e-3  # tests/test_gpu_prefill.py FP8_MMA_BOUND
 
 
 def best_gemv(rows: list[dict]) -> dict:
-    """The GEMV alternative (its settings dict) with the least summed time; {} if none."""
+    """The GEMV alternative (its settings dict) with the least time summed over the weights; a
+    weight an alternative was not run on (the tune skips FP8-only settings on BF16 weights, where
+    they change nothing) counts at the defaults' time. {} if none ran."""
     meta = ("weight", "N", "K", "us", "GB_per_s", "max_rel_err")
-    total, bad = {}, set()
+    times, bad = {}, set()
     for r in rows:
         key = json.dumps({k: v for k, v in r.items() if k not in meta}, sort_keys=True)
-        total[key] = total.get(key, 0.0) + r["us"]
+        times.setdefault(key, {})[r["weight"]] = r["us"]
         if not r.get("max_rel_err", 0.0) <= BOUND:
             bad.add(key)
-    ok = {k: v for k, v in total.items() if k not in bad}
-    return json.loads(min(ok, key=ok.get)) if ok else {}
+    base = times.get("{}", {})
+    weights = {w for t in times.values() for w in t}
+    total = {k: sum(t.get(w, base.get(w, float("inf"))) for w in weights) for k, t in times.items() if k not in bad}
+    return json.loads(min(total, key=total.get)) if total else {}
 
 
 def best_experts(rows: list[dict]) -> dict:

@@ -111,7 +111,8 @@ def tune_experts(fmt: str, E: int, k: int, rows, block_ks, warps, mode: int = 0,
 # GEMV settings compared by tune_gemv (each updates linear.GEMV; the rest stays at its defaults)
 GEMV_ALTERNATIVES = [{}, {"prefetch": 1}, {"prefetch": 2}, {"prefetch": 1, "fp8_block_k": 256, "warps": 8},
                      {"programs": 8 * 132}, {"mma": True}, {"mma": True, "mma_stages": 3},
-                     {"mma": True, "mma_rows": 128, "mma_warps": 8}, {"mma": True, "programs": 8 * 132}]
+                     {"mma": True, "mma_rows": 128, "mma_warps": 8}, {"mma": True, "programs": 8 * 132},
+                     {"mma": True, "mma_dense": True}, {"mma": True, "mma_dense": True, "mma_dense_block_k": 128}]
 
 
 def tune_gemv(alternatives=None, out: list | None = None) -> list[dict]:
@@ -169,7 +170,7 @@ def tune_gemv(alternatives=None, out: list | None = None) -> list[dict]:
             ws = [QWeight("dense", torch.randn(N, K, device="cuda", generator=gen).to(torch.bfloat16), None)
                   for _ in range(copies)]
             x = torch.randn(1, K, device="cuda", generator=gen)
-            for alt in [a for a in alternatives or GEMV_ALTERNATIVES if not a.get("mma")]:
+            for alt in [a for a in alternatives or GEMV_ALTERNATIVES if a.get("mma_dense") or not a.get("mma")]:
                 timed(name, N, K, ws, x, None, alt)
             del ws
     finally:

@@ -77,17 +77,18 @@ def gemv_checks():
     finally:
         tlin.GEMV.clear()
         tlin.GEMV.update(keep)
-    # faithful mode's FP8 GEMV on the tensor cores (IEEE dots here): ue8m0 and float32 block scales,
+    # the tensor-core GEMVs (IEEE dots here): FP8 with ue8m0 and float32 block scales, and BF16;
     # ragged N and K, a split K, several rows, and the grouped projection (64-row tiles in a group)
     keep = dict(tlin.GEMV)
     try:
-        tlin.GEMV.update(mma=True, programs=8)
+        tlin.GEMV.update(mma=True, mma_dense=True, programs=8)
         for N, K, M in [(200, 640, 3), (64, 200, 1)]:
             w = torch.randn(N, K, generator=g) / K ** 0.5
             x = torch.randn(M, K, generator=g) * torch.logspace(-2, 2, K)
             q, s = quant.quant_fp8_block(w)
             for name, W in (("ue8m0", QWeight("fp8", q, s)),
-                            ("f32", QWeight("fp8", q, quant.ue8m0_to_float(s.view(torch.uint8))))):
+                            ("f32", QWeight("fp8", q, quant.ue8m0_to_float(s.view(torch.uint8)))),
+                            ("bf16", QWeight("dense", w.bfloat16()))):
                 close(f"gemv mma {name} {N}x{K} M={M}", tlin.gemv(x, W, act_quant=True),
                       linear_reference(x, W, act_quant=True))
         W = QWeight("fp8", *quant.quant_fp8_block(torch.randn(2 * 128, 256, generator=g)))

@@ -38,6 +38,10 @@ def test_run_tuned_picks_the_least_summed_gemv_setting_within_the_bound():
     # mma sums to 16, prefetch to 14; programs=9 is fastest but out of bound on one weight
     assert rt.best_gemv(rows) == {"prefetch": 1}
     assert rt.best_gemv([]) == {}
+    # an alternative not run on weight "c" counts the defaults' time there (here 20): mma 16 + 20
+    rows += [{"weight": "c", "N": 1, "K": 1, **alt, "us": us, "GB_per_s": 1.0, "max_rel_err": 0.0}
+             for alt, us in [({}, 20.0), ({"prefetch": 1}, 30.0)]]
+    assert rt.best_gemv(rows) == {"mma": True}
 
 
 def test_run_tuned_experts_pair_up_and_down_of_one_warps_prefetch_setting():
