@@ -138,11 +138,12 @@ gemv)
     -k "speculative or rope or sampled or gemv or grouped_linear or experts" 2>&1 | tail -8 | tee "$OUT/gpu_tests_gemv.txt"
   timeout 200 python3 bench/tune_kernels.py --only gemv --out "$OUT/tune_gemv.json" 2>&1 | grep -E "TOTAL|rror" | head -14
   timeout 80 python3 bench/tune_kernels.py --only experts --out "$OUT/tune_experts.json" 2>&1 | grep -E "BEST|rror" | head -8
+  timeout 30 python3 bench/tune_kernels.py --only merge --out "$OUT/tune_merge.json" 2>&1 | cut -c1-200 | tail -8
   timeout 90 python3 bench/run_tuned.py --gemv "$OUT/tune_gemv.json" --experts "$OUT/tune_experts.json" -- \
     bench decode --preset flash --layers 16 --synthetic --steps 64 --json-out "$OUT/decode16_tuned.json" 2>&1 \
     | grep -E "settings|ms_per|floor|per.layer"
   if grep -q '"mhc"' bench/tune_prefill.py; then
-    timeout 50 python3 bench/tune_prefill.py --only mhc --out "$OUT/tune_mhc.json" 2>&1 | cut -c1-220 | tail -12; fi ;;
+    timeout 40 python3 bench/tune_prefill.py --only mhc --out "$OUT/tune_mhc.json" 2>&1 | cut -c1-220 | tail -12; fi ;;
 decode-final)
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
   timeout 200 $T tests/test_gpu_kernels.py tests/test_gpu.py tests/test_gpu_speculative.py 2>&1 | tail -8 \

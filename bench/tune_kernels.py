@@ -1,6 +1,6 @@
 """Time tile-shape alternatives of the decode kernels at V4-Flash dimensions on a GPU.
 
-python3 bench/tune_kernels.py [--only experts|gemv|attention|indexer] [--out FILE]
+python3 bench/tune_kernels.py [--only experts|gemv|attention|merge|indexer] [--out FILE]
 Each alternative is launched 20 times inside a CUDA graph (no host launch cost in the figure);
 prints microseconds per launch and the bytes/s of the weights it reads. The chosen shapes live in
 kernels/triton/moe.py CONFIG, kernels/triton/linear.py GEMV and kernels/triton/attention.py.
@@ -185,7 +185,7 @@ def tune_gemv(alternatives=None, out: list | None = None) -> list[dict]:
     return out
 
 
-def tune_attention(T: int) -> list[dict]:
+def tune_attention(T: int, settings=None) -> list[dict]:
     """Time kernels.decode_attention (both launches) at Flash sizes: 64 heads of 512 channels (448
     FP8 + 64 BF16 RoPE), a 128-slot ring and T selected entries, for each tile setting of
     attention.ATTENTION (keys per program, channels per score chunk, output channels per program,
@@ -207,15 +207,19 @@ def tune_attention(T: int) -> list[dict]:
     fn = lambda: ta.decode_attention_triton(q, ring, pos, *ent, sink, D ** -0.5)  # noqa: E731
     keep, out = dict(ta.ATTENTION), []
     try:
-        for keys, chunk, values, warps in itertools.product((16, 32), (32, 64), (64, 128, 256), (4, 8)):
-            ta.ATTENTION.update(keys=keys, chunk=chunk, values=values, warps=warps)
+        if settings is None:
+            settings = [dict(keys=k, chunk=c, values=v, warps=w)
+                        for k, c, v, w in itertools.product((16, 32), (32, 64), (64, 128, 256), (4, 8))]
+        for setting in settings:
+            ta.ATTENTION.clear()
+            ta.ATTENTION.update(keep, **setting)
             try:
                 err = ((fn() - ref).abs().max() / ref.abs().max()).item()
             except triton.runtime.errors.OutOfResources as e:  # a tile too large for the SM
-                print(f"skipped keys={keys} chunk={chunk} values={values} warps={warps}: {e}")
+                print(f"skipped {setting}: {e}")
                 continue
-            out.append({"kernel": "decode_attention", "entries": T, "keys": keys, "chunk": chunk, "values": values,
-                        "warps": warps, "us": graph_time(fn) * 1e6, "rel_err": err})
+            out.append({"kernel": "decode_attention", "entries": T, **{k: ta.ATTENTION[k] for k in keep},
+                        "us": graph_time(fn) * 1e6, "rel_err": err})
             print(json.dumps(out[-1]))
     finally:
         ta.ATTENTION.clear()
@@ -281,7 +285,7 @@ def tune_indexer() -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
-    ap.add_argument("--only", choices=("experts", "attention", "gemv", "indexer"), default=None)
+    ap.add_argument("--only", choices=("experts", "attention", "merge", "gemv", "indexer"), default=None)
     a = ap.parse_args()
     if a.only == "gemv":  # a long sweep: what ran is written even when a timeout (SIGTERM) stops it
         res = []
@@ -293,9 +297,11 @@ def main() -> None:
                 with open(a.out, "w") as f:
                     json.dump({"all": res, "card": torch.cuda.get_device_name()}, f, indent=1)
         return
-    if a.only in ("attention", "indexer"):
+    if a.only in ("attention", "merge", "indexer"):
         if a.only == "indexer":
             res = tune_indexer()
+        elif a.only == "merge":  # the merge launch's channels per program, the rest as committed
+            res = [r for T in (512, 16) for r in tune_attention(T, [dict(merge=m) for m in (512, 256, 128, 64)])]
         else:
             res = [r for T in (512, 256, 16) for r in tune_attention(T)]
             total = {}

@@ -189,8 +189,16 @@ def attention_checks():
         sink = torch.randn(H, generator=g)
         p = torch.tensor([pos])
         ent = (pool, rows, ok) if T else (None, None, None)
+        ref = decode_attention(q, ring, p, *ent, sink, D ** -0.5)
         close(f"decode_attention {kind} H={H} D={D} W={W} T={T} pos={pos}",
-              tatt.decode_attention_triton(q, ring, p, *ent, sink, D ** -0.5), decode_attention(q, ring, p, *ent, sink, D ** -0.5))
+              tatt.decode_attention_triton(q, ring, p, *ent, sink, D ** -0.5), ref)
+        keep = tatt.ATTENTION["merge"]
+        tatt.ATTENTION["merge"] = 32  # the merge launch with several channel blocks per head
+        try:
+            close(f"decode_attention merge=32 {kind} H={H} D={D}", tatt.decode_attention_triton(q, ring, p, *ent, sink,
+                                                                                             D ** -0.5), ref)
+        finally:
+            tatt.ATTENTION["merge"] = keep
 
 
 def indexer_checks():

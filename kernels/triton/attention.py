@@ -31,7 +31,9 @@ PRECISION = "tf32x3"  # float32 entries: tensor-core dots at about float32 accur
 # chunks and 64 output channels per program, the chunk loop not unrolled, took 30.2 / 22.5 / 17.8 us
 # (and on the H100 29 / 18 us for 512 / 16 entries; the design before that, 16 heads x all 512
 # channels per program with register spills, 46 / 24 us).
-ATTENTION = {"heads": 64, "keys": 16, "chunk": 64, "values": 256, "warps": 4}
+# merge: output channels per program of the second launch (512 = one program per head, as before
+# 2026-12-07; 128: four per head, shorter serial reads of the split partials).
+ATTENTION = {"heads": 64, "keys": 16, "chunk": 64, "values": 256, "warps": 4, "merge": 512}
 
 
 @triton.jit
@@ -249,9 +251,11 @@ def _attend_split(q_ptr, pos_ptr, ra_ptr, rb_ptr, rs_ptr, ea_ptr, eb_ptr, es_ptr
 
 @triton.jit
 def _merge(m_ptr, l_ptr, acc_ptr, sink_ptr, out_ptr, H, NSPLIT: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-           BLOCK_S: tl.constexpr, PDL: tl.constexpr):
-    """out[h] = sum_s e^(m_s - M) acc_s / (sum_s e^(m_s - M) l_s + e^(sink - M)), M = max(m_s, sink);
-    the splits are visited BLOCK_S at a time."""
+           MERGE_D: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr):
+    """out[h, d] = sum_s e^(m_s - M) acc_s / (sum_s e^(m_s - M) l_s + e^(sink - M)), M = max(m_s, sink),
+    for channels d of block pid1 (MERGE_D wide, of the padded BLOCK_D); the splits are visited
+    BLOCK_S at a time. Grid (H, BLOCK_D / MERGE_D): each program reads MERGE_D channels of every
+    split's partial (and the few scalars m, l again)."""
     pdl.wait(PDL)
     h = tl.program_id(0).to(tl.int64)
     sink = tl.load(sink_ptr + h).to(tl.float32)
@@ -259,9 +263,9 @@ def _merge(m_ptr, l_ptr, acc_ptr, sink_ptr, out_ptr, H, NSPLIT: tl.constexpr, D:
     for s0 in range(0, NSPLIT, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
         M = tl.maximum(M, tl.max(tl.load(m_ptr + s * H + h, mask=s < NSPLIT, other=float("-inf")), 0))
-    d = tl.arange(0, BLOCK_D)
+    d = tl.program_id(1).to(tl.int64) * MERGE_D + tl.arange(0, MERGE_D)
     den = tl.exp(sink - M)
-    o = tl.zeros([BLOCK_D], tl.float32)
+    o = tl.zeros([MERGE_D], tl.float32)
     for s0 in range(0, NSPLIT, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
         sm = s < NSPLIT
@@ -322,5 +326,7 @@ def decode_attention_triton(q: torch.Tensor, ring: dict, pos: torch.Tensor, entr
         BLOCK_C=BLOCK_C, BLOCK_V=BLOCK_V, BLOCK_D=BLOCK_D, PRECISION=_precision(), num_warps=cfg["warps"],
         **pdl.launch(q.device))
     out = torch.empty((H, D), device=q.device, dtype=torch.float32)
-    _merge[(H,)](m, l, acc, sink, out, H, NSPLIT=nsplit, D=D, BLOCK_D=BLOCK_D, BLOCK_S=8, **pdl.launch(q.device))
+    merge_d = min(cfg["merge"], BLOCK_D)
+    _merge[(H, BLOCK_D // merge_d)](m, l, acc, sink, out, H, NSPLIT=nsplit, D=D, BLOCK_D=BLOCK_D, MERGE_D=merge_d,
+                                    BLOCK_S=8, **pdl.launch(q.device))
     return out
