@@ -139,7 +139,8 @@ gemv)
   timeout 200 python3 bench/tune_kernels.py --only gemv --out "$OUT/tune_gemv.json" 2>&1 | grep -E "TOTAL|rror" | head -14
   timeout 80 python3 bench/tune_kernels.py --only experts --out "$OUT/tune_experts.json" 2>&1 | grep -E "BEST|rror" | head -8
   timeout 30 python3 bench/tune_kernels.py --only merge --out "$OUT/tune_merge.json" 2>&1 | cut -c1-200 | tail -8
-  timeout 90 python3 bench/run_tuned.py --gemv "$OUT/tune_gemv.json" --experts "$OUT/tune_experts.json" -- \
+  timeout 90 python3 bench/run_tuned.py --gemv "$OUT/tune_gemv.json" --experts "$OUT/tune_experts.json" \
+    --merge "$OUT/tune_merge.json" -- \
     bench decode --preset flash --layers 16 --synthetic --steps 64 --json-out "$OUT/decode16_tuned.json" 2>&1 \
     | grep -E "settings|ms_per|floor|per.layer"
   if grep -q '"mhc"' bench/tune_prefill.py; then

@@ -1,11 +1,12 @@
 """Run a dsv4 command with the fastest settings of a decode tune applied in-process (no source edit).
 
-python3 bench/run_tuned.py [--gemv TUNE_GEMV.json] [--experts TUNE_EXPERTS.json] [--show] -- DSV4 ARGS...
+python3 bench/run_tuned.py [--gemv TUNE_GEMV.json] [--experts TUNE_EXPERTS.json] [--merge TUNE_MERGE.json] -- DSV4 ARGS...
 --gemv: bench/tune_kernels.py --only gemv output; the alternative with the least time summed over
   the Flash weights (best_gemv), among those within the tensor-core FP8 bound (2e-3 x max|ref|) on
   every weight, updates kernels/triton/linear.GEMV.
 --experts: bench/tune_kernels.py --only experts output; for each (warps, prefetch) the fastest up
   and down tiles, the pair with the least summed time updates moe.CONFIG["mx"]["many"].
+--merge: bench/tune_kernels.py --only merge output; the fastest merge width updates attention.ATTENTION.
 Prints the settings applied, then runs ``dsv4 ARGS`` (the CLI) in this process. For one device call
 that tunes and then measures with the winners; copy the printed settings into the source by hand.
 """
@@ -54,15 +55,26 @@ def best_experts(rows: list[dict]) -> dict:
             "warps": u["warps"], "pair": u["pair"], "prefetch": u["prefetch"]}
 
 
+def best_merge(rows: list[dict]) -> dict:
+    """ATTENTION update from a --only merge tune: the merge width with the least time summed over
+    the entry counts, among those within 1e-5 of the reference."""
+    total = {}
+    for r in rows:
+        if r.get("rel_err", 1.0) <= 1e-5:
+            total[r["merge"]] = total.get(r["merge"], 0.0) + r["us"]
+    return {"merge": min(total, key=total.get)} if total else {}
+
+
 def main(argv: list[str]) -> None:
     if "--" not in argv:
-        raise SystemExit("usage: run_tuned.py [--gemv FILE] [--experts FILE] -- DSV4 ARGS...")
+        raise SystemExit("usage: run_tuned.py [--gemv FILE] [--experts FILE] [--merge FILE] -- DSV4 ARGS...")
     cut = argv.index("--")
     ap = argparse.ArgumentParser()
     ap.add_argument("--gemv")
     ap.add_argument("--experts")
+    ap.add_argument("--merge")
     a = ap.parse_args(argv[:cut])
-    from dsv4.kernels.triton import linear, moe
+    from dsv4.kernels.triton import attention, linear, moe
 
     try:
         if a.gemv:
@@ -73,6 +85,10 @@ def main(argv: list[str]) -> None:
             e = best_experts(json.load(open(a.experts))["all"])
             moe.CONFIG["mx"]["many"].update(e)
             print("CONFIG['mx']['many'] settings:", json.dumps(e), flush=True)
+        if a.merge:
+            m = best_merge(json.load(open(a.merge))["all"])
+            attention.ATTENTION.update(m)
+            print("ATTENTION settings:", json.dumps(m), flush=True)
     except (OSError, ValueError, KeyError) as e:
         raise SystemExit(f"run_tuned: cannot read a tune result: {e}") from None
     from dsv4.cli.main import app

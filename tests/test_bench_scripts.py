@@ -61,3 +61,11 @@ def test_run_tuned_refuses_a_missing_result(tmp_path):
     r = subprocess.run([sys.executable, str(PROFILE.with_name("run_tuned.py")), "--gemv", "nope.json", "--", "--help"],
                        capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert r.returncode == 1 and "run_tuned: cannot read a tune result" in r.stderr
+
+
+def test_run_tuned_merge_width_by_summed_time_within_bound():
+    rt = _run_tuned()
+    rows = [{"merge": m, "entries": T, "us": us, "rel_err": err}
+            for m, T, us, err in [(512, 512, 8.0, 1e-7), (512, 16, 4.0, 1e-7), (128, 512, 5.0, 1e-7),
+                                  (128, 16, 4.5, 1e-7), (64, 512, 3.0, 1e-7), (64, 16, 3.0, 1e-3)]]
+    assert rt.best_merge(rows) == {"merge": 128}
