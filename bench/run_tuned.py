@@ -58,11 +58,13 @@ def best_experts(rows: list[dict]) -> dict:
 def best_merge(rows: list[dict]) -> dict:
     """ATTENTION update from a --only merge tune: the merge width with the least time summed over
     the entry counts, among those within 1e-5 of the reference."""
-    total = {}
+    total, bad = {}, set()
     for r in rows:
-        if r.get("rel_err", 1.0) <= 1e-5:
-            total[r["merge"]] = total.get(r["merge"], 0.0) + r["us"]
-    return {"merge": min(total, key=total.get)} if total else {}
+        total[r["merge"]] = total.get(r["merge"], 0.0) + r["us"]
+        if not r.get("rel_err", 1.0) <= 1e-5:
+            bad.add(r["merge"])
+    ok = {m: t for m, t in total.items() if m not in bad}
+    return {"merge": min(ok, key=ok.get)} if ok else {}
 
 
 def main(argv: list[str]) -> None:
