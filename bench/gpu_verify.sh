@@ -16,7 +16,7 @@
 #   bash bench/gpu_verify.sh mtp       # the MTP GPU tests (batched verify) and GEMV row tests, bench decode --mtp (built-in; 16 synthetic layers at 0.8)
 #   bash bench/gpu_verify.sh experts-figures  # expert/RoPE GPU tests, 8k profile, prefill 8k-128k, decode profile of 1- and 2-token steps, kernel-path test
 #   bash bench/gpu_verify.sh final     # MTP and RoPE GPU tests, bench decode --mtp at 16 layers, the RoPE rows A/B
-#   bash bench/gpu_verify.sh gemv      # GEMV / expert / MTP / RoPE GPU tests, the decode GEMV and expert tunes, decode at 16 layers tuned and as committed, the mHC tune
+#   bash bench/gpu_verify.sh gemv      # the decode GEMV tune, GEMV / expert / sampling / RoPE GPU tests, the merge tune, decode at 16 layers with the tuned GEMV, the expert and mHC tunes
 #   bash bench/gpu_verify.sh decode-final  # kernel / engine / MTP GPU tests, decode at 16 layers at 1k and 64k, the per-kernel profile, the 8k prefill profile
 #   bash bench/gpu_verify.sh check     # the smallest: the MTP and RoPE GPU tests, the RoPE rows A/B
 #   bash bench/gpu_verify.sh indexer   # the 64k step with the indexer kernels and their references, decode at 16 layers at 64k, a 64k trace
@@ -134,17 +134,16 @@ final)
   timeout 20 python3 bench/rope_rows.py 2>&1 | tee "$OUT/rope_rows.txt" ;;
 gemv)
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
-  timeout 150 $T tests/test_gpu_speculative.py tests/test_gpu_kernels.py \
-    -k "speculative or rope or sampled or gemv or grouped_linear or experts" 2>&1 | tail -8 | tee "$OUT/gpu_tests_gemv.txt"
-  timeout 200 python3 bench/tune_kernels.py --only gemv --out "$OUT/tune_gemv.json" 2>&1 | grep -E "TOTAL|rror" | head -14
-  timeout 80 python3 bench/tune_kernels.py --only experts --out "$OUT/tune_experts.json" 2>&1 | grep -E "BEST|rror" | head -8
+  timeout 170 python3 bench/tune_kernels.py --only gemv --out "$OUT/tune_gemv.json" 2>&1 | grep -E "TOTAL|rror" | head -14
+  timeout 90 $T tests/test_gpu_kernels.py tests/test_gpu_speculative.py \
+    -k "both_paths or pair_and_prefetch or sampled or gemv_matches or grouped_linear or rope" 2>&1 | tail -8 \
+    | tee "$OUT/gpu_tests_gemv.txt"
   timeout 30 python3 bench/tune_kernels.py --only merge --out "$OUT/tune_merge.json" 2>&1 | cut -c1-200 | tail -8
-  timeout 90 python3 bench/run_tuned.py --gemv "$OUT/tune_gemv.json" --experts "$OUT/tune_experts.json" \
-    --merge "$OUT/tune_merge.json" -- \
+  timeout 90 python3 bench/run_tuned.py --gemv "$OUT/tune_gemv.json" --merge "$OUT/tune_merge.json" -- \
     bench decode --preset flash --layers 16 --synthetic --steps 64 --json-out "$OUT/decode16_tuned.json" 2>&1 \
     | grep -E "settings|ms_per|floor|per.layer"
-  if grep -q '"mhc"' bench/tune_prefill.py; then
-    timeout 40 python3 bench/tune_prefill.py --only mhc --out "$OUT/tune_mhc.json" 2>&1 | cut -c1-220 | tail -12; fi ;;
+  timeout 70 python3 bench/tune_kernels.py --only experts --out "$OUT/tune_experts.json" 2>&1 | grep -E "BEST|rror" | head -8
+  timeout 40 python3 bench/tune_prefill.py --only mhc --out "$OUT/tune_mhc.json" 2>&1 | cut -c1-220 | tail -12 ;;
 decode-final)
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
   timeout 200 $T tests/test_gpu_kernels.py tests/test_gpu.py tests/test_gpu_speculative.py 2>&1 | tail -8 \
