@@ -155,6 +155,16 @@ decode-final)
   timeout 60 python3 bench/profile_decode.py --layers 16 --prompt-len 1024 --out "$OUT/profile_decode.txt" 2>&1 | head -3
   timeout 70 $D bench prefill --preset flash --layers 4 --synthetic --prompt-len 8192 --runs 3 --profile \
     --json-out "$OUT/prefill8k.json" 2>&1 | tail -22 ;;
+last)
+  nvidia-smi --query-gpu=name --format=csv,noheader | tee "$OUT/gpu.txt"
+  timeout 70 $T tests/test_gpu_kernels.py -k "mhc or attention or gemv_matches" 2>&1 | tail -4 | tee "$OUT/gpu_tests_last.txt"
+  timeout 60 $D bench prefill --preset flash --layers 4 --synthetic --prompt-len 8192 --runs 3 --profile \
+    --json-out "$OUT/prefill8k.json" 2>&1 | tail -22
+  timeout 60 $D bench decode --preset flash --layers 16 --synthetic --steps 64 --json-out "$OUT/decode16.json" 2>&1 \
+    | grep -E "ms_per_token|ms_per_layer|layer_floor_ratio"
+  timeout 60 python3 bench/run_tuned.py --gemv-set '{"prefetch_below": 12582912}' -- bench decode --preset flash \
+    --layers 16 --synthetic --steps 64 --json-out "$OUT/decode16_prefetch_small.json" 2>&1 \
+    | grep -E "settings|ms_per_token|ms_per_layer|layer_floor_ratio" ;;
 check)
   nvidia-smi --query-gpu=name --format=csv,noheader | tee "$OUT/gpu.txt"
   timeout 110 $T tests/test_gpu_speculative.py tests/test_gpu_kernels.py -k "speculative or rope" 2>&1 | tail -4 \

@@ -7,6 +7,7 @@ python3 bench/run_tuned.py [--gemv TUNE_GEMV.json] [--experts TUNE_EXPERTS.json]
 --experts: bench/tune_kernels.py --only experts output; for each (warps, prefetch) the fastest up
   and down tiles, the pair with the least summed time updates moe.CONFIG["mx"]["many"].
 --merge: bench/tune_kernels.py --only merge output; the fastest merge width updates attention.ATTENTION.
+--gemv-set: a JSON object of linear.GEMV settings, applied after the rest (an A/B of one setting).
 Prints the settings applied, then runs ``dsv4 ARGS`` (the CLI) in this process. For one device call
 that tunes and then measures with the winners; copy the printed settings into the source by hand.
 """
@@ -75,6 +76,7 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--gemv")
     ap.add_argument("--experts")
     ap.add_argument("--merge")
+    ap.add_argument("--gemv-set", help="a JSON object of linear.GEMV settings, applied last")
     a = ap.parse_args(argv[:cut])
     from dsv4.kernels.triton import attention, linear, moe
 
@@ -91,6 +93,9 @@ def main(argv: list[str]) -> None:
             m = best_merge(json.load(open(a.merge))["all"])
             attention.ATTENTION.update(m)
             print("ATTENTION settings:", json.dumps(m), flush=True)
+        if a.gemv_set:
+            linear.GEMV.update(json.loads(a.gemv_set))
+            print("GEMV settings:", a.gemv_set, flush=True)
     except (OSError, ValueError, KeyError) as e:
         raise SystemExit(f"run_tuned: cannot read a tune result: {e}") from None
     from dsv4.cli.main import app

@@ -31,9 +31,10 @@ PRECISION = "tf32x3"  # float32 entries: tensor-core dots at about float32 accur
 # chunks and 64 output channels per program, the chunk loop not unrolled, took 30.2 / 22.5 / 17.8 us
 # (and on the H100 29 / 18 us for 512 / 16 entries; the design before that, 16 heads x all 512
 # channels per program with register spills, 46 / 24 us).
-# merge: output channels per program of the second launch (512 = one program per head, as before
-# 2026-12-07; 128: four per head, shorter serial reads of the split partials).
-ATTENTION = {"heads": 64, "keys": 16, "chunk": 64, "values": 256, "warps": 4, "merge": 512}
+# merge: output channels per program of the second launch (H100, bench/tune_kernels.py --only merge:
+# both launches 22.4 / 17.4 us at 512 / 16 entries with 256, 23.0 / 17.6 with 512 = one program per
+# head as before, 27.2 / 17.8 with 128; bench/results/h100_tune_merge.json).
+ATTENTION = {"heads": 64, "keys": 16, "chunk": 64, "values": 256, "warps": 4, "merge": 256}
 
 
 @triton.jit

@@ -33,13 +33,15 @@ MAX_ROWS = 16
 # 11.7 vs 12.2 us, indexer wq_b 4.7 vs 5.9, shared w2 5.8 vs 6.1; bench/results/h200_tune_gemv.json).
 # programs: split-K aims at about this many programs per row of x (~4 per SM on an H100 / H200);
 # prefetch: _gemv_fp8_dense / _gemv_fp4's PREFETCH (0: load then compute; 1: the next step's weights
-# in flight during this step's arithmetic; 2: and the first tile's loads before the PDL wait).
+# in flight during this step's arithmetic; 2: and the first tile's loads before the PDL wait);
+# weights of fewer than prefetch_below bytes take 2 (H100, cold L2, a chain of GEMVs: the 2-8 MB
+# weights 0.5-1.2 us faster each with 2, the 16-34 MB ones 2-4 us slower: twice the registers).
 # mma: faithful mode's FP8 GEMVs on the FP8 tensor cores (_gemv_mma, mma_rows rows of W per
 # program, software-pipelined in mma_stages stages) instead of float32 FMAs; mma_dense: BF16
 # weights the same way (x in three bf16 parts, K steps of mma_dense_block_k).
 GEMV = {"fp8_block_k": 512, "dense_block_k": 256, "rows": 32, "warps": 4,
         "short_k": 2048, "fp8_short_block_k": 1024, "short_warps": 8, "programs": 4 * 132, "prefetch": 0,
-        "mma": False, "mma_rows": 64, "mma_warps": 4, "mma_stages": 4, "mma_dense": False, "mma_dense_block_k": 64}
+        "prefetch_below": 0, "mma": False, "mma_rows": 64, "mma_warps": 4, "mma_stages": 4, "mma_dense": False, "mma_dense_block_k": 64}
 
 
 @triton.jit
@@ -329,6 +331,10 @@ def _split(n_prog: int, k_blocks: int) -> tuple[int, int]:
     return per, triton.cdiv(k_blocks, per)
 
 
+def _prefetch(w: QWeight) -> int:
+    return 2 if w.nbytes() < GEMV["prefetch_below"] else GEMV["prefetch"]
+
+
 def gemv(x: torch.Tensor, w: QWeight, rows_per_group: int | None = None, act_quant: bool = False) -> torch.Tensor:
     """x: [M, K_total] (K_total = K x groups when grouped) -> [M, N] float32, M <= MAX_ROWS.
 
@@ -367,7 +373,7 @@ def gemv(x: torch.Tensor, w: QWeight, rows_per_group: int | None = None, act_qua
         _gemv_fp4[(M, triton.cdiv(N, BN), split)](
             x, w.data.view(torch.uint8), w.scale.view(torch.uint8), gs, out, part, cnt, M, N, K, x.stride(0),
             NV=w.fmt == "nvfp4", BLOCK_N=BN, BLOCK_KP=BKP, KP_PER_SPLIT=per * BKP, SPLIT=split, QX=qx,
-            PREFETCH=GEMV["prefetch"], num_warps=4, **pdl.launch(x.device))
+            PREFETCH=_prefetch(w), num_warps=4, **pdl.launch(x.device))
     else:
         short = w.fmt == "fp8" and K <= GEMV["short_k"]
         BK = GEMV["fp8_short_block_k" if short else "fp8_block_k" if w.fmt == "fp8" else "dense_block_k"]
@@ -383,7 +389,7 @@ def gemv(x: torch.Tensor, w: QWeight, rows_per_group: int | None = None, act_qua
         _gemv_fp8_dense[(M, triton.cdiv(N, BN), split)](
             x, data, s, out, part, cnt, M, N, K, x.stride(0), sbk, R,
             FMT=fmt, BLOCK_N=BN, BLOCK_K=BK, K_PER_SPLIT=per * BK, SPLIT=split, QX=qx,
-            PREFETCH=GEMV["prefetch"], num_warps=warps, **pdl.launch(x.device))
+            PREFETCH=_prefetch(w), num_warps=warps, **pdl.launch(x.device))
     return out
 
 

@@ -38,7 +38,7 @@ BLOCK_D = 512
 # path's cdiv(K, BLOCK_K) ranges), warps, pipeline stages. TILE: bf16 streams, fn split in three
 # bf16 parts ("split": False takes them through the float32 path instead: the A/B of
 # bench/tune_prefill.py --only mhc; TILE's shapes not yet tuned); TILE_F32: float32 streams.
-TILE = {"split": True, "rows": 128, "k": 64, "splits": 5, "warps": 8, "stages": 3}
+TILE = {"split": True, "rows": 128, "k": 64, "splits": 5, "warps": 8, "stages": 4}
 TILE_F32 = {"rows": 32, "k": 128, "splits": 8, "warps": 4, "stages": 3}
 MIN_PROGRAMS = 132  # one per SM of an H100 / H200
 SPLIT_BLOCK = 1024
