@@ -16,7 +16,8 @@
 #   bash bench/gpu_verify.sh mtp       # the MTP GPU tests (batched verify) and GEMV row tests, bench decode --mtp (built-in; 16 synthetic layers at 0.8)
 #   bash bench/gpu_verify.sh experts-figures  # expert/RoPE GPU tests, 8k profile, prefill 8k-128k, decode profile of 1- and 2-token steps, kernel-path test
 #   bash bench/gpu_verify.sh final     # MTP and RoPE GPU tests, bench decode --mtp at 16 layers, the RoPE rows A/B
-#   bash bench/gpu_verify.sh gemv      # the decode GEMV tune, GEMV / expert / sampling / RoPE GPU tests, the merge tune, decode at 16 layers with the tuned GEMV, the expert and mHC tunes
+#   bash bench/gpu_verify.sh gemv      # the decode GEMV tune, GEMV / sampling / RoPE GPU tests, the merge tune, decode at 16 layers with the tuned GEMV, the expert and mHC tunes
+#   bash bench/gpu_verify.sh last      # the mHC (both mixing paths) and decode-attention GPU tests, the 8k prefill profile, decode at 16 layers with and without prefetch_below
 #   bash bench/gpu_verify.sh decode-final  # kernel / engine / MTP GPU tests, decode at 16 layers at 1k and 64k, the per-kernel profile, the 8k prefill profile
 #   bash bench/gpu_verify.sh check     # the smallest: the MTP and RoPE GPU tests, the RoPE rows A/B
 #   bash bench/gpu_verify.sh indexer   # the 64k step with the indexer kernels and their references, decode at 16 layers at 64k, a 64k trace
@@ -136,7 +137,7 @@ gemv)
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
   timeout 170 python3 bench/tune_kernels.py --only gemv --out "$OUT/tune_gemv.json" 2>&1 | grep -E "TOTAL|rror" | head -14
   timeout 90 $T tests/test_gpu_kernels.py tests/test_gpu_speculative.py \
-    -k "both_paths or pair_and_prefetch or sampled or gemv_matches or grouped_linear or rope" 2>&1 | tail -8 \
+    -k "sampled or gemv or grouped_linear or rope" 2>&1 | tail -8 \
     | tee "$OUT/gpu_tests_gemv.txt"
   timeout 30 python3 bench/tune_kernels.py --only merge --out "$OUT/tune_merge.json" 2>&1 | cut -c1-200 | tail -8
   timeout 90 python3 bench/run_tuned.py --gemv "$OUT/tune_gemv.json" --merge "$OUT/tune_merge.json" -- \

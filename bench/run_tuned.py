@@ -1,11 +1,9 @@
 """Run a dsv4 command with the fastest settings of a decode tune applied in-process (no source edit).
 
-python3 bench/run_tuned.py [--gemv TUNE_GEMV.json] [--experts TUNE_EXPERTS.json] [--merge TUNE_MERGE.json] -- DSV4 ARGS...
+python3 bench/run_tuned.py [--gemv TUNE_GEMV.json] [--merge TUNE_MERGE.json] [--gemv-set JSON] -- DSV4 ARGS...
 --gemv: bench/tune_kernels.py --only gemv output; the alternative with the least time summed over
-  the Flash weights (best_gemv), among those within the tensor-core FP8 bound (2e-3 x max|ref|) on
-  every weight, updates kernels/triton/linear.GEMV.
---experts: bench/tune_kernels.py --only experts output; for each (warps, prefetch) the fastest up
-  and down tiles, the pair with the least summed time updates moe.CONFIG["mx"]["many"].
+  the Flash weights (best_gemv), among those within 1e-5 x max|ref| of the reference on every
+  weight (the GPU tests' GEMV bound), updates kernels/triton/linear.GEMV.
 --merge: bench/tune_kernels.py --only merge output; the fastest merge width updates attention.ATTENTION.
 --gemv-set: a JSON object of linear.GEMV settings, applied after the rest (an A/B of one setting).
 Prints the settings applied, then runs ``dsv4 ARGS`` (the CLI) in this process. For one device call
@@ -18,7 +16,7 @@ import argparse
 import json
 import sys
 
-BOUND = 2e-3  # tests/test_gpu_prefill.py FP8_MMA_BOUND
+BOUND = 1e-5  # tests/test_gpu_kernels.py's GEMV bound, x max|reference|
 
 
 def best_gemv(rows: list[dict]) -> dict:
@@ -38,24 +36,6 @@ def best_gemv(rows: list[dict]) -> dict:
     return json.loads(min(total, key=total.get)) if total else {}
 
 
-def best_experts(rows: list[dict]) -> dict:
-    """CONFIG["mx"]["many"] updates from the dp4a (mode 2) rows: the fastest up and down per
-    (warps, prefetch), the combination with the least summed time."""
-    rows = [r for r in rows if r.get("mode") == 2 and r.get("experts", 0) >= 4]
-    best = {}
-    for w, p in {(r["warps"], r["prefetch"]) for r in rows}:
-        up = [r for r in rows if r["kernel"] == "experts_up" and (r["warps"], r["prefetch"]) == (w, p)]
-        down = [r for r in rows if r["kernel"] == "experts_down" and (r["warps"], r["prefetch"]) == (w, p)]
-        if up and down:
-            u, d = min(up, key=lambda r: r["us"]), min(down, key=lambda r: r["us"])
-            best[(w, p)] = (u["us"] + d["us"], u, d)
-    if not best:
-        return {}
-    _, u, d = min(best.values(), key=lambda t: t[0])
-    return {"up_rows": u["rows"], "up_block_k": u["block_k"], "down_rows": d["rows"], "down_block_k": d["block_k"],
-            "warps": u["warps"], "pair": u["pair"], "prefetch": u["prefetch"]}
-
-
 def best_merge(rows: list[dict]) -> dict:
     """ATTENTION update from a --only merge tune: the merge width with the least time summed over
     the entry counts, among those within 1e-5 of the reference."""
@@ -70,25 +50,20 @@ def best_merge(rows: list[dict]) -> dict:
 
 def main(argv: list[str]) -> None:
     if "--" not in argv:
-        raise SystemExit("usage: run_tuned.py [--gemv FILE] [--experts FILE] [--merge FILE] -- DSV4 ARGS...")
+        raise SystemExit("usage: run_tuned.py [--gemv FILE] [--merge FILE] [--gemv-set JSON] -- DSV4 ARGS...")
     cut = argv.index("--")
     ap = argparse.ArgumentParser()
     ap.add_argument("--gemv")
-    ap.add_argument("--experts")
     ap.add_argument("--merge")
     ap.add_argument("--gemv-set", help="a JSON object of linear.GEMV settings, applied last")
     a = ap.parse_args(argv[:cut])
-    from dsv4.kernels.triton import attention, linear, moe
+    from dsv4.kernels.triton import attention, linear
 
     try:
         if a.gemv:
             g = best_gemv(json.load(open(a.gemv))["all"])
             linear.GEMV.update(g)
             print("GEMV settings:", json.dumps(g), flush=True)
-        if a.experts:
-            e = best_experts(json.load(open(a.experts))["all"])
-            moe.CONFIG["mx"]["many"].update(e)
-            print("CONFIG['mx']['many'] settings:", json.dumps(e), flush=True)
         if a.merge:
             m = best_merge(json.load(open(a.merge))["all"])
             attention.ATTENTION.update(m)

@@ -59,11 +59,9 @@ def experts(fmt: str, E: int, inter: int, d: int) -> ExpertSet:
                      [one(d, inter) for _ in range(E)])
 
 
-def tune_experts(fmt: str, E: int, k: int, rows, block_ks, warps, mode: int = 0,
-                 variants=((False, False),)) -> list[dict]:
+def tune_experts(fmt: str, E: int, k: int, rows, block_ks, warps, mode: int = 0) -> list[dict]:
     """Time _experts_up / _experts_down at Flash sizes for each tile shape, a new set of k of the E
-    experts per call (weights cold in L2, as in decode); mode as in moe.py; variants: (PAIR,
-    PREFETCH) settings (moe._experts_up; PAIR does not apply to down)."""
+    experts per call (weights cold in L2, as in decode); mode as in moe.py."""
     inter, d = 2048, 4096
     es = experts(fmt, E, inter, d)
     x = torch.randn(1, d, device="cuda")
@@ -81,13 +79,11 @@ def tune_experts(fmt: str, E: int, k: int, rows, block_ks, warps, mode: int = 0,
     part, cnt = tm._split_buffers(k, 1, d, min(rows), x.device)
     sets = torch.randperm(E, device="cuda")[:E // k * k].view(-1, k)  # a new set per call: weights cold in L2
     nxt = itertools.count()
-    for kind, r, bk, nw, (pair, prefetch) in itertools.product(("up", "down"), rows, block_ks, warps, variants):
-        if code < 4 and bk != 128 or kind == "down" and pair:
+    for kind, r, bk, nw in itertools.product(("up", "down"), rows, block_ks, warps):
+        if code < 4 and bk != 128:
             continue
-        opts = {"FMT": code, "BLOCK_N": r, "BLOCK_K": bk, "MODE": mode, "QX": False, "PDL": False, "num_warps": nw,
-                "PREFETCH": prefetch}
+        opts = {"FMT": code, "BLOCK_N": r, "BLOCK_K": bk, "MODE": mode, "QX": False, "PDL": False, "num_warps": nw}
         if kind == "up":
-            opts["PAIR"] = pair
             fn = lambda o=opts, r=r: tm._experts_up[(triton.cdiv(inter, r), k)](  # noqa: E731
                 x, xq, xs, sets[next(nxt) % len(sets)], t["w1"][0], t["w1"][1], t["w3"][0], t["w3"][1], t["w1"][2],
                 t["w3"][2], h, inter, d, 10.0, **o)
@@ -99,8 +95,7 @@ def tune_experts(fmt: str, E: int, k: int, rows, block_ks, warps, mode: int = 0,
             nbytes = k * one
         s = graph_time(fn)
         out.append({"kernel": f"experts_{kind}", "format": fmt, "mode": mode, "experts": k, "rows": r,
-                    "block_k": bk, "warps": nw, "pair": pair, "prefetch": prefetch, "us": s * 1e6,
-                    "GB_per_s": nbytes / s / 1e9})
+                    "block_k": bk, "warps": nw, "us": s * 1e6, "GB_per_s": nbytes / s / 1e9})
         print(json.dumps(out[-1]))
     quant = graph_time(lambda: quant3(x))
     out.append({"kernel": "quant3", "K": d, "us": quant * 1e6})
@@ -110,9 +105,7 @@ def tune_experts(fmt: str, E: int, k: int, rows, block_ks, warps, mode: int = 0,
 
 # GEMV settings compared by tune_gemv (each updates linear.GEMV; the rest stays at its defaults)
 GEMV_ALTERNATIVES = [{}, {"prefetch": 1}, {"prefetch": 2}, {"prefetch": 1, "fp8_block_k": 256, "warps": 8},
-                     {"programs": 8 * 132}, {"mma": True}, {"mma": True, "mma_stages": 3},
-                     {"mma": True, "mma_rows": 128, "mma_warps": 8}, {"mma": True, "programs": 8 * 132},
-                     {"mma": True, "mma_dense": True}, {"mma": True, "mma_dense": True, "mma_dense_block_k": 128}]
+                     {"programs": 8 * 132}]
 
 
 def tune_gemv(alternatives=None, out: list | None = None) -> list[dict]:
@@ -170,7 +163,7 @@ def tune_gemv(alternatives=None, out: list | None = None) -> list[dict]:
             ws = [QWeight("dense", torch.randn(N, K, device="cuda", generator=gen).to(torch.bfloat16), None)
                   for _ in range(copies)]
             x = torch.randn(1, K, device="cuda", generator=gen)
-            for alt in [a for a in alternatives or GEMV_ALTERNATIVES if a.get("mma_dense") or not a.get("mma")]:
+            for alt in alternatives or GEMV_ALTERNATIVES:
                 timed(name, N, K, ws, x, None, alt)
             del ws
     finally:
@@ -314,8 +307,9 @@ def main() -> None:
             with open(a.out, "w") as f:
                 json.dump({"all": res, "card": torch.cuda.get_device_name()}, f, indent=1)
         return
-    res = tune_experts("mxfp4", 256, 6, (32,), (1024,), (4, 8), mode=2,  # dp4a
-                       variants=((False, False), (True, False), (False, True), (True, True)))
+    res = tune_experts("mxfp4", 256, 6, (16,), (512,), (4,), mode=0)  # float decode on the CUDA cores
+    res += tune_experts("mxfp4", 256, 6, (16, 32), (512, 1024), (4, 8), mode=2)  # dp4a
+
     best = {}
     for r in res:
         if "mode" not in r:

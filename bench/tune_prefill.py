@@ -164,7 +164,7 @@ def tune_mhc(S: int = 6400, n: int = 4, d: int = 4096) -> list[dict]:
 
     def post_comb(out):
         return torch.cat([out[1].reshape(S, -1), out[2].reshape(S, -1)], 1)
-    alts = [dict(split=False, rows=32, k=128, splits=8, warps=4, stages=3)] + [
+    alts = [dict(split=False)] + [  # split off: the 3xTF32 path at TILE_F32's shapes
         dict(split=True, rows=r, k=k, splits=sp, warps=w, stages=st) for r, k, sp, w, st in
         [(128, 64, 5, 8, 3), (128, 64, 10, 8, 3), (128, 64, 5, 8, 4), (128, 64, 5, 4, 3), (64, 64, 13, 4, 4),
          (64, 128, 5, 4, 3), (128, 128, 13, 8, 3), (256, 64, 26, 8, 3)]]

@@ -5,6 +5,7 @@ Same bounds as the GPU tests (tests/test_gpu_kernels.py): 1e-5 x max|reference| 
 kernel path registered for the CPU must match the reference path over decode steps."""
 
 import os
+import itertools
 import sys
 
 import torch
@@ -77,27 +78,6 @@ def gemv_checks():
     finally:
         tlin.GEMV.clear()
         tlin.GEMV.update(keep)
-    # the tensor-core GEMVs (IEEE dots here): FP8 with ue8m0 and float32 block scales, and BF16;
-    # ragged N and K, a split K, several rows, and the grouped projection (64-row tiles in a group)
-    keep = dict(tlin.GEMV)
-    try:
-        tlin.GEMV.update(mma=True, mma_dense=True, programs=8)
-        for N, K, M in [(200, 640, 3), (64, 200, 1)]:
-            w = torch.randn(N, K, generator=g) / K ** 0.5
-            x = torch.randn(M, K, generator=g) * torch.logspace(-2, 2, K)
-            q, s = quant.quant_fp8_block(w)
-            for name, W in (("ue8m0", QWeight("fp8", q, s)),
-                            ("f32", QWeight("fp8", q, quant.ue8m0_to_float(s.view(torch.uint8)))),
-                            ("bf16", QWeight("dense", w.bfloat16()))):
-                close(f"gemv mma {name} {N}x{K} M={M}", tlin.gemv(x, W, act_quant=True),
-                      linear_reference(x, W, act_quant=True))
-        W = QWeight("fp8", *quant.quant_fp8_block(torch.randn(2 * 128, 256, generator=g)))
-        og = torch.randn(2, 2, 256, generator=g)
-        close("grouped mma 2x128x256", tlin.grouped_linear_triton(og, W, act_quant=True),
-              grouped_linear_reference(og, W, act_quant=True))
-    finally:
-        tlin.GEMV.clear()
-        tlin.GEMV.update(keep)
     for G, R, Kg, S in [(2, 16, 192, 3), (3, 24, 256, 1), (3, 48, 384, 2)]:
         W = QWeight("fp8", *quant.quant_fp8_block(torch.randn(G * R, Kg, generator=g)))
         og = torch.randn(S, G, Kg, generator=g)
@@ -133,22 +113,6 @@ def experts_checks():
             close(f"routed experts act_quant {fmt} E={E} {inter}x{d} k={k}",
                   tmoe.routed_experts_triton(x, ids, wts, es, 7.0, act_quant=True),
                   routed_experts(x, ids, wts, es, 7.0, act_quant=True))
-    # MXFP4 through the integer units: w1 / w3 streamed together (pair), loads a step ahead
-    # (prefetch), several K steps per program
-    es = expert_set("mxfp4", 6, 96, 256, g)
-    x = torch.randn(1, 256, generator=g) * 4
-    ids, wts = torch.tensor([[4, 1, 3]]), torch.rand(1, 3, generator=g)
-    cfg = tmoe.CONFIG["mx"]["one"]
-    keep = dict(cfg)
-    try:
-        for pair, prefetch in [(True, False), (True, True)]:  # down: never paired, with and without prefetch
-            cfg.update(pair=pair, prefetch=prefetch, up_block_k=64, down_block_k=32)
-            close(f"routed experts mxfp4 pair={pair} prefetch={prefetch}",
-                  tmoe.routed_experts_triton(x, ids, wts, es, 7.0, act_quant=True),
-                  routed_experts(x, ids, wts, es, 7.0, act_quant=True))
-    finally:
-        cfg.clear()
-        cfg.update(keep)
 
 
 def attention_checks():
@@ -293,7 +257,9 @@ def elementwise_checks():
             close(f"mhc_pre {part} {S}x{n}x{d}", a, b)
         out = torch.randn(S, d, generator=g)
         close(f"mhc_post {S}x{n}x{d}", tm.mhc_post_triton(out, st, ref[1], ref[2]), mhc_post(out, st, ref[1], ref[2]))
-    for S, n, d in [(40, 4, 300), (17, 2, 96)]:  # bf16 chunk rows: fn split in bf16 hi, mid, lo; a ragged last K range
+    # bf16 chunk rows on both mixing paths (fn split in bf16 hi, mid, lo; or 3xTF32); a ragged last K range
+    for (S, n, d), split in itertools.product([(40, 4, 300), (17, 2, 96)], (True, False)):
+        tm.TILE["split"] = split
         st = torch.randn(S, n, d, generator=g).bfloat16()
         fn = torch.randn((2 + n) * n, n * d, generator=g) * 0.02
         base, scale = torch.randn((2 + n) * n, generator=g) * 0.5, 1 + 0.1 * torch.randn(3, generator=g)
@@ -309,7 +275,8 @@ def elementwise_checks():
         part, _ = tm.chunk_partials(st.reshape(S, n * d), fn)
         err = (part.sum(1)[:, :fn.shape[0]] - flat @ fn.double().t()).abs() / (flat.abs() @ fn.double().abs().t())
         assert err.max().item() <= 2 ** -22, err.max().item()
-        print(f"ok mhc chunk mixes {S}x{n}x{d} bf16 {err.max().item():.1e}")
+        print(f"ok mhc chunk mixes {S}x{n}x{d} bf16 split={split} {err.max().item():.1e}")
+    tm.TILE["split"] = False
     for shape in [(3, 100), (2, 2, 96)]:
         x, w = torch.randn(*shape, generator=g) * 3, torch.randn(shape[-1], generator=g)
         close(f"rms_norm {shape}", tm.rms_norm_triton(x, w, 1e-6), rms_norm(x, w, 1e-6))

@@ -32,29 +32,16 @@ def test_run_tuned_picks_the_least_summed_gemv_setting_within_the_bound():
     rt = _run_tuned()
     rows = [{"weight": w, "N": 1, "K": 1, **alt, "us": us, "GB_per_s": 1.0, "max_rel_err": err}
             for w, alt, us, err in [("a", {}, 10.0, 0.0), ("b", {}, 10.0, 0.0),
-                                    ("a", {"mma": True}, 4.0, 1e-4), ("b", {"mma": True}, 12.0, 1e-4),
+                                    ("a", {"warps": 8}, 4.0, 1e-7), ("b", {"warps": 8}, 12.0, 1e-7),
                                     ("a", {"prefetch": 1}, 5.0, 0.0), ("b", {"prefetch": 1}, 9.0, 0.0),
-                                    ("a", {"programs": 9}, 1.0, 0.0), ("b", {"programs": 9}, 1.0, 0.1)]]
-    # mma sums to 16, prefetch to 14; programs=9 is fastest but out of bound on one weight
+                                    ("a", {"programs": 9}, 1.0, 0.0), ("b", {"programs": 9}, 1.0, 1e-3)]]
+    # warps=8 sums to 16, prefetch to 14; programs=9 is fastest but out of bound on one weight
     assert rt.best_gemv(rows) == {"prefetch": 1}
     assert rt.best_gemv([]) == {}
-    # an alternative not run on weight "c" counts the defaults' time there (here 20): mma 16 + 20
+    # an alternative not run on weight "c" counts the defaults' time there (here 20): warps=8 16 + 20
     rows += [{"weight": "c", "N": 1, "K": 1, **alt, "us": us, "GB_per_s": 1.0, "max_rel_err": 0.0}
              for alt, us in [({}, 20.0), ({"prefetch": 1}, 30.0)]]
-    assert rt.best_gemv(rows) == {"mma": True}
-
-
-def test_run_tuned_experts_pair_up_and_down_of_one_warps_prefetch_setting():
-    rt = _run_tuned()
-
-    def row(kind, warps, prefetch, us, pair=False, rows=32):
-        return {"kernel": f"experts_{kind}", "format": "mxfp4", "mode": 2, "experts": 6, "rows": rows,
-                "block_k": 1024, "warps": warps, "pair": pair, "prefetch": prefetch, "us": us}
-    rows = [row("up", 4, False, 20.0), row("down", 4, False, 10.0),
-            row("up", 8, True, 12.0, pair=True, rows=16), row("down", 8, True, 30.0),  # 42: the down is slow
-            row("up", 8, False, 15.0), row("down", 8, False, 9.0, rows=64)]  # 24: the winner
-    assert rt.best_experts(rows) == {"up_rows": 32, "up_block_k": 1024, "down_rows": 64, "down_block_k": 1024,
-                                     "warps": 8, "pair": False, "prefetch": False}
+    assert rt.best_gemv(rows) == {"warps": 8}
 
 
 def test_run_tuned_refuses_a_missing_result(tmp_path):

@@ -120,53 +120,34 @@ def _nibble_values(n):
 
 
 @triton.jit
-def _mx_load(w, s, rn, nmask, k0, k_end, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-             ASM: tl.constexpr):
-    """The loads of one K step of W [N, K/2] (uint8 base w) and its ue8m0 scales (base s [N, K/32]):
-    the packed tile (int32 words [BLOCK_N, BLOCK_K / 8] with ASM, else bytes [BLOCK_N, BLOCK_K / 2])
-    and the scales [BLOCK_N, BLOCK_K / 32]; nothing is loaded (zeros) when k0 >= k_end."""
-    NG: tl.constexpr = BLOCK_K // 32
-    live = nmask & (k0 < k_end)
-    if ASM:
-        rw = k0 // 8 + tl.arange(0, BLOCK_K // 8)
-        t = tl.load(w.to(tl.pointer_type(tl.int32)) + rn[:, None] * (K // 8) + rw[None, :], mask=live[:, None], other=0)
-    else:
-        rp = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-        t = tl.load(w + rn[:, None] * (K // 2) + rp[None, :], mask=live[:, None], other=0)
-    rg = k0 // 32 + tl.arange(0, NG)
-    sc = tl.load(s + rn[:, None] * (K // 32) + rg[None, :], mask=live[:, None], other=0)
-    return t, sc
-
-
-@triton.jit
-def _mx_math(xq, xs, t, sc, k0, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ASM: tl.constexpr):
-    """One K step from ``_mx_load``'s tile t and scales sc -> [BLOCK_N] float32: the integer sums G_p
-    of 2 * e2m1(W) times activation part p (xq: int8 parts [3, K]) per 32-group, scaled by the
-    weight's and the activation's group scales (xs [K / 32])."""
+def _group_sums(w, xq, rn, nmask, k0, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                ASM: tl.constexpr):
+    """Integer sums G_p [BLOCK_N, BLOCK_K / 32] (p = 0, 1, 2) of 2 * e2m1(W[rn, k0:k0+BLOCK_K]) times
+    activation part p, per 32-group. w: the uint8 base of W [N, K / 2]; xq: int8 parts [3, K]."""
     NG: tl.constexpr = BLOCK_K // 32
     if ASM:
         NW: tl.constexpr = BLOCK_K // 8
+        rw = k0 // 8 + tl.arange(0, NW)
+        words = tl.load(w.to(tl.pointer_type(tl.int32)) + rn[:, None] * (K // 8) + rw[None, :],
+                        mask=nmask[:, None], other=0)
         xw = tl.multiple_of(xq.to(tl.pointer_type(tl.int32)), 4) + k0 // 4 + tl.arange(0, 2 * NW)
         a0, b0 = _word_pairs(xw, BLOCK_N, NW)
         a1, b1 = _word_pairs(xw + K // 4, BLOCK_N, NW)
         a2, b2 = _word_pairs(xw + K // 2, BLOCK_N, NW)
-        d0, d1, d2 = tl.inline_asm_elementwise(_DOT8_PTX, "=r,=r,=r,r,r,r,r,r,r,r", [t, a0, b0, a1, b1, a2, b2],
+        d0, d1, d2 = tl.inline_asm_elementwise(_DOT8_PTX, "=r,=r,=r,r,r,r,r,r,r,r", [words, a0, b0, a1, b1, a2, b2],
                                                dtype=(tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
         g0 = tl.sum(tl.reshape(d0, [BLOCK_N, NG, 4]), 2)
         g1 = tl.sum(tl.reshape(d1, [BLOCK_N, NG, 4]), 2)
         g2 = tl.sum(tl.reshape(d2, [BLOCK_N, NG, 4]), 2)
     else:
         rp = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-        b = t.to(tl.int32)
+        b = tl.load(w + rn[:, None] * (K // 2) + rp[None, :], mask=nmask[:, None], other=0).to(tl.int32)
         lo = _nibble_values(b & 15)
         hi = _nibble_values(b >> 4)
         g0 = _pair_sums(lo, hi, xq, rp, BLOCK_N, NG)
         g1 = _pair_sums(lo, hi, xq + K, rp, BLOCK_N, NG)
         g2 = _pair_sums(lo, hi, xq + 2 * K, rp, BLOCK_N, NG)
-    rg = k0 // 32 + tl.arange(0, NG)
-    f = tl.exp2(sc.to(tl.float32) - 128.0) * tl.load(xs + rg)[None, :]
-    inner = g0.to(tl.float32) + (g1.to(tl.float32) + g2.to(tl.float32) * (1.0 / STEP)) * (1.0 / STEP)
-    return tl.sum(inner * f, 1)
+    return g0, g1, g2
 
 
 @triton.jit
@@ -184,30 +165,17 @@ def _pair_sums(lo, hi, xq, rp, BLOCK_N: tl.constexpr, NG: tl.constexpr):
 
 
 @triton.jit
-def mx_int_dots(xq, xs, w, s, wb, sb, rn, nmask, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                ASM: tl.constexpr, PAIR: tl.constexpr, PREFETCH: tl.constexpr):
+def mx_int_dots(xq, xs, w, s, rn, nmask, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                ASM: tl.constexpr):
     """sum_k W[rn, k] x[k] -> [BLOCK_N] float32 for MXFP4 W (uint8 base w [N, K/2], ue8m0 scales s
-    [N, K/32]) and x given as quant3 parts xq (int8 [3, K]) and scales xs ([K / 32]); K % BLOCK_K == 0.
-    PAIR: a second weight (wb, sb) against the same x in the same K steps, both tiles in flight
-    together -> (acc, acc_b); else acc_b is zeros and wb / sb are not read. PREFETCH: each step's
-    loads are issued before the previous step's arithmetic."""
+    [N, K/32]) and x given as quant3 parts xq (int8 [3, K]) and scales xs ([K / 32]); K % BLOCK_K == 0."""
+    NG: tl.constexpr = BLOCK_K // 32
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    acc_b = tl.zeros([BLOCK_N], dtype=tl.float32)
-    if PREFETCH:
-        t, sc = _mx_load(w, s, rn, nmask, 0, K, K, BLOCK_N, BLOCK_K, ASM)
-        tb, scb = _mx_load(wb, sb, rn, nmask & PAIR, 0, K, K, BLOCK_N, BLOCK_K, ASM)
-        for k0 in range(0, K, BLOCK_K):
-            tn, scn = _mx_load(w, s, rn, nmask, k0 + BLOCK_K, K, K, BLOCK_N, BLOCK_K, ASM)
-            tbn, scbn = _mx_load(wb, sb, rn, nmask & PAIR, k0 + BLOCK_K, K, K, BLOCK_N, BLOCK_K, ASM)
-            acc += _mx_math(xq, xs, t, sc, k0, K, BLOCK_N, BLOCK_K, ASM)
-            if PAIR:
-                acc_b += _mx_math(xq, xs, tb, scb, k0, K, BLOCK_N, BLOCK_K, ASM)
-            t, sc, tb, scb = tn, scn, tbn, scbn
-    else:
-        for k0 in range(0, K, BLOCK_K):
-            t, sc = _mx_load(w, s, rn, nmask, k0, K, K, BLOCK_N, BLOCK_K, ASM)
-            tb, scb = _mx_load(wb, sb, rn, nmask & PAIR, k0, K, K, BLOCK_N, BLOCK_K, ASM)
-            acc += _mx_math(xq, xs, t, sc, k0, K, BLOCK_N, BLOCK_K, ASM)
-            if PAIR:
-                acc_b += _mx_math(xq, xs, tb, scb, k0, K, BLOCK_N, BLOCK_K, ASM)
-    return acc, acc_b
+    for k0 in range(0, K, BLOCK_K):
+        g0, g1, g2 = _group_sums(w, xq, rn, nmask, k0, K, BLOCK_N, BLOCK_K, ASM)
+        rg = k0 // 32 + tl.arange(0, NG)
+        sc = tl.load(s + rn[:, None] * (K // 32) + rg[None, :], mask=nmask[:, None], other=0)
+        f = tl.exp2(sc.to(tl.float32) - 128.0) * tl.load(xs + rg)[None, :]
+        inner = g0.to(tl.float32) + (g1.to(tl.float32) + g2.to(tl.float32) * (1.0 / STEP)) * (1.0 / STEP)
+        acc += tl.sum(inner * f, 1)
+    return acc

@@ -25,7 +25,6 @@ from dsv4.kernels.reference.linear import QWeight
 
 from . import pdl
 from .actquant import fake_quant_pairs, fake_quant_vector
-from .attention import _e4m3_at, _pow2, _pow2_exponent, interpreted
 
 MAX_ROWS = 16
 # K per program step, output rows per program and warps (bench/tune_kernels.py --only gemv); FP8
@@ -36,12 +35,9 @@ MAX_ROWS = 16
 # in flight during this step's arithmetic; 2: and the first tile's loads before the PDL wait);
 # weights of fewer than prefetch_below bytes take 2 (H100, cold L2, a chain of GEMVs: the 2-8 MB
 # weights 0.5-1.2 us faster each with 2, the 16-34 MB ones 2-4 us slower: twice the registers).
-# mma: faithful mode's FP8 GEMVs on the FP8 tensor cores (_gemv_mma, mma_rows rows of W per
-# program, software-pipelined in mma_stages stages) instead of float32 FMAs; mma_dense: BF16
-# weights the same way (x in three bf16 parts, K steps of mma_dense_block_k).
 GEMV = {"fp8_block_k": 512, "dense_block_k": 256, "rows": 32, "warps": 4,
         "short_k": 2048, "fp8_short_block_k": 1024, "short_warps": 8, "programs": 4 * 132, "prefetch": 0,
-        "prefetch_below": 0, "mma": False, "mma_rows": 64, "mma_warps": 4, "mma_stages": 4, "mma_dense": False, "mma_dense_block_k": 64}
+        "prefetch_below": 0}
 
 
 @triton.jit
@@ -241,82 +237,6 @@ def _gemv_fp4(x_ptr, w_ptr, s_ptr, gs_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, 
     _store_split(acc, out_ptr, part_ptr, cnt_ptr, pid_n, pid_k, m, M, N, rn, nmask, SPLIT, BLOCK_N)
 
 
-@triton.jit
-def _store_split_rows(acc, out_ptr, part_ptr, cnt_ptr, pid_n, pid_k, M, N, rn, nmask, rm, mm, SPLIT: tl.constexpr):
-    """``_store_split`` for a program holding every row of x: acc [BLOCK_N, BLOCK_M] is out[rm, rn]^T;
-    one arrival count per output tile (cnt[pid_n]); partials added in split order."""
-    offs = rm[None, :] * N + rn[:, None]
-    msk = nmask[:, None] & mm[None, :]
-    if SPLIT == 1:
-        tl.store(out_ptr + offs, acc, mask=msk)
-    else:
-        tl.store(part_ptr + pid_k * M * N + offs, acc, mask=msk)
-        tl.debug_barrier()
-        tile = cnt_ptr + pid_n
-        if tl.atomic_add(tile, 1, sem="acq_rel") == SPLIT - 1:
-            tl.debug_barrier()
-            tot = tl.zeros_like(acc)
-            for sp in range(0, SPLIT):
-                tot += tl.load(part_ptr + sp * M * N + offs, mask=msk, other=0.0, cache_modifier=".cg")
-            tl.store(out_ptr + offs, tot, mask=msk)
-            tl.atomic_xchg(tile, 0)
-
-
-@triton.jit
-def _gemv_mma(x_ptr, w_ptr, s_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, stride_xm, SB_K, ROWS_PER_GROUP,
-              FP8: tl.constexpr, SCALE_U8: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-              BLOCK_K: tl.constexpr, K_PER_SPLIT: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
-              PDL: tl.constexpr):
-    """A GEMV on the tensor cores: out [M, N] = x . W^T for all M <= BLOCK_M rows of x in one
-    program per (BLOCK_N rows of W, K split); each K step is one W tile [BLOCK_N, BLOCK_K] against
-    x's rows as the dot's other operand. The loads of W feed the dots directly, so Triton's software
-    pipeline keeps several tiles in flight, and the CUDA cores do no per-weight arithmetic.
-    FP8 (faithful mode; BLOCK_K = 128): W e4m3 [N, K] with 128 x 128 block scales [ceil(N/128), SB_K]
-    (ue8m0 bytes with SCALE_U8, else float32); x's rows are quantised per 128-slice to e4m3 x
-    2^(e-127) in registers, one FP8 dot per step (exact products; Hopper's FP8 MMA adds the block's
-    at reduced precision, as prefill_linear._gemm_fp8 and DeepSeek's FP8 GEMMs do), scaled by the
-    weight block's and each row's slice scale into the float32 accumulator.
-    Else W bf16 [N, K] and float32 x split into three bf16 parts (hi + mid + lo, ~24 bits): three
-    bf16 dots with exact products and float32 sums, float32-level accuracy.
-    A row's result does not depend on the other rows (its own column of every dot, its own scales).
-    IEEE: float32 dots (the CPU interpreter)."""
-    pid_n, pid_k = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    nmask = rn < N
-    rm = tl.arange(0, BLOCK_M)
-    mm = rm < M
-    k_start = pid_k * K_PER_SPLIT
-    rk = tl.arange(0, BLOCK_K)
-    pdl.wait(PDL)
-    x_row = x_ptr + ((pid_n * BLOCK_N) // ROWS_PER_GROUP) * K + rm[:, None] * stride_xm
-    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    for kk in range(0, K_PER_SPLIT, BLOCK_K):
-        k = k_start + kk + rk
-        km = k < K
-        w = tl.load(w_ptr + rn[:, None] * K + k[None, :], mask=nmask[:, None] & km[None, :], other=0.0)
-        xv = tl.load(x_row + k[None, :], mask=mm[:, None] & km[None, :], other=0.0).to(tl.float32)
-        if FP8:
-            e = _pow2_exponent(tl.max(tl.abs(xv), 1), 448.0)
-            q = _e4m3_at(xv, e)
-            if IEEE:
-                part = tl.dot(w.to(tl.float32), tl.trans(q), input_precision="ieee")
-            else:
-                part = tl.dot(w, tl.trans(q.to(tl.float8e4nv)))
-            sw = tl.load(s_ptr + (rn // 128) * SB_K + (k_start + kk) // 128, mask=nmask, other=0)
-            if SCALE_U8:
-                sw = _pow2(sw.to(tl.int32))
-            acc += part * sw[:, None] * _pow2(e)[None, :]
-        elif IEEE:
-            acc += tl.dot(w.to(tl.float32), tl.trans(xv), input_precision="ieee")
-        else:
-            hi = xv.to(tl.bfloat16)
-            r = xv - hi.to(tl.float32)
-            mid = r.to(tl.bfloat16)
-            lo = (r - mid.to(tl.float32)).to(tl.bfloat16)
-            acc += tl.dot(w, tl.trans(hi)) + tl.dot(w, tl.trans(mid)) + tl.dot(w, tl.trans(lo))
-    _store_split_rows(acc, out_ptr, part_ptr, cnt_ptr, pid_n, pid_k, M, N, rn, nmask, rm, mm, SPLIT)
-
-
 def _block_n(n_rows: int, rows_per_group: int) -> int:
     b = 32
     while b > 1 and rows_per_group % b:
@@ -350,22 +270,7 @@ def gemv(x: torch.Tensor, w: QWeight, rows_per_group: int | None = None, act_qua
     if n_prog > 65535:  # the grid's y axis
         raise ValueError(f"gemv: {n_prog} output tiles of {BN} rows pass the grid's 65535")
     out = torch.empty((M, N), device=x.device, dtype=torch.float32)
-    BNM = GEMV["mma_rows"]
-    fp8_mma = qx and w.fmt == "fp8" and GEMV["mma"]
-    bf16_mma = w.fmt == "dense" and w.data.dtype == torch.bfloat16 and GEMV["mma_dense"]
-    if (fp8_mma or bf16_mma) and (rows_per_group is None or R % BNM == 0):
-        BK = 128 if fp8_mma else GEMV["mma_dense_block_k"]
-        n_tiles = triton.cdiv(N, BNM)
-        per, split = _split(n_tiles, triton.cdiv(K, BK))
-        part, cnt = _split_buffers(split, M, N, BNM, x.device)
-        u8 = fp8_mma and w.scale.dtype != torch.float32
-        data = w.data.view(torch.float8_e4m3fn) if fp8_mma else w.data
-        scale = (w.scale.view(torch.uint8) if u8 else w.scale) if fp8_mma else out  # unused pointer for bf16
-        _gemv_mma[(n_tiles, split)](
-            x, data, scale, out, part, cnt, M, N, K, x.stride(0), w.scale.shape[1] if fp8_mma else 0, R,
-            FP8=fp8_mma, SCALE_U8=u8, BLOCK_N=BNM, BLOCK_M=MAX_ROWS, BLOCK_K=BK, K_PER_SPLIT=per * BK, SPLIT=split,
-            IEEE=interpreted(), num_warps=GEMV["mma_warps"], num_stages=GEMV["mma_stages"], **pdl.launch(x.device))
-    elif w.fmt in ("mxfp4", "nvfp4"):
+    if w.fmt in ("mxfp4", "nvfp4"):
         BKP = 64
         per, split = _split(n_prog, triton.cdiv(K // 2, BKP))
         part, cnt = _split_buffers(split, M, N, BN, x.device)

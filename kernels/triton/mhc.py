@@ -10,10 +10,13 @@ mhc_pre in two launches instead of ~130 small ones (three for a chunk of bf16 st
        V4 sizes, made per call: not kept per weight), and one bf16 dot per K step, x [rows, k] . [hi; mid; lo; 0]^T
        [k, 4 x 32] (each part's 24 rows padded to 32 columns), gives the three products exactly
        (bf16 x bf16, float32 accumulation) from the tile as loaded; the column groups are summed
-       at the end. Before, these streams took the float32 path below (an H100 8k-token prefill:
-       478 us a call for a 6400-row chunk, where reading its 210 MB takes ~80 us); the new path's
-       GPU timing is pending (bench/tune_prefill.py --only mhc times both);
-     - float32 streams (exact mode): the tile converted to float32, 3xTF32 dots;
+       at the end. H100, a 6400-row chunk (bench/tune_prefill.py --only mhc): 0.152 ms against
+       0.625 ms for the float32 path below, which reads the 210 MB at a third of the bandwidth.
+       OFF by default (TILE["split"] False): its GPU test against the reference has not run yet
+       (tests/test_gpu_kernels.py runs both paths); the tune's own check disagreed with the
+       reference for both paths alike on the GPU (unexplained; on the CPU both agree to 5e-7);
+     - float32 streams (exact mode), and bf16 streams while "split" is off: the tile converted to
+       float32, 3xTF32 dots (TILE_F32's shapes);
   2. per (row, block of d): reduce the partials, then sigmoid / 2*sigmoid / softmax + 20 Sinkhorn
      iterations on the n x n matrix, all in registers, and the pre-weighted collapse of the streams.
 mhc_post in one launch: post_j * out + sum_i comb[i, j] * stream_i.
@@ -35,10 +38,10 @@ BLOCK_K = 128  # 128 programs per row for the 24 mixes at V4 sizes (latency, not
 BLOCK_D = 512
 # a chunk's mixing partials (more than MAX_ROWS rows): rows per program, K columns per step, K cut
 # into "splits" ranges (more for a short chunk: at least MIN_PROGRAMS programs, at most the decode
-# path's cdiv(K, BLOCK_K) ranges), warps, pipeline stages. TILE: bf16 streams, fn split in three
-# bf16 parts ("split": False takes them through the float32 path instead: the A/B of
-# bench/tune_prefill.py --only mhc; TILE's shapes not yet tuned); TILE_F32: float32 streams.
-TILE = {"split": True, "rows": 128, "k": 64, "splits": 5, "warps": 8, "stages": 4}
+# path's cdiv(K, BLOCK_K) ranges), warps, pipeline stages. TILE: bf16 streams with fn split in three
+# bf16 parts ("split"; H100 tune: 128 rows x 64, 5 ranges, 8 warps, 4 stages fastest, 0.152 ms, within
+# 3% of the other 128-row shapes); TILE_F32: float32 streams, and bf16 ones while "split" is off.
+TILE = {"split": False, "rows": 128, "k": 64, "splits": 5, "warps": 8, "stages": 4}
 TILE_F32 = {"rows": 32, "k": 128, "splits": 8, "warps": 4, "stages": 3}
 MIN_PROGRAMS = 132  # one per SM of an H100 / H200
 SPLIT_BLOCK = 1024
@@ -178,7 +181,8 @@ def chunk_partials(flat: torch.Tensor, fn: torch.Tensor):
     nmix = fn.shape[0]
     mixp = triton.next_power_of_2(nmix)
     bf16 = flat.dtype == torch.bfloat16
-    t, split = (TILE, TILE["split"]) if bf16 else (TILE_F32, False)
+    split = bf16 and TILE["split"]
+    t = TILE if split else TILE_F32
     rows = triton.cdiv(S, t["rows"])
     P = min(triton.cdiv(K, BLOCK_K), max(t["splits"], triton.cdiv(MIN_PROGRAMS, rows)))
     span = triton.cdiv(triton.cdiv(K, P), t["k"]) * t["k"]

@@ -85,10 +85,7 @@ def _row_dots(x_ptr, w, s, gs, rn, nmask, K: tl.constexpr, FMT: tl.constexpr, BL
 @triton.jit
 def _experts_up(x_ptr, xq_ptr, xs_ptr, ids_ptr, w1_tab, s1_tab, w3_tab, s3_tab, gs1_ptr, gs3_ptr, h_ptr, I,
                 K: tl.constexpr, limit, FMT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                MODE: tl.constexpr, QX: tl.constexpr, PAIR: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr):
-    """h [k, I] float32: h[j] = swiglu(w1[e] x, w3[e] x) for e = ids[j]; grid (row blocks, k). MODE >= 2
-    (MXFP4 through the integer units): PAIR streams w1 and w3 in the same K steps (else one after the
-    other), PREFETCH issues each step's loads before the previous step's arithmetic (fp4dot.mx_int_dots)."""
+                MODE: tl.constexpr, QX: tl.constexpr, PDL: tl.constexpr):
     pdl.wait(PDL)
     pid_n, j = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     e = tl.load(ids_ptr + j).to(tl.int64)
@@ -99,14 +96,8 @@ def _experts_up(x_ptr, xq_ptr, xs_ptr, ids_ptr, w1_tab, s1_tab, w3_tab, s3_tab, 
     w1, s1 = _weight_ptrs(w1_tab, s1_tab, e, FMT)
     w3, s3 = _weight_ptrs(w3_tab, s3_tab, e, FMT)
     if MODE >= 2:  # MXFP4 through dp4a (2: inline PTX, 3: the same in Triton ops); K % BLOCK_K == 0
-        if PAIR:
-            g, u = mx_int_dots(xq_ptr, xs_ptr, w1, s1, w3, s3, rn, nmask, K, BLOCK_N, BLOCK_K, MODE == 2, True,
-                               PREFETCH)
-        else:
-            g, _ = mx_int_dots(xq_ptr, xs_ptr, w1, s1, w1, s1, rn, nmask, K, BLOCK_N, BLOCK_K, MODE == 2, False,
-                               PREFETCH)
-            u, _ = mx_int_dots(xq_ptr, xs_ptr, w3, s3, w3, s3, rn, nmask, K, BLOCK_N, BLOCK_K, MODE == 2, False,
-                               PREFETCH)
+        g = mx_int_dots(xq_ptr, xs_ptr, w1, s1, rn, nmask, K, BLOCK_N, BLOCK_K, MODE == 2)
+        u = mx_int_dots(xq_ptr, xs_ptr, w3, s3, rn, nmask, K, BLOCK_N, BLOCK_K, MODE == 2)
     else:
         g = _row_dots(x_ptr, w1, s1, tl.load(gs1_ptr + e), rn, nmask, K, FMT, BLOCK_N, BLOCK_K, QX)
         u = _row_dots(x_ptr, w3, s3, tl.load(gs3_ptr + e), rn, nmask, K, FMT, BLOCK_N, BLOCK_K, QX)
@@ -118,8 +109,7 @@ def _experts_up(x_ptr, xq_ptr, xs_ptr, ids_ptr, w1_tab, s1_tab, w3_tab, s3_tab, 
 @triton.jit
 def _experts_down(h_ptr, hq_ptr, hs_ptr, ids_ptr, wts_ptr, w2_tab, s2_tab, gs2_ptr, out_ptr, part_ptr, cnt_ptr, N,
                   I: tl.constexpr, FMT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                  MODE: tl.constexpr, K_SEL: tl.constexpr, QX: tl.constexpr, PREFETCH: tl.constexpr,
-                  PDL: tl.constexpr):
+                  MODE: tl.constexpr, K_SEL: tl.constexpr, QX: tl.constexpr, PDL: tl.constexpr):
     """out [N] (x's dtype) = sum_j weights[j] * (w2[ids[j]] h[j]); grid (row blocks, K_SEL). The last
     program of a row block to finish adds the K_SEL partials in j order (deterministic)."""
     pdl.wait(PDL)
@@ -131,8 +121,7 @@ def _experts_down(h_ptr, hq_ptr, hs_ptr, ids_ptr, wts_ptr, w2_tab, s2_tab, gs2_p
     e = tl.maximum(e, 0)
     w2, s2 = _weight_ptrs(w2_tab, s2_tab, e, FMT)
     if MODE >= 2:
-        y, _ = mx_int_dots(hq_ptr + j * 3 * I, hs_ptr + j * (I // 32), w2, s2, w2, s2, rn, nmask, I, BLOCK_N, BLOCK_K,
-                           MODE == 2, False, PREFETCH)
+        y = mx_int_dots(hq_ptr + j * 3 * I, hs_ptr + j * (I // 32), w2, s2, rn, nmask, I, BLOCK_N, BLOCK_K, MODE == 2)
     else:
         y = _row_dots(h_ptr + j * I, w2, s2, tl.load(gs2_ptr + e), rn, nmask, I, FMT, BLOCK_N, BLOCK_K, QX)
     _store_split(y * tl.load(wts_ptr + j), out_ptr, part_ptr, cnt_ptr, pid_n, j, 0, 1, N, rn, valid, K_SEL, BLOCK_N)
@@ -222,13 +211,12 @@ def routed_experts_triton(x: torch.Tensor, ids: torch.Tensor, weights: torch.Ten
     xq, xsc = quant3(xs.view(1, d), qx) if mode else (xs, xs)
     _experts_up[(triton.cdiv(I, cfg["up_rows"]), k)](
         xs, xq, xsc, ids1, t["w1"][0], t["w1"][1], t["w3"][0], t["w3"][1], t["w1"][2], t["w3"][2], h, I, d,
-        float(limit), FMT=fmt, BLOCK_N=cfg["up_rows"], BLOCK_K=up_k, MODE=mode, QX=qx, PAIR=cfg.get("pair", False),
-        PREFETCH=cfg.get("prefetch", False), **opts, **pdl.launch(x.device))
+        float(limit), FMT=fmt, BLOCK_N=cfg["up_rows"], BLOCK_K=up_k, MODE=mode, QX=qx, **opts, **pdl.launch(x.device))
     hq, hsc = quant3(h, qx) if mode else (h, h)
     out = torch.empty((1, d), device=x.device, dtype=x.dtype)
     part, cnt = _split_buffers(k, 1, d, cfg["down_rows"], x.device)
     _experts_down[(triton.cdiv(d, cfg["down_rows"]), k)](
         h, hq, hsc, ids1, weights.reshape(-1).float().contiguous(), t["w2"][0], t["w2"][1], t["w2"][2], out, part,
-        cnt, d, I, FMT=fmt, BLOCK_N=cfg["down_rows"], BLOCK_K=down_k, MODE=mode, K_SEL=k, QX=qx,
-        PREFETCH=cfg.get("prefetch", False), **opts, **pdl.launch(x.device))
+        cnt, d, I, FMT=fmt, BLOCK_N=cfg["down_rows"], BLOCK_K=down_k, MODE=mode, K_SEL=k, QX=qx, **opts,
+        **pdl.launch(x.device))
     return out
