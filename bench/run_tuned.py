@@ -21,8 +21,8 @@ BOUND = 1e-5  # tests/test_gpu_kernels.py's GEMV bound, x max|reference|
 
 def best_gemv(rows: list[dict]) -> dict:
     """The GEMV alternative (its settings dict) with the least time summed over the weights; a
-    weight an alternative was not run on (the tune skips FP8-only settings on BF16 weights, where
-    they change nothing) counts at the defaults' time. {} if none ran."""
+    weight an alternative has no row for (a tune stopped by its timeout) counts at the defaults'
+    time. {} if none ran."""
     meta = ("weight", "N", "K", "us", "GB_per_s", "max_rel_err")
     times, bad = {}, set()
     for r in rows:

@@ -114,7 +114,7 @@ def tune_gemv(alternatives=None, out: list | None = None) -> list[dict]:
     reads each layer's weights once; for each setting of linear.GEMV in ``alternatives`` (default
     GEMV_ALTERNATIVES), with its largest error against the reference (x max|reference|). Rows are
     appended to ``out`` as they come (main writes them even when a timeout stops the run)."""
-    from dsv4.kernels.reference.linear import linear_reference
+    from dsv4.kernels.reference.linear import grouped_linear_reference, linear_reference
     from dsv4.kernels.triton import linear as tl_
     gen = torch.Generator(device="cuda").manual_seed(0)
     fp8 = {"wq_a+wkv": (1536, 4096, None), "wq_b": (32768, 1024, None), "wo_a": (8192, 4096, 1024),
@@ -132,12 +132,7 @@ def tune_gemv(alternatives=None, out: list | None = None) -> list[dict]:
         if R is None:
             ref = linear_reference(x, w0, act_quant=True)
         else:  # the grouped projection: group g's rows read slice g of x
-            G = N // R
-            ref = torch.cat([linear_reference(x[:, g * K:(g + 1) * K],
-                                              type(w0)(w0.fmt, w0.data[g * R:(g + 1) * R],
-                                                       w0.scale[g * R // 128:(g + 1) * R // 128]
-                                                       if w0.scale is not None else None), act_quant=True)
-                             for g in range(G)], 1)
+            ref = grouped_linear_reference(x.view(x.shape[0], N // R, K), w0, act_quant=True)
         err = ((got - ref).abs().max() / ref.abs().max()).item()
         it = iter(range(10 ** 9))
         n = len(ws)

@@ -182,9 +182,9 @@ def _gemv_fp8_dense(x_ptr, w_ptr, s_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, st
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = rn < N
     k_start = pid_k * K_PER_SPLIT
-    k_end = tl.minimum(k_start + K_PER_SPLIT, K)
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     if PREFETCH:
+        k_end = tl.minimum(k_start + K_PER_SPLIT, K)
         if PREFETCH == 1:
             pdl.wait(PDL)
         w, s = _block_load(w_ptr, s_ptr, rn, nmask, k_start, k_end, K, SB_K, FMT, BLOCK_N, BLOCK_K)
@@ -214,9 +214,9 @@ def _gemv_fp4(x_ptr, w_ptr, s_ptr, gs_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, 
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = rn < N
     kp_start = pid_k * KP_PER_SPLIT
-    kp_end = tl.minimum(kp_start + KP_PER_SPLIT, K // 2)
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     if PREFETCH:
+        kp_end = tl.minimum(kp_start + KP_PER_SPLIT, K // 2)
         if PREFETCH == 1:
             pdl.wait(PDL)
         b, s = _fp4_load(w_ptr, s_ptr, rn, nmask, kp_start, kp_end, K, NV, BLOCK_N, BLOCK_KP)
