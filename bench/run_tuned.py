@@ -68,11 +68,18 @@ def main(argv: list[str]) -> None:
             m = best_merge(json.load(open(a.merge))["all"])
             attention.ATTENTION.update(m)
             print("ATTENTION settings:", json.dumps(m), flush=True)
-        if a.gemv_set:
-            linear.GEMV.update(json.loads(a.gemv_set))
-            print("GEMV settings:", a.gemv_set, flush=True)
     except (OSError, ValueError, KeyError) as e:
         raise SystemExit(f"run_tuned: cannot read a tune result: {e}") from None
+    if a.gemv_set:
+        try:
+            given = json.loads(a.gemv_set)
+        except ValueError as e:
+            raise SystemExit(f"run_tuned: --gemv-set is not JSON: {e}") from None
+        unknown = set(given) - set(linear.GEMV) if isinstance(given, dict) else None
+        if unknown is None or unknown:
+            raise SystemExit(f"run_tuned: --gemv-set must be an object of linear.GEMV's keys ({', '.join(linear.GEMV)})")
+        linear.GEMV.update(given)
+        print("GEMV settings:", json.dumps(given), flush=True)
     from dsv4.cli.main import app
 
     sys.argv = ["dsv4", *argv[cut + 1:]]

@@ -56,3 +56,12 @@ def test_run_tuned_merge_width_by_summed_time_within_bound():
             for m, T, us, err in [(512, 512, 8.0, 1e-7), (512, 16, 4.0, 1e-7), (128, 512, 5.0, 1e-7),
                                   (128, 16, 4.5, 1e-7), (64, 512, 3.0, 1e-7), (64, 16, 3.0, 1e-3)]]
     assert rt.best_merge(rows) == {"merge": 128}
+
+
+@pytest.mark.parametrize("value,message", [("{bad", "run_tuned: --gemv-set is not JSON"),
+                                           ("[1]", "run_tuned: --gemv-set must be an object of linear.GEMV's keys"),
+                                           ('{"nope": 1}', "run_tuned: --gemv-set must be an object of linear.GEMV's keys")])
+def test_run_tuned_refuses_a_bad_gemv_set(tmp_path, value, message):
+    r = subprocess.run([sys.executable, str(PROFILE.with_name("run_tuned.py")), "--gemv-set", value, "--", "--help"],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert r.returncode == 1 and r.stdout == "" and r.stderr.strip().splitlines()[-1].startswith(message)
