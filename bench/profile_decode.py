@@ -9,7 +9,9 @@ DSV4_PDL=0 in the environment: kernels launched without programmatic dependent l
 --compare DSV4_PDL=0,DSV4_PDL=1,DSV4_OVERLAP=0+DSV4_PDL=0: the CUDA-graph step time (median of 30)
 under each setting in the order given, one graph captured per setting; a setting is VAR=VALUE
 assignments joined by '+', each applied on top of the starting environment (DSV4_PDL:
-kernels/triton/pdl.py, DSV4_OVERLAP: kernels/streams.py).
+kernels/triton/pdl.py, DSV4_OVERLAP: kernels/streams.py); a VAR of the form MODULE.TABLE.KEY is a
+kernel settings table entry instead (bench/run_tuned.py --set: mhc.DECODE.block_k=256), restored
+after its setting.
 --tokens 2: the default table for the static step of 2 tokens (MTP's batched verify,
 Model.static_step), per step; compare with --tokens 1 (the plain step) from the same command line.
 """
@@ -28,6 +30,7 @@ from dsv4.engine.runtime.decode import DecodeRunner
 from dsv4.engine.model.model import Model
 from dsv4.engine.runtime.session import Session
 from dsv4.kernels.triton import linear, pdl, router
+from run_tuned import parse_setting  # bench/, this script's folder
 
 GEMV_KERNELS = ("_gemv_fp8_dense", "_gemv_fp4")
 
@@ -88,6 +91,9 @@ def main() -> None:
     for st in settings:
         if not all(v.count("=") == 1 and v.split("=")[0] for v in st.split("+")):
             ap.error(f"--compare: {st!r} is not VAR=VALUE[+VAR=VALUE...]")
+        for v in st.split("+"):
+            if "." in v.split("=")[0]:
+                parse_setting(v, "profile_decode.py: --compare")  # a bad table entry stops here, before the model is built
     full = DSV4Config.flash()
     cfg = full.layer_range(0, a.layers)
     model = Model.from_state_dict(cfg, synthetic_stored(cfg, "cuda"), mode="faithful", device="cuda")
@@ -138,13 +144,19 @@ def main() -> None:
         for st in settings:
             os.environ.clear()
             os.environ.update(start)
-            os.environ.update(v.split("=") for v in st.split("+"))
+            tables = [parse_setting(v) for v in st.split("+") if "." in v.split("=")[0]]
+            kept = [(t, k, t[k]) for t, k, _ in tables]
+            os.environ.update(v.split("=") for v in st.split("+") if "." not in v.split("=")[0])
+            for t, k, v in tables:
+                t[k] = v
             g = DecodeRunner(model, s.cache.handles(s.slot), graph=True)
             ms = graph_ms(g, ids[at:at + 34])
             at += 34
             rows.append(f"{st:40s} graph step {ms * 1000:8.1f} us")
             print(rows[-1], flush=True)
             del g
+            for t, k, v in kept:
+                t[k] = v
         os.environ.clear()
         os.environ.update(start)
         text = f"{a.layers} layers, prompt {a.prompt_len}, faithful\n" + "\n".join(rows)

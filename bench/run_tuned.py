@@ -1,11 +1,13 @@
 """Run a dsv4 command with the fastest settings of a decode tune applied in-process (no source edit).
 
-python3 bench/run_tuned.py [--gemv TUNE_GEMV.json] [--merge TUNE_MERGE.json] [--gemv-set JSON] -- DSV4 ARGS...
+python3 bench/run_tuned.py [--gemv TUNE_GEMV.json] [--merge TUNE_MERGE.json] [--set MODULE.TABLE.KEY=JSON]... -- DSV4 ARGS...
 --gemv: bench/tune_kernels.py --only gemv output; the alternative with the least time summed over
   the Flash weights (best_gemv), among those within 1e-5 x max|ref| of the reference on every
   weight (the GPU tests' GEMV bound), updates kernels/triton/linear.GEMV.
 --merge: bench/tune_kernels.py --only merge output; the fastest merge width updates attention.ATTENTION.
---gemv-set: a JSON object of linear.GEMV settings, applied after the rest (an A/B of one setting).
+--set: one entry of a settings table of dsv4.kernels.triton (an upper-case dict such as linear.GEMV
+  or mhc.TILE; the key must exist), the value as JSON, applied after the rest (an A/B of one
+  setting): --set linear.GEMV.prefetch_below=12582912 --set mhc.TILE.split=true.
 Prints the settings applied, then runs ``dsv4 ARGS`` (the CLI) in this process. For one device call
 that tunes and then measures with the winners; copy the printed settings into the source by hand.
 """
@@ -48,14 +50,43 @@ def best_merge(rows: list[dict]) -> dict:
     return {"merge": min(ok, key=ok.get)} if ok else {}
 
 
+def parse_setting(item: str, who: str = "run_tuned: --set") -> tuple[dict, str, object]:
+    """'MODULE.TABLE.KEY=JSON' -> (the table dict of dsv4.kernels.triton.MODULE, KEY, the value);
+    SystemExit with one line (starting with ``who``) for anything else."""
+    import importlib
+
+    name, eq, text = item.partition("=")
+    parts = name.split(".")
+    if not eq or len(parts) != 3 or not all(parts):
+        raise SystemExit(f"{who} wants MODULE.TABLE.KEY=JSON (e.g. mhc.TILE.split=true), got {item!r}")
+    module, table, key = parts
+    try:
+        mod = importlib.import_module(f"dsv4.kernels.triton.{module}")
+    except ImportError:
+        raise SystemExit(f"{who}: no kernel module dsv4.kernels.triton.{module}") from None
+    settings = getattr(mod, table, None)
+    if not (table.isupper() and isinstance(settings, dict)):
+        raise SystemExit(f"{who}: {module}.{table} is not a settings table (an upper-case dict)")
+    if key not in settings:
+        raise SystemExit(f"{who}: {module}.{table} has no key {key!r} (it has {', '.join(settings)})")
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise SystemExit(f"{who} {name}: the value is not JSON: {e}") from None
+    if type(value) is not type(settings[key]) and not (isinstance(value, int) and isinstance(settings[key], float)):
+        raise SystemExit(f"{who} {name}: {type(settings[key]).__name__} wanted, got {text!r}")
+    return settings, key, value
+
+
 def main(argv: list[str]) -> None:
     if "--" not in argv:
-        raise SystemExit("usage: run_tuned.py [--gemv FILE] [--merge FILE] [--gemv-set JSON] -- DSV4 ARGS...")
+        raise SystemExit("usage: run_tuned.py [--gemv FILE] [--merge FILE] [--set MODULE.TABLE.KEY=JSON]... -- DSV4 ARGS...")
     cut = argv.index("--")
     ap = argparse.ArgumentParser()
     ap.add_argument("--gemv")
     ap.add_argument("--merge")
-    ap.add_argument("--gemv-set", help="a JSON object of linear.GEMV settings, applied last")
+    ap.add_argument("--set", action="append", default=[], metavar="MODULE.TABLE.KEY=JSON",
+                    help="one kernel setting, applied last (repeatable), e.g. mhc.TILE.split=true")
     a = ap.parse_args(argv[:cut])
     from dsv4.kernels.triton import attention, linear
 
@@ -70,16 +101,10 @@ def main(argv: list[str]) -> None:
             print("ATTENTION settings:", json.dumps(m), flush=True)
     except (OSError, ValueError, KeyError) as e:
         raise SystemExit(f"run_tuned: cannot read a tune result: {e}") from None
-    if a.gemv_set:
-        try:
-            given = json.loads(a.gemv_set)
-        except ValueError as e:
-            raise SystemExit(f"run_tuned: --gemv-set is not JSON: {e}") from None
-        unknown = set(given) - set(linear.GEMV) if isinstance(given, dict) else None
-        if unknown is None or unknown:
-            raise SystemExit(f"run_tuned: --gemv-set must be an object of linear.GEMV's keys ({', '.join(linear.GEMV)})")
-        linear.GEMV.update(given)
-        print("GEMV settings:", json.dumps(given), flush=True)
+    for item in a.set:
+        table, key, value = parse_setting(item)
+        table[key] = value
+        print("setting:", item, flush=True)
     from dsv4.cli.main import app
 
     sys.argv = ["dsv4", *argv[cut + 1:]]

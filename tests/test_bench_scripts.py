@@ -19,6 +19,13 @@ def test_profile_decode_refuses_bad_token_counts(tmp_path, args, message):
     assert r.stderr.strip().splitlines()[-1] == f"profile_decode.py: error: {message}"
 
 
+def test_profile_decode_refuses_a_bad_table_setting_before_building(tmp_path):
+    r = subprocess.run([sys.executable, str(PROFILE), "--compare", "DSV4_PDL=1,mhc.DECODE.nope=2"],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr.strip().splitlines()[-1].startswith("profile_decode.py: --compare: mhc.DECODE has no key 'nope'")
+
+
 def _run_tuned():
     import importlib.util
 
@@ -58,10 +65,25 @@ def test_run_tuned_merge_width_by_summed_time_within_bound():
     assert rt.best_merge(rows) == {"merge": 128}
 
 
-@pytest.mark.parametrize("value,message", [("{bad", "run_tuned: --gemv-set is not JSON"),
-                                           ("[1]", "run_tuned: --gemv-set must be an object of linear.GEMV's keys"),
-                                           ('{"nope": 1}', "run_tuned: --gemv-set must be an object of linear.GEMV's keys")])
-def test_run_tuned_refuses_a_bad_gemv_set(tmp_path, value, message):
-    r = subprocess.run([sys.executable, str(PROFILE.with_name("run_tuned.py")), "--gemv-set", value, "--", "--help"],
+@pytest.mark.parametrize("value,message", [
+    ("mhc.TILE.split", "run_tuned: --set wants MODULE.TABLE.KEY=JSON"),
+    ("mhc.split=true", "run_tuned: --set wants MODULE.TABLE.KEY=JSON"),
+    ("nomodule.TILE.split=true", "run_tuned: --set: no kernel module"),
+    ("mhc.MAX_ROWS.x=1", "run_tuned: --set: mhc.MAX_ROWS is not a settings table"),
+    ("mhc.TILE.nope=1", "run_tuned: --set: mhc.TILE has no key 'nope'"),
+    ("mhc.TILE.split={bad", "run_tuned: --set mhc.TILE.split: the value is not JSON"),
+    ("mhc.TILE.split=1", "run_tuned: --set mhc.TILE.split: bool wanted")])
+def test_run_tuned_refuses_a_bad_setting(tmp_path, value, message):
+    r = subprocess.run([sys.executable, str(PROFILE.with_name("run_tuned.py")), "--set", value, "--", "--help"],
                        capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert r.returncode == 1 and r.stdout == "" and r.stderr.strip().splitlines()[-1].startswith(message)
+
+
+def test_run_tuned_setting_names_a_table_entry():
+    rt = _run_tuned()
+    from dsv4.kernels.triton import linear, mhc
+
+    table, key, value = rt.parse_setting("mhc.TILE.split=true")
+    assert table is mhc.TILE and key == "split" and value is True
+    table, key, value = rt.parse_setting("linear.GEMV.prefetch_below=12582912")
+    assert table is linear.GEMV and key == "prefetch_below" and value == 12582912

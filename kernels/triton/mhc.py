@@ -7,14 +7,14 @@ mhc_pre in two launches instead of ~130 small ones (three for a chunk of bf16 st
      program for a chunk (tensor-core dots that read the streams once, ``chunk_partials``):
      - bf16 streams (faithful mode) are exact in bf16, so only fn needs more bits: a small launch
        splits fn into three bf16 parts hi + mid + lo (~24 bits together; [3, 24, K], 2.25 MB at
-       V4 sizes, made per call: not kept per weight), and one bf16 dot per K step, x [rows, k] . [hi; mid; lo; 0]^T
-       [k, 4 x 32] (each part's 24 rows padded to 32 columns), gives the three products exactly
-       (bf16 x bf16, float32 accumulation) from the tile as loaded; the column groups are summed
-       at the end. H100, a 6400-row chunk (bench/tune_prefill.py --only mhc): 0.152 ms against
-       0.625 ms for the float32 path below, which reads the 210 MB at a third of the bandwidth.
-       OFF by default (TILE["split"] False): its GPU test against the reference has not run yet
-       (tests/test_gpu_kernels.py runs both paths); the tune's own check disagreed with the
-       reference for both paths alike on the GPU (unexplained; on the CPU both agree to 5e-7);
+       V4 sizes, made per call: not kept per weight), and three bf16 dots per K step, x [rows, k] .
+       part^T [k, 32] (24 rows padded to 32), give the three products exactly (bf16 x bf16, float32
+       accumulation) from the tile as loaded. H100, a 6400-row chunk (bench/tune_prefill.py --only
+       mhc): 0.152 ms against 0.625 ms for the float32 path below, which reads the 210 MB at a third
+       of the bandwidth (that timing was of an earlier form: one dot against the parts side by side
+       and a reshape to sum them, which disagreed with the reference on the GPU for some tile shapes).
+       OFF by default (TILE["split"] False) until its GPU test (tests/test_gpu_kernels.py runs both
+       paths) has passed on a GPU;
      - float32 streams (exact mode), and bf16 streams while "split" is off: the tile converted to
        float32, 3xTF32 dots (TILE_F32's shapes);
   2. per (row, block of d): reduce the partials, then sigmoid / 2*sigmoid / softmax + 20 Sinkhorn
@@ -34,11 +34,15 @@ from .attention import _precision
 
 
 MAX_ROWS = 16
-BLOCK_K = 128  # 128 programs per row for the 24 mixes at V4 sizes (latency, not bytes, bounds it)
+# a few rows (decode): K columns per mixing-partials program (128: 128 programs per row for the 24
+# mixes at V4 sizes; latency, not bytes, bounds it) and warps of the epilogue (partials reduced,
+# Sinkhorn, collapse; also a chunk's). bench/profile_decode.py --compare mhc.DECODE.block_k=256 times
+# other values in the decode step.
+DECODE = {"block_k": 128, "epilogue_warps": 1}
 BLOCK_D = 512
 # a chunk's mixing partials (more than MAX_ROWS rows): rows per program, K columns per step, K cut
 # into "splits" ranges (more for a short chunk: at least MIN_PROGRAMS programs, at most the decode
-# path's cdiv(K, BLOCK_K) ranges), warps, pipeline stages. TILE: bf16 streams with fn split in three
+# path's cdiv(K, DECODE["block_k"]) ranges), warps, pipeline stages. TILE: bf16 streams with fn split in three
 # bf16 parts ("split"; H100 tune: 128 rows x 64, 5 ranges, 8 warps, 4 stages fastest, 0.152 ms, within
 # 3% of the other 128-row shapes); TILE_F32: float32 streams, and bf16 ones while "split" is off.
 TILE = {"split": False, "rows": 128, "k": 64, "splits": 5, "warps": 8, "stages": 4}
@@ -78,36 +82,41 @@ def _split_fn(fn_ptr, f_ptr, N, BLOCK: tl.constexpr):
 
 @triton.jit
 def _mix_partials_rows(s_ptr, f_ptr, part_ptr, ss_ptr, M, K, P, SPAN, NMIX: tl.constexpr, MIXP: tl.constexpr,
-                       GROUPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+                       SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     """Rows [pid0 * BLOCK_M, +BLOCK_M) and columns [pid1 * SPAN, +SPAN) of the flattened streams
     [M, K]: partial mixes part[row, pid1, :MIXP] and sums of squares ss[row, pid1], float32.
-    GROUPS 1: f is fn [NMIX, K], the dots at PRECISION ("tf32x3" on the GPU: three TF32 products,
+    SPLIT False: f is fn [NMIX, K], the dots at PRECISION ("tf32x3" on the GPU: three TF32 products,
     float32-level accuracy; the FMA path, "ieee", ran 9x slower than the bytes allow on the H200).
-    GROUPS 4: bf16 streams and f = fn split in bf16 hi, mid, lo [3, NMIX, K], part g's rows as the
-    dot's columns [g * MIXP, +NMIX) (zeros past them, and a fourth group of zeros pads N to a power
-    of two): one bf16 tensor-core dot per step gives the three exact products of the streams' tile,
-    float32-accumulated, and the groups are summed at the end. PRECISION "ieee" (the interpreter,
-    whose bf16 dot is not exact): the same bf16 values multiplied as float32."""
+    SPLIT True: bf16 streams and f = fn split in bf16 hi, mid, lo [3, NMIX, K]: three bf16
+    tensor-core dots per step (one per part, [BLOCK_M, k] x [k, MIXP]) into one float32 accumulator
+    give the exact products of the streams' tile as loaded. (One dot against the parts side by side,
+    [k, 4 x MIXP], then a reshape to sum the column groups, disagreed with the reference on an H100
+    for some tile shapes.) PRECISION "ieee" (the interpreter, whose bf16 dot is not exact): the same
+    bf16 values multiplied as float32."""
     pid_m, p = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mm = rm < M
-    g, j = tl.arange(0, GROUPS * MIXP) // MIXP, tl.arange(0, GROUPS * MIXP) % MIXP  # part, mix
-    fm = (g < 3) & (j < NMIX)
-    acc = tl.zeros([BLOCK_M, GROUPS * MIXP], tl.float32)
+    rj = tl.arange(0, MIXP)
+    acc = tl.zeros([BLOCK_M, MIXP], tl.float32)
     ss = tl.zeros([BLOCK_M], tl.float32)
     for k0 in range(0, SPAN, BLOCK_K):
         rk = p * SPAN + k0 + tl.arange(0, BLOCK_K)
         km = (rk < K) & (k0 + tl.arange(0, BLOCK_K) < SPAN)
         x = tl.load(s_ptr + rm[:, None] * K + rk[None, :], mask=mm[:, None] & km[None, :], other=0.0)
-        f = tl.load(f_ptr + (g * NMIX + j)[:, None] * K + rk[None, :], mask=fm[:, None] & km[None, :], other=0.0)
+        fm = (rj[:, None] < NMIX) & km[None, :]
+        fp = f_ptr + rj[:, None] * K + rk[None, :]
         xf = x.to(tl.float32)
-        if GROUPS == 1 or PRECISION == "ieee":
-            acc += tl.dot(xf, tl.trans(f.to(tl.float32)), input_precision=PRECISION)
+        if not SPLIT:
+            acc += tl.dot(xf, tl.trans(tl.load(fp, mask=fm, other=0.0).to(tl.float32)), input_precision=PRECISION)
         else:
-            acc += tl.dot(x, tl.trans(f))
+            for part in tl.static_range(3):
+                f = tl.load(fp + part * NMIX * K, mask=fm, other=0.0)
+                if PRECISION == "ieee":
+                    acc = tl.dot(xf, tl.trans(f.to(tl.float32)), acc, input_precision=PRECISION)
+                else:
+                    acc = tl.dot(x, tl.trans(f), acc)
         ss += tl.sum(xf * xf, 1)
-    mix = tl.sum(tl.reshape(acc, [BLOCK_M, GROUPS, MIXP]), 1)
-    tl.store(part_ptr + (rm[:, None] * P + p) * MIXP + tl.arange(0, MIXP)[None, :], mix, mask=mm[:, None])
+    tl.store(part_ptr + (rm[:, None] * P + p) * MIXP + rj[None, :], acc, mask=mm[:, None])
     tl.store(ss_ptr + rm * P + p, ss, mask=mm)
 
 
@@ -184,7 +193,7 @@ def chunk_partials(flat: torch.Tensor, fn: torch.Tensor):
     split = bf16 and TILE["split"]
     t = TILE if split else TILE_F32
     rows = triton.cdiv(S, t["rows"])
-    P = min(triton.cdiv(K, BLOCK_K), max(t["splits"], triton.cdiv(MIN_PROGRAMS, rows)))
+    P = min(triton.cdiv(K, DECODE["block_k"]), max(t["splits"], triton.cdiv(MIN_PROGRAMS, rows)))
     span = triton.cdiv(triton.cdiv(K, P), t["k"]) * t["k"]
     P = triton.cdiv(K, span)
     part = torch.empty((S, P, mixp), device=flat.device, dtype=torch.float32)
@@ -194,7 +203,7 @@ def chunk_partials(flat: torch.Tensor, fn: torch.Tensor):
     if split:
         _split_fn[(triton.cdiv(nmix * K, SPLIT_BLOCK),)](fn, f, nmix * K, BLOCK=SPLIT_BLOCK)
     _mix_partials_rows[(rows, P)](flat, f, part, ss, S, K, P, span, NMIX=nmix, MIXP=mixp,
-                                  GROUPS=4 if split else 1, BLOCK_M=t["rows"], BLOCK_K=t["k"], PRECISION=_precision(),
+                                  SPLIT=split, BLOCK_M=t["rows"], BLOCK_K=t["k"], PRECISION=_precision(),
                                   num_warps=t["warps"], num_stages=t["stages"])
     return part, ss
 
@@ -210,18 +219,20 @@ def mhc_pre_triton(streams, fn, base, scale, iters: int, hc_eps: float, norm_eps
     if S > MAX_ROWS:
         part, ss = chunk_partials(streams.reshape(S, K), fn)
     else:
-        P = triton.cdiv(K, BLOCK_K)
+        block_k = DECODE["block_k"]
+        P = triton.cdiv(K, block_k)
         part = torch.empty((S, P, mixp), device=dev, dtype=torch.float32)
         ss = torch.empty((S, P), device=dev, dtype=torch.float32)
-        _mix_partials[(S, P)](streams, fn.contiguous(), part, ss, K, P, NMIX=nmix, MIXP=mixp, BLOCK_K=BLOCK_K,
+        _mix_partials[(S, P)](streams, fn.contiguous(), part, ss, K, P, NMIX=nmix, MIXP=mixp, BLOCK_K=block_k,
                               **pdl.launch(dev))
     P = part.shape[1]
     x = torch.empty((S, d), device=dev, dtype=streams.dtype)
     post = torch.empty((S, n), device=dev, dtype=torch.float32)
     comb = torch.empty((S, n, n), device=dev, dtype=torch.float32)
-    _pre_epilogue[(S, triton.cdiv(d, BLOCK_D))](  # one warp: 20 Sinkhorn rounds of warp-local sums
+    _pre_epilogue[(S, triton.cdiv(d, BLOCK_D))](  # one warp (default): 20 Sinkhorn rounds of warp-local sums
         streams, part, ss, base.float().contiguous(), scale.float().contiguous(), x, post, comb, d, P,
-        norm_eps, hc_eps, ITERS=iters, N=n, MIXP=mixp, PP=max(2, triton.next_power_of_2(P)), BLOCK_D=BLOCK_D, num_warps=1,
+        norm_eps, hc_eps, ITERS=iters, N=n, MIXP=mixp, PP=max(2, triton.next_power_of_2(P)), BLOCK_D=BLOCK_D,
+        num_warps=DECODE["epilogue_warps"],
         **pdl.launch(dev))
     return x, post, comb
 
