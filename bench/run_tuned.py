@@ -1,13 +1,15 @@
 """Run a dsv4 command with the fastest settings of a decode tune applied in-process (no source edit).
 
-python3 bench/run_tuned.py [--gemv TUNE_GEMV.json] [--merge TUNE_MERGE.json] [--set MODULE.TABLE.KEY=JSON]... -- DSV4 ARGS...
+python3 bench/run_tuned.py [--gemv TUNE_GEMV.json] [--merge TUNE_MERGE.json] [--mhc TUNE_MHC.json] [--set MODULE.TABLE.KEY=JSON]... -- DSV4 ARGS...
 --gemv: bench/tune_kernels.py --only gemv output; the alternative with the least time summed over
   the Flash weights (best_gemv), among those within 1e-5 x max|ref| of the reference on every
   weight (the GPU tests' GEMV bound), updates kernels/triton/linear.GEMV.
 --merge: bench/tune_kernels.py --only merge output; the fastest merge width updates attention.ATTENTION.
+--mhc: bench/tune_prefill.py --only mhc output; the fastest tile within 1e-5 of the reference updates
+  mhc.TILE.
 --set: one entry of a settings table of dsv4.kernels.triton (an upper-case dict such as linear.GEMV
   or mhc.TILE; the key must exist), the value as JSON, applied after the rest (an A/B of one
-  setting): --set linear.GEMV.prefetch_below=12582912 --set mhc.TILE.split=true.
+  setting): --set linear.GEMV.prefetch_below=12582912 --set mhc.TILE.rows=64.
 Prints the settings applied, then runs ``dsv4 ARGS`` (the CLI) in this process. For one device call
 that tunes and then measures with the winners; copy the printed settings into the source by hand.
 """
@@ -58,7 +60,7 @@ def parse_setting(item: str, who: str = "run_tuned: --set") -> tuple[dict, str, 
     name, eq, text = item.partition("=")
     parts = name.split(".")
     if not eq or len(parts) != 3 or not all(parts):
-        raise SystemExit(f"{who} wants MODULE.TABLE.KEY=JSON (e.g. mhc.TILE.split=true), got {item!r}")
+        raise SystemExit(f"{who} wants MODULE.TABLE.KEY=JSON (e.g. mhc.TILE.rows=64), got {item!r}")
     module, table, key = parts
     try:
         mod = importlib.import_module(f"dsv4.kernels.triton.{module}")
@@ -78,17 +80,25 @@ def parse_setting(item: str, who: str = "run_tuned: --set") -> tuple[dict, str, 
     return settings, key, value
 
 
+def best_tile(rows: list[dict], table: dict) -> dict:
+    """The fastest row of a bench/tune_prefill.py result (within BOUND of the reference, no error),
+    as an update of ``table`` (the row's keys that the table has). {} if none qualifies."""
+    ok = [r for r in rows if "ms" in r and r.get("max_rel_diff", 1.0) <= BOUND]
+    return {k: v for k, v in min(ok, key=lambda r: r["ms"]).items() if k in table} if ok else {}
+
+
 def main(argv: list[str]) -> None:
     if "--" not in argv:
-        raise SystemExit("usage: run_tuned.py [--gemv FILE] [--merge FILE] [--set MODULE.TABLE.KEY=JSON]... -- DSV4 ARGS...")
+        raise SystemExit("usage: run_tuned.py [--gemv FILE] [--merge FILE] [--mhc FILE] [--set MODULE.TABLE.KEY=JSON]... -- DSV4 ARGS...")
     cut = argv.index("--")
     ap = argparse.ArgumentParser()
     ap.add_argument("--gemv")
     ap.add_argument("--merge")
+    ap.add_argument("--mhc")
     ap.add_argument("--set", action="append", default=[], metavar="MODULE.TABLE.KEY=JSON",
-                    help="one kernel setting, applied last (repeatable), e.g. mhc.TILE.split=true")
+                    help="one kernel setting, applied last (repeatable), e.g. mhc.TILE.rows=64")
     a = ap.parse_args(argv[:cut])
-    from dsv4.kernels.triton import attention, linear
+    from dsv4.kernels.triton import attention, linear, mhc
 
     try:
         if a.gemv:
@@ -99,6 +109,10 @@ def main(argv: list[str]) -> None:
             m = best_merge(json.load(open(a.merge))["all"])
             attention.ATTENTION.update(m)
             print("ATTENTION settings:", json.dumps(m), flush=True)
+        if a.mhc:
+            t = best_tile(json.load(open(a.mhc))["results"], mhc.TILE)
+            mhc.TILE.update(t)
+            print("mhc.TILE settings:", json.dumps(t), flush=True)
     except (OSError, ValueError, KeyError) as e:
         raise SystemExit(f"run_tuned: cannot read a tune result: {e}") from None
     for item in a.set:

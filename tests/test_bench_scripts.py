@@ -66,24 +66,35 @@ def test_run_tuned_merge_width_by_summed_time_within_bound():
 
 
 @pytest.mark.parametrize("value,message", [
-    ("mhc.TILE.split", "run_tuned: --set wants MODULE.TABLE.KEY=JSON"),
-    ("mhc.split=true", "run_tuned: --set wants MODULE.TABLE.KEY=JSON"),
-    ("nomodule.TILE.split=true", "run_tuned: --set: no kernel module"),
+    ("mhc.TILE.rows", "run_tuned: --set wants MODULE.TABLE.KEY=JSON"),
+    ("mhc.rows=64", "run_tuned: --set wants MODULE.TABLE.KEY=JSON"),
+    ("nomodule.TILE.rows=64", "run_tuned: --set: no kernel module"),
     ("mhc.MAX_ROWS.x=1", "run_tuned: --set: mhc.MAX_ROWS is not a settings table"),
     ("mhc.TILE.nope=1", "run_tuned: --set: mhc.TILE has no key 'nope'"),
-    ("mhc.TILE.split={bad", "run_tuned: --set mhc.TILE.split: the value is not JSON"),
-    ("mhc.TILE.split=1", "run_tuned: --set mhc.TILE.split: bool wanted")])
+    ("mhc.TILE.rows={bad", "run_tuned: --set mhc.TILE.rows: the value is not JSON"),
+    ("mhc.TILE.rows=true", "run_tuned: --set mhc.TILE.rows: int wanted")])
 def test_run_tuned_refuses_a_bad_setting(tmp_path, value, message):
     r = subprocess.run([sys.executable, str(PROFILE.with_name("run_tuned.py")), "--set", value, "--", "--help"],
                        capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert r.returncode == 1 and r.stdout == "" and r.stderr.strip().splitlines()[-1].startswith(message)
 
 
+def test_run_tuned_best_tile_fastest_within_bound():
+    rt = _run_tuned()
+    table = {"rows": 32, "k": 128, "warps": 4}
+    rows = [{"op": "x", "ms": 0.5, "max_rel_diff": 1e-7},
+            {"op": "x", "rows": 64, "k": 64, "warps": 8, "ms": 0.2, "max_rel_diff": 1e-3},  # fast but wrong
+            {"op": "x", "rows": 128, "k": 32, "warps": 8, "ms": 0.3, "max_rel_diff": 2e-6},
+            {"op": "x", "rows": 16, "error": "OutOfResources"}]
+    assert rt.best_tile(rows, table) == {"rows": 128, "k": 32, "warps": 8}
+    assert rt.best_tile(rows[:1], table) == {} and rt.best_tile([], table) == {}
+
+
 def test_run_tuned_setting_names_a_table_entry():
     rt = _run_tuned()
     from dsv4.kernels.triton import linear, mhc
 
-    table, key, value = rt.parse_setting("mhc.TILE.split=true")
-    assert table is mhc.TILE and key == "split" and value is True
+    table, key, value = rt.parse_setting("mhc.TILE.rows=64")
+    assert table is mhc.TILE and key == "rows" and value == 64
     table, key, value = rt.parse_setting("linear.GEMV.prefetch_below=12582912")
     assert table is linear.GEMV and key == "prefetch_below" and value == 12582912

@@ -1,25 +1,22 @@
 """Fused Triton kernels for mHC (manifold-constrained hyper-connections), decode rows and prefill chunks.
 
-mhc_pre in two launches instead of ~130 small ones (three for a chunk of bf16 streams):
+mhc_pre in two launches instead of ~130 small ones:
   1. split-K partial dot products of the flattened streams [S, K = n*d] with the 24 mixing rows of
      ``fn`` [24, K], and partial sums of squares (for the RMS normalisation, applied afterwards: it
      is linear), all float32; one row per program for a few rows (decode), a tile of rows per
-     program for a chunk (tensor-core dots that read the streams once, ``chunk_partials``):
-     - bf16 streams (faithful mode) are exact in bf16, so only fn needs more bits: a small launch
-       splits fn into three bf16 parts hi + mid + lo (~24 bits together; [3, 24, K], 2.25 MB at
-       V4 sizes, made per call: not kept per weight), and three bf16 dots per K step, x [rows, k] .
-       part^T [k, 32] (24 rows padded to 32), give the three products exactly (bf16 x bf16, float32
-       accumulation) from the tile as loaded. H100, a 6400-row chunk (bench/tune_prefill.py --only
-       mhc): 0.152 ms against 0.625 ms for the float32 path below, which reads the 210 MB at a third
-       of the bandwidth (that timing was of an earlier form: one dot against the parts side by side
-       and a reshape to sum them, which disagreed with the reference on the GPU for some tile shapes).
-       OFF by default (TILE["split"] False) until its GPU test (tests/test_gpu_kernels.py runs both
-       paths) has passed on a GPU;
-     - float32 streams (exact mode), and bf16 streams while "split" is off: the tile converted to
-       float32, 3xTF32 dots (TILE_F32's shapes);
+     program for a chunk (tensor-core dots that read the streams once, ``chunk_partials``), the
+     tile converted to float32 (the engine's streams are float32; bf16 ones are widened), 3xTF32
+     dots. (A bf16 path, fn split in three bf16 parts and one bf16 dot per part, ran 4x faster on bf16
+     streams but disagreed with the reference on an H100 at 6400 rows while passing at 700, and the
+     engine never has bf16 streams: removed; it is in git history.)
   2. per (row, block of d): reduce the partials, then sigmoid / 2*sigmoid / softmax + 20 Sinkhorn
      iterations on the n x n matrix, all in registers, and the pre-weighted collapse of the streams.
 mhc_post in one launch: post_j * out + sum_i comb[i, j] * stream_i.
+Fused for a few rows (the decode step), each one launch fewer than its parts:
+  mhc_pre_norm: mhc_pre, then kernels.rms_norm of x (the block's attn_norm / ffn_norm): the
+    epilogue takes a whole row per program (the d blocks in a loop, x stored, then normalised);
+  mhc_post_pre_norm: mhc_post, then mhc_pre_norm of the new streams: the post launch also writes
+    the mixing partials of the block of the new streams it made (no separate _mix_partials).
 Shapes as kernels/mhc.py; n (hc_mult) must be a power of two (4 in V4), else the reference runs.
 """
 
@@ -38,17 +35,14 @@ MAX_ROWS = 16
 # mixes at V4 sizes; latency, not bytes, bounds it) and warps of the epilogue (partials reduced,
 # Sinkhorn, collapse; also a chunk's). bench/profile_decode.py --compare mhc.DECODE.block_k=256 times
 # other values in the decode step.
-DECODE = {"block_k": 128, "epilogue_warps": 1}
+# mhc_pre_norm's epilogue: d columns per step of its loop and warps (one program per row).
+DECODE = {"block_k": 128, "epilogue_warps": 1, "norm_block_d": 1024, "norm_warps": 4}
 BLOCK_D = 512
 # a chunk's mixing partials (more than MAX_ROWS rows): rows per program, K columns per step, K cut
 # into "splits" ranges (more for a short chunk: at least MIN_PROGRAMS programs, at most the decode
-# path's cdiv(K, DECODE["block_k"]) ranges), warps, pipeline stages. TILE: bf16 streams with fn split in three
-# bf16 parts ("split"; H100 tune: 128 rows x 64, 5 ranges, 8 warps, 4 stages fastest, 0.152 ms, within
-# 3% of the other 128-row shapes); TILE_F32: float32 streams, and bf16 ones while "split" is off.
-TILE = {"split": False, "rows": 128, "k": 64, "splits": 5, "warps": 8, "stages": 4}
-TILE_F32 = {"rows": 32, "k": 128, "splits": 8, "warps": 4, "stages": 3}
+# path's cdiv(K, DECODE["block_k"]) ranges), warps, pipeline stages.
+TILE = {"rows": 32, "k": 128, "splits": 8, "warps": 4, "stages": 3}
 MIN_PROGRAMS = 132  # one per SM of an H100 / H200
-SPLIT_BLOCK = 1024
 
 
 @triton.jit
@@ -66,33 +60,12 @@ def _mix_partials(s_ptr, fn_ptr, part_ptr, ss_ptr, K, P, NMIX: tl.constexpr, MIX
 
 
 @triton.jit
-def _split_fn(fn_ptr, f_ptr, N, BLOCK: tl.constexpr):
-    """fn (N values) -> f [3, N] bf16: hi, mid, lo with hi + mid + lo = fn to ~2^-24 relative (each
-    part the bf16 rounding of what the parts before leave, exact in float32)."""
-    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    m = i < N
-    r = tl.load(fn_ptr + i, mask=m, other=0.0).to(tl.float32)
-    hi = r.to(tl.bfloat16)
-    r -= hi.to(tl.float32)
-    mid = r.to(tl.bfloat16)
-    tl.store(f_ptr + i, hi, mask=m)
-    tl.store(f_ptr + N + i, mid, mask=m)
-    tl.store(f_ptr + 2 * N + i, (r - mid.to(tl.float32)).to(tl.bfloat16), mask=m)
-
-
-@triton.jit
-def _mix_partials_rows(s_ptr, f_ptr, part_ptr, ss_ptr, M, K, P, SPAN, NMIX: tl.constexpr, MIXP: tl.constexpr,
-                       SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+def _mix_partials_rows(s_ptr, fn_ptr, part_ptr, ss_ptr, M, K, P, SPAN, NMIX: tl.constexpr, MIXP: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     """Rows [pid0 * BLOCK_M, +BLOCK_M) and columns [pid1 * SPAN, +SPAN) of the flattened streams
-    [M, K]: partial mixes part[row, pid1, :MIXP] and sums of squares ss[row, pid1], float32.
-    SPLIT False: f is fn [NMIX, K], the dots at PRECISION ("tf32x3" on the GPU: three TF32 products,
-    float32-level accuracy; the FMA path, "ieee", ran 9x slower than the bytes allow on the H200).
-    SPLIT True: bf16 streams and f = fn split in bf16 hi, mid, lo [3, NMIX, K]: three bf16
-    tensor-core dots per step (one per part, [BLOCK_M, k] x [k, MIXP]) into one float32 accumulator
-    give the exact products of the streams' tile as loaded. (One dot against the parts side by side,
-    [k, 4 x MIXP], then a reshape to sum the column groups, disagreed with the reference on an H100
-    for some tile shapes.) PRECISION "ieee" (the interpreter, whose bf16 dot is not exact): the same
-    bf16 values multiplied as float32."""
+    [M, K] against fn [NMIX, K]: partial mixes part[row, pid1, :MIXP] and sums of squares
+    ss[row, pid1], float32; the dots at PRECISION ("tf32x3" on the GPU: three TF32 products,
+    float32-level accuracy; the FMA path, "ieee", ran 9x slower than the bytes allow on the H200)."""
     pid_m, p = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mm = rm < M
@@ -102,30 +75,19 @@ def _mix_partials_rows(s_ptr, f_ptr, part_ptr, ss_ptr, M, K, P, SPAN, NMIX: tl.c
     for k0 in range(0, SPAN, BLOCK_K):
         rk = p * SPAN + k0 + tl.arange(0, BLOCK_K)
         km = (rk < K) & (k0 + tl.arange(0, BLOCK_K) < SPAN)
-        x = tl.load(s_ptr + rm[:, None] * K + rk[None, :], mask=mm[:, None] & km[None, :], other=0.0)
-        fm = (rj[:, None] < NMIX) & km[None, :]
-        fp = f_ptr + rj[:, None] * K + rk[None, :]
-        xf = x.to(tl.float32)
-        if not SPLIT:
-            acc += tl.dot(xf, tl.trans(tl.load(fp, mask=fm, other=0.0).to(tl.float32)), input_precision=PRECISION)
-        else:
-            for part in tl.static_range(3):
-                f = tl.load(fp + part * NMIX * K, mask=fm, other=0.0)
-                if PRECISION == "ieee":
-                    acc = tl.dot(xf, tl.trans(f.to(tl.float32)), acc, input_precision=PRECISION)
-                else:
-                    acc = tl.dot(x, tl.trans(f), acc)
+        xf = tl.load(s_ptr + rm[:, None] * K + rk[None, :], mask=mm[:, None] & km[None, :], other=0.0).to(tl.float32)
+        f = tl.load(fn_ptr + rj[:, None] * K + rk[None, :], mask=(rj[:, None] < NMIX) & km[None, :], other=0.0)
+        acc += tl.dot(xf, tl.trans(f.to(tl.float32)), input_precision=PRECISION)
         ss += tl.sum(xf * xf, 1)
     tl.store(part_ptr + (rm[:, None] * P + p) * MIXP + rj[None, :], acc, mask=mm[:, None])
     tl.store(ss_ptr + rm * P + p, ss, mask=mm)
 
 
 @triton.jit
-def _pre_epilogue(s_ptr, part_ptr, ss_ptr, base_ptr, scale_ptr, x_ptr, post_ptr, comb_ptr, D, P,
-                  norm_eps, hc_eps, ITERS: tl.constexpr, N: tl.constexpr, MIXP: tl.constexpr,
-                  PP: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
-    pdl.wait(PDL)
-    row, db = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+def _mixes(part_ptr, ss_ptr, base_ptr, scale_ptr, row, D, P, norm_eps, hc_eps, ITERS: tl.constexpr, N: tl.constexpr,
+           MIXP: tl.constexpr, PP: tl.constexpr):
+    """One row's partials reduced -> pre [N], post [N], comb [N, N] float32 (sigmoid, 2*sigmoid,
+    softmax + ITERS Sinkhorn rounds, as kernels/reference/mhc.py)."""
     rp = tl.arange(0, PP)
     pm = rp < P
     r = tl.rsqrt(tl.sum(tl.load(ss_ptr + row * P + rp, mask=pm, other=0.0), 0) / (N * D) + norm_eps)
@@ -147,6 +109,17 @@ def _pre_epilogue(s_ptr, part_ptr, ss_ptr, base_ptr, scale_ptr, x_ptr, post_ptr,
     for _ in range(ITERS - 1):
         comb = comb / (tl.sum(comb, 1)[:, None] + hc_eps)
         comb = comb / (tl.sum(comb, 0)[None, :] + hc_eps)
+    return pre, post, comb
+
+
+@triton.jit
+def _pre_epilogue(s_ptr, part_ptr, ss_ptr, base_ptr, scale_ptr, x_ptr, post_ptr, comb_ptr, D, P,
+                  norm_eps, hc_eps, ITERS: tl.constexpr, N: tl.constexpr, MIXP: tl.constexpr,
+                  PP: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+    pdl.wait(PDL)
+    row, db = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    pre, post, comb = _mixes(part_ptr, ss_ptr, base_ptr, scale_ptr, row, D, P, norm_eps, hc_eps, ITERS, N, MIXP, PP)
+    ri = tl.arange(0, N)
     rd = db * BLOCK_D + tl.arange(0, BLOCK_D)
     dm = rd < D
     st = tl.load(s_ptr + row * N * D + ri[:, None] * D + rd[None, :], mask=dm[None, :], other=0.0)
@@ -154,7 +127,63 @@ def _pre_epilogue(s_ptr, part_ptr, ss_ptr, base_ptr, scale_ptr, x_ptr, post_ptr,
     tl.store(x_ptr + row * D + rd, x.to(x_ptr.dtype.element_ty), mask=dm)
     if db == 0:
         tl.store(post_ptr + row * N + ri, post)
-        tl.store(comb_ptr + row * N * N + rij, tl.reshape(comb, [N * N]))
+        tl.store(comb_ptr + row * N * N + tl.arange(0, N * N), tl.reshape(comb, [N * N]))
+
+
+@triton.jit
+def _pre_norm_epilogue(s_ptr, part_ptr, ss_ptr, base_ptr, scale_ptr, w_ptr, x_ptr, post_ptr, comb_ptr, D, P,
+                       norm_eps, hc_eps, ITERS: tl.constexpr, N: tl.constexpr, MIXP: tl.constexpr,
+                       PP: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+    """_pre_epilogue for a whole row (grid (S,)), then x RMS-normalised with weight w (eps
+    norm_eps), as kernels.rms_norm: x rounded to x's dtype, normalised in float32, rounded again."""
+    pdl.wait(PDL)
+    row = tl.program_id(0).to(tl.int64)
+    pre, post, comb = _mixes(part_ptr, ss_ptr, base_ptr, scale_ptr, row, D, P, norm_eps, hc_eps, ITERS, N, MIXP, PP)
+    ri = tl.arange(0, N)
+    sq = tl.zeros([BLOCK_D], tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        rd = d0 + tl.arange(0, BLOCK_D)
+        dm = rd < D
+        st = tl.load(s_ptr + row * N * D + ri[:, None] * D + rd[None, :], mask=dm[None, :], other=0.0)
+        x = tl.sum(pre[:, None] * st.to(tl.float32), 0).to(x_ptr.dtype.element_ty)
+        tl.store(x_ptr + row * D + rd, x, mask=dm)
+        sq += x.to(tl.float32) * x.to(tl.float32)
+    rs = tl.rsqrt(tl.sum(sq, 0) / D + norm_eps)
+    tl.debug_barrier()  # the x just stored, read back by whichever thread owns it below
+    for d0 in range(0, D, BLOCK_D):
+        rd = d0 + tl.arange(0, BLOCK_D)
+        dm = rd < D
+        x = tl.load(x_ptr + row * D + rd, mask=dm, other=0.0).to(tl.float32) * rs
+        y = x * tl.load(w_ptr + rd, mask=dm, other=0.0).to(tl.float32)
+        tl.store(x_ptr + row * D + rd, y.to(x_ptr.dtype.element_ty), mask=dm)
+    tl.store(post_ptr + row * N + ri, post)
+    tl.store(comb_ptr + row * N * N + tl.arange(0, N * N), tl.reshape(comb, [N * N]))
+
+
+@triton.jit
+def _post_mix(out_ptr, s_ptr, post_ptr, comb_ptr, y_ptr, fn_ptr, part_ptr, ss_ptr, D, P, N: tl.constexpr,
+              NMIX: tl.constexpr, MIXP: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    """_post for columns [pid1 * BLOCK_K, +BLOCK_K) of the flattened new streams [S, N*D] (one
+    stream's block; D a multiple of BLOCK_K), and the next mhc_pre's mixing partials of that block
+    (as _mix_partials on the stored values)."""
+    pdl.wait(PDL)
+    row, p = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    K = N * D
+    k0 = p * BLOCK_K
+    i = k0 // D  # the output stream
+    rc = k0 % D + tl.arange(0, BLOCK_K)
+    ri = tl.arange(0, N)
+    st = tl.load(s_ptr + row * K + ri[:, None] * D + rc[None, :]).to(tl.float32)
+    c = tl.load(comb_ptr + row * N * N + ri * N + i)  # comb[:, i]
+    o = tl.load(out_ptr + row * D + rc).to(tl.float32)
+    y = (tl.load(post_ptr + row * N + i) * o + tl.sum(c[:, None] * st, 0)).to(y_ptr.dtype.element_ty)
+    rk = k0 + tl.arange(0, BLOCK_K)
+    tl.store(y_ptr + row * K + rk, y)
+    yf = y.to(tl.float32)
+    rj = tl.arange(0, MIXP)
+    f = tl.load(fn_ptr + rj[:, None] * K + rk[None, :], mask=(rj < NMIX)[:, None], other=0.0)
+    tl.store(part_ptr + (row * P + p) * MIXP + rj, tl.sum(f.to(tl.float32) * yf[None, :], 1))
+    tl.store(ss_ptr + row * P + p, tl.sum(yf * yf, 0))
 
 
 @triton.jit
@@ -185,56 +214,62 @@ def mhc_post_supported(out: torch.Tensor, streams: torch.Tensor, *args) -> bool:
 
 def chunk_partials(flat: torch.Tensor, fn: torch.Tensor):
     """A chunk's mixing partials: flat streams [S, K], fn [NMIX, K] -> part [S, P, MIXP] and ss
-    [S, P] float32 over P ranges of K (shapes from TILE for bf16 streams, else TILE_F32)."""
+    [S, P] float32 over P ranges of K (TILE's shapes)."""
     S, K = flat.shape
     nmix = fn.shape[0]
     mixp = triton.next_power_of_2(nmix)
-    bf16 = flat.dtype == torch.bfloat16
-    split = bf16 and TILE["split"]
-    t = TILE if split else TILE_F32
+    t = TILE
     rows = triton.cdiv(S, t["rows"])
     P = min(triton.cdiv(K, DECODE["block_k"]), max(t["splits"], triton.cdiv(MIN_PROGRAMS, rows)))
     span = triton.cdiv(triton.cdiv(K, P), t["k"]) * t["k"]
     P = triton.cdiv(K, span)
     part = torch.empty((S, P, mixp), device=flat.device, dtype=torch.float32)
     ss = torch.empty((S, P), device=flat.device, dtype=torch.float32)
-    fn = fn.contiguous()
-    f = torch.empty((3, nmix, K), device=flat.device, dtype=torch.bfloat16) if split else fn
-    if split:
-        _split_fn[(triton.cdiv(nmix * K, SPLIT_BLOCK),)](fn, f, nmix * K, BLOCK=SPLIT_BLOCK)
-    _mix_partials_rows[(rows, P)](flat, f, part, ss, S, K, P, span, NMIX=nmix, MIXP=mixp,
-                                  SPLIT=split, BLOCK_M=t["rows"], BLOCK_K=t["k"], PRECISION=_precision(),
+    _mix_partials_rows[(rows, P)](flat, fn.contiguous(), part, ss, S, K, P, span, NMIX=nmix, MIXP=mixp,
+                                  BLOCK_M=t["rows"], BLOCK_K=t["k"], PRECISION=_precision(),
                                   num_warps=t["warps"], num_stages=t["stages"])
     return part, ss
 
 
-def mhc_pre_triton(streams, fn, base, scale, iters: int, hc_eps: float, norm_eps: float):
-    """Same contract as kernels.mhc.mhc_pre, any number of rows: one row per program in the mixing
-    partials up to MAX_ROWS rows (decode), a tile of rows per program beyond (a prefill chunk)."""
+def _partials(streams: torch.Tensor, fn: torch.Tensor):
+    """streams [S, n, d] (contiguous) -> the mixing partials part [S, P, MIXP], ss [S, P]: one row
+    per program up to MAX_ROWS rows (decode), a tile of rows per program beyond (a prefill chunk)."""
     S, n, d = streams.shape
-    streams = streams.contiguous()
-    K, nmix = n * d, (2 + n) * n
-    mixp = triton.next_power_of_2(nmix)
-    dev = streams.device
+    K, nmix = n * d, fn.shape[0]
     if S > MAX_ROWS:
-        part, ss = chunk_partials(streams.reshape(S, K), fn)
-    else:
-        block_k = DECODE["block_k"]
-        P = triton.cdiv(K, block_k)
-        part = torch.empty((S, P, mixp), device=dev, dtype=torch.float32)
-        ss = torch.empty((S, P), device=dev, dtype=torch.float32)
-        _mix_partials[(S, P)](streams, fn.contiguous(), part, ss, K, P, NMIX=nmix, MIXP=mixp, BLOCK_K=block_k,
-                              **pdl.launch(dev))
-    P = part.shape[1]
+        return chunk_partials(streams.reshape(S, K), fn)
+    mixp, block_k = triton.next_power_of_2(nmix), DECODE["block_k"]
+    P = triton.cdiv(K, block_k)
+    part = torch.empty((S, P, mixp), device=streams.device, dtype=torch.float32)
+    ss = torch.empty((S, P), device=streams.device, dtype=torch.float32)
+    _mix_partials[(S, P)](streams, fn.contiguous(), part, ss, K, P, NMIX=nmix, MIXP=mixp, BLOCK_K=block_k,
+                          **pdl.launch(streams.device))
+    return part, ss
+
+
+def _epilogue(streams, part, ss, base, scale, iters: int, hc_eps: float, norm_eps: float, weight=None):
+    """The partials -> (x, post, comb); with ``weight``, x RMS-normalised (a whole row per program)."""
+    S, n, d = streams.shape
+    P, mixp, dev = part.shape[1], part.shape[2], streams.device
     x = torch.empty((S, d), device=dev, dtype=streams.dtype)
     post = torch.empty((S, n), device=dev, dtype=torch.float32)
     comb = torch.empty((S, n, n), device=dev, dtype=torch.float32)
-    _pre_epilogue[(S, triton.cdiv(d, BLOCK_D))](  # one warp (default): 20 Sinkhorn rounds of warp-local sums
-        streams, part, ss, base.float().contiguous(), scale.float().contiguous(), x, post, comb, d, P,
-        norm_eps, hc_eps, ITERS=iters, N=n, MIXP=mixp, PP=max(2, triton.next_power_of_2(P)), BLOCK_D=BLOCK_D,
-        num_warps=DECODE["epilogue_warps"],
-        **pdl.launch(dev))
+    args = (part, ss, base.float().contiguous(), scale.float().contiguous())
+    shape = dict(ITERS=iters, N=n, MIXP=mixp, PP=max(2, triton.next_power_of_2(P)))
+    if weight is None:
+        _pre_epilogue[(S, triton.cdiv(d, BLOCK_D))](  # one warp (default): 20 Sinkhorn rounds of warp-local sums
+            streams, *args, x, post, comb, d, P, norm_eps, hc_eps, **shape, BLOCK_D=BLOCK_D,
+            num_warps=DECODE["epilogue_warps"], **pdl.launch(dev))
+    else:
+        _pre_norm_epilogue[(S,)](streams, *args, weight.contiguous(), x, post, comb, d, P, norm_eps, hc_eps, **shape,
+                                 BLOCK_D=DECODE["norm_block_d"], num_warps=DECODE["norm_warps"], **pdl.launch(dev))
     return x, post, comb
+
+
+def mhc_pre_triton(streams, fn, base, scale, iters: int, hc_eps: float, norm_eps: float):
+    """Same contract as kernels.mhc.mhc_pre, any number of rows."""
+    streams = streams.contiguous()
+    return _epilogue(streams, *_partials(streams, fn), base, scale, iters, hc_eps, norm_eps)
 
 
 def mhc_post_triton(out, streams, post, comb):
@@ -245,6 +280,52 @@ def mhc_post_triton(out, streams, post, comb):
                                         comb.float().contiguous(), y, d, N=n, BLOCK_D=BLOCK_D,
                                         **pdl.launch(streams.device))
     return y
+
+
+def mhc_pre_norm_supported(streams, fn, base, scale, iters, hc_eps, norm_eps, weight) -> bool:
+    return mhc_supported(streams, fn) and not weight.requires_grad
+
+
+def mhc_pre_norm_triton(streams, fn, base, scale, iters: int, hc_eps: float, norm_eps: float, weight):
+    """Same contract as kernels.mhc.mhc_pre_norm: two launches up to MAX_ROWS rows (the mixing
+    partials; the epilogue with the norm), mhc_pre's launches and then rms_norm's beyond."""
+    streams = streams.contiguous()
+    if streams.shape[0] > MAX_ROWS:
+        x, post, comb = mhc_pre_triton(streams, fn, base, scale, iters, hc_eps, norm_eps)
+        return _norm(x, weight, norm_eps), post, comb
+    return _epilogue(streams, *_partials(streams, fn), base, scale, iters, hc_eps, norm_eps, weight)
+
+
+def mhc_post_pre_norm_supported(out, streams, post, comb, fn, base, scale, iters, hc_eps, norm_eps, weight) -> bool:
+    return mhc_supported(streams, out) and not (fn.requires_grad or weight.requires_grad)
+
+
+def mhc_post_pre_norm_triton(out, streams, post, comb, fn, base, scale, iters: int, hc_eps: float, norm_eps: float,
+                             weight):
+    """Same contract as kernels.mhc.mhc_post_pre_norm: up to MAX_ROWS rows (and d a multiple of
+    DECODE["block_k"]) two launches, the post with the next mixing partials, then the epilogue with
+    the norm; else mhc_post's launch and mhc_pre_norm's."""
+    S, n, d = streams.shape
+    block_k = DECODE["block_k"]
+    if S > MAX_ROWS or d % block_k:
+        y = mhc_post_triton(out, streams, post, comb)
+        return (y, *mhc_pre_norm_triton(y, fn, base, scale, iters, hc_eps, norm_eps, weight))
+    nmix = fn.shape[0]
+    mixp, P = triton.next_power_of_2(nmix), n * d // block_k
+    y = torch.empty_like(streams, memory_format=torch.contiguous_format)
+    part = torch.empty((S, P, mixp), device=y.device, dtype=torch.float32)
+    ss = torch.empty((S, P), device=y.device, dtype=torch.float32)
+    _post_mix[(S, P)](out.contiguous(), streams.contiguous(), post.float().contiguous(), comb.float().contiguous(), y,
+                      fn.contiguous(), part, ss, d, P, N=n, NMIX=nmix, MIXP=mixp, BLOCK_K=block_k, **pdl.launch(y.device))
+    return (y, *_epilogue(y, part, ss, base, scale, iters, hc_eps, norm_eps, weight))
+
+
+def _norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if rms_norm_supported(x, weight, eps):
+        return rms_norm_triton(x, weight, eps)
+    from dsv4.kernels.reference.norm import rms_norm
+
+    return rms_norm(x, weight, eps)
 
 
 @triton.jit
