@@ -35,8 +35,9 @@ MAX_ROWS = 16
 # mixes at V4 sizes; latency, not bytes, bounds it) and warps of the epilogue (partials reduced,
 # Sinkhorn, collapse; also a chunk's). bench/profile_decode.py --compare mhc.DECODE.block_k=256 times
 # other values in the decode step.
-# mhc_pre_norm's epilogue: d columns per step of its loop and warps (one program per row).
-DECODE = {"block_k": 128, "epilogue_warps": 1, "norm_block_d": 1024, "norm_warps": 4}
+# mhc_pre_norm's epilogue: d columns per step of its loop and warps (one program per row). "fused"
+# False: the fused ops run as their parts (mhc_pre, rms_norm, mhc_post launches), for an A/B.
+DECODE = {"block_k": 128, "epilogue_warps": 1, "norm_block_d": 1024, "norm_warps": 4, "fused": True}
 BLOCK_D = 512
 # a chunk's mixing partials (more than MAX_ROWS rows): rows per program, K columns per step, K cut
 # into "splits" ranges (more for a short chunk: at least MIN_PROGRAMS programs, at most the decode
@@ -290,7 +291,7 @@ def mhc_pre_norm_triton(streams, fn, base, scale, iters: int, hc_eps: float, nor
     """Same contract as kernels.mhc.mhc_pre_norm: two launches up to MAX_ROWS rows (the mixing
     partials; the epilogue with the norm), mhc_pre's launches and then rms_norm's beyond."""
     streams = streams.contiguous()
-    if streams.shape[0] > MAX_ROWS:
+    if streams.shape[0] > MAX_ROWS or not DECODE["fused"]:
         x, post, comb = mhc_pre_triton(streams, fn, base, scale, iters, hc_eps, norm_eps)
         return _norm(x, weight, norm_eps), post, comb
     return _epilogue(streams, *_partials(streams, fn), base, scale, iters, hc_eps, norm_eps, weight)
@@ -307,7 +308,7 @@ def mhc_post_pre_norm_triton(out, streams, post, comb, fn, base, scale, iters: i
     the norm; else mhc_post's launch and mhc_pre_norm's."""
     S, n, d = streams.shape
     block_k = DECODE["block_k"]
-    if S > MAX_ROWS or d % block_k:
+    if S > MAX_ROWS or d % block_k or not DECODE["fused"]:
         y = mhc_post_triton(out, streams, post, comb)
         return (y, *mhc_pre_norm_triton(y, fn, base, scale, iters, hc_eps, norm_eps, weight))
     nmix = fn.shape[0]
