@@ -60,7 +60,7 @@ decode)
   timeout 150 $T tests/test_gpu_kernels.py 2>&1 | tail -4 | tee "$OUT/gpu_tests_kernels.txt"
   timeout 100 python3 bench/profile_decode.py --layers 16 --prompt-len 1024 \
     --compare DSV4_OVERLAP=0,DSV4_OVERLAP=1,DSV4_OVERLAP=moe,DSV4_OVERLAP=compressor,DSV4_OVERLAP=0,DSV4_OVERLAP=1,DSV4_PDL=0+DSV4_OVERLAP=0 \
-    --out "$OUT/compare_overlap.txt" 2>&1 | grep -v Warn | tail -8
+    --out "$OUT/compare_overlap.txt" 2>&1 | grep -v Warn | tail -11
   timeout 100 $D bench decode --preset flash --layers 16 --synthetic --prompt-len 1024 --steps 64 \
     --json-out "$OUT/decode16_1024.json" 2>&1 | grep -E "ms_per|floor|projected|per.layer"
   timeout 90 $T tests/test_gpu.py tests/test_gpu_speculative.py 2>&1 | tail -4 | tee "$OUT/gpu_tests_engine.txt"
@@ -94,7 +94,7 @@ prefill-final)
   timeout 200 $T tests/test_gpu_prefill.py -k "not long_prefill" 2>&1 | tail -6 | tee "$OUT/gpu_tests_prefill.txt"
   timeout 100 $T tests/test_gpu_kernels.py -k "rope or experts" 2>&1 | tail -4 | tee "$OUT/gpu_tests_rope_experts.txt"
   timeout 150 python3 bench/prefill_long.py --layers 4 --prompt-lens 8192,32768,131072 --time-limit 60 \
-    --json-out "$OUT/prefill_long.json" 2>&1 | grep -v "prefill .*tok/s" | tail -8
+    --json-out "$OUT/prefill_long.json" 2>&1 | grep -v "prefill .*tok/s" | tail -11
   timeout 80 $D bench prefill --preset flash --layers 4 --synthetic --prompt-len 8192 --runs 3 --profile \
     --json-out "$OUT/prefill8k.json" 2>&1 | tail -26 ;;
 experts-all)
@@ -124,7 +124,7 @@ experts-figures)
   timeout 70 $D bench prefill --preset flash --layers 4 --synthetic --prompt-len 8192 --runs 3 --profile \
     --json-out "$OUT/prefill8k.json" 2>&1 | tail -24
   timeout 130 python3 bench/prefill_long.py --layers 4 --prompt-lens 8192,32768,131072 --time-limit 60 \
-    --json-out "$OUT/prefill_long.json" 2>&1 | grep -v "prefill .*tok/s" | tail -8
+    --json-out "$OUT/prefill_long.json" 2>&1 | grep -v "prefill .*tok/s" | tail -11
   for n in 1 2; do timeout 50 python3 bench/profile_decode.py --layers 16 --prompt-len 1024 --tokens $n \
     --out "$OUT/profile_decode_tokens$n.txt" 2>&1 | head -3; done
   timeout 80 $T tests/test_gpu_prefill.py -k "kernel_path_matches" 2>&1 | tail -3 | tee "$OUT/gpu_tests_kernel_path.txt" ;;
@@ -141,7 +141,7 @@ gemv)
   timeout 90 $T tests/test_gpu_kernels.py tests/test_gpu_speculative.py \
     -k "sampled or gemv or grouped_linear or rope" 2>&1 | tail -8 \
     | tee "$OUT/gpu_tests_gemv.txt"
-  timeout 30 python3 bench/tune_kernels.py --only merge --out "$OUT/tune_merge.json" 2>&1 | cut -c1-200 | tail -8
+  timeout 30 python3 bench/tune_kernels.py --only merge --out "$OUT/tune_merge.json" 2>&1 | cut -c1-200 | tail -11
   timeout 90 python3 bench/run_tuned.py --gemv "$OUT/tune_gemv.json" --merge "$OUT/tune_merge.json" -- \
     bench decode --preset flash --layers 16 --synthetic --steps 64 --json-out "$OUT/decode16_tuned.json" 2>&1 \
     | grep -E "settings|ms_per|floor|per.layer"
@@ -157,7 +157,7 @@ mhc)
     --prompt-len 8192 --runs 3 --profile --json-out "$OUT/prefill8k_split.json" 2>&1 | tail -14
   timeout 110 python3 bench/profile_decode.py --layers 16 --prompt-len 1024 --compare \
     base=0,mhc.DECODE.block_k=256,mhc.DECODE.epilogue_warps=2,mhc.DECODE.epilogue_warps=4,linear.GEMV.prefetch_below=12582912,base=1 \
-    --out "$OUT/compare_mhc_gemv.txt" 2>&1 | grep -v Warn | tail -8
+    --out "$OUT/compare_mhc_gemv.txt" 2>&1 | grep -v Warn | tail -11
   timeout 60 $D bench decode --preset flash --layers 16 --synthetic --steps 64 --json-out "$OUT/decode16.json" 2>&1 \
     | grep -E "ms_per_token|ms_per_layer|layer_floor_ratio" ;;
 fused)
@@ -170,8 +170,8 @@ fused)
   timeout 55 python3 bench/run_tuned.py --mhc "$OUT/tune_mhc.json" -- bench prefill --preset flash --layers 4 --synthetic \
     --prompt-len 8192 --runs 3 --profile --json-out "$OUT/prefill8k_mhc_tuned.json" 2>&1 | grep -v "^ *0\.[0-4]" | tail -12
   timeout 100 python3 bench/profile_decode.py --layers 16 --prompt-len 1024 --compare \
-    base=0,mhc.DECODE.fused=false,mhc.DECODE.norm_warps=8,mhc.DECODE.norm_block_d=2048,mhc.DECODE.block_k=256,mhc.DECODE.fused=false,base=1 \
-    --out "$OUT/compare_fused.txt" 2>&1 | grep -v Warn | tail -8
+    base=0,mhc.DECODE.fused=false,mhc.DECODE.norm_warps=1,mhc.DECODE.norm_warps=2,mhc.DECODE.norm_warps=8,mhc.DECODE.norm_block_d=2048,mhc.DECODE.block_k=256,mhc.DECODE.fused=false,base=1 \
+    --out "$OUT/compare_fused.txt" 2>&1 | grep -v Warn | tail -11
   timeout 60 $D bench decode --preset flash --layers 16 --synthetic --steps 64 --json-out "$OUT/decode16.json" 2>&1 \
     | grep -E "ms_per_token|ms_per_layer|layer_floor_ratio" ;;
 decode-final)
