@@ -163,15 +163,15 @@ mhc)
 fused)
   nvidia-smi --query-gpu=name --format=csv,noheader | tee "$OUT/gpu.txt"
   timeout 60 $T tests/test_gpu_kernels.py -k "mhc or rms_norm" 2>&1 | tail -6 | tee "$OUT/gpu_tests_mhc.txt"
+  timeout 100 python3 bench/profile_decode.py --layers 16 --prompt-len 1024 --compare \
+    base=0,mhc.DECODE.fused=false,mhc.DECODE.norm_warps=1,mhc.DECODE.norm_warps=2,mhc.DECODE.norm_warps=8,mhc.DECODE.norm_block_d=2048,mhc.DECODE.block_k=256,mhc.DECODE.fused=false,base=1 \
+    --out "$OUT/compare_fused.txt" 2>&1 | grep -v Warn | tail -11
   timeout 140 $T tests/test_gpu.py tests/test_gpu_speculative.py 2>&1 | tail -8 | tee "$OUT/gpu_tests_engine.txt"
   timeout 50 python3 bench/tune_prefill.py --only mhc --out "$OUT/tune_mhc.json" 2>&1 | cut -c1-200 | tail -10
   timeout 45 $D bench prefill --preset flash --layers 4 --synthetic --prompt-len 8192 --runs 3 \
     --json-out "$OUT/prefill8k.json" 2>&1 | grep -E "median|matmul_rate"
   timeout 55 python3 bench/run_tuned.py --mhc "$OUT/tune_mhc.json" -- bench prefill --preset flash --layers 4 --synthetic \
     --prompt-len 8192 --runs 3 --profile --json-out "$OUT/prefill8k_mhc_tuned.json" 2>&1 | grep -v "^ *0\.[0-4]" | tail -12
-  timeout 100 python3 bench/profile_decode.py --layers 16 --prompt-len 1024 --compare \
-    base=0,mhc.DECODE.fused=false,mhc.DECODE.norm_warps=1,mhc.DECODE.norm_warps=2,mhc.DECODE.norm_warps=8,mhc.DECODE.norm_block_d=2048,mhc.DECODE.block_k=256,mhc.DECODE.fused=false,base=1 \
-    --out "$OUT/compare_fused.txt" 2>&1 | grep -v Warn | tail -11
   timeout 60 $D bench decode --preset flash --layers 16 --synthetic --steps 64 --json-out "$OUT/decode16.json" 2>&1 \
     | grep -E "ms_per_token|ms_per_layer|layer_floor_ratio" ;;
 decode-final)
