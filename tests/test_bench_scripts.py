@@ -26,6 +26,14 @@ def test_profile_decode_refuses_a_bad_table_setting_before_building(tmp_path):
     assert r.stderr.strip().splitlines()[-1].startswith("profile_decode.py: --compare: mhc.DECODE has no key 'nope'")
 
 
+def test_sync_points_needs_cuda(tmp_path):
+    if __import__("torch").cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    r = subprocess.run([sys.executable, str(PROFILE.with_name("sync_points.py"))], capture_output=True, text=True,
+                       cwd=tmp_path, timeout=120)
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == "sync_points.py: needs a CUDA device"
+
+
 def _run_tuned():
     import importlib.util
 

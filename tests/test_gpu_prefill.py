@@ -113,6 +113,26 @@ def test_grouped_experts_match_reference(fmt, aq, widen):
     _close_but_flips(got, ref, 2e-5, aq)
 
 
+def test_grouped_experts_no_host_sync():
+    """A chunk's routed experts queue their launches without waiting for the GPU (a sync per MoE layer
+    left the GPU idle while the host caught up): none once the expert tables exist."""
+    from kernel_cases import expert_set
+
+    g = torch.Generator().manual_seed(9)
+    es = expert_set("mxfp4", 8, 256, 512, g, device="cuda")
+    x = torch.randn(300, 512, generator=g).cuda()
+    ids = torch.stack([torch.randperm(8, generator=g)[:4] for _ in range(300)]).cuda()
+    wts = torch.rand(300, 4, generator=g).cuda()
+    fn = implementation("routed_experts", "cuda")
+    fn(x, ids, wts, es, 10.0, act_quant=True)  # builds the tables (reads the scales' largest byte once)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fn(x, ids, wts, es, 10.0, act_quant=True)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 def test_grouped_experts_extreme_block_scales(widen):
     """MXFP4 scale bytes past 128 (block scales of 4 and more: the PTX widening's two-multiply form)
     and 1 (weights near 2^-126), against the reference's float32 dequantisation."""

@@ -1,0 +1,50 @@
+"""Where the host waits for the GPU during a prefill (CUDA only).
+
+python3 bench/sync_points.py [--layers 4] [--prompt-len 8192]
+Builds synthetic V4-Flash layers (faithful mode), prefills once to warm up, then prefills again under
+torch.cuda.set_sync_debug_mode("warn") and prints each source line that made the host wait, with
+its count. A wait inside a prefill leaves the GPU idle while the host queues the next launches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import warnings
+
+import torch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--prompt-len", type=int, default=8192)
+    a = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("sync_points.py: needs a CUDA device")
+    from dsv4.engine.model.config import DSV4Config
+    from dsv4.engine.model.model import Model
+    from dsv4.engine.runtime.session import Session
+    from dsv4.engine.tools.synthetic import synthetic_stored
+
+    cfg = DSV4Config.flash().layer_range(0, a.layers)
+    model = Model.from_state_dict(cfg, synthetic_stored(cfg, "cuda"), mode="faithful", device="cuda")
+    ids = torch.randint(0, cfg.vocab_size, (a.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
+    Session(model, a.prompt_len + 8).prefill(ids)
+    s = Session(model, a.prompt_len + 8)
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            s.prefill(ids)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    where = collections.Counter(f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
+    print(f"{sum(where.values())} host waits in one {a.prompt_len}-token prefill of {a.layers} layers")
+    for loc, n in where.most_common():
+        print(f"{n:6d}  {loc}")
+
+
+if __name__ == "__main__":
+    main()
