@@ -19,7 +19,7 @@
 #   bash bench/gpu_verify.sh gemv      # the decode GEMV tune, GEMV / sampling / RoPE GPU tests, the merge tune, decode at 16 layers with the tuned GEMV, the expert and mHC tunes
 #   bash bench/gpu_verify.sh last      # the mHC (both mixing paths) and decode-attention GPU tests, the 8k prefill profile, decode at 16 layers with and without prefetch_below
 #   bash bench/gpu_verify.sh mhc       # the mHC (both mixing paths) and decode-attention GPU tests, the mHC tune, prefill 8k with the split mixing off / on, decode-step A/Bs of mHC and GEMV settings, decode at 16 layers
-#   bash bench/gpu_verify.sh fused     # the mHC / RMSNorm kernel tests (fused decode ops), decode-step A/Bs of the fused ops, the engine and MTP GPU tests, the float32 mHC tile tune, prefill 8k with its winner, the expert GPU tests (no host sync), the prefill's host waits
+#   bash bench/gpu_verify.sh final5    # mHC / RMSNorm, expert (no host sync), prefill engine, decode engine / MTP / cache GPU tests, the prefill's host waits, prefill 8k profiled, 8k-128k
 #   bash bench/gpu_verify.sh decode-final  # kernel / engine / MTP GPU tests, decode at 16 layers at 1k and 64k, the per-kernel profile, the 8k prefill profile
 #   bash bench/gpu_verify.sh check     # the smallest: the MTP and RoPE GPU tests, the RoPE rows A/B
 #   bash bench/gpu_verify.sh indexer   # the 64k step with the indexer kernels and their references, decode at 16 layers at 64k, a 64k trace
@@ -160,20 +160,16 @@ mhc)
     --out "$OUT/compare_mhc_gemv.txt" 2>&1 | grep -v Warn | tail -11
   timeout 60 $D bench decode --preset flash --layers 16 --synthetic --steps 64 --json-out "$OUT/decode16.json" 2>&1 \
     | grep -E "ms_per_token|ms_per_layer|layer_floor_ratio" ;;
-fused)
+final5)
   nvidia-smi --query-gpu=name --format=csv,noheader | tee "$OUT/gpu.txt"
-  timeout 60 $T tests/test_gpu_kernels.py -k "mhc or rms_norm" 2>&1 | tail -6 | tee "$OUT/gpu_tests_mhc.txt"
-  timeout 100 python3 bench/profile_decode.py --layers 16 --prompt-len 1024 --compare \
-    base=0,mhc.DECODE.fused=false,mhc.DECODE.norm_warps=1,mhc.DECODE.norm_warps=2,mhc.DECODE.norm_warps=8,mhc.DECODE.norm_block_d=2048,mhc.DECODE.block_k=256,mhc.DECODE.fused=false,base=1 \
-    --out "$OUT/compare_fused.txt" 2>&1 | grep -v Warn | tail -11
-  timeout 140 $T tests/test_gpu.py tests/test_gpu_speculative.py 2>&1 | tail -8 | tee "$OUT/gpu_tests_engine.txt"
-  timeout 50 python3 bench/tune_prefill.py --only mhc --out "$OUT/tune_mhc.json" 2>&1 | cut -c1-200 | tail -10
-  timeout 45 $D bench prefill --preset flash --layers 4 --synthetic --prompt-len 8192 --runs 3 \
-    --json-out "$OUT/prefill8k.json" 2>&1 | grep -E "median|matmul_rate"
-  timeout 55 python3 bench/run_tuned.py --mhc "$OUT/tune_mhc.json" -- bench prefill --preset flash --layers 4 --synthetic \
-    --prompt-len 8192 --runs 3 --profile --json-out "$OUT/prefill8k_mhc_tuned.json" 2>&1 | grep -v "^ *0\.[0-4]" | tail -12
-  timeout 40 $T tests/test_gpu_prefill.py -k "grouped_experts" 2>&1 | tail -4 | tee "$OUT/gpu_tests_experts.txt"
-  timeout 50 python3 bench/sync_points.py --layers 4 --prompt-len 8192 2>&1 | grep -v Warn | tail -12 | tee "$OUT/sync_points.txt" ;;
+  timeout 40 $T tests/test_gpu_kernels.py -k "mhc or rms_norm" 2>&1 | tail -3 | tee "$OUT/gpu_tests_mhc.txt"
+  timeout 130 $T tests/test_gpu_prefill.py -k "grouped_experts or kernel_path" 2>&1 | tail -4 | tee "$OUT/gpu_tests_prefill.txt"
+  timeout 80 $T tests/test_gpu.py tests/test_gpu_speculative.py tests/test_cache.py 2>&1 | tail -3 | tee "$OUT/gpu_tests_engine.txt"
+  timeout 50 python3 bench/sync_points.py --layers 4 --prompt-len 8192 2>&1 | grep -v Warn | tail -8 | tee "$OUT/sync_points.txt"
+  timeout 60 $D bench prefill --preset flash --layers 4 --synthetic --prompt-len 8192 --runs 3 --profile \
+    --json-out "$OUT/prefill8k.json" 2>&1 | grep -E "median_s|matmul_rate|%" | head -14
+  timeout 140 python3 bench/prefill_long.py --layers 4 --prompt-lens 8192,32768,131072 --time-limit 60 \
+    --json-out "$OUT/prefill_long.json" 2>&1 | grep -v "prefill .*tok/s" | tail -8 ;;
 decode-final)
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
   timeout 200 $T tests/test_gpu_kernels.py tests/test_gpu.py tests/test_gpu_speculative.py 2>&1 | tail -8 \

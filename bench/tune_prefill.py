@@ -151,8 +151,8 @@ def tune_experts(S: int = 6400, E: int = 256, k: int = 6, inter: int = 2048, d: 
 def tune_mhc(S: int = 6400, n: int = 4, d: int = 4096) -> list[dict]:
     """Times kernels.triton.mhc.chunk_partials on a chunk of float32 streams (the engine's: 420 MB
     read); max_rel_diff: mhc_pre's post and comb against the reference's. The first alternative is
-    mhc.TILE as committed (it spills registers on sm_90 at 4 warps: 255 + a stack); the others
-    take the Hopper tensor cores' warp-group dots (64 or more rows per program)."""
+    mhc.TILE as committed; 32-row tiles take mma.sync dots on sm_90, 64 rows and more the warp-group
+    ones (the 32 x 128 tile of 2026-12-07 spilled: 255 registers and a stack)."""
     from dsv4.kernels.reference.mhc import mhc_pre
     from dsv4.kernels.triton import mhc as tm
 

@@ -117,10 +117,17 @@ class CacheManager:
         if not self.schema.min_ratio:
             return
         need = -(-total // BLOCK_TOKENS)
-        while len(self._blocks[slot]) < need:
-            b = self.allocator.acquire()
-            self.block_table[slot, len(self._blocks[slot])] = b
-            self._blocks[slot].append(b)
+        first = len(self._blocks[slot])
+        try:
+            while len(self._blocks[slot]) < need:
+                self._blocks[slot].append(self.allocator.acquire())
+        finally:  # the table gets every block acquired, also when the pool runs out part-way
+            last = len(self._blocks[slot])
+            if last > first:  # one copy, queued without a host wait on CUDA (pinned source, non-blocking)
+                new = torch.tensor(self._blocks[slot][first:last], dtype=torch.int32)
+                if self.block_table.is_cuda:
+                    new = new.pin_memory()
+                self.block_table[slot, first:last].copy_(new, non_blocking=True)
 
     def snapshot(self, slot: int) -> dict:
         """What a chunk forward of ``slot`` rewrites in place, copied (per layer: the window ring rows

@@ -44,8 +44,6 @@ rms_norm_rope = _op("rms_norm_rope", _rope.rms_norm_rope)
 rope_cos_sin = _op("rope_cos_sin", _rope.rope_cos_sin)
 mhc_pre = _op("mhc_pre", _mhc.mhc_pre)
 mhc_post = _op("mhc_post", _mhc.mhc_post)
-mhc_pre_norm = _op("mhc_pre_norm", _mhc.mhc_pre_norm)
-mhc_post_pre_norm = _op("mhc_post_pre_norm", _mhc.mhc_post_pre_norm)
 hc_head = _op("hc_head", _mhc.hc_head)
 sparse_mqa_attention = _op("sparse_mqa_attention", _attention.sparse_mqa_attention)
 decode_attention = _op("decode_attention", _attention.decode_attention)
@@ -99,8 +97,8 @@ __all__ = [
     "ExpertSet", "QWeight", "apply_rope", "backends", "chunk_attention", "compress_decode", "compress_windows",
     "decode_attention",
     "dispatch", "entry_rows", "formats", "grouped_linear", "hash_route", "hc_head", "implementation",
-    "indexer_quant", "indexer_scores", "indexer_select_decode", "indexer_topk", "linear", "mhc_post",
-    "mhc_post_pre_norm", "mhc_pre", "mhc_pre_norm", "quant", "register",
+    "indexer_quant", "indexer_scores", "indexer_select_decode", "indexer_topk", "linear", "mhc_post", "mhc_pre",
+    "quant", "register",
     "register_triton_kernels", "rms_norm", "rms_norm_rope", "rope_cos_sin", "rope_inv_freq", "router_scores",
     "router_topk", "routed_experts", "sinkhorn", "sparse_mqa_attention", "store_entry", "swiglu", "use_backend",
 ]

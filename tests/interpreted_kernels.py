@@ -14,7 +14,7 @@ assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
 
 from dsv4.kernels import dispatch, quant, register  # noqa: E402
 from dsv4.kernels.reference.linear import QWeight, grouped_linear_reference, linear_reference  # noqa: E402
-from dsv4.kernels.reference.mhc import mhc_post, mhc_post_pre_norm, mhc_pre, mhc_pre_norm  # noqa: E402
+from dsv4.kernels.reference.mhc import mhc_post, mhc_pre  # noqa: E402
 from dsv4.kernels.reference.moe import swiglu  # noqa: E402
 from dsv4.kernels.reference.norm import rms_norm  # noqa: E402
 from dsv4.kernels.reference.rope import apply_rope, rms_norm_rope, rope_cos_sin, rope_inv_freq  # noqa: E402
@@ -272,27 +272,6 @@ def elementwise_checks():
         xr = ref[0].float()
         assert x.dtype == torch.bfloat16 and ((x.float() - xr).abs() <= 2 ** -7 * xr.abs() + BOUND * xr.abs().max()).all()
         print(f"ok mhc_pre x {S}x{n}x{d} bf16 (within one bf16 ulp)")
-    # the fused decode ops (mHC pre + RMSNorm; mHC post + the next pre + RMSNorm), a few rows and a
-    # chunk (composed there); d 256 with a norm block of 128 (two steps), d 96 (not a multiple of
-    # block_k: post and pre launched apart)
-    keep = dict(tm.DECODE)
-    tm.DECODE.update(block_k=64, norm_block_d=128)
-    for S, n, d in [(1, 4, 256), (3, 4, 256), (2, 2, 96), (20, 4, 256)]:
-        st = torch.randn(S, n, d, generator=g)
-        fns = [torch.randn((2 + n) * n, n * d, generator=g) * 0.02 for _ in range(2)]
-        bases = [torch.randn((2 + n) * n, generator=g) * 0.5 for _ in range(2)]
-        scales = [1 + 0.1 * torch.randn(3, generator=g) for _ in range(2)]
-        wt, out = 1 + 0.1 * torch.randn(d, generator=g), torch.randn(S, d, generator=g)
-        args = (fns[0], bases[0], scales[0], 20, 1e-6, 1e-6, wt)
-        for part, a, b in zip(("x", "post", "comb"), tm.mhc_pre_norm_triton(st, *args), mhc_pre_norm(st, *args)):
-            close(f"mhc_pre_norm {part} {S}x{n}x{d}", a, b)
-        post, comb = mhc_pre(st, *args[:-1])[1:]
-        args = (out, st, post, comb, fns[1], bases[1], scales[1], 20, 1e-6, 1e-6, wt)
-        for part, a, b in zip(("streams", "x", "post", "comb"), tm.mhc_post_pre_norm_triton(*args),
-                              mhc_post_pre_norm(*args)):
-            close(f"mhc_post_pre_norm {part} {S}x{n}x{d}", a, b)
-    tm.DECODE.clear()
-    tm.DECODE.update(keep)
     for shape in [(3, 100), (2, 2, 96)]:
         x, w = torch.randn(*shape, generator=g) * 3, torch.randn(shape[-1], generator=g)
         close(f"rms_norm {shape}", tm.rms_norm_triton(x, w, 1e-6), rms_norm(x, w, 1e-6))
@@ -362,7 +341,7 @@ def engine_check():
             fast = run(model, "auto", static)
             err = (fast - ref).abs().max().item() / ref.abs().max().item()
             ran = dispatch.report()
-            ops = ("linear", "mhc_pre_norm", "mhc_post_pre_norm", "decode_attention", "routed_experts", "indexer_select_decode")
+            ops = ("linear", "mhc_pre", "decode_attention", "routed_experts", "indexer_select_decode")
             ops += ("indexer_quant",) if mode == "faithful" else ()
             assert not static or all("triton" in ran[op] for op in ops), ran
             what = "static decode step" if static else "decode"

@@ -75,6 +75,17 @@ def _manager(cfg, slots=1, ctx=512, mode="exact", **kw):
     return CacheManager(CacheSchema.from_config(cfg, mode), ctx, num_slots=slots, **kw)
 
 
+def test_prepare_writes_every_new_block_into_the_table(tiny_cfg):
+    m = _manager(tiny_cfg, ctx=1024)
+    slot = m.admit_request()
+    m.prepare(slot, 1)  # the first block
+    m.commit(slot, 1)
+    m.prepare(slot, 300)  # 301 tokens: two more blocks, written in one copy
+    row = m.block_table[slot].tolist()
+    assert row[:3] == m._blocks[slot] and len(set(row[:3])) == 3 and all(b >= 0 for b in row[:3])
+    assert row[3:] == [-1] * (len(row) - 3)
+
+
 def test_window_wraps_around(tiny_cfg):
     m = _manager(tiny_cfg)
     slot = m.admit_request()

@@ -20,7 +20,7 @@ from dsv4.kernels import dispatch
 from dsv4.kernels.formats import Precision
 
 from .attention import stacked_linears as attention_stacks
-from .block import block, blocks
+from .block import block
 from .config import DSV4Config
 from .context import ONE_RANK, Collectives, LayerContext
 from .moe import layer_experts, stacked_linears as moe_stacks
@@ -88,12 +88,15 @@ class Model:
         (the MTP block's input). Positions are int64 (contexts past 2^31 tokens stay exact).
         """
         cfg, w = self.cfg, self.w
-        ids = token_ids.to(self.device)
+        if self.device.type == "cuda" and token_ids.device.type == "cpu":  # queued without a host wait
+            token_ids = token_ids.pin_memory()
+        ids = token_ids.to(self.device, non_blocking=True)
         positions = torch.arange(start, start + ids.shape[0], dtype=torch.int64, device=self.device)
         h = w["embed.weight"][ids].to(self.dtype)
         streams = h.unsqueeze(1).expand(-1, cfg.hc_mult, -1).contiguous()
-        streams = blocks(streams, (self._ctx(f"layers.{spec.index}", spec, handles[spec.index], positions, ids, self.rope,
-                                             start) for spec in self.specs))
+        for spec in self.specs:
+            p = f"layers.{spec.index}"
+            streams = block(streams, self._ctx(p, spec, handles[spec.index], positions, ids, self.rope, start))
         logits = self._head(streams[-1:] if last_only else streams, "") if head else None
         return (logits, streams) if return_streams else logits
 
@@ -158,12 +161,10 @@ class Model:
         cfg = self.cfg
         rope = StepRope(self.rope, pos, token.shape[0])
         streams = self.w["embed.weight"][token].to(self.dtype).unsqueeze(1).expand(-1, cfg.hc_mult, -1).contiguous()
-
-        def ctxs():
-            for spec in self.specs:
-                hook = None if before_token is None else (lambda i, layer=spec.index: before_token(layer, i))
-                yield self._ctx(f"layers.{spec.index}", spec, handles[spec.index], rope.positions, token, rope, None, hook)
-        streams = blocks(streams, ctxs())
+        for spec in self.specs:
+            p = f"layers.{spec.index}"
+            hook = None if before_token is None else (lambda i, layer=spec.index: before_token(layer, i))
+            streams = block(streams, self._ctx(p, spec, handles[spec.index], rope.positions, token, rope, None, hook))
         return self._head(streams, ""), streams
 
     def mtp_step(self, streams: torch.Tensor, next_id: torch.Tensor, pos: torch.Tensor, handle,

@@ -44,23 +44,6 @@ def mhc_post(out: torch.Tensor, streams: torch.Tensor, post: torch.Tensor, comb:
     return post.to(dt).unsqueeze(-1) * out.unsqueeze(1) + mixed
 
 
-def mhc_pre_norm(streams: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor,
-                 iters: int, hc_eps: float, norm_eps: float, weight: torch.Tensor):
-    """mhc_pre, then x RMS-normalised with ``weight`` [d] (the block's attn_norm / ffn_norm; the same
-    eps for both norms, as the block uses). -> (rms_norm(x), post, comb)."""
-    x, post, comb = mhc_pre(streams, fn, base, scale, iters, hc_eps, norm_eps)
-    return rms_norm(x, weight, norm_eps), post, comb
-
-
-def mhc_post_pre_norm(out: torch.Tensor, streams: torch.Tensor, post: torch.Tensor, comb: torch.Tensor,
-                      fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, iters: int, hc_eps: float,
-                      norm_eps: float, weight: torch.Tensor):
-    """mhc_post, then mhc_pre_norm of the new streams (the block between its attention and its MoE).
-    -> (new streams [S, n, d], rms_norm(x), post, comb)."""
-    y = mhc_post(out, streams, post, comb)
-    return (y, *mhc_pre_norm(y, fn, base, scale, iters, hc_eps, norm_eps, weight))
-
-
 def hc_head(streams: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor,
             hc_eps: float, norm_eps: float) -> torch.Tensor:
     """Final collapse: streams [S, n, d], fn [n, n*d], base [n], scale [1] -> [S, d]."""

@@ -16,8 +16,6 @@ KERNELS = {
     "grouped_linear": (prefill_linear.grouped_linear_triton, prefill_linear.grouped_linear_supported),
     "mhc_pre": (mhc.mhc_pre_triton, mhc.mhc_supported),
     "mhc_post": (mhc.mhc_post_triton, mhc.mhc_post_supported),
-    "mhc_pre_norm": (mhc.mhc_pre_norm_triton, mhc.mhc_pre_norm_supported),
-    "mhc_post_pre_norm": (mhc.mhc_post_pre_norm_triton, mhc.mhc_post_pre_norm_supported),
     "rms_norm": (mhc.rms_norm_triton, mhc.rms_norm_supported),
     "apply_rope": (elementwise.apply_rope_triton, elementwise.apply_rope_supported),
     "rms_norm_rope": (elementwise.rms_norm_rope_triton, elementwise.rms_norm_rope_supported),

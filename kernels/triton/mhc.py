@@ -12,11 +12,6 @@ mhc_pre in two launches instead of ~130 small ones:
   2. per (row, block of d): reduce the partials, then sigmoid / 2*sigmoid / softmax + 20 Sinkhorn
      iterations on the n x n matrix, all in registers, and the pre-weighted collapse of the streams.
 mhc_post in one launch: post_j * out + sum_i comb[i, j] * stream_i.
-Fused for a few rows (the decode step), each one launch fewer than its parts:
-  mhc_pre_norm: mhc_pre, then kernels.rms_norm of x (the block's attn_norm / ffn_norm): the
-    epilogue takes a whole row per program (the d blocks in a loop, x stored, then normalised);
-  mhc_post_pre_norm: mhc_post, then mhc_pre_norm of the new streams: the post launch also writes
-    the mixing partials of the block of the new streams it made (no separate _mix_partials).
 Shapes as kernels/mhc.py; n (hc_mult) must be a power of two (4 in V4), else the reference runs.
 """
 
@@ -34,15 +29,16 @@ MAX_ROWS = 16
 # a few rows (decode): K columns per mixing-partials program (128: 128 programs per row for the 24
 # mixes at V4 sizes; latency, not bytes, bounds it) and warps of the epilogue (partials reduced,
 # Sinkhorn, collapse; also a chunk's). bench/profile_decode.py --compare mhc.DECODE.block_k=256 times
-# other values in the decode step.
-# mhc_pre_norm's epilogue: d columns per step of its loop and warps (one program per row). "fused"
-# False: the fused ops run as their parts (mhc_pre, rms_norm, mhc_post launches), for an A/B.
-DECODE = {"block_k": 128, "epilogue_warps": 1, "norm_block_d": 1024, "norm_warps": 4, "fused": True}
+# other values in the decode step (H100, 16 layers: 256 and 2 or 4 warps within the step's noise).
+DECODE = {"block_k": 128, "epilogue_warps": 1}
 BLOCK_D = 512
 # a chunk's mixing partials (more than MAX_ROWS rows): rows per program, K columns per step, K cut
 # into "splits" ranges (more for a short chunk: at least MIN_PROGRAMS programs, at most the decode
-# path's cdiv(K, DECODE["block_k"]) ranges), warps, pipeline stages.
-TILE = {"rows": 32, "k": 128, "splits": 8, "warps": 4, "stages": 3}
+# path's cdiv(K, DECODE["block_k"]) ranges), warps, pipeline stages. H100, a 6400-row chunk of float32
+# streams (python3 bench/tune_prefill.py --only mhc, h100_tune_prefill_mhc.json): 64 x 32, 16 ranges,
+# 4 warps, 4 stages 0.347 ms (warp-group tensor-core dots, no register spills) against 0.856 ms for the
+# 32 x 128 tile before (255 registers + a stack on sm_90, mma.sync dots); all within 3.1e-6.
+TILE = {"rows": 64, "k": 32, "splits": 16, "warps": 4, "stages": 4}
 MIN_PROGRAMS = 132  # one per SM of an H100 / H200
 
 
@@ -85,10 +81,11 @@ def _mix_partials_rows(s_ptr, fn_ptr, part_ptr, ss_ptr, M, K, P, SPAN, NMIX: tl.
 
 
 @triton.jit
-def _mixes(part_ptr, ss_ptr, base_ptr, scale_ptr, row, D, P, norm_eps, hc_eps, ITERS: tl.constexpr, N: tl.constexpr,
-           MIXP: tl.constexpr, PP: tl.constexpr):
-    """One row's partials reduced -> pre [N], post [N], comb [N, N] float32 (sigmoid, 2*sigmoid,
-    softmax + ITERS Sinkhorn rounds, as kernels/reference/mhc.py)."""
+def _pre_epilogue(s_ptr, part_ptr, ss_ptr, base_ptr, scale_ptr, x_ptr, post_ptr, comb_ptr, D, P,
+                  norm_eps, hc_eps, ITERS: tl.constexpr, N: tl.constexpr, MIXP: tl.constexpr,
+                  PP: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+    pdl.wait(PDL)
+    row, db = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     rp = tl.arange(0, PP)
     pm = rp < P
     r = tl.rsqrt(tl.sum(tl.load(ss_ptr + row * P + rp, mask=pm, other=0.0), 0) / (N * D) + norm_eps)
@@ -110,17 +107,6 @@ def _mixes(part_ptr, ss_ptr, base_ptr, scale_ptr, row, D, P, norm_eps, hc_eps, I
     for _ in range(ITERS - 1):
         comb = comb / (tl.sum(comb, 1)[:, None] + hc_eps)
         comb = comb / (tl.sum(comb, 0)[None, :] + hc_eps)
-    return pre, post, comb
-
-
-@triton.jit
-def _pre_epilogue(s_ptr, part_ptr, ss_ptr, base_ptr, scale_ptr, x_ptr, post_ptr, comb_ptr, D, P,
-                  norm_eps, hc_eps, ITERS: tl.constexpr, N: tl.constexpr, MIXP: tl.constexpr,
-                  PP: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
-    pdl.wait(PDL)
-    row, db = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
-    pre, post, comb = _mixes(part_ptr, ss_ptr, base_ptr, scale_ptr, row, D, P, norm_eps, hc_eps, ITERS, N, MIXP, PP)
-    ri = tl.arange(0, N)
     rd = db * BLOCK_D + tl.arange(0, BLOCK_D)
     dm = rd < D
     st = tl.load(s_ptr + row * N * D + ri[:, None] * D + rd[None, :], mask=dm[None, :], other=0.0)
@@ -128,63 +114,7 @@ def _pre_epilogue(s_ptr, part_ptr, ss_ptr, base_ptr, scale_ptr, x_ptr, post_ptr,
     tl.store(x_ptr + row * D + rd, x.to(x_ptr.dtype.element_ty), mask=dm)
     if db == 0:
         tl.store(post_ptr + row * N + ri, post)
-        tl.store(comb_ptr + row * N * N + tl.arange(0, N * N), tl.reshape(comb, [N * N]))
-
-
-@triton.jit
-def _pre_norm_epilogue(s_ptr, part_ptr, ss_ptr, base_ptr, scale_ptr, w_ptr, x_ptr, post_ptr, comb_ptr, D, P,
-                       norm_eps, hc_eps, ITERS: tl.constexpr, N: tl.constexpr, MIXP: tl.constexpr,
-                       PP: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
-    """_pre_epilogue for a whole row (grid (S,)), then x RMS-normalised with weight w (eps
-    norm_eps), as kernels.rms_norm: x rounded to x's dtype, normalised in float32, rounded again."""
-    pdl.wait(PDL)
-    row = tl.program_id(0).to(tl.int64)
-    pre, post, comb = _mixes(part_ptr, ss_ptr, base_ptr, scale_ptr, row, D, P, norm_eps, hc_eps, ITERS, N, MIXP, PP)
-    ri = tl.arange(0, N)
-    sq = tl.zeros([BLOCK_D], tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        rd = d0 + tl.arange(0, BLOCK_D)
-        dm = rd < D
-        st = tl.load(s_ptr + row * N * D + ri[:, None] * D + rd[None, :], mask=dm[None, :], other=0.0)
-        x = tl.sum(pre[:, None] * st.to(tl.float32), 0).to(x_ptr.dtype.element_ty)
-        tl.store(x_ptr + row * D + rd, x, mask=dm)
-        sq += x.to(tl.float32) * x.to(tl.float32)
-    rs = tl.rsqrt(tl.sum(sq, 0) / D + norm_eps)
-    tl.debug_barrier()  # the x just stored, read back by whichever thread owns it below
-    for d0 in range(0, D, BLOCK_D):
-        rd = d0 + tl.arange(0, BLOCK_D)
-        dm = rd < D
-        x = tl.load(x_ptr + row * D + rd, mask=dm, other=0.0).to(tl.float32) * rs
-        y = x * tl.load(w_ptr + rd, mask=dm, other=0.0).to(tl.float32)
-        tl.store(x_ptr + row * D + rd, y.to(x_ptr.dtype.element_ty), mask=dm)
-    tl.store(post_ptr + row * N + ri, post)
-    tl.store(comb_ptr + row * N * N + tl.arange(0, N * N), tl.reshape(comb, [N * N]))
-
-
-@triton.jit
-def _post_mix(out_ptr, s_ptr, post_ptr, comb_ptr, y_ptr, fn_ptr, part_ptr, ss_ptr, D, P, N: tl.constexpr,
-              NMIX: tl.constexpr, MIXP: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
-    """_post for columns [pid1 * BLOCK_K, +BLOCK_K) of the flattened new streams [S, N*D] (one
-    stream's block; D a multiple of BLOCK_K), and the next mhc_pre's mixing partials of that block
-    (as _mix_partials on the stored values)."""
-    pdl.wait(PDL)
-    row, p = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
-    K = N * D
-    k0 = p * BLOCK_K
-    i = k0 // D  # the output stream
-    rc = k0 % D + tl.arange(0, BLOCK_K)
-    ri = tl.arange(0, N)
-    st = tl.load(s_ptr + row * K + ri[:, None] * D + rc[None, :]).to(tl.float32)
-    c = tl.load(comb_ptr + row * N * N + ri * N + i)  # comb[:, i]
-    o = tl.load(out_ptr + row * D + rc).to(tl.float32)
-    y = (tl.load(post_ptr + row * N + i) * o + tl.sum(c[:, None] * st, 0)).to(y_ptr.dtype.element_ty)
-    rk = k0 + tl.arange(0, BLOCK_K)
-    tl.store(y_ptr + row * K + rk, y)
-    yf = y.to(tl.float32)
-    rj = tl.arange(0, MIXP)
-    f = tl.load(fn_ptr + rj[:, None] * K + rk[None, :], mask=(rj < NMIX)[:, None], other=0.0)
-    tl.store(part_ptr + (row * P + p) * MIXP + rj, tl.sum(f.to(tl.float32) * yf[None, :], 1))
-    tl.store(ss_ptr + row * P + p, tl.sum(yf * yf, 0))
+        tl.store(comb_ptr + row * N * N + rij, tl.reshape(comb, [N * N]))
 
 
 @triton.jit
@@ -232,45 +162,33 @@ def chunk_partials(flat: torch.Tensor, fn: torch.Tensor):
     return part, ss
 
 
-def _partials(streams: torch.Tensor, fn: torch.Tensor):
-    """streams [S, n, d] (contiguous) -> the mixing partials part [S, P, MIXP], ss [S, P]: one row
-    per program up to MAX_ROWS rows (decode), a tile of rows per program beyond (a prefill chunk)."""
+def mhc_pre_triton(streams, fn, base, scale, iters: int, hc_eps: float, norm_eps: float):
+    """Same contract as kernels.mhc.mhc_pre, any number of rows: one row per program in the mixing
+    partials up to MAX_ROWS rows (decode), a tile of rows per program beyond (a prefill chunk)."""
     S, n, d = streams.shape
-    K, nmix = n * d, fn.shape[0]
+    streams = streams.contiguous()
+    K, nmix = n * d, (2 + n) * n
+    mixp = triton.next_power_of_2(nmix)
+    dev = streams.device
     if S > MAX_ROWS:
-        return chunk_partials(streams.reshape(S, K), fn)
-    mixp, block_k = triton.next_power_of_2(nmix), DECODE["block_k"]
-    P = triton.cdiv(K, block_k)
-    part = torch.empty((S, P, mixp), device=streams.device, dtype=torch.float32)
-    ss = torch.empty((S, P), device=streams.device, dtype=torch.float32)
-    _mix_partials[(S, P)](streams, fn.contiguous(), part, ss, K, P, NMIX=nmix, MIXP=mixp, BLOCK_K=block_k,
-                          **pdl.launch(streams.device))
-    return part, ss
-
-
-def _epilogue(streams, part, ss, base, scale, iters: int, hc_eps: float, norm_eps: float, weight=None):
-    """The partials -> (x, post, comb); with ``weight``, x RMS-normalised (a whole row per program)."""
-    S, n, d = streams.shape
-    P, mixp, dev = part.shape[1], part.shape[2], streams.device
+        part, ss = chunk_partials(streams.reshape(S, K), fn)
+    else:
+        block_k = DECODE["block_k"]
+        P = triton.cdiv(K, block_k)
+        part = torch.empty((S, P, mixp), device=dev, dtype=torch.float32)
+        ss = torch.empty((S, P), device=dev, dtype=torch.float32)
+        _mix_partials[(S, P)](streams, fn.contiguous(), part, ss, K, P, NMIX=nmix, MIXP=mixp, BLOCK_K=block_k,
+                              **pdl.launch(dev))
+    P = part.shape[1]
     x = torch.empty((S, d), device=dev, dtype=streams.dtype)
     post = torch.empty((S, n), device=dev, dtype=torch.float32)
     comb = torch.empty((S, n, n), device=dev, dtype=torch.float32)
-    args = (part, ss, base.float().contiguous(), scale.float().contiguous())
-    shape = dict(ITERS=iters, N=n, MIXP=mixp, PP=max(2, triton.next_power_of_2(P)))
-    if weight is None:
-        _pre_epilogue[(S, triton.cdiv(d, BLOCK_D))](  # one warp (default): 20 Sinkhorn rounds of warp-local sums
-            streams, *args, x, post, comb, d, P, norm_eps, hc_eps, **shape, BLOCK_D=BLOCK_D,
-            num_warps=DECODE["epilogue_warps"], **pdl.launch(dev))
-    else:
-        _pre_norm_epilogue[(S,)](streams, *args, weight.contiguous(), x, post, comb, d, P, norm_eps, hc_eps, **shape,
-                                 BLOCK_D=DECODE["norm_block_d"], num_warps=DECODE["norm_warps"], **pdl.launch(dev))
+    _pre_epilogue[(S, triton.cdiv(d, BLOCK_D))](  # one warp (default): 20 Sinkhorn rounds of warp-local sums
+        streams, part, ss, base.float().contiguous(), scale.float().contiguous(), x, post, comb, d, P,
+        norm_eps, hc_eps, ITERS=iters, N=n, MIXP=mixp, PP=max(2, triton.next_power_of_2(P)), BLOCK_D=BLOCK_D,
+        num_warps=DECODE["epilogue_warps"],
+        **pdl.launch(dev))
     return x, post, comb
-
-
-def mhc_pre_triton(streams, fn, base, scale, iters: int, hc_eps: float, norm_eps: float):
-    """Same contract as kernels.mhc.mhc_pre, any number of rows."""
-    streams = streams.contiguous()
-    return _epilogue(streams, *_partials(streams, fn), base, scale, iters, hc_eps, norm_eps)
 
 
 def mhc_post_triton(out, streams, post, comb):
@@ -281,52 +199,6 @@ def mhc_post_triton(out, streams, post, comb):
                                         comb.float().contiguous(), y, d, N=n, BLOCK_D=BLOCK_D,
                                         **pdl.launch(streams.device))
     return y
-
-
-def mhc_pre_norm_supported(streams, fn, base, scale, iters, hc_eps, norm_eps, weight) -> bool:
-    return mhc_supported(streams, fn) and not weight.requires_grad
-
-
-def mhc_pre_norm_triton(streams, fn, base, scale, iters: int, hc_eps: float, norm_eps: float, weight):
-    """Same contract as kernels.mhc.mhc_pre_norm: two launches up to MAX_ROWS rows (the mixing
-    partials; the epilogue with the norm), mhc_pre's launches and then rms_norm's beyond."""
-    streams = streams.contiguous()
-    if streams.shape[0] > MAX_ROWS or not DECODE["fused"]:
-        x, post, comb = mhc_pre_triton(streams, fn, base, scale, iters, hc_eps, norm_eps)
-        return _norm(x, weight, norm_eps), post, comb
-    return _epilogue(streams, *_partials(streams, fn), base, scale, iters, hc_eps, norm_eps, weight)
-
-
-def mhc_post_pre_norm_supported(out, streams, post, comb, fn, base, scale, iters, hc_eps, norm_eps, weight) -> bool:
-    return mhc_supported(streams, out) and not (fn.requires_grad or weight.requires_grad)
-
-
-def mhc_post_pre_norm_triton(out, streams, post, comb, fn, base, scale, iters: int, hc_eps: float, norm_eps: float,
-                             weight):
-    """Same contract as kernels.mhc.mhc_post_pre_norm: up to MAX_ROWS rows (and d a multiple of
-    DECODE["block_k"]) two launches, the post with the next mixing partials, then the epilogue with
-    the norm; else mhc_post's launch and mhc_pre_norm's."""
-    S, n, d = streams.shape
-    block_k = DECODE["block_k"]
-    if S > MAX_ROWS or d % block_k or not DECODE["fused"]:
-        y = mhc_post_triton(out, streams, post, comb)
-        return (y, *mhc_pre_norm_triton(y, fn, base, scale, iters, hc_eps, norm_eps, weight))
-    nmix = fn.shape[0]
-    mixp, P = triton.next_power_of_2(nmix), n * d // block_k
-    y = torch.empty_like(streams, memory_format=torch.contiguous_format)
-    part = torch.empty((S, P, mixp), device=y.device, dtype=torch.float32)
-    ss = torch.empty((S, P), device=y.device, dtype=torch.float32)
-    _post_mix[(S, P)](out.contiguous(), streams.contiguous(), post.float().contiguous(), comb.float().contiguous(), y,
-                      fn.contiguous(), part, ss, d, P, N=n, NMIX=nmix, MIXP=mixp, BLOCK_K=block_k, **pdl.launch(y.device))
-    return (y, *_epilogue(y, part, ss, base, scale, iters, hc_eps, norm_eps, weight))
-
-
-def _norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    if rms_norm_supported(x, weight, eps):
-        return rms_norm_triton(x, weight, eps)
-    from dsv4.kernels.reference.norm import rms_norm
-
-    return rms_norm(x, weight, eps)
 
 
 @triton.jit
