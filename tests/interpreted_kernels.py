@@ -4,7 +4,6 @@ before triton is imported, so tests/test_kernels_interpreted.py runs this file a
 Same bounds as the GPU tests (tests/test_gpu_kernels.py): 1e-5 x max|reference| per kernel; the
 kernel path registered for the CPU must match the reference path over decode steps."""
 
-import itertools
 import os
 import sys
 
