@@ -20,6 +20,7 @@
 #   bash bench/gpu_verify.sh last      # the mHC (both mixing paths) and decode-attention GPU tests, the 8k prefill profile, decode at 16 layers with and without prefetch_below
 #   bash bench/gpu_verify.sh mhc       # the mHC (both mixing paths) and decode-attention GPU tests, the mHC tune, prefill 8k with the split mixing off / on, decode-step A/Bs of mHC and GEMV settings, decode at 16 layers
 #   bash bench/gpu_verify.sh final5    # mHC / RMSNorm, expert (no host sync), prefill engine, decode engine / MTP / cache GPU tests, the prefill's host waits, prefill 8k profiled, 8k-128k
+#   bash bench/gpu_verify.sh prefill-ab # prefill 8k under several kernel settings in one process (bench/compare_prefill.py), its host waits
 #   bash bench/gpu_verify.sh decode-final  # kernel / engine / MTP GPU tests, decode at 16 layers at 1k and 64k, the per-kernel profile, the 8k prefill profile
 #   bash bench/gpu_verify.sh check     # the smallest: the MTP and RoPE GPU tests, the RoPE rows A/B
 #   bash bench/gpu_verify.sh indexer   # the 64k step with the indexer kernels and their references, decode at 16 layers at 64k, a 64k trace
@@ -170,6 +171,11 @@ final5)
     --json-out "$OUT/prefill8k.json" 2>&1 | grep -E "median_s|matmul_rate|%" | head -14
   timeout 140 python3 bench/prefill_long.py --layers 4 --prompt-lens 8192,32768,131072 --time-limit 60 \
     --json-out "$OUT/prefill_long.json" 2>&1 | grep -v "prefill .*tok/s" | tail -8 ;;
+prefill-ab)
+  nvidia-smi --query-gpu=name --format=csv,noheader | tee "$OUT/gpu.txt"
+  timeout 300 python3 bench/compare_prefill.py --layers 4 --prompt-len 8192 --runs 3 --out "$OUT/compare_prefill.txt" \
+    --compare base=0,prefill_experts.TILE.m=128,prefill_experts.TILE.stages=3,mhc.TILE.splits=8,base=1 2>&1 | grep -v Warn
+  timeout 60 python3 bench/sync_points.py --layers 4 --prompt-len 8192 2>&1 | grep -v Warn | tail -6 ;;
 decode-final)
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
   timeout 200 $T tests/test_gpu_kernels.py tests/test_gpu.py tests/test_gpu_speculative.py 2>&1 | tail -8 \

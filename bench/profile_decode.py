@@ -30,7 +30,7 @@ from dsv4.engine.runtime.decode import DecodeRunner
 from dsv4.engine.model.model import Model
 from dsv4.engine.runtime.session import Session
 from dsv4.kernels.triton import linear, pdl, router
-from run_tuned import parse_setting  # bench/, this script's folder
+from run_tuned import applied, check_settings  # bench/, this script's folder
 
 GEMV_KERNELS = ("_gemv_fp8_dense", "_gemv_fp4")
 
@@ -85,15 +85,9 @@ def main() -> None:
         ap.error("--tokens goes with the default table only")
     if not 1 <= a.tokens <= 16:
         ap.error("--tokens: 1 to 16")
-    settings = a.compare.split(",") if a.compare else []
-    if settings and a.trace:
+    if a.compare and a.trace:
         ap.error("--compare and --trace are two separate runs: pick one")
-    for st in settings:
-        if not all(v.count("=") == 1 and v.split("=")[0] for v in st.split("+")):
-            ap.error(f"--compare: {st!r} is not VAR=VALUE[+VAR=VALUE...]")
-        for v in st.split("+"):
-            if "." in v.split("=")[0]:
-                parse_setting(v, "profile_decode.py: --compare")  # a bad table entry stops here, before the model is built
+    settings = check_settings(a.compare, "profile_decode.py: --compare") if a.compare else []  # before the model
     full = DSV4Config.flash()
     cfg = full.layer_range(0, a.layers)
     model = Model.from_state_dict(cfg, synthetic_stored(cfg, "cuda"), mode="faithful", device="cuda")
@@ -138,27 +132,15 @@ def main() -> None:
         return sorted(times)[len(times) // 2]
 
     if settings:
-        import os
-
-        rows, at, start = [], a.prompt_len + 3, dict(os.environ)
+        rows, at = [], a.prompt_len + 3
         for st in settings:
-            os.environ.clear()
-            os.environ.update(start)
-            tables = [parse_setting(v) for v in st.split("+") if "." in v.split("=")[0]]
-            kept = [(t, k, t[k]) for t, k, _ in tables]
-            os.environ.update(v.split("=") for v in st.split("+") if "." not in v.split("=")[0])
-            for t, k, v in tables:
-                t[k] = v
-            g = DecodeRunner(model, s.cache.handles(s.slot), graph=True)
-            ms = graph_ms(g, ids[at:at + 34])
+            with applied(st):
+                g = DecodeRunner(model, s.cache.handles(s.slot), graph=True)
+                ms = graph_ms(g, ids[at:at + 34])
             at += 34
             rows.append(f"{st:40s} graph step {ms * 1000:8.1f} us")
             print(rows[-1], flush=True)
             del g
-            for t, k, v in kept:
-                t[k] = v
-        os.environ.clear()
-        os.environ.update(start)
         text = f"{a.layers} layers, prompt {a.prompt_len}, faithful\n" + "\n".join(rows)
     elif a.trace:
         shapes, inner = [], linear.gemv

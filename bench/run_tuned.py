@@ -17,7 +17,9 @@ that tunes and then measures with the winners; copy the printed settings into th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 
 BOUND = 1e-5  # tests/test_gpu_kernels.py's GEMV bound, x max|reference|
@@ -78,6 +80,39 @@ def parse_setting(item: str, who: str = "run_tuned: --set") -> tuple[dict, str, 
     if type(value) is not type(settings[key]) and not (isinstance(value, int) and isinstance(settings[key], float)):
         raise SystemExit(f"{who} {name}: {type(settings[key]).__name__} wanted, got {text!r}")
     return settings, key, value
+
+
+def check_settings(text: str, who: str) -> list[str]:
+    """'S1,S2,...' (each VAR=VALUE joined by '+'; a VAR MODULE.TABLE.KEY is a kernel settings table
+    entry, any other an environment variable) -> the settings; SystemExit with one line for a bad one
+    (before anything slow runs)."""
+    settings = text.split(",")
+    for st in settings:
+        for v in st.split("+"):
+            if v.count("=") != 1 or not v.split("=")[0]:
+                raise SystemExit(f"{who}: {st!r} is not VAR=VALUE[+VAR=VALUE...]")
+            if "." in v.split("=")[0]:
+                parse_setting(v, who)
+    return settings
+
+
+@contextlib.contextmanager
+def applied(setting: str):
+    """Within the block, one checked setting (check_settings) on top of the environment and the
+    tables as they were; both restored after."""
+    env = dict(os.environ)
+    tables = [parse_setting(v) for v in setting.split("+") if "." in v.split("=")[0]]
+    kept = [(t, k, t[k]) for t, k, _ in tables]
+    os.environ.update(v.split("=") for v in setting.split("+") if "." not in v.split("=")[0])
+    for t, k, v in tables:
+        t[k] = v
+    try:
+        yield
+    finally:
+        for t, k, v in kept:
+            t[k] = v
+        os.environ.clear()
+        os.environ.update(env)
 
 
 def best_tile(rows: list[dict], table: dict) -> dict:

@@ -26,6 +26,16 @@ def test_profile_decode_refuses_a_bad_table_setting_before_building(tmp_path):
     assert r.stderr.strip().splitlines()[-1].startswith("profile_decode.py: --compare: mhc.DECODE has no key 'nope'")
 
 
+@pytest.mark.parametrize("args,message", [
+    (["--compare", "base"], "compare_prefill.py: --compare: 'base' is not VAR=VALUE[+VAR=VALUE...]"),
+    (["--compare", "mhc.TILE.nope=1"], "compare_prefill.py: --compare: mhc.TILE has no key 'nope'"),
+    (["--compare", "base=0", "--runs", "0"], "compare_prefill.py: --runs and --prompt-len must be at least 1")])
+def test_compare_prefill_refuses_bad_settings_first(tmp_path, args, message):
+    r = subprocess.run([sys.executable, str(PROFILE.with_name("compare_prefill.py")), *args], capture_output=True,
+                       text=True, cwd=tmp_path, timeout=120)
+    assert r.returncode == 1 and r.stdout == "" and r.stderr.strip().splitlines()[-1].startswith(message)
+
+
 def test_sync_points_needs_cuda(tmp_path):
     if __import__("torch").cuda.is_available():
         pytest.skip("a CUDA device is present")
