@@ -28,18 +28,19 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     settings = check_settings(a.compare, "compare_prefill.py: --compare")
-    if a.runs < 1 or a.prompt_len < 1:
-        raise SystemExit("compare_prefill.py: --runs and --prompt-len must be at least 1")
+    if a.runs < 1 or a.prompt_len < 1 or a.layers < 1:
+        raise SystemExit("compare_prefill.py: --runs, --prompt-len and --layers must be at least 1")
     if not torch.cuda.is_available():
         raise SystemExit("compare_prefill.py: needs a CUDA device")
-    from dsv4.engine.model.config import DSV4Config
-    from dsv4.engine.model.model import Model
-    from dsv4.engine.runtime.session import Session
-    from dsv4.engine.tools.synthetic import synthetic_stored
 
-    cfg = DSV4Config.flash().layer_range(0, a.layers)
-    model = Model.from_state_dict(cfg, synthetic_stored(cfg, "cuda"), mode="faithful", device="cuda")
-    ids = torch.randint(0, cfg.vocab_size, (a.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
+    from dsv4.engine.runtime.session import Session
+    from dsv4.engine.tools.bench import BenchError, synthetic_model
+
+    try:
+        model, _, _ = synthetic_model("flash", a.layers, "cuda", "faithful")
+    except BenchError as e:
+        raise SystemExit(f"compare_prefill.py: {e}") from None
+    ids = torch.randint(0, model.cfg.vocab_size, (a.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
 
     def once() -> tuple[float, int]:
         s = Session(model, a.prompt_len + 8)

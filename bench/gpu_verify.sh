@@ -18,7 +18,6 @@
 #   bash bench/gpu_verify.sh final     # MTP and RoPE GPU tests, bench decode --mtp at 16 layers, the RoPE rows A/B
 #   bash bench/gpu_verify.sh gemv      # the decode GEMV tune, GEMV / sampling / RoPE GPU tests, the merge tune, decode at 16 layers with the tuned GEMV, the expert and mHC tunes
 #   bash bench/gpu_verify.sh last      # the mHC (both mixing paths) and decode-attention GPU tests, the 8k prefill profile, decode at 16 layers with and without prefetch_below
-#   bash bench/gpu_verify.sh mhc       # the mHC (both mixing paths) and decode-attention GPU tests, the mHC tune, prefill 8k with the split mixing off / on, decode-step A/Bs of mHC and GEMV settings, decode at 16 layers
 #   bash bench/gpu_verify.sh final5    # mHC / RMSNorm, expert (no host sync), prefill engine, decode engine / MTP / cache GPU tests, the prefill's host waits, prefill 8k profiled, 8k-128k
 #   bash bench/gpu_verify.sh prefill-ab # prefill 8k under several kernel settings in one process (bench/compare_prefill.py), its host waits
 #   bash bench/gpu_verify.sh decode-final  # kernel / engine / MTP GPU tests, decode at 16 layers at 1k and 64k, the per-kernel profile, the 8k prefill profile
@@ -148,19 +147,6 @@ gemv)
     | grep -E "settings|ms_per|floor|per.layer"
   timeout 70 python3 bench/tune_kernels.py --only experts --out "$OUT/tune_experts.json" 2>&1 | grep -E "BEST|rror" | head -8
   timeout 40 python3 bench/tune_prefill.py --only mhc --out "$OUT/tune_mhc.json" 2>&1 | cut -c1-220 | tail -12 ;;
-mhc)
-  nvidia-smi --query-gpu=name --format=csv,noheader | tee "$OUT/gpu.txt"
-  timeout 70 $T tests/test_gpu_kernels.py -k "mhc or decode_attention" 2>&1 | tail -12 | tee "$OUT/gpu_tests_mhc.txt"
-  timeout 60 python3 bench/tune_prefill.py --only mhc --out "$OUT/tune_mhc.json" 2>&1 | cut -c1-220 | tail -12
-  timeout 60 $D bench prefill --preset flash --layers 4 --synthetic --prompt-len 8192 --runs 3 --profile \
-    --json-out "$OUT/prefill8k.json" 2>&1 | tail -14
-  timeout 60 python3 bench/run_tuned.py --set mhc.TILE.split=true -- bench prefill --preset flash --layers 4 --synthetic \
-    --prompt-len 8192 --runs 3 --profile --json-out "$OUT/prefill8k_split.json" 2>&1 | tail -14
-  timeout 110 python3 bench/profile_decode.py --layers 16 --prompt-len 1024 --compare \
-    base=0,mhc.DECODE.block_k=256,mhc.DECODE.epilogue_warps=2,mhc.DECODE.epilogue_warps=4,linear.GEMV.prefetch_below=12582912,base=1 \
-    --out "$OUT/compare_mhc_gemv.txt" 2>&1 | grep -v Warn | tail -11
-  timeout 60 $D bench decode --preset flash --layers 16 --synthetic --steps 64 --json-out "$OUT/decode16.json" 2>&1 \
-    | grep -E "ms_per_token|ms_per_layer|layer_floor_ratio" ;;
 final5)
   nvidia-smi --query-gpu=name --format=csv,noheader | tee "$OUT/gpu.txt"
   timeout 40 $T tests/test_gpu_kernels.py -k "mhc or rms_norm" 2>&1 | tail -3 | tee "$OUT/gpu_tests_mhc.txt"
@@ -194,7 +180,7 @@ last)
     --json-out "$OUT/prefill8k.json" 2>&1 | tail -22
   timeout 60 $D bench decode --preset flash --layers 16 --synthetic --steps 64 --json-out "$OUT/decode16.json" 2>&1 \
     | grep -E "ms_per_token|ms_per_layer|layer_floor_ratio"
-  timeout 60 python3 bench/run_tuned.py --gemv-set '{"prefetch_below": 12582912}' -- bench decode --preset flash \
+  timeout 60 python3 bench/run_tuned.py --set linear.GEMV.prefetch_below=12582912 -- bench decode --preset flash \
     --layers 16 --synthetic --steps 64 --json-out "$OUT/decode16_prefetch_small.json" 2>&1 \
     | grep -E "settings|ms_per_token|ms_per_layer|layer_floor_ratio" ;;
 check)

@@ -20,16 +20,19 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--prompt-len", type=int, default=8192)
     a = ap.parse_args()
+    if a.layers < 1 or a.prompt_len < 1:
+        raise SystemExit("sync_points.py: --layers and --prompt-len must be at least 1")
     if not torch.cuda.is_available():
         raise SystemExit("sync_points.py: needs a CUDA device")
-    from dsv4.engine.model.config import DSV4Config
-    from dsv4.engine.model.model import Model
-    from dsv4.engine.runtime.session import Session
-    from dsv4.engine.tools.synthetic import synthetic_stored
 
-    cfg = DSV4Config.flash().layer_range(0, a.layers)
-    model = Model.from_state_dict(cfg, synthetic_stored(cfg, "cuda"), mode="faithful", device="cuda")
-    ids = torch.randint(0, cfg.vocab_size, (a.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
+    from dsv4.engine.runtime.session import Session
+    from dsv4.engine.tools.bench import BenchError, synthetic_model
+
+    try:
+        model, _, _ = synthetic_model("flash", a.layers, "cuda", "faithful")
+    except BenchError as e:
+        raise SystemExit(f"sync_points.py: {e}") from None
+    ids = torch.randint(0, model.cfg.vocab_size, (a.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
     Session(model, a.prompt_len + 8).prefill(ids)
     s = Session(model, a.prompt_len + 8)
     torch.cuda.synchronize()

@@ -29,7 +29,8 @@ def test_profile_decode_refuses_a_bad_table_setting_before_building(tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["--compare", "base"], "compare_prefill.py: --compare: 'base' is not VAR=VALUE[+VAR=VALUE...]"),
     (["--compare", "mhc.TILE.nope=1"], "compare_prefill.py: --compare: mhc.TILE has no key 'nope'"),
-    (["--compare", "base=0", "--runs", "0"], "compare_prefill.py: --runs and --prompt-len must be at least 1")])
+    (["--compare", "base=0", "--runs", "0"], "compare_prefill.py: --runs, --prompt-len and --layers must be at least 1"),
+    (["--compare", "base=0", "--layers", "0"], "compare_prefill.py: --runs, --prompt-len and --layers must be at least 1")])
 def test_compare_prefill_refuses_bad_settings_first(tmp_path, args, message):
     r = subprocess.run([sys.executable, str(PROFILE.with_name("compare_prefill.py")), *args], capture_output=True,
                        text=True, cwd=tmp_path, timeout=120)
@@ -42,6 +43,13 @@ def test_sync_points_needs_cuda(tmp_path):
     r = subprocess.run([sys.executable, str(PROFILE.with_name("sync_points.py"))], capture_output=True, text=True,
                        cwd=tmp_path, timeout=120)
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == "sync_points.py: needs a CUDA device"
+
+
+def test_sync_points_refuses_zero_layers(tmp_path):
+    r = subprocess.run([sys.executable, str(PROFILE.with_name("sync_points.py")), "--layers", "0"], capture_output=True,
+                       text=True, cwd=tmp_path, timeout=120)
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr.strip().splitlines()[-1] == "sync_points.py: --layers and --prompt-len must be at least 1"
 
 
 def _run_tuned():
