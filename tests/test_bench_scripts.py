@@ -77,8 +77,9 @@ def test_run_tuned_picks_the_least_summed_gemv_setting_within_the_bound():
     assert rt.best_gemv(rows) == {"warps": 8}
 
 
-def test_run_tuned_refuses_a_missing_result(tmp_path):
-    r = subprocess.run([sys.executable, str(PROFILE.with_name("run_tuned.py")), "--gemv", "nope.json", "--", "--help"],
+@pytest.mark.parametrize("flag", ["--gemv", "--mhc"])
+def test_run_tuned_refuses_a_missing_result(tmp_path, flag):
+    r = subprocess.run([sys.executable, str(PROFILE.with_name("run_tuned.py")), flag, "nope.json", "--", "--help"],
                        capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert r.returncode == 1 and "run_tuned: cannot read a tune result" in r.stderr
 
