@@ -87,7 +87,10 @@ def main() -> None:
         ap.error("--tokens: 1 to 16")
     if a.compare and a.trace:
         ap.error("--compare and --trace are two separate runs: pick one")
-    settings = check_settings(a.compare, "profile_decode.py: --compare") if a.compare else []  # before the model
+    try:  # a bad setting is one usage line (exit 2) before the model is built
+        settings = check_settings(a.compare, "--compare") if a.compare else []
+    except SystemExit as e:
+        ap.error(str(e))
     full = DSV4Config.flash()
     cfg = full.layer_range(0, a.layers)
     model = Model.from_state_dict(cfg, synthetic_stored(cfg, "cuda"), mode="faithful", device="cuda")

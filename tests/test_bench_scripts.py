@@ -22,8 +22,8 @@ def test_profile_decode_refuses_bad_token_counts(tmp_path, args, message):
 def test_profile_decode_refuses_a_bad_table_setting_before_building(tmp_path):
     r = subprocess.run([sys.executable, str(PROFILE), "--compare", "DSV4_PDL=1,mhc.DECODE.nope=2"],
                        capture_output=True, text=True, cwd=tmp_path, timeout=120)
-    assert r.returncode == 1 and r.stdout == ""
-    assert r.stderr.strip().splitlines()[-1].startswith("profile_decode.py: --compare: mhc.DECODE has no key 'nope'")
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.strip().splitlines()[-1].startswith("profile_decode.py: error: --compare: mhc.DECODE has no key 'nope'")
 
 
 @pytest.mark.parametrize("args,message", [
