@@ -1,12 +1,21 @@
 """Run a dsv4 command with the fastest settings of a decode tune applied in-process (no source edit).
 
-python3 bench/run_tuned.py [--gemv TUNE_GEMV.json] [--merge TUNE_MERGE.json] [--mhc TUNE_MHC.json] [--set MODULE.TABLE.KEY=JSON]... -- DSV4 ARGS...
+python3 bench/run_tuned.py [--gemv TUNE_GEMV.json] [--merge TUNE_MERGE.json] [--mhc TUNE_MHC.json]
+    [--attention TUNE_ATTENTION.json] [--experts TUNE_EXPERTS.json] [--set MODULE.TABLE.KEY=JSON]... -- DSV4 ARGS...
+python3 bench/run_tuned.py [the same options] --print
 --gemv: bench/tune_kernels.py --only gemv output; the alternative with the least time summed over
   the Flash weights (best_gemv), among those within 1e-5 x max|ref| of the reference on every
   weight (the GPU tests' GEMV bound), updates kernels/triton/linear.GEMV.
 --merge: bench/tune_kernels.py --only merge output; the fastest merge width updates attention.ATTENTION.
 --mhc: bench/tune_prefill.py --only mhc output; the fastest tile within 1e-5 of the reference updates
   mhc.TILE.
+--attention: bench/tune_prefill.py --only attention output; the tile with the least time summed over
+  CSA, HCA and SWA (an alternative with an error in any is out) updates prefill_attention.TILE. Tiles
+  differ in rounding only (the order of the online softmax, bf16 probabilities): the GPU tests bound them.
+--experts: bench/tune_prefill.py --only experts output; the fastest tile within 1e-5 of the committed
+  one updates prefill_experts.TILE.
+--print: print the winners' changes as one '+'-joined setting (bench/compare_prefill.py --compare
+  takes it) and exit, running nothing ("base=1" when nothing changes).
 --set: one entry of a settings table of dsv4.kernels.triton (an upper-case dict such as linear.GEMV
   or mhc.TILE; the key must exist), the value as JSON, applied after the rest (an A/B of one
   setting): --set linear.GEMV.prefetch_below=12582912 --set mhc.TILE.rows=64.
@@ -122,38 +131,71 @@ def best_tile(rows: list[dict], table: dict) -> dict:
     return {k: v for k, v in min(ok, key=lambda r: r["ms"]).items() if k in table} if ok else {}
 
 
+def best_attention(rows: list[dict], table: dict) -> dict:
+    """The prefill attention tile (an update of ``table``) with the least time summed over the
+    attention kinds of a tune_prefill --only attention result; {} if none ran for every kind."""
+    total, bad, kinds = {}, set(), {r["attn"] for r in rows}
+    for r in rows:
+        key = json.dumps({k: v for k, v in r.items() if k in table}, sort_keys=True)
+        if "ms" not in r:
+            bad.add(key)
+            continue
+        total.setdefault(key, {})[r["attn"]] = r["ms"]
+    ok = {k: sum(t.values()) for k, t in total.items() if k not in bad and set(t) == kinds}
+    return json.loads(min(ok, key=ok.get)) if ok else {}
+
+
 def main(argv: list[str]) -> None:
-    if "--" not in argv:
-        raise SystemExit("usage: run_tuned.py [--gemv FILE] [--merge FILE] [--mhc FILE] [--set MODULE.TABLE.KEY=JSON]... -- DSV4 ARGS...")
-    cut = argv.index("--")
+    if "--" not in argv and "--print" not in argv:
+        raise SystemExit("usage: run_tuned.py [--gemv FILE] [--merge FILE] [--mhc FILE] [--attention FILE] [--experts FILE] "
+                         "[--set MODULE.TABLE.KEY=JSON]... (-- DSV4 ARGS... | --print)")
+    cut = argv.index("--") if "--" in argv else len(argv)
     ap = argparse.ArgumentParser()
     ap.add_argument("--gemv")
     ap.add_argument("--merge")
     ap.add_argument("--mhc")
+    ap.add_argument("--attention")
+    ap.add_argument("--experts")
+    ap.add_argument("--print", action="store_true")
     ap.add_argument("--set", action="append", default=[], metavar="MODULE.TABLE.KEY=JSON",
                     help="one kernel setting, applied last (repeatable), e.g. mhc.TILE.rows=64")
     a = ap.parse_args(argv[:cut])
-    from dsv4.kernels.triton import attention, linear, mhc
+    from dsv4.kernels.triton import attention, linear, mhc, prefill_attention, prefill_experts
 
+    changed, log = [], sys.stderr if a.print else sys.stdout
     try:
         if a.gemv:
             g = best_gemv(json.load(open(a.gemv))["all"])
+            changed += [f"linear.GEMV.{k}={json.dumps(v)}" for k, v in g.items() if linear.GEMV.get(k) != v]
             linear.GEMV.update(g)
-            print("GEMV settings:", json.dumps(g), flush=True)
+            print("GEMV settings:", json.dumps(g), flush=True, file=log)
         if a.merge:
             m = best_merge(json.load(open(a.merge))["all"])
+            changed += [f"attention.ATTENTION.{k}={json.dumps(v)}" for k, v in m.items() if attention.ATTENTION[k] != v]
             attention.ATTENTION.update(m)
-            print("ATTENTION settings:", json.dumps(m), flush=True)
+            print("ATTENTION settings:", json.dumps(m), flush=True, file=log)
         if a.mhc:
             t = best_tile(json.load(open(a.mhc))["results"], mhc.TILE)
+            changed += [f"mhc.TILE.{k}={json.dumps(v)}" for k, v in t.items() if mhc.TILE[k] != v]
             mhc.TILE.update(t)
-            print("mhc.TILE settings:", json.dumps(t), flush=True)
+            print("mhc.TILE settings:", json.dumps(t), flush=True, file=log)
+        for path, table, name, pick in ((a.attention, prefill_attention.TILE, "prefill_attention", best_attention),
+                                        (a.experts, prefill_experts.TILE, "prefill_experts", best_tile)):
+            if path:
+                t = pick(json.load(open(path))["results"], table)
+                changed += [f"{name}.TILE.{k}={json.dumps(v)}" for k, v in t.items() if table[k] != v]
+                table.update(t)
+                print(f"{name}.TILE settings:", json.dumps(t), flush=True, file=log)
     except (OSError, ValueError, KeyError) as e:
         raise SystemExit(f"run_tuned: cannot read a tune result: {e}") from None
     for item in a.set:
         table, key, value = parse_setting(item)
         table[key] = value
-        print("setting:", item, flush=True)
+        changed.append(item)
+        print("setting:", item, flush=True, file=log)
+    if a.print:
+        print("+".join(changed) or "base=1")
+        return
     from dsv4.cli.main import app
 
     sys.argv = ["dsv4", *argv[cut + 1:]]

@@ -125,3 +125,51 @@ def test_run_tuned_setting_names_a_table_entry():
     assert table is mhc.TILE and key == "rows" and value == 64
     table, key, value = rt.parse_setting("linear.GEMV.prefetch_below=12582912")
     assert table is linear.GEMV and key == "prefetch_below" and value == 12582912
+
+
+def test_run_tuned_best_attention_least_summed_over_kinds():
+    rt = _run_tuned()
+    table = {"heads_bf16": 64, "keys": 64, "warps": 8, "stages_bf16": 1}
+    base = dict(table)
+    small = dict(table, keys=16, stages_bf16=2)
+    mid = dict(table, keys=32, stages_bf16=2)
+    broken = dict(table, keys=16, warps=4)
+    rows = [{"attn": a, **alt, "ms": ms, "tflops": 1.0, "max_rel_diff": 1e-3}
+            for alt, times in [(base, (4.0, 1.0, 0.8)), (small, (2.0, 1.2, 0.9)), (mid, (1.5, 2.5, 1.5))]
+            for a, ms in zip(("csa", "hca", "swa"), times)]
+    # broken is fastest where it ran but failed on swa; mid is fastest on csa alone
+    rows += [{"attn": "csa", **broken, "ms": 0.1}, {"attn": "hca", **broken, "ms": 0.1},
+             {"attn": "swa", **broken, "error": "OutOfResources: shared memory"}]
+    assert rt.best_attention(rows, table) == small
+    # an alternative that never ran on one kind is out too (then mid's 5.5 beats base's 5.8)
+    assert rt.best_attention([r for r in rows if not (r["keys"] == 16 and r["attn"] == "hca")], table) == mid
+    assert rt.best_attention([], table) == {}
+
+
+def test_run_tuned_print_gives_the_changed_settings(tmp_path):
+    from dsv4.kernels.triton import prefill_attention, prefill_experts
+
+    committed = dict(prefill_experts.TILE)
+    other = dict(committed, m=committed["m"] * 2)
+    (tmp_path / "experts.json").write_text(__import__("json").dumps({"results": [
+        {"op": "experts mxfp4", **committed, "ms": 12.0, "max_rel_diff": 0.0},
+        {"op": "experts mxfp4", **other, "ms": 10.0, "max_rel_diff": 0.0}]}))
+    att = dict(prefill_attention.TILE)
+    (tmp_path / "attention.json").write_text(__import__("json").dumps({"results": [
+        {"attn": a, **att, "ms": 1.0, "max_rel_diff": 0.0} for a in ("csa", "hca", "swa")]}))
+    r = subprocess.run([sys.executable, str(PROFILE.with_name("run_tuned.py")), "--experts", "experts.json",
+                        "--attention", "attention.json", "--print"], capture_output=True, text=True, cwd=tmp_path,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == f"prefill_experts.TILE.m={committed['m'] * 2}"
+    r = subprocess.run([sys.executable, str(PROFILE.with_name("run_tuned.py")), "--attention", "attention.json",
+                        "--print"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "base=1"
+
+
+def test_kernel_registers_refuses_zero_layers(tmp_path):
+    r = subprocess.run([sys.executable, str(PROFILE.with_name("kernel_registers.py")), "--layers", "0"],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr.strip().splitlines()[-1] == \
+        "kernel_registers.py: --layers and --prompt-len must be at least 1, --steps at least 0"

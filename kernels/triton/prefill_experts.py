@@ -41,7 +41,8 @@ from .prefill_linear import dot_rows, dot_rows_t
 # two programs per SM), the same bits as the float32 widening (max_rel_diff 0.0).
 # words: block scales read as 32-bit words where K allows (the pipeline copies them ahead, but on Triton
 # 3.6 the widened tile then takes a trip through shared memory), else as bytes in the step.
-TILE = {"m": 64, "n": 128, "k": 32, "warps": 8, "stages": 4, "swap": True, "asm": True, "words": False}
+TILE = {"m": 64, "n": 128, "k": 32, "warps": 8, "stages": 4, "swap": True, "asm": True, "words": False,
+        "prefetch": False}
 FMT = {"mxfp4": 4, "nvfp4": 5}
 
 
@@ -168,7 +169,7 @@ def _tile_rows(tile_e_ptr, tile_lo_ptr, tile_hi_ptr, BLOCK_M: tl.constexpr):
 def _up(x_ptr, order_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, w1_tab, s1_tab, g1_ptr, w3_tab, s3_tab,
         g3_ptr, h_ptr, I, D, limit, K_SEL: tl.constexpr, FMT: tl.constexpr, IEEE: tl.constexpr, SPLIT: tl.constexpr,
         QX: tl.constexpr, SWAP: tl.constexpr, ASM: tl.constexpr, ONE_MUL: tl.constexpr, WORDS: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        PREFETCH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """h[r] = swiglu(w1[e] x_tok(r), w3[e] x_tok(r)) for the tile's sorted pairs r. QX: x arrives
     quantised (bf16 rows, actquant.quantise_rows) and h leaves quantised too, each 128-slice of a
     row through e4m3 (bf16 values; BLOCK_N a multiple of 128). SWAP: the dots run as W . x^T (the
@@ -183,9 +184,17 @@ def _up(x_ptr, order_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, w1_tab, s1_tab, 
         w3, s3 = _ptrs(w3_tab, s3_tab, e)
         g = _acc(BLOCK_M, BLOCK_N, SWAP)
         u = _acc(BLOCK_M, BLOCK_N, SWAP)
+        c1n = _scales(s1, rn, nm, 0, D, BLOCK_K, FMT, WORDS)
+        c3n = _scales(s3, rn, nm, 0, D, BLOCK_K, FMT, WORDS)
         for k0 in range(0, D, BLOCK_K):
-            c1 = _scales(s1, rn, nm, k0, D, BLOCK_K, FMT, WORDS)
-            c3 = _scales(s3, rn, nm, k0, D, BLOCK_K, FMT, WORDS)
+            if PREFETCH:  # this step's scales came one step ahead (their load latency off the step)
+                c1 = c1n
+                c3 = c3n
+                c1n = _scales(s1, rn, nm, k0 + BLOCK_K, D, BLOCK_K, FMT, WORDS)
+                c3n = _scales(s3, rn, nm, k0 + BLOCK_K, D, BLOCK_K, FMT, WORDS)
+            else:
+                c1 = _scales(s1, rn, nm, k0, D, BLOCK_K, FMT, WORDS)
+                c3 = _scales(s3, rn, nm, k0, D, BLOCK_K, FMT, WORDS)
             kk = k0 + tl.arange(0, BLOCK_K)
             x = tl.load(x_ptr + tok[:, None] * D + kk[None, :], mask=rm[:, None] & (kk < D)[None, :], other=0.0)
             g += _dot(x, _fp4_tile(w1, c1, rn, nm, k0, D, BLOCK_N, BLOCK_K, FMT, ASM, ONE_MUL), IEEE, SPLIT, SWAP)
@@ -207,8 +216,8 @@ def _up(x_ptr, order_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, w1_tab, s1_tab, 
 @triton.jit
 def _down(h_ptr, order_ptr, wts_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, w2_tab, s2_tab, g2_ptr, y_ptr, I, D,
           FMT: tl.constexpr, IEEE: tl.constexpr, QX: tl.constexpr, SWAP: tl.constexpr, ASM: tl.constexpr,
-          ONE_MUL: tl.constexpr, WORDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-          BLOCK_K: tl.constexpr):
+          ONE_MUL: tl.constexpr, WORDS: tl.constexpr, PREFETCH: tl.constexpr, BLOCK_M: tl.constexpr,
+          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """y[pair(r)] = weight(r) * (w2[e] h[r]) for the tile's sorted pairs r, stored in (token, slot)
     order (h float32, or bf16 values already quantised by _up: one bf16 dot per step)."""
     e, r, rm = _tile_rows(tile_e_ptr, tile_lo_ptr, tile_hi_ptr, BLOCK_M)
@@ -217,8 +226,13 @@ def _down(h_ptr, order_ptr, wts_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, w2_ta
         nm = rn < D
         w2, s2 = _ptrs(w2_tab, s2_tab, e)
         acc = _acc(BLOCK_M, BLOCK_N, SWAP)
+        c2n = _scales(s2, rn, nm, 0, I, BLOCK_K, FMT, WORDS)
         for k0 in range(0, I, BLOCK_K):
-            c2 = _scales(s2, rn, nm, k0, I, BLOCK_K, FMT, WORDS)
+            if PREFETCH:
+                c2 = c2n
+                c2n = _scales(s2, rn, nm, k0 + BLOCK_K, I, BLOCK_K, FMT, WORDS)
+            else:
+                c2 = _scales(s2, rn, nm, k0, I, BLOCK_K, FMT, WORDS)
             kk = k0 + tl.arange(0, BLOCK_K)
             h = tl.load(h_ptr + r[:, None] * I + kk[None, :], mask=rm[:, None] & (kk < I)[None, :], other=0.0)
             acc += _dot(h, _fp4_tile(w2, c2, rn, nm, k0, I, BLOCK_N, BLOCK_K, FMT, ASM, ONE_MUL), IEEE, not QX,
@@ -306,14 +320,14 @@ def grouped_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, e
         xc, order, tile_e, lo, hi, tab["w1"], tab["sw1"], tab["gw1"], tab["w3"], tab["sw3"], tab["gw3"], h, I, D,
         float(limit), K_SEL=k, FMT=fmt, IEEE=ieee, SPLIT=xc.dtype == torch.float32, QX=qx, SWAP=t["swap"],
         ASM=t["asm"] and not ieee, ONE_MUL=tab["one_mul"], WORDS=t["words"] and D // group % 4 == 0,
-        BLOCK_M=t["m"], BLOCK_N=t["n"], BLOCK_K=t["k"], num_warps=t["warps"], num_stages=t["stages"])
+        PREFETCH=t["prefetch"], BLOCK_M=t["m"], BLOCK_N=t["n"], BLOCK_K=t["k"], num_warps=t["warps"], num_stages=t["stages"])
     if act_quant and not qx:  # an intermediate size that is no whole number of 128-slices per tile
         h = quantise_rows(h)
     y = torch.empty((S * k, D), device=x.device, dtype=torch.float32)
     _down[(tile_e.numel(), triton.cdiv(D, t["n"]))](
         h, order, weights.float().contiguous().reshape(-1), tile_e, lo, hi, tab["w2"], tab["sw2"], tab["gw2"], y,
         I, D, FMT=fmt, IEEE=ieee, QX=h.dtype == torch.bfloat16, SWAP=t["swap"], ASM=t["asm"] and not ieee,
-        ONE_MUL=tab["one_mul"], WORDS=t["words"] and I // group % 4 == 0, BLOCK_M=t["m"], BLOCK_N=t["n"],
+        ONE_MUL=tab["one_mul"], WORDS=t["words"] and I // group % 4 == 0, PREFETCH=t["prefetch"], BLOCK_M=t["m"], BLOCK_N=t["n"],
         BLOCK_K=t["k"], num_warps=t["warps"], num_stages=t["stages"])
     return y.view(S, k, D).sum(1).to(x.dtype)
 
