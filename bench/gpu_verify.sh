@@ -162,8 +162,9 @@ tiles)
   nvidia-smi --query-gpu=name --format=csv,noheader | tee "$OUT/gpu.txt"
   timeout 120 python3 bench/kernel_registers.py --layers 4 --prompt-len 8192 --steps 4 2>&1 | grep -v Warn \
     | tee "$OUT/kernel_registers.txt" | head -40
-  timeout 200 python3 bench/tune_prefill.py --only attention --out "$OUT/tune_attention.json" 2>&1 | cut -c1-200
-  timeout 150 python3 bench/tune_prefill.py --only experts --out "$OUT/tune_experts.json" 2>&1 | cut -c1-260
+  TUNE_FEW=1 timeout 170 python3 bench/tune_prefill.py --only attention --out "$OUT/tune_attention.json" 2>&1 \
+    | cut -c1-200
+  timeout 190 python3 bench/tune_prefill.py --only experts --out "$OUT/tune_experts.json" 2>&1 | cut -c1-260
   S=$(python3 bench/run_tuned.py --attention "$OUT/tune_attention.json" --experts "$OUT/tune_experts.json" --print)
   echo "winners: $S"
   timeout 120 python3 bench/compare_prefill.py --layers 4 --prompt-len 8192 --runs 3 --out "$OUT/compare_prefill.txt" \

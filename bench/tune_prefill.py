@@ -143,12 +143,13 @@ def tune_experts(S: int = 6400, E: int = 256, k: int = 6, inter: int = 2048, d: 
     wts = torch.rand(S, k, device="cuda", generator=g)
     # the committed tile first; prefetch: each step's block scales loaded one step ahead (on Triton 3.6 the
     # widened tile then takes a trip through shared memory, sm_90 SASS); the rest trade the tile's pairs
-    # (reuse of a widened weight) against padding (about 150 pairs an expert at 6400 tokens)
-    alts = [dict(m=m, n=n, k=bk, warps=w, stages=st, swap=True, asm=True, words=False, prefetch=pf)
-            for m, n, bk, w, st, pf in
-            [(64, 128, 32, 8, 4, False), (64, 128, 32, 8, 4, True), (64, 128, 64, 8, 3, False),
-             (128, 64, 32, 8, 4, False), (32, 128, 32, 4, 4, False), (64, 128, 32, 8, 5, False),
-             (64, 128, 32, 4, 4, False), (128, 128, 32, 8, 4, False)]]
+    # (reuse of a widened weight) against padding (about 150 pairs an expert at 6400 tokens); tail: full
+    # tiles of m pairs, each expert's remainder in tiles of `tail` (schedule_split)
+    alts = [dict(m=m, n=n, k=bk, warps=w, stages=st, swap=True, asm=True, words=False, prefetch=pf, tail=tl)
+            for m, n, bk, w, st, pf, tl in
+            [(64, 128, 32, 8, 4, False, 0), (128, 128, 32, 8, 4, False, 32), (128, 64, 32, 8, 4, False, 32),
+             (64, 128, 32, 8, 4, False, 32), (64, 128, 32, 8, 4, True, 0), (64, 128, 64, 8, 3, False, 0),
+             (128, 64, 32, 8, 4, False, 0), (128, 128, 32, 8, 4, False, 64), (32, 128, 32, 8, 4, False, 0)]]
     if os.environ.get("TUNE_FEW"):
         alts = alts[:4]
     return _alternatives(pe.TILE, alts, lambda: pe.grouped_experts(x, ids, wts, es, 10.0, act_quant=True),
