@@ -22,7 +22,7 @@
 #   bash bench/gpu_verify.sh prefill-ab # prefill 8k under several kernel settings in one process (bench/compare_prefill.py), its host waits
 #   bash bench/gpu_verify.sh decode-final  # kernel / engine / MTP GPU tests, decode at 16 layers at 1k and 64k, the per-kernel profile, the 8k prefill profile
 #   bash bench/gpu_verify.sh check     # the smallest: the MTP and RoPE GPU tests, the RoPE rows A/B
-#   bash bench/gpu_verify.sh tiles     # registers / spills of every kernel, the prefill attention and expert tile tunes, an 8k A/B of the winners
+#   bash bench/gpu_verify.sh tiles     # the prefill attention and expert tile tunes, the winners into TILE and tested, an 8k A/B against the old tiles, every kernel's registers / spills
 #   bash bench/gpu_verify.sh indexer   # the 64k step with the indexer kernels and their references, decode at 16 layers at 64k, a 64k trace
 # Run from the repository root on the GPU machine (no install there: bench/dsv4_path.sh puts the
 # source folders on PYTHONPATH as dsv4.*).
@@ -160,15 +160,20 @@ final5)
     --json-out "$OUT/prefill_long.json" 2>&1 | grep -v "prefill .*tok/s" | tail -8 ;;
 tiles)
   nvidia-smi --query-gpu=name --format=csv,noheader | tee "$OUT/gpu.txt"
-  timeout 120 python3 bench/kernel_registers.py --layers 4 --prompt-len 8192 --steps 4 2>&1 | grep -v Warn \
-    | tee "$OUT/kernel_registers.txt" | head -40
   TUNE_FEW=1 timeout 170 python3 bench/tune_prefill.py --only attention --out "$OUT/tune_attention.json" 2>&1 \
     | cut -c1-200
   timeout 190 python3 bench/tune_prefill.py --only experts --out "$OUT/tune_experts.json" 2>&1 | cut -c1-260
-  S=$(python3 bench/run_tuned.py --attention "$OUT/tune_attention.json" --experts "$OUT/tune_experts.json" --print)
-  echo "winners: $S"
-  timeout 120 python3 bench/compare_prefill.py --layers 4 --prompt-len 8192 --runs 3 --out "$OUT/compare_prefill.txt" \
-    --compare "base=0,$S,base=1" 2>&1 | grep -v Warn ;;
+  python3 bench/pick_tile.py "$OUT/tune_attention.json" kernels/triton/prefill_attention.py | tee "$OUT/chosen.txt"
+  python3 bench/pick_tile.py "$OUT/tune_experts.json" kernels/triton/prefill_experts.py | tee -a "$OUT/chosen.txt"
+  timeout 100 $T tests/test_gpu_prefill.py -k "chunk_attention or grouped_experts" 2>&1 | tail -4 \
+    | tee "$OUT/gpu_tests_tiles.txt"
+  OLD=prefill_attention.TILE.keys=64+prefill_attention.TILE.stages_bf16=1+prefill_experts.TILE.m=64
+  OLD=$OLD+prefill_experts.TILE.n=128+prefill_experts.TILE.k=32+prefill_experts.TILE.stages=4
+  OLD=$OLD+prefill_experts.TILE.warps=8+prefill_experts.TILE.tail=0+prefill_experts.TILE.prefetch=false
+  timeout 110 python3 bench/compare_prefill.py --layers 4 --prompt-len 8192 --runs 3 --out "$OUT/compare_prefill.txt" \
+    --compare "new=1,$OLD,new=2" 2>&1 | grep -v Warn
+  timeout 100 python3 bench/kernel_registers.py --layers 4 --prompt-len 8192 --steps 4 2>&1 | grep -v Warn \
+    > "$OUT/kernel_registers.txt"; head -30 "$OUT/kernel_registers.txt" ;;
 prefill-ab)
   nvidia-smi --query-gpu=name --format=csv,noheader | tee "$OUT/gpu.txt"
   timeout 300 python3 bench/compare_prefill.py --layers 4 --prompt-len 8192 --runs 3 --out "$OUT/compare_prefill.txt" \
