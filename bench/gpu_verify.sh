@@ -162,7 +162,7 @@ tiles)
   nvidia-smi --query-gpu=name --format=csv,noheader | tee "$OUT/gpu.txt"
   TUNE_FEW=1 timeout 170 python3 bench/tune_prefill.py --only attention --out "$OUT/tune_attention.json" 2>&1 \
     | cut -c1-200
-  timeout 190 python3 bench/tune_prefill.py --only experts --out "$OUT/tune_experts.json" 2>&1 | cut -c1-260
+  TUNE_FEW=1 timeout 150 python3 bench/tune_prefill.py --only experts --out "$OUT/tune_experts.json" 2>&1 | cut -c1-260
   python3 bench/pick_tile.py "$OUT/tune_attention.json" kernels/triton/prefill_attention.py | tee "$OUT/chosen.txt"
   python3 bench/pick_tile.py "$OUT/tune_experts.json" kernels/triton/prefill_experts.py | tee -a "$OUT/chosen.txt"
   timeout 100 $T tests/test_gpu_prefill.py -k "chunk_attention or grouped_experts" 2>&1 | tail -4 \
