@@ -165,13 +165,14 @@ tiles)
   TUNE_FEW=1 timeout 150 python3 bench/tune_prefill.py --only experts --out "$OUT/tune_experts.json" 2>&1 | cut -c1-260
   python3 bench/pick_tile.py "$OUT/tune_attention.json" kernels/triton/prefill_attention.py | tee "$OUT/chosen.txt"
   python3 bench/pick_tile.py "$OUT/tune_experts.json" kernels/triton/prefill_experts.py | tee -a "$OUT/chosen.txt"
-  timeout 100 $T tests/test_gpu_prefill.py -k "chunk_attention or grouped_experts" 2>&1 | tail -4 \
+  timeout 120 $T tests/test_gpu_prefill.py -k "chunk_attention or grouped_experts" 2>&1 | tail -4 \
     | tee "$OUT/gpu_tests_tiles.txt"
   OLD=prefill_attention.TILE.keys=64+prefill_attention.TILE.stages_bf16=1+prefill_experts.TILE.m=64
   OLD=$OLD+prefill_experts.TILE.n=128+prefill_experts.TILE.k=32+prefill_experts.TILE.stages=4
   OLD=$OLD+prefill_experts.TILE.warps=8+prefill_experts.TILE.tail=0+prefill_experts.TILE.prefetch=false
   timeout 110 python3 bench/compare_prefill.py --layers 4 --prompt-len 8192 --runs 3 --out "$OUT/compare_prefill.txt" \
-    --compare "new=1,$OLD,new=2" 2>&1 | grep -v Warn
+    --compare "new=1,$OLD+prefill_attention.TILE.rope_out=false,prefill_attention.TILE.rope_out=false,new=2" 2>&1 \
+    | grep -v Warn
   timeout 60 $D bench prefill --preset flash --layers 4 --synthetic --prompt-len 8192 --runs 3 --profile \
     --json-out "$OUT/prefill8k.json" 2>&1 | grep -E "median_s|matmul_rate|%" | head -14
   timeout 100 python3 bench/kernel_registers.py --layers 4 --prompt-len 4096 --steps 4 2>&1 | grep -v Warn \

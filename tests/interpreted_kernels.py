@@ -348,9 +348,10 @@ def engine_check():
             print(f"ok engine kernel path, {mode}, {what} {err:.1e}")
 
 
-def _chunk_case(kind, H, D, r, W, S, start, ratio, csa, K=6, n_store=None):
+def _chunk_case(kind, H, D, r, W, S, start, ratio, csa, K=6, n_store=None, rope=False):
     """chunk_attention: the Triton kernel against the reference (window ring + chunk keys, HCA or CSA
-    entries in their storage format at scattered rows), positions from ``start``."""
+    entries in their storage format at scattered rows), positions from ``start``; rope: with the
+    output's inverse RoPE over its last r channels (out_rope)."""
     from dsv4.kernels.reference.chunk_attention import chunk_attention
     from dsv4.kernels.reference.entries import write_entries
     from dsv4.kernels.triton.prefill_attention import chunk_attention_triton
@@ -373,8 +374,12 @@ def _chunk_case(kind, H, D, r, W, S, start, ratio, csa, K=6, n_store=None):
                 pick = torch.randperm(min(n, (start + i + 1) // ratio), generator=g)[:K]
                 sel[i, :len(pick)] = pick
     args = (q, pos, ring, rp, kv, W, ent, rows, ratio, sel, sink, D ** -0.5)
-    close(f"chunk_attention {kind} H={H} D={D} W={W} S={S} start={start} ratio={ratio} csa={csa}",
-          chunk_attention_triton(*args), chunk_attention(*args))
+    kw = {}
+    if rope:
+        ang = torch.rand(S, r // 2, generator=g) * 6.3
+        kw = {"out_rope": (ang.cos(), ang.sin())}
+    close(f"chunk_attention {kind} H={H} D={D} W={W} S={S} start={start} ratio={ratio} csa={csa} rope={rope}",
+          chunk_attention_triton(*args, **kw), chunk_attention(*args, **kw))
 
 
 def prefill_checks():
@@ -385,6 +390,16 @@ def prefill_checks():
                  ("kv", 20, 128, 64, 8, 5, 40, 4, True)]:
         _chunk_case(*case)
     _chunk_case("kv", 4, 128, 64, 8, 6, (1 << 31) - 3, 4, True, n_store=9)
+    from dsv4.kernels.triton import prefill_attention as pa
+    for fused in (True, False):  # the inverse RoPE in the epilogue, or as a pass after the kernel
+        keep = pa.TILE["rope_out"]
+        pa.TILE["rope_out"] = fused
+        try:
+            _chunk_case("kv", 6, 128, 64, 16, 33, 50, 4, True, rope=True)
+            _chunk_case("f32", 4, 96, 32, 16, 9, 5, 0, False, rope=True)
+            _chunk_case("kv", 2, 80, 16, 16, 21, 300, 128, False, rope=True)
+        finally:
+            pa.TILE["rope_out"] = keep
     from dsv4.kernels.reference.indexer import indexer_scores
     from dsv4.kernels.triton.prefill_indexer import indexer_scores_triton
     for S, H, Di, T in [(5, 2, 64, 70), (70, 3, 32, 9), (1, 64, 128, 130)]:

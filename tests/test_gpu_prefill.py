@@ -27,7 +27,9 @@ def _rel(a, b):
 @pytest.mark.parametrize("kind", ["kv", "f32"])
 @pytest.mark.parametrize("attn", ["swa", "hca", "csa"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_chunk_attention_kernel_matches_reference(kind, attn, dtype):
+@pytest.mark.parametrize("rope", [False, True], ids=["plain", "out_rope"])
+def test_chunk_attention_kernel_matches_reference(kind, attn, dtype, rope):
+    """rope: the output's inverse RoPE (the engine's call) in the kernel's epilogue."""
     g = torch.Generator().manual_seed(3)
     S, H, D, W, start, K = 300, 64, 512, 128, 5000, 512
     ratio = {"swa": 0, "hca": 128, "csa": 4}[attn]
@@ -47,9 +49,11 @@ def test_chunk_attention_kernel_matches_reference(kind, attn, dtype):
     cuda = lambda t: None if t is None else t.cuda()  # noqa: E731
     args = (q, pos.cuda(), ring.cuda(), ring_pos.cuda(), kv.cuda(), W, ent, cuda(rows), ratio, cuda(sel),
             sink.cuda(), D ** -0.5)
+    ang = torch.rand(S, 32, generator=g) * 6.3
+    kw = {"out_rope": (ang.cos().cuda(), ang.sin().cuda())} if rope else {}
     fn = implementation("chunk_attention", "cuda")
     assert fn is not chunk_attention
-    got, ref = fn(*args), chunk_attention(*args)
+    got, ref = fn(*args, **kw), chunk_attention(*args, **kw)
     assert _rel(got, ref) <= (2e-5 if dtype == torch.float32 else 2e-2)
 
 

@@ -53,9 +53,11 @@ def _attend(q, keys, visible, w, p, cfg, cos, sin, faithful) -> torch.Tensor:
     return _out(o, w, p, cfg, cos, sin, faithful)
 
 
-def _out(o, w, p, cfg, cos, sin, faithful) -> torch.Tensor:
-    """Attention output o [S, H, D] -> inverse RoPE -> wo_a (grouped) -> wo_b -> [S, d]."""
-    o = kernels.apply_rope(o, cos, sin, inverse=True)
+def _out(o, w, p, cfg, cos, sin, faithful, rotated: bool = False) -> torch.Tensor:
+    """Attention output o [S, H, D] -> inverse RoPE (unless ``rotated``: done with the attention) ->
+    wo_a (grouped) -> wo_b -> [S, d]."""
+    if not rotated:
+        o = kernels.apply_rope(o, cos, sin, inverse=True)
     y = kernels.grouped_linear(o.reshape(o.shape[0], cfg.o_groups, -1), w[p + ".wo_a"], act_quant=faithful)
     return kernels.linear(y, w[p + ".wo_b"], act_quant=faithful)
 
@@ -94,8 +96,8 @@ def attention(x: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
                 select = _indexer_topk_tiles(x, qr, w, p + ".indexer", cfg, handle, rows, positions, m,
                                              rope.cos_sin(positions, yarn=True), iq, faithful)
     o = kernels.chunk_attention(q, positions, ring, ring_pos, kv, cfg.sliding_window, entries, rows, m, select,
-                                w[p + ".attn_sink"], cfg.head_dim ** -0.5)
-    return _out(o, w, p, cfg, cos, sin, faithful)
+                                w[p + ".attn_sink"], cfg.head_dim ** -0.5, out_rope=(cos, sin))
+    return _out(o, w, p, cfg, cos, sin, faithful, rotated=True)
 
 
 def _attention_dense(x, qr, q, kv, ctx: LayerContext, cos, sin) -> torch.Tensor:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from .entries import read_entries
+from .rope import apply_rope
 
 Q_TILE = 64
 K_TILE = 512
@@ -45,7 +46,8 @@ def _window_keys(t, ring, ring_pos, kv, positions, i0, i1, W):
 
 def chunk_attention(q: torch.Tensor, positions: torch.Tensor, ring: torch.Tensor, ring_pos: torch.Tensor,
                     kv: torch.Tensor, window: int, entries: dict | None, rows: torch.Tensor | None, ratio: int,
-                    select: torch.Tensor | None, sink: torch.Tensor, scale: float) -> torch.Tensor:
+                    select: torch.Tensor | None, sink: torch.Tensor, scale: float,
+                    out_rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Sink attention of a chunk's queries over window + compressed entries, key tile by key tile.
 
     q: [S, H, D] at positions [S] int64 (consecutive); ring: [W', D] the window keys before the chunk at
@@ -54,7 +56,9 @@ def chunk_attention(q: torch.Tensor, positions: torch.Tensor, ring: torch.Tensor
     format, kernels/reference/entries.py) or None (SWA layer); rows: [n] int64 its rows of entries
     0..n-1; ratio: m, entry e visible to t iff (e+1)*m <= t+1. select: None (HCA: every visible entry)
     or [S, K] int64 entry indices per query, -1 = none (CSA: the indexer's top-k, all visible).
-    sink: [H] logits joining the denominator only; scale: the score scale.
+    sink: [H] logits joining the denominator only; scale: the score scale. out_rope: None, or the
+    queries' (cos, sin) [S, rd/2]: the output's last rd channels are then rotated back by each query's
+    angle (apply_rope inverse: the step before wo_a), so the GPU kernel does it in its epilogue.
     -> [S, H, D] float32 (q may be bf16: faithful mode's queries). Computed in float32 throughout;
     the GPU kernel, given bf16 queries, rounds the probabilities to bf16 for P.V (flash-attention
     style), a difference of about 2^-9 relative per weight that the GPU tests bound.
@@ -91,4 +95,4 @@ def chunk_attention(q: torch.Tensor, positions: torch.Tensor, ring: torch.Tensor
         top = torch.maximum(m, sk)
         a = torch.exp(m - top)
         out[i0:i1] = acc * a[..., None] / (l * a + torch.exp(sk - top))[..., None]
-    return out
+    return out if out_rope is None else apply_rope(out, *out_rope, inverse=True)

@@ -30,13 +30,16 @@ import triton.language as tl
 from dsv4.kernels.reference.entries import store_kind
 
 from .attention import KIND, _pow2, _precision, interpreted
+from .elementwise import apply_rope_triton
 
 # Heads per program (the M side of the dots; fewer for float32 queries, whose [heads, D] tile and
 # accumulator must both stay in registers at D = 512), keys per tile, warps, pipeline stages.
 # float32 queries (3xTF32 dots) at D = 512 asked for 250 KB of shared memory with 32-key tiles and
 # the default software pipelining (H200, limit 227 KB): they take 16-key tiles, one stage.
+# rope_out: the inverse RoPE of the output in the kernel's epilogue (else a pass of its own over the
+# [S, H, D] float32 output: 1.7 GB read and written for a 6400-query chunk at V4-Flash dimensions).
 TILE = {"heads_f32": 16, "heads_bf16": 64, "keys": 64, "keys_f32": 16, "stages_f32": 1, "stages_bf16": 1,
-        "warps": 8}
+        "warps": 8, "rope_out": True}
 
 
 @triton.jit
@@ -81,12 +84,15 @@ def _fold(q, k, valid, m, l, acc, scale, BF16: tl.constexpr, PRECISION: tl.const
 
 @triton.jit
 def _chunk_attention(q_ptr, qpos_ptr, wk_ptr, wpos_ptr, ea_ptr, eb_ptr, es_ptr, rows_ptr, sel_ptr, sink_ptr, out_ptr,
-                     H, WR, n, K, scale,
+                     cos_ptr, sin_ptr, H, WR, n, K, scale,
                      W: tl.constexpr, RATIO: tl.constexpr, D: tl.constexpr, NOPE: tl.constexpr, KIND: tl.constexpr,
                      HAS_ENTRIES: tl.constexpr, HAS_SELECT: tl.constexpr, BLOCK_H: tl.constexpr,
-                     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BF16: tl.constexpr, PRECISION: tl.constexpr):
+                     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BF16: tl.constexpr, PRECISION: tl.constexpr,
+                     RD: tl.constexpr):
     """Grid (queries, head blocks). wk: [WR + S, D] window keys (the ring's WR rows, then the chunk's),
-    wpos: their positions (-1: empty); rows: [n] store rows of entries 0..n-1; sel: [S, K] entry ids."""
+    wpos: their positions (-1: empty); rows: [n] store rows of entries 0..n-1; sel: [S, K] entry ids.
+    RD > 0: the output's last RD channels rotate back by the query's angle (cos / sin [S, RD/2]) before
+    the store: channel pairs (2j, 2j+1) are adjacent in the accumulator, so no data moves between threads."""
     i, hb = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
     hm = h < H
@@ -137,11 +143,18 @@ def _chunk_attention(q_ptr, qpos_ptr, wk_ptr, wpos_ptr, ea_ptr, eb_ptr, es_ptr, 
     top = tl.maximum(m, sink)
     a = tl.exp(m - top)
     o = acc * a[:, None] / (l * a + tl.exp(sink - top))[:, None]
+    if RD > 0:  # the inverse RoPE: (x, y) -> (x c + y s, y c - x s) on the rope pairs, identity elsewhere
+        ev, od = tl.split(tl.reshape(o, [BLOCK_H, BLOCK_D // 2, 2]))
+        j = tl.arange(0, BLOCK_D // 2) - (D - RD) // 2
+        rj = (j >= 0) & (j < RD // 2)
+        c = tl.load(cos_ptr + i * (RD // 2) + j, mask=rj, other=1.0)[None, :]
+        sn = tl.load(sin_ptr + i * (RD // 2) + j, mask=rj, other=0.0)[None, :]
+        o = tl.reshape(tl.join(ev * c + od * sn, od * c - ev * sn), [BLOCK_H, BLOCK_D])
     tl.store(out_ptr + (i * H64 + h[:, None]) * D + d[None, :], o, mask=hm[:, None] & dm[None, :])
 
 
 def chunk_attention_supported(q, positions, ring, ring_pos, kv, window, entries, rows, ratio, select, sink,
-                              scale) -> bool:
+                              scale, out_rope=None) -> bool:
     """KV entry stores (FP8 or float32), float32 / bf16 queries, no autograd."""
     return not q.requires_grad and q.dtype in (torch.float32, torch.bfloat16) and (
         entries is None or store_kind(entries) in ("kv", "f32"))
@@ -149,8 +162,9 @@ def chunk_attention_supported(q, positions, ring, ring_pos, kv, window, entries,
 
 def chunk_attention_triton(q: torch.Tensor, positions: torch.Tensor, ring: torch.Tensor, ring_pos: torch.Tensor,
                            kv: torch.Tensor, window: int, entries: dict | None, rows, ratio: int, select, sink,
-                           scale: float) -> torch.Tensor:
-    """kernels.chunk_attention (contract: kernels/reference/chunk_attention.py) in one launch."""
+                           scale: float, out_rope=None) -> torch.Tensor:
+    """kernels.chunk_attention (contract: kernels/reference/chunk_attention.py) in one launch, the
+    inverse RoPE of ``out_rope`` in its epilogue (TILE["rope_out"]; else one more pass after it)."""
     S, H, D = q.shape
     bf16 = q.dtype == torch.bfloat16 and not interpreted()
     wdt = torch.bfloat16 if bf16 else torch.float32
@@ -173,11 +187,15 @@ def chunk_attention_triton(q: torch.Tensor, positions: torch.Tensor, ring: torch
     K = select.shape[1] if select is not None else 0
     out = torch.empty(q.shape, device=q.device, dtype=torch.float32)
     BLOCK_H = max(16, min(TILE["heads_bf16" if bf16 else "heads_f32"], triton.next_power_of_2(H)))
+    fused = out_rope is not None and TILE["rope_out"]
+    cos, sin = (c.float().contiguous() for c in out_rope) if fused else (out, out)
     _chunk_attention[(S, triton.cdiv(H, BLOCK_H))](
         q.contiguous(), positions.to(torch.int64).contiguous(), wk, wpos, ea, eb, es, rows, sel,
-        sink.float().contiguous(), out, H, ring.shape[0], n, K, float(scale),
+        sink.float().contiguous(), out, cos, sin, H, ring.shape[0], n, K, float(scale),
         W=window, RATIO=max(ratio, 1), D=D, NOPE=nope, KIND=KIND[kind], HAS_ENTRIES=n > 0,
         HAS_SELECT=select is not None, BLOCK_H=BLOCK_H, BLOCK_T=TILE["keys" if bf16 else "keys_f32"],
         BLOCK_D=triton.next_power_of_2(D), BF16=bf16, PRECISION=_precision(), num_warps=TILE["warps"],
-        num_stages=TILE["stages_bf16" if bf16 else "stages_f32"])
+        num_stages=TILE["stages_bf16" if bf16 else "stages_f32"], RD=2 * cos.shape[-1] if fused else 0)
+    if out_rope is not None and not fused:
+        out = apply_rope_triton(out, *out_rope, inverse=True)
     return out
