@@ -22,7 +22,7 @@
 #   bash bench/gpu_verify.sh prefill-ab # prefill 8k under several kernel settings in one process (bench/compare_prefill.py), its host waits
 #   bash bench/gpu_verify.sh decode-final  # kernel / engine / MTP GPU tests, decode at 16 layers at 1k and 64k, the per-kernel profile, the 8k prefill profile
 #   bash bench/gpu_verify.sh check     # the smallest: the MTP and RoPE GPU tests, the RoPE rows A/B
-#   bash bench/gpu_verify.sh tiles     # the prefill attention and expert tile tunes, the winners into TILE and tested, an 8k A/B against the old tiles, the 8k profile, every kernel's registers / spills
+#   bash bench/gpu_verify.sh tiles     # the prefill attention and expert tile tunes, the winners into TILE and tested, an 8k A/B against the old tiles and with the output's inverse RoPE as a pass of its own, the 8k profile, every kernel's registers / spills
 #   bash bench/gpu_verify.sh indexer   # the 64k step with the indexer kernels and their references, decode at 16 layers at 64k, a 64k trace
 # Run from the repository root on the GPU machine (no install there: bench/dsv4_path.sh puts the
 # source folders on PYTHONPATH as dsv4.*).
@@ -168,11 +168,9 @@ tiles)
   timeout 120 $T tests/test_gpu_prefill.py -k "chunk_attention or grouped_experts" 2>&1 | tail -4 \
     | tee "$OUT/gpu_tests_tiles.txt"
   OLD=prefill_attention.TILE.keys=64+prefill_attention.TILE.stages_bf16=1+prefill_experts.TILE.m=64
-  OLD=$OLD+prefill_experts.TILE.n=128+prefill_experts.TILE.k=32+prefill_experts.TILE.stages=4
-  OLD=$OLD+prefill_experts.TILE.warps=8+prefill_experts.TILE.tail=0+prefill_experts.TILE.prefetch=false
+  OLD=$OLD+prefill_experts.TILE.n=128+prefill_experts.TILE.k=32+prefill_experts.TILE.stages=4+prefill_experts.TILE.warps=8
   timeout 110 python3 bench/compare_prefill.py --layers 4 --prompt-len 8192 --runs 3 --out "$OUT/compare_prefill.txt" \
-    --compare "new=1,$OLD+prefill_attention.TILE.rope_out=false,prefill_attention.TILE.rope_out=false,new=2" 2>&1 \
-    | grep -v Warn
+    --compare "new=1,$OLD,prefill_attention.TILE.rope_out=false,new=2" 2>&1 | grep -v Warn
   timeout 60 $D bench prefill --preset flash --layers 4 --synthetic --prompt-len 8192 --runs 3 --profile \
     --json-out "$OUT/prefill8k.json" 2>&1 | grep -E "median_s|matmul_rate|%" | head -14
   timeout 100 python3 bench/kernel_registers.py --layers 4 --prompt-len 4096 --steps 4 2>&1 | grep -v Warn \

@@ -91,8 +91,9 @@ def _alternatives(table: dict, alts: list[dict], run, label: dict, flops: float,
 
 
 def tune_attention() -> list[dict]:
-    # 64-key tiles at one stage (the committed choice) spill 1.3 KB a thread on sm_90 (ptxas, Triton 3.6);
-    # 16-key tiles at two stages spill nothing
+    # 64-key tiles at one stage (the committed choice) spill 1.3 KB a thread on sm_90 (ptxas, Triton 3.6),
+    # 16-key tiles at two or three stages nothing, yet on an H100 (2026-12-07, sixth session) the 64-key
+    # tiles stayed fastest in sum: CSA 4.94 ms against 6.1-7.2 for 16 / 32 keys (h100_tune_prefill_attention.json)
     alternatives = [dict(heads_bf16=h, keys=t, warps=w, stages_bf16=st)
                     for h, t, w, st in [(64, 64, 8, 1), (64, 16, 8, 2), (64, 16, 8, 3), (64, 32, 8, 2), (64, 16, 8, 1),
                                         (64, 32, 8, 3), (64, 16, 4, 2)]]
@@ -141,15 +142,14 @@ def tune_experts(S: int = 6400, E: int = 256, k: int = 6, inter: int = 2048, d: 
     x = torch.randn(S, d, device="cuda", generator=g)
     ids = torch.stack([torch.randperm(E, device="cuda", generator=g)[:k] for _ in range(S)])
     wts = torch.rand(S, k, device="cuda", generator=g)
-    # the committed tile first; prefetch: each step's block scales loaded one step ahead (on Triton 3.6 the
-    # widened tile then takes a trip through shared memory, sm_90 SASS); the rest trade the tile's pairs
-    # (reuse of a widened weight) against padding (about 150 pairs an expert at 6400 tokens); tail: full
-    # tiles of m pairs, each expert's remainder in tiles of `tail` (schedule_split)
-    alts = [dict(m=m, n=n, k=bk, warps=w, stages=st, swap=True, asm=True, words=False, prefetch=pf, tail=tl)
-            for m, n, bk, w, st, pf, tl in
-            [(64, 128, 32, 8, 4, False, 0), (128, 128, 32, 8, 4, False, 32), (128, 64, 32, 8, 4, False, 32),
-             (64, 128, 32, 8, 4, False, 32), (64, 128, 32, 8, 4, True, 0), (64, 128, 64, 8, 3, False, 0),
-             (128, 64, 32, 8, 4, False, 0), (128, 128, 32, 8, 4, False, 64), (32, 128, 32, 8, 4, False, 0)]]
+    # the committed tile first, then tile shapes that trade the pairs a widened weight tile serves against
+    # padding (about 150 pairs an expert at 6400 tokens). (Measured and dropped, H100 2026-12-07 sixth
+    # session: full tiles of 128 pairs with each expert's remainder in tiles of 32, 12.85 ms against
+    # 12.60 for the committed tile; in git history.)
+    alts = [dict(m=m, n=n, k=bk, warps=w, stages=st, swap=True, asm=True, words=False)
+            for m, n, bk, w, st in
+            [(64, 128, 32, 8, 4), (128, 128, 32, 8, 4), (64, 128, 64, 8, 3), (128, 64, 32, 8, 4),
+             (32, 128, 32, 8, 4), (64, 128, 32, 8, 5), (64, 128, 32, 4, 4)]]
     if os.environ.get("TUNE_FEW"):
         alts = alts[:4]
     return _alternatives(pe.TILE, alts, lambda: pe.grouped_experts(x, ids, wts, es, 10.0, act_quant=True),

@@ -36,8 +36,12 @@ from .elementwise import apply_rope_triton
 # accumulator must both stay in registers at D = 512), keys per tile, warps, pipeline stages.
 # float32 queries (3xTF32 dots) at D = 512 asked for 250 KB of shared memory with 32-key tiles and
 # the default software pipelining (H200, limit 227 KB): they take 16-key tiles, one stage.
+# The bf16 tile (64 heads x 64 keys, one stage) spills 1.3 KB a thread on sm_90 (Triton 3.6; 16-key
+# tiles at two stages spill nothing) yet is the fastest measured: H100 2026-12-07, CSA 4.94 ms against
+# 6.1-7.2 ms for 16 / 32 keys (bench/results/h100_tune_prefill_attention.json).
 # rope_out: the inverse RoPE of the output in the kernel's epilogue (else a pass of its own over the
-# [S, H, D] float32 output: 1.7 GB read and written for a 6400-query chunk at V4-Flash dimensions).
+# [S, H, D] float32 output: 1.7 GB read and written for a 6400-query chunk at V4-Flash dimensions; the
+# epilogue took an 8k prefill of 4 Flash layers from 133.9 to 130.2 ms on an H100).
 TILE = {"heads_f32": 16, "heads_bf16": 64, "keys": 64, "keys_f32": 16, "stages_f32": 1, "stages_bf16": 1,
         "warps": 8, "rope_out": True}
 

@@ -41,11 +41,7 @@ from .prefill_linear import dot_rows, dot_rows_t
 # two programs per SM), the same bits as the float32 widening (max_rel_diff 0.0).
 # words: block scales read as 32-bit words where K allows (the pipeline copies them ahead, but on Triton
 # 3.6 the widened tile then takes a trip through shared memory), else as bytes in the step.
-# prefetch: each step's block scales loaded one step ahead (on Triton 3.6 sm_90 the widened tile then
-# goes through shared memory too). tail: 0, or tiles of m pairs for each expert's full tiles and of
-# `tail` pairs for its remainder (schedule_split; two launches each of _up and _down).
-TILE = {"m": 64, "n": 128, "k": 32, "warps": 8, "stages": 4, "swap": True, "asm": True, "words": False,
-        "prefetch": False, "tail": 0}
+TILE = {"m": 64, "n": 128, "k": 32, "warps": 8, "stages": 4, "swap": True, "asm": True, "words": False}
 FMT = {"mxfp4": 4, "nvfp4": 5}
 
 
@@ -172,7 +168,7 @@ def _tile_rows(tile_e_ptr, tile_lo_ptr, tile_hi_ptr, BLOCK_M: tl.constexpr):
 def _up(x_ptr, order_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, w1_tab, s1_tab, g1_ptr, w3_tab, s3_tab,
         g3_ptr, h_ptr, I, D, limit, K_SEL: tl.constexpr, FMT: tl.constexpr, IEEE: tl.constexpr, SPLIT: tl.constexpr,
         QX: tl.constexpr, SWAP: tl.constexpr, ASM: tl.constexpr, ONE_MUL: tl.constexpr, WORDS: tl.constexpr,
-        PREFETCH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """h[r] = swiglu(w1[e] x_tok(r), w3[e] x_tok(r)) for the tile's sorted pairs r. QX: x arrives
     quantised (bf16 rows, actquant.quantise_rows) and h leaves quantised too, each 128-slice of a
     row through e4m3 (bf16 values; BLOCK_N a multiple of 128). SWAP: the dots run as W . x^T (the
@@ -187,17 +183,9 @@ def _up(x_ptr, order_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, w1_tab, s1_tab, 
         w3, s3 = _ptrs(w3_tab, s3_tab, e)
         g = _acc(BLOCK_M, BLOCK_N, SWAP)
         u = _acc(BLOCK_M, BLOCK_N, SWAP)
-        c1n = _scales(s1, rn, nm, 0, D, BLOCK_K, FMT, WORDS)
-        c3n = _scales(s3, rn, nm, 0, D, BLOCK_K, FMT, WORDS)
         for k0 in range(0, D, BLOCK_K):
-            if PREFETCH:  # this step's scales came one step ahead (their load latency off the step)
-                c1 = c1n
-                c3 = c3n
-                c1n = _scales(s1, rn, nm, k0 + BLOCK_K, D, BLOCK_K, FMT, WORDS)
-                c3n = _scales(s3, rn, nm, k0 + BLOCK_K, D, BLOCK_K, FMT, WORDS)
-            else:
-                c1 = _scales(s1, rn, nm, k0, D, BLOCK_K, FMT, WORDS)
-                c3 = _scales(s3, rn, nm, k0, D, BLOCK_K, FMT, WORDS)
+            c1 = _scales(s1, rn, nm, k0, D, BLOCK_K, FMT, WORDS)
+            c3 = _scales(s3, rn, nm, k0, D, BLOCK_K, FMT, WORDS)
             kk = k0 + tl.arange(0, BLOCK_K)
             x = tl.load(x_ptr + tok[:, None] * D + kk[None, :], mask=rm[:, None] & (kk < D)[None, :], other=0.0)
             g += _dot(x, _fp4_tile(w1, c1, rn, nm, k0, D, BLOCK_N, BLOCK_K, FMT, ASM, ONE_MUL), IEEE, SPLIT, SWAP)
@@ -219,8 +207,8 @@ def _up(x_ptr, order_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, w1_tab, s1_tab, 
 @triton.jit
 def _down(h_ptr, order_ptr, wts_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, w2_tab, s2_tab, g2_ptr, y_ptr, I, D,
           FMT: tl.constexpr, IEEE: tl.constexpr, QX: tl.constexpr, SWAP: tl.constexpr, ASM: tl.constexpr,
-          ONE_MUL: tl.constexpr, WORDS: tl.constexpr, PREFETCH: tl.constexpr, BLOCK_M: tl.constexpr,
-          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+          ONE_MUL: tl.constexpr, WORDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+          BLOCK_K: tl.constexpr):
     """y[pair(r)] = weight(r) * (w2[e] h[r]) for the tile's sorted pairs r, stored in (token, slot)
     order (h float32, or bf16 values already quantised by _up: one bf16 dot per step)."""
     e, r, rm = _tile_rows(tile_e_ptr, tile_lo_ptr, tile_hi_ptr, BLOCK_M)
@@ -229,13 +217,8 @@ def _down(h_ptr, order_ptr, wts_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, w2_ta
         nm = rn < D
         w2, s2 = _ptrs(w2_tab, s2_tab, e)
         acc = _acc(BLOCK_M, BLOCK_N, SWAP)
-        c2n = _scales(s2, rn, nm, 0, I, BLOCK_K, FMT, WORDS)
         for k0 in range(0, I, BLOCK_K):
-            if PREFETCH:
-                c2 = c2n
-                c2n = _scales(s2, rn, nm, k0 + BLOCK_K, I, BLOCK_K, FMT, WORDS)
-            else:
-                c2 = _scales(s2, rn, nm, k0, I, BLOCK_K, FMT, WORDS)
+            c2 = _scales(s2, rn, nm, k0, I, BLOCK_K, FMT, WORDS)
             kk = k0 + tl.arange(0, BLOCK_K)
             h = tl.load(h_ptr + r[:, None] * I + kk[None, :], mask=rm[:, None] & (kk < I)[None, :], other=0.0)
             acc += _dot(h, _fp4_tile(w2, c2, rn, nm, k0, I, BLOCK_N, BLOCK_K, FMT, ASM, ONE_MUL), IEEE, not QX,
@@ -267,51 +250,26 @@ def _tables(experts: ExpertSet, device) -> dict:
     return t["prefill"]
 
 
-def _cut(first: torch.Tensor, counts: torch.Tensor, block: int, T: int):
-    """Tiles of ``block`` sorted positions over each expert's run [first[e], first[e] + counts[e]),
-    in expert order: -> (tile_e / tile_lo / tile_hi [T] int64), tile_e -1 past the last tile. T must
-    bound the tile count (sum of ceil(counts / block))."""
-    n_experts = counts.numel()
-    tiles = (counts + block - 1) // block
-    ends = torch.cumsum(tiles, 0)
-    j = torch.arange(T, device=counts.device)
-    e = torch.searchsorted(ends, j, right=True)
-    ec = e.clamp(max=n_experts - 1)
-    lo = first[ec] + (j - (ends[ec] - tiles[ec])) * block
-    hi = torch.minimum(lo + block, first[ec] + counts[ec])
-    return torch.where(e < n_experts, ec, -1), lo, hi
-
-
-def _sorted_runs(ids: torch.Tensor, n_experts: int):
-    """-> (order [S*k]: pair ids sorted by expert (stable), first / counts [n_experts]: each expert's
-    run in ``order``). (torch.bincount would read the largest id back to the host on CUDA: a sync
-    per MoE layer; scatter_add_ does not.)"""
-    flat = ids.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    counts = torch.zeros(n_experts, dtype=torch.int64, device=ids.device).scatter_add_(0, flat, torch.ones_like(flat))
-    return order, torch.cumsum(counts, 0) - counts, counts
-
-
 def schedule(ids: torch.Tensor, n_experts: int, block: int):
     """Sort the [S, k] (token, slot) pairs by expert (stable) and cut each expert's run into tiles of
     ``block`` pairs, all on the device. -> (order [S*k] pair ids sorted, tile_e / tile_lo / tile_hi
     [T] int64: the tile's expert (-1: unused), its first and end positions in ``order``), T a fixed
     bound (pairs / block + experts). No host sync (ids [S, k] int64 in [0, n_experts))."""
-    order, first, counts = _sorted_runs(ids, n_experts)
-    return (order, *_cut(first, counts, block, (ids.numel() + block - 1) // block + n_experts))
-
-
-def schedule_split(ids: torch.Tensor, n_experts: int, big: int, small: int):
-    """schedule() with two tile heights: each expert's run cut into full tiles of ``big`` pairs, its
-    remainder (fewer than ``big``) into tiles of ``small``; less padding than ``big`` tiles alone, and
-    the bulk of the pairs in tall tiles (a widened weight tile serves ``big`` pairs). -> (order,
-    (tile_e, lo, hi) of the big tiles [pairs // big], (tile_e, lo, hi) of the small ones), each tile
-    list in expert order with its unused entries (-1) at the end."""
-    order, first, counts = _sorted_runs(ids, n_experts)
-    pairs = ids.numel()
-    bulk = counts // big * big
-    tails = min(n_experts * ((big - 1 + small - 1) // small), pairs // small + n_experts)
-    return order, _cut(first, bulk, big, pairs // big), _cut(first + bulk, counts - bulk, small, tails)
+    flat = ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    # (torch.bincount would read the largest id back to the host on CUDA: a sync per MoE layer)
+    counts = torch.zeros(n_experts, dtype=torch.int64, device=ids.device).scatter_add_(0, flat, torch.ones_like(flat))
+    first = torch.cumsum(counts, 0) - counts
+    tiles = (counts + block - 1) // block
+    ends = torch.cumsum(tiles, 0)
+    T = (flat.numel() + block - 1) // block + n_experts
+    j = torch.arange(T, device=ids.device)
+    e = torch.searchsorted(ends, j, right=True)
+    used = e < n_experts
+    ec = e.clamp(max=n_experts - 1)
+    lo = first[ec] + (j - (ends[ec] - tiles[ec])) * block
+    hi = torch.minimum(lo + block, first[ec] + counts[ec])
+    return order, torch.where(used, ec, -1), lo, hi
 
 
 def grouped_experts_supported(x, ids, weights, experts: ExpertSet, limit: float, act_quant: bool = False) -> bool:
@@ -337,36 +295,26 @@ def grouped_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, e
     I = experts.w1[0].shape[0]
     tab = _tables(experts, x.device)
     t = TILE
-    if t["tail"]:
-        order, *tiles = schedule_split(ids.long(), len(experts), t["m"], t["tail"])
-        heights = (t["m"], t["tail"])
-    else:
-        order, *one = schedule(ids.long(), len(experts), t["m"])
-        tiles, heights = [one], (t["m"],)
+    order, tile_e, lo, hi = schedule(ids.long(), len(experts), t["m"])
     fmt = FMT[experts.w1[0].fmt]
     group = 32 if fmt == 4 else 16
     ieee = interpreted()
     qx = act_quant and I % 128 == 0 and t["n"] % 128 == 0
     xc = quantise_rows(x.contiguous()) if act_quant else x.contiguous()
     h = torch.empty((S * k, I), device=x.device, dtype=torch.bfloat16 if qx else torch.float32)
-    common = dict(FMT=fmt, IEEE=ieee, SWAP=t["swap"], ASM=t["asm"] and not ieee, ONE_MUL=tab["one_mul"],
-                  PREFETCH=t["prefetch"], BLOCK_N=t["n"], BLOCK_K=t["k"], num_warps=t["warps"],
-                  num_stages=t["stages"])
-    # (a tile list can be empty: no expert has a full tile of m pairs in a small chunk)
-    tiles = [(te, lo, hi, bm) for (te, lo, hi), bm in zip(tiles, heights) if te.numel()]
-    for tile_e, lo, hi, bm in tiles:
-        _up[(tile_e.numel(), triton.cdiv(I, t["n"]))](
-            xc, order, tile_e, lo, hi, tab["w1"], tab["sw1"], tab["gw1"], tab["w3"], tab["sw3"], tab["gw3"], h, I, D,
-            float(limit), K_SEL=k, SPLIT=xc.dtype == torch.float32, QX=qx, WORDS=t["words"] and D // group % 4 == 0,
-            BLOCK_M=bm, **common)
+    _up[(tile_e.numel(), triton.cdiv(I, t["n"]))](
+        xc, order, tile_e, lo, hi, tab["w1"], tab["sw1"], tab["gw1"], tab["w3"], tab["sw3"], tab["gw3"], h, I, D,
+        float(limit), K_SEL=k, FMT=fmt, IEEE=ieee, SPLIT=xc.dtype == torch.float32, QX=qx, SWAP=t["swap"],
+        ASM=t["asm"] and not ieee, ONE_MUL=tab["one_mul"], WORDS=t["words"] and D // group % 4 == 0,
+        BLOCK_M=t["m"], BLOCK_N=t["n"], BLOCK_K=t["k"], num_warps=t["warps"], num_stages=t["stages"])
     if act_quant and not qx:  # an intermediate size that is no whole number of 128-slices per tile
         h = quantise_rows(h)
     y = torch.empty((S * k, D), device=x.device, dtype=torch.float32)
-    wts = weights.float().contiguous().reshape(-1)
-    for tile_e, lo, hi, bm in tiles:
-        _down[(tile_e.numel(), triton.cdiv(D, t["n"]))](
-            h, order, wts, tile_e, lo, hi, tab["w2"], tab["sw2"], tab["gw2"], y, I, D, QX=h.dtype == torch.bfloat16,
-            WORDS=t["words"] and I // group % 4 == 0, BLOCK_M=bm, **common)
+    _down[(tile_e.numel(), triton.cdiv(D, t["n"]))](
+        h, order, weights.float().contiguous().reshape(-1), tile_e, lo, hi, tab["w2"], tab["sw2"], tab["gw2"], y,
+        I, D, FMT=fmt, IEEE=ieee, QX=h.dtype == torch.bfloat16, SWAP=t["swap"], ASM=t["asm"] and not ieee,
+        ONE_MUL=tab["one_mul"], WORDS=t["words"] and I // group % 4 == 0, BLOCK_M=t["m"], BLOCK_N=t["n"],
+        BLOCK_K=t["k"], num_warps=t["warps"], num_stages=t["stages"])
     return y.view(S, k, D).sum(1).to(x.dtype)
 
 
