@@ -17,6 +17,7 @@ import time
 import torch
 
 from run_tuned import applied, check_settings  # bench/, this script's folder
+from synthetic import flash_on_cuda
 
 
 def main() -> None:
@@ -30,17 +31,9 @@ def main() -> None:
     settings = check_settings(a.compare, "compare_prefill.py: --compare")
     if a.runs < 1 or a.prompt_len < 1 or a.layers < 1:
         raise SystemExit("compare_prefill.py: --runs, --prompt-len and --layers must be at least 1")
-    if not torch.cuda.is_available():
-        raise SystemExit("compare_prefill.py: needs a CUDA device")
-
     from dsv4.engine.runtime.session import Session
-    from dsv4.engine.tools.bench import BenchError, synthetic_model
 
-    try:
-        model, _, _ = synthetic_model("flash", a.layers, "cuda", "faithful")
-    except BenchError as e:
-        raise SystemExit(f"compare_prefill.py: {e}") from None
-    ids = torch.randint(0, model.cfg.vocab_size, (a.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
+    model, ids = flash_on_cuda("compare_prefill.py", a.layers, a.prompt_len)
 
     def once() -> tuple[float, int]:
         s = Session(model, a.prompt_len + 8)

@@ -15,6 +15,8 @@ import pkgutil
 
 import torch
 
+from synthetic import flash_on_cuda  # bench/, this script's folder
+
 
 def compiled_kernels() -> list[dict]:
     """Every compiled variant of every @triton.jit function in dsv4.kernels.triton, loaded on the device."""
@@ -46,17 +48,9 @@ def main() -> None:
     a = ap.parse_args()
     if a.layers < 1 or a.prompt_len < 1 or a.steps < 0:
         raise SystemExit("kernel_registers.py: --layers and --prompt-len must be at least 1, --steps at least 0")
-    if not torch.cuda.is_available():
-        raise SystemExit("kernel_registers.py: needs a CUDA device")
-
     from dsv4.engine.runtime.session import Session
-    from dsv4.engine.tools.bench import BenchError, synthetic_model
 
-    try:
-        model, _, _ = synthetic_model("flash", a.layers, "cuda", "faithful")
-    except BenchError as e:
-        raise SystemExit(f"kernel_registers.py: {e}") from None
-    ids = torch.randint(0, model.cfg.vocab_size, (a.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
+    model, ids = flash_on_cuda("kernel_registers.py", a.layers, a.prompt_len)
     s = Session(model, a.prompt_len + a.steps + 8)
     s.prefill(ids)
     tok = ids[-1]

@@ -14,6 +14,8 @@ import warnings
 
 import torch
 
+from synthetic import flash_on_cuda  # bench/, this script's folder
+
 
 def main() -> None:
     ap = argparse.ArgumentParser()
@@ -22,17 +24,9 @@ def main() -> None:
     a = ap.parse_args()
     if a.layers < 1 or a.prompt_len < 1:
         raise SystemExit("sync_points.py: --layers and --prompt-len must be at least 1")
-    if not torch.cuda.is_available():
-        raise SystemExit("sync_points.py: needs a CUDA device")
-
     from dsv4.engine.runtime.session import Session
-    from dsv4.engine.tools.bench import BenchError, synthetic_model
 
-    try:
-        model, _, _ = synthetic_model("flash", a.layers, "cuda", "faithful")
-    except BenchError as e:
-        raise SystemExit(f"sync_points.py: {e}") from None
-    ids = torch.randint(0, model.cfg.vocab_size, (a.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
+    model, ids = flash_on_cuda("sync_points.py", a.layers, a.prompt_len)
     Session(model, a.prompt_len + 8).prefill(ids)
     s = Session(model, a.prompt_len + 8)
     torch.cuda.synchronize()
