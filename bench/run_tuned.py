@@ -1,4 +1,4 @@
-"""Run a dsv4 command with the fastest settings of a decode tune applied in-process (no source edit).
+"""Run a dsv4 command with the fastest settings of a kernel tune applied in-process (no source edit).
 
 python3 bench/run_tuned.py [--gemv TUNE_GEMV.json] [--merge TUNE_MERGE.json] [--mhc TUNE_MHC.json]
     [--attention TUNE_ATTENTION.json] [--experts TUNE_EXPERTS.json] [--set MODULE.TABLE.KEY=JSON]... -- DSV4 ARGS...

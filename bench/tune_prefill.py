@@ -5,7 +5,7 @@ attention: kernels.chunk_attention on faithful-mode inputs (bf16 queries, FP8 + 
 3328-query chunk at 8k context, SWA / HCA / CSA (top-512), as TFLOP/s of its QK and PV dots.
 gemm: the FP8 x FP8 prefill GEMM (faithful activations, act_quant) on V4-Flash shapes, 3328 rows.
 experts: the grouped MXFP4 expert GEMM (256 experts, top-6, a 6400-token chunk), faithful activations,
-with the dots as x . W^T or swapped (W . x^T: the widened weight as the register operand).
+tile shapes (the dots swapped, W . x^T: the widened weight as the register operand).
 mhc: mHC pre's mixing partials (3xTF32 dots) for a 6400-row chunk of float32 streams (n = 4, d = 4096:
 420 MB read), tile shapes.
 Each alternative: one warm-up launch (compiles), then the median of 5 timed launches (CUDA events).
