@@ -174,12 +174,8 @@ def main(argv: list[str]) -> None:
             changed += [f"attention.ATTENTION.{k}={json.dumps(v)}" for k, v in m.items() if attention.ATTENTION[k] != v]
             attention.ATTENTION.update(m)
             print("ATTENTION settings:", json.dumps(m), flush=True, file=log)
-        if a.mhc:
-            t = best_tile(json.load(open(a.mhc))["results"], mhc.TILE)
-            changed += [f"mhc.TILE.{k}={json.dumps(v)}" for k, v in t.items() if mhc.TILE[k] != v]
-            mhc.TILE.update(t)
-            print("mhc.TILE settings:", json.dumps(t), flush=True, file=log)
-        for path, table, name, pick in ((a.attention, prefill_attention.TILE, "prefill_attention", best_attention),
+        for path, table, name, pick in ((a.mhc, mhc.TILE, "mhc", best_tile),
+                                        (a.attention, prefill_attention.TILE, "prefill_attention", best_attention),
                                         (a.experts, prefill_experts.TILE, "prefill_experts", best_tile)):
             if path:
                 t = pick(json.load(open(path))["results"], table)
