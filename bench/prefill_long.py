@@ -3,8 +3,12 @@ weights and the KV cache, and the fraction of the measured bf16 matmul rate, for
 V4-Flash cut to its first ``--layers`` layers; projected to the whole model; then decode steps
 through the CUDA graph after the longest prompt.
 
-python3 bench/prefill_long.py [--layers 4] [--prompt-lens 8192,32768,131072,1048576] [--chunk N]
-       [--precision faithful] [--time-limit 300] [--decode-steps 32] [--profile] [--json-out FILE]
+python3 bench/prefill_long.py [--layers 4] [--prompt-lens 8192,32768,131072,1048576] [--chunk N[,N...]]
+       [--runs 1] [--precision faithful] [--time-limit 300] [--decode-steps 32] [--profile] [--json-out FILE]
+
+``--chunk`` takes several sizes (``auto``: default_prefill_chunk's choice) to compare chunk sizes on one
+model build: each size is warmed up, then every prompt length runs under it; ``--runs N`` keeps the
+fastest of N prefills per (chunk, length).
 
 FLOPs counted (stated in the output as ``flop_formula``), for a prompt of P tokens:
 - projections: 2 x (each layer's weights touched per token: attention, compressors, indexer,
@@ -69,6 +73,22 @@ def prefill_flops(cfg: DSV4Config, params: list[int], attns: list[str], P: int) 
             + sum(attention_flops(cfg, a, P) for a in attns))
 
 
+def parse_chunks(text: str | None) -> list[int | None]:
+    """--chunk: comma-separated token counts or ``auto`` (None: default_prefill_chunk) -> the list."""
+    if not text:
+        return [None]
+    out = []
+    for part in text.split(","):
+        part = part.strip().lower()
+        if part == "auto":
+            out.append(None)
+        elif part.isdigit() and int(part) > 0:
+            out.append(int(part))
+        else:
+            raise ValueError(f"--chunk {text!r}: give positive token counts or auto, separated by commas")
+    return out
+
+
 def run_prompt(model: Model, P: int, chunk: int | None, limit: float, decode_steps: int) -> dict:
     dev = model.device
     ids = torch.randint(0, model.cfg.vocab_size, (P + decode_steps,), generator=torch.Generator().manual_seed(P))
@@ -131,13 +151,21 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--prompt-lens", default="8192,32768,131072,1048576")
-    ap.add_argument("--chunk", type=int, default=None, help="prefill chunk (default: default_prefill_chunk)")
+    ap.add_argument("--chunk", default=None,
+                    help="prefill chunk sizes, comma-separated (auto: default_prefill_chunk, the default)")
+    ap.add_argument("--runs", type=int, default=1, help="prefills per chunk and length; the fastest is kept")
     ap.add_argument("--precision", default="faithful")
     ap.add_argument("--time-limit", type=float, default=300.0, help="seconds per prompt length")
     ap.add_argument("--decode-steps", type=int, default=32, help="after the longest prompt")
     ap.add_argument("--profile", action="store_true", help="per-kernel time of an 8192-token prefill")
     ap.add_argument("--json-out", default=None)
     a = ap.parse_args()
+    try:
+        chunks = parse_chunks(a.chunk)
+    except ValueError as e:
+        ap.error(str(e))
+    if a.runs < 1:
+        ap.error("--runs must be at least 1")
     full = DSV4Config.flash()
     cfg = full.layer_range(0, a.layers)
     model = Model.from_state_dict(cfg, synthetic_stored(cfg, "cuda"), mode=a.precision, device="cuda")
@@ -147,25 +175,29 @@ def main() -> None:
     full_attns = [s.attn for s in full.schedule()]
     full_params = [round(sum(params) / len(params))] * full.num_hidden_layers
     lens = [int(x) for x in a.prompt_lens.split(",")]
-    # warm-up: compile the kernels, for a first chunk and for a later one (which sees the compressors'
-    # carried state: kernel variants of their own; an 8k prompt once took 3.7 s of compiling here)
-    run_prompt(model, (a.chunk or default_prefill_chunk(model)) + 1024, a.chunk, a.time_limit, 0)
     if a.profile:
+        run_prompt(model, 8192, chunks[0], a.time_limit, 0)
         profile_prefill(model, 8192)
     results = []
-    for P in lens:
-        r = run_prompt(model, P, a.chunk, a.time_limit, a.decode_steps if P == max(lens) else 0)
-        done = r["tokens_done"]
-        flops = prefill_flops(cfg, params, attns, done)
-        r.update({"flops": flops, "flop_per_s": flops / r["seconds"], "measured_bf16_matmul_flop_per_s": rate,
-                  "matmul_rate_fraction": flops / r["seconds"] / rate,
-                  "projected_43_layer_ttft_s": r["seconds"] * prefill_flops(full, full_params, full_attns, P) / flops})
-        results.append(r)
-        print(f"P={P:>8}: {'CUT at ' + str(done) + ' tokens, ' if r['cut_at_time_limit'] else ''}"
-              f"{r['seconds']:.2f} s, {r['tokens_per_s']:,.0f} tok/s, {r['matmul_rate_fraction']:.1%} of bf16 "
-              f"matmul rate, peak +{r['peak_bytes_beyond_weights_and_cache'] / 2**30:.2f} GiB, projected "
-              f"43 layers {r['projected_43_layer_ttft_s']:.1f} s"
-              + (f", decode {r['decode_ms_per_step_median']:.2f} ms/step" if "decode_ms_per_step_median" in r else ""))
+    for chunk in chunks:
+        # warm-up: compile the kernels, for a first chunk and for a later one (which sees the compressors'
+        # carried state: kernel variants of their own; an 8k prompt once took 3.7 s of compiling here)
+        run_prompt(model, (chunk or default_prefill_chunk(model)) + 1024, chunk, a.time_limit, 0)
+        for P in lens:
+            steps = a.decode_steps if P == max(lens) and chunk == chunks[-1] else 0
+            r = min((run_prompt(model, P, chunk, a.time_limit, steps if i == a.runs - 1 else 0)
+                     for i in range(a.runs)), key=lambda r: (-r["tokens_done"], r["seconds"]))
+            done = r["tokens_done"]
+            flops = prefill_flops(cfg, params, attns, done)
+            r.update({"flops": flops, "flop_per_s": flops / r["seconds"], "measured_bf16_matmul_flop_per_s": rate,
+                      "matmul_rate_fraction": flops / r["seconds"] / rate, "runs": a.runs,
+                      "projected_43_layer_ttft_s": r["seconds"] * prefill_flops(full, full_params, full_attns, P) / flops})
+            results.append(r)
+            print(f"chunk {r['chunk']:>6} P={P:>8}: {'CUT at ' + str(done) + ' tokens, ' if r['cut_at_time_limit'] else ''}"
+                  f"{r['seconds']:.3f} s, {r['tokens_per_s']:,.0f} tok/s, {r['matmul_rate_fraction']:.1%} of bf16 "
+                  f"matmul rate, peak +{r['peak_bytes_beyond_weights_and_cache'] / 2**30:.2f} GiB, projected "
+                  f"43 layers {r['projected_43_layer_ttft_s']:.1f} s"
+                  + (f", decode {r['decode_ms_per_step_median']:.2f} ms/step" if "decode_ms_per_step_median" in r else ""))
     out = {"card": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv),
            "layers": a.layers, "precision": a.precision, "flop_formula": __doc__.split("FLOPs counted")[1].split(
                "A prompt length")[0].strip(), "results": results}

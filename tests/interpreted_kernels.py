@@ -98,6 +98,23 @@ def router_checks():
                                ("hash", trt.hash_route_triton(s_ref, tid, tok, 1.5), hash_route(s_ref, tid, tok, 1.5))]:
             assert torch.equal(got[1], ref[1]), f"router {what} E={E}: ids {got[1].tolist()} vs {ref[1].tolist()}"
             close(f"router {what} weights E={E} k={k}", got[0], ref[0])
+    # a prefill chunk (S > 16 rows): the gate through the prefill GEMM (float32 rows in three bf16
+    # parts, bf16 rows as they are), the top-k 16 rows per program with a ragged last block
+    for E, d, k, S in [(256, 512, 6, 37), (8, 64, 3, 20)]:
+        gate = (torch.randn(E, d, generator=g) / d ** 0.5).bfloat16()
+        for dt in (torch.float32, torch.bfloat16):
+            x = (torch.randn(S, d, generator=g) * 3).to(dt)
+            close(f"router_scores chunk S={S} E={E} d={d} {dt}", trt.router_scores_triton(x, gate), router_scores(x, gate))
+        s = router_scores(torch.randn(S, d, generator=g), gate)
+        bias = (torch.randn(E, generator=g) * 100).round() / 1024  # exact sums below
+        bias[3] = bias[2]
+        s[:, 2:4] = s.max() + 1  # experts 2 and 3 tie at the top of every row: 2 first, then 3
+        s[5] = 0.25 - bias  # a row where every expert ties: ids 0..k-1
+        got, ref = trt.router_topk_triton(s, bias, k, 2.5), router_topk(s, bias, k, 2.5)
+        assert torch.equal(got[1], ref[1]), f"router topk chunk E={E}: ids differ in rows " \
+            f"{(got[1] != ref[1]).any(1).nonzero().flatten().tolist()}"
+        assert got[1][:, :2].tolist() == [[2, 3]] * 5 + [[0, 1]] + [[2, 3]] * (S - 6), got[1][:, :2].tolist()
+        close(f"router topk chunk weights S={S} E={E} k={k}", got[0], ref[0])
 
 
 def experts_checks():

@@ -37,6 +37,25 @@ def test_compare_prefill_refuses_bad_settings_first(tmp_path, args, message):
     assert r.returncode == 1 and r.stdout == "" and r.stderr.strip().splitlines()[-1].startswith(message)
 
 
+@pytest.mark.parametrize("args,message", [(["--chunk", "6400,x"], "--chunk '6400,x': give positive token counts or auto"),
+                                          (["--chunk", "0"], "--chunk '0': give positive token counts or auto"),
+                                          (["--runs", "0"], "--runs must be at least 1")])
+def test_prefill_long_refuses_bad_chunks_and_runs_first(tmp_path, args, message):
+    r = subprocess.run([sys.executable, str(PROFILE.with_name("prefill_long.py")), *args], capture_output=True,
+                       text=True, cwd=tmp_path, timeout=120)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.strip().splitlines()[-1].startswith(f"prefill_long.py: error: {message}")
+
+
+def test_prefill_long_reads_chunk_lists():
+    sys.path.insert(0, str(PROFILE.parent))
+    try:
+        from prefill_long import parse_chunks
+    finally:
+        sys.path.remove(str(PROFILE.parent))
+    assert parse_chunks(None) == [None] and parse_chunks("auto, 8192,16384") == [None, 8192, 16384]
+
+
 def test_sync_points_needs_cuda(tmp_path):
     if __import__("torch").cuda.is_available():
         pytest.skip("a CUDA device is present")

@@ -305,6 +305,31 @@ def test_router_kernels_match_reference(E, d, k):
     assert torch.equal(ia, ib) and (wa - wb).abs().max().item() <= 1e-5 * wb.abs().max().item()
 
 
+@pytest.mark.parametrize("S,dtype", [(3000, torch.float32), (40, torch.bfloat16)])
+def test_router_chunk_kernels_match_reference(S, dtype):
+    """A prefill chunk's router: the gate through the prefill GEMM (float32 rows in three bf16 parts),
+    sqrt(softplus), and the row-block top-k with ties to the lower expert id."""
+    from dsv4.kernels.reference.moe import router_scores, router_topk
+
+    E, d, k = 256, 4096, 6
+    g = torch.Generator().manual_seed(S)
+    x = (torch.randn(S, d, generator=g) * 2).to(dtype).cuda()
+    gate = (torch.randn(E, d, generator=g) / d ** 0.5).bfloat16().cuda()
+    a, b = kernels.router_scores(x, gate), router_scores(x, gate)
+    assert (a - b).abs().max().item() <= 1e-5 * b.abs().max().item()
+    bias = ((torch.randn(E, generator=g) * 100).round() / 1024).cuda()
+    bias[3] = bias[2]
+    b[:, 2:4] = b.max() + 1  # a tie at the top of every row: 2 before 3
+    wa, ia = kernels.router_topk(b, bias, k, 2.5)
+    wb, ib = router_topk(b, bias, k, 2.5)
+    from dsv4.kernels.dispatch import choose
+
+    assert choose("router_scores", "cuda", (x, gate)).name == "triton"
+    assert choose("router_topk", "cuda", (b, bias, k, 2.5)).name == "triton"
+    assert torch.equal(ia, ib) and (ia[:, :2] == torch.tensor([2, 3], device="cuda")).all()
+    assert (wa - wb).abs().max().item() <= 1e-5 * wb.abs().max().item()
+
+
 def _graph_vs_eager(model, vocab, steps):
     """Logits of the captured-graph decode and of the same static step launched eagerly."""
     from dsv4.engine.runtime.decode import DecodeRunner
