@@ -23,7 +23,7 @@
 #   bash bench/gpu_verify.sh decode-final  # kernel / engine / MTP GPU tests, decode at 16 layers at 1k and 64k, the per-kernel profile, the 8k prefill profile
 #   bash bench/gpu_verify.sh check     # the smallest: the MTP and RoPE GPU tests, the RoPE rows A/B
 #   bash bench/gpu_verify.sh tiles     # the prefill attention and expert tile tunes, the winners into TILE and tested, an 8k A/B against the old tiles and with the output's inverse RoPE as a pass of its own, the 8k profile, every kernel's registers / spills
-#   bash bench/gpu_verify.sh chunks    # the router GPU tests, an 8k A/B of the chunk router kernels against their references, prefill 8k-128k at chunks of auto / 8k / 16k / 32k tokens
+#   bash bench/gpu_verify.sh chunks    # the router / grouped-GEMM GPU tests, an 8k A/B of the chunk router kernels and the one-launch wo_a against before, prefill 8k-128k at chunks of auto / 8k / 16k / 32k tokens
 #   bash bench/gpu_verify.sh indexer   # the 64k step with the indexer kernels and their references, decode at 16 layers at 64k, a 64k trace
 # Run from the repository root on the GPU machine (no install there: bench/dsv4_path.sh puts the
 # source folders on PYTHONPATH as dsv4.*).
@@ -36,9 +36,9 @@ T="python3 -m pytest -q -p no:cacheprovider -m gpu"
 case "$1" in
 chunks)
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-  timeout 120 $T tests/test_gpu_kernels.py -k router 2>&1 | tail -5 | tee "$OUT/gpu_tests_router.txt"
-  timeout 150 python3 bench/compare_prefill.py --runs 5 --out "$OUT/compare_router.txt" \
-    --compare base=0,DSV4_REFERENCE_OPS=router_scores:router_topk,base=0,DSV4_REFERENCE_OPS=router_scores:router_topk 2>&1 | tail -8
+  timeout 120 $T tests/test_gpu_kernels.py -k "router or grouped_linear" 2>&1 | tail -5 | tee "$OUT/gpu_tests_router.txt"
+  timeout 170 python3 bench/compare_prefill.py --runs 5 --out "$OUT/compare_router.txt" \
+    --compare base=0,DSV4_REFERENCE_OPS=router_scores:router_topk,prefill_linear.TILE_FP8.grouped=false,base=0,DSV4_REFERENCE_OPS=router_scores:router_topk+prefill_linear.TILE_FP8.grouped=false 2>&1 | tail -8
   timeout 290 python3 bench/prefill_long.py --layers 4 --prompt-lens 8192,32768,131072 --chunk auto,8192,16384,32768 \
     --runs 2 --decode-steps 0 --json-out "$OUT/prefill_chunks.json" 2>&1 | grep -v "prefill .*tok/s" | tail -14 ;;
 kernels)

@@ -497,6 +497,13 @@ def gemm_checks():
     close("grouped gemm 2x128x96 S=20", tpl.grouped_linear_triton(og, W), grouped_linear_reference(og, W))
     close("grouped gemm act_quant 2x128x96 S=20", tpl.grouped_linear_triton(og, W, act_quant=True),
           grouped_linear_reference(og, W, act_quant=True))
+    # Kg a multiple of 128: faithful mode runs every group in one quantisation pass and one launch
+    # (ue8m0 and float32 block scales; each group's inputs over a wide range, so the slices' scales differ)
+    q, s = quant.quant_fp8_block(torch.randn(3 * 128, 256, generator=g))
+    og = torch.randn(21, 3, 256, generator=g) * torch.logspace(-3, 3, 256)
+    for name, W in [("ue8m0", QWeight("fp8", q, s)), ("f32", QWeight("fp8", q, quant.ue8m0_to_float(s.view(torch.uint8))))]:
+        close(f"grouped gemm act_quant one launch 3x128x256 S=21 {name}", tpl.grouped_linear_triton(og, W, act_quant=True),
+              grouped_linear_reference(og, W, act_quant=True))
 
 
 def prefill_engine_check():

@@ -52,7 +52,8 @@ def test_gemv_matches_reference(fmt, N, K, M, aq):
     assert (got - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
 
 
-@pytest.mark.parametrize("G,R,Kg,S", [(8, 1024, 4096, 1), (2, 16, 192, 3), (3, 24, 256, 2)])
+@pytest.mark.parametrize("G,R,Kg,S", [(8, 1024, 4096, 1), (2, 16, 192, 3), (3, 24, 256, 2), (8, 1024, 4096, 300),
+                                      (2, 256, 192, 40)])
 @pytest.mark.parametrize("aq", [False, True])
 def test_grouped_linear_matches_reference(G, R, Kg, S, aq):
     g = torch.Generator().manual_seed(G + R + Kg)

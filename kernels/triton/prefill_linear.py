@@ -35,7 +35,8 @@ from .linear import MAX_ROWS
 TILE = {"m": 64, "n": 256, "k": 64, "warps": 8, "stages": 3}
 # The FP8 x FP8 GEMM (faithful activations before an FP8 weight): K steps of one 128-scale block;
 # "group": output tiles of that many M-blocks run N-block by N-block (each W tile stays in L2 for them).
-TILE_FP8 = {"m": 128, "n": 128, "warps": 8, "stages": 4, "group": 8}
+# "grouped": a grouped projection's groups (wo_a: 8) in one launch (False: one launch per group, for A/B runs).
+TILE_FP8 = {"m": 128, "n": 128, "warps": 8, "stages": 4, "group": 8, "grouped": True}
 
 
 @triton.jit
@@ -99,14 +100,17 @@ def _gemm(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, sxm, SB_K, FP8: tl.constexpr, SCA
 
 
 @triton.jit
-def _gemm_fp8(q_ptr, e_ptr, w_ptr, s_ptr, y_ptr, M, N, K, SB_K, SCALE_U8: tl.constexpr, IEEE: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr):
-    """y [M, N] = (q x 2^(e-127)) [M, K] . W [N, K]^T with q e4m3 [M, K], e the rows'
-    ue8m0 bytes per 128-slice [M, ceil(K/128)], W FP8 e4m3 [N, K] with scales [ceil(N/128), SB_K]: one
-    FP8 tensor-core dot per 128-column block (float32 out), scaled by both blocks' scales into the
-    float32 accumulator (as DeepSeek's FP8 GEMMs promote each 128-block's sum). IEEE: float32 dots
-    (the CPU interpreter)."""
+def _gemm_fp8(q_ptr, e_ptr, w_ptr, s_ptr, y_ptr, M, N, K, SB_K, sqm, sem, sym, SCALE_U8: tl.constexpr,
+              IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr):
+    """y [M, N] = (q x 2^(e-127)) [M, K] . W [N, K]^T with q e4m3 [M, K] (row stride sqm), e the rows'
+    ue8m0 bytes per 128-slice [M, ceil(K/128)] (row stride sem), W FP8 e4m3 [N, K] with scales
+    [ceil(N/128), SB_K], y row stride sym: one FP8 tensor-core dot per 128-column block (float32 out),
+    scaled by both blocks' scales into the float32 accumulator (as DeepSeek's FP8 GEMMs promote each
+    128-block's sum). The grid's second axis is the group of a grouped projection: group g reads
+    q's / e's columns from g * K / g * K / 128, W's rows and scale rows from g * N, and writes y's
+    columns from g * N (one group: the plain GEMM). IEEE: float32 dots (the CPU interpreter)."""
     pid = tl.program_id(0)
+    grp = tl.program_id(1).to(tl.int64)
     n_m, n_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
     span = GROUP * n_n
     first = (pid // span) * GROUP
@@ -118,39 +122,51 @@ def _gemm_fp8(q_ptr, e_ptr, w_ptr, s_ptr, y_ptr, M, N, K, SB_K, SCALE_U8: tl.con
     rk = tl.arange(0, 128)
     mm, nm = rm < M, rn < N
     nkb = tl.cdiv(K, 128)
+    q_ptr += grp * K
+    e_ptr += grp * nkb
+    w_ptr += grp * N * K
+    s_ptr += grp * (N // 128) * SB_K
+    y_ptr += grp * N
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for kb in range(0, nkb):
         k = kb * 128 + rk
         km = k < K
-        a = tl.load(q_ptr + rm[:, None] * K + k[None, :], mask=mm[:, None] & km[None, :], other=0.0)
+        a = tl.load(q_ptr + rm[:, None] * sqm + k[None, :], mask=mm[:, None] & km[None, :], other=0.0)
         w = tl.load(w_ptr + rn[:, None] * K + k[None, :], mask=nm[:, None] & km[None, :], other=0.0)
         if IEEE:
             part = tl.dot(a.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
         else:
             part = tl.dot(a, tl.trans(w))
-        sa = _pow2(tl.load(e_ptr + rm * nkb + kb, mask=mm, other=0).to(tl.int32))
+        sa = _pow2(tl.load(e_ptr + rm * sem + kb, mask=mm, other=0).to(tl.int32))
         sw = tl.load(s_ptr + (rn // 128) * SB_K + kb, mask=nm, other=0)
         if SCALE_U8:
             sw = _pow2(sw.to(tl.int32))
         acc += part * sa[:, None] * sw[None, :]
-    tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=mm[:, None] & nm[None, :])
+    tl.store(y_ptr + rm[:, None] * sym + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=mm[:, None] & nm[None, :])
 
 
-def gemm_fp8(x2: torch.Tensor, w: QWeight, out: torch.Tensor | None = None) -> torch.Tensor:
+def _fp8_scales(w: QWeight) -> tuple[torch.Tensor, bool]:
+    """An FP8 weight's block scales as the kernel reads them: (uint8 ue8m0 bytes or float32, is_u8)."""
+    u8 = w.scale.dtype in (torch.float8_e8m0fnu, torch.uint8)
+    return (w.scale.view(torch.uint8) if u8 else w.scale.float()).contiguous(), u8
+
+
+def gemm_fp8(x2: torch.Tensor, w: QWeight, out: torch.Tensor | None = None, groups: int = 1) -> torch.Tensor:
     """Faithful mode's FP8 linear for many rows: x2 [M, K] quantised per 1 x 128 slice to e4m3
-    (actquant.quantise_rows_fp8), times the FP8 weight on the FP8 tensor cores -> [M, N] in x's dtype."""
+    (actquant.quantise_rows_fp8), times the FP8 weight on the FP8 tensor cores -> [M, N] in x's dtype.
+    groups G > 1 (a grouped projection, one launch): x2 [M, G * Kg] holds the groups' inputs side by
+    side and W [G * R, Kg] their weights (Kg and R multiples of 128); y [M, G * R]."""
     M, K = x2.shape
     N = w.shape[0]
     y = torch.empty((M, N), device=x2.device, dtype=x2.dtype) if out is None else out
     q, e = quantise_rows_fp8(x2)
-    scale = w.scale
-    u8 = scale.dtype in (torch.float8_e8m0fnu, torch.uint8)
-    scale = (scale.view(torch.uint8) if u8 else scale.float()).contiguous()
+    scale, u8 = _fp8_scales(w)
+    Kg, R = K // groups, N // groups
     t = TILE_FP8
-    grid = (triton.cdiv(M, t["m"]) * triton.cdiv(N, t["n"]),)
-    _gemm_fp8[grid](q.view(torch.float8_e4m3fn), e, w.data.contiguous().view(torch.float8_e4m3fn), scale, y, M, N, K, scale.shape[1], SCALE_U8=u8,
-                    IEEE=interpreted(), BLOCK_M=t["m"], BLOCK_N=t["n"], GROUP=t["group"],
-                    num_warps=t["warps"], num_stages=t["stages"])
+    grid = (triton.cdiv(M, t["m"]) * triton.cdiv(R, t["n"]), groups)
+    _gemm_fp8[grid](q.view(torch.float8_e4m3fn), e, w.data.contiguous().view(torch.float8_e4m3fn), scale, y, M, R, Kg,
+                    scale.shape[1], q.stride(0), e.stride(0), y.stride(0), SCALE_U8=u8, IEEE=interpreted(),
+                    BLOCK_M=t["m"], BLOCK_N=t["n"], GROUP=t["group"], num_warps=t["warps"], num_stages=t["stages"])
     return y
 
 
@@ -207,10 +223,14 @@ def grouped_gemm_supported(og: torch.Tensor, w: QWeight, act_quant: bool = False
 
 
 def grouped_gemm(og: torch.Tensor, w: QWeight, act_quant: bool = False) -> torch.Tensor:
-    """kernels.grouped_linear for many rows: og [S, G, Kg], W [G*R, Kg] (group g: rows g*R..) -> [S, G*R]."""
+    """kernels.grouped_linear for many rows: og [S, G, Kg], W [G*R, Kg] (group g: rows g*R..) -> [S, G*R].
+    Faithful mode with an FP8 weight and Kg a multiple of 128: every group in one quantisation pass and
+    one FP8 GEMM launch (gemm_fp8's groups); otherwise one GEMM per group."""
     S, G, Kg = og.shape
     R = w.shape[0] // G
     og = og.contiguous()
+    if act_quant and w.fmt == "fp8" and Kg % 128 == 0 and TILE_FP8["grouped"]:
+        return gemm_fp8(og.view(S, G * Kg), w, groups=G)
     y = torch.empty((S, G * R), device=og.device, dtype=og.dtype)
     for g in range(G):
         rows = slice(g * R, (g + 1) * R)
