@@ -1,6 +1,6 @@
 """Time tile-shape alternatives of the prefill kernels at V4-Flash dimensions on a GPU.
 
-python3 bench/tune_prefill.py [--only attention|gemm|experts|mhc] [--out FILE]
+python3 bench/tune_prefill.py [--only attention|gemm|experts|mhc|router] [--out FILE]
 attention: kernels.chunk_attention on faithful-mode inputs (bf16 queries, FP8 + BF16 entries) for a
 3328-query chunk at 8k context, SWA / HCA / CSA (top-512), as TFLOP/s of its QK and PV dots.
 gemm: the FP8 x FP8 prefill GEMM (faithful activations, act_quant) on V4-Flash shapes, 3328 rows.
@@ -8,6 +8,9 @@ experts: the grouped MXFP4 expert GEMM (256 experts, top-6, a 6400-token chunk),
 tile shapes (the dots swapped, W . x^T: the widened weight as the register operand).
 mhc: mHC pre's mixing partials (3xTF32 dots) for a 6400-row chunk of float32 streams (n = 4, d = 4096:
 420 MB read), tile shapes.
+router: a chunk's router (6400 rows of float32 x, 256 experts, d = 4096, top-6): the gate product +
+sqrt(softplus) (kernels/triton/router.TILE's GEMM shape) and the top-k (rows per program), each against
+its torch reference's time (op "... reference").
 Each alternative: one warm-up launch (compiles), then the median of 5 timed launches (CUDA events).
 The chosen shapes live in kernels/triton/prefill_*.TILE and kernels/triton/mhc.TILE.
 """
@@ -182,12 +185,39 @@ def tune_mhc(S: int = 6400, n: int = 4, d: int = 4096) -> list[dict]:
                          timed=lambda: tm.chunk_partials(streams.reshape(S, n * d), fn))
 
 
+def tune_router(S: int = 6400, E: int = 256, d: int = 4096, k: int = 6) -> list[dict]:
+    from dsv4.kernels.reference import moe as ref
+    from dsv4.kernels.triton import router as tr
+
+    g = torch.Generator(device="cuda").manual_seed(4)
+    x = torch.randn(S, d, device="cuda", generator=g)
+    gate = (torch.randn(E, d, device="cuda", generator=g) / d ** 0.5).bfloat16()
+    bias = torch.randn(E, device="cuda", generator=g) * 0.1
+    label = {"S": S, "E": E, "d": d}
+    scores = ref.router_scores(x, gate)
+    out = []
+    for op, fn in [("scores reference", lambda: ref.router_scores(x, gate)),
+                   ("topk reference", lambda: ref.router_topk(scores, bias, k, 2.5))]:
+        out.append({"op": op, **label, "ms": event_time(fn) * 1000})
+        print(json.dumps(out[-1]), flush=True)
+    gemm = [dict(m=m, n=n, k=bk, warps=w, stages=st) for m, n, bk, w, st in
+            [(64, 256, 64, 8, 3), (32, 256, 64, 8, 3), (64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (64, 256, 32, 8, 4),
+             (32, 128, 64, 4, 4), (128, 256, 32, 8, 3), (64, 64, 64, 4, 4)]]
+    out += _alternatives(tr.TILE, gemm, lambda: tr.router_scores_triton(x, gate), {"op": "scores", **label},
+                         2 * 3 * S * E * d, oracle=lambda: scores)
+    pick = [dict(pick_rows=r, pick_warps=w) for r, w in [(16, 4), (8, 4), (32, 4), (32, 8), (64, 8), (4, 2)]]
+    out += _alternatives(tr.TILE, pick, lambda: tr.router_topk_triton(scores, bias, k, 2.5)[0], {"op": "topk", **label},
+                         1.0, oracle=lambda: ref.router_topk(scores, bias, k, 2.5)[0])
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", choices=("attention", "gemm", "experts", "mhc"), default="attention")
+    ap.add_argument("--only", choices=("attention", "gemm", "experts", "mhc", "router"), default="attention")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
-    res = {"attention": tune_attention, "gemm": tune_gemm, "experts": tune_experts, "mhc": tune_mhc}[a.only]()
+    res = {"attention": tune_attention, "gemm": tune_gemm, "experts": tune_experts, "mhc": tune_mhc,
+           "router": tune_router}[a.only]()
     if a.out:
         with open(a.out, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "results": res}, f, indent=1)

@@ -61,7 +61,26 @@ def test_grouped_linear_matches_reference(G, R, Kg, S, aq):
     og = torch.randn(S, G, Kg, generator=g).cuda()
     got, ref = kernels.grouped_linear(og, w, act_quant=aq), grouped_linear_reference(og, w, act_quant=aq)
     assert got.shape == ref.shape == (S, G * R)
-    assert (got - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
+    # past MAX_ROWS rows faithful mode multiplies on the FP8 tensor cores, which add a 128-block's
+    # products at reduced precision (tests/test_gpu_prefill.py's FP8_MMA_BOUND)
+    bound = 2e-3 if aq and S > 16 else 1e-5
+    assert (got - ref).abs().max().item() <= bound * ref.abs().max().item()
+
+
+def test_grouped_fp8_gemm_one_launch_equals_a_launch_per_group():
+    """wo_a's groups in one FP8 GEMM launch give the bits of one launch per group."""
+    from dsv4.kernels.triton import prefill_linear as pl
+
+    g = torch.Generator().manual_seed(5)
+    w = weight("fp8", 8 * 256, 512, g).to("cuda")
+    og = (torch.randn(700, 8, 512, generator=g) * torch.logspace(-2, 2, 512)).cuda()
+    one = pl.grouped_gemm(og, w, act_quant=True)
+    pl.TILE_FP8["grouped"] = False
+    try:
+        per_group = pl.grouped_gemm(og, w, act_quant=True)
+    finally:
+        pl.TILE_FP8["grouped"] = True
+    assert torch.equal(one, per_group)
 
 
 @pytest.mark.parametrize("M", [1, 2, 16])

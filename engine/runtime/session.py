@@ -52,28 +52,35 @@ def free_memory(device: torch.device) -> int:
 
 def prefill_bytes_per_token(cfg, dtype: torch.dtype, kernels: bool = False) -> int:
     """Upper estimate of the chunk forward's transient bytes per chunk token, beyond the fixed tiles
-    (attention / indexer tiles and one dequantised weight): the residual streams and mHC copies, the
-    queries [H, D] and their RoPE / attention-output copies, the compressors' float32 C and Z rows,
-    the indexer's queries, and the routed experts' hidden rows (k per token). ``kernels``: the GPU
-    kernel path, which keeps no float32 copies of dequantised weights and writes many of its rows
-    as bf16 / FP8: the streams are counted at 4 bytes per value and the rest at 2. That is an
-    estimate checked by measurement, not a per-tensor bound (some rows, e.g. the experts' outputs,
-    stay float32): H200, 4 Flash layers, faithful, 0.53 MB per token measured against 0.82
-    estimated; the 65k-token GPU test (tests/test_gpu_prefill.py) holds the whole peak under 8 GiB."""
+    (attention / indexer tiles and one dequantised weight).
+
+    Reference path: the residual streams and mHC copies, the queries [H, D] and their RoPE /
+    attention-output copies, the compressors' float32 C and Z rows, the indexer's queries, and the
+    routed experts' hidden rows (k per token), at the model's element size or float32.
+    Kernel path (``kernels``: the GPU kernels, which keep no dequantised weights and write many rows
+    as bf16 / FP8): what is alive at its peak, the attention sub-layer: the float32 streams, the
+    sub-layer's input and its norm (float32), the queries as the GEMM wrote them (float32), normed and
+    rotated (bf16), and the attention output (float32), plus the indexer's bf16 queries. Checked by
+    measurement: H100, 4 Flash layers, faithful, 0.36 MB per token (peak beyond weights + cache 2.31 /
+    2.96 / 5.88 GiB at chunks of 6400 / 8192 / 16384, bench/results/h100_prefill_chunks.json) against
+    0.44 MB counted; the 65k-token GPU test (tests/test_gpu_prefill.py) holds the whole peak under 8 GiB."""
+    if kernels:
+        return (4 * cfg.hc_mult * cfg.hidden_size + 2 * 4 * cfg.hidden_size
+                + (4 + 2 + 4) * cfg.num_attention_heads * cfg.head_dim + 2 * cfg.index_n_heads * cfg.index_head_dim)
     el = max(torch.finfo(dtype).bits // 8, 4)  # much of the reference's chunk forward runs in float32
     streams = 6 * cfg.hc_mult * cfg.hidden_size
     rest = (4 * cfg.num_attention_heads * cfg.head_dim + 3 * cfg.index_n_heads * cfg.index_head_dim
             + 8 * cfg.head_dim + 2 * cfg.q_lora_rank + 2 * cfg.o_groups * cfg.o_lora_rank
             + 3 * cfg.num_experts_per_tok * cfg.moe_intermediate_size)
-    return streams * el + rest * (2 if kernels else el)
+    return (streams + rest) * el
 
 
 def fixed_prefill_bytes(cfg, kernels: bool = False) -> int:
     """The chunk forward's transients that do not grow with the chunk: on the reference path one
     weight dequantised to float32 (the largest, the vocabulary head) and the attention / indexer
     tiles (a few hundred MiB); on the kernel path (weights read as stored) 2 GiB for the tiles and
-    what grows with the context (H200, chunks of 6400: peak beyond weights + cache 3.17 GiB at 8k
-    and 4.07 GiB at 1M tokens, against 7.25 GB estimated)."""
+    what grows with the context (H100, chunks of 6400: peak beyond weights + cache 2.31 GiB at 8k,
+    2.62 GiB at 128k; H200: 4.07 GiB at 1M)."""
     return (2 << 30) if kernels else 4 * cfg.vocab_size * cfg.hidden_size + (1 << 30)
 
 
@@ -82,7 +89,9 @@ def default_prefill_chunk(model: Model, device: torch.device | str | None = None
     """Prefill chunk (tokens) for ``model`` on ``device`` (default: the model's): the transients may
     take MEMORY_SHARE of the free memory and at most ``budget`` bytes; less the fixed transients,
     over the per-token ones (the kernel path's estimates on CUDA, unless DSV4_KERNELS=reference);
-    a multiple of 128 between MIN_CHUNK and MAX_CHUNK. V4-Flash on an H200: 6400 tokens."""
+    a multiple of 128 between MIN_CHUNK and MAX_CHUNK. V4-Flash on a GPU with 14 GiB or more free:
+    12032 tokens (H100, 4 Flash layers: between the 8192 and 16384 of bench/results/h100_prefill_chunks.json,
+    5-11% faster than the 6400 of the earlier, coarser estimate; peak about 4.3 GiB beyond weights + cache)."""
     dev = torch.device(device or model.device)
     kernels = dev.type == "cuda" and dispatch.mode() != "reference"
     room = min(MEMORY_SHARE * free_memory(dev), budget) - fixed_prefill_bytes(model.cfg, kernels)

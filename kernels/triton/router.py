@@ -5,8 +5,8 @@ renormalised, in one launch each (instead of a sort and ~8 small launches).
 One decode token: the gate GEMV. A prefill chunk (S > 1 rows): the gate product as the prefill
 GEMM (kernels/triton/prefill_linear.py: bf16 gate on the tensor cores, float32 rows split into three
 bf16 parts, float32 accuracy against the reference's float32 matmul) into float32 logits, then
-sqrt(softplus) over all S x E of them, and the top-k of BLOCK_S rows per program (K rounds of a
-row-wise argmax) instead of a stable sort of every row."""
+sqrt(softplus) over all S x E of them, and the top-k of TILE["pick_rows"] rows per program (K rounds
+of a row-wise argmax) instead of a stable sort of every row."""
 
 from __future__ import annotations
 
@@ -18,10 +18,11 @@ from dsv4.kernels.reference.linear import QWeight
 from . import pdl
 from .linear import MAX_ROWS, gemv
 from .attention import interpreted
-from .prefill_linear import TILE, _gemm
+from .prefill_linear import _gemm
 
-# rows per program of the chunk top-k (_pick_rows)
-PICK_ROWS = 16
+# A chunk's gate product (_gemm's tile: rows x experts x K step, warps, stages) and its top-k (rows per
+# program, warps); bench/tune_prefill.py --only router times the alternatives.
+TILE = {"m": 64, "n": 256, "k": 64, "warps": 8, "stages": 3, "pick_rows": 16, "pick_warps": 4}
 
 
 @triton.jit
@@ -152,15 +153,16 @@ def _launch(scores, bias, tid2eid, token_ids, k: int, scale: float, hash_: bool)
 
 
 def router_topk_triton(scores: torch.Tensor, bias: torch.Tensor, k: int, scale: float):
-    """kernels.router_topk on CUDA: one token (one program, PDL) or a chunk (PICK_ROWS rows per program)."""
+    """kernels.router_topk on CUDA: one token (one program, PDL) or a chunk (TILE["pick_rows"] rows a program)."""
     if scores.shape[0] == 1:
         return _launch(scores, bias.float().contiguous(), None, None, k, scale, False)
     S, E = scores.shape
     w = torch.empty((S, k), device=scores.device, dtype=torch.float32)
     ids = torch.empty((S, k), device=scores.device, dtype=torch.long)
-    _pick_rows[(triton.cdiv(S, PICK_ROWS),)](scores.contiguous(), bias.float().contiguous(), w, ids, S, E, float(scale),
-                                            K=k, KP=triton.next_power_of_2(k), BLOCK_S=PICK_ROWS,
-                                            BLOCK=triton.next_power_of_2(E), num_warps=4)
+    rows = TILE["pick_rows"]
+    _pick_rows[(triton.cdiv(S, rows),)](scores.contiguous(), bias.float().contiguous(), w, ids, S, E, float(scale),
+                                       K=k, KP=triton.next_power_of_2(k), BLOCK_S=rows,
+                                       BLOCK=triton.next_power_of_2(E), num_warps=TILE["pick_warps"])
     return w, ids
 
 
