@@ -491,6 +491,20 @@ def gemm_checks():
                 else:  # float32 accumulation, then the output to bf16 (the interpreter's cast truncates: 1 ulp)
                     assert got.dtype == dt and ((got.float() - ref).abs() <= 2 ** -7 * ref.abs() + 1e-6).all()
                     print(f"ok gemm {fmt} {M}x{N}x{K} bf16 (within one bf16 ulp)")
+    # the FP8 x FP8 GEMM with K a multiple of 128 (no column masks), for tiles of 64 / 128 columns (one
+    # weight scale per K block) and 256 (a scale per column): ragged rows and columns
+    w = torch.randn(300, 256, generator=g) / 16
+    q, s = quant.quant_fp8_block(w)
+    x = torch.randn(40, 256, generator=g) * torch.logspace(-3, 3, 256)
+    keep = dict(tpl.TILE_FP8)
+    try:
+        for n in (64, 128, 256):
+            tpl.TILE_FP8.update(n=n, m=32)
+            for name, W in [("ue8m0", QWeight("fp8", q, s)), ("f32", QWeight("fp8", q, quant.ue8m0_to_float(s.view(torch.uint8))))]:
+                close(f"gemm fp8 x fp8 40x300x256 {n}-column tiles {name}", tpl.linear_triton(x, W, act_quant=True),
+                      linear_reference(x, W, act_quant=True))
+    finally:
+        tpl.TILE_FP8.update(keep)
     W = QWeight("fp8", *quant.quant_fp8_block(torch.randn(2 * 128, 96, generator=g)))
     og = torch.randn(20, 2, 96, generator=g)
     assert tpl.grouped_linear_supported(og, W)

@@ -101,12 +101,15 @@ def _gemm(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, sxm, SB_K, FP8: tl.constexpr, SCA
 
 @triton.jit
 def _gemm_fp8(q_ptr, e_ptr, w_ptr, s_ptr, y_ptr, M, N, K, SB_K, sqm, sem, sym, SCALE_U8: tl.constexpr,
-              IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr):
+              IEEE: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              GROUP: tl.constexpr):
     """y [M, N] = (q x 2^(e-127)) [M, K] . W [N, K]^T with q e4m3 [M, K] (row stride sqm), e the rows'
     ue8m0 bytes per 128-slice [M, ceil(K/128)] (row stride sem), W FP8 e4m3 [N, K] with scales
     [ceil(N/128), SB_K], y row stride sym: one FP8 tensor-core dot per 128-column block (float32 out),
     scaled by both blocks' scales into the float32 accumulator (as DeepSeek's FP8 GEMMs promote each
-    128-block's sum). The grid's second axis is the group of a grouped projection: group g reads
+    128-block's sum). EVEN_K: K a multiple of 128 (no column masks). A tile of at most 128 columns
+    lies in one 128-row weight block, so its weight scale is one number per K block and the promotion
+    one FMA per element (the row's scale times the block's, then the dot's sum). The grid's second axis is the group of a grouped projection: group g reads
     q's / e's columns from g * K / g * K / 128, W's rows and scale rows from g * N, and writes y's
     columns from g * N (one group: the plain GEMM). IEEE: float32 dots (the CPU interpreter)."""
     pid = tl.program_id(0)
@@ -128,20 +131,31 @@ def _gemm_fp8(q_ptr, e_ptr, w_ptr, s_ptr, y_ptr, M, N, K, SB_K, sqm, sem, sym, S
     s_ptr += grp * (N // 128) * SB_K
     y_ptr += grp * N
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    ONE_BLOCK: tl.constexpr = 128 % BLOCK_N == 0
     for kb in range(0, nkb):
         k = kb * 128 + rk
-        km = k < K
-        a = tl.load(q_ptr + rm[:, None] * sqm + k[None, :], mask=mm[:, None] & km[None, :], other=0.0)
-        w = tl.load(w_ptr + rn[:, None] * K + k[None, :], mask=nm[:, None] & km[None, :], other=0.0)
+        if EVEN_K:
+            a = tl.load(q_ptr + rm[:, None] * sqm + k[None, :], mask=mm[:, None], other=0.0)
+            w = tl.load(w_ptr + rn[:, None] * K + k[None, :], mask=nm[:, None], other=0.0)
+        else:
+            km = k < K
+            a = tl.load(q_ptr + rm[:, None] * sqm + k[None, :], mask=mm[:, None] & km[None, :], other=0.0)
+            w = tl.load(w_ptr + rn[:, None] * K + k[None, :], mask=nm[:, None] & km[None, :], other=0.0)
         if IEEE:
             part = tl.dot(a.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
         else:
             part = tl.dot(a, tl.trans(w))
         sa = _pow2(tl.load(e_ptr + rm * sem + kb, mask=mm, other=0).to(tl.int32))
-        sw = tl.load(s_ptr + (rn // 128) * SB_K + kb, mask=nm, other=0)
-        if SCALE_U8:
-            sw = _pow2(sw.to(tl.int32))
-        acc += part * sa[:, None] * sw[None, :]
+        if ONE_BLOCK:
+            sw = tl.load(s_ptr + (pid_n * BLOCK_N // 128) * SB_K + kb)
+            if SCALE_U8:
+                sw = _pow2(sw.to(tl.int32))
+            acc += part * (sa * sw)[:, None]
+        else:
+            sw = tl.load(s_ptr + (rn // 128) * SB_K + kb, mask=nm, other=0)
+            if SCALE_U8:
+                sw = _pow2(sw.to(tl.int32))
+            acc += part * sa[:, None] * sw[None, :]
     tl.store(y_ptr + rm[:, None] * sym + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=mm[:, None] & nm[None, :])
 
 
@@ -166,7 +180,7 @@ def gemm_fp8(x2: torch.Tensor, w: QWeight, out: torch.Tensor | None = None, grou
     grid = (triton.cdiv(M, t["m"]) * triton.cdiv(R, t["n"]), groups)
     _gemm_fp8[grid](q.view(torch.float8_e4m3fn), e, w.data.contiguous().view(torch.float8_e4m3fn), scale, y, M, R, Kg,
                     scale.shape[1], q.stride(0), e.stride(0), y.stride(0), SCALE_U8=u8, IEEE=interpreted(),
-                    BLOCK_M=t["m"], BLOCK_N=t["n"], GROUP=t["group"], num_warps=t["warps"], num_stages=t["stages"])
+                    EVEN_K=Kg % 128 == 0, BLOCK_M=t["m"], BLOCK_N=t["n"], GROUP=t["group"], num_warps=t["warps"], num_stages=t["stages"])
     return y
 
 
