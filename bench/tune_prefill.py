@@ -1,6 +1,6 @@
 """Time tile-shape alternatives of the prefill kernels at V4-Flash dimensions on a GPU.
 
-python3 bench/tune_prefill.py [--only attention|gemm|experts|mhc|router] [--out FILE]
+python3 bench/tune_prefill.py [--only attention|gemm|experts|mhc|router] [--rows N] [--out FILE]
 attention: kernels.chunk_attention on faithful-mode inputs (bf16 queries, FP8 + BF16 entries) for a
 3328-query chunk at 8k context, SWA / HCA / CSA (top-512), as TFLOP/s of its QK and PV dots.
 gemm: the FP8 x FP8 prefill GEMM (faithful activations, act_quant) on V4-Flash shapes, 3328 rows.
@@ -11,6 +11,7 @@ mhc: mHC pre's mixing partials (3xTF32 dots) for a 6400-row chunk of float32 str
 router: a chunk's router (6400 rows of float32 x, 256 experts, d = 4096, top-6): the gate product +
 sqrt(softplus) (kernels/triton/router.TILE's GEMM shape) and the top-k (rows per program), each against
 its torch reference's time (op "... reference").
+--rows: the chunk's rows for gemm / experts / mhc / router (default: 3328 for gemm, 6400 for the rest).
 Each alternative: one warm-up launch (compiles), then the median of 5 timed launches (CUDA events).
 The chosen shapes live in kernels/triton/prefill_*.TILE and kernels/triton/mhc.TILE.
 """
@@ -116,8 +117,10 @@ def tune_gemm(M: int = 3328) -> list[dict]:
     from dsv4.kernels.triton import prefill_linear as pl
 
     alts = [dict(m=m, n=n, warps=w, stages=st, group=gr) for m, n, w, st, gr in
-            [(128, 128, 8, 4, 8), (128, 128, 4, 4, 8), (128, 256, 8, 3, 8), (256, 128, 8, 3, 8), (64, 128, 4, 5, 8),
-             (128, 64, 4, 5, 8), (128, 128, 8, 3, 1), (64, 256, 8, 4, 8)]]
+            [(128, 128, 8, 4, 8), (128, 128, 8, 3, 8), (128, 64, 4, 5, 8), (64, 128, 4, 5, 8), (128, 128, 4, 4, 8),
+             (128, 256, 8, 3, 8), (256, 128, 8, 3, 8), (128, 128, 8, 3, 1), (64, 256, 8, 4, 8)]]
+    if os.environ.get("TUNE_FEW"):
+        alts = alts[:4]
     out = []
     g = torch.Generator(device="cuda").manual_seed(1)
     for name, N, K in [("wq_b", 32768, 1024), ("wo_b", 4096, 8192), ("wq_a", 1024, 4096), ("shared w1+w3", 4096, 4096)]:
@@ -149,9 +152,12 @@ def tune_experts(S: int = 6400, E: int = 256, k: int = 6, inter: int = 2048, d: 
     # padding (about 150 pairs an expert at 6400 tokens). (Measured and dropped, H100 2026-12-07 sixth
     # session: full tiles of 128 pairs with each expert's remainder in tiles of 32, 12.85 ms against
     # 12.60 for the committed tile; in git history.)
+    # 128 pairs x 64 rows on one warp group (4 warps): each widened value serves 128 pairs, two programs
+    # an SM (8 warps would widen the same 64 rows in both warp groups); h then leaves unquantised and
+    # takes a pass of its own (its 128-slices span two programs)
     alts = [dict(m=m, n=n, k=bk, warps=w, stages=st, swap=True, asm=True, words=False)
             for m, n, bk, w, st in
-            [(64, 128, 32, 8, 4), (128, 128, 32, 8, 4), (64, 128, 64, 8, 3), (128, 64, 32, 8, 4),
+            [(64, 128, 32, 8, 4), (128, 64, 32, 4, 4), (128, 128, 32, 8, 4), (128, 64, 32, 4, 3), (64, 128, 64, 8, 3),
              (32, 128, 32, 8, 4), (64, 128, 32, 8, 5), (64, 128, 32, 4, 4)]]
     if os.environ.get("TUNE_FEW"):
         alts = alts[:4]
@@ -215,9 +221,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", choices=("attention", "gemm", "experts", "mhc", "router"), default="attention")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--rows", type=int, default=None, help="chunk rows (gemm, experts, mhc, router)")
     a = ap.parse_args()
-    res = {"attention": tune_attention, "gemm": tune_gemm, "experts": tune_experts, "mhc": tune_mhc,
-           "router": tune_router}[a.only]()
+    if a.rows is not None and (a.rows < 1 or a.only == "attention"):
+        ap.error("--rows: a positive count, for gemm / experts / mhc / router")
+    fn = {"attention": tune_attention, "gemm": tune_gemm, "experts": tune_experts, "mhc": tune_mhc,
+          "router": tune_router}[a.only]
+    res = fn() if a.rows is None else fn(a.rows)
     if a.out:
         with open(a.out, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "results": res}, f, indent=1)
