@@ -1,9 +1,11 @@
 """Time tile-shape alternatives of the prefill kernels at V4-Flash dimensions on a GPU.
 
-python3 bench/tune_prefill.py [--only attention|gemm|experts|mhc|router] [--rows N] [--out FILE]
+python3 bench/tune_prefill.py [--only attention|gemm|dense|experts|mhc|router] [--rows N] [--out FILE]
 attention: kernels.chunk_attention on faithful-mode inputs (bf16 queries, FP8 + BF16 entries) for a
 3328-query chunk at 8k context, SWA / HCA / CSA (top-512), as TFLOP/s of its QK and PV dots.
 gemm: the FP8 x FP8 prefill GEMM (faithful activations, act_quant) on V4-Flash shapes, 3328 rows.
+dense: the GEMM of the BF16 weights (compressors' wkv / wgate, the indexer's weights_proj) on float32
+rows (three bf16 parts a step), kernels/triton/prefill_linear.TILE, 6400 rows.
 experts: the grouped MXFP4 expert GEMM (256 experts, top-6, a 6400-token chunk), faithful activations,
 tile shapes (the dots swapped, W . x^T: the widened weight as the register operand).
 mhc: mHC pre's mixing partials (3xTF32 dots) for a 6400-row chunk of float32 streams (n = 4, d = 4096:
@@ -11,7 +13,7 @@ mhc: mHC pre's mixing partials (3xTF32 dots) for a 6400-row chunk of float32 str
 router: a chunk's router (6400 rows of float32 x, 256 experts, d = 4096, top-6): the gate product +
 sqrt(softplus) (kernels/triton/router.TILE's GEMM shape) and the top-k (rows per program), each against
 its torch reference's time (op "... reference").
---rows: the chunk's rows for gemm / experts / mhc / router (default: 3328 for gemm, 6400 for the rest).
+--rows: the chunk's rows for gemm / dense / experts / mhc / router (default: 3328 for gemm, 6400 for the rest).
 Each alternative: one warm-up launch (compiles), then the median of 5 timed launches (CUDA events).
 The chosen shapes live in kernels/triton/prefill_*.TILE and kernels/triton/mhc.TILE.
 """
@@ -132,6 +134,25 @@ def tune_gemm(M: int = 3328) -> list[dict]:
     return out
 
 
+def tune_dense(M: int = 6400) -> list[dict]:
+    from dsv4.kernels.reference.linear import QWeight, linear_reference
+    from dsv4.kernels.triton import prefill_linear as pl
+
+    alts = [dict(m=m, n=n, k=bk, warps=w, stages=st) for m, n, bk, w, st in
+            [(64, 256, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 128, 64, 4, 3), (128, 256, 32, 8, 3),
+             (64, 128, 32, 4, 4), (128, 64, 64, 4, 3), (256, 128, 32, 8, 3)]]
+    if os.environ.get("TUNE_FEW"):
+        alts = alts[:4]
+    out = []
+    g = torch.Generator(device="cuda").manual_seed(5)
+    x = torch.randn(M, 4096, device="cuda", generator=g)
+    for name, N in [("csa compressor wkv", 1024), ("indexer compressor wkv", 256), ("weights_proj", 64)]:
+        w = QWeight("dense", (torch.randn(N, 4096, device="cuda", generator=g) / 64).bfloat16())
+        out += _alternatives(pl.TILE, alts, lambda: pl.gemm(x, w), {"op": name, "M": M, "N": N, "K": 4096},
+                             2 * 3 * M * N * 4096, oracle=lambda: linear_reference(x, w))
+    return out
+
+
 def tune_experts(S: int = 6400, E: int = 256, k: int = 6, inter: int = 2048, d: int = 4096) -> list[dict]:
     """S: the default prefill chunk at 8k on the H200 (bench prefill's prefill_chunk)."""
     from dsv4.kernels import quant
@@ -219,13 +240,13 @@ def tune_router(S: int = 6400, E: int = 256, d: int = 4096, k: int = 6) -> list[
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", choices=("attention", "gemm", "experts", "mhc", "router"), default="attention")
+    ap.add_argument("--only", choices=("attention", "gemm", "dense", "experts", "mhc", "router"), default="attention")
     ap.add_argument("--out", default=None)
-    ap.add_argument("--rows", type=int, default=None, help="chunk rows (gemm, experts, mhc, router)")
+    ap.add_argument("--rows", type=int, default=None, help="chunk rows (gemm, dense, experts, mhc, router)")
     a = ap.parse_args()
     if a.rows is not None and (a.rows < 1 or a.only == "attention"):
-        ap.error("--rows: a positive count, for gemm / experts / mhc / router")
-    fn = {"attention": tune_attention, "gemm": tune_gemm, "experts": tune_experts, "mhc": tune_mhc,
+        ap.error("--rows: a positive count, for gemm / dense / experts / mhc / router")
+    fn = {"attention": tune_attention, "gemm": tune_gemm, "dense": tune_dense, "experts": tune_experts, "mhc": tune_mhc,
           "router": tune_router}[a.only]
     res = fn() if a.rows is None else fn(a.rows)
     if a.out:
