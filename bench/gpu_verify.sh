@@ -39,12 +39,12 @@ fp8)
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
   timeout 150 $T tests/test_gpu_kernels.py tests/test_gpu_prefill.py -k "router or grouped_linear or grouped_fp8 or gemm or kernel_path" \
     2>&1 | tail -5 | tee "$OUT/gpu_tests_fp8.txt"
-  timeout 50 python3 bench/tune_prefill.py --only router --out "$OUT/tune_router.json" 2>&1 | cut -c1-200
+  timeout 150 python3 bench/prefill_long.py --layers 4 --prompt-lens 8192,32768,131072 --chunk 6400,auto --runs 2 \
+    --decode-steps 32 --json-out "$OUT/prefill_long.json" 2>&1 | grep -v "prefill .*tok/s" | tail -8
+  timeout 50 python3 bench/tune_prefill.py --only router --rows 12032 --out "$OUT/tune_router.json" 2>&1 | cut -c1-200
   TUNE_FEW=1 timeout 100 python3 bench/tune_prefill.py --only gemm --rows 12032 --out "$OUT/tune_gemm.json" 2>&1 | cut -c1-220
   timeout 90 python3 bench/tune_prefill.py --only dense --rows 12032 --out "$OUT/tune_dense.json" 2>&1 | cut -c1-220
-  TUNE_FEW=1 timeout 110 python3 bench/tune_prefill.py --only experts --rows 12032 --out "$OUT/tune_experts.json" 2>&1 | cut -c1-220
-  timeout 150 python3 bench/prefill_long.py --layers 4 --prompt-lens 8192,32768,131072 --chunk 6400,auto --runs 2 \
-    --decode-steps 32 --json-out "$OUT/prefill_long.json" 2>&1 | grep -v "prefill .*tok/s" | tail -8 ;;
+  TUNE_FEW=1 timeout 110 python3 bench/tune_prefill.py --only experts --rows 12032 --out "$OUT/tune_experts.json" 2>&1 | cut -c1-220 ;;
 chunks)
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
   timeout 120 $T tests/test_gpu_kernels.py -k "router or grouped_linear" 2>&1 | tail -5 | tee "$OUT/gpu_tests_router.txt"
