@@ -41,7 +41,7 @@ final7)
   timeout 170 $T tests/test_gpu_kernels.py tests/test_gpu_prefill.py \
     -k "router or grouped_linear or grouped_fp8 or gemm or kernel_path or chunk_attention" 2>&1 | tail -5 | tee "$OUT/gpu_tests.txt"
   timeout 110 python3 bench/compare_prefill.py --runs 3 --out "$OUT/compare_prefill.txt" --compare \
-    base=0,prefill_attention.TILE.entry_bf16=false,DSV4_REFERENCE_OPS=router_scores:router_topk,prefill_linear.TILE_FP8.grouped=false,base=0 \
+    base=0,prefill_linear.TILE_FP8.one_block=false,DSV4_REFERENCE_OPS=router_scores:router_topk,prefill_linear.TILE_FP8.grouped=false,base=0 \
     2>&1 | tail -6
   timeout 150 python3 bench/prefill_long.py --layers 4 --prompt-lens 8192,32768,131072 --chunk 6400,auto --runs 2 \
     --decode-steps 32 --json-out "$OUT/prefill_long.json" 2>&1 | grep -v "prefill .*tok/s" | tail -7

@@ -42,19 +42,15 @@ from .elementwise import apply_rope_triton
 # rope_out: the inverse RoPE of the output in the kernel's epilogue (else a pass of its own over the
 # [S, H, D] float32 output: 1.7 GB read and written for a 6400-query chunk at V4-Flash dimensions; the
 # epilogue took an 8k prefill of 4 Flash layers from 133.9 to 130.2 ms on an H100).
-# entry_bf16: with bf16 queries, FP8 entries widen straight to bf16 with their scales read once per row
-# and 64-channel group (sm_90, Triton 3.6: the CSA loop 2862 -> 2442 instructions a tile; False: the
-# float32 tile as before, for A/B runs).
 TILE = {"heads_f32": 16, "heads_bf16": 64, "keys": 64, "keys_f32": 16, "stages_f32": 1, "stages_bf16": 1,
-        "warps": 8, "rope_out": True, "entry_bf16": True}
+        "warps": 8, "rope_out": True}
 
 
 @triton.jit
-def _entry_tile(ea_ptr, eb_ptr, es_ptr, rows, tmask, d, D: tl.constexpr, NOPE: tl.constexpr, KIND: tl.constexpr,
-                BF16: tl.constexpr = False):
-    """Entries at store rows [BLOCK_T] (int64) as [BLOCK_T, BLOCK_D], 0 where not tmask: bf16 with BF16
-    (exact: e4m3 times a power of two, and the BF16 RoPE channels), else float32. The FP8 part's
-    ue8m0 scales (one per 64 channels) are read once per row and group, then spread over the group."""
+def _entry_tile(ea_ptr, eb_ptr, es_ptr, rows, tmask, d, D: tl.constexpr, NOPE: tl.constexpr, KIND: tl.constexpr):
+    """Entries at store rows [BLOCK_T] (int64) as float32 [BLOCK_T, BLOCK_D]; 0 where not tmask. The FP8
+    part's ue8m0 scales (one per 64 channels) are read once per row and group, then spread over the
+    group (sm_90, Triton 3.6: the CSA loop 2862 -> 2453 instructions a tile against a load per channel)."""
     dm = d < D
     r = rows[:, None]
     if KIND == 0:
@@ -67,14 +63,10 @@ def _entry_tile(ea_ptr, eb_ptr, es_ptr, rows, tmask, d, D: tl.constexpr, NOPE: t
         sg = tl.load(es_ptr + r * (NOPE // 64) + g[None, :], mask=tmask[:, None] & (g < NOPE // 64)[None, :], other=127)
         sc = tl.reshape(tl.broadcast_to(_pow2(sg.to(tl.int32))[:, :, None], [BLOCK_T, BLOCK_D // 64, 64]),
                         [BLOCK_T, BLOCK_D])
+        k8 = f8.to(tl.float8e4nv, bitcast=True).to(tl.float32) * sc
         rm = tmask[:, None] & ((d >= NOPE) & dm)[None, :]
-        kb = tl.load(eb_ptr + r * (D - NOPE) + (d[None, :] - NOPE), mask=rm, other=0.0)
-        if BF16:
-            k8 = f8.to(tl.float8e4nv, bitcast=True).to(tl.bfloat16) * sc.to(tl.bfloat16)
-            out = tl.where(nope[None, :], k8, kb.to(tl.bfloat16))
-        else:
-            k8 = f8.to(tl.float8e4nv, bitcast=True).to(tl.float32) * sc
-            out = tl.where(nope[None, :], k8, kb.to(tl.float32))
+        kb = tl.load(eb_ptr + r * (D - NOPE) + (d[None, :] - NOPE), mask=rm, other=0.0).to(tl.float32)
+        out = tl.where(nope[None, :], k8, kb)
     else:
         out = tl.load(ea_ptr + r * D + d[None, :], mask=tmask[:, None] & dm[None, :], other=0.0)
     return out
@@ -109,7 +101,7 @@ def _chunk_attention(q_ptr, qpos_ptr, wk_ptr, wpos_ptr, ea_ptr, eb_ptr, es_ptr, 
                      W: tl.constexpr, RATIO: tl.constexpr, D: tl.constexpr, NOPE: tl.constexpr, KIND: tl.constexpr,
                      HAS_ENTRIES: tl.constexpr, HAS_SELECT: tl.constexpr, BLOCK_H: tl.constexpr,
                      BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BF16: tl.constexpr, PRECISION: tl.constexpr,
-                     RD: tl.constexpr, ENTRY_BF16: tl.constexpr = False):
+                     RD: tl.constexpr):
     """Grid (queries, head blocks). wk: [WR + S, D] window keys (the ring's WR rows, then the chunk's),
     wpos: their positions (-1: empty); rows: [n] store rows of entries 0..n-1; sel: [S, K] entry ids.
     RD > 0: the output's last RD channels rotate back by the query's angle (cos / sin [S, RD/2]) before
@@ -150,7 +142,7 @@ def _chunk_attention(q_ptr, qpos_ptr, wk_ptr, wpos_ptr, ea_ptr, eb_ptr, es_ptr, 
                 e = tl.load(sel_ptr + i * K + c, mask=c < K, other=-1).to(tl.int64)
                 ok = e >= 0
                 r = tl.load(rows_ptr + tl.maximum(e, 0), mask=ok, other=0).to(tl.int64)
-                k = _entry_tile(ea_ptr, eb_ptr, es_ptr, r, ok, d, D, NOPE, KIND, ENTRY_BF16)
+                k = _entry_tile(ea_ptr, eb_ptr, es_ptr, r, ok, d, D, NOPE, KIND)
                 m, l, acc = _fold(q, k, ok, m, l, acc, scale, BF16, PRECISION)
         else:
             seen = tl.minimum((t + 1) // RATIO, n)
@@ -158,7 +150,7 @@ def _chunk_attention(q_ptr, qpos_ptr, wk_ptr, wpos_ptr, ea_ptr, eb_ptr, es_ptr, 
                 e = e0 + tl.arange(0, BLOCK_T).to(tl.int64)
                 ok = e < seen
                 r = tl.load(rows_ptr + e, mask=ok, other=0).to(tl.int64)
-                k = _entry_tile(ea_ptr, eb_ptr, es_ptr, r, ok, d, D, NOPE, KIND, ENTRY_BF16)
+                k = _entry_tile(ea_ptr, eb_ptr, es_ptr, r, ok, d, D, NOPE, KIND)
                 m, l, acc = _fold(q, k, ok, m, l, acc, scale, BF16, PRECISION)
     sink = tl.load(sink_ptr + h, mask=hm, other=0.0).to(tl.float32)
     top = tl.maximum(m, sink)
@@ -216,8 +208,7 @@ def chunk_attention_triton(q: torch.Tensor, positions: torch.Tensor, ring: torch
         W=window, RATIO=max(ratio, 1), D=D, NOPE=nope, KIND=KIND[kind], HAS_ENTRIES=n > 0,
         HAS_SELECT=select is not None, BLOCK_H=BLOCK_H, BLOCK_T=TILE["keys" if bf16 else "keys_f32"],
         BLOCK_D=triton.next_power_of_2(D), BF16=bf16, PRECISION=_precision(), num_warps=TILE["warps"],
-        num_stages=TILE["stages_bf16" if bf16 else "stages_f32"], RD=2 * cos.shape[-1] if fused else 0,
-        ENTRY_BF16=bf16 and TILE["entry_bf16"])
+        num_stages=TILE["stages_bf16" if bf16 else "stages_f32"], RD=2 * cos.shape[-1] if fused else 0)
     if out_rope is not None and not fused:
         out = apply_rope_triton(out, *out_rope, inverse=True)
     return out

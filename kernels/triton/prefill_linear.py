@@ -35,8 +35,12 @@ from .linear import MAX_ROWS
 TILE = {"m": 64, "n": 256, "k": 64, "warps": 8, "stages": 3}
 # The FP8 x FP8 GEMM (faithful activations before an FP8 weight): K steps of one 128-scale block;
 # "group": output tiles of that many M-blocks run N-block by N-block (each W tile stays in L2 for them).
-# "grouped": a grouped projection's groups (wo_a: 8) in one launch (False: one launch per group, for A/B runs).
-TILE_FP8 = {"m": 128, "n": 128, "warps": 8, "stages": 4, "group": 8, "grouped": True}
+# "grouped": a grouped projection's groups (wo_a: 8) in one launch (False: one launch per group, for A/B runs;
+# H100, an 8k prefill of 4 Flash layers: 131.3 -> 128.6 ms, bench/results/h100_compare_router_grouped.txt).
+# "one_block": a tile of at most 128 columns (one weight block) promotes with one FMA per element, the
+# row's scale times the block's (sm_90, Triton 3.6: the K loop 490 -> 184 instructions with the column
+# masks dropped when K is a multiple of 128); False: the weight scale per column as before, for A/B runs.
+TILE_FP8 = {"m": 128, "n": 128, "warps": 8, "stages": 4, "group": 8, "grouped": True, "one_block": True}
 
 
 @triton.jit
@@ -101,15 +105,15 @@ def _gemm(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, sxm, SB_K, FP8: tl.constexpr, SCA
 
 @triton.jit
 def _gemm_fp8(q_ptr, e_ptr, w_ptr, s_ptr, y_ptr, M, N, K, SB_K, sqm, sem, sym, SCALE_U8: tl.constexpr,
-              IEEE: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              GROUP: tl.constexpr):
+              IEEE: tl.constexpr, EVEN_K: tl.constexpr, ONE_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr, GROUP: tl.constexpr):
     """y [M, N] = (q x 2^(e-127)) [M, K] . W [N, K]^T with q e4m3 [M, K] (row stride sqm), e the rows'
     ue8m0 bytes per 128-slice [M, ceil(K/128)] (row stride sem), W FP8 e4m3 [N, K] with scales
     [ceil(N/128), SB_K], y row stride sym: one FP8 tensor-core dot per 128-column block (float32 out),
     scaled by both blocks' scales into the float32 accumulator (as DeepSeek's FP8 GEMMs promote each
-    128-block's sum). EVEN_K: K a multiple of 128 (no column masks). A tile of at most 128 columns
-    lies in one 128-row weight block, so its weight scale is one number per K block and the promotion
-    one FMA per element (the row's scale times the block's, then the dot's sum). The grid's second axis is the group of a grouped projection: group g reads
+    128-block's sum). EVEN_K: K a multiple of 128 (no column masks). ONE_BLOCK (BLOCK_N divides 128):
+    the tile lies in one 128-row weight block, so its weight scale is one number per K block and the
+    promotion one FMA per element (the row's scale times the block's, then the dot's sum). The grid's second axis is the group of a grouped projection: group g reads
     q's / e's columns from g * K / g * K / 128, W's rows and scale rows from g * N, and writes y's
     columns from g * N (one group: the plain GEMM). IEEE: float32 dots (the CPU interpreter)."""
     pid = tl.program_id(0)
@@ -131,7 +135,6 @@ def _gemm_fp8(q_ptr, e_ptr, w_ptr, s_ptr, y_ptr, M, N, K, SB_K, sqm, sem, sym, S
     s_ptr += grp * (N // 128) * SB_K
     y_ptr += grp * N
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    ONE_BLOCK: tl.constexpr = 128 % BLOCK_N == 0
     for kb in range(0, nkb):
         k = kb * 128 + rk
         if EVEN_K:
@@ -180,7 +183,7 @@ def gemm_fp8(x2: torch.Tensor, w: QWeight, out: torch.Tensor | None = None, grou
     grid = (triton.cdiv(M, t["m"]) * triton.cdiv(R, t["n"]), groups)
     _gemm_fp8[grid](q.view(torch.float8_e4m3fn), e, w.data.contiguous().view(torch.float8_e4m3fn), scale, y, M, R, Kg,
                     scale.shape[1], q.stride(0), e.stride(0), y.stride(0), SCALE_U8=u8, IEEE=interpreted(),
-                    EVEN_K=Kg % 128 == 0, BLOCK_M=t["m"], BLOCK_N=t["n"], GROUP=t["group"], num_warps=t["warps"], num_stages=t["stages"])
+                    EVEN_K=Kg % 128 == 0, ONE_BLOCK=t["one_block"] and 128 % t["n"] == 0, BLOCK_M=t["m"], BLOCK_N=t["n"], GROUP=t["group"], num_warps=t["warps"], num_stages=t["stages"])
     return y
 
 
