@@ -154,7 +154,7 @@ def tune_dense(M: int = 6400) -> list[dict]:
 
 
 def tune_experts(S: int = 6400, E: int = 256, k: int = 6, inter: int = 2048, d: int = 4096) -> list[dict]:
-    """S: the default prefill chunk at 8k on the H200 (bench prefill's prefill_chunk)."""
+    """S: the chunk's tokens (6400: the default chunk before 2026-12-08; --rows 12032: the default now)."""
     from dsv4.kernels import quant
     from dsv4.kernels.reference.linear import QWeight
     from dsv4.kernels.reference.moe import ExpertSet
