@@ -98,9 +98,9 @@ def router_checks():
                                ("hash", trt.hash_route_triton(s_ref, tid, tok, 1.5), hash_route(s_ref, tid, tok, 1.5))]:
             assert torch.equal(got[1], ref[1]), f"router {what} E={E}: ids {got[1].tolist()} vs {ref[1].tolist()}"
             close(f"router {what} weights E={E} k={k}", got[0], ref[0])
-    # a prefill chunk (S > 16 rows): the gate through the prefill GEMM (float32 rows in three bf16
-    # parts, bf16 rows as they are), the top-k 16 rows per program with a ragged last block
-    for E, d, k, S in [(256, 512, 6, 37), (8, 64, 3, 20)]:
+    # several rows: past 16 the gate through the prefill GEMM (float32 rows in three bf16 parts, bf16
+    # rows as they are), up to 16 the GEMV; the top-k 16 rows per program with a ragged last block
+    for E, d, k, S in [(256, 512, 6, 37), (8, 64, 3, 20), (72, 96, 6, 5), (200, 64, 4, 17)]:
         gate = (torch.randn(E, d, generator=g) / d ** 0.5).bfloat16()
         for dt in (torch.float32, torch.bfloat16):
             x = (torch.randn(S, d, generator=g) * 3).to(dt)
@@ -109,11 +109,12 @@ def router_checks():
         bias = (torch.randn(E, generator=g) * 100).round() / 1024  # exact sums below
         bias[3] = bias[2]
         s[:, 2:4] = s.max() + 1  # experts 2 and 3 tie at the top of every row: 2 first, then 3
-        s[5] = 0.25 - bias  # a row where every expert ties: ids 0..k-1
+        tie = min(5, S - 1)
+        s[tie] = 0.25 - bias  # a row where every expert ties: ids 0..k-1
         got, ref = trt.router_topk_triton(s, bias, k, 2.5), router_topk(s, bias, k, 2.5)
         assert torch.equal(got[1], ref[1]), f"router topk chunk E={E}: ids differ in rows " \
             f"{(got[1] != ref[1]).any(1).nonzero().flatten().tolist()}"
-        assert got[1][:, :2].tolist() == [[2, 3]] * 5 + [[0, 1]] + [[2, 3]] * (S - 6), got[1][:, :2].tolist()
+        assert got[1][:, :2].tolist() == [[2, 3]] * tie + [[0, 1]] + [[2, 3]] * (S - tie - 1), got[1][:, :2].tolist()
         close(f"router topk chunk weights S={S} E={E} k={k}", got[0], ref[0])
 
 
@@ -513,11 +514,20 @@ def gemm_checks():
           grouped_linear_reference(og, W, act_quant=True))
     # Kg a multiple of 128: faithful mode runs every group in one quantisation pass and one launch
     # (ue8m0 and float32 block scales; each group's inputs over a wide range, so the slices' scales differ)
-    q, s = quant.quant_fp8_block(torch.randn(3 * 128, 256, generator=g))
-    og = torch.randn(21, 3, 256, generator=g) * torch.logspace(-3, 3, 256)
-    for name, W in [("ue8m0", QWeight("fp8", q, s)), ("f32", QWeight("fp8", q, quant.ue8m0_to_float(s.view(torch.uint8))))]:
-        close(f"grouped gemm act_quant one launch 3x128x256 S=21 {name}", tpl.grouped_linear_triton(og, W, act_quant=True),
-              grouped_linear_reference(og, W, act_quant=True))
+    # R = 256 rows a group (two scale rows: a wrong group offset into the scales shows), at 64- and
+    # 128-column tiles, with the one-FMA promotion and without
+    keep = dict(tpl.TILE_FP8)
+    try:
+        for R, n, one_block in [(128, 128, True), (256, 64, True), (256, 128, False)]:
+            tpl.TILE_FP8.update(n=n, m=32, one_block=one_block)
+            q, s = quant.quant_fp8_block(torch.randn(3 * R, 256, generator=g))
+            og = torch.randn(21, 3, 256, generator=g) * torch.logspace(-3, 3, 256)
+            for name, W in [("ue8m0", QWeight("fp8", q, s)),
+                            ("f32", QWeight("fp8", q, quant.ue8m0_to_float(s.view(torch.uint8))))]:
+                close(f"grouped gemm act_quant one launch 3x{R}x256 S=21 n={n} one_block={one_block} {name}",
+                      tpl.grouped_linear_triton(og, W, act_quant=True), grouped_linear_reference(og, W, act_quant=True))
+    finally:
+        tpl.TILE_FP8.update(keep)
 
 
 def prefill_engine_check():

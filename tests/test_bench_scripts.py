@@ -39,12 +39,23 @@ def test_compare_prefill_refuses_bad_settings_first(tmp_path, args, message):
 
 @pytest.mark.parametrize("args,message", [(["--chunk", "6400,x"], "--chunk '6400,x': give positive token counts or auto"),
                                           (["--chunk", "0"], "--chunk '0': give positive token counts or auto"),
-                                          (["--runs", "0"], "--runs must be at least 1")])
+                                          (["--chunk", ""], "--chunk '': give positive token counts or auto"),
+                                          (["--runs", "0"], "--runs must be at least 1"),
+                                          (["--prompt-lens", "8k"], "--prompt-lens '8k': give token counts"),
+                                          (["--layers", "0"], "--layers and every --prompt-lens must be at least 1")])
 def test_prefill_long_refuses_bad_chunks_and_runs_first(tmp_path, args, message):
     r = subprocess.run([sys.executable, str(PROFILE.with_name("prefill_long.py")), *args], capture_output=True,
                        text=True, cwd=tmp_path, timeout=120)
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.strip().splitlines()[-1].startswith(f"prefill_long.py: error: {message}")
+
+
+@pytest.mark.parametrize("args", [["--only", "attention", "--rows", "64"], ["--only", "gemm", "--rows", "0"]])
+def test_tune_prefill_refuses_bad_rows_first(tmp_path, args):
+    r = subprocess.run([sys.executable, str(PROFILE.with_name("tune_prefill.py")), *args], capture_output=True,
+                       text=True, cwd=tmp_path, timeout=120)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.strip().splitlines()[-1] == "tune_prefill.py: error: --rows: a positive count, for gemm / dense / experts / mhc / router"
 
 
 def test_prefill_long_reads_chunk_lists():

@@ -68,19 +68,24 @@ def test_grouped_linear_matches_reference(G, R, Kg, S, aq):
 
 
 def test_grouped_fp8_gemm_one_launch_equals_a_launch_per_group():
-    """wo_a's groups in one FP8 GEMM launch give the bits of one launch per group."""
+    """wo_a's groups in one FP8 GEMM launch give the bits of one launch per group, and the one-FMA
+    promotion (a tile inside one weight block) the bits of the per-column scales (powers of two)."""
     from dsv4.kernels.triton import prefill_linear as pl
 
     g = torch.Generator().manual_seed(5)
     w = weight("fp8", 8 * 256, 512, g).to("cuda")
     og = (torch.randn(700, 8, 512, generator=g) * torch.logspace(-2, 2, 512)).cuda()
-    one = pl.grouped_gemm(og, w, act_quant=True)
-    pl.TILE_FP8["grouped"] = False
+    keep = dict(pl.TILE_FP8)
     try:
+        pl.TILE_FP8.update(grouped=True, one_block=True)
+        one = pl.grouped_gemm(og, w, act_quant=True)
+        pl.TILE_FP8.update(grouped=False)
         per_group = pl.grouped_gemm(og, w, act_quant=True)
+        pl.TILE_FP8.update(grouped=True, one_block=False)
+        per_column = pl.grouped_gemm(og, w, act_quant=True)
     finally:
-        pl.TILE_FP8["grouped"] = True
-    assert torch.equal(one, per_group)
+        pl.TILE_FP8.update(keep)
+    assert torch.equal(one, per_group) and torch.equal(one, per_column)
 
 
 @pytest.mark.parametrize("M", [1, 2, 16])
@@ -325,10 +330,10 @@ def test_router_kernels_match_reference(E, d, k):
     assert torch.equal(ia, ib) and (wa - wb).abs().max().item() <= 1e-5 * wb.abs().max().item()
 
 
-@pytest.mark.parametrize("S,dtype", [(3000, torch.float32), (40, torch.bfloat16)])
+@pytest.mark.parametrize("S,dtype", [(3000, torch.float32), (40, torch.bfloat16), (5, torch.float32)])
 def test_router_chunk_kernels_match_reference(S, dtype):
-    """A prefill chunk's router: the gate through the prefill GEMM (float32 rows in three bf16 parts),
-    sqrt(softplus), and the row-block top-k with ties to the lower expert id."""
+    """A prefill chunk's router: the gate through the prefill GEMM (float32 rows in three bf16 parts;
+    up to 16 rows the GEMV), sqrt(softplus), and the row-block top-k with ties to the lower expert id."""
     from dsv4.kernels.reference.moe import router_scores, router_topk
 
     E, d, k = 256, 4096, 6

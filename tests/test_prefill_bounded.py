@@ -91,8 +91,8 @@ def test_default_chunk_follows_free_memory(tiny_cfg, tiny_tensors, monkeypatch):
 
 def test_default_chunk_on_the_kernel_path(monkeypatch):
     """On CUDA the kernel path's estimate applies unless DSV4_KERNELS=reference forces the
-    references: V4-Flash gets 12032 tokens (0.44 MB counted per token against 0.36 measured on the
-    H100: peak about 4.3 GiB beyond weights + cache) against the reference path's 3328. The memory itself is
+    references: V4-Flash gets 12032 tokens (0.44 MB counted per token against 0.39 measured on the
+    H100: peak about 4.4 GiB beyond weights + cache) against the reference path's 3328. The memory itself is
     checked on the GPU (tests/test_gpu_prefill.py::test_long_prefill_memory_stays_bounded)."""
     from dsv4.engine.model.config import DSV4Config
     from dsv4.kernels import dispatch

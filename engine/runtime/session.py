@@ -60,10 +60,12 @@ def prefill_bytes_per_token(cfg, dtype: torch.dtype, kernels: bool = False) -> i
     Kernel path (``kernels``: the GPU kernels, which keep no dequantised weights and write many rows
     as bf16 / FP8): what is alive at its peak, the attention sub-layer: the float32 streams, the
     sub-layer's input and its norm (float32), the queries as the GEMM wrote them (float32), normed and
-    rotated (bf16), and the attention output (float32), plus the indexer's bf16 queries. Checked by
-    measurement: H100, 4 Flash layers, faithful, 0.36 MB per token (peak beyond weights + cache 2.31 /
-    2.96 / 5.88 GiB at chunks of 6400 / 8192 / 16384, bench/results/h100_prefill_chunks.json) against
-    0.44 MB counted; the 65k-token GPU test (tests/test_gpu_prefill.py) holds the whole peak under 8 GiB."""
+    rotated (bf16), and the attention output (float32), plus the indexer's bf16 queries: 0.44 MB a
+    token at V4-Flash, against 0.38-0.39 MB measured (H100, 4 Flash layers, faithful: peak beyond
+    weights + cache 2.31 / 2.96 / 5.88 / 11.83 GiB at chunks of 6400 / 8192 / 16384 / 32768,
+    bench/results/h100_prefill_chunks.json). Checked on V4-Flash only; the kernel-path count leaves
+    out the MoE rows and the model's dtype (its peak is the attention sub-layer, in float32 and bf16).
+    The 65k-token GPU test (tests/test_gpu_prefill.py) holds the whole peak under 8 GiB."""
     if kernels:
         return (4 * cfg.hc_mult * cfg.hidden_size + 2 * 4 * cfg.hidden_size
                 + (4 + 2 + 4) * cfg.num_attention_heads * cfg.head_dim + 2 * cfg.index_n_heads * cfg.index_head_dim)
@@ -91,7 +93,7 @@ def default_prefill_chunk(model: Model, device: torch.device | str | None = None
     over the per-token ones (the kernel path's estimates on CUDA, unless DSV4_KERNELS=reference);
     a multiple of 128 between MIN_CHUNK and MAX_CHUNK. V4-Flash on a GPU with 14 GiB or more free:
     12032 tokens (H100, 4 Flash layers: between the 8192 and 16384 of bench/results/h100_prefill_chunks.json,
-    5-11% faster than the 6400 of the earlier, coarser estimate; peak about 4.3 GiB beyond weights + cache)."""
+    5-11% faster than the 6400 of the earlier, coarser estimate; peak about 4.4 GiB beyond weights + cache)."""
     dev = torch.device(device or model.device)
     kernels = dev.type == "cuda" and dispatch.mode() != "reference"
     room = min(MEMORY_SHARE * free_memory(dev), budget) - fixed_prefill_bytes(model.cfg, kernels)

@@ -53,9 +53,10 @@ def _entry_tile(ea_ptr, eb_ptr, es_ptr, rows, tmask, d, D: tl.constexpr, NOPE: t
     group (sm_90, Triton 3.6: the CSA loop 2862 -> 2453 instructions a tile against a load per channel)."""
     dm = d < D
     r = rows[:, None]
-    if KIND == 0:
+    if KIND == 0:  # d is tl.arange(0, BLOCK_D), BLOCK_D >= 64: the 64-channel groups tile it
         BLOCK_T: tl.constexpr = rows.shape[0]
         BLOCK_D: tl.constexpr = d.shape[0]
+        tl.static_assert(BLOCK_D % 64 == 0)
         nope = d < NOPE
         m8 = tmask[:, None] & nope[None, :]
         f8 = tl.load(ea_ptr + r * NOPE + d[None, :], mask=m8, other=0)

@@ -13,7 +13,9 @@ widened to bf16 in registers (exact), multiplied on the tensor cores (wgmma on H
 per 128-column block before it joins the float32 accumulator; bf16 rows multiply directly, float32
 rows are split into three bf16 parts (hi + mid + lo, ~24 bits) so the product keeps float32
 accuracy against the reference's float32 matmul. IEEE float32 dots in Triton's CPU interpreter.
-Grouped projections (wo_a) run one GEMM per group on the group's slice of x and of W.
+Grouped projections (wo_a): in faithful mode with FP8 weights (each group's K and rows whole
+128-blocks) every group in one quantisation pass and one ``_gemm_fp8`` launch (the group on the
+grid's second axis); otherwise one GEMM per group on the group's slice of x and of W.
 """
 
 from __future__ import annotations
@@ -175,10 +177,12 @@ def gemm_fp8(x2: torch.Tensor, w: QWeight, out: torch.Tensor | None = None, grou
     side and W [G * R, Kg] their weights (Kg and R multiples of 128); y [M, G * R]."""
     M, K = x2.shape
     N = w.shape[0]
+    Kg, R = K // groups, N // groups
+    if groups > 1 and (Kg * groups != K or R * groups != N or Kg % 128 or R % 128):
+        raise ValueError(f"gemm_fp8: {groups} groups need K ({K}) and N ({N}) split into whole 128-blocks")
     y = torch.empty((M, N), device=x2.device, dtype=x2.dtype) if out is None else out
     q, e = quantise_rows_fp8(x2)
     scale, u8 = _fp8_scales(w)
-    Kg, R = K // groups, N // groups
     t = TILE_FP8
     grid = (triton.cdiv(M, t["m"]) * triton.cdiv(R, t["n"]), groups)
     _gemm_fp8[grid](q.view(torch.float8_e4m3fn), e, w.data.contiguous().view(torch.float8_e4m3fn), scale, y, M, R, Kg,

@@ -2,8 +2,8 @@
 (score + bias, lower expert id first on ties) or hash-table pick, with the chosen scores
 renormalised, in one launch each (instead of a sort and ~8 small launches).
 
-One decode token: the gate GEMV. A prefill chunk (S > 1 rows): the gate product as the prefill
-GEMM (kernels/triton/prefill_linear.py: bf16 gate on the tensor cores, float32 rows split into three
+One decode token, or up to MAX_ROWS (16) rows: the gate GEMV. A prefill chunk of more rows: the gate
+product as the prefill GEMM (kernels/triton/prefill_linear.py: bf16 gate on the tensor cores, float32 rows split into three
 bf16 parts, float32 accuracy against the reference's float32 matmul) into float32 logits, then
 sqrt(softplus) over all S x E of them, and the top-k of TILE["pick_rows"] rows per program (K rounds
 of a row-wise argmax) instead of a stable sort of every row."""
