@@ -164,7 +164,8 @@ def main() -> None:
         chunks = parse_chunks(a.chunk)
         lens = [int(x) for x in a.prompt_lens.split(",")]
     except ValueError as e:
-        ap.error(str(e) if "--chunk" in str(e) else f"--prompt-lens {a.prompt_lens!r}: give token counts separated by commas")
+        ap.error(str(e) if "--chunk" in str(e)
+                 else f"--prompt-lens {a.prompt_lens!r}: give token counts separated by commas")
     if a.runs < 1:
         ap.error("--runs must be at least 1")
     if a.layers < 1 or a.decode_steps < 0 or min(lens) < 1:
@@ -195,15 +196,18 @@ def main() -> None:
                     r["decode_ms_per_step_median"] = d["decode_ms_per_step_median"]
             done = r["tokens_done"]
             flops = prefill_flops(cfg, params, attns, done)
+            full_flops = prefill_flops(full, full_params, full_attns, P)
             r.update({"flops": flops, "flop_per_s": flops / r["seconds"], "measured_bf16_matmul_flop_per_s": rate,
                       "matmul_rate_fraction": flops / r["seconds"] / rate, "runs": a.runs,
-                      "projected_43_layer_ttft_s": r["seconds"] * prefill_flops(full, full_params, full_attns, P) / flops})
+                      "projected_43_layer_ttft_s": r["seconds"] * full_flops / flops})
             results.append(r)
-            print(f"chunk {r['chunk']:>6} P={P:>8}: {'CUT at ' + str(done) + ' tokens, ' if r['cut_at_time_limit'] else ''}"
-                  f"{r['seconds']:.3f} s, {r['tokens_per_s']:,.0f} tok/s, {r['matmul_rate_fraction']:.1%} of bf16 "
-                  f"matmul rate, peak +{r['peak_bytes_beyond_weights_and_cache'] / 2**30:.2f} GiB, projected "
-                  f"43 layers {r['projected_43_layer_ttft_s']:.1f} s"
-                  + (f", decode {r['decode_ms_per_step_median']:.2f} ms/step" if "decode_ms_per_step_median" in r else ""))
+            cut = f"CUT at {done} tokens, " if r["cut_at_time_limit"] else ""
+            ms = r.get("decode_ms_per_step_median")
+            decode = f", decode {ms:.2f} ms/step" if ms is not None else ""
+            print(f"chunk {r['chunk']:>6} P={P:>8}: {cut}{r['seconds']:.3f} s, {r['tokens_per_s']:,.0f} tok/s, "
+                  f"{r['matmul_rate_fraction']:.1%} of bf16 matmul rate, peak "
+                  f"+{r['peak_bytes_beyond_weights_and_cache'] / 2**30:.2f} GiB, projected 43 layers "
+                  f"{r['projected_43_layer_ttft_s']:.1f} s{decode}")
     out = {"card": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv),
            "layers": a.layers, "precision": a.precision, "flop_formula": __doc__.split("FLOPs counted")[1].split(
                "A prompt length")[0].strip(), "results": results}

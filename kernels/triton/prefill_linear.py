@@ -115,9 +115,10 @@ def _gemm_fp8(q_ptr, e_ptr, w_ptr, s_ptr, y_ptr, M, N, K, SB_K, sqm, sem, sym, S
     scaled by both blocks' scales into the float32 accumulator (as DeepSeek's FP8 GEMMs promote each
     128-block's sum). EVEN_K: K a multiple of 128 (no column masks). ONE_BLOCK (BLOCK_N divides 128):
     the tile lies in one 128-row weight block, so its weight scale is one number per K block and the
-    promotion one FMA per element (the row's scale times the block's, then the dot's sum). The grid's second axis is the group of a grouped projection: group g reads
-    q's / e's columns from g * K / g * K / 128, W's rows and scale rows from g * N, and writes y's
-    columns from g * N (one group: the plain GEMM). IEEE: float32 dots (the CPU interpreter)."""
+    promotion one FMA per element (the row's scale times the block's, then the dot's sum).
+    The grid's second axis is the group of a grouped projection: group g reads q's / e's columns
+    from g * K / g * K / 128, W's rows and scale rows from g * N, and writes y's columns from g * N
+    (one group: the plain GEMM). IEEE: float32 dots (the CPU interpreter)."""
     pid = tl.program_id(0)
     grp = tl.program_id(1).to(tl.int64)
     n_m, n_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
@@ -185,9 +186,10 @@ def gemm_fp8(x2: torch.Tensor, w: QWeight, out: torch.Tensor | None = None, grou
     scale, u8 = _fp8_scales(w)
     t = TILE_FP8
     grid = (triton.cdiv(M, t["m"]) * triton.cdiv(R, t["n"]), groups)
-    _gemm_fp8[grid](q.view(torch.float8_e4m3fn), e, w.data.contiguous().view(torch.float8_e4m3fn), scale, y, M, R, Kg,
-                    scale.shape[1], q.stride(0), e.stride(0), y.stride(0), SCALE_U8=u8, IEEE=interpreted(),
-                    EVEN_K=Kg % 128 == 0, ONE_BLOCK=t["one_block"] and 128 % t["n"] == 0, BLOCK_M=t["m"], BLOCK_N=t["n"], GROUP=t["group"], num_warps=t["warps"], num_stages=t["stages"])
+    _gemm_fp8[grid](q.view(torch.float8_e4m3fn), e, w.data.contiguous().view(torch.float8_e4m3fn), scale, y,
+                    M, R, Kg, scale.shape[1], q.stride(0), e.stride(0), y.stride(0), SCALE_U8=u8,
+                    IEEE=interpreted(), EVEN_K=Kg % 128 == 0, ONE_BLOCK=t["one_block"] and 128 % t["n"] == 0,
+                    BLOCK_M=t["m"], BLOCK_N=t["n"], GROUP=t["group"], num_warps=t["warps"], num_stages=t["stages"])
     return y
 
 

@@ -3,10 +3,13 @@
 renormalised, in one launch each (instead of a sort and ~8 small launches).
 
 One decode token, or up to MAX_ROWS (16) rows: the gate GEMV. A prefill chunk of more rows: the gate
-product as the prefill GEMM (kernels/triton/prefill_linear.py: bf16 gate on the tensor cores, float32 rows split into three
-bf16 parts, float32 accuracy against the reference's float32 matmul) into float32 logits, then
-sqrt(softplus) over all S x E of them, and the top-k of TILE["pick_rows"] rows per program (K rounds
-of a row-wise argmax) instead of a stable sort of every row."""
+product as the prefill GEMM (kernels/triton/prefill_linear.py: bf16 gate on the tensor cores,
+float32 rows split into three bf16 parts, float32 accuracy against the reference's float32 matmul)
+into float32 logits. Then sqrt(softplus) over all S x E of them, and the top-k of TILE["pick_rows"]
+rows per program (K rounds of a row-wise argmax) instead of a stable sort of every row. H100, an 8k
+prefill of 4 Flash layers: no faster than torch's float32 SGEMM and sort at the first tile (128.6 ms
+either way, bench/results/h100_compare_router_grouped.txt); bench/tune_prefill.py --only router
+times the tiles."""
 
 from __future__ import annotations
 
