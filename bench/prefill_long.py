@@ -170,6 +170,8 @@ def main() -> None:
         ap.error("--runs must be at least 1")
     if a.layers < 1 or a.decode_steps < 0 or min(lens) < 1:
         ap.error("--layers and every --prompt-lens must be at least 1, --decode-steps at least 0")
+    if not torch.cuda.is_available():
+        raise SystemExit("prefill_long.py: needs a CUDA device")
     full = DSV4Config.flash()
     cfg = full.layer_range(0, a.layers)
     model = Model.from_state_dict(cfg, synthetic_stored(cfg, "cuda"), mode=a.precision, device="cuda")

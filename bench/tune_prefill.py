@@ -4,15 +4,15 @@ python3 bench/tune_prefill.py [--only attention|gemm|dense|experts|mhc|router] [
 attention: kernels.chunk_attention on faithful-mode inputs (bf16 queries, FP8 + BF16 entries) for a
 3328-query chunk at 8k context, SWA / HCA / CSA (top-512), as TFLOP/s of its QK and PV dots.
 gemm: the FP8 x FP8 prefill GEMM (faithful activations, act_quant) on V4-Flash shapes, 3328 rows.
-dense: the GEMM of the BF16 weights (compressors' wkv / wgate, the indexer's weights_proj) on float32
-rows (three bf16 parts a step), kernels/triton/prefill_linear.TILE, 6400 rows.
+dense: the GEMM of the BF16 weights (compressors' wkv / wgate, the router gate, the indexer's
+weights_proj) on float32 rows (three bf16 parts a step), kernels/triton/prefill_linear.TILE, 6400 rows.
 experts: the grouped MXFP4 expert GEMM (256 experts, top-6, a 6400-token chunk), faithful activations,
 tile shapes (the dots swapped, W . x^T: the widened weight as the register operand).
 mhc: mHC pre's mixing partials (3xTF32 dots) for a 6400-row chunk of float32 streams (n = 4, d = 4096:
 420 MB read), tile shapes.
 router: a chunk's router (6400 rows of float32 x, 256 experts, d = 4096, top-6): the gate product +
-sqrt(softplus) (kernels/triton/router.TILE's GEMM shape) and the top-k (rows per program), each against
-its torch reference's time (op "... reference").
+sqrt(softplus) (the GEMM's tiles: dense) and the top-k's rows per program (kernels/triton/router.TILE),
+each against its torch reference's time (op "... reference").
 --rows: the chunk's rows for gemm / dense / experts / mhc / router (default: 3328 for gemm, 6400 for the rest).
 Each alternative: one warm-up launch (compiles), then the median of 5 timed launches (CUDA events).
 The chosen shapes live in kernels/triton/prefill_*.TILE and kernels/triton/mhc.TILE.
@@ -146,7 +146,8 @@ def tune_dense(M: int = 6400) -> list[dict]:
     out = []
     g = torch.Generator(device="cuda").manual_seed(5)
     x = torch.randn(M, 4096, device="cuda", generator=g)
-    for name, N in [("csa compressor wkv", 1024), ("indexer compressor wkv", 256), ("weights_proj", 64)]:
+    for name, N in [("csa compressor wkv", 1024), ("indexer compressor wkv", 256), ("router gate", 256),
+                    ("weights_proj", 64)]:
         w = QWeight("dense", (torch.randn(N, 4096, device="cuda", generator=g) / 64).bfloat16())
         out += _alternatives(pl.TILE, alts, lambda: pl.gemm(x, w), {"op": name, "M": M, "N": N, "K": 4096},
                              2 * 3 * M * N * 4096, oracle=lambda: linear_reference(x, w))
@@ -227,10 +228,7 @@ def tune_router(S: int = 6400, E: int = 256, d: int = 4096, k: int = 6) -> list[
                    ("topk reference", lambda: ref.router_topk(scores, bias, k, 2.5))]:
         out.append({"op": op, **label, "ms": event_time(fn) * 1000})
         print(json.dumps(out[-1]), flush=True)
-    gemm = [dict(m=m, n=n, k=bk, warps=w, stages=st) for m, n, bk, w, st in
-            [(64, 256, 64, 8, 3), (32, 256, 64, 8, 3), (64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (64, 256, 32, 8, 4),
-             (32, 128, 64, 4, 4), (128, 256, 32, 8, 3), (64, 64, 64, 4, 4)]]
-    out += _alternatives(tr.TILE, gemm, lambda: tr.router_scores_triton(x, gate), {"op": "scores", **label},
+    out += _alternatives(tr.TILE, [{}], lambda: tr.router_scores_triton(x, gate), {"op": "scores", **label},
                          2 * 3 * S * E * d, oracle=lambda: scores)
     pick = [dict(pick_rows=r, pick_warps=w) for r, w in [(16, 4), (8, 4), (32, 4), (32, 8), (64, 8), (4, 2)]]
     out += _alternatives(tr.TILE, pick, lambda: tr.router_topk_triton(scores, bias, k, 2.5)[0], {"op": "topk", **label},
@@ -246,6 +244,8 @@ def main() -> None:
     a = ap.parse_args()
     if a.rows is not None and (a.rows < 1 or a.only == "attention"):
         ap.error("--rows: a positive count, for gemm / dense / experts / mhc / router")
+    if not torch.cuda.is_available():
+        raise SystemExit("tune_prefill.py: needs a CUDA device")
     fn = {"attention": tune_attention, "gemm": tune_gemm, "dense": tune_dense, "experts": tune_experts, "mhc": tune_mhc,
           "router": tune_router}[a.only]
     res = fn() if a.rows is None else fn(a.rows)

@@ -67,12 +67,13 @@ def test_prefill_long_reads_chunk_lists():
     assert parse_chunks(None) == [None] and parse_chunks("auto, 8192,16384") == [None, 8192, 16384]
 
 
-def test_sync_points_needs_cuda(tmp_path):
+@pytest.mark.parametrize("script", ["sync_points.py", "prefill_long.py", "tune_prefill.py"])
+def test_gpu_scripts_need_cuda(tmp_path, script):
     if __import__("torch").cuda.is_available():
         pytest.skip("a CUDA device is present")
-    r = subprocess.run([sys.executable, str(PROFILE.with_name("sync_points.py"))], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, str(PROFILE.with_name(script))], capture_output=True, text=True,
                        cwd=tmp_path, timeout=120)
-    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == "sync_points.py: needs a CUDA device"
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [f"{script}: needs a CUDA device"]
 
 
 def test_sync_points_refuses_zero_layers(tmp_path):

@@ -214,13 +214,7 @@ def gemm(x2: torch.Tensor, w: QWeight, out: torch.Tensor | None = None, act_quan
     y = torch.empty((M, N), device=x2.device, dtype=x2.dtype) if out is None else out
     fp8 = w.fmt == "fp8"
     data = w.data.contiguous().view(torch.uint8) if fp8 else w.data.contiguous()
-    scale = w.scale if fp8 else data
-    u8 = fp8 and scale.dtype in (torch.float8_e8m0fnu, torch.uint8)
-    if u8:
-        scale = scale.view(torch.uint8)
-    elif fp8:
-        scale = scale.float()
-    scale = scale.contiguous()
+    scale, u8 = _fp8_scales(w) if fp8 else (data, False)
     ieee = interpreted()
     t = TILE
     grid = (triton.cdiv(M, t["m"]), triton.cdiv(N, t["n"]))

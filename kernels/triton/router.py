@@ -7,9 +7,9 @@ product as the prefill GEMM (kernels/triton/prefill_linear.py: bf16 gate on the 
 float32 rows split into three bf16 parts, float32 accuracy against the reference's float32 matmul)
 into float32 logits. Then sqrt(softplus) over all S x E of them, and the top-k of TILE["pick_rows"]
 rows per program (K rounds of a row-wise argmax) instead of a stable sort of every row. H100, an 8k
-prefill of 4 Flash layers: no faster than torch's float32 SGEMM and sort at the first tile (128.6 ms
-either way, bench/results/h100_compare_router_grouped.txt); bench/tune_prefill.py --only router
-times the tiles."""
+prefill of 4 Flash layers: no faster than torch's float32 SGEMM and sort (128.6 ms either way,
+bench/results/h100_compare_router_grouped.txt); bench/tune_prefill.py --only router / dense time the
+top-k's and the GEMM's tiles."""
 
 from __future__ import annotations
 
@@ -20,12 +20,10 @@ import triton.language as tl
 from dsv4.kernels.reference.linear import QWeight
 from . import pdl
 from .linear import MAX_ROWS, gemv
-from .attention import interpreted
-from .prefill_linear import _gemm
+from .prefill_linear import gemm
 
-# A chunk's gate product (_gemm's tile: rows x experts x K step, warps, stages) and its top-k (rows per
-# program, warps); bench/tune_prefill.py --only router times the alternatives.
-TILE = {"m": 64, "n": 256, "k": 64, "warps": 8, "stages": 3, "pick_rows": 16, "pick_warps": 4}
+# A chunk's top-k: rows per program, warps; bench/tune_prefill.py --only router times the alternatives.
+TILE = {"pick_rows": 16, "pick_warps": 4}
 
 
 @triton.jit
@@ -115,18 +113,9 @@ def hash_route_supported(scores: torch.Tensor, tid2eid: torch.Tensor, *args) -> 
 
 def _chunk_logits(x: torch.Tensor, gate_weight: torch.Tensor) -> torch.Tensor:
     """x [S, d] . gate^T -> float32 [S, E] through the prefill GEMM (bf16 gate; float32 x in three
-    bf16 parts)."""
-    x = x.contiguous()
-    S, d = x.shape
-    E = gate_weight.shape[0]
-    gw = gate_weight.contiguous()
-    y = torch.empty((S, E), device=x.device, dtype=torch.float32)
-    t = TILE
-    _gemm[(triton.cdiv(S, t["m"]), triton.cdiv(E, t["n"]))](
-        x, gw, gw, y, S, E, d, x.stride(0), 0, FP8=False, SCALE_U8=False, SPLIT=x.dtype == torch.float32,
-        IEEE=interpreted(), BLOCK_M=t["m"], BLOCK_N=t["n"], BLOCK_K=t["k"], num_warps=t["warps"],
-        num_stages=t["stages"])
-    return y
+    bf16 parts; its tile is prefill_linear.TILE, timed on the gate's shape by tune_prefill --only dense)."""
+    y = torch.empty((x.shape[0], gate_weight.shape[0]), device=x.device, dtype=torch.float32)
+    return gemm(x.contiguous(), QWeight("dense", gate_weight), out=y)
 
 
 def router_scores_triton(x: torch.Tensor, gate_weight: torch.Tensor) -> torch.Tensor:
