@@ -433,6 +433,7 @@ def prefill_checks():
     print("ok entry_rows past 2^31 (equal)")
     gemm_checks()
     grouped_experts_checks()
+    staged_experts_checks()
     prefill_engine_check()
 
 
@@ -452,6 +453,56 @@ def grouped_experts_checks():
             _grouped_expert_cases(pe, cases, str(tile or ""))
         finally:
             pe.TILE.update(keep)
+
+
+def staged_experts_checks():
+    """Faithful MXFP4 experts through FP8 staging (kernels/triton/staged_experts.py): the staged bytes
+    give the MX weights exactly down to 14 binades below a block's largest scale; the chunk's result
+    against the reference with one group of experts and with several (the buffer budget), an expert
+    without pairs (not staged); a set that does not stage exactly takes the grouped GEMM instead."""
+    from dsv4.kernels.triton import prefill_experts as pe, staged_experts as st
+
+    es = expert_set("mxfp4", 2, 256, 384, g)
+    w = es.w1[1]
+    sc = w.scale.view(torch.uint8)
+    sc[:, 4:8], sc[128:, :4] = 120, 126  # 128 x 128 blocks (1, 0) and (.., 1) at one scale
+    sc[5, 5], sc[129, 7], sc[201, 0] = 134, 106, 140  # blocks 14 binades wide (all groups hold values)
+    sc[200, 10] = 99  # with group 10 of row 200 all zero: its scale may lie further below
+    w.data.view(torch.uint8)[200, 160:176] = 0
+    assert st.stageable(es)
+    tab = pe._tables(es, "cpu")
+    q = torch.empty(2, 256, 384, dtype=torch.uint8)
+    r = torch.empty(2, 2, 3, dtype=torch.uint8)
+    st._stage[(2, 2, 3)](tab["w1"], tab["sw1"], torch.ones(2, dtype=torch.int64), q, r, 0, 256, 384)
+    for e in range(2):
+        got = q[e].view(torch.float8_e4m3fn).float() * (r[e].float() - 133).exp2().repeat_interleave(128, 0) \
+            .repeat_interleave(128, 1)
+        assert torch.equal(got, es.w1[e].dequant()), f"staged weight {e}"
+    print("ok staged FP4 -> FP8 weights (exact)")
+    keep = dict(st.TILE)
+    st.TILE.update(on=True, min_rows=0)
+    try:
+        for budget, (E, inter, d, k, S) in [(1 << 30, (6, 128, 256, 3, 40)), (3 * 2 * 128 * 256, (7, 128, 256, 2, 33)),
+                                            (2 * 256 * 128, (4, 256, 128, 2, 17))]:
+            st.TILE["budget"] = budget
+            es = expert_set("mxfp4", E, inter, d, g)
+            x = torch.randn(S, d, generator=g) * 4
+            ids = torch.stack([torch.randperm(E - 1, generator=g)[:k] for _ in range(S)])  # expert E-1: no pairs
+            wts = torch.rand(S, k, generator=g)
+            assert st.staged_supported(x, es, True) and not st.staged_supported(x, es, False)
+            close(f"staged experts E={E} {inter}x{d} k={k} S={S} groups of {min(E, budget // (2 * inter * d))}",
+                  pe.routed_experts_triton(x, ids, wts, es, 7.0, act_quant=True),
+                  routed_experts(x, ids, wts, es, 7.0, act_quant=True))
+        es = expert_set("mxfp4", 3, 128, 256, g)
+        es.w2[2].scale.view(torch.uint8)[7, 2] -= 15  # a used group 15 binades below its block's largest
+        assert not st.stageable(es)
+        x, ids = torch.randn(20, 256, generator=g), torch.randint(0, 3, (20, 2), generator=g)
+        wts = torch.rand(20, 2, generator=g)
+        close("staged experts, a set that does not stage: the grouped GEMM",
+              pe.routed_experts_triton(x, ids, wts, es, 7.0, act_quant=True),
+              routed_experts(x, ids, wts, es, 7.0, act_quant=True))
+    finally:
+        st.TILE.update(keep)
 
 
 def _grouped_expert_cases(pe, cases, label):

@@ -24,7 +24,8 @@ import triton.language as tl
 
 from dsv4.kernels.reference.moe import ExpertSet
 
-from . import moe as gemv_moe
+from . import moe as gemv_moe, staged_experts as staged
+from .expert_schedule import schedule
 from .actquant import fake_quant_rows, quantise_rows
 from .attention import interpreted
 from .linear import MAX_ROWS, _e2m1_pairs
@@ -250,28 +251,6 @@ def _tables(experts: ExpertSet, device) -> dict:
     return t["prefill"]
 
 
-def schedule(ids: torch.Tensor, n_experts: int, block: int):
-    """Sort the [S, k] (token, slot) pairs by expert (stable) and cut each expert's run into tiles of
-    ``block`` pairs, all on the device. -> (order [S*k] pair ids sorted, tile_e / tile_lo / tile_hi
-    [T] int64: the tile's expert (-1: unused), its first and end positions in ``order``), T a fixed
-    bound (pairs / block + experts). No host sync (ids [S, k] int64 in [0, n_experts))."""
-    flat = ids.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    # (torch.bincount would read the largest id back to the host on CUDA: a sync per MoE layer)
-    counts = torch.zeros(n_experts, dtype=torch.int64, device=ids.device).scatter_add_(0, flat, torch.ones_like(flat))
-    first = torch.cumsum(counts, 0) - counts
-    tiles = (counts + block - 1) // block
-    ends = torch.cumsum(tiles, 0)
-    T = (flat.numel() + block - 1) // block + n_experts
-    j = torch.arange(T, device=ids.device)
-    e = torch.searchsorted(ends, j, right=True)
-    used = e < n_experts
-    ec = e.clamp(max=n_experts - 1)
-    lo = first[ec] + (j - (ends[ec] - tiles[ec])) * block
-    hi = torch.minimum(lo + block, first[ec] + counts[ec])
-    return order, torch.where(used, ec, -1), lo, hi
-
-
 def grouped_experts_supported(x, ids, weights, experts: ExpertSet, limit: float, act_quant: bool = False) -> bool:
     """More than MAX_ROWS tokens; every expert MXFP4 or NVFP4 (the stored formats), contiguous, with
     K a multiple of 32; no per-rank expert map; no autograd."""
@@ -290,10 +269,12 @@ def grouped_experts_supported(x, ids, weights, experts: ExpertSet, limit: float,
 def grouped_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, experts: ExpertSet,
                     limit: float, act_quant: bool = False) -> torch.Tensor:
     """kernels.routed_experts for a chunk (contract: kernels/reference/moe.routed_experts)."""
+    tab = _tables(experts, x.device)
+    if staged.staged_supported(x, experts, act_quant):
+        return staged.staged_experts(x, ids, weights, experts, limit, tab)
     S, D = x.shape
     k = ids.shape[1]
     I = experts.w1[0].shape[0]
-    tab = _tables(experts, x.device)
     t = TILE
     order, tile_e, lo, hi = schedule(ids.long(), len(experts), t["m"])
     fmt = FMT[experts.w1[0].fmt]
