@@ -1,6 +1,6 @@
 """Time tile-shape alternatives of the prefill kernels at V4-Flash dimensions on a GPU.
 
-python3 bench/tune_prefill.py [--only attention|gemm|dense|experts|mhc|router] [--rows N] [--out FILE]
+python3 bench/tune_prefill.py [--only attention|gemm|dense|experts|staged|mhc|router] [--rows N] [--out FILE]
 attention: kernels.chunk_attention on faithful-mode inputs (bf16 queries, FP8 + BF16 entries) for a
 3328-query chunk at 8k context, SWA / HCA / CSA (top-512), as TFLOP/s of its QK and PV dots.
 gemm: the FP8 x FP8 prefill GEMM (faithful activations, act_quant) on V4-Flash shapes, 3328 rows.
@@ -8,14 +8,16 @@ dense: the GEMM of the BF16 weights (compressors' wkv / wgate, the router gate, 
 weights_proj) on float32 rows (three bf16 parts a step), kernels/triton/prefill_linear.TILE, 6400 rows.
 experts: the grouped MXFP4 expert GEMM (256 experts, top-6, a 6400-token chunk), faithful activations,
 tile shapes (the dots swapped, W . x^T: the widened weight as the register operand).
+staged: the same experts through FP8 staging (kernels/triton/staged_experts.TILE), a 12032-token chunk,
+after the grouped GEMM's time (its first row) and against its result.
 mhc: mHC pre's mixing partials (3xTF32 dots) for a 6400-row chunk of float32 streams (n = 4, d = 4096:
 420 MB read), tile shapes.
 router: a chunk's router (6400 rows of float32 x, 256 experts, d = 4096, top-6): the gate product +
 sqrt(softplus) (the GEMM's tiles: dense) and the top-k's rows per program (kernels/triton/router.TILE),
 each against its torch reference's time (op "... reference").
---rows: the chunk's rows for gemm / dense / experts / mhc / router (default: 3328 for gemm, 6400 for the rest).
+--rows: the chunk's rows for all but attention (default: 3328 for gemm, 12032 for staged, 6400 for the rest).
 Each alternative: one warm-up launch (compiles), then the median of 5 timed launches (CUDA events).
-The chosen shapes live in kernels/triton/prefill_*.TILE and kernels/triton/mhc.TILE.
+The chosen shapes live in kernels/triton/prefill_*.TILE, staged_experts.TILE and mhc.TILE.
 """
 
 from __future__ import annotations
@@ -154,12 +156,11 @@ def tune_dense(M: int = 6400) -> list[dict]:
     return out
 
 
-def tune_experts(S: int = 6400, E: int = 256, k: int = 6, inter: int = 2048, d: int = 4096) -> list[dict]:
-    """S: the chunk's tokens (6400: the default chunk before 2026-12-08; --rows 12032: the default now)."""
+def _expert_case(S: int, E: int, k: int, inter: int, d: int) -> tuple:
+    """-> (x [S, d], ids [S, k], routing weights, an MXFP4 ExpertSet of E experts: w1 / w3 [inter, d], w2)."""
     from dsv4.kernels import quant
     from dsv4.kernels.reference.linear import QWeight
     from dsv4.kernels.reference.moe import ExpertSet
-    from dsv4.kernels.triton import prefill_experts as pe
 
     g = torch.Generator(device="cuda").manual_seed(2)
 
@@ -169,7 +170,14 @@ def tune_experts(S: int = 6400, E: int = 256, k: int = 6, inter: int = 2048, d: 
                    [one(d, inter) for _ in range(E)])
     x = torch.randn(S, d, device="cuda", generator=g)
     ids = torch.stack([torch.randperm(E, device="cuda", generator=g)[:k] for _ in range(S)])
-    wts = torch.rand(S, k, device="cuda", generator=g)
+    return x, ids, torch.rand(S, k, device="cuda", generator=g), es
+
+
+def tune_experts(S: int = 6400, E: int = 256, k: int = 6, inter: int = 2048, d: int = 4096) -> list[dict]:
+    """S: the chunk's tokens (6400: the default chunk before 2026-12-08; --rows 12032: the default now)."""
+    from dsv4.kernels.triton import prefill_experts as pe
+
+    x, ids, wts, es = _expert_case(S, E, k, inter, d)
     # the committed tile first, then tile shapes that trade the pairs a widened weight tile serves against
     # padding (about 150 pairs an expert at 6400 tokens). (Measured and dropped, H100 2026-12-07 sixth
     # session: full tiles of 128 pairs with each expert's remainder in tiles of 32, 12.85 ms against
@@ -185,6 +193,22 @@ def tune_experts(S: int = 6400, E: int = 256, k: int = 6, inter: int = 2048, d: 
         alts = alts[:4]
     return _alternatives(pe.TILE, alts, lambda: pe.grouped_experts(x, ids, wts, es, 10.0, act_quant=True),
                          {"op": "experts mxfp4", "S": S, "E": E, "topk": k}, 2 * 3 * S * k * inter * d)
+
+
+def tune_staged(S: int = 12032, E: int = 256, k: int = 6, inter: int = 2048, d: int = 4096) -> list[dict]:
+    """The faithful MXFP4 experts of an S-token chunk through FP8 staging (kernels/triton/staged_experts.py)
+    under tile settings, after the grouped GEMM (the first row, ``on`` false: the path it would replace;
+    max_rel_diff is against it). The staging pass is in each time."""
+    from dsv4.kernels.triton import prefill_experts as pe, staged_experts as st
+
+    x, ids, wts, es = _expert_case(S, E, k, inter, d)
+    alts = [dict(on=False)] + [dict(on=True, min_rows=0, m=m, warps=w, stages=sg, programs=p)
+                               for m, w, sg, p in [(64, 8, 4, 1), (64, 8, 3, 1), (128, 8, 3, 1), (64, 4, 4, 1),
+                                                   (64, 8, 3, 2), (128, 8, 4, 1)]]
+    if os.environ.get("TUNE_FEW"):
+        alts = alts[:4]
+    return _alternatives(st.TILE, alts, lambda: pe.grouped_experts(x, ids, wts, es, 10.0, act_quant=True),
+                         {"op": "staged experts mxfp4", "S": S, "E": E, "topk": k}, 2 * 3 * S * k * inter * d)
 
 
 def tune_mhc(S: int = 6400, n: int = 4, d: int = 4096) -> list[dict]:
@@ -238,16 +262,17 @@ def tune_router(S: int = 6400, E: int = 256, d: int = 4096, k: int = 6) -> list[
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", choices=("attention", "gemm", "dense", "experts", "mhc", "router"), default="attention")
+    ap.add_argument("--only", choices=("attention", "gemm", "dense", "experts", "staged", "mhc", "router"),
+                    default="attention")
     ap.add_argument("--out", default=None)
-    ap.add_argument("--rows", type=int, default=None, help="chunk rows (gemm, dense, experts, mhc, router)")
+    ap.add_argument("--rows", type=int, default=None, help="chunk rows (all but attention)")
     a = ap.parse_args()
     if a.rows is not None and (a.rows < 1 or a.only == "attention"):
-        ap.error("--rows: a positive count, for gemm / dense / experts / mhc / router")
+        ap.error("--rows: a positive count, for gemm / dense / experts / staged / mhc / router")
     if not torch.cuda.is_available():
         raise SystemExit("tune_prefill.py: needs a CUDA device")
-    fn = {"attention": tune_attention, "gemm": tune_gemm, "dense": tune_dense, "experts": tune_experts, "mhc": tune_mhc,
-          "router": tune_router}[a.only]
+    fn = {"attention": tune_attention, "gemm": tune_gemm, "dense": tune_dense, "experts": tune_experts,
+          "staged": tune_staged, "mhc": tune_mhc, "router": tune_router}[a.only]
     res = fn() if a.rows is None else fn(a.rows)
     if a.out:
         with open(a.out, "w") as f:

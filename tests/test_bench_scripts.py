@@ -55,7 +55,7 @@ def test_tune_prefill_refuses_bad_rows_first(tmp_path, args):
     r = subprocess.run([sys.executable, str(PROFILE.with_name("tune_prefill.py")), *args], capture_output=True,
                        text=True, cwd=tmp_path, timeout=120)
     assert r.returncode == 2 and r.stdout == ""
-    assert r.stderr.strip().splitlines()[-1] == "tune_prefill.py: error: --rows: a positive count, for gemm / dense / experts / mhc / router"
+    assert r.stderr.strip().splitlines()[-1] == "tune_prefill.py: error: --rows: a positive count, for gemm / dense / experts / staged / mhc / router"
 
 
 def test_prefill_long_reads_chunk_lists():

@@ -158,6 +158,74 @@ def test_grouped_experts_extreme_block_scales(widen):
     assert _rel(got, ref) <= 2e-5
 
 
+@pytest.fixture
+def staged_on():
+    """staged_experts.TILE on for any chunk size (restored after)."""
+    from dsv4.kernels.triton import staged_experts as st
+
+    keep = dict(st.TILE)
+    st.TILE.update(on=True, min_rows=0)
+    yield st
+    st.TILE.update(keep)
+
+
+def _flash_experts(seed, E=8, S=600, k=4):
+    from kernel_cases import expert_set
+
+    g = torch.Generator().manual_seed(seed)
+    es = expert_set("mxfp4", E, 2048, 4096, g, device="cuda")
+    x = torch.randn(S, 4096, generator=g).cuda()
+    ids = torch.stack([torch.randperm(E - 1, generator=g)[:k] for _ in range(S)]).cuda()  # expert E-1: no pairs
+    return es, x, ids, torch.rand(S, k, generator=g).cuda()
+
+
+def test_staged_experts_match_reference(staged_on):
+    """Faithful MXFP4 experts through FP8 staging, Flash dimensions (2048 x 4096), 8 experts, 600 tokens
+    x 4 slots: FP8 tensor-core sums (FP8_MMA_BOUND), h through e4m3 (a value near a midpoint may flip);
+    the same bits with the experts staged in groups of 3 (a smaller buffer) as all at once."""
+    from dsv4.kernels.reference.moe import routed_experts
+
+    es, x, ids, wts = _flash_experts(10)
+    fn = implementation("routed_experts", "cuda")
+    assert staged_on.staged_supported(x, es, True)
+    got = fn(x, ids, wts, es, 10.0, act_quant=True)
+    _close_but_flips(got, routed_experts(x, ids, wts, es, 10.0, act_quant=True), FP8_MMA_BOUND, True)
+    staged_on.TILE["budget"] = 3 * 2 * 2048 * 4096
+    assert torch.equal(fn(x, ids, wts, es, 10.0, act_quant=True), got)
+
+
+def test_staged_weights_are_the_mx_weights(staged_on):
+    """The staging kernel on the GPU (its float32 -> e4m3 conversion the hardware's): staged bytes times
+    the block exponents give the MXFP4 weights bit for bit, with a block 14 binades wide."""
+    from dsv4.kernels.triton import prefill_experts as pe
+
+    es, *_ = _flash_experts(11, E=2, S=1)
+    sc = es.w2[1].scale.view(torch.uint8)
+    sc[:128, :4] = 120
+    sc[7, 2], sc[100, 1] = 134, 120  # the block's largest, and a group 14 below it
+    assert staged_on.stageable(es)
+    tab = pe._tables(es, "cuda")
+    q = torch.empty(2, 4096, 2048, dtype=torch.uint8, device="cuda")
+    r = torch.empty(2, 32, 16, dtype=torch.uint8, device="cuda")
+    staged_on._stage[(2, 32, 16)](tab["w2"], tab["sw2"], torch.ones(2, dtype=torch.int64, device="cuda"), q, r, 0,
+                                  4096, 2048, num_warps=4)
+    for e in range(2):
+        scale = (r[e].float() - 133).exp2().repeat_interleave(128, 0).repeat_interleave(128, 1)
+        assert torch.equal(q[e].view(torch.float8_e4m3fn).float() * scale, es.w2[e].dequant())
+
+
+def test_staged_experts_no_host_sync(staged_on):
+    es, x, ids, wts = _flash_experts(12, E=4, S=300, k=2)
+    fn = implementation("routed_experts", "cuda")
+    fn(x, ids, wts, es, 10.0, act_quant=True)  # the tables and the stageable check (reads back once)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fn(x, ids, wts, es, 10.0, act_quant=True)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 def _close_but_flips(got, ref, bound, quantised):
     """|got - ref| <= bound x max|ref|. With quantised activations computed inside the op (the
     experts' h), an h value within a float32 rounding of an e4m3 midpoint rounds differently in the

@@ -38,7 +38,7 @@ from .linear import _e2m1_pairs
 # layer on an H100, which small chunks do not earn back); budget: staging buffer bytes (V4-Flash:
 # 64 experts per group); m: pairs per tile; n: output columns per tile (128: one h slice per row);
 # programs: persistent programs per SM.
-TILE = {"on": False, "min_rows": 4096, "budget": 1 << 30, "m": 64, "warps": 4, "stages": 4, "programs": 1}
+TILE = {"on": False, "min_rows": 4096, "budget": 1 << 30, "m": 64, "warps": 8, "stages": 4, "programs": 1}
 SPAN = 14  # binades an MX group may lie below its 128-block's largest and stage exactly (2^-9 = e4m3's least)
 
 
@@ -52,8 +52,8 @@ def _stage(w_tab, s_tab, cnt_ptr, q_ptr, r_ptr, e0, N, K):
     if tl.load(cnt_ptr + e) > 0:
         nb, kb = tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
         rn = nb * 128 + tl.arange(0, 128)
-        w = tl.load(w_tab + e).to(tl.pointer_type(tl.uint8))
-        s = tl.load(s_tab + e).to(tl.pointer_type(tl.uint8))
+        w = tl.multiple_of(tl.load(w_tab + e).to(tl.pointer_type(tl.uint8)), 16)
+        s = tl.multiple_of(tl.load(s_tab + e).to(tl.pointer_type(tl.uint8)), 16)
         b = tl.load(w + rn[:, None] * (K // 2) + (kb * 64 + tl.arange(0, 64))[None, :])
         sc = tl.load(s + rn[:, None] * (K // 32) + (kb * 4 + tl.arange(0, 4))[None, :]).to(tl.int32)
         ref = tl.max(tl.max(sc, 1), 0)
