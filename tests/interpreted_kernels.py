@@ -457,28 +457,39 @@ def grouped_experts_checks():
 
 def staged_experts_checks():
     """Faithful MXFP4 experts through FP8 staging (kernels/triton/staged_experts.py): the staged bytes
-    give the MX weights exactly down to 14 binades below a block's largest scale; the chunk's result
+    give the MX weights exactly down to 14 binades below a block's largest scale (w1 and w3's blocks
+    together); the chunk's result
     against the reference with one group of experts and with several (the buffer budget), an expert
     without pairs (not staged); a set that does not stage exactly takes the grouped GEMM instead."""
     from dsv4.kernels.triton import prefill_experts as pe, staged_experts as st
 
     es = expert_set("mxfp4", 2, 256, 384, g)
-    w = es.w1[1]
-    sc = w.scale.view(torch.uint8)
-    sc[:, 4:8], sc[128:, :4] = 120, 126  # 128 x 128 blocks (1, 0) and (.., 1) at one scale
+    for w in (es.w1[1], es.w3[1]):  # w1 and w3 share a block's exponent: both at one base per block
+        w.scale.view(torch.uint8)[:, 4:8], w.scale.view(torch.uint8)[128:, :4] = 120, 126
+    sc = es.w1[1].scale.view(torch.uint8)
     sc[5, 5], sc[129, 7], sc[201, 0] = 134, 106, 140  # blocks 14 binades wide (all groups hold values)
+    es.w3[1].scale.view(torch.uint8)[9, 6] = 120  # 14 below w1's 134 in the pair's block
+    es.w3[1].scale.view(torch.uint8)[2, 1] = 130  # the pair's block (0, 0): w3 holds the largest byte
     sc[200, 10] = 99  # with group 10 of row 200 all zero: its scale may lie further below
-    w.data.view(torch.uint8)[200, 160:176] = 0
+    es.w1[1].data.view(torch.uint8)[200, 160:176] = 0
+    es.w2[0].scale.view(torch.uint8)[:128, :4] = 117
+    es.w2[0].scale.view(torch.uint8)[3, 2] = 131
     assert st.stageable(es)
-    tab = pe._tables(es, "cpu")
-    q = torch.empty(2, 256, 384, dtype=torch.uint8)
-    r = torch.empty(2, 2, 3, dtype=torch.uint8)
-    st._stage[(2, 2, 3)](tab["w1"], tab["sw1"], torch.ones(2, dtype=torch.int64), q, r, 0, 256, 384)
-    for e in range(2):
-        got = q[e].view(torch.float8_e4m3fn).float() * (r[e].float() - 133).exp2().repeat_interleave(128, 0) \
+    tab, cnt = pe._tables(es, "cpu"), torch.ones(2, dtype=torch.int64)
+
+    def staged(q, r, rows=128):  # e4m3 bytes [N', K] x 2^(r - 133), one exponent per rows x 128 block
+        return q.view(torch.float8_e4m3fn).float() * (r.float() - 133).exp2().repeat_interleave(rows, 0) \
             .repeat_interleave(128, 1)
-        assert torch.equal(got, es.w1[e].dequant()), f"staged weight {e}"
-    print("ok staged FP4 -> FP8 weights (exact)")
+    q, r = torch.empty(2, 512, 384, dtype=torch.uint8), torch.empty(2, 2, 3, dtype=torch.uint8)
+    st._stage[(2, 2, 3)](tab["w1"], tab["sw1"], tab["w3"], tab["sw3"], cnt, q, r, 0, 256, 384, PAIR=True)
+    for e in range(2):
+        got = staged(q[e], r[e], 256)  # rows 2i: w1's row i, 2i + 1: w3's
+        assert torch.equal(got[0::2], es.w1[e].dequant()) and torch.equal(got[1::2], es.w3[e].dequant()), e
+    q, r = torch.empty(2, 384, 256, dtype=torch.uint8), torch.empty(2, 3, 2, dtype=torch.uint8)
+    st._stage[(2, 3, 2)](tab["w2"], tab["sw2"], tab["w2"], tab["sw2"], cnt, q, r, 0, 384, 256, PAIR=False)
+    for e in range(2):
+        assert torch.equal(staged(q[e], r[e]), es.w2[e].dequant()), f"w2 {e}"
+    print("ok staged FP4 -> FP8 weights (exact; w1 and w3 interleaved under one exponent)")
     keep = dict(st.TILE)
     st.TILE.update(on=True, min_rows=0)
     try:

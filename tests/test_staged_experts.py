@@ -44,3 +44,14 @@ def test_the_answer_is_kept_per_set():
     assert st.stageable(es)
     es.w1[0].scale.view(torch.uint8)[0, 0] -= 40  # after the first answer: not looked at again
     assert st.stageable(es) and es.tables["staged_ok"] is True
+
+
+@pytest.mark.parametrize("top,ok", [(134, True), (135, False)])
+def test_w1_and_w3_share_a_blocks_exponent(top, ok):
+    """w1 and w3 stage as a pair with one exponent per block: a w3 group at `top` puts w1's groups at 120
+    (all holding values) 14 or 15 binades below it."""
+    es = _set()
+    es.w1[2].scale.view(torch.uint8)[:128, :4] = 120
+    es.w3[2].scale.view(torch.uint8)[:128, :4] = 120
+    es.w3[2].scale.view(torch.uint8)[50, 3] = top
+    assert st.stageable(es) is ok

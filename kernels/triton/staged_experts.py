@@ -12,12 +12,14 @@ Staged format, per expert weight [N, K] (MXFP4: e2m1 with one ue8m0 byte per 32 
 bytes [N, K] and one exponent byte per 128 x 128 block, ``r`` = the largest MX byte in the block (the
 checkpoints' FP8 layout); a value is e2m1 x 2^(s - r + 6) (s its own MX byte) and its weight that
 times 2^(r - 127) x 2^-6. That is exact in e4m3 when s >= r - 14 for every 32-column group holding a
-non-zero value (``stageable`` checks each expert set once; otherwise the grouped GEMM runs).
+non-zero value (``stageable`` checks each expert set once; otherwise the grouped GEMM runs). w1 and
+w3 stage as a pair, rows interleaved under one exponent per block of both, so the up kernel makes g
+and u in one dot (one tensor-core wait per step instead of two).
 The dots: one FP8 dot per 128-column block, promoted into the float32 accumulator with the pair's
-activation scale times the weight block's (one FMA per element, as DeepSeek's FP8 GEMMs promote). h leaves
-_up8 as e4m3 + an exponent per 128-slice (the reference's act_quant of h). Both GEMM kernels are
-persistent: one program per SM walks the group's (tile, column block) items, read on the device
-(no host sync, no early-exiting programs of other groups).
+activation scale times the weight block's (one FMA per element, as DeepSeek's FP8 GEMMs promote).
+h leaves _up8 as e4m3 + an exponent per 128-slice (the reference's act_quant of h). Both GEMM
+kernels are persistent: one program per SM walks the group's (tile, column block) items, read on
+the device (no host sync, no early-exiting programs of other groups).
 """
 
 from __future__ import annotations
@@ -34,36 +36,61 @@ from .attention import _e4m3_at, _pow2, _pow2_exponent, interpreted
 from .linear import _e2m1_pairs
 
 # on: use this path (off until timed on a GPU against the grouped GEMM); min_rows: chunks of at least
-# this many tokens (staging reads and writes every expert's weights once per chunk, ~3.4 ms per V4-Flash
-# layer on an H100, which small chunks do not earn back); budget: staging buffer bytes (V4-Flash:
-# 64 experts per group); m: pairs per tile; n: output columns per tile (128: one h slice per row);
-# programs: persistent programs per SM.
+# this many tokens (staging reads every expert's weights and writes them at twice the bytes once per
+# chunk, ~3.4 ms per V4-Flash layer at H100 bandwidth, which small chunks do not earn back); budget:
+# staging buffer bytes (V4-Flash: 64 experts per group; the MoE sub-layer stays under the attention
+# sub-layer's peak that sizes the chunk); m: pairs per tile; warps / stages of the GEMM kernels;
+# programs: persistent programs per SM. sm_90 SASS (Triton 3.6) at m 64, 8 warps, 4 stages: the up
+# kernel's K step (64 pairs x 256 staged rows x 128) 175 instructions for 512 FP8 tensor-core cycles,
+# one wgmma wait; the down kernel's (64 x 128 x 128) 132 for 256; no spills. 128-pair tiles and 4 warps
+# spill in the up kernel; 32-pair tiles leave wgmma.
 TILE = {"on": False, "min_rows": 4096, "budget": 1 << 30, "m": 64, "warps": 8, "stages": 4, "programs": 1}
 SPAN = 14  # binades an MX group may lie below its 128-block's largest and stage exactly (2^-9 = e4m3's least)
 
 
 @triton.jit
-def _stage(w_tab, s_tab, cnt_ptr, q_ptr, r_ptr, e0, N, K):
-    """Expert e0 + program_id(0), the 128 x 128 block (pid1, pid2) of an MXFP4 weight [N, K] -> its e4m3
-    bytes in q [G, N, K] and the block's exponent byte in r [G, N / 128, K / 128] (uint8). Experts with
-    no pairs in the chunk (cnt 0) are skipped."""
+def _mx_block(w_tab, s_tab, e, rn, kb, K):
+    """Rows rn (128), columns [kb * 128, +128) of expert e's MXFP4 weight [N, K] as stored: the packed
+    bytes [128, 64] and the MX bytes [128, 4] (int32)."""
+    w = tl.multiple_of(tl.load(w_tab + e).to(tl.pointer_type(tl.uint8)), 16)
+    s = tl.multiple_of(tl.load(s_tab + e).to(tl.pointer_type(tl.uint8)), 16)
+    b = tl.load(w + rn[:, None] * (K // 2) + (kb * 64 + tl.arange(0, 64))[None, :])
+    return b, tl.load(s + rn[:, None] * (K // 32) + (kb * 4 + tl.arange(0, 4))[None, :]).to(tl.int32)
+
+
+@triton.jit
+def _store_staged(q_ptr, row, K, kb, b, sc, ref):
+    """A block from _mx_block as e4m3 bytes e2m1 x 2^(s - ref + 6) at q's rows ``row``, columns of block kb."""
+    # 2^(s - ref + 20): the 2^6 of the staged form and the 2^14 that _e2m1_pairs leaves out (an
+    # all-zero group further below ref may get any positive factor: its values stay 0)
+    f = (tl.maximum(sc - ref + 147, 1) << 23).to(tl.float32, bitcast=True)
+    lo, hi = _e2m1_pairs(b)
+    v = tl.reshape(tl.reshape(tl.interleave(lo, hi), [128, 4, 32]) * f[:, :, None], [128, 128])
+    tl.store(q_ptr + row[:, None] * K + (kb * 128 + tl.arange(0, 128))[None, :],
+             v.to(tl.float8e4nv).to(tl.uint8, bitcast=True))
+
+
+@triton.jit
+def _stage(w_tab, s_tab, v_tab, t_tab, cnt_ptr, q_ptr, r_ptr, e0, N, K, PAIR: tl.constexpr):
+    """Expert e0 + program_id(0), the 128 x 128 block (pid1, pid2) of an MXFP4 weight [N, K] (tables w / s:
+    data / MX-byte addresses per expert) -> e4m3 bytes in q [G, N, K] and the block's exponent byte in
+    r [G, N / 128, K / 128] (uint8). PAIR: with the same block of a second weight (tables v / t: w3 beside
+    w1), one exponent for both and their rows interleaved, q [G, 2N, K] (row 2i: the first's row i,
+    2i + 1: the second's). Experts with no pairs in the chunk (cnt 0) are skipped."""
     el = tl.program_id(0).to(tl.int64)
     e = e0 + el
     if tl.load(cnt_ptr + e) > 0:
         nb, kb = tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
         rn = nb * 128 + tl.arange(0, 128)
-        w = tl.multiple_of(tl.load(w_tab + e).to(tl.pointer_type(tl.uint8)), 16)
-        s = tl.multiple_of(tl.load(s_tab + e).to(tl.pointer_type(tl.uint8)), 16)
-        b = tl.load(w + rn[:, None] * (K // 2) + (kb * 64 + tl.arange(0, 64))[None, :])
-        sc = tl.load(s + rn[:, None] * (K // 32) + (kb * 4 + tl.arange(0, 4))[None, :]).to(tl.int32)
+        b, sc = _mx_block(w_tab, s_tab, e, rn, kb, K)
         ref = tl.max(tl.max(sc, 1), 0)
-        # 2^(s - r + 20): the 2^6 of the staged form and the 2^14 that _e2m1_pairs leaves out (an
-        # all-zero group further below r may get any positive factor: its values stay 0)
-        f = (tl.maximum(sc - ref + 147, 1) << 23).to(tl.float32, bitcast=True)
-        lo, hi = _e2m1_pairs(b)
-        v = tl.reshape(tl.reshape(tl.interleave(lo, hi), [128, 4, 32]) * f[:, :, None], [128, 128])
-        tl.store(q_ptr + (el * N + rn)[:, None] * K + (kb * 128 + tl.arange(0, 128))[None, :],
-                 v.to(tl.float8e4nv).to(tl.uint8, bitcast=True))
+        if PAIR:
+            b3, sc3 = _mx_block(v_tab, t_tab, e, rn, kb, K)
+            ref = tl.maximum(ref, tl.max(tl.max(sc3, 1), 0))
+            _store_staged(q_ptr, (el * N + rn) * 2, K, kb, b, sc, ref)
+            _store_staged(q_ptr, (el * N + rn) * 2 + 1, K, kb, b3, sc3, ref)
+        else:
+            _store_staged(q_ptr, el * N + rn, K, kb, b, sc, ref)
         tl.store(r_ptr + (el * (N // 128) + nb) * (K // 128) + kb, ref.to(tl.uint8))
 
 
@@ -93,11 +120,12 @@ def _n_work(span_ptr, N):
 
 
 @triton.jit
-def _up8(xq_ptr, xe_ptr, order_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, span_ptr, q1_ptr, r1_ptr, q3_ptr, r3_ptr,
-         hq_ptr, he_ptr, e0, I, D, limit, K_SEL: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr):
+def _up8(xq_ptr, xe_ptr, order_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, span_ptr, q_ptr, r_ptr, hq_ptr, he_ptr, e0,
+         I, D, limit, K_SEL: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr):
     """h = swiglu(w1 x, w3 x) for the group's tiles of sorted pairs, as e4m3 bytes hq [P, I] and one
     exponent byte per 128-slice he [P, I / 128]; x is e4m3 xq [S, D] with exponents xe [S, D / 128];
-    w1 / w3 staged (q [G, I, D], r [G, I / 128, D / 128])."""
+    w1 and w3 staged as a pair (q [G, 2I, D] rows interleaved, r [G, I / 128, D / 128]): one dot of
+    BLOCK_M pairs x 256 staged rows per 128-column step gives g and u side by side."""
     rk = tl.arange(0, 128)
     for w in range(tl.program_id(0), _n_work(span_ptr, I), tl.num_programs(0)):
         t, nb = _work(span_ptr, w)
@@ -105,23 +133,22 @@ def _up8(xq_ptr, xe_ptr, order_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, span_p
         r = tl.load(tile_lo_ptr + t).to(tl.int64) + tl.arange(0, BLOCK_M)
         rm = r < tl.load(tile_hi_ptr + t)
         tok = tl.load(order_ptr + r, mask=rm, other=0).to(tl.int64) // K_SEL
-        rn = nb.to(tl.int64) * 128 + tl.arange(0, 128)
-        wr = (e - e0) * I + rn
-        wb = ((e - e0) * (I // 128) + nb) * (D // 128)  # the column block's staged exponents
-        g = tl.zeros([BLOCK_M, 128], tl.float32)
-        u = tl.zeros([BLOCK_M, 128], tl.float32)
+        nb = nb.to(tl.int64)
+        wr = ((e - e0) * I + nb * 128) * 2 + tl.arange(0, 256)
+        wb = ((e - e0) * (I // 128) + nb) * (D // 128)  # the pair's staged exponents, this column block
+        acc = tl.zeros([BLOCK_M, 256], tl.float32)
         for kb in range(0, D // 128):
             k = kb * 128 + rk
             a = tl.load(xq_ptr + tok[:, None] * D + k[None, :], mask=rm[:, None], other=0.0)
             sa = _pow2(tl.load(xe_ptr + tok * (D // 128) + kb, mask=rm, other=0).to(tl.int32))
-            w1 = tl.load(q1_ptr + wr[:, None] * D + k[None, :])
-            g += _dot8(a, w1, IEEE) * (sa * _pow2(tl.load(r1_ptr + wb + kb).to(tl.int32)))[:, None]
-            w3 = tl.load(q3_ptr + wr[:, None] * D + k[None, :])
-            u += _dot8(a, w3, IEEE) * (sa * _pow2(tl.load(r3_ptr + wb + kb).to(tl.int32)))[:, None]
+            w13 = tl.load(q_ptr + wr[:, None] * D + k[None, :])
+            acc += _dot8(a, w13, IEEE) * (sa * _pow2(tl.load(r_ptr + wb + kb).to(tl.int32)))[:, None]
+        g, u = tl.split(tl.reshape(acc, [BLOCK_M, 128, 2]))
         g = tl.minimum(g * 0.015625, limit)  # the staged form's 2^-6
         u = tl.minimum(tl.maximum(u * 0.015625, -limit), limit)
         h = g * tl.sigmoid(g) * u
         ex = _pow2_exponent(tl.max(tl.abs(h), 1), 448.0)
+        rn = nb * 128 + rk
         tl.store(hq_ptr + r[:, None] * I + rn[None, :], _e4m3_at(h, ex).to(tl.float8e4nv), mask=rm[:, None])
         tl.store(he_ptr + r * (I // 128) + nb, ex.to(tl.uint8), mask=rm)
 
@@ -137,7 +164,7 @@ def _down8(hq_ptr, he_ptr, order_ptr, wts_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_
         e = tl.load(tile_e_ptr + t).to(tl.int64)
         r = tl.load(tile_lo_ptr + t).to(tl.int64) + tl.arange(0, BLOCK_M)
         rm = r < tl.load(tile_hi_ptr + t)
-        rn = nb.to(tl.int64) * 128 + tl.arange(0, 128)
+        rn = nb.to(tl.int64) * 128 + rk
         wr = (e - e0) * D + rn
         wb = ((e - e0) * (D // 128) + nb) * (I // 128)
         acc = tl.zeros([BLOCK_M, 128], tl.float32)
@@ -154,24 +181,36 @@ def _down8(hq_ptr, he_ptr, order_ptr, wts_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_
 
 def stageable(experts: ExpertSet) -> bool:
     """Whether the set's weights stage exactly (cached in experts.tables): MXFP4, every dimension a
-    multiple of 128, and in every 128 x 128 block each MX group holding a non-zero value lies at most
-    SPAN binades below the block's largest MX byte, which is at least 1."""
+    multiple of 128, and in every 128 x 128 block (of w1 and w3 together: they share one exponent)
+    each MX group holding a non-zero value lies at most SPAN binades below the block's largest MX
+    byte, which is at least 1."""
     t = experts.tables
     if "staged_ok" not in t:
         ws = experts.w1 + experts.w3 + experts.w2
         ok = getattr(experts, "local", None) is None and all(
             w.fmt == "mxfp4" and w.dense is None and w.shape[0] % 128 == 0 and w.shape[1] % 128 == 0
             and w.data.is_contiguous() and w.scale.is_contiguous() for w in ws)
-        for w in ws if ok else ():
-            N, K = w.shape
-            s = w.scale.view(torch.uint8).reshape(N // 128, 128, K // 128, 4).int()
-            used = (w.data.view(torch.uint8).reshape(N // 128, 128, K // 128, 4, 16) & 0x77).amax(-1) > 0
-            ref = s.amax((1, 3), keepdim=True)
-            if bool((used & ((s < ref - SPAN) | (ref < 1))).any()):
-                ok = False
-                break
-        t["staged_ok"] = ok
+        bad = torch.zeros((), dtype=torch.bool, device=ws[0].data.device)
+        for pair in zip(experts.w1, experts.w3) if ok else ():
+            bad |= _inexact(pair)
+        for w in experts.w2 if ok else ():
+            bad |= _inexact((w,))
+        t["staged_ok"] = ok and not bool(bad)  # one read back per set
     return t["staged_ok"]
+
+
+def _inexact(ws: tuple) -> torch.Tensor:
+    """Whether any 128 x 128 block of the weights ws (one, or w1 and w3 staged as a pair: one exponent
+    for the block of both) has a group with a non-zero value more than SPAN binades below the largest
+    MX byte, or a largest byte of 0 (a 0-d bool tensor, on the weights' device)."""
+    s, used = [], []
+    for w in ws:
+        N, K = w.shape
+        s.append(w.scale.view(torch.uint8).reshape(N // 128, 128, K // 128, 4).int())
+        used.append((w.data.view(torch.uint8).reshape(N // 128, 128, K // 128, 4, 16) & 0x77).amax(-1) > 0)
+    s, used = torch.stack(s), torch.stack(used)
+    ref = s.amax((0, 2, 4), keepdim=True)
+    return (used & ((s < ref - SPAN) | (ref < 1))).any()
 
 
 def staged_supported(x: torch.Tensor, experts: ExpertSet, act_quant: bool) -> bool:
@@ -210,21 +249,20 @@ def staged_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, ex
     hq = torch.empty((P, I), device=x.device, dtype=torch.float8_e4m3fn)
     he = torch.empty((P, I // 128), device=x.device, dtype=torch.uint8)
     y = torch.empty((P, D), device=x.device, dtype=torch.float32)
-    q = torch.empty((2, G * I * D), device=x.device, dtype=torch.float8_e4m3fn)
-    rb = torch.empty((2, G * I * D // 128 // 128), device=x.device, dtype=torch.uint8)
+    q = torch.empty(2 * G * I * D, device=x.device, dtype=torch.float8_e4m3fn)  # w1 + w3 paired, or w2
+    rb = torch.empty(G * (I // 128) * (D // 128), device=x.device, dtype=torch.uint8)
     wts = weights.float().contiguous().reshape(-1)
     ieee, progs = interpreted(), _programs(x.device)
-    xq8 = xq.view(torch.float8_e4m3fn)
+    q8 = q.view(torch.uint8)
     for j, e0 in enumerate(range(0, E, G)):
         n = min(G, E - e0)
         span = spans[j:j + 2]
-        for i, name in enumerate(("w1", "w3")):
-            _stage[(n, I // 128, D // 128)](tables[name], tables["s" + name], counts, q[i].view(torch.uint8), rb[i],
-                                            e0, I, D, num_warps=4)
-        _up8[(progs,)](xq8, xe, order, tile_e, lo, hi, span, q[0], rb[0], q[1], rb[1], hq, he, e0, I, D, float(limit),
-                       K_SEL=k, IEEE=ieee, BLOCK_M=t["m"], num_warps=t["warps"], num_stages=t["stages"])
-        _stage[(n, D // 128, I // 128)](tables["w2"], tables["sw2"], counts, q[0].view(torch.uint8), rb[0], e0, D,
-                                        I, num_warps=4)
-        _down8[(progs,)](hq, he, order, wts, tile_e, lo, hi, span, q[0], rb[0], y, e0, I, D, IEEE=ieee,
+        _stage[(n, I // 128, D // 128)](tables["w1"], tables["sw1"], tables["w3"], tables["sw3"], counts, q8, rb, e0,
+                                        I, D, PAIR=True, num_warps=4)
+        _up8[(progs,)](xq.view(torch.float8_e4m3fn), xe, order, tile_e, lo, hi, span, q, rb, hq, he, e0, I, D,
+                       float(limit), K_SEL=k, IEEE=ieee, BLOCK_M=t["m"], num_warps=t["warps"], num_stages=t["stages"])
+        _stage[(n, D // 128, I // 128)](tables["w2"], tables["sw2"], tables["w2"], tables["sw2"], counts, q8, rb, e0,
+                                        D, I, PAIR=False, num_warps=4)
+        _down8[(progs,)](hq, he, order, wts, tile_e, lo, hi, span, q, rb, y, e0, I, D, IEEE=ieee,
                          BLOCK_M=t["m"], num_warps=t["warps"], num_stages=t["stages"])
     return y.view(S, k, D).sum(1).to(x.dtype)
