@@ -46,9 +46,9 @@ final8)
   timeout 80 $T tests/test_gpu_prefill.py tests/test_gpu.py -k "long_prefill or not prefill" 2>&1 | tail -4 \
     | tee "$OUT/gpu_tests_engine.txt"
   timeout 110 python3 bench/compare_prefill.py --runs 3 --out "$OUT/compare_prefill.txt" --compare \
-    base=0,staged_experts.TILE.on=true,staged_experts.TILE.on=true+staged_experts.TILE.m=128,prefill_linear.TILE_FP8.one_block=false,DSV4_REFERENCE_OPS=router_scores:router_topk,prefill_linear.TILE_FP8.grouped=false,base=0 \
+    base=0,staged_experts.TILE.on=true,prefill_linear.TILE_FP8.one_block=false,DSV4_REFERENCE_OPS=router_scores:router_topk,prefill_linear.TILE_FP8.grouped=false,base=0 \
     2>&1 | tail -8
-  TUNE_FEW=1 timeout 60 python3 bench/tune_prefill.py --only staged --out "$OUT/tune_staged.json" 2>&1 | cut -c1-220 ;;
+  TUNE_FEW=1 timeout 90 python3 bench/tune_prefill.py --only staged --out "$OUT/tune_staged.json" 2>&1 | cut -c1-220 ;;
 final8b)
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
   timeout 150 python3 bench/prefill_long.py --layers 4 --prompt-lens 8192,32768,131072 --chunk 6400,auto --runs 2 \

@@ -494,10 +494,16 @@ def staged_experts_checks():
     st.TILE.update(on=True, min_rows=0)
     try:
         for budget, (E, inter, d, k, S) in [(1 << 30, (6, 128, 256, 3, 40)), (3 * 2 * 128 * 256, (7, 128, 256, 2, 33)),
-                                            (2 * 256 * 128, (4, 256, 128, 2, 17))]:
+                                            (2 * 256 * 128, (4, 256, 128, 2, 17)), (1 << 30, (3, 384, 384, 2, 20))]:
             st.TILE["budget"] = budget
             es = expert_set("mxfp4", E, inter, d, g)
-            x = torch.randn(S, d, generator=g) * 4
+            for w in es.w1 + es.w3 + es.w2:  # each 128 x 128 block's scales up by its own 0-3 binades
+                N, K = w.shape
+                up = torch.randint(0, 4, (N // 128, 1, K // 128, 1), generator=g, dtype=torch.uint8)
+                w.scale.view(torch.uint8).add_(up.expand(-1, 128, -1, 4).reshape(N, K // 32))
+            # and x's 128-slices by their own powers of two (distinct exponents per slice)
+            x = torch.randn(S, d, generator=g) * torch.randint(-3, 4, (S, d // 128), generator=g).float().exp2() \
+                .repeat_interleave(128, 1)
             ids = torch.stack([torch.randperm(E - 1, generator=g)[:k] for _ in range(S)])  # expert E-1: no pairs
             wts = torch.rand(S, k, generator=g)
             assert st.staged_supported(x, es, True) and not st.staged_supported(x, es, False)

@@ -48,10 +48,21 @@ def test_the_answer_is_kept_per_set():
 
 @pytest.mark.parametrize("top,ok", [(134, True), (135, False)])
 def test_w1_and_w3_share_a_blocks_exponent(top, ok):
-    """w1 and w3 stage as a pair with one exponent per block: a w3 group at `top` puts w1's groups at 120
-    (all holding values) 14 or 15 binades below it."""
+    """w1 and w3 stage as a pair with one exponent per block: w3's block at `top` puts w1's groups at 120
+    (all holding values) 14 or 15 binades below it, though each weight alone spans no binade."""
     es = _set()
     es.w1[2].scale.view(torch.uint8)[:128, :4] = 120
-    es.w3[2].scale.view(torch.uint8)[:128, :4] = 120
-    es.w3[2].scale.view(torch.uint8)[50, 3] = top
+    es.w3[2].scale.view(torch.uint8)[:128, :4] = top
     assert st.stageable(es) is ok
+
+
+def test_staged_only_for_faithful_chunks_of_min_rows(monkeypatch):
+    es = _set()
+    x = torch.zeros(50, 256)
+    monkeypatch.setitem(st.TILE, "on", True)
+    monkeypatch.setitem(st.TILE, "min_rows", 50)
+    assert st.staged_supported(x, es, True)
+    assert not st.staged_supported(x, es, False)  # exact mode: the activations are not e4m3
+    assert not st.staged_supported(x[:49], es, True)
+    monkeypatch.setitem(st.TILE, "on", False)
+    assert not st.staged_supported(x, es, True)

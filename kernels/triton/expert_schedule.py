@@ -13,14 +13,15 @@ def expert_counts(ids: torch.Tensor, n_experts: int) -> torch.Tensor:
     return torch.zeros(n_experts, dtype=torch.int64, device=ids.device).scatter_add_(0, flat, torch.ones_like(flat))
 
 
-def schedule(ids: torch.Tensor, n_experts: int, block: int):
+def schedule(ids: torch.Tensor, n_experts: int, block: int, counts: torch.Tensor | None = None):
     """Sort the [S, k] (token, slot) pairs by expert (stable) and cut each expert's run into tiles of
     ``block`` pairs, all on the device. -> (order [S*k] pair ids sorted, tile_e / tile_lo / tile_hi
     [T] int64: the tile's expert (-1: unused), its first and end positions in ``order``), T a fixed
-    bound (pairs / block + experts). No host sync (ids [S, k] int64 in [0, n_experts))."""
+    bound (pairs / block + experts). No host sync (ids [S, k] int64 in [0, n_experts)). counts: the
+    pairs per expert if the caller has them (expert_counts)."""
     flat = ids.reshape(-1)
     order = torch.argsort(flat, stable=True)
-    counts = expert_counts(ids, n_experts)
+    counts = expert_counts(ids, n_experts) if counts is None else counts
     first = torch.cumsum(counts, 0) - counts
     tiles = (counts + block - 1) // block
     ends = torch.cumsum(tiles, 0)

@@ -39,11 +39,11 @@ from .linear import _e2m1_pairs
 # this many tokens (staging reads every expert's weights and writes them at twice the bytes once per
 # chunk, ~3.4 ms per V4-Flash layer at H100 bandwidth, which small chunks do not earn back); budget:
 # staging buffer bytes (V4-Flash: 64 experts per group; the MoE sub-layer stays under the attention
-# sub-layer's peak that sizes the chunk); m: pairs per tile; warps / stages of the GEMM kernels;
-# programs: persistent programs per SM. sm_90 SASS (Triton 3.6) at m 64, 8 warps, 4 stages: the up
-# kernel's K step (64 pairs x 256 staged rows x 128) 175 instructions for 512 FP8 tensor-core cycles,
-# one wgmma wait; the down kernel's (64 x 128 x 128) 132 for 256; no spills. 128-pair tiles and 4 warps
-# spill in the up kernel; 32-pair tiles leave wgmma.
+# sub-layer's peak that sizes the chunk, about equal at min_rows); m: pairs per tile; warps / stages
+# of the GEMM kernels; programs: persistent programs per SM. sm_90 SASS (Triton 3.6) at m 64, 8 warps,
+# 4 stages: the up kernel's K step (64 pairs x 256 staged rows x 128) 175 instructions for 512 FP8
+# tensor-core cycles, one wgmma wait; the down kernel's (64 x 128 x 128) 132 for 256; no spills.
+# 128-pair tiles and 4 warps spill in the up kernel; 32-pair tiles leave wgmma.
 TILE = {"on": False, "min_rows": 4096, "budget": 1 << 30, "m": 64, "warps": 8, "stages": 4, "programs": 1}
 SPAN = 14  # binades an MX group may lie below its 128-block's largest and stage exactly (2^-9 = e4m3's least)
 
@@ -119,16 +119,17 @@ def _n_work(span_ptr, N):
     return (tl.load(span_ptr + 1) - tl.load(span_ptr)) * (N // 128)
 
 
-@triton.jit
-def _up8(xq_ptr, xe_ptr, order_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, span_ptr, q_ptr, r_ptr, hq_ptr, he_ptr, e0,
-         I, D, limit, K_SEL: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr):
+@triton.jit(do_not_specialize=["grp"])
+def _up8(xq_ptr, xe_ptr, order_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, span_ptr, grp, q_ptr, r_ptr, hq_ptr, he_ptr,
+         e0, I, D, limit, K_SEL: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr):
     """h = swiglu(w1 x, w3 x) for the group's tiles of sorted pairs, as e4m3 bytes hq [P, I] and one
     exponent byte per 128-slice he [P, I / 128]; x is e4m3 xq [S, D] with exponents xe [S, D / 128];
     w1 and w3 staged as a pair (q [G, 2I, D] rows interleaved, r [G, I / 128, D / 128]): one dot of
-    BLOCK_M pairs x 256 staged rows per 128-column step gives g and u side by side."""
+    BLOCK_M pairs x 256 staged rows per 128-column step gives g and u side by side. The group's tiles:
+    span[grp] to span[grp + 1] (an index, so one compiled kernel serves every group)."""
     rk = tl.arange(0, 128)
-    for w in range(tl.program_id(0), _n_work(span_ptr, I), tl.num_programs(0)):
-        t, nb = _work(span_ptr, w)
+    for w in range(tl.program_id(0), _n_work(span_ptr + grp, I), tl.num_programs(0)):
+        t, nb = _work(span_ptr + grp, w)
         e = tl.load(tile_e_ptr + t).to(tl.int64)
         r = tl.load(tile_lo_ptr + t).to(tl.int64) + tl.arange(0, BLOCK_M)
         rm = r < tl.load(tile_hi_ptr + t)
@@ -153,14 +154,14 @@ def _up8(xq_ptr, xe_ptr, order_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, span_p
         tl.store(he_ptr + r * (I // 128) + nb, ex.to(tl.uint8), mask=rm)
 
 
-@triton.jit
-def _down8(hq_ptr, he_ptr, order_ptr, wts_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, span_ptr, q2_ptr, r2_ptr, y_ptr,
-           e0, I, D, IEEE: tl.constexpr, BLOCK_M: tl.constexpr):
+@triton.jit(do_not_specialize=["grp"])
+def _down8(hq_ptr, he_ptr, order_ptr, wts_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, span_ptr, grp, q2_ptr, r2_ptr,
+           y_ptr, e0, I, D, IEEE: tl.constexpr, BLOCK_M: tl.constexpr):
     """y[pair] = weight(pair) x w2 h for the group's tiles (w2 staged: q [G, D, I], r [G, D / 128, I / 128]),
     stored at the pair's (token, slot) row of y [P, D] (float32)."""
     rk = tl.arange(0, 128)
-    for w in range(tl.program_id(0), _n_work(span_ptr, D), tl.num_programs(0)):
-        t, nb = _work(span_ptr, w)
+    for w in range(tl.program_id(0), _n_work(span_ptr + grp, D), tl.num_programs(0)):
+        t, nb = _work(span_ptr + grp, w)
         e = tl.load(tile_e_ptr + t).to(tl.int64)
         r = tl.load(tile_lo_ptr + t).to(tl.int64) + tl.arange(0, BLOCK_M)
         rm = r < tl.load(tile_hi_ptr + t)
@@ -241,8 +242,8 @@ def staged_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, ex
     I = experts.w1[0].shape[0]
     t = TILE
     G = max(1, min(E, t["budget"] // (2 * I * D)))
-    order, tile_e, lo, hi = schedule(ids.long(), E, t["m"])
     counts = expert_counts(ids.long(), E)
+    order, tile_e, lo, hi = schedule(ids.long(), E, t["m"], counts)
     spans = _spans(counts, t["m"], G)
     xq, xe = quantise_rows_fp8(x.contiguous())
     P = S * k
@@ -256,13 +257,13 @@ def staged_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, ex
     q8 = q.view(torch.uint8)
     for j, e0 in enumerate(range(0, E, G)):
         n = min(G, E - e0)
-        span = spans[j:j + 2]
         _stage[(n, I // 128, D // 128)](tables["w1"], tables["sw1"], tables["w3"], tables["sw3"], counts, q8, rb, e0,
                                         I, D, PAIR=True, num_warps=4)
-        _up8[(progs,)](xq.view(torch.float8_e4m3fn), xe, order, tile_e, lo, hi, span, q, rb, hq, he, e0, I, D,
-                       float(limit), K_SEL=k, IEEE=ieee, BLOCK_M=t["m"], num_warps=t["warps"], num_stages=t["stages"])
+        _up8[(progs,)](xq.view(torch.float8_e4m3fn), xe, order, tile_e, lo, hi, spans, j, q, rb, hq, he, e0, I,
+                       D, float(limit), K_SEL=k, IEEE=ieee, BLOCK_M=t["m"], num_warps=t["warps"],
+                       num_stages=t["stages"])
         _stage[(n, D // 128, I // 128)](tables["w2"], tables["sw2"], tables["w2"], tables["sw2"], counts, q8, rb, e0,
                                         D, I, PAIR=False, num_warps=4)
-        _down8[(progs,)](hq, he, order, wts, tile_e, lo, hi, span, q, rb, y, e0, I, D, IEEE=ieee,
+        _down8[(progs,)](hq, he, order, wts, tile_e, lo, hi, spans, j, q, rb, y, e0, I, D, IEEE=ieee,
                          BLOCK_M=t["m"], num_warps=t["warps"], num_stages=t["stages"])
     return y.view(S, k, D).sum(1).to(x.dtype)
