@@ -158,6 +158,23 @@ def test_grouped_experts_extreme_block_scales(widen):
     assert _rel(got, ref) <= 2e-5
 
 
+def test_e4m3_rounding_on_the_gpu_is_the_float32_rounding():
+    """staged_experts.to_e4m3: the hardware conversion (the GPU path) gives the bits of the float32
+    arithmetic rounding (the interpreter path) and torch's conversion, over every e4m3 value, the
+    midpoints between neighbours (ties to even) and quarter points, both signs, rows at 2^-20..2^30."""
+    from staged_rounding import rounded_both
+
+    e = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    grid = e[torch.isfinite(e) & (e > 0)].unique()
+    pts = torch.cat([grid, (grid[1:] + grid[:-1]) / 2, grid[:-1] + (grid[1:] - grid[:-1]) / 4, torch.tensor([0.0])])
+    base = torch.cat([pts, -pts])
+    base = torch.cat([torch.tensor([448.0]), base, torch.full((2048 - 1 - base.numel(),), 3.0)])
+    rows = torch.stack([base * 2.0 ** k for k in (-20, -3, 0, 5, 30)]).cuda()
+    a, b = (t.view(torch.float8_e4m3fn).float() for t in rounded_both(rows))  # values: -0 == 0
+    ref = base.to(torch.float8_e4m3fn).float().cuda().expand_as(b)
+    assert torch.equal(a, ref) and torch.equal(b, ref)
+
+
 @pytest.fixture
 def staged_on():
     """staged_experts.TILE on for any chunk size (restored after)."""

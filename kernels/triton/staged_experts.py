@@ -95,6 +95,19 @@ def _stage(w_tab, s_tab, v_tab, t_tab, cnt_ptr, q_ptr, r_ptr, e0, N, K, PAIR: tl
 
 
 @triton.jit
+def to_e4m3(v, ex, IEEE: tl.constexpr):
+    """v [R, C] float32 / 2^(ex - 127) per row (ex [R] int32 ue8m0 bytes from _pow2_exponent, so |v| / 2^(ex - 127)
+    <= 448) as e4m3, rounded to nearest even: on the GPU by the hardware's conversion (a third of the
+    epilogue's instructions of the float32 rounding), in the interpreter by _e4m3_at's float32 arithmetic
+    (its own conversion need not round to even). tests/test_gpu_prefill.py holds the two to the same bits."""
+    if IEEE:
+        out = _e4m3_at(v, ex).to(tl.float8e4nv)
+    else:
+        out = (v * _pow2(254 - ex)[:, None]).to(tl.float8e4nv)
+    return out
+
+
+@triton.jit
 def _dot8(a, w, IEEE: tl.constexpr):
     """a [M, 128] e4m3 . w [N, 128]^T e4m3 -> [M, N] float32 (IEEE float32 in the CPU interpreter)."""
     if IEEE:
@@ -150,7 +163,7 @@ def _up8(xq_ptr, xe_ptr, order_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, span_p
         h = g * tl.sigmoid(g) * u
         ex = _pow2_exponent(tl.max(tl.abs(h), 1), 448.0)
         rn = nb * 128 + rk
-        tl.store(hq_ptr + r[:, None] * I + rn[None, :], _e4m3_at(h, ex).to(tl.float8e4nv), mask=rm[:, None])
+        tl.store(hq_ptr + r[:, None] * I + rn[None, :], to_e4m3(h, ex, IEEE), mask=rm[:, None])
         tl.store(he_ptr + r * (I // 128) + nb, ex.to(tl.uint8), mask=rm)
 
 
