@@ -481,14 +481,26 @@ def staged_experts_checks():
         return q.view(torch.float8_e4m3fn).float() * (r.float() - 133).exp2().repeat_interleave(rows, 0) \
             .repeat_interleave(128, 1)
     q, r = torch.empty(2, 512, 384, dtype=torch.uint8), torch.empty(2, 2, 3, dtype=torch.uint8)
-    st._stage[(2, 2, 3)](tab["w1"], tab["sw1"], tab["w3"], tab["sw3"], cnt, q, r, 0, 256, 384, PAIR=True)
+    st._stage[(2, 2, 3)](tab["w1"], tab["sw1"], tab["w3"], tab["sw3"], cnt, q, r, 0, 256, 384, PAIR=True, ROWS=128)
     for e in range(2):
         got = staged(q[e], r[e], 256)  # rows 2i: w1's row i, 2i + 1: w3's
         assert torch.equal(got[0::2], es.w1[e].dequant()) and torch.equal(got[1::2], es.w3[e].dequant()), e
     q, r = torch.empty(2, 384, 256, dtype=torch.uint8), torch.empty(2, 3, 2, dtype=torch.uint8)
-    st._stage[(2, 3, 2)](tab["w2"], tab["sw2"], tab["w2"], tab["sw2"], cnt, q, r, 0, 384, 256, PAIR=False)
+    st._stage[(2, 3, 2)](tab["w2"], tab["sw2"], tab["w2"], tab["sw2"], cnt, q, r, 0, 384, 256, PAIR=False, ROWS=128)
     for e in range(2):
         assert torch.equal(staged(q[e], r[e]), es.w2[e].dequant()), f"w2 {e}"
+    es = expert_set("mxfp4", 1, 128, 512, g)  # w2 [512, 128]: blocks of 256 rows (the down kernel's tile)
+    sc = es.w2[0].scale.view(torch.uint8)
+    sc[:256] = 121
+    sc[200, 2], sc[30, 0] = 135, 121  # 14 binades across the block's two 128-row halves
+    assert st.stageable(es)
+    tab = pe._tables(es, "cpu")
+    q, r = torch.empty(512, 128, dtype=torch.uint8), torch.empty(2, 1, dtype=torch.uint8)
+    st._stage[(1, 2, 1)](tab["w2"], tab["sw2"], tab["w2"], tab["sw2"], cnt, q, r, 0, 512, 128, PAIR=False, ROWS=256)
+    assert torch.equal(staged(q, r, 256), es.w2[0].dequant()), "w2 in blocks of 256 rows"
+    sc[30, 0] = 120
+    es.tables.clear()
+    assert not st.stageable(es)  # 15 binades below the 256-row block's largest, though 0 below its 128-row half's
     print("ok staged FP4 -> FP8 weights (exact; w1 and w3 interleaved under one exponent)")
     keep = dict(st.TILE)
     st.TILE.update(on=True, min_rows=0)

@@ -42,16 +42,17 @@ from .linear import _e2m1_pairs
 # sub-layer's peak that sizes the chunk, about equal at min_rows); m: pairs per tile; warps / stages
 # of the GEMM kernels; programs: persistent programs per SM. sm_90 SASS (Triton 3.6) at m 64, 8 warps,
 # 4 stages: the up kernel's K step (64 pairs x 256 staged rows x 128) 175 instructions for 512 FP8
-# tensor-core cycles, one wgmma wait; the down kernel's (64 x 128 x 128) 132 for 256; no spills.
-# 128-pair tiles and 4 warps spill in the up kernel; 32-pair tiles leave wgmma.
+# tensor-core cycles, one wgmma wait; the down kernel's (64 x 256 columns x 128, _down_cols) the same
+# (131 for 256 at 128 columns); no spills. 128-pair tiles and 4 warps spill in the up kernel; 32-pair
+# tiles leave wgmma.
 TILE = {"on": False, "min_rows": 4096, "budget": 1 << 30, "m": 64, "warps": 8, "stages": 4, "programs": 1}
 SPAN = 14  # binades an MX group may lie below its 128-block's largest and stage exactly (2^-9 = e4m3's least)
 
 
 @triton.jit
 def _mx_block(w_tab, s_tab, e, rn, kb, K):
-    """Rows rn (128), columns [kb * 128, +128) of expert e's MXFP4 weight [N, K] as stored: the packed
-    bytes [128, 64] and the MX bytes [128, 4] (int32)."""
+    """Rows rn [R], columns [kb * 128, +128) of expert e's MXFP4 weight [N, K] as stored: the packed
+    bytes [R, 64] and the MX bytes [R, 4] (int32)."""
     w = tl.multiple_of(tl.load(w_tab + e).to(tl.pointer_type(tl.uint8)), 16)
     s = tl.multiple_of(tl.load(s_tab + e).to(tl.pointer_type(tl.uint8)), 16)
     b = tl.load(w + rn[:, None] * (K // 2) + (kb * 64 + tl.arange(0, 64))[None, :])
@@ -59,39 +60,40 @@ def _mx_block(w_tab, s_tab, e, rn, kb, K):
 
 
 @triton.jit
-def _store_staged(q_ptr, row, K, kb, b, sc, ref):
-    """A block from _mx_block as e4m3 bytes e2m1 x 2^(s - ref + 6) at q's rows ``row``, columns of block kb."""
+def _store_staged(q_ptr, row, K, kb, b, sc, ref, R: tl.constexpr):
+    """A block from _mx_block (R rows) as e4m3 bytes e2m1 x 2^(s - ref + 6) at q's rows ``row``, columns
+    of block kb."""
     # 2^(s - ref + 20): the 2^6 of the staged form and the 2^14 that _e2m1_pairs leaves out (an
     # all-zero group further below ref may get any positive factor: its values stay 0)
     f = (tl.maximum(sc - ref + 147, 1) << 23).to(tl.float32, bitcast=True)
     lo, hi = _e2m1_pairs(b)
-    v = tl.reshape(tl.reshape(tl.interleave(lo, hi), [128, 4, 32]) * f[:, :, None], [128, 128])
+    v = tl.reshape(tl.reshape(tl.interleave(lo, hi), [R, 4, 32]) * f[:, :, None], [R, 128])
     tl.store(q_ptr + row[:, None] * K + (kb * 128 + tl.arange(0, 128))[None, :],
              v.to(tl.float8e4nv).to(tl.uint8, bitcast=True))
 
 
 @triton.jit
-def _stage(w_tab, s_tab, v_tab, t_tab, cnt_ptr, q_ptr, r_ptr, e0, N, K, PAIR: tl.constexpr):
-    """Expert e0 + program_id(0), the 128 x 128 block (pid1, pid2) of an MXFP4 weight [N, K] (tables w / s:
+def _stage(w_tab, s_tab, v_tab, t_tab, cnt_ptr, q_ptr, r_ptr, e0, N, K, PAIR: tl.constexpr, ROWS: tl.constexpr):
+    """Expert e0 + program_id(0), the ROWS x 128 block (pid1, pid2) of an MXFP4 weight [N, K] (tables w / s:
     data / MX-byte addresses per expert) -> e4m3 bytes in q [G, N, K] and the block's exponent byte in
-    r [G, N / 128, K / 128] (uint8). PAIR: with the same block of a second weight (tables v / t: w3 beside
-    w1), one exponent for both and their rows interleaved, q [G, 2N, K] (row 2i: the first's row i,
-    2i + 1: the second's). Experts with no pairs in the chunk (cnt 0) are skipped."""
+    r [G, N / ROWS, K / 128] (uint8). PAIR (ROWS 128): with the same block of a second weight (tables
+    v / t: w3 beside w1), one exponent for both and their rows interleaved, q [G, 2N, K] (row 2i: the
+    first's row i, 2i + 1: the second's). Experts with no pairs in the chunk (cnt 0) are skipped."""
     el = tl.program_id(0).to(tl.int64)
     e = e0 + el
     if tl.load(cnt_ptr + e) > 0:
         nb, kb = tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
-        rn = nb * 128 + tl.arange(0, 128)
+        rn = nb * ROWS + tl.arange(0, ROWS)
         b, sc = _mx_block(w_tab, s_tab, e, rn, kb, K)
         ref = tl.max(tl.max(sc, 1), 0)
         if PAIR:
             b3, sc3 = _mx_block(v_tab, t_tab, e, rn, kb, K)
             ref = tl.maximum(ref, tl.max(tl.max(sc3, 1), 0))
-            _store_staged(q_ptr, (el * N + rn) * 2, K, kb, b, sc, ref)
-            _store_staged(q_ptr, (el * N + rn) * 2 + 1, K, kb, b3, sc3, ref)
+            _store_staged(q_ptr, (el * N + rn) * 2, K, kb, b, sc, ref, ROWS)
+            _store_staged(q_ptr, (el * N + rn) * 2 + 1, K, kb, b3, sc3, ref, ROWS)
         else:
-            _store_staged(q_ptr, el * N + rn, K, kb, b, sc, ref)
-        tl.store(r_ptr + (el * (N // 128) + nb) * (K // 128) + kb, ref.to(tl.uint8))
+            _store_staged(q_ptr, el * N + rn, K, kb, b, sc, ref, ROWS)
+        tl.store(r_ptr + (el * (N // ROWS) + nb) * (K // 128) + kb, ref.to(tl.uint8))
 
 
 @triton.jit
@@ -127,9 +129,9 @@ def _work(span_ptr, w):
 
 
 @triton.jit
-def _n_work(span_ptr, N):
-    """The group's work items: its tiles x the 128-column blocks of an output of N columns."""
-    return (tl.load(span_ptr + 1) - tl.load(span_ptr)) * (N // 128)
+def _n_work(span_ptr, N, COLS: tl.constexpr):
+    """The group's work items: its tiles x the COLS-column blocks of an output of N columns."""
+    return (tl.load(span_ptr + 1) - tl.load(span_ptr)) * (N // COLS)
 
 
 @triton.jit(do_not_specialize=["grp"])
@@ -141,7 +143,7 @@ def _up8(xq_ptr, xe_ptr, order_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, span_p
     BLOCK_M pairs x 256 staged rows per 128-column step gives g and u side by side. The group's tiles:
     span[grp] to span[grp + 1] (an index, so one compiled kernel serves every group)."""
     rk = tl.arange(0, 128)
-    for w in range(tl.program_id(0), _n_work(span_ptr + grp, I), tl.num_programs(0)):
+    for w in range(tl.program_id(0), _n_work(span_ptr + grp, I, 128), tl.num_programs(0)):
         t, nb = _work(span_ptr + grp, w)
         e = tl.load(tile_e_ptr + t).to(tl.int64)
         r = tl.load(tile_lo_ptr + t).to(tl.int64) + tl.arange(0, BLOCK_M)
@@ -169,19 +171,20 @@ def _up8(xq_ptr, xe_ptr, order_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, span_p
 
 @triton.jit(do_not_specialize=["grp"])
 def _down8(hq_ptr, he_ptr, order_ptr, wts_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, span_ptr, grp, q2_ptr, r2_ptr,
-           y_ptr, e0, I, D, IEEE: tl.constexpr, BLOCK_M: tl.constexpr):
-    """y[pair] = weight(pair) x w2 h for the group's tiles (w2 staged: q [G, D, I], r [G, D / 128, I / 128]),
-    stored at the pair's (token, slot) row of y [P, D] (float32)."""
+           y_ptr, e0, I, D, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """y[pair] = weight(pair) x w2 h for the group's tiles (w2 staged: q [G, D, I], r [G, D / BLOCK_N,
+    I / 128]: one exponent per BLOCK_N x 128 block, the tile's columns), stored at the pair's (token,
+    slot) row of y [P, D] (float32)."""
     rk = tl.arange(0, 128)
-    for w in range(tl.program_id(0), _n_work(span_ptr + grp, D), tl.num_programs(0)):
+    for w in range(tl.program_id(0), _n_work(span_ptr + grp, D, BLOCK_N), tl.num_programs(0)):
         t, nb = _work(span_ptr + grp, w)
         e = tl.load(tile_e_ptr + t).to(tl.int64)
         r = tl.load(tile_lo_ptr + t).to(tl.int64) + tl.arange(0, BLOCK_M)
         rm = r < tl.load(tile_hi_ptr + t)
-        rn = nb.to(tl.int64) * 128 + rk
+        rn = nb.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         wr = (e - e0) * D + rn
-        wb = ((e - e0) * (D // 128) + nb) * (I // 128)
-        acc = tl.zeros([BLOCK_M, 128], tl.float32)
+        wb = ((e - e0) * (D // BLOCK_N) + nb) * (I // 128)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for kb in range(0, I // 128):
             k = kb * 128 + rk
             a = tl.load(hq_ptr + r[:, None] * I + k[None, :], mask=rm[:, None], other=0.0)
@@ -195,9 +198,9 @@ def _down8(hq_ptr, he_ptr, order_ptr, wts_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_
 
 def stageable(experts: ExpertSet) -> bool:
     """Whether the set's weights stage exactly (cached in experts.tables): MXFP4, every dimension a
-    multiple of 128, and in every 128 x 128 block (of w1 and w3 together: they share one exponent)
-    each MX group holding a non-zero value lies at most SPAN binades below the block's largest MX
-    byte, which is at least 1."""
+    multiple of 128, and in every 128 x 128 block (of w1 and w3 together: they share one exponent;
+    w2's blocks are _down_cols(D) rows tall) each MX group holding a non-zero value lies at most SPAN
+    binades below the block's largest MX byte, which is at least 1."""
     t = experts.tables
     if "staged_ok" not in t:
         ws = experts.w1 + experts.w3 + experts.w2
@@ -208,20 +211,26 @@ def stageable(experts: ExpertSet) -> bool:
         for pair in zip(experts.w1, experts.w3) if ok else ():
             bad |= _inexact(pair)
         for w in experts.w2 if ok else ():
-            bad |= _inexact((w,))
+            bad |= _inexact((w,), _down_cols(w.shape[0]))
         t["staged_ok"] = ok and not bool(bad)  # one read back per set
     return t["staged_ok"]
 
 
-def _inexact(ws: tuple) -> torch.Tensor:
-    """Whether any 128 x 128 block of the weights ws (one, or w1 and w3 staged as a pair: one exponent
+def _down_cols(D: int) -> int:
+    """Output columns per down-kernel tile, and rows per staged w2 block (one exponent): 256 when D allows
+    (a K step of 64 x 256 x 128 for 175 sm_90 instructions, against 131 for 64 x 128 x 128), else 128."""
+    return 256 if D % 256 == 0 else 128
+
+
+def _inexact(ws: tuple, rows: int = 128) -> torch.Tensor:
+    """Whether any rows x 128 block of the weights ws (one, or w1 and w3 staged as a pair: one exponent
     for the block of both) has a group with a non-zero value more than SPAN binades below the largest
     MX byte, or a largest byte of 0 (a 0-d bool tensor, on the weights' device)."""
     s, used = [], []
     for w in ws:
         N, K = w.shape
-        s.append(w.scale.view(torch.uint8).reshape(N // 128, 128, K // 128, 4).int())
-        used.append((w.data.view(torch.uint8).reshape(N // 128, 128, K // 128, 4, 16) & 0x77).amax(-1) > 0)
+        s.append(w.scale.view(torch.uint8).reshape(N // rows, rows, K // 128, 4).int())
+        used.append((w.data.view(torch.uint8).reshape(N // rows, rows, K // 128, 4, 16) & 0x77).amax(-1) > 0)
     s, used = torch.stack(s), torch.stack(used)
     ref = s.amax((0, 2, 4), keepdim=True)
     return (used & ((s < ref - SPAN) | (ref < 1))).any()
@@ -266,17 +275,17 @@ def staged_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, ex
     q = torch.empty(2 * G * I * D, device=x.device, dtype=torch.float8_e4m3fn)  # w1 + w3 paired, or w2
     rb = torch.empty(G * (I // 128) * (D // 128), device=x.device, dtype=torch.uint8)
     wts = weights.float().contiguous().reshape(-1)
-    ieee, progs = interpreted(), _programs(x.device)
+    ieee, progs, dn = interpreted(), _programs(x.device), _down_cols(D)
     q8 = q.view(torch.uint8)
     for j, e0 in enumerate(range(0, E, G)):
         n = min(G, E - e0)
         _stage[(n, I // 128, D // 128)](tables["w1"], tables["sw1"], tables["w3"], tables["sw3"], counts, q8, rb, e0,
-                                        I, D, PAIR=True, num_warps=4)
+                                        I, D, PAIR=True, ROWS=128, num_warps=4)
         _up8[(progs,)](xq.view(torch.float8_e4m3fn), xe, order, tile_e, lo, hi, spans, j, q, rb, hq, he, e0, I,
                        D, float(limit), K_SEL=k, IEEE=ieee, BLOCK_M=t["m"], num_warps=t["warps"],
                        num_stages=t["stages"])
-        _stage[(n, D // 128, I // 128)](tables["w2"], tables["sw2"], tables["w2"], tables["sw2"], counts, q8, rb, e0,
-                                        D, I, PAIR=False, num_warps=4)
+        _stage[(n, D // dn, I // 128)](tables["w2"], tables["sw2"], tables["w2"], tables["sw2"], counts, q8, rb, e0,
+                                       D, I, PAIR=False, ROWS=dn, num_warps=4 if dn == 128 else 8)
         _down8[(progs,)](hq, he, order, wts, tile_e, lo, hi, spans, j, q, rb, y, e0, I, D, IEEE=ieee,
-                         BLOCK_M=t["m"], num_warps=t["warps"], num_stages=t["stages"])
+                         BLOCK_M=t["m"], BLOCK_N=dn, num_warps=t["warps"], num_stages=t["stages"])
     return y.view(S, k, D).sum(1).to(x.dtype)
