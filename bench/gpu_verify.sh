@@ -41,9 +41,9 @@ final8)
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
   timeout 80 $T tests/test_gpu_kernels.py -k "router or grouped_linear or grouped_fp8" 2>&1 | tail -4 \
     | tee "$OUT/gpu_tests_kernels.txt"
-  timeout 200 $T tests/test_gpu_prefill.py -k "gemm or kernel_path or chunk_attention or staged" 2>&1 | tail -5 \
+  timeout 230 $T tests/test_gpu_prefill.py -k "gemm or kernel_path or chunk_attention or staged or e4m3" 2>&1 | tail -5 \
     | tee "$OUT/gpu_tests_prefill.txt"
-  timeout 80 $T tests/test_gpu_prefill.py tests/test_gpu.py -k "long_prefill or not prefill" 2>&1 | tail -4 \
+  timeout 70 $T tests/test_gpu_prefill.py tests/test_gpu.py -k "long_prefill or not prefill" 2>&1 | tail -4 \
     | tee "$OUT/gpu_tests_engine.txt"
   timeout 110 python3 bench/compare_prefill.py --runs 3 --out "$OUT/compare_prefill.txt" --compare \
     base=0,staged_experts.TILE.on=true,prefill_linear.TILE_FP8.one_block=false,DSV4_REFERENCE_OPS=router_scores:router_topk,prefill_linear.TILE_FP8.grouped=false,base=0 \

@@ -324,6 +324,16 @@ def test_prefill_kernel_path_matches_reference_flash_dims(mode, bound, steps_bou
     assert agree >= agreement, f"greedy agreement {agree:.3f}"
 
 
+def test_prefill_kernel_path_with_staged_experts_matches_reference(staged_on, monkeypatch):
+    """The faithful check above with the routed experts of every chunk through FP8 staging (the
+    synthetic Flash experts stage exactly); the staged path must have run."""
+    calls = []
+    real = staged_on.staged_experts
+    monkeypatch.setattr(staged_on, "staged_experts", lambda *a, **k: calls.append(1) or real(*a, **k))
+    test_prefill_kernel_path_matches_reference_flash_dims("faithful", 8e-2, 0.5, 0.8)
+    assert calls
+
+
 def test_long_prefill_memory_stays_bounded():
     """A 65536-token prompt (default chunk): device memory beyond the weights and the cache stays
     under 8 GiB (the issue's bound), and a decode step follows."""
