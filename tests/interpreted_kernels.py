@@ -458,8 +458,8 @@ def grouped_experts_checks():
 def staged_experts_checks():
     """Faithful MXFP4 experts through FP8 staging (kernels/triton/staged_experts.py): the staged bytes
     give the MX weights exactly down to 14 binades below a block's largest scale (w1 and w3's blocks
-    together); the chunk's result
-    against the reference with one group of experts and with several (the buffer budget), an expert
+    together, w2's in 256 rows); the chunk's result against the reference with one group of experts
+    and with several (the buffer budget), every block and x slice at its own exponent, an expert
     without pairs (not staged); a set that does not stage exactly takes the grouped GEMM instead."""
     from dsv4.kernels.triton import prefill_experts as pe, staged_experts as st
 
@@ -500,7 +500,7 @@ def staged_experts_checks():
     assert torch.equal(staged(q, r, 256), es.w2[0].dequant()), "w2 in blocks of 256 rows"
     sc[30, 0] = 120
     es.tables.clear()
-    assert not st.stageable(es)  # 15 binades below the 256-row block's largest, though 0 below its 128-row half's
+    assert not st.stageable(es)  # 15 binades below the 256-row block's largest, 1 below its 128-row half's
     print("ok staged FP4 -> FP8 weights (exact; w1 and w3 interleaved under one exponent)")
     keep = dict(st.TILE)
     st.TILE.update(on=True, min_rows=0)

@@ -8,13 +8,14 @@ pairs multiply it on the FP8 tensor cores (``_up8`` / ``_down8``), with the acti
 e4m3 + ue8m0 form faithful mode gives them anyway. Experts are staged in groups so the buffer stays
 under TILE["budget"] bytes.
 
-Staged format, per expert weight [N, K] (MXFP4: e2m1 with one ue8m0 byte per 32 columns): e4m3
-bytes [N, K] and one exponent byte per 128 x 128 block, ``r`` = the largest MX byte in the block (the
-checkpoints' FP8 layout); a value is e2m1 x 2^(s - r + 6) (s its own MX byte) and its weight that
-times 2^(r - 127) x 2^-6. That is exact in e4m3 when s >= r - 14 for every 32-column group holding a
-non-zero value (``stageable`` checks each expert set once; otherwise the grouped GEMM runs). w1 and
-w3 stage as a pair, rows interleaved under one exponent per block of both, so the up kernel makes g
-and u in one dot (one tensor-core wait per step instead of two).
+Staged format, per expert weight [N, K] (MXFP4: e2m1 with one ue8m0 byte per 32 columns): e4m3 bytes
+[N, K] and one exponent byte per block of 128 columns and 128 rows (256 for w2 where its rows allow:
+the down kernel's tile), ``r`` = the largest MX byte in the block; a value is e2m1 x 2^(s - r + 6)
+(s its own MX byte) and its weight that times 2^(r - 127) x 2^-6. That is exact in e4m3 when
+s >= r - 14 for every 32-column group holding a non-zero value (``stageable`` checks each expert set
+once; otherwise the grouped GEMM runs). w1 and w3 stage as a pair, rows interleaved under one
+exponent per block of both, so the up kernel makes g and u in one dot (one tensor-core wait per
+step instead of two).
 The dots: one FP8 dot per 128-column block, promoted into the float32 accumulator with the pair's
 activation scale times the weight block's (one FMA per element, as DeepSeek's FP8 GEMMs promote).
 h leaves _up8 as e4m3 + an exponent per 128-slice (the reference's act_quant of h). Both GEMM
@@ -46,7 +47,7 @@ from .linear import _e2m1_pairs
 # (131 for 256 at 128 columns); no spills. 128-pair tiles and 4 warps spill in the up kernel; 32-pair
 # tiles leave wgmma.
 TILE = {"on": False, "min_rows": 4096, "budget": 1 << 30, "m": 64, "warps": 8, "stages": 4, "programs": 1}
-SPAN = 14  # binades an MX group may lie below its 128-block's largest and stage exactly (2^-9 = e4m3's least)
+SPAN = 14  # binades an MX group may lie below its block's largest and stage exactly (2^-9: e4m3's least)
 
 
 @triton.jit
@@ -98,10 +99,11 @@ def _stage(w_tab, s_tab, v_tab, t_tab, cnt_ptr, q_ptr, r_ptr, e0, N, K, PAIR: tl
 
 @triton.jit
 def to_e4m3(v, ex, IEEE: tl.constexpr):
-    """v [R, C] float32 / 2^(ex - 127) per row (ex [R] int32 ue8m0 bytes from _pow2_exponent, so |v| / 2^(ex - 127)
-    <= 448) as e4m3, rounded to nearest even: on the GPU by the hardware's conversion (a third of the
-    epilogue's instructions of the float32 rounding), in the interpreter by _e4m3_at's float32 arithmetic
-    (its own conversion need not round to even). tests/test_gpu_prefill.py holds the two to the same bits."""
+    """v [R, C] float32 / 2^(ex - 127) per row (ex [R] int32 ue8m0 bytes from _pow2_exponent, so that
+    |v| / 2^(ex - 127) <= 448) as e4m3, rounded to nearest even: on the GPU by the hardware's conversion
+    (the up kernel's epilogue 1437 sm_90 instructions against 1982 with the float32 rounding), in the
+    interpreter by _e4m3_at's float32 arithmetic (its own conversion need not round to even).
+    tests/test_gpu_prefill.py holds the two to the same values."""
     if IEEE:
         out = _e4m3_at(v, ex).to(tl.float8e4nv)
     else:
