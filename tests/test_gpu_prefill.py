@@ -127,12 +127,17 @@ def test_grouped_experts_no_host_sync():
     x = torch.randn(300, 512, generator=g).cuda()
     ids = torch.stack([torch.randperm(8, generator=g)[:4] for _ in range(300)]).cuda()
     wts = torch.rand(300, 4, generator=g).cuda()
-    fn = implementation("routed_experts", "cuda")
-    fn(x, ids, wts, es, 10.0, act_quant=True)  # builds the tables (reads the scales' largest byte once)
+    # the first call builds the tables (reads the scales' largest byte once)
+    _second_call_no_sync(implementation("routed_experts", "cuda"), x, ids, wts, es, 10.0, act_quant=True)
+
+
+def _second_call_no_sync(fn, *args, **kwargs):
+    """fn(*args, **kwargs) once, then again with any host sync an error."""
+    fn(*args, **kwargs)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        fn(x, ids, wts, es, 10.0, act_quant=True)
+        fn(*args, **kwargs)
     finally:
         torch.cuda.set_sync_debug_mode("default")
 
@@ -246,14 +251,8 @@ def test_staged_weights_are_the_mx_weights(staged_on):
 
 def test_staged_experts_no_host_sync(staged_on):
     es, x, ids, wts = _flash_experts(12, E=4, S=300, k=2)
-    fn = implementation("routed_experts", "cuda")
-    fn(x, ids, wts, es, 10.0, act_quant=True)  # the tables and the stageable check (reads back once)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        fn(x, ids, wts, es, 10.0, act_quant=True)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    # the first call builds the tables and makes the stageable check (one read back)
+    _second_call_no_sync(implementation("routed_experts", "cuda"), x, ids, wts, es, 10.0, act_quant=True)
 
 
 def _close_but_flips(got, ref, bound, quantised):

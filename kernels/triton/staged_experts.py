@@ -122,6 +122,18 @@ def _dot8(a, w, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _step(a_ptr, rows, rm, e_ptr, K, kb, w_ptr, wr, r_ptr, wb, IEEE: tl.constexpr):
+    """One 128-column step of a staged GEMM: rows ``rows`` (mask rm) of e4m3 a [., K] with their
+    exponent bytes e [., K / 128], times the staged rows wr of w [., K] (the block's exponent at
+    r_ptr + wb + kb), promoted by both scales -> [M, N] float32 (x 2^6, the staged form's)."""
+    k = kb * 128 + tl.arange(0, 128)
+    a = tl.load(a_ptr + rows[:, None] * K + k[None, :], mask=rm[:, None], other=0.0)
+    sa = _pow2(tl.load(e_ptr + rows * (K // 128) + kb, mask=rm, other=0).to(tl.int32))
+    w = tl.load(w_ptr + wr[:, None] * K + k[None, :])
+    return _dot8(a, w, IEEE) * (sa * _pow2(tl.load(r_ptr + wb + kb).to(tl.int32)))[:, None]
+
+
+@triton.jit
 def _work(span_ptr, w):
     """Work item w of the group -> (tile, column block): items run tile-fastest, so the programs in
     flight share column blocks of the same experts' weights (in L2)."""
@@ -144,7 +156,6 @@ def _up8(xq_ptr, xe_ptr, order_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, span_p
     w1 and w3 staged as a pair (q [G, 2I, D] rows interleaved, r [G, I / 128, D / 128]): one dot of
     BLOCK_M pairs x 256 staged rows per 128-column step gives g and u side by side. The group's tiles:
     span[grp] to span[grp + 1] (an index, so one compiled kernel serves every group)."""
-    rk = tl.arange(0, 128)
     for w in range(tl.program_id(0), _n_work(span_ptr + grp, I, 128), tl.num_programs(0)):
         t, nb = _work(span_ptr + grp, w)
         e = tl.load(tile_e_ptr + t).to(tl.int64)
@@ -156,17 +167,13 @@ def _up8(xq_ptr, xe_ptr, order_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, span_p
         wb = ((e - e0) * (I // 128) + nb) * (D // 128)  # the pair's staged exponents, this column block
         acc = tl.zeros([BLOCK_M, 256], tl.float32)
         for kb in range(0, D // 128):
-            k = kb * 128 + rk
-            a = tl.load(xq_ptr + tok[:, None] * D + k[None, :], mask=rm[:, None], other=0.0)
-            sa = _pow2(tl.load(xe_ptr + tok * (D // 128) + kb, mask=rm, other=0).to(tl.int32))
-            w13 = tl.load(q_ptr + wr[:, None] * D + k[None, :])
-            acc += _dot8(a, w13, IEEE) * (sa * _pow2(tl.load(r_ptr + wb + kb).to(tl.int32)))[:, None]
+            acc += _step(xq_ptr, tok, rm, xe_ptr, D, kb, q_ptr, wr, r_ptr, wb, IEEE)
         g, u = tl.split(tl.reshape(acc, [BLOCK_M, 128, 2]))
         g = tl.minimum(g * 0.015625, limit)  # the staged form's 2^-6
         u = tl.minimum(tl.maximum(u * 0.015625, -limit), limit)
         h = g * tl.sigmoid(g) * u
         ex = _pow2_exponent(tl.max(tl.abs(h), 1), 448.0)
-        rn = nb * 128 + rk
+        rn = nb * 128 + tl.arange(0, 128)
         tl.store(hq_ptr + r[:, None] * I + rn[None, :], to_e4m3(h, ex, IEEE), mask=rm[:, None])
         tl.store(he_ptr + r * (I // 128) + nb, ex.to(tl.uint8), mask=rm)
 
@@ -177,7 +184,6 @@ def _down8(hq_ptr, he_ptr, order_ptr, wts_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_
     """y[pair] = weight(pair) x w2 h for the group's tiles (w2 staged: q [G, D, I], r [G, D / BLOCK_N,
     I / 128]: one exponent per BLOCK_N x 128 block, the tile's columns), stored at the pair's (token,
     slot) row of y [P, D] (float32)."""
-    rk = tl.arange(0, 128)
     for w in range(tl.program_id(0), _n_work(span_ptr + grp, D, BLOCK_N), tl.num_programs(0)):
         t, nb = _work(span_ptr + grp, w)
         e = tl.load(tile_e_ptr + t).to(tl.int64)
@@ -188,11 +194,7 @@ def _down8(hq_ptr, he_ptr, order_ptr, wts_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_
         wb = ((e - e0) * (D // BLOCK_N) + nb) * (I // 128)
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for kb in range(0, I // 128):
-            k = kb * 128 + rk
-            a = tl.load(hq_ptr + r[:, None] * I + k[None, :], mask=rm[:, None], other=0.0)
-            sa = _pow2(tl.load(he_ptr + r * (I // 128) + kb, mask=rm, other=0).to(tl.int32))
-            w2 = tl.load(q2_ptr + wr[:, None] * I + k[None, :])
-            acc += _dot8(a, w2, IEEE) * (sa * _pow2(tl.load(r2_ptr + wb + kb).to(tl.int32)))[:, None]
+            acc += _step(hq_ptr, r, rm, he_ptr, I, kb, q2_ptr, wr, r2_ptr, wb, IEEE)
         pair = tl.load(order_ptr + r, mask=rm, other=0).to(tl.int64)
         wt = tl.load(wts_ptr + pair, mask=rm, other=0.0) * 0.015625
         tl.store(y_ptr + pair[:, None] * D + rn[None, :], acc * wt[:, None], mask=rm[:, None])
