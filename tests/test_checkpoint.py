@@ -208,8 +208,10 @@ app(sys.argv[1:], prog_name="dsv4")
 
 def paused_convert(*args):
     """Start ``dsv4 convert ARGS`` and return (process, first shard written) once that shard exists."""
+    # SIGINT handled by default in the child (a test run started in the background inherits it ignored)
     p = subprocess.Popen([sys.executable, "-c", PAUSED_CONVERT, "convert", *args], stdin=subprocess.PIPE,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     line = p.stdout.readline()
     assert line.startswith("wrote "), p.communicate(timeout=HANG_S)[1]
     return p, Path(line.split(" ", 1)[1].strip())
