@@ -16,6 +16,10 @@ s >= r - 14 for every 32-column group holding a non-zero value (``stageable`` ch
 once; otherwise the grouped GEMM runs). w1 and w3 stage as a pair, rows interleaved under one
 exponent per block of both, so the up kernel makes g and u in one dot (one tensor-core wait per
 step instead of two).
+The same block-FP8 form is what DeepSeek's own inference/convert.py casts the MXFP4 experts to for FP8
+hardware (per public vLLM / SGLang / miles pull requests that reuse it, e.g. vllm-project/vllm#53709,
+which reports it bit-exact and faster for Hopper prefill at twice the weight memory); here it lives
+only per chunk, so the weights keep their FP4 bytes in memory.
 The dots: one FP8 dot per 128-column block, promoted into the float32 accumulator with the pair's
 activation scale times the weight block's (one FMA per element, as DeepSeek's FP8 GEMMs promote).
 h leaves _up8 as e4m3 + an exponent per 128-slice (the reference's act_quant of h). Both GEMM
