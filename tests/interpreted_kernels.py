@@ -502,6 +502,16 @@ def staged_experts_checks():
     es.tables.clear()
     assert not st.stageable(es)  # 15 binades below the 256-row block's largest, 1 below its 128-row half's
     print("ok staged FP4 -> FP8 weights (exact; w1 and w3 interleaved under one exponent)")
+    for trial in range(8):  # the check kernel (stageable on the device) against the torch reference
+        es = expert_set("mxfp4", 2, 256, 256, g)
+        w = (es.w1 + es.w3 + es.w2)[trial % 6]
+        w.scale.view(torch.uint8)[trial * 17 % 256, trial % 8] -= 11 + trial  # 11..18 binades down
+        if trial % 4 == 3:
+            w.data.view(torch.uint8)[trial * 17 % 256, trial % 8 * 16:(trial % 8 + 1) * 16] = 0
+        want = not any(bool(st._inexact(p)) for p in zip(es.w1, es.w3)) and \
+            not any(bool(st._inexact((w2,), 256)) for w2 in es.w2)
+        assert st.stageable(es) == want, trial
+    print("ok stageable's check kernel == its torch reference")
     keep = dict(st.TILE)
     st.TILE.update(on=True, min_rows=0)
     try:
