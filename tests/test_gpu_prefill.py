@@ -247,6 +247,9 @@ def test_staged_weights_are_the_mx_weights(staged_on):
     for e in range(2):
         got = staged(q[e], r[e], 256)
         assert torch.equal(got[0::2], es.w1[e].dequant()) and torch.equal(got[1::2], es.w3[e].dequant())
+    es.w2[0].scale.view(torch.uint8)[300, 5] -= 20  # a group 20 binades down: stageable's kernel says no
+    es.tables.clear()
+    assert not staged_on.stageable(es)
 
 
 def test_staged_experts_no_host_sync(staged_on):
