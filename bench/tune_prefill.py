@@ -204,8 +204,9 @@ def tune_staged(S: int = 12032, E: int = 256, k: int = 6, inter: int = 2048, d: 
     x, ids, wts, es = _expert_case(S, E, k, inter, d)
     if not st.stageable(es):  # the "staged" rows would time the grouped GEMM again
         raise SystemExit("tune_prefill.py: the tune's experts do not stage exactly")
-    alts = [dict(on=False)] + [dict(on=True, min_rows=0, m=m, warps=w, stages=sg, programs=p)
-                               for m, w, sg, p in [(64, 8, 4, 1), (64, 8, 3, 1), (64, 8, 5, 1), (64, 8, 4, 2)]]
+    alts = [dict(on=False)] + [dict(on=True, min_rows=0, m=m, warps=w, stages=sg, programs=p, group=gr)
+                               for m, w, sg, p, gr in [(64, 8, 4, 1, 8), (64, 8, 4, 1, 1), (64, 8, 4, 1, 64),
+                                                       (64, 8, 3, 1, 8), (64, 8, 5, 1, 8), (64, 8, 4, 2, 8)]]
     # (sm_90, Triton 3.6: 128-pair tiles and 4 warps spill in the up kernel; 32-pair tiles leave wgmma)
     if os.environ.get("TUNE_FEW"):
         alts = alts[:4]

@@ -515,9 +515,12 @@ def staged_experts_checks():
     keep = dict(st.TILE)
     st.TILE.update(on=True, min_rows=0)
     try:
-        for budget, (E, inter, d, k, S) in [(1 << 30, (6, 128, 256, 3, 40)), (3 * 2 * 128 * 256, (7, 128, 256, 2, 33)),
-                                            (2 * 256 * 128, (4, 256, 128, 2, 17)), (1 << 30, (3, 384, 384, 2, 20))]:
-            st.TILE["budget"] = budget
+        # (group: tiles that run their column blocks together; 3 and 2 leave a short last run of tiles)
+        for budget, group, (E, inter, d, k, S) in [(1 << 30, 8, (6, 128, 256, 3, 40)),
+                                                   (3 * 2 * 128 * 256, 3, (7, 128, 256, 2, 33)),
+                                                   (2 * 256 * 128, 1, (4, 256, 128, 2, 17)),
+                                                   (1 << 30, 2, (3, 384, 384, 2, 20)), (1 << 30, 3, (5, 384, 384, 2, 99))]:
+            st.TILE.update(budget=budget, group=group)
             es = expert_set("mxfp4", E, inter, d, g)
             for w in es.w1 + es.w3 + es.w2:  # each 128 x 128 block's scales up by its own 0-3 binades
                 N, K = w.shape
@@ -529,7 +532,8 @@ def staged_experts_checks():
             ids = torch.stack([torch.randperm(E - 1, generator=g)[:k] for _ in range(S)])  # expert E-1: no pairs
             wts = torch.rand(S, k, generator=g)
             assert st.staged_supported(x, es, True) and not st.staged_supported(x, es, False)
-            close(f"staged experts E={E} {inter}x{d} k={k} S={S} groups of {min(E, budget // (2 * inter * d))}",
+            close(f"staged experts E={E} {inter}x{d} k={k} S={S} groups of {min(E, budget // (2 * inter * d))}"
+                  f" tile runs of {group}",
                   pe.routed_experts_triton(x, ids, wts, es, 7.0, act_quant=True),
                   routed_experts(x, ids, wts, es, 7.0, act_quant=True))
         es = expert_set("mxfp4", 3, 128, 256, g)

@@ -45,12 +45,14 @@ from .linear import _e2m1_pairs
 # chunk, ~3.4 ms per V4-Flash layer at H100 bandwidth, which small chunks do not earn back); budget:
 # staging buffer bytes (V4-Flash: 64 experts per group; the MoE sub-layer stays under the attention
 # sub-layer's peak that sizes the chunk, about equal at min_rows); m: pairs per tile; warps / stages
-# of the GEMM kernels; programs: persistent programs per SM. sm_90 SASS (Triton 3.6) at m 64, 8 warps,
-# 4 stages: the up kernel's K step (64 pairs x 256 staged rows x 128) 175 instructions for 512 FP8
-# tensor-core cycles, one wgmma wait; the down kernel's (64 x 256 columns x 128, _down_cols) the same
-# (131 for 256 at 128 columns); no spills. 128-pair tiles and 4 warps spill in the up kernel; 32-pair
-# tiles leave wgmma.
-TILE = {"on": False, "min_rows": 4096, "budget": 1 << 30, "m": 64, "warps": 8, "stages": 4, "programs": 1}
+# of the GEMM kernels; programs: persistent programs per SM; group: tiles that run their column
+# blocks together (_work: x / h rows and weight blocks shared in L2). sm_90 SASS (Triton 3.6) at
+# m 64, 8 warps, 4 stages: the up kernel's K step (64 pairs x 256 staged rows x 128) 175 instructions
+# for 512 FP8 tensor-core cycles, one wgmma wait; the down kernel's (64 x 256 columns x 128,
+# _down_cols) the same (131 for 256 at 128 columns); no spills. 128-pair tiles and 4 warps spill in
+# the up kernel; 32-pair tiles leave wgmma.
+TILE = {"on": False, "min_rows": 4096, "budget": 1 << 30, "m": 64, "warps": 8, "stages": 4, "programs": 1,
+        "group": 8}
 SPAN = 14  # binades an MX group may lie below its block's largest and stage exactly (2^-9: e4m3's least)
 _SPAN = tl.constexpr(SPAN)  # the same, as the kernels see it
 
@@ -160,12 +162,16 @@ def _step(a_ptr, rows, rm, e_ptr, K, kb, w_ptr, wr, r_ptr, wb, IEEE: tl.constexp
 
 
 @triton.jit
-def _work(span_ptr, w):
-    """Work item w of the group -> (tile, column block): items run tile-fastest, so the programs in
-    flight share column blocks of the same experts' weights (in L2)."""
+def _work(span_ptr, w, NB, GROUP: tl.constexpr):
+    """Work item w of the group -> (tile, column block of NB): GROUP tiles at a time run every column
+    block, tile-fastest, so the programs in flight share those tiles' rows of x / h and their experts'
+    staged column blocks in L2 (as the FP8 GEMM's grouped tile order; GROUP 1: one tile's blocks in a
+    row, a large GROUP: every tile of the group of experts for one column block)."""
     t0 = tl.load(span_ptr)
     nt = tl.load(span_ptr + 1) - t0
-    return t0 + w % nt, w // nt
+    first = (w // (GROUP * NB)) * GROUP
+    rows = tl.minimum(nt - first, GROUP)
+    return t0 + first + (w % (GROUP * NB)) % rows, (w % (GROUP * NB)) // rows
 
 
 @triton.jit
@@ -176,14 +182,14 @@ def _n_work(span_ptr, N, COLS: tl.constexpr):
 
 @triton.jit(do_not_specialize=["grp"])
 def _up8(xq_ptr, xe_ptr, order_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, span_ptr, grp, q_ptr, r_ptr, hq_ptr, he_ptr,
-         e0, I, D, limit, K_SEL: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr):
+         e0, I, D, limit, K_SEL: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, GROUP: tl.constexpr):
     """h = swiglu(w1 x, w3 x) for the group's tiles of sorted pairs, as e4m3 bytes hq [P, I] and one
     exponent byte per 128-slice he [P, I / 128]; x is e4m3 xq [S, D] with exponents xe [S, D / 128];
     w1 and w3 staged as a pair (q [G, 2I, D] rows interleaved, r [G, I / 128, D / 128]): one dot of
     BLOCK_M pairs x 256 staged rows per 128-column step gives g and u side by side. The group's tiles:
     span[grp] to span[grp + 1] (an index, so one compiled kernel serves every group)."""
     for w in range(tl.program_id(0), _n_work(span_ptr + grp, I, 128), tl.num_programs(0)):
-        t, nb = _work(span_ptr + grp, w)
+        t, nb = _work(span_ptr + grp, w, I // 128, GROUP)
         e = tl.load(tile_e_ptr + t).to(tl.int64)
         r = tl.load(tile_lo_ptr + t).to(tl.int64) + tl.arange(0, BLOCK_M)
         rm = r < tl.load(tile_hi_ptr + t)
@@ -206,12 +212,13 @@ def _up8(xq_ptr, xe_ptr, order_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, span_p
 
 @triton.jit(do_not_specialize=["grp"])
 def _down8(hq_ptr, he_ptr, order_ptr, wts_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, span_ptr, grp, q2_ptr, r2_ptr,
-           y_ptr, e0, I, D, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+           y_ptr, e0, I, D, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+           GROUP: tl.constexpr):
     """y[pair] = weight(pair) x w2 h for the group's tiles (w2 staged: q [G, D, I], r [G, D / BLOCK_N,
     I / 128]: one exponent per BLOCK_N x 128 block, the tile's columns), stored at the pair's (token,
     slot) row of y [P, D] (float32)."""
     for w in range(tl.program_id(0), _n_work(span_ptr + grp, D, BLOCK_N), tl.num_programs(0)):
-        t, nb = _work(span_ptr + grp, w)
+        t, nb = _work(span_ptr + grp, w, D // BLOCK_N, GROUP)
         e = tl.load(tile_e_ptr + t).to(tl.int64)
         r = tl.load(tile_lo_ptr + t).to(tl.int64) + tl.arange(0, BLOCK_M)
         rm = r < tl.load(tile_hi_ptr + t)
@@ -326,10 +333,11 @@ def staged_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, ex
         _stage[(n, I // 128, D // 128)](tables["w1"], tables["sw1"], tables["w3"], tables["sw3"], counts, q8, rb, e0,
                                         I, D, PAIR=True, ROWS=128, num_warps=4)
         _up8[(progs,)](xq.view(torch.float8_e4m3fn), xe, order, tile_e, lo, hi, spans, j, q, rb, hq, he, e0, I,
-                       D, float(limit), K_SEL=k, IEEE=ieee, BLOCK_M=t["m"], num_warps=t["warps"],
-                       num_stages=t["stages"])
+                       D, float(limit), K_SEL=k, IEEE=ieee, BLOCK_M=t["m"], GROUP=t["group"],
+                       num_warps=t["warps"], num_stages=t["stages"])
         _stage[(n, D // dn, I // 128)](tables["w2"], tables["sw2"], tables["w2"], tables["sw2"], counts, q8, rb, e0,
                                        D, I, PAIR=False, ROWS=dn, num_warps=4 if dn == 128 else 8)
         _down8[(progs,)](hq, he, order, wts, tile_e, lo, hi, spans, j, q, rb, y, e0, I, D, IEEE=ieee,
-                         BLOCK_M=t["m"], BLOCK_N=dn, num_warps=t["warps"], num_stages=t["stages"])
+                         BLOCK_M=t["m"], BLOCK_N=dn, GROUP=t["group"], num_warps=t["warps"],
+                         num_stages=t["stages"])
     return y.view(S, k, D).sum(1).to(x.dtype)
