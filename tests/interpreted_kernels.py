@@ -457,19 +457,19 @@ def grouped_experts_checks():
 
 def staged_experts_checks():
     """Faithful MXFP4 experts through FP8 staging (kernels/triton/staged_experts.py): the staged bytes
-    give the MX weights exactly down to 14 binades below a block's largest scale (w1 and w3's blocks
-    together, w2's in 256 rows); the chunk's result against the reference with one group of experts
+    give the MX weights exactly down to 14 binades below a block's largest scale (w1 and w3 with their
+    rows interleaved, each block its own exponent); the chunk's result against the reference with one group of experts
     and with several (the buffer budget), every block and x slice at its own exponent, an expert
     without pairs (not staged); a set that does not stage exactly takes the grouped GEMM instead."""
     from dsv4.kernels.triton import prefill_experts as pe, staged_experts as st
 
     es = expert_set("mxfp4", 2, 256, 384, g)
-    for w in (es.w1[1], es.w3[1]):  # w1 and w3 share a block's exponent: both at one base per block
+    for w in (es.w1[1], es.w3[1]):  # one base per block, then the extremes each weight's block may hold
         w.scale.view(torch.uint8)[:, 4:8], w.scale.view(torch.uint8)[128:, :4] = 120, 126
     sc = es.w1[1].scale.view(torch.uint8)
     sc[5, 5], sc[129, 7], sc[201, 0] = 134, 106, 140  # blocks 14 binades wide (all groups hold values)
-    es.w3[1].scale.view(torch.uint8)[9, 6] = 120  # 14 below w1's 134 in the pair's block
-    es.w3[1].scale.view(torch.uint8)[2, 1] = 130  # the pair's block (0, 0): w3 holds the largest byte
+    es.w3[1].scale.view(torch.uint8)[:128, :4] = 128  # w3's block (0, 0) far above w1's: its own exponent
+    es.w3[1].scale.view(torch.uint8)[2, 1] = 139
     sc[200, 10] = 99  # with group 10 of row 200 all zero: its scale may lie further below
     es.w1[1].data.view(torch.uint8)[200, 160:176] = 0
     es.w2[0].scale.view(torch.uint8)[:128, :4] = 117
@@ -477,40 +477,29 @@ def staged_experts_checks():
     assert st.stageable(es)
     tab, cnt = pe._tables(es, "cpu"), torch.ones(2, dtype=torch.int64)
 
-    def staged(q, r, rows=128):  # e4m3 bytes [N', K] x 2^(r - 133), one exponent per rows x 128 block
-        return q.view(torch.float8_e4m3fn).float() * (r.float() - 133).exp2().repeat_interleave(rows, 0) \
+    def staged(q, r):  # e4m3 bytes [N, K] x 2^(r - 133), one exponent per 128 x 128 block
+        return q.view(torch.float8_e4m3fn).float() * (r.float() - 133).exp2().repeat_interleave(128, 0) \
             .repeat_interleave(128, 1)
-    q, r = torch.empty(2, 512, 384, dtype=torch.uint8), torch.empty(2, 2, 3, dtype=torch.uint8)
-    st._stage[(2, 2, 3)](tab["w1"], tab["sw1"], tab["w3"], tab["sw3"], cnt, q, r, 0, 256, 384, PAIR=True, ROWS=128)
-    for e in range(2):
-        got = staged(q[e], r[e], 256)  # rows 2i: w1's row i, 2i + 1: w3's
-        assert torch.equal(got[0::2], es.w1[e].dequant()) and torch.equal(got[1::2], es.w3[e].dequant()), e
+    q, r = torch.empty(2, 512, 384, dtype=torch.uint8), torch.empty(2, 2, 3, 2, dtype=torch.uint8)
+    st._stage[(2, 2, 3)](tab["w1"], tab["sw1"], tab["w3"], tab["sw3"], cnt, q, r, 0, 256, 384, PAIR=True)
+    for e in range(2):  # rows 2i: w1's row i, 2i + 1: w3's, each block with its own exponent
+        assert torch.equal(staged(q[e, 0::2], r[e, ..., 0]), es.w1[e].dequant()), f"w1 {e}"
+        assert torch.equal(staged(q[e, 1::2], r[e, ..., 1]), es.w3[e].dequant()), f"w3 {e}"
     q, r = torch.empty(2, 384, 256, dtype=torch.uint8), torch.empty(2, 3, 2, dtype=torch.uint8)
-    st._stage[(2, 3, 2)](tab["w2"], tab["sw2"], tab["w2"], tab["sw2"], cnt, q, r, 0, 384, 256, PAIR=False, ROWS=128)
+    st._stage[(2, 3, 2)](tab["w2"], tab["sw2"], tab["w2"], tab["sw2"], cnt, q, r, 0, 384, 256, PAIR=False)
     for e in range(2):
         assert torch.equal(staged(q[e], r[e]), es.w2[e].dequant()), f"w2 {e}"
-    es = expert_set("mxfp4", 1, 128, 512, g)  # w2 [512, 128]: blocks of 256 rows (the down kernel's tile)
-    sc = es.w2[0].scale.view(torch.uint8)
-    sc[:256] = 121
-    sc[200, 2], sc[30, 0] = 135, 121  # 14 binades across the block's two 128-row halves
-    assert st.stageable(es)
-    tab = pe._tables(es, "cpu")
-    q, r = torch.empty(512, 128, dtype=torch.uint8), torch.empty(2, 1, dtype=torch.uint8)
-    st._stage[(1, 2, 1)](tab["w2"], tab["sw2"], tab["w2"], tab["sw2"], cnt, q, r, 0, 512, 128, PAIR=False, ROWS=256)
-    assert torch.equal(staged(q, r, 256), es.w2[0].dequant()), "w2 in blocks of 256 rows"
-    sc[30, 0] = 120
+    sc[129, 7] = 105
     es.tables.clear()
-    assert not st.stageable(es)  # 15 binades below the 256-row block's largest, 1 below its 128-row half's
-    print("ok staged FP4 -> FP8 weights (exact; w1 and w3 interleaved under one exponent)")
+    assert not st.stageable(es)  # 15 binades below its block's largest
+    print("ok staged FP4 -> FP8 weights (exact; w1 and w3 rows interleaved, each its own exponents)")
     for trial in range(8):  # the check kernel (stageable on the device) against the torch reference
         es = expert_set("mxfp4", 2, 256, 256, g)
         w = (es.w1 + es.w3 + es.w2)[trial % 6]
         w.scale.view(torch.uint8)[trial * 17 % 256, trial % 8] -= 11 + trial  # 11..18 binades down
         if trial % 4 == 3:
             w.data.view(torch.uint8)[trial * 17 % 256, trial % 8 * 16:(trial % 8 + 1) * 16] = 0
-        want = not any(bool(st._inexact(p)) for p in zip(es.w1, es.w3)) and \
-            not any(bool(st._inexact((w2,), 256)) for w2 in es.w2)
-        assert st.stageable(es) == want, trial
+        assert st.stageable(es) == (not any(bool(st._inexact(v)) for v in es.w1 + es.w3 + es.w2)), trial
     print("ok stageable's check kernel == its torch reference")
     keep = dict(st.TILE)
     st.TILE.update(on=True, min_rows=0)

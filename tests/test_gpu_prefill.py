@@ -218,35 +218,34 @@ def test_staged_experts_match_reference(staged_on):
 
 def test_staged_weights_are_the_mx_weights(staged_on):
     """The staging kernel on the GPU (its float32 -> e4m3 conversion the hardware's): staged bytes times
-    the block exponents give the MXFP4 weights bit for bit, w2 alone (256-row blocks) with a block 14
-    binades wide, w1 and w3 as a pair (rows interleaved, one exponent per block of both) with w3
-    holding a block's largest byte."""
+    the block exponents give the MXFP4 weights bit for bit, w2 with a block 14 binades wide, w1 and w3
+    as a pair (rows interleaved, each block its own exponent)."""
     from dsv4.kernels.triton import prefill_experts as pe
 
     es, *_ = _flash_experts(11, E=2, S=1)
     sc = es.w2[1].scale.view(torch.uint8)
-    sc[:256, :4] = 120
-    sc[7, 2], sc[200, 1] = 134, 120  # the 256-row block's largest, and a group 14 below it
-    es.w3[0].scale.view(torch.uint8)[5, 1] = es.w1[0].scale.view(torch.uint8)[:128, :4].max() + 3
+    sc[:128, :4] = 120
+    sc[7, 2], sc[100, 1] = 134, 120  # the block's largest, and a group 14 below it
+    es.w3[0].scale.view(torch.uint8)[5, 1] = es.w3[0].scale.view(torch.uint8)[:128, :4].max() + 3
     assert staged_on.stageable(es)
     tab, cnt = pe._tables(es, "cuda"), torch.ones(2, dtype=torch.int64, device="cuda")
 
-    def staged(q, r, rows):
-        return q.view(torch.float8_e4m3fn).float() * (r.float() - 133).exp2().repeat_interleave(rows, 0) \
+    def staged(q, r):  # e4m3 bytes x 2^(r - 133), one exponent per 128 x 128 block
+        return q.view(torch.float8_e4m3fn).float() * (r.float() - 133).exp2().repeat_interleave(128, 0) \
             .repeat_interleave(128, 1)
     q = torch.empty(2, 4096, 2048, dtype=torch.uint8, device="cuda")
-    r = torch.empty(2, 16, 16, dtype=torch.uint8, device="cuda")  # w2 in blocks of 256 rows (the down tile)
-    staged_on._stage[(2, 16, 16)](tab["w2"], tab["sw2"], tab["w2"], tab["sw2"], cnt, q, r, 0, 4096, 2048, PAIR=False,
-                                  ROWS=256, num_warps=8)
+    r = torch.empty(2, 32, 16, dtype=torch.uint8, device="cuda")
+    staged_on._stage[(2, 32, 16)](tab["w2"], tab["sw2"], tab["w2"], tab["sw2"], cnt, q, r, 0, 4096, 2048, PAIR=False,
+                                  num_warps=4)
     for e in range(2):
-        assert torch.equal(staged(q[e], r[e], 256), es.w2[e].dequant())
+        assert torch.equal(staged(q[e], r[e]), es.w2[e].dequant())
     q = torch.empty(2, 4096, 4096, dtype=torch.uint8, device="cuda")
-    r = torch.empty(2, 16, 32, dtype=torch.uint8, device="cuda")
+    r = torch.empty(2, 16, 32, 2, dtype=torch.uint8, device="cuda")
     staged_on._stage[(2, 16, 32)](tab["w1"], tab["sw1"], tab["w3"], tab["sw3"], cnt, q, r, 0, 2048, 4096, PAIR=True,
-                                  ROWS=128, num_warps=4)
-    for e in range(2):
-        got = staged(q[e], r[e], 256)
-        assert torch.equal(got[0::2], es.w1[e].dequant()) and torch.equal(got[1::2], es.w3[e].dequant())
+                                  num_warps=4)
+    for e in range(2):  # rows 2i: w1's row i, 2i + 1: w3's, each with its own block exponents
+        assert torch.equal(staged(q[e, 0::2], r[e, ..., 0]), es.w1[e].dequant())
+        assert torch.equal(staged(q[e, 1::2], r[e, ..., 1]), es.w3[e].dequant())
     es.w2[0].scale.view(torch.uint8)[300, 5] -= 20  # a group 20 binades down: stageable's kernel says no
     es.tables.clear()
     assert not staged_on.stageable(es)
