@@ -46,10 +46,9 @@ from .linear import _e2m1_pairs
 # sub-layer's peak that sizes the chunk, about equal at min_rows); m: pairs per tile; warps / stages
 # of the GEMM kernels; programs: persistent programs per SM; group: tiles that run their column
 # blocks together (_work: x / h rows and weight blocks shared in L2). sm_90 SASS (Triton 3.6) at
-# m 64, 8 warps, 4 stages: the up kernel's K step (64 pairs x 256 staged rows x 128) 175 instructions
-# for 512 FP8 tensor-core cycles, one wgmma wait; the down kernel's (64 x 256 columns x 128,
-# _down_cols) the same (131 for 256 at 128 columns); no spills. 128-pair tiles and 4 warps spill in
-# the up kernel; 32-pair tiles leave wgmma.
+# m 64, 8 warps, 4 stages: the up kernel's K step (64 pairs x 256 staged rows x 128) and the down
+# kernel's (64 x 256 columns x 128, _down_cols) 180 instructions for 512 FP8 tensor-core cycles, one
+# wgmma wait, no spills. 128-pair tiles and 4 warps spill in the up kernel; 32-pair tiles leave wgmma.
 TILE = {"on": False, "min_rows": 4096, "budget": 1 << 30, "m": 64, "warps": 8, "stages": 4, "programs": 1,
         "group": 8}
 SPAN = 14  # binades an MX group may lie below its block's largest and stage exactly (2^-9: e4m3's least)
@@ -263,8 +262,8 @@ def stageable(experts: ExpertSet) -> bool:
 
 
 def _down_cols(D: int) -> int:
-    """Output columns per down-kernel tile: 256 when D allows (a K step of 64 x 256 x 128 for 175 sm_90
-    instructions, against 131 for 64 x 128 x 128), else 128."""
+    """Output columns per down-kernel tile: 256 when D allows (a K step of 64 x 256 x 128 for 180 sm_90
+    instructions, against 131 for 64 x 128 x 128: issue-bound), else 128."""
     return 256 if D % 256 == 0 else 128
 
 
