@@ -1,4 +1,4 @@
-"""A kernel for tests/test_gpu_prefill.py: staged_experts.to_e4m3 both ways (the float32 rounding the
+"""A kernel for tests/test_gpu_prefill.py: actquant.to_e4m3 both ways (the float32 rounding the
 interpreter takes, the hardware conversion the GPU takes) on the same rows."""
 
 import torch
@@ -6,7 +6,7 @@ import triton
 import triton.language as tl
 
 from dsv4.kernels.triton.attention import _pow2_exponent
-from dsv4.kernels.triton.staged_experts import to_e4m3
+from dsv4.kernels.triton.actquant import to_e4m3
 
 
 @triton.jit

@@ -30,13 +30,12 @@ def test_schedule_tiles_each_experts_pairs_in_order(S, k, E, block):
 
 @pytest.mark.parametrize("S,k,E,block,G", [(37, 6, 16, 8, 5), (5, 2, 64, 4, 64), (200, 4, 8, 64, 1), (90, 3, 12, 16, 4)])
 def test_staged_group_spans_cover_the_groups_tiles(S, k, E, block, G):
-    """staged_experts._spans: group j's tiles are schedule's tiles of experts [j G, (j + 1) G), in one run."""
-    st = pytest.importorskip("dsv4.kernels.triton.staged_experts")
+    """group_spans: group j's tiles are schedule's tiles of experts [j G, (j + 1) G), in one run."""
     g = torch.Generator().manual_seed(S * E)
     ids = torch.randint(0, E, (S, k), generator=g)
     ids[:, 0] = 3  # an expert with many pairs (several tiles), and likely some without any
     _, tile_e, _, _ = pe.schedule(ids, E, block)
-    spans = st._spans(pe.expert_counts(ids, E), block, G).tolist()
+    spans = pe.group_spans(pe.expert_counts(ids, E), block, G).tolist()
     assert len(spans) == (E + G - 1) // G + 1 and spans[0] == 0
     for j in range(len(spans) - 1):
         inside = ((tile_e >= j * G) & (tile_e < (j + 1) * G)).nonzero().flatten().tolist()

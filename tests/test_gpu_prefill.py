@@ -164,7 +164,7 @@ def test_grouped_experts_extreme_block_scales(widen):
 
 
 def test_e4m3_rounding_on_the_gpu_is_the_float32_rounding():
-    """staged_experts.to_e4m3: the hardware conversion (the GPU path) gives the values of the float32
+    """actquant.to_e4m3 (the staged experts' h): the hardware conversion (the GPU path) gives the values of the float32
     arithmetic rounding (the interpreter path) and of torch's conversion, over every e4m3 value, the
     midpoints between neighbours (ties to even) and quarter points, both signs, rows at 2^-20..2^30."""
     from staged_rounding import rounded_both

@@ -13,6 +13,19 @@ def expert_counts(ids: torch.Tensor, n_experts: int) -> torch.Tensor:
     return torch.zeros(n_experts, dtype=torch.int64, device=ids.device).scatter_add_(0, flat, torch.ones_like(flat))
 
 
+def _tile_ends(counts: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (tiles per expert, their running end) for ``block`` pairs a tile, experts in id order."""
+    tiles = (counts + block - 1) // block
+    return tiles, torch.cumsum(tiles, 0)
+
+
+def group_spans(counts: torch.Tensor, block: int, G: int) -> torch.Tensor:
+    """The first tile of each group of G experts in ``schedule``'s tile order, then the end
+    [ceil(E / G) + 1] (counts: expert_counts)."""
+    ends = torch.cat([counts.new_zeros(1), _tile_ends(counts, block)[1]])
+    return torch.cat([ends[0:len(counts):G], ends[len(counts):]])
+
+
 def schedule(ids: torch.Tensor, n_experts: int, block: int, counts: torch.Tensor | None = None):
     """Sort the [S, k] (token, slot) pairs by expert (stable) and cut each expert's run into tiles of
     ``block`` pairs, all on the device. -> (order [S*k] pair ids sorted, tile_e / tile_lo / tile_hi
@@ -23,8 +36,7 @@ def schedule(ids: torch.Tensor, n_experts: int, block: int, counts: torch.Tensor
     order = torch.argsort(flat, stable=True)
     counts = expert_counts(ids, n_experts) if counts is None else counts
     first = torch.cumsum(counts, 0) - counts
-    tiles = (counts + block - 1) // block
-    ends = torch.cumsum(tiles, 0)
+    tiles, ends = _tile_ends(counts, block)
     T = (flat.numel() + block - 1) // block + n_experts
     j = torch.arange(T, device=ids.device)
     e = torch.searchsorted(ends, j, right=True)

@@ -34,9 +34,9 @@ import triton.language as tl
 
 from dsv4.kernels.reference.moe import ExpertSet
 
-from .actquant import quantise_rows_fp8
-from .expert_schedule import expert_counts, schedule
-from .attention import _e4m3_at, _pow2, _pow2_exponent, interpreted
+from .actquant import quantise_rows_fp8, to_e4m3
+from .expert_schedule import expert_counts, group_spans, schedule
+from .attention import _pow2, _pow2_exponent, interpreted
 from .linear import _e2m1_pairs
 
 # on: use this path (off until timed on a GPU against the grouped GEMM); min_rows: chunks of at least
@@ -116,20 +116,6 @@ def _check(w_tab, s_tab, flag_ptr, N, K):
     ref = tl.max(tl.max(sc, 1), 0)
     low = used & ((sc < ref - _SPAN) | (ref < 1))
     tl.atomic_max(flag_ptr, tl.max(tl.max(low.to(tl.int32), 1), 0))
-
-
-@triton.jit
-def to_e4m3(v, ex, IEEE: tl.constexpr):
-    """v [R, C] float32 / 2^(ex - 127) per row (ex [R] int32 ue8m0 bytes from _pow2_exponent, so that
-    |v| / 2^(ex - 127) <= 448) as e4m3, rounded to nearest even: on the GPU by the hardware's conversion
-    (the up kernel's epilogue 1437 sm_90 instructions against 1982 with the float32 rounding), in the
-    interpreter by _e4m3_at's float32 arithmetic (its own conversion need not round to even).
-    tests/test_gpu_prefill.py holds the two to the same values."""
-    if IEEE:
-        out = _e4m3_at(v, ex).to(tl.float8e4nv)
-    else:
-        out = (v * _pow2(254 - ex)[:, None]).to(tl.float8e4nv)
-    return out
 
 
 @triton.jit
@@ -282,13 +268,6 @@ def staged_supported(x: torch.Tensor, experts: ExpertSet, act_quant: bool) -> bo
     return TILE["on"] and act_quant and x.shape[0] >= TILE["min_rows"] and stageable(experts)
 
 
-def _spans(counts: torch.Tensor, block: int, G: int) -> torch.Tensor:
-    """The first tile of each group of G experts, then the end [ceil(E / G) + 1], in
-    expert_schedule.schedule's tile order (experts in id order, cdiv(count, block) tiles each)."""
-    starts = torch.cat([counts.new_zeros(1), torch.cumsum((counts + block - 1) // block, 0)])
-    return torch.cat([starts[0:len(counts):G], starts[len(counts):]])
-
-
 def _programs(device) -> int:
     sms = 4 if interpreted() else torch.cuda.get_device_properties(device).multi_processor_count
     return sms * TILE["programs"]
@@ -305,9 +284,10 @@ def staged_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, ex
     I = experts.w1[0].shape[0]
     t = TILE
     G = max(1, min(E, t["budget"] // (2 * I * D)))
-    counts = expert_counts(ids.long(), E)
-    order, tile_e, lo, hi = schedule(ids.long(), E, t["m"], counts)
-    spans = _spans(counts, t["m"], G)
+    ids = ids.long()
+    counts = expert_counts(ids, E)
+    order, tile_e, lo, hi = schedule(ids, E, t["m"], counts)
+    spans = group_spans(counts, t["m"], G)
     xq, xe = quantise_rows_fp8(x.contiguous())
     P = S * k
     hq = torch.empty((P, I), device=x.device, dtype=torch.float8_e4m3fn)
