@@ -396,8 +396,38 @@ def _chunk_case(kind, H, D, r, W, S, start, ratio, csa, K=6, n_store=None, rope=
     if rope:
         ang = torch.rand(S, r // 2, generator=g) * 6.3
         kw = {"out_rope": (ang.cos(), ang.sin())}
+    got = chunk_attention_triton(*args, **kw)
     close(f"chunk_attention {kind} H={H} D={D} W={W} S={S} start={start} ratio={ratio} csa={csa} rope={rope}",
-          chunk_attention_triton(*args, **kw), chunk_attention(*args, **kw))
+          got, chunk_attention(*args, **kw))
+    return got
+
+
+def _dense_entries_checks(pa):
+    """TILE["dense_entries"]: the FP8 store's entries widened once into dense rows equal read_entries
+    (exactly: e4m3 x 2^s and the BF16 channels are float32 values), and the attention through them
+    equals the attention reading the store (the same keys, so bit for bit) and the reference."""
+    from dsv4.kernels.reference.entries import read_entries, write_entries
+    ent = store("kv", 40, 128, 64)
+    rows = torch.randperm(40, generator=g)[:29]
+    write_entries(ent, rows, torch.randn(29, 128, generator=g) * torch.exp2(torch.randint(-12, 12, (29, 1), generator=g)))
+    dense = pa.dense_entries(ent["fp8"].view(torch.uint8), ent["bf16"], ent["scales"], rows, 128,
+                             ent["fp8"].shape[1], "kv", torch.float32)
+    assert torch.equal(dense, read_entries(ent, rows).float()), "dense_entries != read_entries"
+    cases = [("kv", 6, 128, 64, 16, 33, 50, 4, True), ("kv", 2, 80, 16, 16, 21, 300, 128, False),
+             ("kv", 20, 128, 64, 8, 5, 40, 4, True)]
+    keep = pa.TILE["dense_entries"]
+    try:
+        outs = {}
+        state = g.get_state()
+        for on in (False, True):  # the same random cases both ways
+            pa.TILE["dense_entries"] = on
+            g.set_state(state)
+            outs[on] = [_chunk_case(*case, rope=case[2] == 128) for case in cases]
+            outs[on].append(_chunk_case("kv", 4, 128, 64, 8, 6, (1 << 31) - 3, 4, True, n_store=9))
+        assert all(torch.equal(a, b) for a, b in zip(outs[False], outs[True])), "dense entries changed the output"
+    finally:
+        pa.TILE["dense_entries"] = keep
+    print("ok dense_entries (exact rows; attention through them)")
 
 
 def prefill_checks():
@@ -418,6 +448,7 @@ def prefill_checks():
             _chunk_case("kv", 2, 80, 16, 16, 21, 300, 128, False, rope=True)
         finally:
             pa.TILE["rope_out"] = keep
+    _dense_entries_checks(pa)
     from dsv4.kernels.reference.indexer import indexer_scores
     from dsv4.kernels.triton.prefill_indexer import indexer_scores_triton
     for S, H, Di, T in [(5, 2, 64, 70), (70, 3, 32, 9), (1, 64, 128, 130)]:

@@ -42,8 +42,13 @@ from .elementwise import apply_rope_triton
 # rope_out: the inverse RoPE of the output in the kernel's epilogue (else a pass of its own over the
 # [S, H, D] float32 output: 1.7 GB read and written for a 6400-query chunk at V4-Flash dimensions; the
 # epilogue took an 8k prefill of 4 Flash layers from 133.9 to 130.2 ms on an H100).
+# dense_entries: an FP8 entry store's n entries are widened once per call into [n, D] rows of the dots'
+# dtype (bf16 for bf16 queries), indexed by entry id (``dense_entries``: n x D x 2 bytes, 268 MB for the
+# 262k CSA entries of a 1M-token context), so the key loops load rows instead of widening FP8 tiles per
+# query and head block (sm_90, Triton 3.6, the bf16 CSA loop: 2453 -> 1682 instructions per 64-key
+# tile, the stack 1280 -> 912 bytes); the same keys bit for bit, so the same output. Off until timed.
 TILE = {"heads_f32": 16, "heads_bf16": 64, "keys": 64, "keys_f32": 16, "stages_f32": 1, "stages_bf16": 1,
-        "warps": 8, "rope_out": True}
+        "warps": 8, "rope_out": True, "dense_entries": False}
 
 
 @triton.jit
@@ -100,11 +105,12 @@ def _fold(q, k, valid, m, l, acc, scale, BF16: tl.constexpr, PRECISION: tl.const
 def _chunk_attention(q_ptr, qpos_ptr, wk_ptr, wpos_ptr, ea_ptr, eb_ptr, es_ptr, rows_ptr, sel_ptr, sink_ptr, out_ptr,
                      cos_ptr, sin_ptr, H, WR, n, K, scale,
                      W: tl.constexpr, RATIO: tl.constexpr, D: tl.constexpr, NOPE: tl.constexpr, KIND: tl.constexpr,
-                     HAS_ENTRIES: tl.constexpr, HAS_SELECT: tl.constexpr, BLOCK_H: tl.constexpr,
+                     HAS_ENTRIES: tl.constexpr, HAS_SELECT: tl.constexpr, DENSE: tl.constexpr, BLOCK_H: tl.constexpr,
                      BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BF16: tl.constexpr, PRECISION: tl.constexpr,
                      RD: tl.constexpr):
     """Grid (queries, head blocks). wk: [WR + S, D] window keys (the ring's WR rows, then the chunk's),
     wpos: their positions (-1: empty); rows: [n] store rows of entries 0..n-1; sel: [S, K] entry ids.
+    DENSE: ea holds entry e's D channels at row e (``dense_entries``; KIND is then the plain-rows kind).
     RD > 0: the output's last RD channels rotate back by the query's angle (cos / sin [S, RD/2]) before
     the store: channel pairs (2j, 2j+1) are adjacent in the accumulator, so no data moves between threads."""
     i, hb = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
@@ -142,7 +148,10 @@ def _chunk_attention(q_ptr, qpos_ptr, wk_ptr, wpos_ptr, ea_ptr, eb_ptr, es_ptr, 
                 c = c0 + tl.arange(0, BLOCK_T)
                 e = tl.load(sel_ptr + i * K + c, mask=c < K, other=-1).to(tl.int64)
                 ok = e >= 0
-                r = tl.load(rows_ptr + tl.maximum(e, 0), mask=ok, other=0).to(tl.int64)
+                if DENSE:
+                    r = tl.maximum(e, 0)
+                else:
+                    r = tl.load(rows_ptr + tl.maximum(e, 0), mask=ok, other=0).to(tl.int64)
                 k = _entry_tile(ea_ptr, eb_ptr, es_ptr, r, ok, d, D, NOPE, KIND)
                 m, l, acc = _fold(q, k, ok, m, l, acc, scale, BF16, PRECISION)
         else:
@@ -150,7 +159,10 @@ def _chunk_attention(q_ptr, qpos_ptr, wk_ptr, wpos_ptr, ea_ptr, eb_ptr, es_ptr, 
             for e0 in range(0, seen, BLOCK_T):
                 e = e0 + tl.arange(0, BLOCK_T).to(tl.int64)
                 ok = e < seen
-                r = tl.load(rows_ptr + e, mask=ok, other=0).to(tl.int64)
+                if DENSE:
+                    r = e
+                else:
+                    r = tl.load(rows_ptr + e, mask=ok, other=0).to(tl.int64)
                 k = _entry_tile(ea_ptr, eb_ptr, es_ptr, r, ok, d, D, NOPE, KIND)
                 m, l, acc = _fold(q, k, ok, m, l, acc, scale, BF16, PRECISION)
     sink = tl.load(sink_ptr + h, mask=hm, other=0.0).to(tl.float32)
@@ -165,6 +177,30 @@ def _chunk_attention(q_ptr, qpos_ptr, wk_ptr, wpos_ptr, ea_ptr, eb_ptr, es_ptr, 
         sn = tl.load(sin_ptr + i * (RD // 2) + j, mask=rj, other=0.0)[None, :]
         o = tl.reshape(tl.join(ev * c + od * sn, od * c - ev * sn), [BLOCK_H, BLOCK_D])
     tl.store(out_ptr + (i * H64 + h[:, None]) * D + d[None, :], o, mask=hm[:, None] & dm[None, :])
+
+
+@triton.jit
+def _dense_entries(ea_ptr, eb_ptr, es_ptr, rows_ptr, out_ptr, n, D: tl.constexpr, NOPE: tl.constexpr,
+                   KIND: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out [n, D] (out's dtype) = entries 0..n-1 read at store rows[e] in their format, widened as the
+    attention kernel widens them (float32, then out's dtype: the same keys its dots would see)."""
+    e = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    ok = e < n
+    d = tl.arange(0, BLOCK_D)
+    r = tl.load(rows_ptr + e, mask=ok, other=0).to(tl.int64)
+    k = _entry_tile(ea_ptr, eb_ptr, es_ptr, r, ok, d, D, NOPE, KIND)
+    tl.store(out_ptr + e[:, None] * D + d[None, :], k.to(out_ptr.dtype.element_ty), mask=ok[:, None] & (d < D)[None, :])
+
+
+def dense_entries(ea, eb, es, rows: torch.Tensor, D: int, nope: int, kind: str, dtype: torch.dtype) -> torch.Tensor:
+    """The entries at store rows ``rows`` [n] (int64) of a store of ``kind`` (its parts ea / eb / es as
+    the attention kernel takes them) as dense [n, D] rows of ``dtype``, row e = entry e."""
+    n = rows.shape[0]
+    out = torch.empty((n, D), device=rows.device, dtype=dtype)
+    BLOCK_T = 16
+    _dense_entries[(triton.cdiv(n, BLOCK_T),)](ea, eb, es, rows, out, n, D=D, NOPE=nope, KIND=KIND[kind],
+                                               BLOCK_T=BLOCK_T, BLOCK_D=triton.next_power_of_2(D))
+    return out
 
 
 def chunk_attention_supported(q, positions, ring, ring_pos, kv, window, entries, rows, ratio, select, sink,
@@ -197,6 +233,10 @@ def chunk_attention_triton(q: torch.Tensor, positions: torch.Tensor, ring: torch
             ea = eb = es = entries["f32"]
             nope = D
         rows = rows.to(torch.int64).contiguous()
+    dense = kind == "kv" and n > 0 and TILE["dense_entries"]
+    if dense:  # entry e at row e of plain [n, D] rows of the dots' dtype (KIND "f32": rows loaded as they are)
+        ea = eb = es = dense_entries(ea, eb, es, rows, D, nope, kind, wdt)
+        kind, nope = "f32", D
     sel = select.to(torch.int64).contiguous() if select is not None else wpos
     K = select.shape[1] if select is not None else 0
     out = torch.empty(q.shape, device=q.device, dtype=torch.float32)
@@ -207,7 +247,7 @@ def chunk_attention_triton(q: torch.Tensor, positions: torch.Tensor, ring: torch
         q.contiguous(), positions.to(torch.int64).contiguous(), wk, wpos, ea, eb, es, rows, sel,
         sink.float().contiguous(), out, cos, sin, H, ring.shape[0], n, K, float(scale),
         W=window, RATIO=max(ratio, 1), D=D, NOPE=nope, KIND=KIND[kind], HAS_ENTRIES=n > 0,
-        HAS_SELECT=select is not None, BLOCK_H=BLOCK_H, BLOCK_T=TILE["keys" if bf16 else "keys_f32"],
+        HAS_SELECT=select is not None, DENSE=dense, BLOCK_H=BLOCK_H, BLOCK_T=TILE["keys" if bf16 else "keys_f32"],
         BLOCK_D=triton.next_power_of_2(D), BF16=bf16, PRECISION=_precision(), num_warps=TILE["warps"],
         num_stages=TILE["stages_bf16" if bf16 else "stages_f32"], RD=2 * cos.shape[-1] if fused else 0)
     if out_rope is not None and not fused:
