@@ -25,8 +25,8 @@
 #   bash bench/gpu_verify.sh tiles     # the prefill attention and expert tile tunes, the winners into TILE and tested, an 8k A/B against the old tiles and with the output's inverse RoPE as a pass of its own, the 8k profile, every kernel's registers / spills
 #   bash bench/gpu_verify.sh chunks    # the router / grouped-GEMM GPU tests, an 8k A/B of the chunk router kernels and the one-launch wo_a against before, prefill 8k-128k at chunks of auto / 8k / 16k / 32k tokens
 #   bash bench/gpu_verify.sh fp8       # router / grouped / FP8 GEMM / chunk-attention / kernel-path GPU tests, the router, FP8 GEMM, dense GEMM and expert tunes at a 12032-row chunk, prefill 8k-128k at chunks of 6400 and auto
-#   bash bench/gpu_verify.sh final8    # the GPU tests of the seventh and eighth sessions' kernels (staged experts too), an 8k A/B of each change, the staged tune
-#   bash bench/gpu_verify.sh final8b   # prefill 8k-128k at chunks of 6400 and auto, 128k with and without staging, the 8k profile both ways, the router tune
+#   bash bench/gpu_verify.sh final8    # the GPU tests of the seventh to ninth sessions' kernels (staged experts, dense entries), an 8k A/B of each change, the staged tune
+#   bash bench/gpu_verify.sh final8b   # prefill 8k-128k at chunks of 6400 and auto, 128k with and without staging / dense entries, the 8k profile both ways, the router tune
 #   bash bench/gpu_verify.sh indexer   # the 64k step with the indexer kernels and their references, decode at 16 layers at 64k, a 64k trace
 # Run from the repository root on the GPU machine (no install there: bench/dsv4_path.sh puts the
 # source folders on PYTHONPATH as dsv4.*).
@@ -45,16 +45,16 @@ final8)
     | tee "$OUT/gpu_tests_prefill.txt"
   timeout 70 $T tests/test_gpu_prefill.py tests/test_gpu.py -k "long_prefill or not prefill" 2>&1 | tail -4 \
     | tee "$OUT/gpu_tests_engine.txt"
-  timeout 110 python3 bench/compare_prefill.py --runs 3 --out "$OUT/compare_prefill.txt" --compare \
-    base=0,staged_experts.TILE.on=true,prefill_linear.TILE_FP8.one_block=false,DSV4_REFERENCE_OPS=router_scores:router_topk,prefill_linear.TILE_FP8.grouped=false,base=0 \
-    2>&1 | tail -8
-  TUNE_FEW=1 timeout 90 python3 bench/tune_prefill.py --only staged --out "$OUT/tune_staged.json" 2>&1 | cut -c1-220 ;;
+  timeout 150 python3 bench/compare_prefill.py --runs 3 --out "$OUT/compare_prefill.txt" --compare \
+    base=0,staged_experts.TILE.on=true,prefill_attention.TILE.dense_entries=true,staged_experts.TILE.on=true+prefill_attention.TILE.dense_entries=true,prefill_linear.TILE_FP8.one_block=false,DSV4_REFERENCE_OPS=router_scores:router_topk,prefill_linear.TILE_FP8.grouped=false,base=0 \
+    2>&1 | tail -10
+  TUNE_FEW=1 timeout 60 python3 bench/tune_prefill.py --only staged --out "$OUT/tune_staged.json" 2>&1 | cut -c1-220 ;;
 final8b)
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
   timeout 150 python3 bench/prefill_long.py --layers 4 --prompt-lens 8192,32768,131072 --chunk 6400,auto --runs 2 \
     --decode-steps 32 --json-out "$OUT/prefill_long.json" 2>&1 | grep -v "prefill .*tok/s" | tail -7
-  timeout 150 python3 bench/compare_prefill.py --runs 2 --prompt-len 131072 --out "$OUT/compare_prefill_128k.txt" \
-    --compare base=0,staged_experts.TILE.on=true 2>&1 | tail -3
+  timeout 170 python3 bench/compare_prefill.py --runs 2 --prompt-len 131072 --out "$OUT/compare_prefill_128k.txt" \
+    --compare base=0,staged_experts.TILE.on=true,prefill_attention.TILE.dense_entries=true 2>&1 | tail -4
   timeout 70 $D bench prefill --preset flash --layers 4 --synthetic --prompt-len 8192 --runs 3 --profile \
     --json-out "$OUT/prefill8k.json" 2>&1 | grep -E "median|matmul_rate|chunk|%" | head -24
   timeout 70 python3 bench/run_tuned.py --set staged_experts.TILE.on=true -- bench prefill --preset flash --layers 4 \
