@@ -26,7 +26,7 @@
 #   bash bench/gpu_verify.sh chunks    # the router / grouped-GEMM GPU tests, an 8k A/B of the chunk router kernels and the one-launch wo_a against before, prefill 8k-128k at chunks of auto / 8k / 16k / 32k tokens
 #   bash bench/gpu_verify.sh fp8       # router / grouped / FP8 GEMM / chunk-attention / kernel-path GPU tests, the router, FP8 GEMM, dense GEMM and expert tunes at a 12032-row chunk, prefill 8k-128k at chunks of 6400 and auto
 #   bash bench/gpu_verify.sh final8    # the GPU tests of the seventh to ninth sessions' kernels (staged experts, dense entries), an 8k A/B of each change, the staged tune
-#   bash bench/gpu_verify.sh final8b   # prefill 8k-128k at chunks of 6400 and auto, 128k with and without staging / dense entries, the 8k profile both ways, the router tune
+#   bash bench/gpu_verify.sh final8b   # prefill 8k-128k at chunks of 6400 and auto, 128k with and without staging / dense entries, the 8k profile both ways, the attention tiles (64 / 128 keys, dense entries or not)
 #   bash bench/gpu_verify.sh indexer   # the 64k step with the indexer kernels and their references, decode at 16 layers at 64k, a 64k trace
 # Run from the repository root on the GPU machine (no install there: bench/dsv4_path.sh puts the
 # source folders on PYTHONPATH as dsv4.*).
@@ -60,7 +60,7 @@ final8b)
   timeout 70 python3 bench/run_tuned.py --set staged_experts.TILE.on=true -- bench prefill --preset flash --layers 4 \
     --synthetic --prompt-len 8192 --runs 3 --profile --json-out "$OUT/prefill8k_staged.json" 2>&1 \
     | grep -E "median|matmul_rate|chunk|%" | head -24
-  timeout 40 python3 bench/tune_prefill.py --only router --rows 12032 --out "$OUT/tune_router.json" 2>&1 | cut -c1-160 ;;
+  TUNE_FEW=1 timeout 100 python3 bench/tune_prefill.py --only attention --out "$OUT/tune_attention.json" 2>&1 | cut -c1-200 ;;
 fp8)
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
   timeout 170 $T tests/test_gpu_kernels.py tests/test_gpu_prefill.py \

@@ -2,7 +2,8 @@
 
 python3 bench/tune_prefill.py [--only attention|gemm|dense|experts|staged|mhc|router] [--rows N] [--out FILE]
 attention: kernels.chunk_attention on faithful-mode inputs (bf16 queries, FP8 + BF16 entries) for a
-3328-query chunk at 8k context, SWA / HCA / CSA (top-512), as TFLOP/s of its QK and PV dots.
+3328-query chunk at 8k context, SWA / HCA / CSA (top-512), as TFLOP/s of its QK and PV dots; each
+tile shape with and without the entries widened once into dense rows (prefill_attention.TILE["dense_entries"]).
 gemm: the FP8 x FP8 prefill GEMM (faithful activations, act_quant) on V4-Flash shapes, 3328 rows.
 dense: the GEMM of the BF16 weights (compressors' wkv / wgate, the router gate, the indexer's
 weights_proj) on float32 rows (three bf16 parts a step), kernels/triton/prefill_linear.TILE, 6400 rows.
@@ -101,10 +102,12 @@ def _alternatives(table: dict, alts: list[dict], run, label: dict, flops: float,
 def tune_attention() -> list[dict]:
     # 64-key tiles at one stage (the committed choice) spill 1.3 KB a thread on sm_90 (ptxas, Triton 3.6),
     # 16-key tiles at two or three stages nothing, yet on an H100 (2026-12-07, sixth session) the 64-key
-    # tiles stayed fastest in sum: CSA 4.94 ms against 6.1-7.2 for 16 / 32 keys (h100_tune_prefill_attention.json)
-    alternatives = [dict(heads_bf16=h, keys=t, warps=w, stages_bf16=st)
-                    for h, t, w, st in [(64, 64, 8, 1), (64, 16, 8, 2), (64, 16, 8, 3), (64, 32, 8, 2), (64, 16, 8, 1),
-                                        (64, 32, 8, 3), (64, 16, 4, 2)]]
+    # tiles stayed fastest in sum: CSA 4.94 ms against 6.1-7.2 for 16 / 32 keys (h100_tune_prefill_attention.json).
+    # 128-key tiles (sm_90, Triton 3.6, dense entries): 20 instructions a key against 25 at 64 keys, a 1448-byte stack;
+    # each alternative runs with and without dense entries (TILE["dense_entries"], their widening pass timed in)
+    alternatives = [dict(heads_bf16=h, keys=t, warps=w, stages_bf16=st, dense_entries=de)
+                    for h, t, w, st in [(64, 64, 8, 1), (64, 128, 8, 1), (64, 16, 8, 3), (64, 32, 8, 2), (64, 16, 8, 1),
+                                        (64, 32, 8, 3), (64, 16, 4, 2), (64, 16, 8, 2)] for de in (False, True)]
     if os.environ.get("TUNE_FEW"):
         alternatives = alternatives[:4]
     out = []
