@@ -8,6 +8,7 @@
 #   bash bench/gpu_verify.sh decode    # the decode kernel and engine tests, decode at 16 layers at 1k and 64k, the step with and without the side stream, a 16-layer step's per-kernel trace
 #   bash bench/gpu_verify.sh tune      # cold-L2 tunes of the decode GEMVs and routed experts, the graph step with PDL off / on
 #   bash bench/gpu_verify.sh attention # decode attention tile sweep, the GEMV and attention kernel tests
+#   bash bench/gpu_verify.sh final8c   # the FP8 GEMM tiles with and without TMA, the staged tiles at a 4096-token chunk, decode at 16 layers
 #   bash bench/gpu_verify.sh indexer-tune  # the decode indexer's GPU tests, the engine's, the indexer's tile tune
 #   bash bench/gpu_verify.sh experts   # the prefill expert / RoPE kernel tests, the expert GEMM tile tune
 #   bash bench/gpu_verify.sh prefill-final  # the prefill GPU tests (engine included), RoPE / expert kernel tests, prefill 8k-128k, the 8k profile
@@ -25,8 +26,9 @@
 #   bash bench/gpu_verify.sh tiles     # the prefill attention and expert tile tunes, the winners into TILE and tested, an 8k A/B against the old tiles and with the output's inverse RoPE as a pass of its own, the 8k profile, every kernel's registers / spills
 #   bash bench/gpu_verify.sh chunks    # the router / grouped-GEMM GPU tests, an 8k A/B of the chunk router kernels and the one-launch wo_a against before, prefill 8k-128k at chunks of auto / 8k / 16k / 32k tokens
 #   bash bench/gpu_verify.sh fp8       # router / grouped / FP8 GEMM / chunk-attention / kernel-path GPU tests, the router, FP8 GEMM, dense GEMM and expert tunes at a 12032-row chunk, prefill 8k-128k at chunks of 6400 and auto
-#   bash bench/gpu_verify.sh final8    # the GPU tests of the seventh to ninth sessions' kernels (staged experts, dense entries), an 8k A/B of each change, the staged tune
+#   bash bench/gpu_verify.sh final8    # the GPU tests of the seventh to ninth sessions' kernels (staged experts, dense entries, TMA tiles), an 8k A/B of each change, the staged tune
 #   bash bench/gpu_verify.sh final8b   # prefill 8k-128k at chunks of 6400 and auto, 128k with and without staging / dense entries, the 8k profile both ways, the attention tiles (64 / 128 keys, dense entries or not)
+#   bash bench/gpu_verify.sh final8c   # the FP8 GEMM tiles with and without TMA, the staged tiles at a 4096-token chunk, decode at 16 layers
 #   bash bench/gpu_verify.sh indexer   # the 64k step with the indexer kernels and their references, decode at 16 layers at 64k, a 64k trace
 # Run from the repository root on the GPU machine (no install there: bench/dsv4_path.sh puts the
 # source folders on PYTHONPATH as dsv4.*).
@@ -41,13 +43,13 @@ final8)
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
   timeout 80 $T tests/test_gpu_kernels.py -k "router or grouped_linear or grouped_fp8" 2>&1 | tail -4 \
     | tee "$OUT/gpu_tests_kernels.txt"
-  timeout 230 $T tests/test_gpu_prefill.py -k "gemm or kernel_path or chunk_attention or staged or e4m3" 2>&1 | tail -5 \
+  timeout 200 $T tests/test_gpu_prefill.py -k "gemm or kernel_path or chunk_attention or staged or e4m3" 2>&1 | tail -5 \
     | tee "$OUT/gpu_tests_prefill.txt"
   timeout 70 $T tests/test_gpu_prefill.py tests/test_gpu.py -k "long_prefill or not prefill" 2>&1 | tail -4 \
     | tee "$OUT/gpu_tests_engine.txt"
-  timeout 150 python3 bench/compare_prefill.py --runs 3 --out "$OUT/compare_prefill.txt" --compare \
-    base=0,staged_experts.TILE.on=true,prefill_attention.TILE.dense_entries=true,staged_experts.TILE.on=true+prefill_attention.TILE.dense_entries=true,prefill_linear.TILE_FP8.one_block=false,DSV4_REFERENCE_OPS=router_scores:router_topk,prefill_linear.TILE_FP8.grouped=false,base=0 \
-    2>&1 | tail -10
+  timeout 170 python3 bench/compare_prefill.py --runs 3 --out "$OUT/compare_prefill.txt" --compare \
+    base=0,staged_experts.TILE.on=true,prefill_attention.TILE.dense_entries=true,prefill_linear.TILE_FP8.tma=true,staged_experts.TILE.on=true+prefill_attention.TILE.dense_entries=true+prefill_linear.TILE_FP8.tma=true,prefill_linear.TILE_FP8.one_block=false,DSV4_REFERENCE_OPS=router_scores:router_topk,prefill_linear.TILE_FP8.grouped=false,base=0 \
+    2>&1 | tail -11
   TUNE_FEW=1 timeout 60 python3 bench/tune_prefill.py --only staged --out "$OUT/tune_staged.json" 2>&1 | cut -c1-220 ;;
 final8b)
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
@@ -61,6 +63,12 @@ final8b)
     --synthetic --prompt-len 8192 --runs 3 --profile --json-out "$OUT/prefill8k_staged.json" 2>&1 \
     | grep -E "median|matmul_rate|chunk|%" | head -24
   TUNE_FEW=1 timeout 100 python3 bench/tune_prefill.py --only attention --out "$OUT/tune_attention.json" 2>&1 | cut -c1-200 ;;
+final8c)
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+  TUNE_FEW=1 timeout 150 python3 bench/tune_prefill.py --only gemm --rows 12032 --out "$OUT/tune_gemm.json" 2>&1 | cut -c1-220
+  TUNE_FEW=1 timeout 90 python3 bench/tune_prefill.py --only staged --rows 4096 --out "$OUT/tune_staged_4096.json" 2>&1 | cut -c1-220
+  timeout 100 $D bench decode --preset flash --layers 16 --synthetic --prompt-len 1024 --steps 64 \
+    --json-out "$OUT/decode16_1024.json" 2>&1 | grep -E "ms_per|floor|projected|per.layer" ;;
 fp8)
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
   timeout 170 $T tests/test_gpu_kernels.py tests/test_gpu_prefill.py \

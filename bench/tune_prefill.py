@@ -4,7 +4,8 @@ python3 bench/tune_prefill.py [--only attention|gemm|dense|experts|staged|mhc|ro
 attention: kernels.chunk_attention on faithful-mode inputs (bf16 queries, FP8 + BF16 entries) for a
 3328-query chunk at 8k context, SWA / HCA / CSA (top-512), as TFLOP/s of its QK and PV dots; each
 tile shape with and without the entries widened once into dense rows (prefill_attention.TILE["dense_entries"]).
-gemm: the FP8 x FP8 prefill GEMM (faithful activations, act_quant) on V4-Flash shapes, 3328 rows.
+gemm: the FP8 x FP8 prefill GEMM (faithful activations, act_quant) on V4-Flash shapes, 3328 rows; each
+tile shape with pointer loads and through TMA descriptors (prefill_linear.TILE_FP8["tma"]).
 dense: the GEMM of the BF16 weights (compressors' wkv / wgate, the router gate, the indexer's
 weights_proj) on float32 rows (three bf16 parts a step), kernels/triton/prefill_linear.TILE, 6400 rows.
 experts: the grouped MXFP4 expert GEMM (256 experts, top-6, a 6400-token chunk), faithful activations,
@@ -123,9 +124,12 @@ def tune_gemm(M: int = 3328) -> list[dict]:
     from dsv4.kernels.reference.linear import QWeight, linear_reference
     from dsv4.kernels.triton import prefill_linear as pl
 
-    alts = [dict(m=m, n=n, warps=w, stages=st, group=gr) for m, n, w, st, gr in
-            [(128, 128, 8, 4, 8), (128, 128, 8, 3, 8), (128, 64, 4, 5, 8), (64, 128, 4, 5, 8), (128, 128, 4, 4, 8),
-             (128, 256, 8, 3, 8), (256, 128, 8, 3, 8), (128, 128, 8, 3, 1), (64, 256, 8, 4, 8)]]
+    # each shape with pointer loads and through TMA descriptors (TILE_FP8["tma"]); 64 x 128 tiles of one
+    # warp group leave room for two programs an SM (one's promotion beside the other's tensor-core work)
+    alts = [dict(m=m, n=n, warps=w, stages=st, group=gr, tma=tma) for m, n, w, st, gr in
+            [(128, 128, 8, 4, 8), (64, 128, 4, 3, 8), (128, 128, 8, 3, 8), (128, 64, 4, 5, 8), (64, 128, 4, 5, 8),
+             (128, 128, 4, 4, 8), (128, 256, 8, 3, 8), (256, 128, 8, 3, 8), (128, 128, 8, 3, 1), (64, 256, 8, 4, 8)]
+            for tma in (False, True)]
     if os.environ.get("TUNE_FEW"):
         alts = alts[:4]
     out = []

@@ -606,42 +606,56 @@ def gemm_checks():
                 else:  # float32 accumulation, then the output to bf16 (the interpreter's cast truncates: 1 ulp)
                     assert got.dtype == dt and ((got.float() - ref).abs() <= 2 ** -7 * ref.abs() + 1e-6).all()
                     print(f"ok gemm {fmt} {M}x{N}x{K} bf16 (within one bf16 ulp)")
-    # the FP8 x FP8 GEMM with K a multiple of 128 (no column masks), for tiles of 64 / 128 columns (one
-    # weight scale per K block) and 256 (a scale per column): ragged rows and columns
-    w = torch.randn(300, 256, generator=g) / 16
-    q, s = quant.quant_fp8_block(w)
-    x = torch.randn(40, 256, generator=g) * torch.logspace(-3, 3, 256)
-    keep = dict(tpl.TILE_FP8)
-    try:
-        for n in (64, 128, 256):
-            tpl.TILE_FP8.update(n=n, m=32)
-            for name, W in [("ue8m0", QWeight("fp8", q, s)), ("f32", QWeight("fp8", q, quant.ue8m0_to_float(s.view(torch.uint8))))]:
-                close(f"gemm fp8 x fp8 40x300x256 {n}-column tiles {name}", tpl.linear_triton(x, W, act_quant=True),
-                      linear_reference(x, W, act_quant=True))
-    finally:
-        tpl.TILE_FP8.update(keep)
+    for tma in (False, True):  # tiles through pointer loads, then through TMA descriptors
+        _fp8_gemm_checks(tpl, tma)
     W = QWeight("fp8", *quant.quant_fp8_block(torch.randn(2 * 128, 96, generator=g)))
     og = torch.randn(20, 2, 96, generator=g)
     assert tpl.grouped_linear_supported(og, W)
     close("grouped gemm 2x128x96 S=20", tpl.grouped_linear_triton(og, W), grouped_linear_reference(og, W))
     close("grouped gemm act_quant 2x128x96 S=20", tpl.grouped_linear_triton(og, W, act_quant=True),
           grouped_linear_reference(og, W, act_quant=True))
-    # Kg a multiple of 128: faithful mode runs every group in one quantisation pass and one launch
-    # (ue8m0 and float32 block scales; each group's inputs over a wide range, so the slices' scales differ)
-    # R = 256 rows a group (two scale rows: a wrong group offset into the scales shows), at 64- and
-    # 128-column tiles, with the one-FMA promotion and without
-    keep = dict(tpl.TILE_FP8)
+
+
+def _fp8_gemm_checks(tpl, tma: bool):
+    """The FP8 x FP8 GEMM (faithful rows before an FP8 weight), tiles through pointer loads or (tma)
+    through TMA descriptors, which zero-fill past the shapes."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    made = []
+    keep, keep_desc = dict(tpl.TILE_FP8), tpl._descriptor
+    tpl._descriptor = lambda t, rows: made.append(rows) or keep_desc(t, rows)
     try:
+        tpl.TILE_FP8.update(tma=tma, m=32)
+        # K = 192 (16-byte rows, not whole 128-blocks: the last block's columns past K read as 0)
+        q, s = quant.quant_fp8_block(torch.randn(200, 192, generator=g) / 14)
+        x = torch.randn(40, 192, generator=g) * torch.logspace(-3, 3, 192)
+        close(f"gemm fp8 x fp8 40x200x192 tma={tma}", tpl.linear_triton(x, QWeight("fp8", q, s), act_quant=True),
+              linear_reference(x, QWeight("fp8", q, s), act_quant=True))
+        # K a multiple of 128 (no column masks), tiles of 64 / 128 columns (one weight scale per K block)
+        # and 256 (a scale per column): ragged rows and columns
+        q, s = quant.quant_fp8_block(torch.randn(300, 256, generator=g) / 16)
+        x = torch.randn(40, 256, generator=g) * torch.logspace(-3, 3, 256)
+        for n in (64, 128, 256):
+            tpl.TILE_FP8.update(n=n)
+            for name, W in [("ue8m0", QWeight("fp8", q, s)), ("f32", QWeight("fp8", q, quant.ue8m0_to_float(s.view(torch.uint8))))]:
+                close(f"gemm fp8 x fp8 40x300x256 {n}-column tiles {name} tma={tma}",
+                      tpl.linear_triton(x, W, act_quant=True), linear_reference(x, W, act_quant=True))
+        # Kg a multiple of 128: faithful mode runs every group in one quantisation pass and one launch
+        # (ue8m0 and float32 block scales; each group's inputs over a wide range, so the slices' scales
+        # differ). R = 256 rows a group (two scale rows: a wrong group offset into the scales shows), at
+        # 64- and 128-column tiles, with the one-FMA promotion and without
         for R, n, one_block in [(128, 128, True), (256, 64, True), (256, 128, False)]:
-            tpl.TILE_FP8.update(n=n, m=32, one_block=one_block)
+            tpl.TILE_FP8.update(n=n, one_block=one_block)
             q, s = quant.quant_fp8_block(torch.randn(3 * R, 256, generator=g))
             og = torch.randn(21, 3, 256, generator=g) * torch.logspace(-3, 3, 256)
             for name, W in [("ue8m0", QWeight("fp8", q, s)),
                             ("f32", QWeight("fp8", q, quant.ue8m0_to_float(s.view(torch.uint8))))]:
-                close(f"grouped gemm act_quant one launch 3x{R}x256 S=21 n={n} one_block={one_block} {name}",
+                close(f"grouped gemm act_quant one launch 3x{R}x256 S=21 n={n} one_block={one_block} {name} tma={tma}",
                       tpl.grouped_linear_triton(og, W, act_quant=True), grouped_linear_reference(og, W, act_quant=True))
     finally:
         tpl.TILE_FP8.update(keep)
+        tpl._descriptor = keep_desc
+    assert bool(made) == tma and isinstance(keep_desc(torch.zeros(4, 128, dtype=torch.uint8), 4), TensorDescriptor)
 
 
 def prefill_engine_check():

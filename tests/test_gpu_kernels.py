@@ -68,8 +68,9 @@ def test_grouped_linear_matches_reference(G, R, Kg, S, aq):
 
 
 def test_grouped_fp8_gemm_one_launch_equals_a_launch_per_group():
-    """wo_a's groups in one FP8 GEMM launch give the bits of one launch per group, and the one-FMA
-    promotion (a tile inside one weight block) the bits of the per-column scales (powers of two)."""
+    """wo_a's groups in one FP8 GEMM launch give the bits of one launch per group, the one-FMA
+    promotion (a tile inside one weight block) the bits of the per-column scales (powers of two), and
+    tiles read through TMA descriptors the bits of pointer loads."""
     from dsv4.kernels.triton import prefill_linear as pl
 
     g = torch.Generator().manual_seed(5)
@@ -83,9 +84,11 @@ def test_grouped_fp8_gemm_one_launch_equals_a_launch_per_group():
         per_group = pl.grouped_gemm(og, w, act_quant=True)
         pl.TILE_FP8.update(grouped=True, one_block=False)
         per_column = pl.grouped_gemm(og, w, act_quant=True)
+        pl.TILE_FP8.update(grouped=True, one_block=True, tma=not keep["tma"])
+        other_loads = pl.grouped_gemm(og, w, act_quant=True)
     finally:
         pl.TILE_FP8.update(keep)
-    assert torch.equal(one, per_group) and torch.equal(one, per_column)
+    assert torch.equal(one, per_group) and torch.equal(one, per_column) and torch.equal(one, other_loads)
 
 
 @pytest.mark.parametrize("M", [1, 2, 16])
