@@ -199,12 +199,19 @@ def staged_on():
     st.TILE.update(keep)
 
 
-def _flash_experts(seed, E=8, S=600, k=4):
+def _flash_experts(seed, E=8, S=600, k=4, I=2048, D=4096, spread=False):
+    """spread: each weight's 128-row blocks 2^0 / 2^1 / 2^2 apart and w3 twice w1 (the MX bytes moved), so
+    a block or a weight promoted by another's exponent shows."""
     from kernel_cases import expert_set
 
     g = torch.Generator().manual_seed(seed)
-    es = expert_set("mxfp4", E, 2048, 4096, g, device="cuda")
-    x = torch.randn(S, 4096, generator=g).cuda()
+    es = expert_set("mxfp4", E, I, D, g, device="cuda")
+    if spread:
+        for name, ws in (("w1", es.w1), ("w3", es.w3), ("w2", es.w2)):
+            for w in ws:
+                b = w.scale.view(torch.uint8)
+                b += ((torch.arange(b.shape[0], device=b.device) // 128) % 3 + (name == "w3"))[:, None].to(torch.uint8)
+    x = torch.randn(S, D, generator=g).cuda()
     ids = torch.stack([torch.randperm(E - 1, generator=g)[:k] for _ in range(S)]).cuda()  # expert E-1: no pairs
     return es, x, ids, torch.rand(S, k, generator=g).cuda()
 
@@ -222,6 +229,93 @@ def test_staged_experts_match_reference(staged_on):
     _close_but_flips(got, routed_experts(x, ids, wts, es, 10.0, act_quant=True), FP8_MMA_BOUND, True)
     staged_on.TILE["budget"] = 3 * 2 * 2048 * 4096
     assert torch.equal(fn(x, ids, wts, es, 10.0, act_quant=True), got)
+
+
+class _Launch:
+    """Stands in for a Triton kernel's ``kernel[grid](...)`` launch: calls ``fn`` with the arguments."""
+
+    def __init__(self, fn):
+        self.fn, self.calls = fn, 0
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            self.calls += 1
+            self.fn(*args)
+        return run
+
+
+def _per_pair(es, ids, fn):
+    """fn(pair rows, expert) -> [rows, N] float64 for each expert's pairs, at the pairs' places [S * k, N]."""
+    flat, out = ids.reshape(-1), None
+    for e in range(len(es)):
+        at = (flat == e).nonzero().flatten()
+        if len(at):
+            y = fn(at, e)
+            out = y.new_zeros(flat.numel(), y.shape[1]) if out is None else out
+            out[at] = y
+    return out
+
+
+def staged_down_case(st, E=8, S=600, k=4, I=2048, D=4096, bound=FP8_MMA_BOUND):
+    """The staged down GEMM alone, on h given as e4m3 + exponents (the up kernel replaced by a copy of
+    it in the schedule's order): every output row within ``bound`` x max|ref| of float64 sums over the
+    dequantised w2 (no rounding of h in between, so no row may flip)."""
+    from dsv4.kernels.triton.actquant import quantise_rows_fp8
+
+    es, x, ids, wts = _flash_experts(13, E, S, k, I, D, spread=True)
+    hq, he = quantise_rows_fp8(torch.randn(S * k, I, device=x.device) * torch.logspace(-2, 1, I, device=x.device))
+    up = _Launch(lambda xq, xe, order, *a: (a[7].copy_(hq[order].view(a[7].dtype)), a[8].copy_(he[order])))
+    keep = st._up8
+    st._up8 = up
+    try:
+        got = implementation("routed_experts", "cuda")(x, ids, wts, es, 10.0, act_quant=True)
+    finally:
+        st._up8 = keep
+    h = hq.view(torch.float8_e4m3fn).double() * (he.double() - 127).exp2().repeat_interleave(128, 1)
+    y = _per_pair(es, ids, lambda at, e: h[at] @ es.w2[e].dequant().double().T)
+    ref = (y.view(S, k, D) * wts.double()[..., None]).sum(1)
+    assert up.calls >= 1 and _rel(got, ref) <= bound
+
+
+def staged_up_case(st, E=8, S=600, k=4, I=2048, D=4096, bound=FP8_MMA_BOUND):
+    """The staged up GEMM's h (captured where the down kernel reads it) against float64
+    swiglu(w1 x, w3 x) of the faithful x: each value within two e4m3 steps of the reference's (its
+    rounding, or a rounding on the other side of a midpoint or of a slice's power of two) plus the
+    FP8 sums' bound."""
+    from dsv4.kernels.quant import act_quant_dequant
+
+    es, x, ids, wts = _flash_experts(14, E, S, k, I, D, spread=True)
+    seen = {}
+    down = _Launch(lambda hq, he, order, *a: seen.update(hq=hq.clone(), he=he.clone(), order=order.clone()))
+    keep = st._down8
+    st._down8 = down
+    try:
+        implementation("routed_experts", "cuda")(x, ids, wts, es, 10.0, act_quant=True)
+    finally:
+        st._down8 = keep
+    xq = act_quant_dequant(x).double()
+
+    def swiglu(at, e):
+        t = xq[at // k]
+        g = (t @ es.w1[e].dequant().double().T).clamp(max=10.0)
+        u = (t @ es.w3[e].dequant().double().T).clamp(-10.0, 10.0)
+        return g * torch.sigmoid(g) * u
+    ref = _per_pair(es, ids, swiglu)
+    hk = torch.empty_like(ref)
+    hk[seen["order"]] = seen["hq"].view(torch.float8_e4m3fn).double() * \
+        (seen["he"].double() - 127).exp2().repeat_interleave(128, 1)
+    # one e4m3 step of each reference value at its slice's scale (2^-9 of the scale below the normals)
+    scale = (ref.view(-1, I // 128, 128).abs().amax(-1) / 448).log2().ceil().exp2().repeat_interleave(128, 1)
+    step = (ref.abs() / scale).log2().floor().clamp(min=-6).sub(3).exp2() * scale
+    assert down.calls >= 1 and bool(((hk - ref).abs() <= 2 * step + bound * ref.abs().max()).all())
+
+
+def test_staged_down_kernel_matches_float64_on_given_h(staged_on):
+    staged_down_case(staged_on)
+
+
+def test_staged_up_kernel_h_is_the_rounded_swiglu(staged_on):
+    staged_up_case(staged_on)
 
 
 def test_staged_weights_are_the_mx_weights(staged_on):
