@@ -41,7 +41,7 @@ T="python3 -m pytest -q -p no:cacheprovider -m gpu"
 case "$1" in
 final8)
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-  timeout 80 $T tests/test_gpu_kernels.py -k "router or grouped_linear or grouped_fp8 or tma" 2>  timeout 80 $T tests/test_gpu_kernels.py -k "router or grouped_linear or grouped_fp8" 2>&1 | tail -4 \1 | tail -4 \
+  timeout 80 $T tests/test_gpu_kernels.py -k "router or grouped_linear or grouped_fp8 or tma" 2>&1 | tail -4 \
     | tee "$OUT/gpu_tests_kernels.txt"
   timeout 200 $T tests/test_gpu_prefill.py -k "gemm or kernel_path or chunk_attention or staged or e4m3" 2>&1 | tail -5 \
     | tee "$OUT/gpu_tests_prefill.txt"
