@@ -45,7 +45,7 @@ from .elementwise import apply_rope_triton
 # dense_entries: an FP8 entry store's n entries are widened once per call into [n, D] rows of the dots'
 # dtype (bf16 for bf16 queries), indexed by entry id (``dense_entries``: n x D x 2 bytes, 268 MB for the
 # 262k CSA entries of a 1M-token context), so the key loops load rows instead of widening FP8 tiles per
-# query and head block (sm_90, Triton 3.6, the bf16 CSA loop: 2453 -> 1682 instructions per 64-key
+# query and head block (sm_90, Triton 3.6, the bf16 CSA loop: 2453 -> 1605 instructions per 64-key
 # tile, the stack 1280 -> 912 bytes); the same keys bit for bit, so the same output. Off until timed.
 TILE = {"heads_f32": 16, "heads_bf16": 64, "keys": 64, "keys_f32": 16, "stages_f32": 1, "stages_bf16": 1,
         "warps": 8, "rope_out": True, "dense_entries": False}

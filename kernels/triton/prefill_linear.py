@@ -42,8 +42,9 @@ TILE = {"m": 64, "n": 256, "k": 64, "warps": 8, "stages": 3}
 # "one_block": a tile of at most 128 columns (one weight block) promotes with one FMA per element, the
 # row's scale times the block's (sm_90, Triton 3.6: the K loop 490 -> 184 instructions with the column
 # masks dropped when K is a multiple of 128); False: the weight scale per column as before, for A/B runs.
-# "tma": q's and W's tiles through TMA descriptors (sm_90, Triton 3.6, 128 x 128: the K loop 184 -> 171
-# instructions, 255 -> 154 registers; untimed: off).
+# "tma": q's and W's tiles through TMA descriptors (sm_90, Triton 3.6, 128 x 128: the K loop 184 -> 183
+# instructions, 255 -> 230 registers, the load units free; untimed: off, bench/tune_prefill.py --only gemm
+# times every tile shape both ways).
 TILE_FP8 = {"m": 128, "n": 128, "warps": 8, "stages": 4, "group": 8, "grouped": True, "one_block": True,
             "tma": False}
 
