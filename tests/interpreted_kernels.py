@@ -173,6 +173,12 @@ def attention_checks():
         ref = decode_attention(q, ring, p, *ent, sink, D ** -0.5)
         close(f"decode_attention {kind} H={H} D={D} W={W} T={T} pos={pos}",
               tatt.decode_attention_triton(q, ring, p, *ent, sink, D ** -0.5), ref)
+        if kind == "kv":  # bf16 queries (faithful mode's) take one product: the bits of their float32 form's three
+            qb = q.bfloat16()
+            got = tatt.decode_attention_triton(qb, ring, p, *ent, sink, D ** -0.5)
+            assert torch.equal(got, tatt.decode_attention_triton(qb.float(), ring, p, *ent, sink, D ** -0.5))
+            close(f"decode_attention bf16 q {kind} H={H} D={D}", got, decode_attention(qb.float(), ring, p, *ent, sink,
+                                                                                        D ** -0.5))
         keep = tatt.ATTENTION["merge"]
         tatt.ATTENTION["merge"] = 32  # the merge launch with several channel blocks per head
         try:

@@ -6,8 +6,9 @@ store_entry: quantise one entry and write its row in one launch (FP8 e4m3 + ue8m
 decode_attention: flash-decoding over the window ring and the compressed entries. Grid (head blocks,
   key blocks, output channel blocks); each program dequantises its keys on the fly, scores them
   against all heads of its block with tensor-core dots at about float32 accuracy (dequantised FP8 /
-  BF16 keys are exact in bf16, so only the float32 side is split into three bf16 parts), and writes
-  its max / sum / weighted values; a second launch merges the key blocks with the sink.
+  BF16 keys are exact in bf16, so only the float32 side is split into three bf16 parts; faithful
+  mode's bf16 queries need one part: sm_90, 4648 -> 2160 instructions a program, the same bits),
+  and writes its max / sum / weighted values; a second launch merges the key blocks with the sink.
 Contracts as kernels/entries.py and kernels/attention.py.
 """
 
@@ -204,11 +205,17 @@ def _dot3(a, b, EXACT_B: tl.constexpr, PRECISION: tl.constexpr):
 def _score_chunk(q_ptr, h, hm, c0, ra_ptr, rb_ptr, rs_ptr, ea_ptr, eb_ptr, es_ptr, in_ring, rows, valid,
                  D: tl.constexpr, NOPE: tl.constexpr, KIND: tl.constexpr, BLOCK_C: tl.constexpr,
                  PRECISION: tl.constexpr):
-    """Scores [BLOCK_H, BLOCK_T] over channels [c0, c0 + BLOCK_C): q[h] . key."""
+    """Scores [BLOCK_H, BLOCK_T] over channels [c0, c0 + BLOCK_C): q[h] . key. bf16 queries (faithful
+    mode rounds them) against keys exact in bf16 (KIND 0): one bf16 product, the first of _dot3's three
+    (whose other two parts would be zero)."""
     d = c0 + tl.arange(0, BLOCK_C)
-    q = tl.load(q_ptr + h[:, None] * D + d[None, :], mask=hm[:, None] & (d[None, :] < D), other=0.0).to(tl.float32)
+    q = tl.load(q_ptr + h[:, None] * D + d[None, :], mask=hm[:, None] & (d[None, :] < D), other=0.0)
     k = _load_keys(ra_ptr, rb_ptr, rs_ptr, ea_ptr, eb_ptr, es_ptr, in_ring, rows, valid, d, D, NOPE, KIND)
-    return _dot3(q, tl.trans(k), KIND == 0, PRECISION)
+    if KIND == 0 and q_ptr.dtype.element_ty == tl.bfloat16:
+        if PRECISION == "ieee":
+            return tl.dot(q.to(tl.float32), tl.trans(k), input_precision="ieee")
+        return tl.dot(q, tl.trans(k).to(tl.bfloat16))
+    return _dot3(q.to(tl.float32), tl.trans(k), KIND == 0, PRECISION)
 
 
 @triton.jit
