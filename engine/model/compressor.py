@@ -56,10 +56,10 @@ def compress_decode(x: torch.Tensor, w: dict, prefix: str, handle, pos: torch.Te
                     rope, eps: float, quantise, name: str = "main", store=None, cz=()) -> None:
     """Feed one token (x: [1, d]) at device position pos [1], with shapes that do not depend on it.
 
-    The window the token belongs to is pooled as if it closed now, from the whole tail and this
-    token (kernels.compress_decode), and stored as entry pos // ratio by store(entry [1, D]):
-    a partial entry is invisible (attention sees entry e only once (e+1)*ratio <= pos+1) and is
-    overwritten when the window really closes. rope: the step's engine.rope.StepRope; cz: (c, z)
+    On the token that closes its window, the window is pooled from the whole tail and this token
+    (kernels.compress_decode) and stored as entry pos // ratio by store(entry [1, D]); on the
+    others the same store writes zeros, shapes being static: an open window's entry is invisible
+    (attention sees entry e only once (e+1)*ratio <= pos+1) and is written when the window closes. rope: the step's engine.rope.StepRope; cz: (c, z)
     when the caller computed them (stacked GEMV), else computed here.
     """
     if cz:

@@ -47,9 +47,11 @@ def compress_decode(c: torch.Tensor, z: torch.Tensor, tail_c: torch.Tensor, tail
     tail_c, tail_z: [ratio-1, W] pending rows (row j = window position j; rows at or past
     pos % ratio are stale); ape: [ratio, W]; prev_c, prev_z: [ratio, D] the last closed window's
     series a (z with ape), or None (HCA); norm_w: [D]; cos, sin: [1, rd/2] at the window's first
-    position. The window is pooled as if it closed now -> entry [1, D] (normed, RoPE'd).
+    position. -> entry [1, D] (normed, RoPE'd): the window pooled when pos closes it
+    (pos % ratio == ratio-1), else zeros (an open window's entry is invisible until it closes, so
+    the GPU kernel skips the pooling then).
     Updates the state in place: tail row min(pos % ratio, ratio-2) <- (c, z); when the window
-    closes (pos % ratio == ratio-1) and overlapping, prev <- this window's series a.
+    closes and overlapping, prev <- this window's series a.
     """
     ratio = ape.shape[0]
     C = torch.cat([tail_c, c], 0).float()
@@ -59,10 +61,10 @@ def compress_decode(c: torch.Tensor, z: torch.Tensor, tail_c: torch.Tensor, tail
     if overlap:
         prev = (prev_c, torch.where(pos >= ratio, prev_z, float("-inf")))  # no series a before the first window
     entry, last_a = compress_windows(C, Z, ratio, overlap, prev)
-    entry = rms_norm_rope(entry, norm_w, eps, cos, sin)
     k = pos % ratio
+    closing = k == ratio - 1
+    entry = torch.where(closing, rms_norm_rope(entry, norm_w, eps, cos, sin), 0.0)
     if overlap:
-        closing = k == ratio - 1
         new_c, new_z = torch.where(closing, last_a[0], prev_c), torch.where(closing, last_a[1], prev_z)
         prev_c.copy_(new_c)
         prev_z.copy_(new_z)

@@ -3,10 +3,12 @@ one launch) and one token's step (kernels.compress_decode).
 
 compress_windows: one program per (window, block of channels), the softmax over the window's
 slots in registers (HCA: ratio slots; CSA: window w-1's series a, then window w's series b).
-compress_decode, two launches instead of ~60 small ones: (1) per block of channels, an online softmax over the
-window's slots (HCA: ratio slots; CSA: the previous window's series a, then this window's series
-b) and that block's share of the state updates (tail row, series a on a close); (2) RMSNorm and
-RoPE on the last rd channels (channel pairs handled as the two columns of a [D/2, 2] tile).
+compress_decode, two launches instead of ~60 small ones: (1) per block of channels, on the token that
+closes its window, an online softmax over the window's slots (HCA: ratio slots; CSA: the previous
+window's series a, then this window's series b), and on every token that block's share of the state
+updates (tail row, series a on a close); (2) RMSNorm and RoPE on the last rd channels (channel pairs
+handled as the two columns of a [D/2, 2] tile), zeros on a token that closes no window (the entry of
+an open window is invisible; the pooling, the read of the whole tail, runs once a window).
 """
 
 from __future__ import annotations
@@ -29,6 +31,30 @@ def _pool(c_ptr, z_ptr, tc_ptr, tz_ptr, ape_ptr, pc_ptr, pz_ptr, pos_ptr, out_pt
     dm = d < D
     pos = tl.load(pos_ptr)
     k = pos % RATIO
+    if k == RATIO - 1:  # the token closes its window: pool it (else the entry is zeros, _finish)
+        _pool_window(c_ptr, z_ptr, tc_ptr, tz_ptr, ape_ptr, pc_ptr, pz_ptr, pos, out_ptr, d, dm, D, WIDTH, RATIO,
+                     OVERLAP, BLOCK, BLOCK_J)
+    # state: series a on a close (overlap), then this token's row of the tail (this program's channels)
+    if OVERLAP:
+        if k == RATIO - 1:
+            for j in range(0, RATIO):
+                last = j == RATIO - 1
+                cj = tl.load(tl.where(last, c_ptr, tc_ptr + j * WIDTH) + d, mask=dm, other=0.0)
+                zj = tl.load(tl.where(last, z_ptr, tz_ptr + j * WIDTH) + d, mask=dm, other=0.0)
+                zj = zj + tl.load(ape_ptr + j * WIDTH + d, mask=dm, other=0.0)
+                tl.store(pc_ptr + j * D + d, cj, mask=dm)
+                tl.store(pz_ptr + j * D + d, zj, mask=dm)
+    row = tl.minimum(k, RATIO - 2)
+    for h in range(0, WIDTH // D):
+        tl.store(tc_ptr + row * WIDTH + h * D + d, tl.load(c_ptr + h * D + d, mask=dm, other=0.0), mask=dm)
+        tl.store(tz_ptr + row * WIDTH + h * D + d, tl.load(z_ptr + h * D + d, mask=dm, other=0.0), mask=dm)
+
+
+@triton.jit
+def _pool_window(c_ptr, z_ptr, tc_ptr, tz_ptr, ape_ptr, pc_ptr, pz_ptr, pos, out_ptr, d, dm, D: tl.constexpr,
+                 WIDTH: tl.constexpr, RATIO: tl.constexpr, OVERLAP: tl.constexpr, BLOCK: tl.constexpr,
+                 BLOCK_J: tl.constexpr):
+    """The window's pooled channels d: an online softmax over its slots (the tail's rows, this token's last)."""
     m = tl.full([BLOCK], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK], tl.float32)
     acc = tl.zeros([BLOCK], tl.float32)
@@ -62,31 +88,21 @@ def _pool(c_ptr, z_ptr, tc_ptr, tz_ptr, ape_ptr, pc_ptr, pz_ptr, pos_ptr, out_pt
         acc = acc * a + tl.sum(p * cj, 0)
         m = m_new
     tl.store(out_ptr + d, acc / l, mask=dm)
-    # state: series a on a close (overlap), then this token's row of the tail (this program's channels)
-    if OVERLAP:
-        if k == RATIO - 1:
-            for j in range(0, RATIO):
-                last = j == RATIO - 1
-                cj = tl.load(tl.where(last, c_ptr, tc_ptr + j * WIDTH) + d, mask=dm, other=0.0)
-                zj = tl.load(tl.where(last, z_ptr, tz_ptr + j * WIDTH) + d, mask=dm, other=0.0)
-                zj = zj + tl.load(ape_ptr + j * WIDTH + d, mask=dm, other=0.0)
-                tl.store(pc_ptr + j * D + d, cj, mask=dm)
-                tl.store(pz_ptr + j * D + d, zj, mask=dm)
-    row = tl.minimum(k, RATIO - 2)
-    for h in range(0, WIDTH // D):
-        tl.store(tc_ptr + row * WIDTH + h * D + d, tl.load(c_ptr + h * D + d, mask=dm, other=0.0), mask=dm)
-        tl.store(tz_ptr + row * WIDTH + h * D + d, tl.load(z_ptr + h * D + d, mask=dm, other=0.0), mask=dm)
 
 
 @triton.jit
-def _finish(e_ptr, w_ptr, cos_ptr, sin_ptr, eps, D: tl.constexpr, RD: tl.constexpr, BLOCK_H: tl.constexpr,
-            PDL: tl.constexpr):
-    """RMSNorm, then RoPE on the last RD channels, of the pooled entry in place. Channels are laid
-    out as [BLOCK_H, 2]: pair i holds channels 2i and 2i+1."""
+def _finish(e_ptr, w_ptr, cos_ptr, sin_ptr, pos_ptr, eps, D: tl.constexpr, RD: tl.constexpr, RATIO: tl.constexpr,
+            BLOCK_H: tl.constexpr, PDL: tl.constexpr):
+    """RMSNorm, then RoPE on the last RD channels, of the pooled entry in place, when the token at
+    pos closes its window; else the entry is zeros (_pool did not pool). Channels are laid out as
+    [BLOCK_H, 2]: pair i holds channels 2i and 2i+1."""
     pdl.wait(PDL)
     i = tl.arange(0, BLOCK_H)
     d = i[:, None] * 2 + tl.arange(0, 2)[None, :]
     dm = d < D
+    if tl.load(pos_ptr) % RATIO != RATIO - 1:
+        tl.store(e_ptr + d, tl.zeros([BLOCK_H, 2], tl.float32), mask=dm)
+        return
     e = tl.load(e_ptr + d, mask=dm, other=0.0)
     e = e * tl.rsqrt(tl.sum(tl.sum(e * e, 1), 0) / D + eps) * tl.load(w_ptr + d, mask=dm, other=0.0)
     ev = tl.sum(tl.where(d % 2 == 0, e, 0.0), 1)
@@ -106,8 +122,8 @@ def compress_decode_supported(c, z, tail_c, tail_z, ape, prev_c, prev_z, norm_w,
 
 
 def compress_decode_triton(c, z, tail_c, tail_z, ape, prev_c, prev_z, norm_w, cos, sin, pos, eps):
-    """kernels.compress_decode for CUDA tensors: two launches (pool + state per channel block,
-    then norm + RoPE)."""
+    """kernels.compress_decode for CUDA tensors: two launches (pool on a window's last token + state, per
+    channel block, then norm + RoPE or zeros)."""
     ratio, width = ape.shape
     D = norm_w.shape[0]
     out = torch.empty((1, D), device=c.device, dtype=torch.float32)
@@ -117,8 +133,8 @@ def compress_decode_triton(c, z, tail_c, tail_z, ape, prev_c, prev_z, norm_w, co
         c.contiguous(), z.contiguous(), tail_c, tail_z, ape.float().contiguous(), prev_c if overlap else tail_c,
         prev_z if overlap else tail_z, pos, out, D=D, WIDTH=width, RATIO=ratio, OVERLAP=overlap, BLOCK=block,
         BLOCK_J=min(32, triton.next_power_of_2(ratio)), **pdl.launch(c.device))
-    _finish[(1,)](out, norm_w.float().contiguous(), cos.contiguous(), sin.contiguous(), float(eps), D=D,
-                  RD=2 * cos.shape[-1], BLOCK_H=triton.next_power_of_2(D // 2), **pdl.launch(c.device))
+    _finish[(1,)](out, norm_w.float().contiguous(), cos.contiguous(), sin.contiguous(), pos, float(eps), D=D,
+                  RD=2 * cos.shape[-1], RATIO=ratio, BLOCK_H=triton.next_power_of_2(D // 2), **pdl.launch(c.device))
     return out
 
 
