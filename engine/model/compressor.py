@@ -59,8 +59,9 @@ def compress_decode(x: torch.Tensor, w: dict, prefix: str, handle, pos: torch.Te
     On the token that closes its window, the window is pooled from the whole tail and this token
     (kernels.compress_decode) and stored as entry pos // ratio by store(entry [1, D]); on the
     others the same store writes zeros, shapes being static: an open window's entry is invisible
-    (attention sees entry e only once (e+1)*ratio <= pos+1) and is written when the window closes. rope: the step's engine.rope.StepRope; cz: (c, z)
-    when the caller computed them (stacked GEMV), else computed here.
+    (attention sees entry e only once (e+1)*ratio <= pos+1) and is written when the window closes.
+    rope: the step's engine.rope.StepRope; cz: (c, z) when the caller computed them (stacked GEMV),
+    else computed here.
     """
     if cz:
         c, z = cz
