@@ -25,7 +25,8 @@ from dsv4.kernels.reference.moe import hash_route, router_scores, router_topk  #
 from dsv4.kernels.reference.attention import decode_attention  # noqa: E402
 from dsv4.kernels.reference.entries import entry_rows, store_entry  # noqa: E402
 from dsv4.kernels.reference.moe import routed_experts  # noqa: E402
-from kernel_cases import FORMATS, expert_set, index_select_case, indexer_quant_mismatch, store  # noqa: E402
+from kernel_cases import (FORMATS, expert_set, index_select_case, indexer_quant_mismatch,  # noqa: E402
+                          staged_values, store)
 
 g = torch.Generator().manual_seed(0)
 BOUND = 1e-5
@@ -513,19 +514,15 @@ def staged_experts_checks():
     es.w2[0].scale.view(torch.uint8)[3, 2] = 131
     assert st.stageable(es)
     tab, cnt = pe._tables(es, "cpu"), torch.ones(2, dtype=torch.int64)
-
-    def staged(q, r):  # e4m3 bytes [N, K] x 2^(r - 133), one exponent per 128 x 128 block
-        return q.view(torch.float8_e4m3fn).float() * (r.float() - 133).exp2().repeat_interleave(128, 0) \
-            .repeat_interleave(128, 1)
     q, r = torch.empty(2, 512, 384, dtype=torch.uint8), torch.empty(2, 2, 3, 2, dtype=torch.uint8)
     st._stage[(2, 2, 3)](tab["w1"], tab["sw1"], tab["w3"], tab["sw3"], cnt, q, r, 0, 256, 384, PAIR=True)
     for e in range(2):  # rows 2i: w1's row i, 2i + 1: w3's, each block with its own exponent
-        assert torch.equal(staged(q[e, 0::2], r[e, ..., 0]), es.w1[e].dequant()), f"w1 {e}"
-        assert torch.equal(staged(q[e, 1::2], r[e, ..., 1]), es.w3[e].dequant()), f"w3 {e}"
+        assert torch.equal(staged_values(q[e, 0::2], r[e, ..., 0]), es.w1[e].dequant()), f"w1 {e}"
+        assert torch.equal(staged_values(q[e, 1::2], r[e, ..., 1]), es.w3[e].dequant()), f"w3 {e}"
     q, r = torch.empty(2, 384, 256, dtype=torch.uint8), torch.empty(2, 3, 2, dtype=torch.uint8)
     st._stage[(2, 3, 2)](tab["w2"], tab["sw2"], tab["w2"], tab["sw2"], cnt, q, r, 0, 384, 256, PAIR=False)
     for e in range(2):
-        assert torch.equal(staged(q[e], r[e]), es.w2[e].dequant()), f"w2 {e}"
+        assert torch.equal(staged_values(q[e], r[e]), es.w2[e].dequant()), f"w2 {e}"
     sc[129, 7] = 105
     es.tables.clear()
     assert not st.stageable(es)  # 15 binades below its block's largest

@@ -32,6 +32,19 @@ def expert_set(fmt: str, E: int, inter: int, d: int, g: torch.Generator, device=
                      [mk(d, inter) for _ in range(E)])
 
 
+def staged_values(q: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """A staged weight's values (kernels/triton/staged_experts.py): e4m3 bytes q [N, K] x 2^(r - 133),
+    r [N / 128, K / 128] the exponent byte of each 128 x 128 block (float32)."""
+    return q.view(torch.float8_e4m3fn).float() * (r.float() - 133).exp2().repeat_interleave(128, 0) \
+        .repeat_interleave(128, 1)
+
+
+def e4m3_rows(q: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """Rows of e4m3 bytes q [M, K] with one ue8m0 exponent byte per 128-slice e [M, K / 128] as float64
+    (actquant.quantise_rows_fp8's form)."""
+    return q.view(torch.float8_e4m3fn).double() * (e.double() - 127).exp2().repeat_interleave(128, 1)
+
+
 def store(kind: str, rows: int, D: int, r: int, device="cpu") -> dict:
     """An empty entry store (kernels/entries.py layout) of ``rows`` entries of D channels, r of them
     RoPE: kind "kv", "fp4" or "f32"."""

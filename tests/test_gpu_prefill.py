@@ -15,7 +15,7 @@ from dsv4.kernels.dispatch import implementation, report, reset_report, use_back
 from dsv4.kernels.reference.chunk_attention import chunk_attention
 from dsv4.kernels.reference.entries import write_entries
 from dsv4.kernels.reference.indexer import indexer_scores
-from kernel_cases import store
+from kernel_cases import e4m3_rows, staged_values, store
 
 pytestmark = pytest.mark.gpu
 
@@ -271,7 +271,7 @@ def staged_down_case(st, E=8, S=600, k=4, I=2048, D=4096, bound=FP8_MMA_BOUND):
         got = implementation("routed_experts", "cuda")(x, ids, wts, es, 10.0, act_quant=True)
     finally:
         st._up8 = keep
-    h = hq.view(torch.float8_e4m3fn).double() * (he.double() - 127).exp2().repeat_interleave(128, 1)
+    h = e4m3_rows(hq, he)
     y = _per_pair(es, ids, lambda at, e: h[at] @ es.w2[e].dequant().double().T)
     ref = (y.view(S, k, D) * wts.double()[..., None]).sum(1)
     assert up.calls >= 1 and _rel(got, ref) <= bound
@@ -302,8 +302,7 @@ def staged_up_case(st, E=8, S=600, k=4, I=2048, D=4096, bound=FP8_MMA_BOUND):
         return g * torch.sigmoid(g) * u
     ref = _per_pair(es, ids, swiglu)
     hk = torch.empty_like(ref)
-    hk[seen["order"]] = seen["hq"].view(torch.float8_e4m3fn).double() * \
-        (seen["he"].double() - 127).exp2().repeat_interleave(128, 1)
+    hk[seen["order"]] = e4m3_rows(seen["hq"], seen["he"])
     # one e4m3 step of each reference value at its slice's scale (2^-9 of the scale below the normals)
     scale = (ref.view(-1, I // 128, 128).abs().amax(-1) / 448).log2().ceil().exp2().repeat_interleave(128, 1)
     step = (ref.abs() / scale).log2().floor().clamp(min=-6).sub(3).exp2() * scale
@@ -331,23 +330,19 @@ def test_staged_weights_are_the_mx_weights(staged_on):
     es.w3[0].scale.view(torch.uint8)[5, 1] = es.w3[0].scale.view(torch.uint8)[:128, :4].max() + 3
     assert staged_on.stageable(es)
     tab, cnt = pe._tables(es, "cuda"), torch.ones(2, dtype=torch.int64, device="cuda")
-
-    def staged(q, r):  # e4m3 bytes x 2^(r - 133), one exponent per 128 x 128 block
-        return q.view(torch.float8_e4m3fn).float() * (r.float() - 133).exp2().repeat_interleave(128, 0) \
-            .repeat_interleave(128, 1)
     q = torch.empty(2, 4096, 2048, dtype=torch.uint8, device="cuda")
     r = torch.empty(2, 32, 16, dtype=torch.uint8, device="cuda")
     staged_on._stage[(2, 32, 16)](tab["w2"], tab["sw2"], tab["w2"], tab["sw2"], cnt, q, r, 0, 4096, 2048, PAIR=False,
                                   num_warps=4)
     for e in range(2):
-        assert torch.equal(staged(q[e], r[e]), es.w2[e].dequant())
+        assert torch.equal(staged_values(q[e], r[e]), es.w2[e].dequant())
     q = torch.empty(2, 4096, 4096, dtype=torch.uint8, device="cuda")
     r = torch.empty(2, 16, 32, 2, dtype=torch.uint8, device="cuda")
     staged_on._stage[(2, 16, 32)](tab["w1"], tab["sw1"], tab["w3"], tab["sw3"], cnt, q, r, 0, 2048, 4096, PAIR=True,
                                   num_warps=4)
     for e in range(2):  # rows 2i: w1's row i, 2i + 1: w3's, each with its own block exponents
-        assert torch.equal(staged(q[e, 0::2], r[e, ..., 0]), es.w1[e].dequant())
-        assert torch.equal(staged(q[e, 1::2], r[e, ..., 1]), es.w3[e].dequant())
+        assert torch.equal(staged_values(q[e, 0::2], r[e, ..., 0]), es.w1[e].dequant())
+        assert torch.equal(staged_values(q[e, 1::2], r[e, ..., 1]), es.w3[e].dequant())
     es.w2[0].scale.view(torch.uint8)[300, 5] -= 20  # a group 20 binades down: stageable's kernel says no
     es.tables.clear()
     assert not staged_on.stageable(es)

@@ -31,12 +31,10 @@ def _pool(c_ptr, z_ptr, tc_ptr, tz_ptr, ape_ptr, pc_ptr, pz_ptr, pos_ptr, out_pt
     dm = d < D
     pos = tl.load(pos_ptr)
     k = pos % RATIO
-    if k == RATIO - 1:  # the token closes its window: pool it (else the entry is zeros, _finish)
+    if k == RATIO - 1:  # the token closes its window: pool it (else the entry is zeros, _finish), then
         _pool_window(c_ptr, z_ptr, tc_ptr, tz_ptr, ape_ptr, pc_ptr, pz_ptr, pos, out_ptr, d, dm, D, WIDTH, RATIO,
                      OVERLAP, BLOCK, BLOCK_J)
-    # state: series a on a close (overlap), then this token's row of the tail (this program's channels)
-    if OVERLAP:
-        if k == RATIO - 1:
+        if OVERLAP:  # this window's series a becomes the state (after the pooling read the last one's)
             for j in range(0, RATIO):
                 last = j == RATIO - 1
                 cj = tl.load(tl.where(last, c_ptr, tc_ptr + j * WIDTH) + d, mask=dm, other=0.0)
@@ -44,7 +42,7 @@ def _pool(c_ptr, z_ptr, tc_ptr, tz_ptr, ape_ptr, pc_ptr, pz_ptr, pos_ptr, out_pt
                 zj = zj + tl.load(ape_ptr + j * WIDTH + d, mask=dm, other=0.0)
                 tl.store(pc_ptr + j * D + d, cj, mask=dm)
                 tl.store(pz_ptr + j * D + d, zj, mask=dm)
-    row = tl.minimum(k, RATIO - 2)
+    row = tl.minimum(k, RATIO - 2)  # this token's row of the tail (this program's channels)
     for h in range(0, WIDTH // D):
         tl.store(tc_ptr + row * WIDTH + h * D + d, tl.load(c_ptr + h * D + d, mask=dm, other=0.0), mask=dm)
         tl.store(tz_ptr + row * WIDTH + h * D + d, tl.load(z_ptr + h * D + d, mask=dm, other=0.0), mask=dm)
