@@ -4,14 +4,14 @@
 import pytest
 import torch
 
-pe = pytest.importorskip("dsv4.kernels.triton.expert_schedule")
+sched = pytest.importorskip("dsv4.kernels.triton.expert_schedule")
 
 
 @pytest.mark.parametrize("S,k,E,block", [(37, 6, 16, 8), (5, 2, 64, 4), (200, 4, 8, 64)])
 def test_schedule_tiles_each_experts_pairs_in_order(S, k, E, block):
     g = torch.Generator().manual_seed(S + E)
     ids = torch.randint(0, E, (S, k), generator=g)
-    order, tile_e, lo, hi = pe.schedule(ids, E, block)
+    order, tile_e, lo, hi = sched.schedule(ids, E, block)
     flat = ids.reshape(-1)
     assert torch.equal(order, torch.argsort(flat, stable=True))
     assert tile_e.numel() == (S * k + block - 1) // block + E  # the fixed bound
@@ -34,8 +34,8 @@ def test_staged_group_spans_cover_the_groups_tiles(S, k, E, block, G):
     g = torch.Generator().manual_seed(S * E)
     ids = torch.randint(0, E, (S, k), generator=g)
     ids[:, 0] = 3  # an expert with many pairs (several tiles), and likely some without any
-    _, tile_e, _, _ = pe.schedule(ids, E, block)
-    spans = pe.group_spans(pe.expert_counts(ids, E), block, G).tolist()
+    _, tile_e, _, _ = sched.schedule(ids, E, block)
+    spans = sched.group_spans(sched.expert_counts(ids, E), block, G).tolist()
     assert len(spans) == (E + G - 1) // G + 1 and spans[0] == 0
     for j in range(len(spans) - 1):
         inside = ((tile_e >= j * G) & (tile_e < (j + 1) * G)).nonzero().flatten().tolist()
