@@ -30,9 +30,10 @@
 #   bash bench/gpu_verify.sh final8b   # prefill 8k-128k at chunks of 6400 and auto, 128k with and without staging / dense entries, the 8k profile both ways, the attention tiles (64 / 128 keys, dense entries or not)
 #   bash bench/gpu_verify.sh final8c   # the FP8 GEMM tiles with and without TMA, the staged tiles at a 4096-token chunk, decode at 16 layers
 #   bash bench/gpu_verify.sh indexer   # the 64k step with the indexer kernels and their references, decode at 16 layers at 64k, a 64k trace
-# Run from the repository root on the GPU machine (no install there: bench/dsv4_path.sh puts the
-# source folders on PYTHONPATH as dsv4.*).
+# Runs from the repository root on the GPU machine, wherever it is called from (no install there:
+# bench/dsv4_path.sh puts the source folders on PYTHONPATH as dsv4.*).
 set -o pipefail
+cd "$(dirname "$0")/.." || exit 1
 export PYTHONUNBUFFERED=1
 . bench/dsv4_path.sh
 OUT=${OUT:-/tmp/dsv4-gpu-out}; mkdir -p "$OUT"
